@@ -1,0 +1,1 @@
+"""netsim.testing."""
