@@ -1,0 +1,48 @@
+# Two commands set everything up from a fresh clone: `make demo` and `make test`.
+# Both create or reuse .venv, install netsim with its dev extras, and (as root) the lab's Debian packages.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+PYTEST_ARGS ?=
+
+.PHONY: all setup sysdeps demo test lint typecheck pytest bench bench-quick clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	@$(BIN)/python -c 'import netsim, trio, pyroute2, pytun, scapy, hypothesis' 
+	@rm -f $(VENV)/.stamp-* && touch $@
+
+setup: $(STAMP) sysdeps
+
+sysdeps:
+	@scripts/install-sysdeps.sh
+
+demo: setup
+	$(BIN)/netsim demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check netsim tests benchmarks examples
+	$(BIN)/ruff format --check netsim tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: setup lint typecheck pytest
+
+bench-quick: setup
+	$(BIN)/netsim bench --quick
+
+bench: setup
+	$(BIN)/netsim bench --json results/bench.json --plot results/bench.png
+
+clean:
+	$(BIN)/netsim clean || true
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the lab needs, only when something is missing and only as root.
+# Idempotent and fast when everything is present. Non-root: prints what is missing and exits 0
+# (the tests then skip, or fail under CI, with a reason naming the missing binary).
+set -euo pipefail
+declare -A pkg_for=(
+  [wireguard-go]=wireguard-go [wg]=wireguard-tools [nft]=nftables [iperf3]=iperf3 [tcpdump]=tcpdump
+  [conntrack]=conntrack [ip]=iproute2 [ping]=iputils-ping [curl]=curl [dig]=dnsutils [pgrep]=procps
+  [cc]=gcc [make]=make
+)
+missing=()
+for bin in "${!pkg_for[@]}"; do
+  command -v "$bin" >/dev/null 2>&1 || missing+=("${pkg_for[$bin]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "netsim: missing system packages (${missing[*]}); run as root to install them, lab tests will skip" >&2
+  exit 0
+fi
+echo "netsim: installing system packages: ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,18 @@
+"""Shared test configuration: hypothesis profiles and the netsim pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+# Shared 2-core machines are noisy: per-example deadlines would make property tests flaky, and speed is
+# measured in benchmarks/, not asserted here. Failing examples are printed with a reproduction blob.
+settings.register_profile(
+    "netsim",
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("ci", parent=settings.get_profile("netsim"), derandomize=False)
+settings.load_profile("ci" if os.environ.get("CI") else "netsim")
