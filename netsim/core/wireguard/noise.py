@@ -1,0 +1,206 @@
+"""WireGuard's cryptographic primitives and the Noise_IKpsk2 handshake, sans-IO.
+
+Theory of operation: the handshake is two messages (WireGuard whitepaper §5.4). The initiator builds an
+initiation from its static key, a fresh ephemeral key and a TAI64N timestamp; the responder consumes it, checks
+the timestamp is newer than any seen from that peer, and answers with a response; both then derive the pair of
+transport keys from the final chaining key (§5.4.5). Every function here is pure: randomness (ephemeral keys) and
+wall time (TAI64N) are passed in, so tests are deterministic and the layer never touches a clock.
+
+References followed: WireGuard whitepaper §5.4 (handshake), §5.4.7 (cookies); RFC 7693 (BLAKE2s); RFC 2104
+(HMAC); RFC 8439 (ChaCha20-Poly1305); draft-irtf-cfrg-xchacha (HChaCha20 / XChaCha20-Poly1305).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat
+
+__all__ = [
+    "CONSTRUCTION",
+    "IDENTIFIER",
+    "LABEL_COOKIE",
+    "LABEL_MAC1",
+    "HandshakeState",
+    "aead_decrypt",
+    "aead_encrypt",
+    "dh",
+    "hash_",
+    "hchacha20",
+    "hkdf",
+    "hmac_",
+    "initial_chain",
+    "mac",
+    "private_to_public",
+    "tai64n",
+    "xaead_decrypt",
+    "xaead_encrypt",
+]
+
+# Whitepaper §5.4: the protocol name and the identifier mixed into the first hash.
+CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
+IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
+LABEL_MAC1 = b"mac1----"
+LABEL_COOKIE = b"cookie--"
+
+_ZERO_NONCE = bytes(12)
+_EMPTY = b""
+
+
+def hash_(*parts: bytes) -> bytes:
+    """HASH(input) = BLAKE2s(input, 32) (whitepaper §5.4)."""
+    h = hashlib.blake2s()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """MAC(key, input) = Keyed-BLAKE2s(key, input, 16) (whitepaper §5.4; RFC 7693 keyed mode)."""
+    return hashlib.blake2s(data, digest_size=16, key=key).digest()
+
+
+def hmac_(key: bytes, data: bytes) -> bytes:
+    """HMAC(key, input) = HMAC-BLAKE2s(key, input, 32), RFC 2104 with BLAKE2s's 64-byte block."""
+    return hmac.digest(key, data, "blake2s")
+
+
+def hkdf(chaining_key: bytes, data: bytes, n: int) -> tuple[bytes, ...]:
+    """KDF_n(key, input) from the whitepaper §5.4: HKDF (RFC 5869) with HMAC-BLAKE2s, n outputs of 32 bytes."""
+    t0 = hmac_(chaining_key, data)
+    out: list[bytes] = []
+    prev = _EMPTY
+    for i in range(1, n + 1):
+        prev = hmac_(t0, prev + bytes((i,)))
+        out.append(prev)
+    return tuple(out)
+
+
+def dh(private: X25519PrivateKey, public: bytes) -> bytes:
+    """DH(private, public) = X25519 (RFC 7748). An all-zero result (low-order point) is rejected."""
+    shared = private.exchange(X25519PublicKey.from_public_bytes(public))
+    return shared
+
+
+def private_to_public(private: X25519PrivateKey) -> bytes:
+    """The 32-byte public key of ``private``."""
+    return private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def private_bytes(private: X25519PrivateKey) -> bytes:
+    """The raw 32-byte private scalar (for tests and wg configuration)."""
+    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, __import__("cryptography").hazmat.primitives.serialization.NoEncryption())
+
+
+def aead_encrypt(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:
+    """AEAD(key, counter, plain, auth): ChaCha20-Poly1305 with nonce = 32 zero bits || 64-bit LE counter."""
+    return ChaCha20Poly1305(key).encrypt(_ZERO_NONCE[:4] + counter.to_bytes(8, "little"), plaintext, aad)
+
+
+def aead_decrypt(key: bytes, counter: int, ciphertext: bytes, aad: bytes) -> bytes:
+    """Inverse of `aead_encrypt`; raises ``cryptography.exceptions.InvalidTag`` on failure."""
+    return ChaCha20Poly1305(key).decrypt(_ZERO_NONCE[:4] + counter.to_bytes(8, "little"), ciphertext, aad)
+
+
+# --- HChaCha20 / XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha §2.2). Pure Python: only cookie replies use it,
+# and those are sent only under load, so its cost does not matter.
+_SIGMA = struct.unpack("<4I", b"expand 32-byte k")
+_M32 = 0xFFFFFFFF
+
+
+def _rotl(v: int, c: int) -> int:
+    return ((v << c) & _M32) | (v >> (32 - c))
+
+
+def _qr(s: list[int], a: int, b: int, c: int, d: int) -> None:
+    s[a] = (s[a] + s[b]) & _M32
+    s[d] = _rotl(s[d] ^ s[a], 16)
+    s[c] = (s[c] + s[d]) & _M32
+    s[b] = _rotl(s[b] ^ s[c], 12)
+    s[a] = (s[a] + s[b]) & _M32
+    s[d] = _rotl(s[d] ^ s[a], 8)
+    s[c] = (s[c] + s[d]) & _M32
+    s[b] = _rotl(s[b] ^ s[c], 7)
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20(key, 16-byte nonce) -> 32-byte subkey (draft-irtf-cfrg-xchacha §2.2)."""
+    s = [*_SIGMA, *struct.unpack("<8I", key), *struct.unpack("<4I", nonce16)]
+    for _ in range(10):
+        _qr(s, 0, 4, 8, 12)
+        _qr(s, 1, 5, 9, 13)
+        _qr(s, 2, 6, 10, 14)
+        _qr(s, 3, 7, 11, 15)
+        _qr(s, 0, 5, 10, 15)
+        _qr(s, 1, 6, 11, 12)
+        _qr(s, 2, 7, 8, 13)
+        _qr(s, 3, 4, 9, 14)
+    return struct.pack("<8I", *s[0:4], *s[12:16])
+
+
+def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """XAEAD: XChaCha20-Poly1305 = ChaCha20-Poly1305 under HChaCha20(key, nonce[:16]), nonce 0^4 || nonce[16:]."""
+    return ChaCha20Poly1305(hchacha20(key, nonce24[:16])).encrypt(bytes(4) + nonce24[16:], plaintext, aad)
+
+
+def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Inverse of `xaead_encrypt`; raises ``InvalidTag`` on failure."""
+    return ChaCha20Poly1305(hchacha20(key, nonce24[:16])).decrypt(bytes(4) + nonce24[16:], ciphertext, aad)
+
+
+_TAI64_BASE = 0x400000000000000A  # TAI64 label 2^62 plus the 10 s TAI-UTC offset, as wireguard-go uses
+_TAI64N = struct.Struct(">QI")
+# wireguard-go rounds the nanoseconds down to ~16.7 ms so the timestamp does not leak a fine clock.
+_WHITENER_MASK = 0x1000000 - 1
+
+
+def tai64n(wall: float) -> bytes:
+    """TAI64N of a Unix wall-clock time (whitepaper §5.1: 12 bytes, big-endian seconds then nanoseconds)."""
+    secs = int(wall)
+    nanos = int((wall - secs) * 1e9) & ~_WHITENER_MASK
+    return _TAI64N.pack(_TAI64_BASE + secs, nanos)
+
+
+_C0 = hash_(CONSTRUCTION)
+_H0 = hash_(_C0, IDENTIFIER)
+
+
+def initial_chain(responder_static_public: bytes) -> tuple[bytes, bytes]:
+    """(C, H) before the first message: C = HASH(CONSTRUCTION), H = HASH(HASH(C || IDENTIFIER) || S_r^pub)."""
+    return _C0, hash_(_H0, responder_static_public)
+
+
+@dataclass
+class HandshakeState:
+    """The evolving Noise state of one handshake (chaining key, hash, ephemeral keys)."""
+
+    chaining_key: bytes = b""
+    hash: bytes = b""
+    ephemeral_private: X25519PrivateKey | None = None
+    remote_ephemeral: bytes = b""
+    remote_static: bytes = b""
+    timestamp: bytes = b""
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+    def mix_hash(self, data: bytes) -> None:
+        """H = HASH(H || data)."""
+        self.hash = hash_(self.hash, data)
+
+    def mix_key(self, data: bytes) -> None:
+        """C = KDF1(C, data)."""
+        (self.chaining_key,) = hkdf(self.chaining_key, data, 1)
+
+    def mix_key2(self, data: bytes) -> bytes:
+        """C, k = KDF2(C, data); returns k."""
+        self.chaining_key, k = hkdf(self.chaining_key, data, 2)
+        return k
+
+    def transport_keys(self) -> tuple[bytes, bytes]:
+        """(T_send_initiator, T_recv_initiator) = KDF2(C, empty) (whitepaper §5.4.5)."""
+        a, b = hkdf(self.chaining_key, _EMPTY, 2)
+        return a, b
