@@ -46,4 +46,6 @@ def require_tun() -> None:
 def require_binary(*names: str) -> None:
     """Need each binary on PATH (install with `make test` as root, or apt-get)."""
     for name in names:
-        require(shutil.which(name) is not None, f"needs '{name}' on PATH (apt-get install it, or run make test as root)")
+        require(
+            shutil.which(name) is not None, f"needs '{name}' on PATH (apt-get install it, or run make test as root)"
+        )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 __all__ = [
     "CONSTRUCTION",
@@ -94,7 +94,7 @@ def private_to_public(private: X25519PrivateKey) -> bytes:
 
 def private_bytes(private: X25519PrivateKey) -> bytes:
     """The raw 32-byte private scalar (for tests and wg configuration)."""
-    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, __import__("cryptography").hazmat.primitives.serialization.NoEncryption())
+    return private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
 
 
 def aead_encrypt(key: bytes, counter: int, plaintext: bytes, aad: bytes) -> bytes:

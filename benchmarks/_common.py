@@ -1,0 +1,176 @@
+"""Shared micro-benchmark harness: fresh processes, warm-up, repetitions, seeded corpora, JSON with machine details.
+
+How a benchmark uses it (see ``bench_packet.py``)::
+
+    from benchmarks._common import Result, measure, run_isolated, report, write_json, parse_args
+
+    def case_parse(size: int, reps: int) -> dict:          # module-level, JSON-able kwargs, returns a dict
+        corpus = seeded_corpus(...)                         # build inputs with `rng(seed)`, outside the timing
+        def run() -> None:                                  # one pass over the corpus
+            for p in corpus: ...
+        return measure("parse", run, items=len(corpus), reps=reps).as_dict()
+
+    results = [run_isolated("benchmarks.bench_packet", "case_parse", size=64, reps=7)]
+    report(results); write_json(path, results)
+
+* `run_isolated` runs one case in a fresh interpreter (``python -c``), so imports, caches and the allocator
+  state of one case never flatter another, and returns its `Result`.
+* `measure` runs ``warmup`` untimed passes, then ``reps`` (>= 5) timed passes with `time.perf_counter_ns`, and
+  reports the median, min and max ns per item and items/s (from the median).
+* `machine_info` (put into every JSON file by `write_json`): Python, kernel, CPU model, core count, load
+  average, UTC timestamp, git commit if the tree is a git checkout.
+
+Caveats: this is a shared 2-core machine; prefer the median and look at min/max spread. Numbers are per item
+for a whole pass over a corpus, so they include the Python loop overhead a real caller also pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Result", "machine_info", "measure", "parse_args", "report", "rng", "run_isolated", "write_json"]
+
+MIN_REPS = 5
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured case. ``ns_*`` are nanoseconds per item; ``items_per_s`` follows the median."""
+
+    name: str
+    items: int
+    reps: int
+    ns_median: float
+    ns_min: float
+    ns_max: float
+    items_per_s: float
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        return cls(**d)
+
+
+def rng(seed: int) -> random.Random:
+    """A private seeded RNG for corpora (never the global one, so cases stay reproducible)."""
+    return random.Random(seed)
+
+
+def measure(
+    name: str,
+    run: Callable[[], object],
+    *,
+    items: int,
+    reps: int = 7,
+    warmup: int = 1,
+    params: dict[str, Any] | None = None,
+) -> Result:
+    """Time ``run`` (one pass over ``items`` items) ``reps`` times after ``warmup`` untimed passes."""
+    if reps < MIN_REPS:
+        raise ValueError(f"reps must be >= {MIN_REPS}, got {reps}")
+    for _ in range(warmup):
+        run()
+    per_item: list[float] = []
+    for _ in range(reps):
+        t0 = time.perf_counter_ns()
+        run()
+        per_item.append((time.perf_counter_ns() - t0) / items)
+    med = statistics.median(per_item)
+    return Result(name, items, reps, med, min(per_item), max(per_item), 1e9 / med, dict(params or {}))
+
+
+def run_isolated(module: str, function: str, **kwargs: Any) -> Result:
+    """Run ``module.function(**kwargs)`` in a fresh interpreter; it must return `Result.as_dict()`."""
+    code = (
+        "import json, sys, importlib\n"
+        f"fn = getattr(importlib.import_module({module!r}), {function!r})\n"
+        "sys.stdout.write('\\nRESULT ' + json.dumps(fn(**json.loads(sys.argv[1]))) + '\\n')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        cwd=_ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {module}.{function}({kwargs}) failed:\n{proc.stderr}")
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT "))
+    return Result.from_dict(json.loads(line[len("RESULT ") :]))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_ROOT, capture_output=True, text=True, check=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+    }
+
+
+def write_json(path: str | Path, results: Sequence[Result], extra: dict[str, Any] | None = None) -> None:
+    """Write results plus `machine_info` (and any ``extra`` summary) as JSON."""
+    doc = {"machine": machine_info(), "results": [r.as_dict() for r in results], **(extra or {})}
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def report(results: Sequence[Result]) -> None:
+    """Print a plain table of the results."""
+    print(f"{'case':<40} {'items':>7} {'median ns':>10} {'min ns':>10} {'max ns':>10} {'items/s':>12}")
+    for r in results:
+        print(
+            f"{r.name:<40} {r.items:>7} {r.ns_median:>10.0f} {r.ns_min:>10.0f} {r.ns_max:>10.0f} "
+            f"{r.items_per_s:>12,.0f}"
+        )
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The common command line: ``--quick`` (smaller corpora, fewer reps) and ``--json FILE``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smaller corpora and 5 repetitions")
+    parser.add_argument("--json", metavar="FILE", help="also write results and machine details as JSON")
+    parser.add_argument("--seed", type=int, default=1, help="corpus seed (default 1)")
+    return parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Runnable examples of netsim providers (importable as ``examples.<name>``)."""

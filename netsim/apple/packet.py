@@ -1,0 +1,87 @@
+"""NEPacket and NEFlowMetaData mirrors, and the Darwin address-family numbers the flow API uses."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from netsim.apple.enums import TrafficDirection
+
+__all__ = ["AF_INET", "AF_INET6", "FlowMetaData", "Packet", "family_for_version", "version_for_family"]
+
+# Darwin <sys/socket.h>: AF_INET 2, AF_INET6 30 (Linux uses 10 for AF_INET6). The flow API speaks Darwin values
+# in host byte order (Apple: readPackets(completionHandler:)), so ported code comparing against AF_INET6 works.
+AF_INET = 2
+AF_INET6 = 30
+
+_FAMILY_FOR_VERSION = {4: AF_INET, 6: AF_INET6}
+_VERSION_FOR_FAMILY = {AF_INET: 4, AF_INET6: 6}
+
+
+def family_for_version(version: int) -> int | None:
+    """Darwin family for an IP version nibble (4 -> 2, 6 -> 30), or None for anything else."""
+    return _FAMILY_FOR_VERSION.get(version)
+
+
+def version_for_family(family: int) -> int | None:
+    """IP version for a Darwin family (2 -> 4, 30 -> 6), or None for anything else (including Linux's 10)."""
+    return _VERSION_FOR_FAMILY.get(family)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowMetaData:
+    """Mirrors NEFlowMetaData: which app a packet or flow came from (Apple: NEFlowMetaData.h).
+
+    Differences from Apple: netsim has no code signing; a per-app test fills ``source_app_signing_identifier``
+    with any label it likes (e.g. the process name), and the audit token is left None. Apple fills metadata only
+    when ``routing_method == RoutingMethod.SOURCE_APPLICATION``; netsim's flow never fills it by itself.
+    """
+
+    source_app_signing_identifier: str = ""
+    source_app_unique_identifier: bytes = b""
+    source_app_audit_token: bytes | None = None
+    filter_flow_identifier: uuid.UUID | None = None
+
+
+class Packet:
+    """Mirrors NEPacket: one bare IP packet plus its protocol family (Apple: NEPacket.h).
+
+    Kept deliberately light (``__slots__``, no validation in ``__init__``) because the flow creates one per packet
+    on the hot path; the flow checks family against the IP version when the packet is written.
+
+    Differences from Apple: ``data`` may be any bytes-like object (the flow hands out ``bytes``); ``direction`` is
+    available on every platform netsim runs on (Apple: macOS 10.15+ only); ``protocol_family`` uses Darwin values
+    (`AF_INET` 2, `AF_INET6` 30), not Linux's.
+    """
+
+    __slots__ = ("data", "direction", "metadata", "protocol_family")
+
+    def __init__(
+        self,
+        data: bytes | bytearray | memoryview,
+        protocol_family: int,
+        direction: TrafficDirection = TrafficDirection.ANY,
+        metadata: FlowMetaData | None = None,
+    ) -> None:
+        self.data = data
+        self.protocol_family = protocol_family
+        self.direction = direction
+        self.metadata = metadata
+
+    def __repr__(self) -> str:
+        return (
+            f"Packet(<{len(self.data)} bytes>, protocol_family={self.protocol_family}, "
+            f"direction={self.direction!r}, metadata={self.metadata!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Packet):
+            return NotImplemented
+        return (
+            bytes(self.data) == bytes(other.data)
+            and self.protocol_family == other.protocol_family
+            and self.direction == other.direction
+            and self.metadata == other.metadata
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like NEPacket's data buffer

@@ -1,0 +1,968 @@
+"""A sans-IO WireGuard device: the state machine of whitepaper §5-§6, driven by bytes, calls and ``now``.
+
+Theory of operation (aioquic style). The caller owns the UDP socket and the clock:
+
+* inbound: ``receive_datagram_untrusted(data, addr, now)`` for each UDP payload. Bad, unauthenticated or
+  replayed datagrams are dropped and counted under a named reason and never answered (no oracle); the only
+  unsolicited answer is a cookie reply, and only when under load (§5.4.7). Decrypted inner packets are taken in
+  batches with ``take_received()``; control events (handshake completed / given up) with ``next_event()``.
+* outbound data: ``encapsulate(packets, now, out_bufs, out_sizes, out_addrs)`` picks the peer by AllowedIPs
+  longest prefix on the inner destination and writes each datagram into a caller buffer; packets for a peer with
+  no usable session are staged (bounded, like wireguard-go's staged queue) and a handshake is started.
+* control traffic: ``datagrams_to_send(now)`` returns handshake messages, keepalives, cookie replies and staged
+  packets flushed after a handshake.
+* timers are pulled: ``get_timer()`` gives the earliest deadline, ``handle_timer(now)`` fires what is due.
+
+Roles (§5.4, wireguard-go ``noise-protocol.go``): the initiator may send on a new session as soon as it consumed
+the response; the responder keeps its new keypair in ``next`` until the first transport message from the
+initiator proves the initiator has it, then rotates (previous <- current <- next). The previous keypair stays
+for in-flight packets until the next rotation.
+
+Counters (``wg show transfer``): like wireguard-go, a peer's rx/tx count whole UDP payload bytes of handshake
+initiations/responses and of authenticated transport messages (keepalives included); cookie replies are not
+counted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import random
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from netsim.core.wireguard import messages as m
+from netsim.core.wireguard.allowedips import AllowedIPs
+from netsim.core.wireguard.config import PeerConfig, TunnelConfig
+from netsim.core.wireguard.noise import (
+    LABEL_COOKIE,
+    LABEL_MAC1,
+    HandshakeState,
+    aead_decrypt,
+    aead_encrypt,
+    dh,
+    hash_,
+    hkdf,
+    initial_chain,
+    mac,
+    private_to_public,
+    tai64n,
+    xaead_decrypt,
+    xaead_encrypt,
+)
+from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
+from netsim.core.wireguard.session import NONCE, Keypair
+from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
+
+Buffer = bytes | bytearray | memoryview
+
+__all__ = [
+    "DROP_REASONS",
+    "DeviceStatistics",
+    "HandshakeCompleted",
+    "HandshakeTimeout",
+    "KeysZeroed",
+    "WireGuardDevice",
+]
+
+DROP_REASONS = (
+    "short",  # fewer bytes than the message type needs (transport < 32, header < 4)
+    "bad_length",  # handshake/cookie message not exactly its size
+    "bad_type",  # unknown message type or non-zero reserved bytes
+    "bad_mac1",
+    "bad_mac2",  # under load and mac2 missing/stale: a cookie reply was sent instead
+    "handshake_failed",  # initiation/response did not decrypt, unknown static key, bad DH
+    "stale_timestamp",  # initiation TAI64N not newer than the last one from that peer (replayed initiation)
+    "handshake_flood",  # initiations from one peer faster than HANDSHAKE_INITIATION_RATE
+    "unexpected_response",  # response/cookie for no handshake we have in flight
+    "bad_cookie",  # cookie reply did not decrypt
+    "unknown_receiver",  # transport message for an index we do not hold
+    "expired_keypair",  # keypair older than REJECT_AFTER_TIME
+    "decrypt_failed",
+    "replay",  # counter seen before, too old for the window, or past REJECT_AFTER_MESSAGES
+    "inner_malformed",  # decrypted payload is not a sane IPv4/IPv6 packet
+    "inner_src_not_allowed",  # inner source not in the sending peer's AllowedIPs
+    "no_route",  # outbound inner destination matches no peer's AllowedIPs
+    "no_endpoint",  # need to send to a peer whose endpoint is unknown
+    "staged_overflow",  # outbound staged queue full while waiting for a handshake
+    "handshake_timeout",  # staged packets dropped after REKEY_ATTEMPT_TIME without a handshake
+    "oversize",  # outbound packet does not fit the caller's buffer
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeCompleted:
+    """A session with ``peer`` is usable in both directions (``initiator``: we started it)."""
+
+    peer: Peer
+    initiator: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeTimeout:
+    """No handshake with ``peer`` succeeded within REKEY_ATTEMPT_TIME; staged packets were dropped."""
+
+    peer: Peer
+
+
+@dataclass(frozen=True, slots=True)
+class KeysZeroed:
+    """All keys of ``peer`` were erased after 3 x REJECT_AFTER_TIME without a new session."""
+
+    peer: Peer
+
+
+Event = HandshakeCompleted | HandshakeTimeout | KeysZeroed
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatistics:
+    """Counters of a `WireGuardDevice` (plain ints; ``drops`` keyed by `DROP_REASONS`)."""
+
+    rx_datagrams: int
+    tx_datagrams: int
+    rx_packets: int
+    tx_packets: int
+    rx_keepalives: int
+    tx_keepalives: int
+    handshakes_initiated: int
+    handshakes_completed: int
+    cookie_replies_sent: int
+    cookie_replies_received: int
+    staged: int
+    drops: dict[str, int]
+
+    @property
+    def dropped(self) -> int:
+        """Total dropped, over every reason."""
+        return sum(self.drops.values())
+
+
+_U16BE = struct.Struct(">H")
+_ROUTE_CACHE_MAX = 4096
+_TRANSPORT_HEADER = m.TRANSPORT_HEADER
+_NONCE_PACK = NONCE.pack_into
+_U32_UNPACK = m.U32.unpack_from
+_U16BE_UNPACK = _U16BE.unpack_from
+_MISS: Any = object()
+_PAD = bytes(PADDING_MULTIPLE)
+
+
+class WireGuardDevice:
+    """One WireGuard interface: a static key, peers, and the protocol state machine, with no I/O.
+
+    Args:
+        private_key: this interface's static X25519 private key (32 bytes, base64 text, or key object).
+        peers: initial peers (more with `add_peer`).
+        timers: protocol thresholds; the defaults are WireGuard's (tests lower them to force rekeys).
+        rng: seeded source for sender indices, jitter and cookie nonces (tests pass ``random.Random(seed)``;
+            the default is the OS CSPRNG).
+        ephemeral: factory for handshake ephemeral keys (tests may make them deterministic).
+        wall_offset: ``now + wall_offset`` is Unix wall time, used only for TAI64N timestamps and
+            `Peer.last_handshake`.
+        mtu: inner MTU; padding to 16 bytes never grows a packet past it (wireguard-go does the same).
+        load_threshold: handshake messages per second above which the device considers itself under load and
+            demands cookies (mac2); None disables the automatic trigger (``under_load`` can still be forced).
+    """
+
+    def __init__(
+        self,
+        private_key: object,
+        peers: Iterable[PeerConfig] = (),
+        *,
+        timers: Timers | None = None,
+        rng: random.Random | None = None,
+        ephemeral: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
+        wall_offset: float = 0.0,
+        mtu: int = 1420,
+        load_threshold: int | None = None,
+    ) -> None:
+        raw = raw_key(private_key, "private_key")
+        self._private = X25519PrivateKey.from_private_bytes(raw)
+        self.public_key = private_to_public(self._private)
+        self.timers = timers or Timers()
+        t = self.timers
+        self._reject_after_time = t.reject_after_time
+        self._keepalive_timeout = t.keepalive_timeout
+        # wireguard-go keepKeyFreshReceiving: REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+        self._last_minute = t.reject_after_time - t.keepalive_timeout - t.rekey_timeout
+        self._rng = rng or random.SystemRandom()
+        self._ephemeral = ephemeral
+        self.wall_offset = wall_offset
+        self.mtu = mtu
+        self.load_threshold = load_threshold
+        self.under_load = False
+        """Force cookie mode (mac2 required) regardless of the measured load."""
+        self._load_until = float("-inf")
+        self._load_window_start = float("-inf")
+        self._load_count = 0
+        # our own mac1/cookie keys, for messages addressed to us (§5.4.4, §5.4.7)
+        self._mac1_key = hash_(LABEL_MAC1, self.public_key)
+        self._cookie_key = hash_(LABEL_COOKIE, self.public_key)
+        self._cookie_secret = b""
+        self._cookie_secret_time = float("-inf")
+        self._peers: dict[bytes, Peer] = {}
+        self._routes: AllowedIPs[Peer] = AllowedIPs()
+        # address bytes -> owning peer: the hot path pays one dict probe instead of a longest-prefix walk.
+        # Cleared whenever peers/AllowedIPs change, and when it grows past _ROUTE_CACHE_MAX entries.
+        self._route_cache: dict[bytes, Peer | None] = {}
+        self._pending: dict[int, Peer] = {}  # sender index of an in-flight handshake -> peer
+        self._by_index: dict[int, tuple[Keypair, Peer]] = {}  # keypair local index -> keypair, peer
+        self._outbox: list[tuple[bytes, Endpoint]] = []
+        self._received: list[tuple[Peer, bytes]] = []
+        self._events: deque[Event] = deque()
+        self._drops = dict.fromkeys(DROP_REASONS, 0)
+        self._nonce = bytearray(12)
+        self._scratch = bytearray(65536 + PADDING_MULTIPLE)
+        self._scratch_mv = memoryview(self._scratch)
+        self.rx_datagrams = self.tx_datagrams = 0
+        self.rx_packets = self.tx_packets = 0
+        self.rx_keepalives = self.tx_keepalives = 0
+        self.handshakes_initiated = self.handshakes_completed = 0
+        self.cookie_replies_sent = self.cookie_replies_received = 0
+        for cfg in peers:
+            self.add_peer(cfg)
+
+    # ------------------------------------------------------------------ configuration
+
+    @classmethod
+    def from_config(cls, config: TunnelConfig, **kwargs: Any) -> WireGuardDevice:
+        """Build a device from a parsed wg-quick file (`netsim.core.wireguard.config.parse_config`).
+
+        ``kwargs`` are the keyword arguments of the constructor; ``mtu`` defaults to the file's MTU.
+        """
+        if config.interface.mtu is not None:
+            kwargs.setdefault("mtu", config.interface.mtu)
+        return cls(config.interface.private_key, config.peers, **kwargs)
+
+    def add_peer(self, config: PeerConfig, *, endpoint: Endpoint | None = None) -> Peer:
+        """Add (or replace) a peer; its AllowedIPs take over those prefixes from any other peer (as `wg set`).
+
+        Args:
+            config: the peer section (`netsim.core.wireguard.config.PeerConfig`).
+            endpoint: a resolved ``(host, port)`` overriding ``config.endpoint`` (needed when that is a name).
+
+        Raises:
+            ValueError: a bad key or endpoint, or the peer's key is our own.
+        """
+        pub = raw_key(config.public_key, "peer public_key")
+        if pub == self.public_key:
+            raise ValueError("peer public_key is this device's own public key")
+        psk = raw_key(config.preshared_key, "preshared_key") if config.preshared_key is not None else bytes(32)
+        if pub in self._peers:
+            self.remove_peer(pub)
+        peer = Peer(
+            public_key=pub,
+            preshared_key=psk,
+            allowed_ips=list(config.allowed_ips),
+            endpoint=endpoint if endpoint is not None else endpoint_of(config.endpoint),
+            persistent_keepalive=float(config.persistent_keepalive or 0.0),
+        )
+        try:
+            peer.static_static = dh(self._private, pub)
+        except ValueError:
+            raise ValueError("peer public_key is a low-order point (DH result is zero)") from None
+        peer.mac1_key = hash_(LABEL_MAC1, pub)
+        peer.cookie_key = hash_(LABEL_COOKIE, pub)
+        self._peers[pub] = peer
+        for net in peer.allowed_ips:
+            self._routes.insert(net, peer)
+        self._route_cache.clear()
+        return peer
+
+    def remove_peer(self, public_key: object) -> None:
+        """Remove a peer and everything it owns (keys, indices, routes)."""
+        peer = self._peers.pop(raw_key(public_key, "public_key"))
+        self._zero_keys(peer)
+        self._routes.remove_peer(peer)
+        self._route_cache.clear()
+
+    def _route(self, addr: bytes) -> Peer | None:
+        """AllowedIPs longest-prefix match for raw address bytes, through the cache."""
+        cache = self._route_cache
+        if len(cache) >= _ROUTE_CACHE_MAX:
+            cache.clear()
+        peer = cache[addr] = self._routes.lookup(addr)
+        return peer
+
+    @property
+    def peers(self) -> list[Peer]:
+        """The configured peers (live objects: read ``rx_bytes``, ``tx_bytes``, ``last_handshake``)."""
+        return list(self._peers.values())
+
+    def peer(self, public_key: object) -> Peer:
+        """The peer with this public key (KeyError if absent)."""
+        return self._peers[raw_key(public_key, "public_key")]
+
+    # ------------------------------------------------------------------ sans-IO API
+
+    def statistics(self) -> DeviceStatistics:
+        """A frozen snapshot of the device counters."""
+        return DeviceStatistics(
+            rx_datagrams=self.rx_datagrams,
+            tx_datagrams=self.tx_datagrams,
+            rx_packets=self.rx_packets,
+            tx_packets=self.tx_packets,
+            rx_keepalives=self.rx_keepalives,
+            tx_keepalives=self.tx_keepalives,
+            handshakes_initiated=self.handshakes_initiated,
+            handshakes_completed=self.handshakes_completed,
+            cookie_replies_sent=self.cookie_replies_sent,
+            cookie_replies_received=self.cookie_replies_received,
+            staged=sum(len(p.staged) for p in self._peers.values()),
+            drops=dict(self._drops),
+        )
+
+    def next_event(self) -> Event | None:
+        """Pop the next control event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def take_received(self) -> list[tuple[Peer, bytes]]:
+        """Take the decrypted inner packets received since the last call, in arrival order."""
+        out = self._received
+        self._received = []
+        return out
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
+        """Take the control datagrams (handshakes, keepalives, cookie replies, flushed staged packets)."""
+        out = self._outbox
+        self._outbox = []
+        return out
+
+    def get_timer(self) -> float | None:
+        """The earliest deadline at which `handle_timer` must be called, or None."""
+        best: float | None = None
+        for peer in self._peers.values():
+            t = peer.deadline()
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every peer timer due at ``now`` (wireguard-go ``timers.go`` expiry handlers)."""
+        for peer in list(self._peers.values()):
+            if peer.t_retransmit is not None and peer.t_retransmit <= now:
+                peer.t_retransmit = None
+                self._expired_retransmit(peer, now)
+            if peer.t_keepalive is not None and peer.t_keepalive <= now:
+                peer.t_keepalive = None
+                self._send_keepalive(peer, now)
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    peer.t_keepalive = now + self.timers.keepalive_timeout
+            if peer.t_new_handshake is not None and peer.t_new_handshake <= now:
+                # we sent data and heard nothing back for KEEPALIVE + REKEY_TIMEOUT: the session may be dead
+                peer.t_new_handshake = None
+                self._send_initiation(peer, now, is_retry=False)
+            if peer.t_zero_keys is not None and peer.t_zero_keys <= now:
+                peer.t_zero_keys = None
+                self._zero_keys(peer)
+                self._events.append(KeysZeroed(peer))
+            if peer.t_persistent is not None and peer.t_persistent <= now:
+                peer.t_persistent = None
+                if peer.persistent_keepalive > 0:
+                    self._send_keepalive(peer, now)
+
+    def initiate(self, peer: Peer, now: float) -> None:
+        """Start a handshake with ``peer`` now (rate-limited to one per REKEY_TIMEOUT, as wireguard-go)."""
+        self._send_initiation(peer, now, is_retry=False)
+
+    # ------------------------------------------------------------------ outbound data (hot path)
+
+    def encapsulate(
+        self,
+        packets: Sequence[Buffer],
+        now: float,
+        out_bufs: Sequence[bytearray | memoryview],
+        out_sizes: list[int],
+        out_addrs: list[Endpoint | None],
+    ) -> int:
+        """Encrypt a batch of inner IP packets into caller-owned datagram buffers.
+
+        ``out_bufs[i]`` receives the datagram for ``packets[i]`` (16-byte header, ciphertext of the padded
+        packet, 16-byte tag: it needs ``len(packet) + 47`` bytes); ``out_sizes[i]`` is set to its length and
+        ``out_addrs[i]`` to the peer endpoint, or 0/None when the packet was staged (no session yet) or dropped
+        (counted). Returns the number of datagrams produced.
+        """
+        timers = self.timers
+        reject_msgs = timers.reject_after_messages
+        reject_time = timers.reject_after_time
+        cache = self._route_cache
+        route = self._route
+        nonce = self._nonce
+        pack_nonce = NONCE.pack_into
+        pack_header = m.TRANSPORT_HEADER.pack_into
+        scratch = self._scratch
+        scratch_mv = self._scratch_mv
+        mtu = self.mtu
+        produced = 0
+        # per-batch memo: consecutive packets usually go to the same peer, so its keypair checks run once
+        cur_peer: Peer | None = None
+        kp: Keypair | None = None
+        endpoint: Endpoint | None = None
+        sent_to: list[Peer] = []
+        for i, pkt in enumerate(packets):
+            n = len(pkt)
+            version = pkt[0] >> 4 if n >= 20 else 0
+            if version == 4:
+                dst = pkt[16:20]
+            elif version == 6 and n >= 40:
+                dst = pkt[24:40]
+            else:
+                self._drops["inner_malformed"] += 1
+                out_sizes[i] = 0
+                out_addrs[i] = None
+                continue
+            if type(dst) is not bytes:
+                dst = bytes(dst)
+            peer = cache.get(dst, _MISS)
+            if peer is _MISS:
+                peer = route(dst)
+            if peer is None:
+                self._drops["no_route"] += 1
+                out_sizes[i] = 0
+                out_addrs[i] = None
+                continue
+            if peer is not cur_peer:
+                cur_peer = peer
+                kp = peer.current
+                endpoint = peer.endpoint
+                if kp is not None and (now - kp.created >= reject_time or endpoint is None):
+                    kp = None
+            if kp is None or kp.send_counter >= reject_msgs:
+                self._stage(peer, bytes(pkt), now)
+                out_sizes[i] = 0
+                out_addrs[i] = None
+                continue
+            padded = (n + 15) & ~15
+            if padded > mtu:
+                padded = max(n, mtu)
+            size = padded + 32
+            out = out_bufs[i]
+            if len(out) < size:
+                self._drops["oversize"] += 1
+                out_sizes[i] = 0
+                out_addrs[i] = None
+                continue
+            counter = kp.send_counter
+            kp.send_counter = counter + 1
+            pack_header(out, 0, 4, kp.remote_index, counter)  # type 4 = transport (messages.MSG_TRANSPORT)
+            pack_nonce(nonce, 0, counter)
+            if padded != n:
+                scratch[:n] = pkt
+                scratch[n:padded] = _PAD[: padded - n]
+                data: Buffer = scratch_mv[:padded]
+            else:
+                data = pkt
+            kp.send.encrypt_into(
+                nonce, data, None, out[16:size] if type(out) is memoryview else memoryview(out)[16:size]
+            )
+            out_sizes[i] = size
+            out_addrs[i] = endpoint
+            peer.tx_bytes += size
+            produced += 1
+            if not sent_to or sent_to[-1] is not peer:
+                sent_to.append(peer)
+        for peer in dict.fromkeys(sent_to):
+            self._after_data_sent(peer, now)
+        self.tx_packets += produced
+        self.tx_datagrams += produced
+        return produced
+
+    def _after_data_sent(self, peer: Peer, now: float) -> None:
+        # timersDataSent + timersAnyAuthenticatedPacketSent + traversal, then keepKeyFreshSending (§6.2)
+        t = self.timers
+        if peer.t_new_handshake is None:
+            peer.t_new_handshake = now + t.keepalive_timeout + t.rekey_timeout + self._jitter()
+        peer.t_keepalive = None
+        if peer.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.persistent_keepalive
+        kp = peer.current
+        if (
+            kp is not None
+            and kp.is_initiator
+            and (kp.send_counter > t.rekey_after_messages or now - kp.created > t.rekey_after_time)
+        ):
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _stage(self, peer: Peer, packet: bytes, now: float) -> None:
+        if len(peer.staged) >= self.timers.max_staged_packets:
+            self._drops["staged_overflow"] += 1
+        else:
+            peer.staged.append(packet)
+        self._send_staged(peer, now)
+
+    def _usable(self, kp: Keypair | None, now: float) -> bool:
+        t = self.timers
+        return kp is not None and kp.send_counter < t.reject_after_messages and now - kp.created < t.reject_after_time
+
+    def _send_staged(self, peer: Peer, now: float) -> None:
+        """Flush staged packets on the current keypair, or start a handshake if there is none usable."""
+        kp = peer.current
+        if kp is None or not self._usable(kp, now):
+            self._send_initiation(peer, now, is_retry=False)
+            return
+        if peer.endpoint is None:
+            return
+        sent_data = False
+        while peer.staged:
+            pkt = peer.staged.popleft()
+            if kp.send_counter >= self.timers.reject_after_messages:
+                peer.staged.appendleft(pkt)
+                self._send_initiation(peer, now, is_retry=False)
+                break
+            self._send_transport(peer, kp, pkt, now)
+            if pkt:
+                sent_data = True
+                self.tx_packets += 1
+            else:
+                self.tx_keepalives += 1
+        if sent_data:
+            self._after_data_sent(peer, now)
+
+    def _send_transport(self, peer: Peer, kp: Keypair, pkt: bytes, now: float) -> None:
+        n = len(pkt)
+        padded = (n + 15) & ~15
+        if padded > self.mtu:
+            padded = max(n, self.mtu)
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        header = m.TRANSPORT_HEADER.pack(m.MSG_TRANSPORT, kp.remote_index, counter)
+        ct = kp.send.encrypt(NONCE.pack(counter), pkt + _PAD[: padded - n] if padded > n else pkt, None)
+        dgram = header + ct
+        assert peer.endpoint is not None
+        self._outbox.append((dgram, peer.endpoint))
+        self.tx_datagrams += 1
+        peer.tx_bytes += len(dgram)
+        peer.t_keepalive = None  # timersAnyAuthenticatedPacketSent
+        if peer.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.persistent_keepalive
+
+    def _send_keepalive(self, peer: Peer, now: float) -> None:
+        """wireguard-go SendKeepalive: an empty packet unless staged data will go out anyway."""
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now)
+
+    # ------------------------------------------------------------------ handshake: initiator
+
+    def _jitter(self) -> float:
+        return self._rng.uniform(0.0, self.timers.rekey_timeout_jitter_max)
+
+    def _new_index(self) -> int:
+        while True:
+            idx = self._rng.getrandbits(32)
+            if idx not in self._pending and idx not in self._by_index:
+                return idx
+
+    def _send_initiation(self, peer: Peer, now: float, *, is_retry: bool) -> None:
+        if not is_retry:
+            peer.handshake_attempts = 0
+        if now - peer.last_sent_initiation < self.timers.rekey_timeout:
+            return
+        if peer.endpoint is None:
+            self._drops["no_endpoint"] += 1
+            return
+        peer.last_sent_initiation = now
+        msg = self._create_initiation(peer, now)
+        self._outbox.append((msg, peer.endpoint))
+        self.tx_datagrams += 1
+        self.handshakes_initiated += 1
+        peer.tx_bytes += len(msg)
+        peer.t_keepalive = None
+        if peer.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.persistent_keepalive
+        peer.t_retransmit = now + self.timers.rekey_timeout + self._jitter()
+
+    def _create_initiation(self, peer: Peer, now: float) -> bytes:
+        """Whitepaper §5.4.2: build a type-1 message and remember the handshake state."""
+        if peer.handshake_index is not None:
+            self._pending.pop(peer.handshake_index, None)
+        ck, h = initial_chain(peer.public_key)
+        hs = HandshakeState(chaining_key=ck, hash=h)
+        e = self._ephemeral()
+        e_pub = private_to_public(e)
+        hs.ephemeral_private = e
+        hs.mix_key(e_pub)
+        hs.mix_hash(e_pub)
+        k = hs.mix_key2(dh(e, peer.public_key))
+        enc_static = aead_encrypt(k, 0, self.public_key, hs.hash)
+        hs.mix_hash(enc_static)
+        k = hs.mix_key2(peer.static_static)
+        enc_ts = aead_encrypt(k, 0, tai64n(now + self.wall_offset), hs.hash)
+        hs.mix_hash(enc_ts)
+        idx = self._new_index()
+        peer.handshake = hs
+        peer.handshake_index = idx
+        self._pending[idx] = peer
+        body = m.INITIATION.pack(m.MSG_INITIATION, idx, e_pub, enc_static, enc_ts, bytes(16), bytes(16))
+        return self._add_macs(peer, body, now)
+
+    def _add_macs(self, peer: Peer, body: bytes, now: float) -> bytes:
+        """Fill mac1 (always) and mac2 (with a fresh cookie from the peer), §5.4.4."""
+        n = len(body)
+        mac1 = mac(peer.mac1_key, body[: n - 32])
+        peer.last_mac1_sent = mac1
+        mac2 = bytes(16)
+        if peer.cookie is not None and now - peer.cookie_time < self.timers.cookie_refresh_time:
+            mac2 = mac(peer.cookie, body[: n - 32] + mac1)
+        return body[: n - 32] + mac1 + mac2
+
+    def _expired_retransmit(self, peer: Peer, now: float) -> None:
+        max_attempts = int(self.timers.rekey_attempt_time / self.timers.rekey_timeout)
+        if peer.handshake_attempts > max_attempts:
+            # give up (wireguard-go expiredRetransmitHandshake): drop staged packets, schedule key erasure
+            peer.t_keepalive = None
+            self._drops["handshake_timeout"] += len(peer.staged)
+            peer.staged.clear()
+            if peer.t_zero_keys is None:
+                peer.t_zero_keys = now + self.timers.reject_after_time * 3
+            self._events.append(HandshakeTimeout(peer))
+            return
+        peer.handshake_attempts += 1
+        self._send_initiation(peer, now, is_retry=True)
+
+    # ------------------------------------------------------------------ inbound
+
+    def receive_datagram_untrusted(self, data: Buffer, addr: Endpoint, now: float) -> None:
+        """Process one UDP payload from ``addr``. Never raises on bad input: drops are counted by reason."""
+        self.rx_datagrams += 1
+        n = len(data)
+        mv = data if type(data) is memoryview else memoryview(data)
+        if n >= 32:
+            kind, receiver, counter = _TRANSPORT_HEADER.unpack_from(mv)
+            if kind == 4:  # transport data: the hot path, handled inline
+                entry = self._by_index.get(receiver)
+                if entry is None:
+                    self._drops["unknown_receiver"] += 1
+                    return
+                kp, peer = entry
+                if now - kp.created >= self._reject_after_time:
+                    self._drops["expired_keypair"] += 1
+                    return
+                nonce = self._nonce
+                _NONCE_PACK(nonce, 0, counter)
+                try:
+                    plain = kp.recv.decrypt(nonce, mv[16:], None)
+                except InvalidTag:
+                    self._drops["decrypt_failed"] += 1
+                    return
+                if not kp.replay.check_and_update(counter):
+                    self._drops["replay"] += 1
+                    return
+                # authenticated: counters, roaming, session confirmation and timers (wireguard-go receive.go)
+                peer.rx_bytes += n
+                peer.endpoint = addr  # roaming (§2.1): answer the latest authenticated source
+                if kp is not peer.current or (kp.is_initiator and now - kp.created > self._last_minute):
+                    self._uncommon_receive(kp, peer, now)
+                peer.t_new_handshake = None  # timersAnyAuthenticatedPacketReceived
+                if peer.persistent_keepalive > 0:
+                    peer.t_persistent = now + peer.persistent_keepalive
+                pn = len(plain)
+                if not pn:
+                    self.rx_keepalives += 1
+                    return
+                # inner packet: bounds-checked version/length/source (RFC 791 §3.1, RFC 8200 §3)
+                version = plain[0] >> 4
+                if version == 4 and pn >= 20:
+                    inner_len = _U16BE_UNPACK(plain, 2)[0]
+                    if inner_len < 20 or inner_len > pn:
+                        self._drops["inner_malformed"] += 1
+                        return
+                    src = plain[12:16]
+                elif version == 6 and pn >= 40:
+                    inner_len = 40 + _U16BE_UNPACK(plain, 4)[0]
+                    if inner_len > pn:
+                        self._drops["inner_malformed"] += 1
+                        return
+                    src = plain[8:24]
+                else:
+                    self._drops["inner_malformed"] += 1
+                    return
+                owner = self._route_cache.get(src, _MISS)
+                if owner is _MISS:
+                    owner = self._route(src)
+                if owner is not peer:
+                    self._drops["inner_src_not_allowed"] += 1
+                    return
+                if peer.t_keepalive is None:  # timersDataReceived
+                    peer.t_keepalive = now + self._keepalive_timeout
+                else:
+                    peer.need_another_keepalive = True
+                self.rx_packets += 1
+                self._received.append((peer, plain if inner_len == pn else plain[:inner_len]))
+                return
+        elif n < 4:
+            self._drops["short"] += 1
+            return
+        else:
+            kind = _U32_UNPACK(mv)[0]
+        if kind == m.MSG_INITIATION:
+            if n != m.INITIATION_SIZE:
+                self._drops["bad_length"] += 1
+                return
+            self._receive_initiation(bytes(mv), addr, now)
+        elif kind == m.MSG_RESPONSE:
+            if n != m.RESPONSE_SIZE:
+                self._drops["bad_length"] += 1
+                return
+            self._receive_response(bytes(mv), addr, now)
+        elif kind == m.MSG_COOKIE_REPLY:
+            if n != m.COOKIE_REPLY_SIZE:
+                self._drops["bad_length"] += 1
+                return
+            self._receive_cookie_reply(bytes(mv), now)
+        elif kind == m.MSG_TRANSPORT:
+            self._drops["short"] += 1
+        else:
+            self._drops["bad_type"] += 1
+
+    def _uncommon_receive(self, kp: Keypair, peer: Peer, now: float) -> None:
+        """Off the hot path: confirm a responder's `next` keypair, or rekey an ageing initiator session."""
+        if kp is peer.next:
+            self._confirm_next(peer, now)
+        # keepKeyFreshReceiving: the initiator rekeys before the session nears REJECT_AFTER_TIME
+        if (
+            kp.is_initiator
+            and kp is peer.current
+            and not peer.sent_last_minute_handshake
+            and now - kp.created > self._last_minute
+        ):
+            peer.sent_last_minute_handshake = True
+            self._send_initiation(peer, now, is_retry=False)
+
+    def _confirm_next(self, peer: Peer, now: float) -> None:
+        """Responder: the initiator used the new keypair, so it becomes current (wireguard-go ReceivedWithKeypair)."""
+        old = peer.previous
+        if old is not None:
+            self._by_index.pop(old.local_index, None)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer, now, initiator=False)
+        if peer.staged:
+            self._send_staged(peer, now)
+
+    def _handshake_complete(self, peer: Peer, now: float, *, initiator: bool) -> None:
+        peer.t_retransmit = None
+        peer.handshake_attempts = 0
+        peer.sent_last_minute_handshake = False
+        peer.last_handshake = now + self.wall_offset
+        self.handshakes_completed += 1
+        self._events.append(HandshakeCompleted(peer, initiator))
+
+    def _check_macs(self, msg: bytes, addr: Endpoint, now: float) -> bool:
+        """mac1 always; mac2 when under load, answering a cookie reply if it is missing (§5.4.4, §5.4.7)."""
+        n = len(msg)
+        if not hmac.compare_digest(mac(self._mac1_key, msg[: n - 32]), msg[n - 32 : n - 16]):
+            self._drops["bad_mac1"] += 1
+            return False
+        if not self._is_under_load(now):
+            return True
+        cookie = self._cookie_for(addr, now)
+        if hmac.compare_digest(mac(cookie, msg[: n - 16]), msg[n - 16 :]):
+            return True
+        self._drops["bad_mac2"] += 1
+        sender = m.U32.unpack_from(msg, 4)[0]
+        nonce = self._rng.getrandbits(192).to_bytes(24, "little")
+        enc = xaead_encrypt(self._cookie_key, nonce, cookie, msg[n - 32 : n - 16])
+        self._outbox.append((m.COOKIE_REPLY.pack(m.MSG_COOKIE_REPLY, sender, nonce, enc), addr))
+        self.tx_datagrams += 1
+        self.cookie_replies_sent += 1
+        return False
+
+    def _is_under_load(self, now: float) -> bool:
+        if self.under_load:
+            return True
+        if self.load_threshold is None:
+            return False
+        if now - self._load_window_start >= 1.0:
+            self._load_window_start = now
+            self._load_count = 0
+        self._load_count += 1
+        if self._load_count > self.load_threshold:
+            self._load_until = now + 1.0  # wireguard-go stays under load for UnderLoadAfterTime = 1 s
+        return now < self._load_until
+
+    def _cookie_for(self, addr: Endpoint, now: float) -> bytes:
+        # τ = MAC(R_m, source address || port), R_m rotated every COOKIE_REFRESH_TIME (§5.4.7)
+        if now - self._cookie_secret_time >= self.timers.cookie_refresh_time:
+            self._cookie_secret = self._rng.getrandbits(256).to_bytes(32, "little")
+            self._cookie_secret_time = now
+        return mac(self._cookie_secret, repr(tuple(addr[:2])).encode())
+
+    def _receive_initiation(self, msg: bytes, addr: Endpoint, now: float) -> None:
+        """Whitepaper §5.4.2, responder side: authenticate, then answer with a response (§5.4.3)."""
+        if not self._check_macs(msg, addr, now):
+            return
+        _, sender, e_pub, enc_static, enc_ts, _, _ = m.INITIATION.unpack(msg)
+        ck, h = initial_chain(self.public_key)
+        hs = HandshakeState(chaining_key=ck, hash=h)
+        try:
+            hs.mix_key(e_pub)
+            hs.mix_hash(e_pub)
+            k = hs.mix_key2(dh(self._private, e_pub))
+            static = aead_decrypt(k, 0, enc_static, hs.hash)
+            hs.mix_hash(enc_static)
+            peer = self._peers.get(static)
+            if peer is None:
+                self._drops["handshake_failed"] += 1
+                return
+            k = hs.mix_key2(peer.static_static)
+            ts = aead_decrypt(k, 0, enc_ts, hs.hash)
+            hs.mix_hash(enc_ts)
+        except (InvalidTag, ValueError):
+            self._drops["handshake_failed"] += 1
+            return
+        if ts <= peer.latest_timestamp:
+            self._drops["stale_timestamp"] += 1
+            return
+        if now - peer.last_initiation_consumed <= self.timers.handshake_initiation_rate:
+            self._drops["handshake_flood"] += 1
+            return
+        peer.latest_timestamp = ts
+        peer.last_initiation_consumed = now
+        peer.rx_bytes += len(msg)
+        peer.endpoint = addr
+        peer.t_new_handshake = None  # any authenticated packet received
+        # response (§5.4.3)
+        try:
+            e = self._ephemeral()
+            er_pub = private_to_public(e)
+            hs.mix_key(er_pub)
+            hs.mix_hash(er_pub)
+            hs.mix_key(dh(e, e_pub))
+            hs.mix_key(dh(e, peer.public_key))
+        except ValueError:
+            self._drops["handshake_failed"] += 1
+            return
+        hs.chaining_key, tau, k = hkdf(hs.chaining_key, peer.preshared_key, 3)
+        hs.mix_hash(tau)
+        enc_empty = aead_encrypt(k, 0, b"", hs.hash)
+        hs.mix_hash(enc_empty)
+        if peer.handshake_index is not None:
+            self._pending.pop(peer.handshake_index, None)
+            peer.handshake_index = None
+            peer.handshake = None
+        idx = self._new_index()
+        body = m.RESPONSE.pack(m.MSG_RESPONSE, idx, sender, er_pub, enc_empty, bytes(16), bytes(16))
+        resp = self._add_macs(peer, body, now)
+        recv_key, send_key = hs.transport_keys()
+        kp = Keypair(
+            send_key,
+            recv_key,
+            local_index=idx,
+            remote_index=sender,
+            created=now,
+            is_initiator=False,
+            reject_after_messages=self.timers.reject_after_messages,
+        )
+        # responder: new keypair waits in `next`; previous is dropped (wireguard-go BeginSymmetricSession)
+        for old in (peer.next, peer.previous):
+            if old is not None:
+                self._by_index.pop(old.local_index, None)
+        peer.next = kp
+        peer.previous = None
+        self._by_index[idx] = (kp, peer)
+        self._outbox.append((resp, addr))
+        self.tx_datagrams += 1
+        peer.tx_bytes += len(resp)
+        peer.t_zero_keys = now + self.timers.reject_after_time * 3
+        peer.t_keepalive = None
+        if peer.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.persistent_keepalive
+
+    def _receive_response(self, msg: bytes, addr: Endpoint, now: float) -> None:
+        """Whitepaper §5.4.3, initiator side: finish the handshake and derive transport keys (§5.4.5)."""
+        if not self._check_macs(msg, addr, now):
+            return
+        _, sender, receiver, er_pub, enc_empty, _, _ = m.RESPONSE.unpack(msg)
+        peer = self._pending.get(receiver)
+        if peer is None or peer.handshake is None or peer.handshake.ephemeral_private is None:
+            self._drops["unexpected_response"] += 1
+            return
+        src = peer.handshake
+        assert src.ephemeral_private is not None
+        hs = HandshakeState(chaining_key=src.chaining_key, hash=src.hash)
+        try:
+            hs.mix_key(er_pub)
+            hs.mix_hash(er_pub)
+            hs.mix_key(dh(src.ephemeral_private, er_pub))
+            hs.mix_key(dh(self._private, er_pub))
+            hs.chaining_key, tau, k = hkdf(hs.chaining_key, peer.preshared_key, 3)
+            hs.mix_hash(tau)
+            aead_decrypt(k, 0, enc_empty, hs.hash)
+        except (InvalidTag, ValueError):
+            self._drops["handshake_failed"] += 1
+            return
+        del self._pending[receiver]
+        peer.handshake = None
+        peer.handshake_index = None
+        send_key, recv_key = hs.transport_keys()
+        kp = Keypair(
+            send_key,
+            recv_key,
+            local_index=receiver,
+            remote_index=sender,
+            created=now,
+            is_initiator=True,
+            reject_after_messages=self.timers.reject_after_messages,
+        )
+        # initiator rotation (wireguard-go BeginSymmetricSession): an unconfirmed `next` becomes previous
+        drop: list[Keypair | None]
+        if peer.next is not None:
+            drop = [peer.current, peer.previous]
+            peer.previous = peer.next
+            peer.next = None
+        else:
+            drop = [peer.previous]
+            peer.previous = peer.current
+        for old in drop:
+            if old is not None:
+                self._by_index.pop(old.local_index, None)
+        peer.current = kp
+        self._by_index[receiver] = (kp, peer)
+        peer.rx_bytes += len(msg)
+        peer.endpoint = addr
+        peer.t_zero_keys = now + self.timers.reject_after_time * 3
+        peer.t_new_handshake = None
+        if peer.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.persistent_keepalive
+        self._handshake_complete(peer, now, initiator=True)
+        # confirm the session to the responder at once: staged data, or a keepalive
+        self._send_keepalive(peer, now)
+
+    def _receive_cookie_reply(self, msg: bytes, now: float) -> None:
+        """Whitepaper §5.4.7: store the cookie; the next (re)transmitted handshake message carries mac2."""
+        _, receiver, nonce, enc = m.COOKIE_REPLY.unpack(msg)
+        peer = self._pending.get(receiver)
+        if peer is None:
+            entry = self._by_index.get(receiver)
+            peer = entry[1] if entry is not None else None
+        if peer is None or not peer.last_mac1_sent:
+            self._drops["unexpected_response"] += 1
+            return
+        try:
+            cookie = xaead_decrypt(peer.cookie_key, nonce, enc, peer.last_mac1_sent)
+        except InvalidTag:
+            self._drops["bad_cookie"] += 1
+            return
+        peer.cookie = cookie
+        peer.cookie_time = now
+        self.cookie_replies_received += 1
+
+    # ------------------------------------------------------------------ key erasure
+
+    def _zero_keys(self, peer: Peer) -> None:
+        for kp in peer.keypairs():
+            self._by_index.pop(kp.local_index, None)
+        peer.current = peer.previous = peer.next = None
+        if peer.handshake_index is not None:
+            self._pending.pop(peer.handshake_index, None)
+        peer.handshake = None
+        peer.handshake_index = None

@@ -1,0 +1,642 @@
+"""`Lab`: the simulated Mac, home router, VPN server, internet and LAN device in network namespaces.
+
+Topology (see docs/lab.md for the diagram and the addressing table in `netsim.lab.addressing`)::
+
+    mac:en0 ──┐                                                   inet (core router + hosts on lo)
+              ├─ isp:br-lan  [isp: NAT44+NAT66 masquerade] isp:wan ── inet:isp
+    lan:eth0 ─┘                                            vpn:wan ── inet:vpn
+
+The ISP and the VPN server each hang off the internet router on their own point-to-point link, as real access
+links do, so a capture on ``isp/wan`` shows exactly what leaves the home and ``vpn/wan`` what reaches the server.
+
+Bring-up order matters: sysctls (``accept_dad=0``, forwarding) are written in every namespace *before* links are
+created so each new interface inherits them from ``default``; veth pairs are created from inside one namespace
+with the peer placed directly in the other, so nothing ever exists in the root namespace. Every wait is on a
+condition (carrier, READY line, "listening on"), never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from netsim.errors import LabError, MissingDependency, PrivilegeError
+from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
+from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, remove_run
+from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
+from netsim.lab.pcap import Capture
+from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
+
+__all__ = ["Lab", "NatMode"]
+
+T = TypeVar("T")
+NatMode = Literal["cone", "symmetric"]
+
+_IFA_F_NODAD = 0x02  # <linux/if_addr.h>
+_BASE_SYSCTLS = {
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+    "net.ipv6.conf.all.accept_ra": "0",
+    "net.ipv6.conf.default.accept_ra": "0",
+    "net.ipv6.conf.all.autoconf": "0",
+    "net.ipv6.conf.default.autoconf": "0",
+    "net.ipv6.conf.default.router_solicitations": "0",  # nobody sends RAs; keep captures free of RS noise
+}
+_ROUTER_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+_ROUTERS = ("isp", "inet", "vpn")
+
+
+def _nat_ruleset(mode: NatMode) -> str:
+    # nftables "inet" family NAT covers IPv4 (NAT44) and IPv6 (NAT66 of the ULA) with one rule.
+    # cone: masquerade keeps the source port when free, so one inside flow keeps one outside port for every
+    #   destination (endpoint-independent mapping); conntrack filters replies per remote (port-restricted).
+    # symmetric: "random" picks a fresh source port per conntrack entry (address-and-port-dependent mapping).
+    flags = " random" if mode == "symmetric" else ""
+    return (
+        "table inet netsim_nat {\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    oifname "wan" masquerade{flags}\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+class Lab:
+    """The namespace world. Use ``async with Lab() as lab:`` (or ``with Lab() as lab:`` in sync code).
+
+    Args:
+        run_id: short unique id (lowercase letters/digits) used in every name; random when None.
+        pcap_dir: if set, capture mac/en0, isp/wan and vpn/wan there (one pcap per link) from before any traffic.
+        services: start the HTTP/DNS/echo/iperf3 services (turn off for the fastest bare topology).
+        nat: ``"cone"`` (default) or ``"symmetric"`` NAT behaviour of the home router.
+        cli: mark the run as owned by ``netsim lab up`` (so ``netsim lab down`` can find it).
+
+    Attributes:
+        addr: the addressing plan (`netsim.lab.addressing.Addressing`), e.g. ``lab.addr.mac_en0_v4``.
+        processes: every process the lab started and has not yet reaped.
+        captures: running captures by name (``"mac-en0"`` ...).
+    """
+
+    def __init__(
+        self,
+        run_id: str | None = None,
+        pcap_dir: str | os.PathLike[str] | None = None,
+        *,
+        services: bool = True,
+        nat: NatMode = "cone",
+        cli: bool = False,
+    ) -> None:
+        if run_id is not None and not (run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6):
+            raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
+        if nat not in ("cone", "symmetric"):
+            raise LabError(f"nat={nat!r}: choose 'cone' or 'symmetric'")
+        self.run_id = run_id or ""
+        self.pcap_dir = Path(pcap_dir) if pcap_dir is not None else None
+        self.services = services
+        self.nat: NatMode = nat
+        self.cli = cli
+        self.addr: Addressing = ADDR
+        self.domain = LAB_DOMAIN
+        self.processes: list[LabProcess] = []
+        self.captures: dict[str, Capture] = {}
+        self._closeables: list[Callable[[], object]] = []
+        self._record: RunRecord | None = None
+        self._lock = threading.Lock()
+        self._up = False
+        self._old_sigterm: Any = None
+        self._counter = 0
+
+    # ------------------------------------------------------------------ names
+    @property
+    def prefix(self) -> str:
+        """``netsim-<run>-``: every namespace of this lab starts with it."""
+        return f"netsim-{self.run_id}-"
+
+    def netns(self, role: str) -> str:
+        """Namespace name of ``role`` (one of ``mac isp vpn inet lan``)."""
+        if role not in ROLES:
+            raise LabError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        return f"{self.prefix}{role}"
+
+    def ifname(self, stem: str) -> str:
+        """A name unique across concurrent labs, for objects in a global namespace (wireguard-go's UAPI socket
+        ``/var/run/wireguard/<ifname>.sock`` is shared by all namespaces): ``ns<run><stem>``, at most 15 chars.
+        `netsim clean` removes wireguard sockets with this prefix."""
+        name = f"ns{self.run_id}{stem}"
+        if len(name) > 15:
+            raise LabError(f"interface name {name!r} is longer than 15 characters; use a shorter stem")
+        return name
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Lab:
+        self._install_sigterm()
+        try:
+            self.start()
+        except BaseException:
+            self._restore_sigterm()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self._restore_sigterm()
+
+    async def __aenter__(self) -> Lab:
+        self._install_sigterm()
+        try:
+            # Bring-up blocks on netlink and subprocesses: keep the event loop responsive meanwhile. Cancelling
+            # mid bring-up is not supported (the thread finishes, then teardown runs).
+            await trio.to_thread.run_sync(self.start)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.stop)
+            self._restore_sigterm()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.stop)
+        finally:
+            self._restore_sigterm()
+
+    def _install_sigterm(self) -> None:
+        """Turn SIGTERM into SIGINT (KeyboardInterrupt, which trio delivers safely) so teardown runs."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not signal.SIG_DFL:
+            return  # someone (e.g. the CLI) already handles SIGTERM
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
+                raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
+
+        self._old_sigterm = current
+        signal.signal(signal.SIGTERM, on_term)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def start(self) -> None:
+        """Bring the world up (blocking). On failure everything created so far is removed."""
+        if self._up:
+            raise LabError("lab is already up")
+        self._check_environment()
+        self._up = True
+        try:
+            self._claim_run_id()
+            self._build()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check_environment(self) -> None:
+        if os.geteuid() != 0:
+            raise PrivilegeError("the lab needs root (network namespaces, veth, nftables); run as root or via sudo")
+        needed = {"ip": "iproute2", "nft": "nftables"}
+        if self.pcap_dir is not None:
+            needed["tcpdump"] = "tcpdump"
+        if self.services:
+            needed["iperf3"] = "iperf3"
+        for binary, package in needed.items():
+            if shutil.which(binary) is None:
+                raise MissingDependency(binary, package)
+
+    def _claim_run_id(self) -> None:
+        RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for _ in range(20):
+            run_id = self.run_id or secrets.token_hex(2)
+            path = RUN_DIR / f"{run_id}.json"
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # atomic claim
+            except FileExistsError:
+                if self.run_id:
+                    raise LabError(
+                        f"lab run {run_id!r} already exists ({path}); run `netsim clean` if it is stale"
+                    ) from None
+                continue
+            os.close(fd)
+            self.run_id = run_id
+            break
+        else:
+            raise LabError("could not find a free run id; run `netsim clean`")
+        if any(netns_exists(self.netns(r)) for r in ROLES):
+            path.unlink()
+            raise LabError(f"namespaces {self.prefix}* already exist; run `netsim clean --orphans`")
+        self._record = RunRecord(
+            run_id=self.run_id,
+            owner_pid=os.getpid(),
+            owner_start=process_start_time(os.getpid()),
+            created=time.time(),
+            namespaces=[self.netns(r) for r in ROLES],
+            pcap_dir=str(self.pcap_dir) if self.pcap_dir else None,
+            cli=self.cli,
+        )
+        self._record.save()
+        self._record.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def _save_record(self) -> None:
+        with self._lock:
+            if self._record is not None:
+                self._record.processes = [p.info() for p in self.processes]
+                self._record.save()
+
+    def _build(self) -> None:
+        for role in ROLES:
+            create_netns(self.netns(role))
+        for role in ROLES:
+            set_sysctl(self.netns(role), {**_BASE_SYSCTLS, **(_ROUTER_SYSCTLS if role in _ROUTERS else {})})
+        ns = self.netns
+        # veth pairs: (namespace, name) <-> (peer namespace, peer name)
+        self._veth("mac", "en0", "isp", "mac")
+        self._veth("lan", "eth0", "isp", "lan")
+        self._veth("isp", "wan", "inet", "isp")
+        self._veth("vpn", "wan", "inet", "vpn")
+        a = self.addr
+        self._configure(
+            "isp",
+            bridge=("br-lan", ["mac", "lan"]),
+            addrs=[
+                ("br-lan", str(a.isp_lan_v4), 24),
+                ("br-lan", str(a.isp_lan_v6), 64),
+                ("wan", str(a.isp_wan_v4), 24),
+                ("wan", str(a.isp_wan_v6), 64),
+            ],
+            routes=[("0.0.0.0/0", str(a.inet_isp_v4)), ("::/0", str(a.inet_isp_v6))],
+        )
+        self._configure(
+            "mac",
+            addrs=[("en0", str(a.mac_en0_v4), 24), ("en0", str(a.mac_en0_v6), 64)],
+            routes=[("0.0.0.0/0", str(a.isp_lan_v4)), ("::/0", str(a.isp_lan_v6))],
+        )
+        self._configure(
+            "lan",
+            addrs=[("eth0", str(a.lan_eth0_v4), 24), ("eth0", str(a.lan_eth0_v6), 64)],
+            routes=[("0.0.0.0/0", str(a.isp_lan_v4)), ("::/0", str(a.isp_lan_v6))],
+        )
+        self._configure(
+            "vpn",
+            addrs=[("wan", str(a.vpn_wan_v4), 24), ("wan", str(a.vpn_wan_v6), 64)],
+            routes=[("0.0.0.0/0", str(a.inet_vpn_v4)), ("::/0", str(a.inet_vpn_v6))],
+        )
+        self._configure(
+            "inet",
+            addrs=[
+                ("isp", str(a.inet_isp_v4), 24),
+                ("isp", str(a.inet_isp_v6), 64),
+                ("vpn", str(a.inet_vpn_v4), 24),
+                ("vpn", str(a.inet_vpn_v6), 64),
+                ("lo", str(a.www_v4), 32),
+                ("lo", str(a.www_v6), 128),
+                ("lo", str(a.dns_v4), 32),
+                ("lo", str(a.dns_v6), 128),
+            ],
+            routes=[],
+        )
+        self.nft("isp", _nat_ruleset(self.nat))
+        for role in ("mac", "lan"):
+            etc = ETC_NETNS / ns(role)
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "resolv.conf").write_text(
+                f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n"
+                f"nameserver {a.isp_lan_v4}\nnameserver {a.isp_lan_v6}\noptions timeout:1 attempts:2\n"
+            )
+        for role in ROLES:
+            self._wait_links_up(role)
+        if self.pcap_dir is not None:
+            self.pcap_dir.mkdir(parents=True, exist_ok=True)
+            for role, ifname in (("mac", "en0"), ("isp", "wan"), ("vpn", "wan")):
+                self.capture(role, ifname, wait=False)
+            for cap in self.captures.values():
+                cap.wait_ready_sync()
+        if self.services:
+            self._start_services()
+
+    def _veth(self, role: str, ifname: str, peer_role: str, peer_ifname: str) -> None:
+        peer_ns = self.netns(peer_role)
+        alias = f"netsim-{self.run_id} {role}:{ifname}<->{peer_role}:{peer_ifname}"
+
+        def create() -> None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": peer_ifname, "net_ns_fd": peer_ns})
+                ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], ifalias=alias)
+
+        run_in_netns(self.netns(role), create)
+
+    def _configure(
+        self,
+        role: str,
+        addrs: list[tuple[str, str, int]],
+        routes: list[tuple[str, str]],
+        bridge: tuple[str, list[str]] | None = None,
+    ) -> None:
+        def body() -> None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+
+                def index(name: str) -> int:
+                    found = ipr.link_lookup(ifname=name)
+                    if not found:
+                        raise LabError(f"{role}: interface {name} missing")
+                    return int(found[0])
+
+                if bridge is not None:
+                    br, ports = bridge
+                    # STP off (the default) so ports forward at once; no forwarding delay to wait out.
+                    ipr.link("add", ifname=br, kind="bridge", br_stp_state=0, br_forward_delay=0)
+                    for port in ports:
+                        ipr.link("set", index=index(port), master=index(br))
+                for name in {"lo", *(link for link, _, _ in addrs), *(bridge[1] if bridge else [])}:
+                    ipr.link("set", index=index(name), state="up")
+                for name, address, plen in addrs:
+                    ipr.addr("add", index=index(name), address=address, prefixlen=plen, flags=_IFA_F_NODAD)
+                for dst, gateway in routes:
+                    ipr.route("add", dst=dst, gateway=gateway)
+
+        run_in_netns(self.netns(role), body)
+
+    def _wait_links_up(self, role: str, timeout: float = 10.0) -> None:
+        """Wait until every interface is operationally up and no address is tentative."""
+
+        def body() -> None:
+            from pyroute2 import IPRoute
+
+            deadline = time.monotonic() + timeout
+            delay = 0.001
+            with IPRoute() as ipr:
+                while True:
+                    pending = [
+                        link.get_attr("IFLA_IFNAME")
+                        for link in ipr.get_links()
+                        if link.get_attr("IFLA_IFNAME") != "lo" and link.get_attr("IFLA_OPERSTATE") != "UP"
+                    ]
+                    pending += [
+                        str(a.get_attr("IFA_ADDRESS"))
+                        for a in ipr.get_addr()
+                        if a["flags"] & 0x40  # TENTATIVE
+                    ]
+                    if not pending:
+                        return
+                    if time.monotonic() > deadline:
+                        raise LabError(f"{role}: {pending} not up/usable after {timeout} s")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.02)
+
+        run_in_netns(self.netns(role), body)
+
+    def _start_services(self) -> None:
+        a = self.addr
+
+        def ep(host: object, port: int) -> str:
+            text = str(host)
+            return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+        specs = {
+            "inet": [
+                *("--http", ep(a.www_v4, 80), "--http", ep(a.www_v6, 80)),
+                *("--echo", ep(a.www_v4, 7), "--echo", ep(a.www_v6, 7)),
+                *("--dns", ep(a.dns_v4, 53), "--dns", ep(a.dns_v6, 53)),
+            ],
+            "isp": ["--dns", ep(a.isp_lan_v4, 53), "--dns", ep(a.isp_lan_v6, 53)],
+            "lan": [
+                *("--http", ep(a.lan_eth0_v4, 80), "--http", ep(a.lan_eth0_v6, 80)),
+                *("--echo", ep(a.lan_eth0_v4, 7), "--echo", ep(a.lan_eth0_v6, 7)),
+            ],
+        }
+        procs = [
+            self.spawn(role, [sys.executable, "-m", "netsim.lab.services", "--label", role, *args], name=f"svc-{role}")
+            for role, args in specs.items()
+        ]
+        iperf = self.spawn("inet", ["iperf3", "-s", "--forceflush"], name="iperf3")
+        for proc in procs:
+            proc.wait_output_sync(r"^READY$", timeout=20.0)
+        deadline = time.monotonic() + 10.0
+        while not listening(iperf.pid, 5201, "tcp"):
+            if iperf.returncode is not None:
+                raise LabError(f"iperf3 -s exited with {iperf.returncode}: {iperf.stderr()[-500:]}")
+            if time.monotonic() > deadline:
+                raise LabError("iperf3 -s did not listen on port 5201 within 10 s")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        """Tear everything down (blocking, idempotent): captures flushed, processes stopped, namespaces deleted."""
+        if not self._up:
+            return
+        errors: list[str] = []
+        for closer in reversed(self._closeables):
+            try:
+                closer()
+            except Exception as exc:
+                errors.append(f"close: {exc}")
+        self._closeables.clear()
+        for cap in list(self.captures.values()):
+            try:
+                cap.stop_sync()
+            except Exception as exc:
+                errors.append(f"capture {cap.name}: {exc}")
+        for proc in self.processes:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.processes:
+            try:
+                proc.stop_sync(grace=3.0)
+            except Exception as exc:
+                errors.append(f"process {proc.name}: {exc}")
+        if self.run_id:
+            infos = [p.info() for p in self.processes]
+            try:
+                remove_run(self.run_id, [self.netns(r) for r in ROLES], infos)
+            except Exception as exc:
+                errors.append(f"remove: {exc}")
+        self.processes.clear()
+        self.captures.clear()
+        self._up = False
+        if errors:
+            raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ processes
+    def spawn(
+        self, role: str, argv: Sequence[str], *, name: str | None = None, env: Mapping[str, str] | None = None
+    ) -> LabProcess:
+        """Start ``argv`` in ``role``'s namespace; tracked, recorded in the run file and stopped at teardown.
+
+        ``env`` entries are added to this process's environment. Output goes to ``proc.stdout()``/``stderr()``.
+        """
+        self._require_up()
+        if self._record is None:
+            raise LabError("lab has no run record")
+        with self._lock:
+            self._counter += 1
+            label = name or f"{role}-{Path(argv[0]).name}-{self._counter}"
+        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env)
+        with self._lock:
+            self.processes.append(proc)
+        self._save_record()
+        return proc
+
+    def spawn_python(self, role: str, target: Callable[..., object] | str, *args: str) -> LabProcess:
+        """Run a module-level Python function (or ``"pkg.mod:func"``) with string ``args`` in ``role``.
+
+        The callable is imported by name in a fresh interpreter, so it must be importable (not a lambda/closure).
+        """
+        if callable(target):
+            module, qualname = target.__module__, target.__qualname__
+            if "<" in qualname or module == "__main__":
+                raise LabError(f"{target!r} is not importable by name; pass a module-level function")
+            spec = f"{module}:{qualname}"
+        else:
+            spec = target
+        # Same sys.path as this interpreter, so whatever imported the target here imports it there too.
+        path = os.pathsep.join(p for p in sys.path if p)
+        return self.spawn(role, [sys.executable, "-m", "netsim.lab.runner", spec, *args], env={"PYTHONPATH": path})
+
+    async def run(
+        self,
+        role: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = 30.0,
+        check: bool = True,
+        input: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a command to completion in ``role`` and capture stdout/stderr (killed on timeout/cancel).
+
+        Raises `LabError` on timeout, or on a non-zero exit when ``check`` (the message includes stderr).
+        """
+        self._require_up()
+        with trio.move_on_after(timeout) as scope:
+            result = await trio.run_process(
+                netns_exec_argv(self.netns(role), argv),
+                stdin=input if input is not None else subprocess.DEVNULL,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        if scope.cancelled_caught:
+            raise LabError(f"{role}: {' '.join(argv)} timed out after {timeout} s")
+        if check and result.returncode != 0:
+            raise LabError(
+                f"{role}: {' '.join(argv)} exited with {result.returncode}: "
+                f"{result.stderr.decode(errors='replace')[-2000:]}"
+            )
+        return result
+
+    def run_sync(
+        self, role: str, argv: Sequence[str], *, timeout: float = 30.0, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Blocking `run`."""
+        self._require_up()
+        try:
+            result = subprocess.run(
+                netns_exec_argv(self.netns(role), argv), capture_output=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{role}: {' '.join(argv)} timed out after {timeout} s") from exc
+        if check and result.returncode != 0:
+            raise LabError(
+                f"{role}: {' '.join(argv)} exited with {result.returncode}: "
+                f"{result.stderr.decode(errors='replace')[-2000:]}"
+            )
+        return result
+
+    # ------------------------------------------------------------------ in-process namespace access
+    def in_netns(self, role: str, fn: Callable[[], T]) -> T:
+        """Run ``fn()`` in a thread inside ``role``'s namespace (sockets it creates stay there)."""
+        return run_in_netns(self.netns(role), fn)
+
+    async def in_netns_async(self, role: str, fn: Callable[[], T]) -> T:
+        """Async `in_netns`."""
+        return await run_in_netns_async(self.netns(role), fn)
+
+    def socket(
+        self, role: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM, proto: int = 0
+    ) -> socket.socket:
+        """A socket living in ``role``'s namespace. Note: in-process name resolution uses the *root*
+        /etc/resolv.conf; use addresses (``lab.addr``) or query ``lab.addr.dns_v4`` explicitly."""
+        return run_in_netns(self.netns(role), lambda: socket.socket(family, type, proto))
+
+    def open_tun(self, role: str = "mac", name: str = "utun%d", **kwargs: Any) -> Any:
+        """Create a `netsim.transports.tun.TunDevice` in ``role``; closed at teardown. With ``pcap_dir``, a
+        capture named ``<role>-<ifname>`` starts on it."""
+        from netsim.transports.tun import TunDevice
+
+        self._require_up()
+        dev = TunDevice.create(self.netns(role), name, **kwargs)
+        self._closeables.append(dev.close)
+        if self.pcap_dir is not None:
+            self.capture(role, dev.name)
+        return dev
+
+    def nft(self, role: str, ruleset: str) -> None:
+        """Load an nftables ruleset (``nft -f -`` syntax) in ``role``'s namespace."""
+
+        def load() -> subprocess.CompletedProcess[str]:
+            # fork() from this thread: the child inherits the thread's network namespace.
+            return subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True, check=False)
+
+        result = run_in_netns(self.netns(role), load)
+        if result.returncode != 0:
+            raise LabError(f"{role}: nft rejected the ruleset: {result.stderr.strip()}")
+
+    # ------------------------------------------------------------------ capture
+    def capture(
+        self, role: str, ifname: str, *, name: str | None = None, path: Path | None = None, wait: bool = True
+    ) -> Capture:
+        """Start tcpdump on ``role``/``ifname`` writing ``path`` (default ``<pcap_dir>/<role>-<ifname>.pcap``);
+        returns once the capture is active. Stopped and flushed at teardown (or call ``capture.stop_sync()``)."""
+        self._require_up()
+        label = name or f"{role}-{ifname}"
+        if path is None:
+            if self.pcap_dir is None:
+                raise LabError("capture() needs path= when the lab has no pcap_dir")
+            path = self.pcap_dir / f"{label}.pcap"
+        if shutil.which("tcpdump") is None:
+            raise MissingDependency("tcpdump")
+        proc = self.spawn(role, Capture.argv(ifname, path), name=f"tcpdump-{label}")
+        cap = Capture(label, role, ifname, path, proc)
+        self.captures[label] = cap
+        if wait:
+            cap.wait_ready_sync()
+        return cap
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``netsim lab status`` and debugging."""
+        return {
+            "run_id": self.run_id,
+            "namespaces": [self.netns(r) for r in ROLES],
+            "addresses": self.addr.table(),
+            "processes": [(p.name, p.role, p.pid, p.returncode) for p in self.processes],
+            "captures": {n: str(c.path) for n, c in self.captures.items()},
+        }
+
+    def _require_up(self) -> None:
+        if not self._up:
+            raise LabError("the lab is not up; use `async with Lab() as lab:`")

@@ -1,0 +1,177 @@
+"""Network-namespace primitives: create, delete, and run code or open sockets inside one.
+
+Why threads: ``setns(2)`` with ``CLONE_NEWNET`` switches only the calling *thread* (a Linux task), and every socket,
+TUN fd or netlink socket keeps the namespace it was created in for its whole life. So code that must act "inside"
+a namespace runs in a fresh, dedicated thread that enters it and then exits; the objects it creates stay valid
+and namespaced after the thread is gone. A dedicated thread (never trio's thread cache) is used so a pooled
+thread is never left in a foreign namespace.
+
+Namespaces are the named kind from ``ip netns`` (a bind mount under ``/run/netns``), so ``ip -n`` and
+``ip netns exec`` work on them too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from netsim.errors import LabError, PrivilegeError
+
+__all__ = [
+    "NETNS_RUN_DIR",
+    "create_netns",
+    "delete_netns",
+    "list_netns",
+    "netns_exists",
+    "netns_inode",
+    "pids_in_netns",
+    "run_in_netns",
+    "run_in_netns_async",
+    "set_sysctl",
+    "socket_in_netns",
+]
+
+T = TypeVar("T")
+
+NETNS_RUN_DIR = Path("/run/netns")
+_CLONE_NEWNET = 0x40000000  # <linux/sched.h>
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _check_name(name: str) -> None:
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise LabError(f"invalid namespace name {name!r}: use letters, digits, '-', '_' or '.'")
+
+
+def _setns(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise PrivilegeError(f"setns({path}) failed: {os.strerror(err)}; run as root (CAP_SYS_ADMIN)")
+    finally:
+        os.close(fd)
+
+
+def run_in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn()`` in a dedicated thread that has entered namespace ``name``; return or raise its result.
+
+    Blocks the caller until ``fn`` returns. Sockets/fds ``fn`` creates stay in ``name`` after the thread exits.
+    """
+    _check_name(name)
+    path = NETNS_RUN_DIR / name
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            _setns(path)
+            result.append(fn())
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    if not path.exists():
+        raise LabError(f"network namespace {name!r} does not exist (is the lab up?)")
+    thread = threading.Thread(target=body, name=f"netns:{name}", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+async def run_in_netns_async(name: str, fn: Callable[[], T]) -> T:
+    """Async `run_in_netns`: the event loop keeps running while ``fn`` works in its namespace thread."""
+    return await trio.to_thread.run_sync(run_in_netns, name, fn)
+
+
+def socket_in_netns(
+    name: str, family: int = socket.AF_INET, type: int = socket.SOCK_DGRAM, proto: int = 0
+) -> socket.socket:
+    """Create a socket that lives in namespace ``name`` (usable from any thread afterwards)."""
+    return run_in_netns(name, lambda: socket.socket(family, type, proto))
+
+
+def set_sysctl(name: str, values: dict[str, str]) -> None:
+    """Write ``net.*`` sysctls inside namespace ``name`` only (``/proc/sys/net`` resolves per calling task)."""
+
+    def write() -> None:
+        for key, value in values.items():
+            if not key.startswith("net."):
+                raise LabError(f"refusing non-namespaced sysctl {key!r}: only net.* keys are per-namespace")
+            Path("/proc/sys", *key.split(".")).write_text(value)
+
+    run_in_netns(name, write)
+
+
+def create_netns(name: str) -> None:
+    """Create a named namespace (``ip netns add`` semantics) with ``lo`` up. Raises if it already exists."""
+    _check_name(name)
+    from pyroute2 import netns as pr_netns
+
+    if netns_exists(name):
+        raise LabError(f"network namespace {name!r} already exists; run `netsim clean` if it is a leftover")
+    try:
+        pr_netns.create(name)
+    except PermissionError as exc:
+        raise PrivilegeError("creating a network namespace needs root; run as root or via sudo") from exc
+
+
+def delete_netns(name: str) -> bool:
+    """Remove a named namespace; returns False if it did not exist. Links inside it are destroyed with it."""
+    _check_name(name)
+    from pyroute2 import netns as pr_netns
+
+    if not netns_exists(name):
+        return False
+    pr_netns.remove(name)
+    return True
+
+
+def netns_exists(name: str) -> bool:
+    """True if ``/run/netns/<name>`` exists."""
+    return (NETNS_RUN_DIR / name).exists()
+
+
+def list_netns(prefix: str = "") -> list[str]:
+    """Names of named namespaces starting with ``prefix``."""
+    try:
+        return sorted(p.name for p in NETNS_RUN_DIR.iterdir() if p.name.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def netns_inode(name: str) -> int | None:
+    """Inode of the namespace (what ``/proc/<pid>/ns/net`` links to), or None if it does not exist."""
+    try:
+        return os.stat(NETNS_RUN_DIR / name).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def pids_in_netns(name: str) -> list[int]:
+    """Every pid whose network namespace is ``name`` (what ``ip netns pids`` reports)."""
+    ino = netns_inode(name)
+    if ino is None:
+        return []
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry.name}/ns/net").st_ino == ino:
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids

@@ -1,0 +1,211 @@
+"""Processes running inside lab namespaces: spawn, wait (trio or blocking), capture output, stop by pid.
+
+Each process is started as ``ip netns exec <ns> <argv>`` so it also gets the namespace's ``/etc/netns/<ns>/``
+files (resolv.conf) bind-mounted, exactly as a user would run it. Output goes to per-process log files in the run
+directory rather than pipes: nothing has to drain them, a chatty process can never block on a full pipe, and the
+logs survive for post-mortems. ``PR_SET_PDEATHSIG`` makes children die with the lab's owner even on SIGKILL; the
+run file lets ``netsim clean`` catch the rest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from netsim.errors import LabError
+
+__all__ = ["LabProcess", "ProcessInfo", "netns_exec_argv", "process_start_time"]
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def netns_exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
+    """The argv that runs ``argv`` inside ``netns`` (with its /etc/netns files bind-mounted)."""
+    return ["ip", "netns", "exec", netns, *argv]
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone.
+
+    Stored with every pid so cleanup never signals an unrelated process that reused the pid.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parens: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return int(fields[19])
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What the run file records about a process (enough to find and stop it later)."""
+
+    name: str
+    role: str
+    pid: int
+    start_time: int | None
+    argv: tuple[str, ...]
+
+
+class LabProcess:
+    """A process running in a lab namespace. Create with `netsim.lab.Lab.spawn`."""
+
+    def __init__(
+        self,
+        name: str,
+        role: str,
+        netns: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.argv = tuple(argv)
+        self.stdout_path = log_dir / f"{name}.out"
+        self.stderr_path = log_dir / f"{name}.err"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            try:
+                self._popen = subprocess.Popen(
+                    netns_exec_argv(netns, argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only prctl(), async-signal-safe
+                    close_fds=True,
+                    env={**os.environ, **env} if env else None,
+                )
+            except FileNotFoundError as exc:
+                raise LabError("the `ip` command (iproute2) is missing; apt-get install iproute2") from exc
+        self.pid = self._popen.pid
+        self.start_time = process_start_time(self.pid)
+        self._pidfd: int | None = os.pidfd_open(self.pid)
+
+    def __repr__(self) -> str:
+        return f"<LabProcess {self.name} pid={self.pid} role={self.role} rc={self.returncode}>"
+
+    def info(self) -> ProcessInfo:
+        """Serializable record for the run file."""
+        return ProcessInfo(self.name, self.role, self.pid, self.start_time, self.argv)
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit status (negative signal number if killed) or None while running."""
+        return self._popen.poll()
+
+    def stdout(self) -> str:
+        """Everything the process wrote to stdout so far."""
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        """Everything the process wrote to stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait (trio) for exit and return the status; raises `LabError` after ``timeout`` seconds."""
+        if self.returncode is None and self._pidfd is not None:
+            with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            if scope.cancelled_caught:
+                raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s")
+        return self.wait_sync()
+
+    def wait_sync(self, timeout: float | None = None) -> int:
+        """Blocking wait; raises `LabError` after ``timeout``."""
+        try:
+            rc = self._popen.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s") from exc
+        self._close_pidfd()
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process by pid (a no-op once it has exited and been reaped)."""
+        if self._popen.poll() is None:
+            self._popen.send_signal(sig)
+
+    async def stop(self, grace: float = 2.0) -> int:
+        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status. Idempotent."""
+        with trio.CancelScope(shield=True):
+            self.send_signal(signal.SIGTERM)
+            try:
+                rc = await self.wait(grace)
+            except LabError:
+                self.send_signal(signal.SIGKILL)
+                rc = await self.wait()
+        return rc
+
+    def stop_sync(self, grace: float = 2.0) -> int:
+        """Blocking `stop`."""
+        self.send_signal(signal.SIGTERM)
+        try:
+            return self.wait_sync(grace)
+        except LabError:
+            self.send_signal(signal.SIGKILL)
+            return self.wait_sync()
+
+    def wait_output_sync(self, pattern: str, timeout: float = 10.0, stream: str = "stdout") -> re.Match[str]:
+        """Block until ``pattern`` appears in the output (a readiness line); raises `LabError` on exit/timeout."""
+        path = self.stdout_path if stream == "stdout" else self.stderr_path
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            match = regex.search(path.read_text(errors="replace"))
+            if match:
+                return match
+            if self.returncode is not None:
+                raise LabError(
+                    f"{self.name} exited with status {self.returncode} before printing {pattern!r}; "
+                    f"stderr: {self.stderr()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name} did not print {pattern!r} within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def wait_output(self, pattern: str, timeout: float = 10.0, stream: str = "stdout") -> re.Match[str]:
+        """Async `wait_output_sync` (polls the log file in a worker thread)."""
+        return await trio.to_thread.run_sync(self.wait_output_sync, pattern, timeout, stream)
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def listening(pid: int, port: int, proto: str = "tcp") -> bool:
+    """True if a socket on ``port`` is listening (tcp) or bound (udp) in ``pid``'s network namespace.
+
+    Reads ``/proc/<pid>/net/{tcp,tcp6,udp,udp6}``, which show the namespace of that pid.
+    """
+    want_state = "0A" if proto == "tcp" else "07"
+    for suffix in ("", "6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{proto}{suffix}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == want_state and int(local.rsplit(":", 1)[1], 16) == port:
+                return True
+    return False

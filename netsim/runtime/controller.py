@@ -1,0 +1,480 @@
+"""The app side: TunnelProviderManager / TunnelProviderSession mirrors, and the launchers that run a provider.
+
+The session plays both the app's ``NETunnelProviderSession`` and the system's nesessionmanager: each
+``start_vpn_tunnel`` launches a fresh provider host (a new process in the ``mac`` namespace for
+`SubprocessLauncher`, a task for `InProcessLauncher`), speaks the control protocol of
+`netsim.runtime.provider`, tracks `VPNStatus` and publishes every change. A host that dies or goes silent is
+handled like a crashed extension: status DISCONNECTED, stop reason PROVIDER_FAILED, and the process is killed if
+it outlives the start + stop timeouts.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from netsim.apple.enums import ProviderStopReason, VPNStatus
+from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.errors import LabError, LocalProtocolError, RemoteProtocolError
+from netsim.runtime.netconfig import MemoryNetworkConfigurator, NetworkConfigurator
+from netsim.runtime.provider import (
+    DEFAULT_START_TIMEOUT,
+    DEFAULT_STOP_TIMEOUT,
+    ControlChannel,
+    JsonLinesChannel,
+    PacketTunnelProvider,
+    ProviderHost,
+    memory_control_pair,
+)
+
+__all__ = [
+    "InProcessLauncher",
+    "Launcher",
+    "ProviderMessageError",
+    "StatusChange",
+    "SubprocessLauncher",
+    "TunnelProviderManager",
+    "TunnelProviderSession",
+    "memory_launcher",
+]
+
+
+class ProviderMessageError(LocalProtocolError):
+    """``send_provider_message`` failed: the provider raised, or no tunnel is running."""
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One NEVPNStatusDidChange notification: the new status, and for DISCONNECTED why."""
+
+    status: VPNStatus
+    reason: ProviderStopReason | None = None
+    error: str | None = None
+
+
+class LaunchedHost(Protocol):
+    """What a launcher returns: the system's end of the channel and a way to reap the host."""
+
+    channel: ControlChannel
+
+    async def wait(self) -> int | None:
+        """Wait until the host is gone; its exit code when it is a process."""
+        ...
+
+    def kill(self) -> None:
+        """Stop the host now (SIGKILL for a process, cancel for a task)."""
+        ...
+
+
+class Launcher(Protocol):
+    """Starts a provider host for one tunnel session."""
+
+    async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
+        """Start the host; it then waits for the ``configure`` and ``start`` messages."""
+        ...
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+class _TaskHost:
+    def __init__(self, channel: ControlChannel, scope: trio.CancelScope, done: trio.Event) -> None:
+        self.channel = channel
+        self._scope = scope
+        self._done = done
+
+    async def wait(self) -> int | None:
+        await self._done.wait()
+        return None
+
+    def kill(self) -> None:
+        self._scope.cancel()
+
+
+class InProcessLauncher:
+    """Runs the provider as a trio task in this process (the in-memory backend; no root needed).
+
+    Args:
+        configurator_factory: builds a fresh `NetworkConfigurator` per start, e.g.
+            ``lambda: MemoryNetworkConfigurator(lambda name, mtu: MemoryTun(name=name, mtu=mtu))``.
+    """
+
+    def __init__(self, configurator_factory: Callable[[], NetworkConfigurator]) -> None:
+        self.configurator_factory = configurator_factory
+        self.hosts: list[ProviderHost] = []
+
+    async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
+        if isinstance(provider, str):
+            from netsim.runtime.provider import load_provider_class
+
+            provider = load_provider_class(provider)
+        system_end, host_end = memory_control_pair()
+        host = ProviderHost(provider(), self.configurator_factory())
+        self.hosts.append(host)
+        scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def run() -> None:
+            try:
+                with scope:
+                    await host.run(host_end)
+            finally:
+                host.configurator.close()
+                await host_end.aclose()
+                done.set()
+
+        nursery.start_soon(run)
+        return _TaskHost(system_end, scope, done)
+
+
+def memory_launcher(device_factory: Callable[[str, int], Any], **kwargs: Any) -> InProcessLauncher:
+    """An `InProcessLauncher` whose configurator creates devices with ``device_factory(name, mtu)``."""
+    return InProcessLauncher(lambda: MemoryNetworkConfigurator(device_factory, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------------ subprocess
+def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux prctl PR_SET_PDEATHSIG)
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+class _ProcessHost:
+    def __init__(self, channel: ControlChannel, process: trio.Process) -> None:
+        self.channel = channel
+        self.process = process
+
+    async def wait(self) -> int | None:
+        return await self.process.wait()
+
+    def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()  # by the pid we started, never by name
+
+
+class SubprocessLauncher:
+    """Runs the provider in its own process inside ``netns`` via ``ip netns exec`` (the real backend).
+
+    The control socket's host end is inherited as ``--control-fd``; stdout/stderr go to ``log_path`` (or are
+    inherited). The provider spec must be importable in the child: ``"package.module:Class"`` or
+    ``"/abs/path/file.py:Class"`` (a class object is converted to ``module:qualname``).
+    """
+
+    def __init__(
+        self,
+        netns: str,
+        *,
+        python: str = sys.executable,
+        log_path: str | os.PathLike[str] | None = None,
+        batch_limit: int | None = None,
+    ) -> None:
+        if not netns.startswith("netsim-"):
+            raise LabError(f"refusing to run a provider in namespace {netns!r}: use a netsim-* lab namespace")
+        self.netns = netns
+        self.python = python
+        self.log_path = log_path
+        self.batch_limit = batch_limit
+        self.processes: list[trio.Process] = []
+
+    async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
+        spec = provider if isinstance(provider, str) else f"{provider.__module__}:{provider.__qualname__}"
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = [
+            "ip", "netns", "exec", self.netns,
+            self.python, "-m", "netsim.runtime.provider",
+            "--provider", spec, "--control-fd", str(child.fileno()), "--netns", self.netns,
+        ]  # fmt: skip
+        if self.batch_limit is not None:
+            argv += ["--batch-limit", str(self.batch_limit)]
+        # Same import path as this interpreter, so a provider importable here is importable there.
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        log = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115, ASYNC230 (a local log file)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                pass_fds=(child.fileno(),),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            child.close()
+            if log is not None:
+                log.close()
+        self.processes.append(process)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
+        return _ProcessHost(JsonLinesChannel(stream), process)
+
+
+# ------------------------------------------------------------------------------------------------ session
+class TunnelProviderSession:
+    """Mirrors NETunnelProviderSession (with NEVPNConnection): start/stop a tunnel, message it, watch status.
+
+    Obtain one from `TunnelProviderManager.open_session` (``async with``). Every status change is recorded in
+    `history` and sent to each `status_changes` subscriber.
+
+    Differences from Apple: ``start_vpn_tunnel`` is ``async`` (it launches the host and returns once the start
+    request is delivered; status is CONNECTING); ``stop_vpn_tunnel`` is ``async`` too and returns once the stop
+    request is sent; use `wait_status` for either to finish. ``stop_reason`` and ``last_disconnect_error``
+    together stand in for ``fetchLastDisconnectError``. ``send_provider_message`` returns the reply instead of
+    calling a response handler.
+    """
+
+    def __init__(self, manager: TunnelProviderManager, nursery: trio.Nursery) -> None:
+        self.manager = manager
+        self._nursery = nursery
+        self.status = VPNStatus.DISCONNECTED
+        self.stop_reason: ProviderStopReason | None = None
+        self.last_disconnect_error: str | None = None
+        self.applied_settings: dict[str, Any] | None = None
+        self.history: list[StatusChange] = []
+        self._subscribers: list[trio.MemorySendChannel[StatusChange]] = []
+        self._changed = trio.Event()
+        self._host: LaunchedHost | None = None
+        self._replies: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._next_id = 0
+        self._slept = trio.Event()
+
+    # -- notifications --------------------------------------------------------------------------------------
+    def status_changes(self) -> trio.MemoryReceiveChannel[StatusChange]:
+        """Subscribe to status changes from now on (the NEVPNStatusDidChange notification)."""
+        send, receive = trio.open_memory_channel[StatusChange](math.inf)
+        self._subscribers.append(send)
+        return receive
+
+    def _publish(self, change: StatusChange) -> None:
+        if change.status is self.status and change.status is not VPNStatus.DISCONNECTED:
+            return  # the host confirms CONNECTING, which the session already announced
+        self.status = change.status
+        if change.status is VPNStatus.DISCONNECTED:
+            self.stop_reason = change.reason
+            self.last_disconnect_error = change.error
+        self.history.append(change)
+        for subscriber in list(self._subscribers):
+            try:
+                subscriber.send_nowait(change)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(subscriber)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_status(self, *statuses: VPNStatus) -> VPNStatus:
+        """Wait until the status is one of ``statuses`` (returns at once if it already is)."""
+        while self.status not in statuses:
+            await self._changed.wait()
+        return self.status
+
+    # -- NETunnelProviderSession ----------------------------------------------------------------------------
+    async def start_vpn_tunnel(self, options: dict[str, Any] | None = None) -> None:
+        """Start the tunnel (Apple: ``startVPNTunnel(options:)``); ``options`` must be JSON-serialisable.
+
+        Raises:
+            LocalProtocolError: a tunnel is already running in this session.
+        """
+        if self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            raise LocalProtocolError(f"cannot start: the tunnel is {self.status.name.lower()}; stop it first")
+        manager = self.manager
+        self.applied_settings = None
+        self._slept = trio.Event()
+        host = await manager.launcher.launch(self._nursery, manager.provider)
+        self._host = host
+        await host.channel.send(
+            {
+                "op": "configure",
+                "protocol": manager.protocol_configuration.to_dict(),
+                "start_timeout": manager.start_timeout,
+                "stop_timeout": manager.stop_timeout,
+            }
+        )
+        self._publish(StatusChange(VPNStatus.CONNECTING))
+        await host.channel.send({"op": "start", "options": options})
+        self._nursery.start_soon(self._read_events, host)
+        self._nursery.start_soon(self._watchdog, host)
+
+    async def stop_vpn_tunnel(self) -> None:
+        """Stop the tunnel (Apple: ``stopVPNTunnel()``, reason USER_INITIATED); no-op when not running."""
+        await self._send_stop(ProviderStopReason.USER_INITIATED)
+
+    async def _send_stop(self, reason: ProviderStopReason) -> None:
+        host = self._host
+        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            return
+        try:
+            await host.channel.send({"op": "stop", "reason": int(reason)})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            host.kill()
+
+    async def send_provider_message(self, data: bytes) -> bytes | None:
+        """Send ``data`` to the provider's ``handle_app_message`` and return its reply (Apple: sendProviderMessage).
+
+        Raises:
+            ProviderMessageError: no tunnel is running, the provider raised, or it went away before replying.
+        """
+        host = self._host
+        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            raise ProviderMessageError("no tunnel is running; start_vpn_tunnel() first")
+        self._next_id += 1
+        ident = self._next_id
+        done = trio.Event()
+        box: list[dict[str, Any]] = []
+        self._replies[ident] = (done, box)
+        try:
+            await host.channel.send({"op": "message", "id": ident, "data": base64.b64encode(data).decode()})
+            await done.wait()
+        finally:
+            self._replies.pop(ident, None)
+        if not box:
+            raise ProviderMessageError("the provider stopped before replying")
+        reply = box[0]
+        if reply.get("error"):
+            raise ProviderMessageError(f"handle_app_message raised {reply['error']}")
+        encoded = reply.get("data")
+        return None if encoded is None else base64.b64decode(encoded)
+
+    async def simulate_sleep(self) -> None:
+        """Put the simulated Mac to sleep: the provider's ``sleep`` runs (or, with ``disconnect_on_sleep``, the
+        tunnel stops with reason SLEEP); returns when the host acknowledged."""
+        host = self._host
+        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            return
+        self._slept = trio.Event()
+        await host.channel.send({"op": "sleep"})
+        await self._slept.wait()
+
+    async def simulate_wake(self) -> None:
+        """Wake the simulated Mac: the provider's ``wake()`` runs."""
+        host = self._host
+        if host is not None and self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            await host.channel.send({"op": "wake"})
+
+    # -- event handling -------------------------------------------------------------------------------------
+    async def _read_events(self, host: LaunchedHost) -> None:
+        error: str | None = None
+        try:
+            while True:
+                event = await host.channel.receive()
+                kind = event.get("ev")
+                if kind == "status":
+                    self._publish(
+                        StatusChange(
+                            VPNStatus(int(event["status"])),
+                            None if event.get("reason") is None else ProviderStopReason(int(event["reason"])),
+                            event.get("error"),
+                        )
+                    )
+                    if self.status is VPNStatus.DISCONNECTED:
+                        break
+                elif kind == "reply":
+                    waiter = self._replies.get(int(event.get("id") or 0))
+                    if waiter is not None:
+                        waiter[1].append(event)
+                        waiter[0].set()
+                elif kind == "settings":
+                    self.applied_settings = event.get("applied")
+                elif kind == "slept":
+                    self._slept.set()
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            error = "the provider host went away without reporting a stop"
+        except (RemoteProtocolError, KeyError, ValueError) as exc:
+            error = f"the provider host broke the control protocol: {exc}"
+            host.kill()
+        for done, _ in list(self._replies.values()):
+            done.set()
+        self._slept.set()
+        code = await host.wait()
+        if self.status is not VPNStatus.DISCONNECTED:
+            detail = error or "the provider host exited"
+            if code is not None:
+                detail += f" (exit code {code})"
+            self._publish(StatusChange(VPNStatus.DISCONNECTED, ProviderStopReason.PROVIDER_FAILED, detail))
+        await host.channel.aclose()
+        if self._host is host:
+            self._host = None
+
+    async def _watchdog(self, host: LaunchedHost) -> None:
+        """Backstop for a host that ignores its own timeouts (hung in C code, SIGSTOPped): kill it."""
+        manager = self.manager
+        grace = manager.start_timeout + manager.stop_timeout + 5.0
+        with trio.move_on_after(grace):
+            await self.wait_status(VPNStatus.CONNECTED, VPNStatus.REASSERTING, VPNStatus.DISCONNECTED)
+            if self.status is VPNStatus.DISCONNECTED:
+                return
+        if self.status is VPNStatus.CONNECTING:
+            host.kill()
+            return
+        await self.wait_status(VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED)
+        if self.status is VPNStatus.DISCONNECTED:
+            return
+        with trio.move_on_after(manager.stop_timeout + 5.0):
+            await self.wait_status(VPNStatus.DISCONNECTED)
+            return
+        host.kill()
+
+    async def _close(self) -> None:
+        if self._host is not None and self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+            await self._send_stop(ProviderStopReason.USER_INITIATED)
+            with trio.move_on_after(self.manager.stop_timeout + 5.0):
+                await self.wait_status(VPNStatus.DISCONNECTED)
+        if self._host is not None:
+            self._host.kill()
+        for subscriber in self._subscribers:
+            subscriber.close()
+
+
+class TunnelProviderManager:
+    """Mirrors NETunnelProviderManager: a saved tunnel configuration and its connection.
+
+    Args:
+        provider: the `PacketTunnelProvider` subclass, or its spec ``"package.module:Class"`` /
+            ``"/path/file.py:Class"`` (what Apple's ``providerBundleIdentifier`` selects).
+        protocol_configuration: the `TunnelProviderProtocol` handed to the provider.
+        launcher: where the provider runs: `SubprocessLauncher` (a process in the lab's ``mac``) or
+            `InProcessLauncher` (in-memory backend).
+        start_timeout / stop_timeout: the system's limits (60 s / 20 s as on Apple).
+
+    Differences from Apple: no preferences store (``loadAllFromPreferences``/``saveToPreferences``); the
+    configuration lives in this object. ``connection`` exists only inside `open_session`.
+    """
+
+    def __init__(
+        self,
+        provider: type[PacketTunnelProvider] | str,
+        launcher: Launcher,
+        protocol_configuration: TunnelProviderProtocol | None = None,
+        *,
+        localized_description: str = "netsim",
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        self.provider = provider
+        self.launcher = launcher
+        self.protocol_configuration = protocol_configuration or TunnelProviderProtocol()
+        self.localized_description = localized_description
+        self.is_enabled = True
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.connection: TunnelProviderSession | None = None
+
+    @asynccontextmanager
+    async def open_session(self) -> AsyncIterator[TunnelProviderSession]:
+        """Open the connection; on exit a running tunnel is stopped (USER_INITIATED) and its host reaped."""
+        async with trio.open_nursery() as nursery:
+            session = TunnelProviderSession(self, nursery)
+            self.connection = session
+            try:
+                yield session
+            finally:
+                with trio.CancelScope(shield=True):
+                    await session._close()
+                self.connection = None

@@ -1,0 +1,266 @@
+"""PacketTunnelFlow: the NEPacketTunnelFlow mirror over any `PacketDevice` (TUN or MemoryTun).
+
+Theory of operation. Apple's ``readPacketObjects`` calls its completion handler exactly once with a batch of
+whatever the utun has queued; the provider re-arms the read to get more (R31, R32). Here one
+``await read_packet_objects()`` is one completion: it drains every packet that is ready, up to ``batch_limit``,
+and parks in ``device.wait_readable()`` only when nothing is queued, so a busy provider pays one trio wakeup per
+batch, not per packet (architecture.md §3). Backpressure is Apple's too: a provider that stops reading leaves the
+packets in the device queue, and once that queue is full the kernel (or MemoryTun) drops; those drops are the
+device's, and `FlowStatistics.device` reports them when the device exposes statistics.
+
+Writes never block (Apple: "writePackets doesn't support flow control", F15). The returned bool, which Apple
+leaves undocumented (R33, R34), means here: True when *every* packet of the call was accepted by the device;
+False when at least one was not -- its family did not match its IP version, the family was not Darwin
+AF_INET (2) or AF_INET6 (30), the packet was empty or longer than the utun MTU, the device refused it (queue
+full) or no device is attached yet.
+Nothing is retried; each dropped packet increments exactly one named counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from netsim.apple.enums import TrafficDirection
+from netsim.apple.packet import AF_INET, AF_INET6, Packet
+from netsim.errors import LocalProtocolError, TunnelDown
+from netsim.transports.base import PacketDevice
+
+__all__ = ["DEFAULT_BATCH_LIMIT", "FlowStatistics", "PacketTunnelFlow"]
+
+DEFAULT_BATCH_LIMIT = 64
+
+# IP version nibble -> Darwin family, indexed by data[0] >> 4 (RFC 791 §3.1, RFC 8200 §3).
+_FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(AF_INET if v == 4 else AF_INET6 if v == 6 else 0 for v in range(16))
+_OUTBOUND = TrafficDirection.OUTBOUND
+
+
+@dataclass(frozen=True, slots=True)
+class FlowStatistics:
+    """Counters of one `PacketTunnelFlow` (plain ints; every dropped packet is in exactly one ``*_dropped_*``).
+
+    Attributes:
+        read_batches: completed ``read_packet_objects``/``read_packets`` calls.
+        packets_read / bytes_read: packets handed to the provider.
+        read_dropped_malformed: packets read from the device that were empty or not IPv4/IPv6.
+        write_calls: ``write_packet_objects``/``write_packets`` calls.
+        packets_written / bytes_written: packets the device accepted.
+        write_dropped_family: family not 2/30 or not matching the packet's IP version.
+        write_dropped_malformed: empty packets.
+        write_dropped_too_big: packets longer than the utun's MTU.
+        write_dropped_refused: packets the device refused otherwise (queue full, kernel said no).
+        write_dropped_no_device: packets written before the utun existed or after it went away.
+        device: the device's own statistics object (e.g. kernel queue drops), if it has one.
+    """
+
+    read_batches: int
+    packets_read: int
+    bytes_read: int
+    read_dropped_malformed: int
+    write_calls: int
+    packets_written: int
+    bytes_written: int
+    write_dropped_family: int
+    write_dropped_malformed: int
+    write_dropped_too_big: int
+    write_dropped_refused: int
+    write_dropped_no_device: int
+    device: Any = None
+
+
+class PacketTunnelFlow:
+    """Mirrors NEPacketTunnelFlow: batched reads from and writes to the utun (Apple: NEPacketTunnelFlow.h).
+
+    Differences from Apple:
+        * ``read_packet_objects`` / ``read_packets`` are ``async`` and return the batch instead of calling a
+          completion handler; "call again after each completion" becomes "await again".
+        * Only one task may read at a time (a second concurrent read raises `LocalProtocolError`); Google PPN
+          guards against exactly this double read loop on iOS.
+        * The write bool is defined (see module docstring). Count mismatches in ``write_packets`` raise
+          `LocalProtocolError`, where Objective-C would throw an exception.
+        * Protocol families are Darwin values (2, 30); Linux's AF_INET6 (10) is rejected and counted.
+        * Read packets are tagged ``TrafficDirection.OUTBOUND`` (macOS behaviour); metadata stays None.
+        * Before settings create the utun, reads wait and writes drop (``write_dropped_no_device``).
+    """
+
+    def __init__(self, device: PacketDevice | None = None, *, batch_limit: int = DEFAULT_BATCH_LIMIT) -> None:
+        if batch_limit < 1:
+            raise ValueError(f"batch_limit must be at least 1, got {batch_limit}")
+        self.batch_limit = batch_limit
+        self._device: PacketDevice | None = None
+        self._attached = trio.Event()
+        self._reading = False
+        self._read_batches = 0
+        self._packets_read = 0
+        self._bytes_read = 0
+        self._read_malformed = 0
+        self._write_calls = 0
+        self._packets_written = 0
+        self._bytes_written = 0
+        self._write_family = 0
+        self._write_malformed = 0
+        self._write_too_big = 0
+        self._write_refused = 0
+        self._write_no_device = 0
+        if device is not None:
+            self.attach(device)
+
+    # -- device lifecycle (called by the provider host, not by providers) -----------------------------------
+    @property
+    def device(self) -> PacketDevice | None:
+        """The utun stand-in this flow reads and writes, once settings have created it."""
+        return self._device
+
+    def attach(self, device: PacketDevice) -> None:
+        """Bind the flow to ``device`` and wake readers waiting for it."""
+        self._device = device
+        self._attached.set()
+
+    def detach(self) -> None:
+        """Forget the device (it was closed); later writes count as ``write_dropped_no_device``."""
+        self._device = None
+        self._attached = trio.Event()
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    async def read_packet_objects(self) -> list[Packet]:
+        """Return the next batch of packets leaving the host through the tunnel (Apple: readPacketObjects).
+
+        Returns everything ready, up to ``batch_limit``; waits only when nothing is ready.
+
+        Raises:
+            TunnelDown: the device was closed while waiting or reading.
+            LocalProtocolError: another task is already reading this flow.
+        """
+        datas = await self._read_batch()
+        return [Packet(data, _FAMILY_BY_NIBBLE[data[0] >> 4], _OUTBOUND) for data in datas]
+
+    async def read_packets(self) -> tuple[list[bytes], list[int]]:
+        """Return the next batch as parallel lists ``(packets, protocols)`` (Apple: readPackets)."""
+        datas = await self._read_batch()
+        return datas, [_FAMILY_BY_NIBBLE[data[0] >> 4] for data in datas]
+
+    async def _read_batch(self) -> list[bytes]:
+        if self._reading:
+            raise LocalProtocolError(
+                "another task is already awaiting read_packet_objects()/read_packets() on this flow; "
+                "use one read loop (Apple delivers one completion per read call)"
+            )
+        self._reading = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                device = self._device
+                if device is None:
+                    await self._attached.wait()
+                    continue
+                datas = device.read_packets(self.batch_limit)
+                if datas:
+                    datas = self._keep_ip(datas)
+                    if datas:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        return datas
+                    continue
+                await device.wait_readable()
+        finally:
+            self._reading = False
+
+    def _keep_ip(self, datas: list[bytes]) -> list[bytes]:
+        """Count the batch and drop (counted) anything that is not an IPv4/IPv6 packet."""
+        good = datas
+        for data in datas:
+            if not data or not _FAMILY_BY_NIBBLE[data[0] >> 4]:
+                good = [d for d in datas if d and _FAMILY_BY_NIBBLE[d[0] >> 4]]
+                self._read_malformed += len(datas) - len(good)
+                break
+        if good:
+            self._read_batches += 1
+            self._packets_read += len(good)
+            self._bytes_read += sum(map(len, good))
+        return good
+
+    # -- writes ---------------------------------------------------------------------------------------------
+    def write_packet_objects(self, packets: Sequence[Packet]) -> bool:
+        """Inject packets into the host's stack as if they arrived through the tunnel (Apple: writePacketObjects).
+
+        Returns:
+            True if every packet was accepted by the device, False if any was dropped (see the module docstring;
+            the reason is counted in `statistics`).
+        """
+        return self._write([p.data for p in packets], [p.protocol_family for p in packets])
+
+    def write_packets(self, packets: Sequence[bytes | bytearray | memoryview], protocols: Sequence[int]) -> bool:
+        """Write parallel lists of packets and Darwin families (Apple: writePackets(_:withProtocols:)).
+
+        Raises:
+            LocalProtocolError: ``packets`` and ``protocols`` differ in length (Apple requires equal counts).
+        """
+        if len(packets) != len(protocols):
+            raise LocalProtocolError(
+                f"write_packets got {len(packets)} packets but {len(protocols)} protocols; "
+                "pass one Darwin family (AF_INET=2 / AF_INET6=30) per packet"
+            )
+        return self._write(packets, protocols)
+
+    def _write(self, datas: Sequence[bytes | bytearray | memoryview], families: Sequence[int]) -> bool:
+        self._write_calls += 1
+        if not datas:
+            return True
+        device = self._device
+        mtu = device.mtu if device is not None else 0
+        ok = True
+        batch = []
+        size = 0
+        for data, family in zip(datas, families, strict=True):
+            if not data:
+                self._write_malformed += 1
+                ok = False
+            elif _FAMILY_BY_NIBBLE[data[0] >> 4] != family or not family:
+                self._write_family += 1
+                ok = False
+            elif device is not None and len(data) > mtu:
+                self._write_too_big += 1
+                ok = False
+            else:
+                batch.append(data)
+                size += len(data)
+        if not batch:
+            return ok
+        if device is None:
+            self._write_no_device += len(batch)
+            return False
+        try:
+            accepted = device.write_packets(batch)
+        except TunnelDown:
+            self._write_no_device += len(batch)
+            return False
+        self._packets_written += accepted
+        if accepted == len(batch):
+            self._bytes_written += size
+            return ok
+        # Rare (queue full): the device does not say which packets it refused; attribute bytes proportionally.
+        self._write_refused += len(batch) - accepted
+        self._bytes_written += size * accepted // len(batch)
+        return False
+
+    def statistics(self) -> FlowStatistics:
+        """A snapshot of the counters."""
+        device = self._device
+        stats_fn = getattr(device, "statistics", None)
+        return FlowStatistics(
+            read_batches=self._read_batches,
+            packets_read=self._packets_read,
+            bytes_read=self._bytes_read,
+            read_dropped_malformed=self._read_malformed,
+            write_calls=self._write_calls,
+            packets_written=self._packets_written,
+            bytes_written=self._bytes_written,
+            write_dropped_family=self._write_family,
+            write_dropped_malformed=self._write_malformed,
+            write_dropped_too_big=self._write_too_big,
+            write_dropped_refused=self._write_refused,
+            write_dropped_no_device=self._write_no_device,
+            device=stats_fn() if callable(stats_fn) else None,
+        )

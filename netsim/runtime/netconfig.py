@@ -1,0 +1,507 @@
+"""Apply PacketTunnelNetworkSettings to a network namespace: the utun stand-in, addresses, MTU, routes, DNS.
+
+Routing design (policy routing, as wg-quick does on Linux). Apple's precedence (netsim.core.routes) maps onto
+two ``ip rule`` entries and one dedicated table, per family:
+
+=========  ==============================================  ===========================================
+priority   rule                                            Apple layer
+=========  ==============================================  ===========================================
+0          ``lookup local``                                (kernel) the host's own addresses
+P          ``lookup main suppress_prefixlength 0``         system table wins: connected networks and
+                                                           other specific routes; the default is skipped
+P+1        ``not fwmark M lookup T``                       included (dev utun) / excluded (via the
+                                                           physical gateway) / server exclusion; LPM
+32766      ``lookup main``                                 default route: the physical interface
+=========  ==============================================  ===========================================
+
+With ``enforce_routes`` the two netsim rules swap, so tunnel routes beat the system table (R47). Sockets marked
+with ``bypass_fwmark`` (e.g. a helper's own UDP socket) skip the tunnel table, the Linux analogue of a provider's
+own traffic bypassing its tunnel (F1). Table T holds exactly one route per prefix: the exact-duplicate winner
+chosen by `DuplicatePolicy`. Excluded routes use the physical default route's gateway; with no gateway known they
+become ``throw`` routes, which hand the lookup back to the main table (the same physical path). Re-applying
+settings replaces routes in place and only then deletes stale ones, so traffic never falls out of the tunnel
+during an update; ``None`` removes addresses, routes, rules and DNS but keeps the utun, as Apple keeps the
+interface while the provider runs.
+
+DNS goes to ``/etc/netns/<ns>/resolv.conf``, which ``ip netns exec`` bind-mounts over /etc/resolv.conf for
+processes started in the namespace (written in place, so the bind mounts of running processes see it too). glibc
+resolv.conf has no per-domain servers, so match domains cannot send one domain to the tunnel resolver and the
+rest elsewhere: netsim always makes the tunnel servers the namespace's resolvers (the no-leak reading of
+Apple's ``[""]`` and of "the VPN claims the default route"), appends match domains to ``search`` unless
+``match_domains_no_search``, and records them in a comment. `ResolverConfig.servers_for` answers Apple's split
+DNS question in code for tools that can act on it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from netsim.apple.enums import TunnelProviderErrorCode
+from netsim.apple.errors import TunnelProviderError
+from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
+from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
+from netsim.errors import LabError
+from netsim.transports.base import PacketDevice
+
+__all__ = [
+    "BYPASS_FWMARK",
+    "DEFAULT_PHYSICAL_MTU",
+    "RULE_PRIORITY",
+    "TUNNEL_TABLE",
+    "AppliedSettings",
+    "KernelNetworkConfigurator",
+    "MemoryNetworkConfigurator",
+    "NetworkConfigurator",
+    "ResolverConfig",
+    "resolver_config",
+    "tunnel_route_table",
+]
+
+TUNNEL_TABLE = 0x6E73  # 28275 ("ns"); one table per namespace, so a fixed id is safe
+RULE_PRIORITY = 6100  # below the kernel's main (32766) and local (0) rules; P and P+1 are used
+BYPASS_FWMARK = 0x6E73
+DEFAULT_PHYSICAL_MTU = 1500
+GLIBC_MAXNS = 3  # resolv.conf(5): at most three nameserver lines are used
+_MAIN = 254
+_FIB_RULE_INVERT = 0x2  # <linux/fib_rules.h>
+_RTN_UNICAST = 1
+_RTN_THROW = 9
+_RTPROT_STATIC = 4
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    """What the namespace's resolver should look like for a `DNSSettings`, and Apple's split-DNS answer."""
+
+    nameservers: tuple[str, ...]
+    search: tuple[str, ...]
+    match_domains: tuple[str, ...]
+    split: bool  # True when Apple would send only match domains to the tunnel servers
+
+    def servers_for(self, name: str) -> tuple[str, ...]:
+        """Tunnel servers if Apple would send a query for ``name`` to them, else () (the system resolver)."""
+        if not self.split:
+            return self.nameservers
+        labels = name.rstrip(".").lower()
+        for domain in self.match_domains:
+            d = domain.rstrip(".").lower()
+            if labels == d or labels.endswith("." + d):
+                return self.nameservers
+        return ()
+
+    def render(self) -> str:
+        """The resolv.conf text netsim writes."""
+        lines = ["# written by netsim from NEDNSSettings; restored when the tunnel settings are cleared"]
+        if self.match_domains:
+            shown = ", ".join(d or '""' for d in self.match_domains)
+            lines.append(f"# match domains: {shown} (split DNS={self.split}; glibc cannot route per domain)")
+        extra = self.nameservers[GLIBC_MAXNS:]
+        if extra:
+            lines.append(f"# further servers glibc ignores (MAXNS=3): {' '.join(extra)}")
+        lines += [f"nameserver {s}" for s in self.nameservers[:GLIBC_MAXNS]]
+        if self.search:
+            lines.append("search " + " ".join(self.search))
+        return "\n".join(lines) + "\n"
+
+
+def resolver_config(dns: DNSSettings, *, claims_default_route: bool) -> ResolverConfig:
+    """Apple's DNS semantics for ``dns`` (R39, R40): split only with specific match domains and no default route."""
+    match = tuple(dns.match_domains or ())
+    split = bool(match) and "" not in match and not claims_default_route
+    search: list[str] = []
+    for domain in [dns.domain_name or "", *(dns.search_domains or ())]:
+        if domain and domain not in search:
+            search.append(domain)
+    if not dns.match_domains_no_search:
+        search += [d for d in match if d and d not in search]
+    return ResolverConfig(tuple(dns.servers), tuple(search), match, split)
+
+
+def tunnel_route_table(
+    settings: PacketTunnelNetworkSettings,
+    *,
+    duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
+    enforce_routes: bool = False,
+) -> RouteTable:
+    """The `RouteTable` model of ``settings`` (tunnel routes only; add system routes to resolve against)."""
+    included: list[Any] = []
+    excluded: list[Any] = []
+    for family in (settings.ipv4_settings, settings.ipv6_settings):
+        if family is not None:
+            _, inc, exc = family._validate("settings")
+            included += inc
+            excluded += exc
+    table = RouteTable(duplicate_policy=duplicate_policy, enforce_routes=enforce_routes)
+    table.set_tunnel_routes(included, excluded, settings.tunnel_remote_address)
+    return table
+
+
+@dataclass(frozen=True)
+class AppliedSettings:
+    """What a configurator applied: the record a controller or test compares with the kernel."""
+
+    device: str
+    mtu: int
+    addresses: tuple[str, ...]  # "address/prefixlen"
+    routes: tuple[Route, ...]  # the dedicated table's entries (RouteTable.tunnel_routes order)
+    resolver: ResolverConfig | None
+    physical_interface: str | None = None
+    gateways: dict[int, str] = field(default_factory=dict)  # IP version -> gateway used for excluded routes
+
+
+class NetworkConfigurator(Protocol):
+    """Applies settings for a `PacketTunnelProvider` host; the kernel and in-memory backends implement it."""
+
+    @property
+    def device(self) -> PacketDevice | None:
+        """The utun stand-in, once the first settings created it."""
+        ...
+
+    @property
+    def applied(self) -> AppliedSettings | None:
+        """What is currently applied (None when cleared)."""
+        ...
+
+    def apply(self, settings: PacketTunnelNetworkSettings | None) -> PacketDevice | None:
+        """Apply validated ``settings`` (None clears them); return the device. Raises `TunnelProviderError`."""
+        ...
+
+    def close(self) -> None:
+        """Remove everything applied and close the device; idempotent."""
+        ...
+
+
+def _addresses(settings: PacketTunnelNetworkSettings) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
+    out: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+    if settings.ipv4_settings is not None:
+        out += settings.ipv4_settings.interfaces()
+    if settings.ipv6_settings is not None:
+        out += settings.ipv6_settings.interfaces()
+    return out
+
+
+def _claims_default(routes: Sequence[Route]) -> bool:
+    return any(r.kind is RouteKind.INCLUDED and r.network.prefixlen == 0 for r in routes)
+
+
+class MemoryNetworkConfigurator:
+    """The in-memory backend: creates a device through ``device_factory`` and records what was applied.
+
+    Used with `netsim.testing.MemoryTun` so providers run without root; the route model is the same
+    `RouteTable` the kernel backend installs, so route questions get the same answers.
+    """
+
+    def __init__(
+        self,
+        device_factory: Callable[[str, int], PacketDevice],
+        *,
+        physical_mtu: int = DEFAULT_PHYSICAL_MTU,
+        device_name: str = "utun0",
+        duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
+        enforce_routes: bool = False,
+    ) -> None:
+        self._factory = device_factory
+        self.physical_mtu = physical_mtu
+        self.device_name = device_name
+        self.duplicate_policy = duplicate_policy
+        self.enforce_routes = enforce_routes
+        self._device: PacketDevice | None = None
+        self._applied: AppliedSettings | None = None
+        self.history: list[AppliedSettings | None] = []
+
+    @property
+    def device(self) -> PacketDevice | None:
+        return self._device
+
+    @property
+    def applied(self) -> AppliedSettings | None:
+        return self._applied
+
+    def apply(self, settings: PacketTunnelNetworkSettings | None) -> PacketDevice | None:
+        if settings is None:
+            self._applied = None
+        else:
+            mtu = settings.effective_mtu(self.physical_mtu)
+            if self._device is None:
+                self._device = self._factory(self.device_name, mtu)
+            table = tunnel_route_table(
+                settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes
+            )
+            routes = tuple(table.tunnel_routes())
+            dns = settings.dns_settings
+            self._applied = AppliedSettings(
+                device=self._device.name,
+                mtu=mtu,
+                addresses=tuple(str(i) for i in _addresses(settings)),
+                routes=routes,
+                resolver=None if dns is None else resolver_config(dns, claims_default_route=_claims_default(routes)),
+            )
+        self.history.append(self._applied)
+        return self._device
+
+    def close(self) -> None:
+        self._applied = None
+        if self._device is not None:
+            self._device.close()
+            self._device = None
+
+
+def _failed(message: str) -> TunnelProviderError:
+    return TunnelProviderError(TunnelProviderErrorCode.NETWORK_SETTINGS_FAILED, message)
+
+
+class KernelNetworkConfigurator:
+    """The real backend: a `TunDevice` and pyroute2 netlink calls in namespace ``netns`` (see module docstring).
+
+    Args:
+        netns: the namespace's name (must start with ``netsim-``); also names ``/etc/netns/<netns>/resolv.conf``.
+        inside: True when the calling process already runs in ``netns`` (the provider host under
+            ``ip netns exec``); checked against /run/netns so nothing is ever configured in the root namespace.
+        table / rule_priority / bypass_fwmark: the policy-routing knobs above.
+        device_name: TUN name; ``%d`` picks the lowest free number, like utun.
+        resolv_conf: override the resolver file (tests).
+    """
+
+    def __init__(
+        self,
+        netns: str,
+        *,
+        inside: bool = False,
+        table: int = TUNNEL_TABLE,
+        rule_priority: int = RULE_PRIORITY,
+        bypass_fwmark: int | None = BYPASS_FWMARK,
+        device_name: str = "utun%d",
+        duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
+        enforce_routes: bool = False,
+        resolv_conf: Path | None = None,
+    ) -> None:
+        if not netns.startswith("netsim-"):
+            raise LabError(f"refusing to configure namespace {netns!r}: netsim only touches 'netsim-*' namespaces")
+        self.netns = netns
+        self.inside = inside
+        self.table = table
+        self.rule_priority = rule_priority
+        self.bypass_fwmark = bypass_fwmark
+        self.device_name = device_name
+        self.duplicate_policy = duplicate_policy
+        self.enforce_routes = enforce_routes
+        self.resolv_conf = resolv_conf or Path("/etc/netns") / netns / "resolv.conf"
+        self._saved_resolv: str | bool | None = False  # False: nothing saved yet; None: file did not exist
+        self._device: Any = None
+        self._applied: AppliedSettings | None = None
+        self._ipr: Any = None
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            if self.inside:
+                mine = os.stat("/proc/self/ns/net").st_ino
+                target = Path("/run/netns") / self.netns
+                if not target.exists() or os.stat(target).st_ino != mine:
+                    raise LabError(
+                        f"inside=True but this process is not in namespace {self.netns!r}; refusing to touch "
+                        "another namespace's routes (start the provider with `ip netns exec`)"
+                    )
+                self._ipr = IPRoute()
+            else:
+                # IPRoute(netns=...) opens its netlink socket in the namespace. (Creating IPRoute() in a setns'd
+                # thread does not: pyroute2 0.9 opens the socket from its own loop thread, in the root namespace.)
+                self._ipr = IPRoute(netns=self.netns)
+        return self._ipr
+
+    @property
+    def device(self) -> PacketDevice | None:
+        return self._device  # type: ignore[no-any-return]
+
+    @property
+    def applied(self) -> AppliedSettings | None:
+        return self._applied
+
+    def _physical(self) -> tuple[str | None, int, dict[int, str], dict[int, int]]:
+        """(name, mtu, gateways by IP version, oif by IP version) of the main table's default routes."""
+        ipr = self._iproute()
+        gateways: dict[int, str] = {}
+        oifs: dict[int, int] = {}
+        for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            for route in ipr.get_routes(family=family, table=_MAIN):
+                if route.get("dst_len") == 0 and route.get("type") == _RTN_UNICAST and route.get("oif"):
+                    oifs.setdefault(version, route.get("oif"))
+                    if route.get("gateway"):
+                        gateways.setdefault(version, route.get("gateway"))
+        index = oifs.get(4) or oifs.get(6)
+        if index is None:
+            return None, DEFAULT_PHYSICAL_MTU, gateways, oifs
+        link = ipr.get_links(index)[0]
+        return link.get("ifname"), int(link.get("mtu")), gateways, oifs
+
+    # -- apply ----------------------------------------------------------------------------------------------
+    def apply(self, settings: PacketTunnelNetworkSettings | None) -> PacketDevice | None:
+        try:
+            if settings is None:
+                self._clear(keep_device=True)
+            else:
+                self._apply(settings)
+        except TunnelProviderError:
+            raise
+        except Exception as exc:  # netlink / OS errors: Apple reports networkSettingsFailed (code 3)
+            raise _failed(f"applying settings to {self.netns} failed: {exc}") from exc
+        return self.device
+
+    def _apply(self, settings: PacketTunnelNetworkSettings) -> None:
+        from netsim.transports.tun import TunDevice
+
+        ipr = self._iproute()
+        phys_name, phys_mtu, gateways, oifs = self._physical()
+        mtu = settings.effective_mtu(phys_mtu)
+        if self._device is None:
+            self._device = TunDevice.create(None if self.inside else self.netns, self.device_name, mtu=mtu)
+        elif self._device.mtu != mtu:
+            self._device.set_mtu(mtu)
+        index = ipr.link_lookup(ifname=self._device.name)[0]
+
+        # Addresses: add the new ones first, then remove stale ones (never leave the utun address-less).
+        wanted = {str(i): i for i in _addresses(settings)}
+        present = {}
+        for msg in ipr.get_addr(index=index):
+            addr = ipaddress.ip_interface(f"{msg.get('address')}/{msg.get('prefixlen')}")
+            if not addr.ip.is_link_local:
+                present[str(addr)] = addr
+        for key, iface in wanted.items():
+            if key not in present:
+                ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        for key, iface in present.items():
+            if key not in wanted:
+                ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+        model = tunnel_route_table(settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes)
+        routes = model.tunnel_routes()
+        self._ensure_rules()
+        desired: set[tuple[int, str]] = set()
+        for route in routes:
+            net = route.network
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            spec: dict[str, Any] = {"dst": str(net), "table": self.table, "family": family, "proto": _RTPROT_STATIC}
+            if route.kind is RouteKind.INCLUDED:
+                spec["oif"] = index
+            elif net.version in gateways and net.version in oifs:
+                spec.update(gateway=gateways[net.version], oif=oifs[net.version])
+            else:
+                spec["type"] = "throw"
+            ipr.route("replace", **spec)
+            desired.add((net.version, str(net)))
+        for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            for msg in ipr.get_routes(family=family, table=self.table):
+                dst = msg.get("dst") or ("0.0.0.0" if version == 4 else "::")
+                stale = (version, f"{dst}/{msg.get('dst_len')}")
+                if stale not in desired:
+                    ipr.route("del", dst=stale[1], table=self.table, family=family, type=msg.get("type"))
+
+        resolver = None
+        if settings.dns_settings is not None:
+            resolver = resolver_config(settings.dns_settings, claims_default_route=_claims_default(routes))
+            self._write_resolv(resolver.render())
+        else:
+            self._restore_resolv()
+        self._applied = AppliedSettings(
+            device=self._device.name,
+            mtu=mtu,
+            addresses=tuple(wanted),
+            routes=tuple(routes),
+            resolver=resolver,
+            physical_interface=phys_name,
+            gateways=dict(gateways),
+        )
+
+    def _rule_specs(self) -> list[dict[str, Any]]:
+        first, second = self.rule_priority, self.rule_priority + 1
+        main_prio, tunnel_prio = (second, first) if self.enforce_routes else (first, second)
+        specs = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            specs.append({"family": family, "table": _MAIN, "priority": main_prio, "suppress_prefixlen": 0})
+            tunnel: dict[str, Any] = {"family": family, "table": self.table, "priority": tunnel_prio}
+            if self.bypass_fwmark is not None:
+                tunnel.update(fwmark=self.bypass_fwmark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
+            specs.append(tunnel)
+        return specs
+
+    def _ensure_rules(self) -> None:
+        ipr = self._iproute()
+        for spec in self._rule_specs():
+            existing = ipr.get_rules(family=spec["family"])
+            if not any(r.get("priority") == spec["priority"] and r.get("table") == spec["table"] for r in existing):
+                ipr.rule("add", **spec)
+
+    def _delete_rules(self) -> None:
+        ipr = self._iproute()
+        for spec in self._rule_specs():
+            for rule in ipr.get_rules(family=spec["family"]):
+                if rule.get("priority") == spec["priority"] and rule.get("table") == spec["table"]:
+                    ipr.rule("del", family=spec["family"], priority=spec["priority"], table=spec["table"])
+
+    # -- DNS ------------------------------------------------------------------------------------------------
+    def _write_resolv(self, text: str) -> None:
+        path = self.resolv_conf
+        if self._saved_resolv is False:
+            self._saved_resolv = path.read_text() if path.exists() else None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:  # in place: running processes have this inode bind-mounted
+            f.write(text)
+
+    def _restore_resolv(self) -> None:
+        saved, self._saved_resolv = self._saved_resolv, False
+        if isinstance(saved, bool):
+            return
+        path = self.resolv_conf
+        if saved is None:
+            try:
+                path.unlink()
+            except OSError:  # bind-mounted somewhere (EBUSY): leave an empty file instead
+                path.write_text("")
+        else:
+            with open(path, "w") as f:
+                f.write(saved)
+
+    # -- teardown -------------------------------------------------------------------------------------------
+    def _clear(self, *, keep_device: bool) -> None:
+        if self._ipr is None and self._device is None:
+            self._restore_resolv()
+            return
+        ipr = self._iproute()
+        self._delete_rules()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, table=self.table):
+                dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                ipr.route(
+                    "del", dst=f"{dst}/{msg.get('dst_len')}", table=self.table, family=family, type=msg.get("type")
+                )
+        if self._device is not None:
+            links = ipr.link_lookup(ifname=self._device.name)
+            if links:
+                for msg in ipr.get_addr(index=links[0]):
+                    addr = ipaddress.ip_interface(f"{msg.get('address')}/{msg.get('prefixlen')}")
+                    if not addr.ip.is_link_local:
+                        ipr.addr("del", index=links[0], address=str(addr.ip), prefixlen=addr.network.prefixlen)
+            if not keep_device:
+                self._device.close()
+                self._device = None
+        self._restore_resolv()
+        self._applied = None
+
+    def close(self) -> None:
+        try:
+            self._clear(keep_device=False)
+        finally:
+            if self._device is not None:
+                self._device.close()
+                self._device = None
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None

@@ -1,0 +1,165 @@
+"""pytest fixtures and leak checks for tests that use the lab (root tier).
+
+Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import the helpers directly.
+
+* ``lab``: a fresh `netsim.lab.Lab` per test (sync-managed, so plain tests and ``trio.run`` bodies can both use
+  it), with the L4 cleanliness assertion (reliability.md C1) after teardown.
+* ``netns``: a fresh bare namespace (``netsim-<run>-t``), always removed.
+* `RootSnapshot` / `assert_root_unchanged`: the root namespace's links, addresses, routes and nftables ruleset, so
+  a test can prove the lab never touched the host.
+* `LeakCheck`: this process's fds and children, plus a run's namespaces, run file and /etc/netns dirs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
+from netsim.lab.lab import Lab
+from netsim.lab.netns import create_netns, delete_netns, list_netns
+from netsim.testing.require import require_binary, require_root
+
+__all__ = ["LeakCheck", "RootSnapshot", "assert_root_unchanged", "lab", "netns", "root_snapshot"]
+
+_LINK_KEYS = ("ifindex", "ifname", "flags", "mtu", "link_type", "address", "master")
+
+
+def _ip_json(*args: str) -> Any:
+    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
+    return json.loads(out or "[]")
+
+
+@dataclass(frozen=True)
+class RootSnapshot:
+    """The root namespace's network state, in comparable form."""
+
+    links: tuple[str, ...]
+    addresses: tuple[str, ...]
+    routes: tuple[str, ...]
+    nft_ruleset: str
+
+    def diff(self, other: RootSnapshot) -> list[str]:
+        """Human-readable differences (empty when identical)."""
+        out = []
+        for name in ("links", "addresses", "routes"):
+            mine, theirs = set(getattr(self, name)), set(getattr(other, name))
+            out += [f"{name} removed: {x}" for x in sorted(mine - theirs)]
+            out += [f"{name} added: {x}" for x in sorted(theirs - mine)]
+        if self.nft_ruleset != other.nft_ruleset:
+            out.append("nftables ruleset changed")
+        return out
+
+
+def root_snapshot() -> RootSnapshot:
+    """Snapshot the root namespace (``ip -j link/addr/route`` and ``nft list ruleset``)."""
+    links = tuple(json.dumps({k: link.get(k) for k in _LINK_KEYS}, sort_keys=True) for link in _ip_json("link", "show"))
+    addrs = tuple(
+        f"{a['ifname']} {i['local']}/{i['prefixlen']}" for a in _ip_json("addr", "show") for i in a.get("addr_info", [])
+    )
+    routes = tuple(
+        json.dumps(r, sort_keys=True)
+        for fam in ("-4", "-6")
+        for r in json.loads(
+            subprocess.run(
+                ["ip", "-j", fam, "route", "show", "table", "all"], capture_output=True, text=True, check=True
+            ).stdout
+            or "[]"
+        )
+        if r.get("protocol") != "kernel" or r.get("type") != "multicast"
+    )
+    nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
+    return RootSnapshot(links, addrs, routes, nft)
+
+
+def assert_root_unchanged(before: RootSnapshot) -> None:
+    """Fail the test if the root namespace differs from ``before``."""
+    diff = before.diff(root_snapshot())
+    assert not diff, "root namespace changed:\n" + "\n".join(diff)
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rfind(")") + 2 :].split()[1] == me:
+                kids.add(int(entry.name))
+    return kids
+
+
+class LeakCheck:
+    """Record fds and child processes now; `check` asserts nothing was leaked by the given lab runs."""
+
+    def __init__(self) -> None:
+        self.fds = set(os.listdir("/proc/self/fd"))
+        self.children = _children()
+
+    def problems(self, run_ids: list[str] = []) -> list[str]:  # noqa: B006 - read only
+        """Everything left behind (empty list when clean)."""
+        out = []
+        fds = set(os.listdir("/proc/self/fd"))
+        leaked_fds = fds - self.fds
+        # os.listdir itself opened one fd that is already closed; stale entries vanish on readlink.
+        leaked = [
+            f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in leaked_fds if Path(f"/proc/self/fd/{fd}").exists()
+        ]
+        if leaked:
+            out.append(f"leaked fds: {leaked}")
+        kids = _children() - self.children
+        if kids:
+            out.append(f"leaked child processes: {sorted(kids)}")
+        for run in run_ids:
+            if ns := list_netns(f"netsim-{run}-"):
+                out.append(f"leaked namespaces: {ns}")
+            if (RUN_DIR / f"{run}.json").exists() or (RUN_DIR / run).exists():
+                out.append(f"leaked run file/dir for {run}")
+            if ETC_NETNS.exists() and (etc := list(ETC_NETNS.glob(f"netsim-{run}-*"))):
+                out.append(f"leaked /etc/netns dirs: {etc}")
+        return out
+
+    def check(self, run_ids: list[str] = []) -> None:  # noqa: B006 - read only
+        """Assert `problems` is empty."""
+        problems = self.problems(run_ids)
+        assert not problems, "; ".join(problems)
+
+
+@pytest.fixture
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A fresh lab with services, torn down and leak-checked after the test.
+
+    ``@pytest.mark.parametrize`` is not needed for options: use ``Lab(...)`` directly for custom labs.
+    """
+    require_root()
+    require_binary("ip", "nft", "iperf3", "tcpdump")
+    before = root_snapshot()
+    leaks = LeakCheck()
+    the_lab = Lab()
+    with the_lab:
+        yield the_lab
+    leaks.check([the_lab.run_id])
+    assert_root_unchanged(before)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, empty network namespace (only ``lo``), deleted after the test."""
+    require_root()
+    name = f"netsim-t{secrets.token_hex(2)}-t"
+    create_netns(name)
+    try:
+        yield name
+    finally:
+        delete_netns(name)

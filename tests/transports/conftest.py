@@ -1,0 +1,5 @@
+"""Fixtures for transport conformance tests."""
+
+from netsim.testing.fixtures import netns
+
+__all__ = ["netns"]
