@@ -33,6 +33,7 @@ def corpus(size: int, count: int, seed: int) -> list[bytes]:
     for i in range(count):
         v6 = r.random() < 0.5
         kind = i % 3
+        ip: Any
         if v6:
             ip = IPv6(src=f"2001:db8::{r.randrange(1, 0xFFFF):x}", dst=f"fd00::{r.randrange(1, 0xFFFF):x}")
         else:
@@ -126,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     report(results)
     print()
     ok = True
-    for size, s in summary.items():
+    for label, s in summary.items():
         met = s["netsim_ns"] <= TARGET_NS and s["ratio"] >= TARGET_RATIO
         ok &= met
         print(
-            f"{size:>6}: netsim {s['netsim_ns']:.0f} ns/pkt, scapy {s['scapy_ns']:.0f} ns/pkt, "
+            f"{label:>6}: netsim {s['netsim_ns']:.0f} ns/pkt, scapy {s['scapy_ns']:.0f} ns/pkt, "
             f"scapy/netsim = {s['ratio']:.0f}x  [{'meets' if met else 'MISSES'} <= {TARGET_NS:.0f} ns and "
             f">= {TARGET_RATIO:.0f}x]"
         )

@@ -92,7 +92,7 @@ def bench_wireguard(size: int, rounds: int, a: WireGuardDevice, b: WireGuardDevi
     encap, recv, take = a.encapsulate, b.receive_datagram_untrusted, b.take_received
     t0 = time.perf_counter_ns()
     for _ in range(rounds):
-        encap(pkts, 1.0, bufs, sizes, addrs)  # type: ignore[arg-type]
+        encap(pkts, 1.0, views, sizes, addrs)  # type: ignore[arg-type]
         for i in range(BATCH):
             recv(views[i][: sizes[i]], src, 1.0)
         take()
@@ -125,7 +125,7 @@ def bench_protocol_only(size: int, rounds: int) -> float:
 
 
 def run(quick: bool, repeat: int) -> dict[str, object]:
-    rounds = 20 if quick else 100
+    rounds = 10 if quick else 30
     a, b = _pair()
     results = []
     for size in SIZES:
@@ -174,7 +174,7 @@ def run(quick: bool, repeat: int) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier numbers)")
-    parser.add_argument("--repeat", type=int, default=25, help="timed rounds per figure (best and median kept)")
+    parser.add_argument("--repeat", type=int, default=60, help="timed rounds per figure (best and median kept)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
     out = run(args.quick, 5 if args.quick else args.repeat)

@@ -88,7 +88,7 @@ def _checksum_without_field(region: Buffer, field: int, initial: int) -> int:
     if size & 1:
         n <<= 8
         size += 1
-    (stored,) = _U16_unpack(region, field)
+    stored: int = _U16_unpack(region, field)[0]
     n -= stored << (8 * (size - field - 2))
     if n == 0 and initial == 0:
         return 0xFFFF  # all-zero data (an empty ICMP echo with id 0): RFC 1071 gives 0xFFFF

@@ -71,6 +71,8 @@ DROP_REASONS = (
 _U16 = struct.Struct("!H")
 _U16_pack = _U16.pack_into
 _U16_unpack = _U16.unpack_from
+_A4_pack = struct.Struct("4s").pack_into
+_A16_pack = struct.Struct("16s").pack_into
 _KIND_ICMP = 1  # ICMP and ICMPv6 echo share one identifier space per address family
 _SYN, _ACK, _FIN, _RST = 0x02, 0x10, 0x01, 0x04
 _SYN_OUT, _SYN_IN, _FIN_OUT, _FIN_IN, _RESET = 1, 2, 4, 8, 16
@@ -122,47 +124,44 @@ class NatConfig:
             object.__setattr__(self, attr, addr.packed)
 
 
-def _rewrite_endpoint(view: PacketView, source: bool, addr: bytes, port: int, kind: int) -> None:
-    """Rewrite one endpoint (address + port, or address + echo id) in place with one checksum update each.
+def _rewrite(view: PacketView, m: NatMapping, ext: bytes, outbound: bool) -> None:
+    """Rewrite the mapped endpoint in place: source to external (outbound) or destination to internal (inbound).
 
-    The same arithmetic as :func:`netsim.core.checksum.incremental_update` (RFC 1624 eq. 3), fused: the IPv4
-    header checksum sees the address change; the transport checksum sees the address (pseudo-header; not for
-    ICMPv4) plus the port/id change. Fusing the two helpers' work halves the per-packet cost, and the tests
-    check every result against scapy's full recomputation.
+    RFC 1624 eq. 3 (``HC' = HC + m - m'`` in one's complement arithmetic, as in
+    :func:`netsim.core.checksum.incremental_update`) with the differences precomputed per mapping: the old and
+    new address and port of a mapping never change, so each checksum update is one add and one modulo. The
+    tests check every result against scapy's full recomputation.
     """
     buf = view.buffer
-    v4 = view.version == 4
-    if source:
-        old_addr = view.src
-        pos = 12 if v4 else 8
-        port_pos = view.l4_offset
-        old_port = view.sport
+    l4 = view.l4_offset
+    kind = m.kind
+    if outbound:
+        pos = 12 if m.version == 4 else 8
+        addr = ext
+        port = m.ext_port
+        port_pos = l4 + 4 if kind == _KIND_ICMP else l4
+        d_ip = m.d_ip
+        d_l4 = m.d_l4
     else:
-        old_addr = view.dst
-        pos = 16 if v4 else 24
-        port_pos = view.l4_offset + 2
-        old_port = view.dport
-    if kind == _KIND_ICMP:
-        port_pos = view.l4_offset + 4
-        old_port = view.icmp_id
-        csum = view.l4_offset + 2
-    else:
-        csum = view.l4_offset + (16 if kind == PROTO_TCP else 6)
-    old_a = int.from_bytes(old_addr, "big")
-    new_a = int.from_bytes(addr, "big")
-    buf[pos : pos + len(addr)] = addr  # type: ignore[index]
+        pos = 16 if m.version == 4 else 24
+        addr = m.int_addr
+        port = m.int_port
+        port_pos = l4 + 4 if kind == _KIND_ICMP else l4 + 2
+        d_ip = -m.d_ip
+        d_l4 = -m.d_l4
+    (_A4_pack if m.version == 4 else _A16_pack)(buf, pos, addr)  # struct beats slice assignment here
     _U16_pack(buf, port_pos, port)
-    if v4:
-        _U16_pack(buf, 10, (_U16_unpack(buf, 10)[0] + old_a - new_a) % 0xFFFF)  # RFC 791 header checksum
-    (cs,) = _U16_unpack(buf, csum)
+    if m.version == 4:
+        _U16_pack(buf, 10, (_U16_unpack(buf, 10)[0] + d_ip) % 0xFFFF)  # RFC 791 header checksum
     if kind == PROTO_UDP:
-        if not (cs == 0 and v4):  # RFC 768: IPv4 UDP checksum 0 means none, and stays none
-            _U16_pack(buf, csum, ((cs + old_a - new_a + old_port - port) % 0xFFFF) or 0xFFFF)
-    elif kind == _KIND_ICMP and v4:
-        _U16_pack(buf, csum, (cs + old_port - port) % 0xFFFF)  # ICMPv4: no pseudo-header (RFC 792)
+        csum = l4 + 6
+        (cs,) = _U16_unpack(buf, csum)
+        if cs or m.version == 6:  # RFC 768: IPv4 UDP checksum 0 means none, and stays none
+            _U16_pack(buf, csum, ((cs + d_l4) % 0xFFFF) or 0xFFFF)
     else:
-        _U16_pack(buf, csum, (cs + old_a - new_a + old_port - port) % 0xFFFF)
-    if source:
+        csum = l4 + 16 if kind == PROTO_TCP else l4 + 2
+        _U16_pack(buf, csum, (_U16_unpack(buf, csum)[0] + d_l4) % 0xFFFF)
+    if outbound:
         view.src = addr
         if kind == _KIND_ICMP:
             view.icmp_id = port
@@ -179,9 +178,27 @@ def _rewrite_endpoint(view: PacketView, source: bool, addr: bytes, port: int, ki
 class NatMapping:
     """One mapping: internal ``(address, port)`` <-> external port, with its deadline and TCP state."""
 
-    __slots__ = ("expiry", "ext_port", "int_addr", "int_port", "kind", "queued", "remotes", "tcp", "version")
+    __slots__ = (
+        "d_ip",
+        "d_l4",
+        "expiry",
+        "ext_port",
+        "int_addr",
+        "int_port",
+        "kind",
+        "queued",
+        "remotes",
+        "tcp",
+        "version",
+    )
 
-    def __init__(self, version: int, kind: int, int_addr: bytes, int_port: int, ext_port: int) -> None:
+    def __init__(self, version: int, kind: int, int_addr: bytes, int_port: int, *, ext: bytes, ext_port: int) -> None:
+        # Outbound checksum deltas (old - new, RFC 1624); inbound uses their negation. ICMPv4 has no
+        # pseudo-header (RFC 792), so only the identifier enters its checksum.
+        a_delta = int.from_bytes(int_addr, "big") - int.from_bytes(ext, "big")
+        self.d_ip = a_delta % 0xFFFF
+        pseudo = 0 if (kind == _KIND_ICMP and version == 4) else a_delta
+        self.d_l4 = (pseudo + int_port - ext_port) % 0xFFFF
         self.version = version
         self.kind = kind
         self.int_addr = int_addr
@@ -276,7 +293,9 @@ class NatTable:
             self.expire(now)
             if not pool:
                 return self._drop("nat_ports_exhausted")
-        m = NatMapping(key[0], key[1], key[2], key[3], pool.popleft())
+        ext = self._ext[key[0]]
+        assert ext is not None
+        m = NatMapping(key[0], key[1], key[2], key[3], ext=ext, ext_port=pool.popleft())
         self._out[key] = m
         self._in[(key[0], key[1], m.ext_port)] = m
         m.expiry = m.queued = now + self._timeout(m)
@@ -368,7 +387,7 @@ class NatTable:
             if len(remotes) >= _MAX_REMOTES:
                 del remotes[next(iter(remotes))]
             remotes[remote] = None
-        _rewrite_endpoint(view, True, ext, m.ext_port, kind)
+        _rewrite(view, m, ext, True)
         if kind == PROTO_TCP:
             self._track_tcp(m, view.tcp_flags, outbound=True)
         self._refresh(m, now)
@@ -407,7 +426,7 @@ class NatTable:
             return self._drop("nat_no_mapping")
         if remote not in m.remotes:
             return self._drop("nat_filtered")
-        _rewrite_endpoint(view, False, m.int_addr, m.int_port, kind)
+        _rewrite(view, m, ext, False)
         if kind == PROTO_TCP:
             self._track_tcp(m, view.tcp_flags, outbound=False)
         self._refresh(m, now)

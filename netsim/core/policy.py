@@ -6,8 +6,8 @@ A :class:`Policy` is an ordered tuple of :class:`Rule` plus a default action and
 meant for. A rule matches a packet when all of its given conditions hold: the destination is in one of its
 ``dst`` prefixes **or** is an address a name matching one of its ``domains`` resolved to (both are destination
 selectors; a rule with neither matches every destination), the transport protocol is one of ``protos``, and
-the destination port is in one of the ``ports`` ranges. The first matching rule wins (as in sshuttle, pf and
-NENetworkRule evaluation order); no match gives the default.
+the destination port is in one of the ``ports`` ranges. The first matching rule wins (as in an iptables chain;
+note pf's default is the opposite, last match); no match gives the default.
 
 :class:`PolicyEngine` compiles a policy once into a flattened range table per address family: the address space
 is cut at every prefix boundary into disjoint intervals, and each interval holds the candidate rules (in rule
@@ -298,13 +298,25 @@ class DnsBindingsStatistics:
 class DnsBindings:
     """Learned ``address -> {name: expiry}`` bindings with TTL expiry (driven by ``now``) and a size cap.
 
-    When full, the binding closest to expiry is evicted (it is the least valuable one left). Expiry uses a heap
+    When full, the binding closest to expiry is evicted (it is the least valuable one left); likewise when one
+    address collects more than ``max_names_per_address`` names (a shared CDN address), which bounds the names
+    ``classify`` scans per packet. Expiry uses a heap
     with lazy deletion; the heap is rebuilt when stale entries outnumber live ones, so memory stays bounded.
     """
 
-    def __init__(self, *, max_bindings: int = 65536, min_ttl: float = 30.0, max_ttl: float = 86400.0) -> None:
-        if max_bindings < 1:
-            raise ConfigError(f"max_bindings must be >= 1, got {max_bindings}")
+    def __init__(
+        self,
+        *,
+        max_bindings: int = 65536,
+        min_ttl: float = 30.0,
+        max_ttl: float = 86400.0,
+        max_names_per_address: int = 32,
+    ) -> None:
+        if max_bindings < 1 or max_names_per_address < 1:
+            raise ConfigError(
+                f"max_bindings and max_names_per_address must be >= 1, got {max_bindings}, {max_names_per_address}"
+            )
+        self.max_names_per_address = max_names_per_address
         if not 0 <= min_ttl <= max_ttl:
             raise ConfigError(f"need 0 <= min_ttl <= max_ttl, got {min_ttl}, {max_ttl}")
         self.max_bindings = max_bindings
@@ -350,6 +362,12 @@ class DnsBindings:
             if self._count >= self.max_bindings:
                 self._evict_one()
             names = self._by_addr.setdefault(addr, names)
+            if len(names) >= self.max_names_per_address:
+                # A shared CDN address can collect many names; classify scans them, so cap the scan.
+                victim = min(names, key=names.__getitem__)
+                del names[victim]  # its heap entry goes stale and is skipped
+                self._count -= 1
+                self._evicted += 1
             self._count += 1
             self._learned += 1
         names[name] = expiry
@@ -380,10 +398,16 @@ class DnsBindings:
         """Drop bindings whose expiry is at or before ``now``; return how many."""
         n = 0
         heap = self._heap
+        by_addr = self._by_addr
         while heap and heap[0][0] <= now:
-            if self._pop_live() is None:
-                break
-            n += 1
+            exp, addr, name = heapq.heappop(heap)
+            names = by_addr.get(addr)
+            if names is not None and names.get(name) == exp:  # else superseded by a refresh or evicted
+                del names[name]
+                if not names:
+                    del by_addr[addr]
+                n += 1
+        self._count -= n
         self._expired += n
         return n
 
@@ -697,6 +721,9 @@ class PolicyEngine:
                 why = f"rule #{i} {rule.name!r} ({rule.describe()}) matches {addr} {pname}"
                 if dport is not None:
                     why += f" port {dport}"
+                if rule.domains and not any(addr in net for net in rule.dst):
+                    via = [n for n in names if any(_domain_matches(p, n) for p in rule.domains)]
+                    why += f" (DNS: {', '.join(via)} -> {addr})"
                 verdict = self._c.verdicts[i]
                 return Explanation(verdict, rule, why, tuple(skipped), names)
             skipped.append((i, rule.name, why_not))

@@ -94,7 +94,8 @@ def find_runs() -> list[RunRecord]:
 
 
 def _kill(pid: int, start_time: int | None) -> bool:
-    if process_start_time(pid) is None or (start_time is not None and process_start_time(pid) != start_time):
+    now = process_start_time(pid)
+    if now is None or (start_time is not None and now != start_time):
         return False
     try:
         os.kill(pid, signal.SIGKILL)
@@ -105,7 +106,7 @@ def _kill(pid: int, start_time: int | None) -> bool:
 
 def _wait_gone(pids: list[int], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{p}").exists() for p in pids):
+    while any(process_start_time(p) is not None for p in pids):
         if time.monotonic() > deadline:
             raise LabError(f"processes {pids} did not exit after SIGKILL")
         time.sleep(0.005)

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, TypeVar
@@ -116,6 +117,8 @@ class Lab:
         self._closeables: list[Callable[[], object]] = []
         self._record: RunRecord | None = None
         self._lock = threading.Lock()
+        self._lifecycle = threading.Lock()  # start() and stop() never overlap (e.g. Ctrl-C during bring-up)
+        self._launcher: ThreadPoolExecutor | None = None
         self._up = False
         self._old_sigterm: Any = None
         self._counter = 0
@@ -172,6 +175,7 @@ class Lab:
             raise
         return self
 
+    @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -204,16 +208,18 @@ class Lab:
 
     def start(self) -> None:
         """Bring the world up (blocking). On failure everything created so far is removed."""
-        if self._up:
-            raise LabError("lab is already up")
-        self._check_environment()
-        self._up = True
-        try:
-            self._claim_run_id()
-            self._build()
-        except BaseException:
-            self.stop()
-            raise
+        with self._lifecycle:
+            if self._up:
+                raise LabError("lab is already up")
+            self._check_environment()
+            self._up = True
+            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="netsim-lab-launcher")
+            try:
+                self._claim_run_id()
+                self._build()
+            except BaseException:
+                self._stop_locked()
+                raise
 
     def _check_environment(self) -> None:
         if os.geteuid() != 0:
@@ -448,6 +454,10 @@ class Lab:
 
     def stop(self) -> None:
         """Tear everything down (blocking, idempotent): captures flushed, processes stopped, namespaces deleted."""
+        with self._lifecycle:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
         if not self._up:
             return
         errors: list[str] = []
@@ -477,6 +487,9 @@ class Lab:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
         self.captures.clear()
+        if self._launcher is not None:
+            self._launcher.shutdown()
+            self._launcher = None
         self._up = False
         if errors:
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
@@ -494,8 +507,10 @@ class Lab:
             raise LabError("lab has no run record")
         with self._lock:
             self._counter += 1
-            label = name or f"{role}-{Path(argv[0]).name}-{self._counter}"
-        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env)
+            label = name or f"{role}-{Path(argv[0]).name}"
+            if any(p.name == label for p in self.processes):
+                label = f"{label}-{self._counter}"  # keep log file names unique
+        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env, launcher=self._launcher)
         with self._lock:
             self.processes.append(proc)
         self._save_record()

@@ -2,7 +2,8 @@
 
 tcpdump runs with ``--immediate-mode -U`` (flush per packet, so a capture is readable while running) and
 ``-w``; it is ready when it prints "listening on" (pcap activated), which the lab waits for before any traffic.
-SIGTERM makes it close the file cleanly. ``-Z root`` keeps it from dropping to a user that cannot write the pcap directory.
+SIGTERM makes it close the file cleanly. ``-Z root`` keeps it from dropping to a user that cannot write the
+pcap directory.
 """
 
 from __future__ import annotations

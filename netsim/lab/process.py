@@ -3,8 +3,9 @@
 Each process is started as ``ip netns exec <ns> <argv>`` so it also gets the namespace's ``/etc/netns/<ns>/``
 files (resolv.conf) bind-mounted, exactly as a user would run it. Output goes to per-process log files in the run
 directory rather than pipes: nothing has to drain them, a chatty process can never block on a full pipe, and the
-logs survive for post-mortems. ``PR_SET_PDEATHSIG`` makes children die with the lab's owner even on SIGKILL; the
-run file lets ``netsim clean`` catch the rest.
+logs survive for post-mortems. ``PR_SET_PDEATHSIG`` makes children die with the lab's owner even on SIGKILL (the
+signal follows the forking *thread*, hence the lab's long-lived launcher thread); the run file lets
+``netsim clean`` catch the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +42,10 @@ def netns_exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
 
 
 def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone.
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/<pid>/stat); None if gone or a zombie.
 
-    Stored with every pid so cleanup never signals an unrelated process that reused the pid.
+    Stored with every pid so cleanup never signals an unrelated process that reused the pid. A zombie counts as
+    gone: it has exited and only waits for its parent to reap it.
     """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -50,6 +53,8 @@ def process_start_time(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and parens: split after the last ')'.
     fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[19])
 
 
@@ -76,6 +81,7 @@ class LabProcess:
         log_dir: Path,
         *,
         env: Mapping[str, str] | None = None,
+        launcher: Executor | None = None,
     ) -> None:
         self.name = name
         self.role = role
@@ -83,8 +89,9 @@ class LabProcess:
         self.stdout_path = log_dir / f"{name}.out"
         self.stderr_path = log_dir / f"{name}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            try:
-                self._popen = subprocess.Popen(
+
+            def launch() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
                     netns_exec_argv(netns, argv),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
@@ -93,6 +100,11 @@ class LabProcess:
                     close_fds=True,
                     env={**os.environ, **env} if env else None,
                 )
+
+            try:
+                # PDEATHSIG fires when the *thread* that forked exits, so fork from a thread that lives as long
+                # as the lab (the lab's launcher), never from a pooled worker thread that may retire early.
+                self._popen = launcher.submit(launch).result() if launcher is not None else launch()
             except FileNotFoundError as exc:
                 raise LabError("the `ip` command (iproute2) is missing; apt-get install iproute2") from exc
         self.pid = self._popen.pid

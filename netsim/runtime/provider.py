@@ -580,4 +580,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so provider classes subclass the one
+    # PacketTunnelProvider that user code imports.
+    from netsim.runtime.provider import main as _main
+
+    sys.exit(_main())

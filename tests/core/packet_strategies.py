@@ -207,7 +207,13 @@ def scapy_fields(data: bytes) -> dict[str, Any]:
             ident = l4.id if itype in (128, 129) else 0
             is_error = itype in (1, 2, 3, 4)
     exp.update(
-        sport=sport, dport=dport, tcp_flags=flags, icmp_type=itype, icmp_code=icode, icmp_id=ident, is_icmp_error=is_error
+        sport=sport,
+        dport=dport,
+        tcp_flags=flags,
+        icmp_type=itype,
+        icmp_code=icode,
+        icmp_id=ident,
+        is_icmp_error=is_error,
     )
     return exp
 

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from packet_strategies import FIELDS, Built, scapy_fields, scapy_packets
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, TCPerror, UDPerror
 from scapy.layers.inet6 import (
-
     ICMPv6EchoRequest,
     ICMPv6PacketTooBig,
     IPerror6,
@@ -28,7 +27,12 @@ from scapy.packet import Raw
 from netsim.core.packet import MAX_EXTENSION_HEADERS, REASONS, PacketView
 from netsim.errors import BadPacket, LocalProtocolError
 
-BUFFER_KINDS: list[Callable[[bytes], Any]] = [bytes, bytearray, lambda b: memoryview(b), lambda b: memoryview(bytearray(b))]
+BUFFER_KINDS: list[Callable[[bytes], Any]] = [
+    bytes,
+    bytearray,
+    memoryview,
+    lambda b: memoryview(bytearray(b)),
+]
 
 
 def fields(view: PacketView) -> dict[str, Any]:
@@ -293,3 +297,28 @@ def test_mutated_real_packets_raise_only_bad_packet(built: Built, data: st.DataO
                     view.quoted_packet_untrusted()
                 except BadPacket as e:
                     assert e.reason in REASONS
+
+
+@settings(max_examples=200)
+@given(scapy_packets())
+def test_a_successful_load_sets_every_slot(built: Built) -> None:
+    """parse_untrusted skips __init__, so every slot must be written by the load itself."""
+    view = PacketView.parse_untrusted(built.data)
+    for slot in PacketView.__slots__:
+        getattr(view, slot)  # AttributeError if a path forgot one
+    general = PacketView.__new__(PacketView)
+    general._load(built.data, False)
+    for slot in PacketView.__slots__:
+        getattr(general, slot)
+
+
+@settings(max_examples=100)
+@given(scapy_packets())
+def test_every_proper_prefix_is_rejected_as_short(built: Built) -> None:
+    """Fed byte by byte: a packet cut anywhere before its total length never parses."""
+    data = built.data
+    total = PacketView.parse_untrusted(data).total_length
+    for cut in range(total):
+        with pytest.raises(BadPacket) as info:
+            PacketView.parse_untrusted(data[:cut])
+        assert info.value.reason in ("empty", "truncated", "total_exceeds_buffer"), (cut, built.desc)

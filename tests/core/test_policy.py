@@ -176,7 +176,10 @@ def test_classify_packet_views_including_fragments() -> None:
     engine = PolicyEngine(policy)
 
     def verdict(pkt: object) -> str:
-        return engine.classify(PacketView.parse_untrusted(bytes(pkt)), 0.0).rule_name  # type: ignore[call-overload]
+        view = PacketView.parse_untrusted(bytes(pkt))  # type: ignore[call-overload]
+        got = engine.classify(view, 0.0)
+        assert engine.explain(view, 0.0).verdict == got
+        return got.rule_name
 
     assert verdict(IP(dst="203.0.113.1") / TCP(dport=443)) == "web"
     assert verdict(IPv6(dst="2001:db8::53") / UDP(dport=53)) == "dns6"
@@ -292,3 +295,28 @@ def test_explain_text_lists_earlier_rules() -> None:
         FlowFields.parse("nope")
     with pytest.raises(ConfigError, match="--proto"):
         FlowFields.parse("192.0.2.1", "sctp-ish")
+
+
+def test_names_per_address_are_capped() -> None:
+    from netsim.core.policy import DnsBindings
+
+    table = DnsBindings(max_names_per_address=4, min_ttl=0.0)
+    addr = bytes([192, 0, 2, 1])
+    for i in range(10):
+        table.learn(f"n{i}.test", addr, 100 + i, now=0.0)
+    assert table.names_for(addr, 1.0) == ["n6.test", "n7.test", "n8.test", "n9.test"]
+    assert len(table) == 4 and table.statistics().evicted == 6
+    assert table.expire(1000.0) == 4 and len(table) == 0 and table.get(addr) is None
+
+
+def test_refreshed_binding_survives_its_stale_expiry() -> None:
+    from netsim.core.policy import DnsBindings
+
+    table = DnsBindings(min_ttl=0.0)
+    addr = bytes([192, 0, 2, 1])
+    table.learn("a.test", addr, 10, now=0.0)
+    table.learn("a.test", addr, 100, now=0.0)  # the entry at t=10 is now stale
+    table.learn("b.test", bytes([192, 0, 2, 2]), 20, now=0.0)
+    assert table.expire(50.0) == 1  # only b.test
+    assert table.names_for(addr, 50.0) == ["a.test"] and len(table) == 1
+    assert table.expire(100.0) == 1 and len(table) == 0

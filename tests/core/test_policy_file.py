@@ -167,6 +167,7 @@ def test_explain_cli(tmp_path: Path) -> None:
     )
     assert out.exit_code == 0, out.output
     assert out.output.startswith("BYPASS: rule #1 'video'") and "counter: policy_bypass:video" in out.output
+    assert "(DNS: a.video.lab.test -> 198.51.100.7)" in out.output
     assert "excluded routes: 192.168.1.0/24" in out.output
     bad = runner.invoke(explain_command, ["--policy", str(path), "--dst", "not-an-ip"])
     assert bad.exit_code != 0 and "--dst 'not-an-ip'" in bad.output

@@ -63,7 +63,7 @@ def raw_key(key: object, what: str) -> bytes:
     return raw
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Peer:
     """Live state of one peer, owned and mutated by `WireGuardDevice`."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 from ipaddress import ip_network
@@ -303,7 +304,7 @@ def test_handshake_retransmission_with_jitter_then_timeout() -> None:
             break
         now = t
         p.a.handle_timer(now)
-    gaps = [b - a for a, b in zip(sent_at, sent_at[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
     assert all(5.0 <= g <= 5.0 + 0.334 for g in gaps), gaps
     assert len({round(g, 6) for g in gaps}) > 1  # jittered, not a fixed period
     assert len(sent_at) == 1 + 18 + 1 or len(sent_at) == 20  # first + MAX_TIMER_HANDSHAKES retries

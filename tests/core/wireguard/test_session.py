@@ -26,18 +26,28 @@ def _pair(timers: Timers) -> tuple[WireGuardDevice, WireGuardDevice]:
     ka, kb = PrivateKey.generate(rng.randbytes), PrivateKey.generate(rng.randbytes)
     a = WireGuardDevice(
         ka,
-        [PeerConfig(public_key=kb.public_key(), endpoint=Endpoint("192.0.2.2", 1), allowed_ips=(ip_network("10.0.0.2/32"),))],
+        [
+            PeerConfig(
+                public_key=kb.public_key(), endpoint=Endpoint("192.0.2.2", 1), allowed_ips=(ip_network("10.0.0.2/32"),)
+            )
+        ],
         timers=timers,
         rng=random.Random(1),
     )
     b = WireGuardDevice(
-        kb, [PeerConfig(public_key=ka.public_key(), allowed_ips=(ip_network("10.0.0.1/32"),))], timers=timers, rng=random.Random(2)
+        kb,
+        [PeerConfig(public_key=ka.public_key(), allowed_ips=(ip_network("10.0.0.1/32"),))],
+        timers=timers,
+        rng=random.Random(2),
     )
     return a, b
 
 
 def _pkt(n: int) -> bytes:
-    return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + n, 0, 0, 64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])) + b"p" * n
+    return (
+        struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + n, 0, 0, 64, 17, 0, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))
+        + b"p" * n
+    )
 
 
 def _handshake(a: WireGuardDevice, b: WireGuardDevice, now: float) -> None:

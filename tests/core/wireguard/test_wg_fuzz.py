@@ -18,10 +18,16 @@ KA, KB = PrivateKey.generate(_rng.randbytes), PrivateKey.generate(_rng.randbytes
 def _devices() -> tuple[WireGuardDevice, WireGuardDevice]:
     a = WireGuardDevice(
         KA,
-        [PeerConfig(public_key=KB.public_key(), endpoint=Endpoint("192.0.2.2", 1), allowed_ips=(ip_network("10.0.0.0/8"),))],
+        [
+            PeerConfig(
+                public_key=KB.public_key(), endpoint=Endpoint("192.0.2.2", 1), allowed_ips=(ip_network("10.0.0.0/8"),)
+            )
+        ],
         rng=random.Random(1),
     )
-    b = WireGuardDevice(KB, [PeerConfig(public_key=KA.public_key(), allowed_ips=(ip_network("0.0.0.0/0"),))], rng=random.Random(2))
+    b = WireGuardDevice(
+        KB, [PeerConfig(public_key=KA.public_key(), allowed_ips=(ip_network("0.0.0.0/0"),))], rng=random.Random(2)
+    )
     return a, b
 
 
@@ -71,3 +77,22 @@ def test_mutated_real_messages(which: int, flips: list[tuple[int, int]], resize:
     st_ = b.statistics()
     assert st_.rx_datagrams == 1
     assert st_.dropped + st_.rx_packets + st_.rx_keepalives + len(out) == 1
+
+
+@settings(max_examples=200)
+@given(
+    st.sampled_from(range(3)),
+    st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=3),
+)
+def test_under_load_only_cookie_replies_go_out(which: int, flips: list[tuple[int, int]]) -> None:
+    data = bytearray(REAL[which])
+    for pos, val in flips:
+        if pos < len(data):
+            data[pos] = val
+    _, b = _devices()
+    b.under_load = True
+    b.receive_datagram_untrusted(bytes(data), ("198.51.100.9", 9), 1.0)
+    out = b.datagrams_to_send(1.0)
+    # a message with a valid mac1 but no mac2 gets a 64-byte cookie reply, nothing else is ever answered
+    assert all(d[0] == 3 and len(d) == 64 for d, _ in out)
+    assert len(out) <= 1
