@@ -2,12 +2,18 @@
 
 Theory of operation
 -------------------
-`PacketView.load_untrusted` validates a bare IP packet (no link header) in one pass: one
-`struct.Struct.unpack_from` for the IP header, a bounded walk over IPv6 extension headers, one unpack for the
-transport header. Every field is then a plain slot read, so a caller that needs only the 5-tuple pays for the
-parse once and reads ints afterwards. Fields are read eagerly because measurement said so: the whole header is
-needed anyway to validate lengths and fragments, and a slot read is cheaper than a lazy property (see
-``docs/packet.md`` for the numbers). The view keeps a reference to the caller's buffer and never copies it;
+`PacketView.load_untrusted` validates a bare IP packet (no link header) in one pass and stores every field in
+a slot, so a caller that needs only the 5-tuple pays for the parse once and reads ints afterwards. Fields are
+read eagerly because measurement said so: the headers must be read anyway to validate lengths and fragments,
+and a slot read is cheaper than a lazy property (``docs/packet.md`` has the numbers). Two paths, in the
+wireguard-go manner of a fast structure checked against a slow reference:
+
+* the fast path (IPv4 without options or IPv6 without extension headers, unfragmented TCP/UDP/ICMP with sane
+  lengths -- nearly all traffic) reads IP and transport header with a single `struct.Struct.unpack_from`;
+* the general path handles everything else (options, extension headers, fragments, other protocols) and every
+  error: one unpack for the IP header, a bounded extension-header walk, one for the transport header.
+
+The tests check that both paths give identical results on real and on corrupted packets. The view keeps a reference to the caller's buffer and never copies it;
 ``src``/``dst`` are small ``bytes`` objects (4 or 16 bytes, hashable, usable as dict keys) produced by the same
 unpack. `src_address`/`dst_address` build `ipaddress` objects on demand; the hot path never needs them.
 
@@ -16,7 +22,8 @@ The view caches what it read: after the buffer is changed by anything other than
 
 Drop reasons
 ------------
-`BadPacket.reason` is one of these tokens; callers use them as drop-counter names. Checks run in this order.
+`BadPacket.reason` is one of these tokens (also in `REASONS`); callers use them as drop-counter names. A
+packet with several faults reports the first one checked, in about this order.
 
 ``empty``
     Zero-length buffer (a zero-length read must be a counted drop, never a spin; awl PR #258).
@@ -38,11 +45,11 @@ Drop reasons
     that is not first (RFC 8200 §4.1), or two Fragment headers.
 ``tiny_fragment``
     A first fragment (offset 0, more-fragments set) that carries fewer than `MIN_FRAGMENT_L4_BYTES` bytes
-    after the IP header chain (RFC 1858 §3.2 tiny-fragment attack; RFC 8200 §4.5 wants the whole header chain
+    after the IP header chain (RFC 1858 §3 tiny-fragment attack; RFC 8200 §4.5 wants the whole header chain
     in the first fragment).
 ``low_offset_fragment``
     A later fragment with offset below `MIN_FRAGMENT_L4_BYTES` bytes: it could overwrite the transport header
-    of the first one (RFC 1858 §3.2 overlapping-fragment attack; the bound is Tailscale's ``minFragBlks``).
+    of the first one (RFC 1858 §4 overlapping-fragment attack; the bound is Tailscale's ``minFragBlks``).
 ``l4_truncated``
     Unfragmented packet or first fragment whose transport header is short: TCP < 20 bytes or data offset < 5
     or beyond the packet, UDP < 8, ICMP/ICMPv6 < 8.

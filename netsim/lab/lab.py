@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 
@@ -40,6 +40,9 @@ from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, remove_run
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
 from netsim.lab.pcap import Capture
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
+
+if TYPE_CHECKING:
+    from netsim.transports.tun import TunDevice
 
 __all__ = ["Lab", "NatMode"]
 
@@ -597,7 +600,7 @@ class Lab:
         /etc/resolv.conf; use addresses (``lab.addr``) or query ``lab.addr.dns_v4`` explicitly."""
         return run_in_netns(self.netns(role), lambda: socket.socket(family, type, proto))
 
-    def open_tun(self, role: str = "mac", name: str = "utun%d", **kwargs: Any) -> Any:
+    def open_tun(self, role: str = "mac", name: str = "utun%d", **kwargs: Any) -> TunDevice:
         """Create a `netsim.transports.tun.TunDevice` in ``role``; closed at teardown. With ``pcap_dir``, a
         capture named ``<role>-<ifname>`` starts on it."""
         from netsim.transports.tun import TunDevice

@@ -90,8 +90,11 @@ def _udp_socket(host: str, port: int) -> socket.socket:
 
 def _serve_echo(sock: socket.socket) -> None:
     while True:
-        data, peer = sock.recvfrom(65535)
-        sock.sendto(data, peer)
+        try:
+            data, peer = sock.recvfrom(65535)
+            sock.sendto(data, peer)
+        except OSError:
+            continue  # e.g. ICMP-induced ECONNREFUSED from an earlier send: keep serving
 
 
 def _serve_dns(sock: socket.socket, drops: list[int]) -> None:
@@ -100,14 +103,17 @@ def _serve_dns(sock: socket.socket, drops: list[int]) -> None:
     from netsim.lab.addressing import ADDR, LAB_DOMAIN
 
     while True:
-        data, peer = sock.recvfrom(4096)
+        try:
+            data, peer = sock.recvfrom(4096)
+        except OSError:
+            continue
         try:
             query = DNSRecord.parse(data)
+            qname = str(query.q.qname)
         except Exception:  # dnslib raises several types on garbage: count and drop
             drops[0] += 1
             continue
         reply = query.reply()
-        qname = str(query.q.qname)
         host = ADDR.lookup(qname)
         if host is None:
             if qname.lower().rstrip(".").endswith(LAB_DOMAIN):
@@ -119,7 +125,10 @@ def _serve_dns(sock: socket.socket, drops: list[int]) -> None:
                 reply.add_answer(RR(qname, QTYPE.A, rdata=A(str(host.v4)), ttl=60))
             if query.q.qtype in (QTYPE.AAAA, QTYPE.ANY):
                 reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(str(host.v6)), ttl=60))
-        sock.sendto(reply.pack(), peer)
+        try:
+            sock.sendto(reply.pack(), peer)
+        except OSError:
+            continue
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -464,7 +464,7 @@ class WireGuardGo:
         preshared_key: PresharedKey | None = None,
         persistent_keepalive: int | None = None,
     ) -> PeerConfig:
-        """Add or replace a peer (``wg set <if> peer ... replace-allowed-ips``); remembered for `restart`.
+        """Add or replace a peer (``wg set <if> peer ... allowed-ips ...``, which replaces the list); kept for `restart`.
 
         Raises:
             ConfigError: a bad prefix, endpoint or keepalive.
@@ -485,7 +485,7 @@ class WireGuardGo:
         return peer
 
     async def _set_peer(self, peer: PeerConfig) -> None:
-        argv = ["wg", "set", self.ifname, "peer", peer.public_key.to_base64(), "replace-allowed-ips"]
+        argv = ["wg", "set", self.ifname, "peer", peer.public_key.to_base64()]
         argv += ["allowed-ips", ",".join(str(n) for n in peer.allowed_ips)]
         if peer.endpoint is not None:
             argv += ["endpoint", str(peer.endpoint)]

@@ -231,6 +231,15 @@ class TunnelProviderSession:
     calling a response handler.
     """
 
+    #: the current `VPNStatus` (Apple: ``NEVPNConnection.status``)
+    status: VPNStatus = VPNStatus.DISCONNECTED
+    #: why the last tunnel stopped (None until one has)
+    stop_reason: ProviderStopReason | None = None
+    #: the last stop's error text, None for a clean stop (Apple: ``fetchLastDisconnectError``)
+    last_disconnect_error: str | None = None
+    #: what the provider's last ``set_tunnel_network_settings`` applied (JSON form), None when cleared
+    applied_settings: dict[str, Any] | None = None
+
     def __init__(self, manager: TunnelProviderManager, nursery: trio.Nursery) -> None:
         self.manager = manager
         self._nursery = nursery

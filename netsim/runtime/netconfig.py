@@ -59,6 +59,7 @@ __all__ = [
     "MemoryNetworkConfigurator",
     "NetworkConfigurator",
     "ResolverConfig",
+    "open_iproute",
     "resolver_config",
     "tunnel_route_table",
 ]
@@ -252,6 +253,32 @@ class MemoryNetworkConfigurator:
             self._device = None
 
 
+def open_iproute(netns: str | None = None) -> Any:
+    """A pyroute2 ``IPRoute`` whose netlink socket lives in ``netns`` (None: this thread's namespace).
+
+    pyroute2 0.9 opens a namespace's socket by forking a child that setns()es and passes the fd back, then stops
+    the child with SIGTERM. A forked child inherits Python-level signal handlers, and `netsim.lab.Lab` installs
+    one that turns SIGTERM into KeyboardInterrupt: the child then escapes pyroute2's wrapper and goes on running
+    a copy of the caller (a clone of the test process inside the lab namespace). So the SIGTERM disposition is
+    reset to the default around the fork. (Creating ``IPRoute()`` in a setns()'d thread is no alternative: its
+    socket is opened from pyroute2's own event-loop thread, in the root namespace.)
+    """
+    import signal
+    import threading
+
+    from pyroute2 import IPRoute
+
+    if netns is None:
+        return IPRoute()
+    if threading.current_thread() is not threading.main_thread():
+        return IPRoute(netns=netns)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return IPRoute(netns=netns)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _failed(message: str) -> TunnelProviderError:
     return TunnelProviderError(TunnelProviderErrorCode.NETWORK_SETTINGS_FAILED, message)
 
@@ -300,8 +327,6 @@ class KernelNetworkConfigurator:
     # -- plumbing -------------------------------------------------------------------------------------------
     def _iproute(self) -> Any:
         if self._ipr is None:
-            from pyroute2 import IPRoute
-
             if self.inside:
                 mine = os.stat("/proc/self/ns/net").st_ino
                 target = Path("/run/netns") / self.netns
@@ -310,11 +335,9 @@ class KernelNetworkConfigurator:
                         f"inside=True but this process is not in namespace {self.netns!r}; refusing to touch "
                         "another namespace's routes (start the provider with `ip netns exec`)"
                     )
-                self._ipr = IPRoute()
+                self._ipr = open_iproute(None)
             else:
-                # IPRoute(netns=...) opens its netlink socket in the namespace. (Creating IPRoute() in a setns'd
-                # thread does not: pyroute2 0.9 opens the socket from its own loop thread, in the root namespace.)
-                self._ipr = IPRoute(netns=self.netns)
+                self._ipr = open_iproute(self.netns)
         return self._ipr
 
     @property

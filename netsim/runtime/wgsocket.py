@@ -49,7 +49,7 @@ class WireGuardSocket:
         device: WireGuardDevice,
         sock: socket.socket,
         *,
-        batch: int = 64,
+        batch: int = 32,
         queue: int = 1024,
         mtu: int = 1420,
     ) -> None:
@@ -63,8 +63,8 @@ class WireGuardSocket:
         self._bufs = [bytearray(mtu + 64) for _ in range(batch)]
         self._sizes = [0] * batch
         self._addrs: list[Endpoint | None] = [None] * batch
-        self._recv_buf = bytearray(_MAX_DATAGRAM)
-        self._wakeup = trio.Event()
+        # one full-size buffer per datagram of a receive batch (no truncation whatever the peer's MTU)
+        self._recv_bufs = [memoryview(bytearray(_MAX_DATAGRAM)) for _ in range(batch)]
         self.rx_channel_full = 0
         self.send_errors = 0
 
@@ -72,8 +72,7 @@ class WireGuardSocket:
         """The network loop; run it in a nursery and cancel it to stop."""
         dev = self.device
         sock = self.sock
-        buf = self._recv_buf
-        mv = memoryview(buf)
+        bufs = self._recv_bufs
         task_status.started()
         while True:
             deadline = dev.get_timer()
@@ -82,7 +81,9 @@ class WireGuardSocket:
                 await trio.lowlevel.wait_readable(sock)
             self._scope = None
             now = trio.current_time()
-            for _ in range(self.batch):
+            datagrams: list[memoryview] = []
+            addrs: list[Endpoint] = []
+            for buf in bufs:
                 try:
                     n, addr = sock.recvfrom_into(buf)
                 except BlockingIOError:
@@ -91,7 +92,10 @@ class WireGuardSocket:
                     if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         continue  # ICMP errors for earlier sends surface here on Linux; not our input
                     raise
-                dev.receive_datagram_untrusted(mv[:n], addr, now)
+                datagrams.append(buf[:n])
+                addrs.append(addr)
+            if datagrams:
+                dev.receive_datagrams_untrusted(datagrams, addrs, now)
             timer = dev.get_timer()
             if timer is not None and timer <= now:
                 dev.handle_timer(now)

@@ -113,6 +113,7 @@ class TunDevice:
             owner, ctl = run_in_netns(netns, open_dev)
         fd = owner.fileno()  # type: ignore[attr-defined]
         os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)  # a child holding the fd would keep the interface alive after we close it
         dev = cls(owner, fd, owner.name, netns, ctl, utun_framing=utun_framing)  # type: ignore[attr-defined]
         if mtu is not None:
             dev.set_mtu(mtu)

@@ -113,6 +113,8 @@ CRAFTED: list[tuple[str, bytes]] = [
     ("total_exceeds_buffer", v4(total=100, l4=TCP20)),
     ("total_exceeds_buffer", bytes(IPv6(plen=100) / UDP())),
     ("l4_truncated", v4(l4=TCP20[:19])),
+    ("l4_truncated", v4(proto=6)),  # goProbe#279: "index out of range [20] with length 20"
+    ("l4_truncated", v4(proto=17, l4=b"\x00\x35")),  # nebula#1107: firewall panic on a 22-byte packet
     ("l4_truncated", v4(l4=bytes(UDP())[:7], proto=17)),
     ("l4_truncated", v4(l4=bytes(ICMP())[:7], proto=1)),
     ("l4_truncated", v4(l4=TCP20[:12] + b"\x40" + TCP20[13:])),  # data offset 4

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from scapy.layers.inet6 import IPv6
 from netsim.errors import LabError
 from netsim.lab import ADDR, HTTP_SHA256, Lab, clean, read_pcap
 from netsim.lab.cleanup import RUN_DIR
-from netsim.lab.netns import list_netns
+from netsim.lab.netns import list_netns, pids_in_netns
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, lab, root_snapshot
 from netsim.testing.require import require_binary, require_root
 
@@ -269,7 +270,16 @@ def test_sigkilled_owner_is_cleaned_and_new_lab_comes_up() -> None:
         proc.kill()
         proc.wait()
         assert len(list_netns(f"netsim-{run_id}-")) == 5  # left behind
-        report = clean()
+        # ...but no running services (PR_SET_PDEATHSIG) and no utun0 (never persistent)
+        deadline = time.monotonic() + 10
+        while any(pids_in_netns(ns) for ns in list_netns(f"netsim-{run_id}-")):
+            assert time.monotonic() < deadline, "lab processes survived their owner"
+            time.sleep(0.01)
+        links = subprocess.run(
+            ["ip", "-n", f"netsim-{run_id}-mac", "-br", "link"], capture_output=True, text=True, check=True
+        )
+        assert "utun0" not in links.stdout and "en0" in links.stdout
+        report = clean(run_id)  # scoped: other labs on this machine belong to other people
         assert f"netns netsim-{run_id}-mac" in report.removed
         assert not list_netns(f"netsim-{run_id}-")
         assert not (RUN_DIR / f"{run_id}.json").exists()
@@ -329,3 +339,12 @@ def test_demo_lab(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "sha256 matches" in out
     assert str(ADDR.isp_wan_v4) in out  # whoami saw the NATed address
+
+
+def test_dns_survives_garbage(world: Lab) -> None:
+    with world.socket("mac") as s:
+        for junk in (b"", b"\x00", b"\xff" * 40, bytes(range(256)) * 2):
+            s.sendto(junk, (str(ADDR.isp_lan_v4), 53))
+    assert sh(world, "mac", "dig", "+short", "+time=2", "www.lab.test", "A").stdout.decode().split() == [
+        str(ADDR.www_v4)
+    ]

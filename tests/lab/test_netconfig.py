@@ -31,7 +31,7 @@ from netsim.apple import (
 )
 from netsim.core.routes import RouteTable
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
-from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_TABLE, tunnel_route_table
+from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_TABLE, open_iproute, tunnel_route_table
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -117,10 +117,8 @@ async def apply(session: TunnelProviderSession, spec: dict[str, Any] | None) -> 
 # -- kernel read-back ---------------------------------------------------------------------------------------
 class Kernel:
     def __init__(self, lab: Any) -> None:
-        from pyroute2 import IPRoute
-
         self.lab = lab
-        self.ipr = IPRoute(netns=lab.netns("mac"))
+        self.ipr = open_iproute(lab.netns("mac"))
 
     def close(self) -> None:
         self.ipr.close()

@@ -171,6 +171,15 @@ def test_handshake_ping_counters_restart_stop() -> None:
                     with pytest.raises(LabError, match="no handshake"):
                         await client.wait_handshake(server.public_key, after=2**40, timeout=0.3)
 
+                    # Peers can be added and replaced on a running instance (wg set ... allowed-ips replaces).
+                    extra = PrivateKey.generate().public_key()
+                    await server.add_peer(extra, allowed_ips=["10.77.0.99/32"])
+                    await server.add_peer(extra, allowed_ips=["10.77.0.98/32", "10.77.0.97/32"])
+                    live = (await server.showconf()).peer(extra)
+                    assert sorted(str(n) for n in live.allowed_ips) == ["10.77.0.97/32", "10.77.0.98/32"]
+                    await server.remove_peer(extra)
+                    assert all(p.public_key != extra for p in (await server.showconf()).peers)
+
                     # A second wireguard-go with a name already served is refused before it can steal it.
                     dup = WireGuardGo(lab.netns("inet"), server.ifname, PrivateKey.generate())
                     with pytest.raises(LabError, match="in use"):

@@ -103,7 +103,7 @@ def mock_run(fn: Callable[[], Awaitable[None]]) -> trio.testing.MockClock:
 
 
 def manager(provider: Any = Recorder, **kwargs: Any) -> tuple[TunnelProviderManager, InProcessLauncher]:
-    launcher = memory_launcher(lambda name, mtu: MemoryTun(name, mtu), physical_mtu=1500)
+    launcher = memory_launcher(MemoryTun, physical_mtu=1500)
     protocol = kwargs.pop("protocol", TunnelProviderProtocol(server_address="203.0.113.5"))
     return TunnelProviderManager(provider, launcher, protocol, **kwargs), launcher
 
@@ -208,7 +208,9 @@ def test_custom_start_timeout_and_stop_timeout() -> None:
     assert 3 <= times[1] - times[0] < 4
 
 
-@pytest.mark.parametrize(("arg", "reason"), [(b"x", ProviderStopReason.PROVIDER_FAILED), (b"", ProviderStopReason.NONE)])
+@pytest.mark.parametrize(
+    ("arg", "reason"), [(b"x", ProviderStopReason.PROVIDER_FAILED), (b"", ProviderStopReason.NONE)]
+)
 def test_cancel_tunnel_with_error(arg: bytes, reason: ProviderStopReason) -> None:
     m, launcher = manager()
 
@@ -369,7 +371,7 @@ def test_exception_in_a_provider_task_fails_the_tunnel() -> None:
 
 
 def test_host_going_away_is_a_provider_failure() -> None:
-    m, launcher = manager()
+    m, _ = manager()
 
     async def main() -> None:
         async with m.open_session() as session:
@@ -389,7 +391,7 @@ def test_provider_methods_need_a_host_and_settings_need_a_running_tunnel() -> No
         _ = p.packet_flow
 
     async def main() -> None:
-        host = ProviderHost(p, MemoryNetworkConfigurator(lambda n, mtu: MemoryTun(n, mtu)))
+        host = ProviderHost(p, MemoryNetworkConfigurator(MemoryTun))
         with pytest.raises(TunnelProviderError) as info:
             await p.set_tunnel_network_settings(settings())
         assert info.value.code is TunnelProviderErrorCode.NETWORK_SETTINGS_CANCELED

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -298,3 +300,43 @@ def test_device_deleted_under_reader(harness: Harness) -> None:
         pass  # raised by the waiter: also acceptable
     with pytest.raises(TunnelDown):
         harness.dev.read_packets(1)
+
+
+# ---------------------------------------------------------------- MemoryTun ledger property (pure, fast)
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("inject"), st.lists(st.integers(20, MTU + 40), max_size=12)),
+        st.tuples(st.just("read"), st.integers(1, 8)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=_ops, capacity=st.integers(1, 16), offset=st.sampled_from([0, 16]))
+def test_memory_tun_ledger_and_order(ops: list[tuple[str, object]], capacity: int, offset: int) -> None:
+    """injected == read + dropped + queued at every step, and reads come out in injection order."""
+    dev = MemoryTun("utun0", MTU, capacity=capacity)
+    bufs = [bytearray(offset + MTU) for _ in range(8)]
+    sizes = [0] * 8
+    sent: list[bytes] = []
+    got: list[bytes] = []
+    injected = 0
+    seq = 0
+    for op, arg in ops:
+        if op == "inject":
+            pkts = []
+            for size in arg:  # type: ignore[attr-defined]
+                seq += 1
+                pkts.append(bytes([0x45]) + seq.to_bytes(4, "big") + b"\0" * (size - 5))
+            accepted = dev.inject(pkts)
+            sent += [p for p in pkts if len(p) <= MTU][:accepted] if accepted else []
+            injected += len(pkts)
+        else:
+            k = dev.read_into(bufs[: int(arg)], sizes, offset)  # type: ignore[call-overload]
+            got += [bytes(bufs[i][offset : offset + sizes[i]]) for i in range(k)]
+        st_ = dev.statistics()
+        queued = injected - st_.packets_read - sum(st_.dropped.values())
+        assert 0 <= queued <= capacity
+    assert got == sent[: len(got)]

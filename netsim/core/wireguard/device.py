@@ -2,7 +2,8 @@
 
 Theory of operation (aioquic style). The caller owns the UDP socket and the clock:
 
-* inbound: ``receive_datagram_untrusted(data, addr, now)`` for each UDP payload. Bad, unauthenticated or
+* inbound: ``receive_datagram_untrusted(data, addr, now)`` for each UDP payload (or
+  ``receive_datagrams_untrusted(datagrams, addrs, now)`` for a batch). Bad, unauthenticated or
   replayed datagrams are dropped and counted under a named reason and never answered (no oracle); the only
   unsolicited answer is a cookie reply, and only when under load (§5.4.7). Decrypted inner packets are taken in
   batches with ``take_received()``; control events (handshake completed / given up) with ``next_event()``.

@@ -366,3 +366,16 @@ def test_config_errors_are_clear() -> None:
         WireGuardDevice(
             PrivateKey.generate(), [PeerConfig(public_key=k.public_key(), endpoint=Endpoint("vpn.example", 1))]
         )
+
+
+def test_low_order_ephemeral_with_valid_mac1_is_dropped() -> None:
+    # an attacker knowing B's public key can compute mac1; a zero (low-order) ephemeral must not crash B
+    from netsim.core.wireguard import noise
+    from netsim.core.wireguard.messages import INITIATION
+
+    p = Pair()
+    body = INITIATION.pack(1, 1234, bytes(32), bytes(48), bytes(28), bytes(16), bytes(16))
+    mac1 = noise.mac(noise.hash_(noise.LABEL_MAC1, bytes(p.kb.public_key())), body[:116])
+    p.deliver("a", [body[:116] + mac1 + bytes(16)], 0.0)
+    assert p.b.statistics().drops["handshake_failed"] == 1
+    assert p.b.datagrams_to_send(0.0) == []

@@ -1,0 +1,715 @@
+"""The helper process: accepts the provider over IPC, owns the WireGuard session and the physical UDP socket.
+
+Theory of operation
+-------------------
+This is the stand-in for a macOS privileged helper tool (architecture.md §2). It holds what a sandboxed
+extension should not: the tunnel's private key, the WireGuard session state and a UDP socket on the physical
+interface. The provider sends it batches of inner packets over the IPC (`netsim.core.ipc`) and receives the
+decrypted replies the same way. Two loops share one `WireGuardDevice`:
+
+* the **network loop** (`Helper.run`) waits until the UDP socket is readable or the device's next timer is due,
+  drains the socket into reused buffers (``recvfrom_into`` until EAGAIN, at most ``batch`` datagrams: Python has
+  no ``recvmmsg``), feeds the whole batch to the device, fires due timers, sends what the device queued
+  (handshakes, keepalives, flushed staged packets) and hands the decrypted batch to the provider in one IPC
+  frame;
+* the **session loop** (`Helper.serve_session`, one per provider connection) reads IPC events: each PACKETS
+  frame is classified by the optional `PolicyEngine` (default: everything TUNNEL, no parsing at all), encrypted
+  with one ``encapsulate`` call per ``batch`` packets into reused datagram buffers and sent.
+
+Tunnel state lives in the `Helper`, not in a session: when the provider disconnects the device, its keys and
+timers keep running (decrypted packets are then dropped as ``no_provider``), and the next provider connection
+resumes the same session. The UDP socket is bound to the physical interface with ``SO_BINDTODEVICE`` and marked
+with the bypass fwmark (`netsim.runtime.netconfig.BYPASS_FWMARK`), so the helper's own datagrams never route into
+the utun even when the tunnel claims the default route (the Linux analogue of Apple exempting a provider's own
+traffic, F1).
+
+Ledger (reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
+
+    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, policy_drop
+    bypass      BYPASS verdicts                  -> the bypass hook; dropped: bypass_unavailable (no hook yet)
+    wg_encrypt  packets given to the device      -> sent as transport data (device tx_packets); dropped:
+                                                    no_route, staged_overflow, handshake_timeout, ...;
+                                                    queued: staged while a handshake is in flight
+    udp_out     datagrams to the server          -> sendto accepted; dropped: udp_eagain, udp_error
+    wg_decrypt  datagrams from the network       -> inner packets; dropped: the device's reasons, plus
+                                                    ``keepalive`` and ``control`` (protocol messages consumed)
+    ipc_out     inner packets for the provider   -> written to the IPC socket; dropped: no_provider,
+                                                    ipc_queue_full, ipc_closed
+
+A stage's ``forwarded`` is counted from an independent source where one exists (the device's ``tx_packets`` /
+``rx_packets``), never derived from the other terms, so a packet lost without a counter shows up as an
+unattributed difference in `netsim.core.ledger.Ledger.check`.
+
+Logs are JSON lines on stderr (`JsonLogFormatter`), one object per event, so tests and tools parse them.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any, Protocol
+
+import trio
+
+from netsim.core import ipc
+from netsim.core.ledger import Ledger, LedgerSnapshot
+from netsim.core.packet import PacketView
+from netsim.core.policy import Action, PolicyEngine, parse_policy
+from netsim.core.wireguard.config import TunnelConfig
+from netsim.core.wireguard.device import DeviceStatistics, HandshakeCompleted, HandshakeTimeout, WireGuardDevice
+from netsim.core.wireguard.peer import Endpoint
+from netsim.core.wireguard.timers import Timers
+from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
+from netsim.transports.uds import IpcChannel, ServerStatistics, UnixIpcServer
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "SETTINGS_VERSION",
+    "DatagramTransport",
+    "Helper",
+    "HelperStatistics",
+    "JsonLogFormatter",
+    "UdpTransport",
+    "configure_json_logging",
+    "tunnel_settings_payload",
+]
+
+log = logging.getLogger("netsim.helper")
+
+DEFAULT_BATCH = 64
+SETTINGS_VERSION = 1
+_MAX_DATAGRAM = 65535
+# An IPC frame carries at most this many packets from the helper (64 KiB each worst case fits the 1 MiB default
+# frame only in small numbers, so the batch is also cut by bytes with Connection.batch_fits).
+_MAX_IPC_BATCH = 256
+_FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(ipc.AF_INET if v == 4 else ipc.AF_INET6 if v == 6 else 0 for v in range(16))
+# Device drop reasons that only the outbound path produces; "inner_malformed" is shared and attributed by call.
+_OUTBOUND_DROPS = frozenset(("no_route", "no_endpoint", "staged_overflow", "handshake_timeout", "oversize"))
+# Reasons the device counts for datagrams that took its control path (shorter than a transport header or not
+# type 4): subtracted from the control datagrams we saw to get the protocol messages it consumed.
+_CONTROL_DROPS = frozenset(
+    (
+        "short",
+        "bad_length",
+        "bad_type",
+        "bad_mac1",
+        "bad_mac2",
+        "handshake_failed",
+        "stale_timestamp",
+        "handshake_flood",
+        "unexpected_response",
+        "bad_cookie",
+    )
+)
+_TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: ``ts`` (Unix time), ``level``, ``logger``, ``msg`` and any ``extra`` fields."""
+
+    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_json_logging(level: int = logging.INFO) -> None:
+    """Send every ``netsim`` logger to stderr as JSON lines (the helper process's log format)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("netsim")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+# ------------------------------------------------------------------------------------------------ datagrams
+class DatagramTransport(Protocol):
+    """The helper's network side: a non-blocking datagram socket (real UDP, or the in-memory fake network)."""
+
+    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
+        """Receive every ready datagram, up to ``len(bufs)``, into the caller's buffers; 0 when none is ready."""
+        ...
+
+    def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
+        """Send one datagram; None on success, else the drop reason (``udp_eagain``, ``udp_error``)."""
+        ...
+
+    async def wait_readable(self) -> None:
+        """Block until a datagram may be ready."""
+        ...
+
+    def close(self) -> None:
+        """Release the socket; idempotent."""
+        ...
+
+
+class UdpTransport:
+    """`DatagramTransport` over a non-blocking UDP socket (the helper owns it and closes it).
+
+    Use `UdpTransport.open` to get one bound to the physical interface.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.recv_errors = 0
+
+    @classmethod
+    def open(
+        cls,
+        family: int = socket.AF_INET,
+        *,
+        interface: str | None = "en0",
+        fwmark: int | None = None,
+        port: int = 0,
+        rcvbuf: int = 4 << 20,
+    ) -> UdpTransport:
+        """A UDP socket bound to ``interface`` (SO_BINDTODEVICE) and marked ``fwmark`` (SO_MARK), on ``port``.
+
+        Binding to the device keeps the helper's datagrams off every route but the physical one (socket(7)); the
+        mark makes the tunnel's policy-routing rule skip them. Both need CAP_NET_RAW / CAP_NET_ADMIN.
+
+        Raises:
+            ConfigError: the interface does not exist or the options need privileges we lack.
+        """
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if interface:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            if fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                    break
+                except OSError:
+                    continue
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot open the helper's UDP socket on interface {interface!r} port {port}: {exc} "
+                "(the interface must exist in this namespace; binding to it needs root)"
+            ) from None
+        return cls(sock)
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
+        recv = self.sock.recvfrom_into
+        n = 0
+        limit = len(bufs)
+        while n < limit:
+            try:
+                size, addr = recv(bufs[n])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # Linux reports ICMP errors for earlier sends (server down: port unreachable) on the next receive.
+                if exc.errno in _TRANSIENT_RECV:
+                    self.recv_errors += 1
+                    continue
+                raise
+            sizes[n] = size
+            addrs[n] = addr[:2]
+            n += 1
+        return n
+
+    def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            return "udp_eagain"
+        except OSError:
+            return "udp_error"
+        return None
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def tunnel_settings_payload(config: TunnelConfig, server: str | None) -> dict[str, Any]:
+    """What the helper tells the provider in its SETTINGS frame: everything but the keys.
+
+    The provider turns it into ``PacketTunnelNetworkSettings`` (addresses, DNS, AllowedIPs as included routes,
+    MTU, the server as ``tunnel_remote_address``). The private key never crosses the IPC.
+    """
+    i = config.interface
+    routes: list[str] = []
+    for peer in config.peers:
+        routes += [str(n) for n in peer.allowed_ips if str(n) not in routes]
+    return {
+        "v": SETTINGS_VERSION,
+        "addresses": [str(a) for a in i.addresses],
+        "dns": [str(s) for s in i.dns_servers],
+        "dns_search": list(i.dns_search),
+        "routes": routes,
+        "mtu": i.mtu,
+        "server": server,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+@dataclass(frozen=True, slots=True)
+class HelperStatistics:
+    """A snapshot of the helper (all plain counters).
+
+    Attributes:
+        ledger: the per-stage packet ledger (see the module docstring).
+        device: the WireGuard device's counters.
+        server: the IPC server's counters (None when sessions are fed in directly, as in memory).
+        sessions: provider sessions served so far; ``connected``: one is connected now.
+        verdicts: packets per policy action (``tunnel``, ``bypass``, ``drop``).
+        policy_updates / policy_rejected: POLICY_UPDATE frames applied / refused.
+        recv_errors: ICMP errors surfaced on the UDP socket (server unreachable), not datagrams.
+        wakeups: network-loop wakeups (datagrams per wakeup = wg_decrypt.read / wakeups).
+    """
+
+    ledger: LedgerSnapshot
+    device: DeviceStatistics
+    server: ServerStatistics | None
+    sessions: int
+    connected: bool
+    verdicts: dict[str, int]
+    policy_updates: int
+    policy_rejected: int
+    recv_errors: int
+    wakeups: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object carried in STATS_RESPONSE (`Helper.stats_json`)."""
+        dev = self.device
+        return {
+            "ledger": self.ledger.to_json(),
+            "device": {
+                "rx_datagrams": dev.rx_datagrams,
+                "tx_datagrams": dev.tx_datagrams,
+                "rx_packets": dev.rx_packets,
+                "tx_packets": dev.tx_packets,
+                "handshakes_initiated": dev.handshakes_initiated,
+                "handshakes_completed": dev.handshakes_completed,
+                "staged": dev.staged,
+                "drops": {k: v for k, v in dev.drops.items() if v},
+            },
+            "server": None if self.server is None else _server_json(self.server),
+            "sessions": self.sessions,
+            "connected": self.connected,
+            "verdicts": dict(self.verdicts),
+            "policy_updates": self.policy_updates,
+            "policy_rejected": self.policy_rejected,
+            "recv_errors": self.recv_errors,
+            "wakeups": self.wakeups,
+        }
+
+
+def _server_json(s: ServerStatistics) -> dict[str, int]:
+    return {
+        "accepted": s.accepted,
+        "rejected_uid": s.rejected_uid,
+        "rejected_busy": s.rejected_busy,
+        "handshake_failed": s.handshake_failed,
+        "protocol_errors": s.protocol_errors,
+        "sessions_done": s.sessions_done,
+        "active": s.active,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ helper
+class Helper:
+    """The helper's tunnel: one WireGuard device, one datagram transport, at most one provider session.
+
+    Args:
+        config: the wg-quick configuration (interface key, addresses, DNS, MTU, peers).
+        transport: the network side (`UdpTransport.open(...)` in a real helper).
+        endpoints: resolved ``(host, port)`` per peer public key (base64) for peers whose Endpoint is a name;
+            peers with an IP literal endpoint need no entry.
+        policy: classifies each packet from the provider; None tunnels everything without parsing it.
+        bypass: receives the packets the policy marks BYPASS (the NAT bypass plugs in here); without it they
+            are dropped as ``bypass_unavailable``.
+        batch: datagrams read per wakeup and packets encrypted per ``encapsulate`` call.
+        timers / rng: passed to the `WireGuardDevice` (tests shorten timers).
+        clock: the time source (``trio.current_time``; the device never reads a clock itself).
+    """
+
+    def __init__(
+        self,
+        config: TunnelConfig,
+        transport: DatagramTransport,
+        *,
+        endpoints: Mapping[str, Endpoint] | None = None,
+        policy: PolicyEngine | None = None,
+        bypass: Callable[[list[memoryview]], None] | None = None,
+        batch: int = DEFAULT_BATCH,
+        timers: Timers | None = None,
+        rng: Any = None,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if not config.peers:
+            raise ConfigError("the helper's WireGuard configuration needs a [Peer] (the VPN server)")
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
+        self.config = config
+        self.transport = transport
+        self.policy = policy
+        self.bypass = bypass
+        self.batch = batch
+        self.clock = clock
+        mtu = config.interface.mtu or 1420
+        self.device = WireGuardDevice(config.interface.private_key, timers=timers, rng=rng, mtu=mtu)
+        self.device.wall_offset = time.time() - clock()
+        endpoints = dict(endpoints or {})
+        server: str | None = None
+        for peer in config.peers:
+            ep = endpoints.get(peer.public_key.to_base64())
+            self.device.add_peer(peer, endpoint=ep)
+            resolved = ep or (
+                (str(peer.endpoint.address), peer.endpoint.port)
+                if peer.endpoint is not None and peer.endpoint.address is not None
+                else None
+            )
+            if server is None and resolved is not None:
+                server = str(ip_address(str(resolved[0])))
+        self.settings = tunnel_settings_payload(config, server)
+        # buffers: one slab per direction, sliced once; reused for every batch
+        self._rx_slab = bytearray(batch * _MAX_DATAGRAM)
+        slab = memoryview(self._rx_slab)
+        self._rx_views = [slab[i * _MAX_DATAGRAM : (i + 1) * _MAX_DATAGRAM] for i in range(batch)]
+        self._rx_sizes = [0] * batch
+        self._rx_addrs: list[Endpoint | None] = [None] * batch
+        tx_size = mtu + 64
+        self._tx_slab = bytearray(batch * tx_size)
+        txs = memoryview(self._tx_slab)
+        self._tx_views = [txs[i * tx_size : (i + 1) * tx_size] for i in range(batch)]
+        self._tx_sizes = [0] * batch
+        self._tx_addrs: list[Endpoint | None] = [None] * batch
+        self._view = PacketView()
+        # ledger
+        self.ledger = Ledger("helper", ("ipc_in", "bypass", "wg_encrypt", "udp_out", "wg_decrypt", "ipc_out"))
+        self._ipc_in = self.ledger.stage("ipc_in")
+        self._bypass = self.ledger.stage("bypass")
+        self._wg_out = self.ledger.stage("wg_encrypt")
+        self._udp_out = self.ledger.stage("udp_out")
+        self._wg_in = self.ledger.stage("wg_decrypt")
+        self._ipc_out = self.ledger.stage("ipc_out")
+        self._last_drops = dict(self.device.statistics().drops)
+        self._last_tx = 0
+        self._last_rx = 0
+        self._last_keepalives = 0
+        self.verdicts = {"tunnel": 0, "bypass": 0, "drop": 0}
+        self.sessions = 0
+        self.policy_updates = 0
+        self.policy_rejected = 0
+        self.wakeups = 0
+        self.server: UnixIpcServer | None = None
+        self._channel: IpcChannel | None = None
+        self._scope: trio.CancelScope | None = None
+        self._connected = trio.Event()
+
+    # -- statistics -----------------------------------------------------------------------------------------
+    def statistics(self) -> HelperStatistics:
+        """A frozen snapshot; the ``wg_encrypt`` queue gauge is the device's staged data packets."""
+        self._wg_out.set_queued(sum(1 for peer in self.device.peers for pkt in peer.staged if pkt))
+        return HelperStatistics(
+            ledger=self.ledger.snapshot(),
+            device=self.device.statistics(),
+            server=self.server.statistics() if self.server is not None else None,
+            sessions=self.sessions,
+            connected=self._channel is not None,
+            verdicts=dict(self.verdicts),
+            policy_updates=self.policy_updates,
+            policy_rejected=self.policy_rejected,
+            recv_errors=getattr(self.transport, "recv_errors", 0),
+            wakeups=self.wakeups,
+        )
+
+    def stats_json(self) -> dict[str, Any]:
+        """`statistics` as the JSON object a STATS_RESPONSE carries."""
+        return self.statistics().to_json()
+
+    @property
+    def connected(self) -> bool:
+        """True while a provider session is open."""
+        return self._channel is not None
+
+    async def wait_connected(self) -> None:
+        """Wait until a provider session is open."""
+        while self._channel is None:
+            await self._connected.wait()
+
+    # -- device bookkeeping ---------------------------------------------------------------------------------
+    def _sync_device(self, *, outbound: bool) -> None:
+        """Move the device's counter deltas into the ledger (called after every device call)."""
+        dev = self.device
+        tx = dev.tx_packets
+        if tx != self._last_tx:
+            self._wg_out.count_forwarded(tx - self._last_tx)
+            self._last_tx = tx
+        drops = dev.statistics().drops
+        last = self._last_drops
+        for reason, count in drops.items():
+            delta = count - last[reason]
+            if delta:
+                if reason in _OUTBOUND_DROPS or (outbound and reason == "inner_malformed"):
+                    self._wg_out.count_dropped(reason, delta)
+                else:
+                    self._wg_in.count_dropped(reason, delta)
+        self._last_drops = drops
+        self._log_events()
+
+    def _log_events(self) -> None:
+        while (ev := self.device.next_event()) is not None:
+            key = ev.peer.public_key
+            peer = key.hex()[:16] if isinstance(key, bytes) else str(key)
+            if isinstance(ev, HandshakeCompleted):
+                log.info("handshake completed", extra={"event": "handshake", "peer": peer, "initiator": ev.initiator})
+            elif isinstance(ev, HandshakeTimeout):
+                log.warning("handshake timed out", extra={"event": "handshake_timeout", "peer": peer})
+            else:
+                log.info("keys zeroed", extra={"event": "keys_zeroed", "peer": peer})
+
+    def _send_datagram(self, data: ipc.Buffer, addr: Endpoint) -> None:
+        st = self._udp_out
+        st.count_read()
+        reason = self.transport.send(data, addr)
+        if reason is None:
+            st.count_forwarded()
+        else:
+            st.count_dropped(reason)
+
+    def _flush(self, now: float) -> None:
+        """Send the device's control datagrams and re-arm the network loop's timer if it moved earlier."""
+        for data, addr in self.device.datagrams_to_send(now):
+            self._send_datagram(data, addr)
+        scope = self._scope
+        timer = self.device.get_timer()
+        if scope is not None and timer is not None and timer < scope.deadline:
+            scope.deadline = timer
+
+    # -- network loop ---------------------------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The network loop (run it in a nursery for the helper's lifetime; cancel to stop)."""
+        dev = self.device
+        transport = self.transport
+        views, sizes, addrs = self._rx_views, self._rx_sizes, self._rx_addrs
+        task_status.started()
+        for peer in dev.peers:  # bring the session up now rather than on the first packet
+            if peer.endpoint is not None:
+                dev.initiate(peer, self.clock())
+        self._flush(self.clock())
+        while True:
+            deadline = dev.get_timer()
+            with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
+                self._scope = scope
+                await transport.wait_readable()
+            self._scope = None
+            self.wakeups += 1
+            now = self.clock()
+            n = transport.recv_batch(views, sizes, addrs)
+            if n:
+                self._receive(n, now)
+            timer = dev.get_timer()
+            if timer is not None and timer <= now:
+                dev.handle_timer(now)
+                self._sync_device(outbound=True)
+            self._flush(now)
+            self._deliver()
+
+    def _receive(self, n: int, now: float) -> None:
+        dev = self.device
+        views, sizes = self._rx_views, self._rx_sizes
+        datagrams = [views[i][: sizes[i]] for i in range(n)]
+        control = 0
+        for d in datagrams:
+            if len(d) < 32 or d[0] != 4:  # WireGuard message type 4 = transport data (whitepaper §5.4.6)
+                control += 1
+        st = self._wg_in
+        st.count_read(n)
+        before = self._last_drops
+        keepalives = dev.rx_keepalives
+        dev.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
+        rx = dev.rx_packets
+        st.count_forwarded(rx - self._last_rx)
+        self._last_rx = rx
+        if dev.rx_keepalives != keepalives:
+            st.count_dropped("keepalive", dev.rx_keepalives - keepalives)
+        if control:
+            after = dev.statistics().drops
+            control -= sum(after[r] - before[r] for r in _CONTROL_DROPS)
+            if control:
+                st.count_dropped("control", control)
+        self._sync_device(outbound=False)
+
+    def _deliver(self) -> None:
+        """Hand the decrypted packets to the provider: one IPC frame per batch, dropped (counted) if none."""
+        items = self.device.take_received()
+        if not items:
+            return
+        packets = [pkt for _, pkt in items]
+        ch = self._channel
+        out = self._ipc_out
+        if ch is None or ch.is_broken:
+            out.count_read(len(packets))
+            out.count_dropped("no_provider", len(packets))
+            return
+        start = 0
+        total = len(packets)
+        while start < total:
+            end = min(start + _MAX_IPC_BATCH, total)
+            nbytes = sum(len(p) for p in packets[start:end])
+            while end - start > 1 and not ch.connection.batch_fits(end - start, nbytes):
+                end -= 1
+                nbytes -= len(packets[end])
+            chunk = packets[start:end]
+            try:
+                ch.send_packets_nowait(chunk, [_FAMILY_BY_NIBBLE[p[0] >> 4] or ipc.AF_INET for p in chunk])
+            except LocalProtocolError:
+                pass  # counted by the channel as ipc_local_error (e.g. the session is closing)
+            start = end
+
+    # -- provider sessions ----------------------------------------------------------------------------------
+    async def serve_session(self, channel: IpcChannel) -> None:
+        """Serve one provider connection (handshake already done) until it closes; the tunnel state stays.
+
+        Sends SETTINGS first, then forwards PACKETS, answers STATS_REQUEST and PING, applies POLICY_UPDATE.
+        """
+        if self._channel is not None and not self._channel.is_broken:
+            await channel.send(ipc.Error(ipc.ErrorCode.BUSY, "the helper already serves a provider"))
+            return
+        self._channel = channel
+        self.sessions += 1
+        self._connected.set()
+        self._connected = trio.Event()
+        peer = channel.peer
+        log.info(
+            "provider connected",
+            extra={"event": "session_open", "pid": peer.pid if peer else None, "session": self.sessions},
+        )
+        reason = "closed"
+        try:
+            await channel.send(ipc.Settings(json.dumps(self.settings).encode()))
+            while True:
+                ev = await channel.receive_event()
+                if isinstance(ev, ipc.PacketBatch):
+                    self._outbound(ev)
+                elif isinstance(ev, ipc.StatsRequest):
+                    await channel.send(ipc.StatsResponse(ev.request_id, self.stats_json()))
+                elif isinstance(ev, ipc.Ping):
+                    await channel.send(ipc.Pong(ev.nonce))
+                elif isinstance(ev, ipc.PolicyUpdate):
+                    self._apply_policy(ev)
+                elif isinstance(ev, ipc.Goodbye | ipc.Error | ipc.ConnectionClosed):
+                    reason = type(ev).__name__.lower()
+                    break
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            raise
+        except TunnelDown as exc:
+            reason = f"lost: {exc}"
+        finally:
+            if self._channel is channel:
+                self._channel = None
+            log.info("provider disconnected", extra={"event": "session_close", "reason": reason})
+
+    def _apply_policy(self, ev: ipc.PolicyUpdate) -> None:
+        try:
+            policy = parse_policy(ev.payload.decode("utf-8"), source=f"POLICY_UPDATE {ev.generation}")
+        except (UnicodeDecodeError, ConfigError) as exc:
+            self.policy_rejected += 1
+            log.warning("policy update rejected", extra={"event": "policy_rejected", "error": str(exc)})
+            return
+        if self.policy is None:
+            self.policy = PolicyEngine(policy)
+        else:
+            self.policy.replace(policy)
+        self.policy_updates += 1
+        log.info("policy updated", extra={"event": "policy", "generation": ev.generation})
+
+    def _outbound(self, batch: ipc.PacketBatch) -> None:
+        """Classify, encrypt and send one batch from the provider (the hot path)."""
+        packets = batch.packets()
+        n = len(packets)
+        self._ipc_in.count_read(n)
+        now = self.clock()
+        if self.policy is not None:
+            packets = self._classify(packets, now)
+        else:
+            self.verdicts["tunnel"] += n
+        self._ipc_in.count_forwarded(len(packets))
+        dev = self.device
+        bufs, sizes, addrs = self._tx_views, self._tx_sizes, self._tx_addrs
+        step = self.batch
+        send = self._send_datagram
+        for start in range(0, len(packets), step):
+            chunk = packets[start : start + step]
+            self._wg_out.count_read(len(chunk))
+            dev.encapsulate(chunk, now, bufs, sizes, addrs)
+            for i in range(len(chunk)):
+                size = sizes[i]
+                addr = addrs[i]
+                if size and addr is not None:
+                    send(bufs[i][:size], addr)
+            self._sync_device(outbound=True)
+            self._flush(now)
+
+    def _classify(self, packets: list[memoryview], now: float) -> list[memoryview]:
+        assert self.policy is not None
+        classify = self.policy.classify
+        view = self._view
+        keep: list[memoryview] = []
+        bypass: list[memoryview] = []
+        for pkt in packets:
+            try:
+                view.load_untrusted(pkt)
+            except BadPacket:
+                self._ipc_in.count_dropped("malformed")
+                continue
+            verdict = classify(view, now)
+            action = verdict.action
+            if action is Action.TUNNEL:
+                keep.append(pkt)
+            elif action is Action.BYPASS:
+                bypass.append(pkt)
+            else:
+                self._ipc_in.count_dropped("policy_drop")
+                self.verdicts["drop"] += 1
+        self.verdicts["tunnel"] += len(keep)
+        if bypass:
+            self.verdicts["bypass"] += len(bypass)
+            self._ipc_in.count_forwarded(len(bypass))
+            self._bypass.count_read(len(bypass))
+            if self.bypass is None:
+                self._bypass.count_dropped("bypass_unavailable", len(bypass))
+            else:
+                self.bypass(bypass)
+                self._bypass.count_forwarded(len(bypass))
+        return keep
+
+    def close(self) -> None:
+        """Close the transport (the device holds no OS resources)."""
+        self.transport.close()

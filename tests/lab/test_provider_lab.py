@@ -1,0 +1,112 @@
+"""The issue's "done when": the example provider started from the controller in the lab answers ``ping``.
+
+``ping`` runs in ``mac`` against virtual addresses routed into the tunnel; the provider sees the requests in
+``read_packet_objects()`` and its replies reach ``ping``. UDP echo goes through a socket in ``mac``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import trio
+
+from netsim.apple import TunnelProviderProtocol, VPNStatus
+from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
+from netsim.testing.require import require_binary, require_root, require_tun
+
+pytestmark = [pytest.mark.lab, pytest.mark.tun]
+
+VIRTUAL_V4, VIRTUAL_V6 = "10.66.0.1", "fd00:66::1"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Any]:
+    require_root()
+    require_tun()
+    require_binary("ip", "nft", "ping")
+    from netsim.lab import Lab
+    from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
+
+    before = root_snapshot()
+    with Lab(services=False) as the_lab:
+        yield the_lab
+    assert_root_unchanged(before)
+
+
+def test_ping_and_udp_echo_answered_by_the_example_provider(lab: Any, tmp_path: Any) -> None:
+    manager = TunnelProviderManager(
+        "examples.ping_responder:PingResponder",
+        SubprocessLauncher(lab.netns("mac"), log_path=tmp_path / "provider.log"),
+        TunnelProviderProtocol(
+            server_address="192.0.2.2",
+            provider_configuration={"virtual_v4": VIRTUAL_V4, "virtual_v6": VIRTUAL_V6},
+        ),
+    )
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            changes = session.status_changes()
+            await session.start_vpn_tunnel({"started_by": "test"})
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            assert session.status is VPNStatus.CONNECTED, session.last_disconnect_error
+
+            # Before: the LAN gateway is still reached directly; the virtual address goes into the tunnel.
+            utun = (session.applied_settings or {})["device"]
+            route = json.loads((await lab.run("mac", ["ip", "-j", "route", "get", VIRTUAL_V4])).stdout)[0]
+            assert route["dev"] == utun
+
+            for target in (VIRTUAL_V4, VIRTUAL_V6):
+                result = await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", target], timeout=20)
+                out = result.stdout.decode()
+                assert re.search(r"3 packets transmitted, 3 received", out), out
+
+            sock = lab.socket("mac", socket.AF_INET, socket.SOCK_DGRAM)
+            sock.settimeout(5)
+            try:
+                sock.sendto(b"hello through the tunnel", (VIRTUAL_V4, 7))
+                data, peer = sock.recvfrom(2048)
+            finally:
+                sock.close()
+            assert data == b"hello through the tunnel" and peer == (VIRTUAL_V4, 7)
+
+            stats = json.loads(await session.send_provider_message(b"stats") or b"{}")
+            assert stats["requests_seen"] == 7 and stats["replies_written"] == 7  # 3 + 3 pings, 1 UDP
+            assert stats["packets_read"] >= 7 and stats["read_batches"] >= 1
+
+            await session.stop_vpn_tunnel()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+            seen = []
+            while True:
+                try:
+                    seen.append(changes.receive_nowait().status)
+                except trio.WouldBlock:
+                    break
+            assert seen == [VPNStatus.CONNECTING, VPNStatus.CONNECTED, VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED]
+            assert session.last_disconnect_error is None
+
+        # After stop the address is no longer routed into any tunnel.
+        route = json.loads(lab.run_sync("mac", ["ip", "-j", "route", "get", VIRTUAL_V4]).stdout)[0]
+        assert route["dev"] == "en0"
+
+    trio.run(main)
+
+
+def test_failing_provider_process_reports_provider_failed(lab: Any) -> None:
+    manager = TunnelProviderManager("examples.ping_responder:NoSuchProvider", SubprocessLauncher(lab.netns("mac")))
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+            assert session.stop_reason is not None and session.stop_reason.name == "PROVIDER_FAILED"
+            assert "exit code" in (session.last_disconnect_error or "")
+
+    trio.run(main)
