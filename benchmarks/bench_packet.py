@@ -8,6 +8,8 @@ Cases, at 64, 576 and 1400-byte packets:
 * ``netsim parse_untrusted``: a new view per packet.
 * ``scapy dissect``: ``IP(raw)`` / ``IPv6(raw)`` and the same 5-tuple read from the layers, on a smaller sample.
 * ``loop baseline``: the bare ``for`` loop over the corpus (included in every number above).
+* ``checksum full`` / ``NAT rewrite src+port/id``: `internet_checksum` over each packet, and an in-place source
+  address plus port (or ICMP id) rewrite with incremental checksum updates (no target; for the NAT's budget).
 """
 
 from __future__ import annotations
@@ -87,6 +89,31 @@ def case_netsim(size: int, count: int, reps: int, seed: int, variant: str) -> di
     return measure(f"{name} {size}B", fn, items=count, reps=reps, params={"size": size, "seed": seed}).as_dict()
 
 
+def case_checksum(size: int, count: int, reps: int, seed: int, variant: str) -> dict[str, Any]:
+    """NAT-side costs on the same corpus: a full RFC 1071 checksum, or an address + port/id rewrite (RFC 1624)."""
+    from netsim.core.checksum import internet_checksum, rewrite_address, rewrite_icmp_id, rewrite_port
+    from netsim.core.packet import PacketView
+
+    packets = [bytearray(p) for p in corpus(size, count, seed)]
+    views = [PacketView.parse_untrusted(p) for p in packets]
+    new4, new6 = bytes([100, 64, 0, 1]), bytes(15) + b"\x01"
+
+    def run_full() -> None:
+        for p in packets:
+            internet_checksum(p)
+
+    def run_rewrite() -> None:
+        for v in views:
+            rewrite_address(v, new4 if v.version == 4 else new6, source=True)
+            if v.sport:
+                rewrite_port(v, 40000, source=True)
+            else:
+                rewrite_icmp_id(v, 40000)
+
+    fn, name = {"full": (run_full, "checksum full"), "rewrite": (run_rewrite, "NAT rewrite src+port/id")}[variant]
+    return measure(f"{name} {size}B", fn, items=count, reps=reps, params={"size": size, "seed": seed}).as_dict()
+
+
 def case_scapy(size: int, count: int, reps: int, seed: int) -> dict[str, Any]:
     from scapy.layers.inet import IP
     from scapy.layers.inet6 import IPv6
@@ -122,7 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         theirs = run_isolated(
             "benchmarks.bench_packet", "case_scapy", size=size, count=scapy_count, reps=5, seed=args.seed
         )
-        results += [*ours.values(), theirs]
+        extra = [
+            run_isolated(
+                "benchmarks.bench_packet", "case_checksum", size=size, count=count, reps=reps, seed=args.seed, variant=v
+            )
+            for v in ("full", "rewrite")
+        ]
+        results += [*ours.values(), theirs, *extra]
         summary[f"{size}B"] = {
             "netsim_ns_median": ours["bytes"].ns_median,
             "netsim_ns_best": ours["bytes"].ns_min,

@@ -54,6 +54,7 @@ _U16 = struct.Struct("!H")
 _U16_unpack = _U16.unpack_from
 _U16_pack = _U16.pack_into
 _M = 0xFFFF
+_ADDRESS_OFFSET = {(True, True): 12, (True, False): 16, (False, True): 8, (False, False): 24}
 
 
 def ones_complement_sum(data: Buffer) -> int:
@@ -199,49 +200,68 @@ def fill_checksums(buf: bytearray | memoryview) -> PacketView:
     return view
 
 
-def _update_l4(view: PacketView, old: bytes, new: bytes, in_pseudo_header: bool) -> None:
-    """Apply a field change to the transport checksum, honouring IPv4 UDP's "no checksum" zero."""
-    off = checksum_offset(view)
-    buf = view.buffer
-    if off is None or (in_pseudo_header and not _has_pseudo_header(view)) or off + 2 > len(buf):
-        return  # no checksum, or (in a quoted packet) the quote ends before it
-    (cs,) = _U16_unpack(buf, off)
-    if view.protocol == PROTO_UDP:
-        if cs == 0 and view.version == 4:
-            return  # RFC 768: no checksum stays no checksum
-        cs = (cs + int.from_bytes(old, "big") - int.from_bytes(new, "big")) % _M
-        _U16_pack(buf, off, cs or 0xFFFF)
+def _update_l4(view: PacketView, delta: int, in_pseudo_header: bool) -> None:
+    """Apply ``delta`` = old - new (field values as integers) to the transport checksum (RFC 1624 eq. 3).
+
+    Honours IPv4 UDP's "no checksum" zero and sends a computed UDP 0 as 0xFFFF (RFC 768).
+    """
+    if view.fragment_offset:
+        return  # non-first fragment: no transport header here
+    proto = view.protocol
+    version = view.version
+    if proto == PROTO_TCP:
+        off = view.l4_offset + 16
+    elif proto == PROTO_UDP:
+        off = view.l4_offset + 6
+    elif proto == PROTO_ICMPV6 and version == 6:
+        off = view.l4_offset + 2
+    elif proto == PROTO_ICMP and version == 4:
+        if in_pseudo_header:
+            return  # ICMPv4 has no pseudo-header (RFC 792)
+        off = view.l4_offset + 2
     else:
-        cs = (cs + int.from_bytes(old, "big") - int.from_bytes(new, "big")) % _M
-        if cs == 0 and not _has_pseudo_header(view):
-            # ICMPv4 has no pseudo-header, so its data can be all zero (an empty echo reply with id and seq 0),
-            # whose checksum is 0xFFFF, not 0: the one case eq. 3 cannot tell apart. Recompute it.
-            l4 = view.l4_offset
-            cs = _checksum_without_field(memoryview(buf)[l4 : min(view.total_length, len(buf))], off - l4, 0)
-        _U16_pack(buf, off, cs)
+        return
+    buf = view.buffer
+    if off + 2 > len(buf):
+        return  # a quoted packet whose quote ends before its checksum
+    (cs,) = _U16_unpack(buf, off)
+    if proto == PROTO_UDP:
+        if cs == 0 and version == 4:
+            return  # RFC 768: no checksum stays no checksum
+        _U16_pack(buf, off, (cs + delta) % _M or 0xFFFF)
+        return
+    cs = (cs + delta) % _M
+    if cs == 0 and proto == PROTO_ICMP:
+        # ICMPv4 has no pseudo-header, so its data can be all zero (an empty echo reply with id and seq 0),
+        # whose checksum is 0xFFFF, not 0: the one case eq. 3 cannot tell apart. Recompute it.
+        l4 = view.l4_offset
+        cs = _checksum_without_field(memoryview(buf)[l4 : min(view.total_length, len(buf))], off - l4, 0)
+    _U16_pack(buf, off, cs)
 
 
 def rewrite_address(view: PacketView, new: bytes, *, source: bool) -> None:
     """Replace the source (``source=True``) or destination address in place, fixing every checksum.
 
     Updates the IPv4 header checksum and the TCP/UDP/ICMPv6 pseudo-header checksum (RFC 1624), and
-    ``view.src``/``view.dst``.
+    ``view.src``/``view.dst``. With an IPv6 Routing header the pseudo-header uses the final destination (RFC
+    8200 §8.1), which this does not look for: rewrite only source addresses of such packets.
 
     Raises:
         LocalProtocolError: ``new`` has the wrong length for the packet's version.
     """
-    size = 4 if view.version == 4 else 16
+    v4 = view.version == 4
+    size = 4 if v4 else 16
     if len(new) != size:
         raise LocalProtocolError(f"IPv{view.version} address must be {size} bytes, got {len(new)}")
     new = bytes(new)
-    old = view.src if source else view.dst
-    if view.version == 4:
-        pos = 12 if source else 16
-        update_checksum_field(view.buffer, 10, old, new)
-    else:
-        pos = 8 if source else 24
-    view.buffer[pos : pos + size] = new  # type: ignore[index]
-    _update_l4(view, old, new, True)
+    buf = view.buffer
+    pos = _ADDRESS_OFFSET[v4, source]  # RFC 791 §3.1 / RFC 8200 §3
+    delta = int.from_bytes(buf[pos : pos + size], "big") - int.from_bytes(new, "big")
+    buf[pos : pos + size] = new  # type: ignore[index]
+    if v4:
+        (cs,) = _U16_unpack(buf, 10)
+        _U16_pack(buf, 10, (cs + delta) % _M)
+    _update_l4(view, delta, True)
     if source:
         view.src = new
     else:
@@ -254,16 +274,15 @@ def rewrite_port(view: PacketView, new: int, *, source: bool) -> None:
     Raises:
         LocalProtocolError: not a TCP/UDP packet with its header present, or ``new`` not in 0..65535.
     """
-    if view.protocol not in (PROTO_TCP, PROTO_UDP) or view.fragment_offset:
+    if (view.protocol != PROTO_TCP and view.protocol != PROTO_UDP) or view.fragment_offset:
         raise LocalProtocolError(f"no ports to rewrite (protocol {view.protocol}, non-first fragment?)")
     if not 0 <= new <= 0xFFFF:
         raise LocalProtocolError(f"port must be 0..65535, got {new}")
-    pos = view.l4_offset + (0 if source else 2)
+    pos = view.l4_offset if source else view.l4_offset + 2
     buf = view.buffer
-    old = bytes(buf[pos : pos + 2])
-    new_b = _U16.pack(new)
-    buf[pos : pos + 2] = new_b  # type: ignore[index]
-    _update_l4(view, old, new_b, False)
+    (old,) = _U16_unpack(buf, pos)
+    _U16_pack(buf, pos, new)
+    _update_l4(view, old - new, False)
     if source:
         view.sport = new
     else:
@@ -285,8 +304,7 @@ def rewrite_icmp_id(view: PacketView, new: int) -> None:
         raise LocalProtocolError(f"ICMP id must be 0..65535, got {new}")
     pos = view.l4_offset + 4
     buf = view.buffer
-    old = bytes(buf[pos : pos + 2])
-    new_b = _U16.pack(new)
-    buf[pos : pos + 2] = new_b  # type: ignore[index]
-    _update_l4(view, old, new_b, False)
+    (old,) = _U16_unpack(buf, pos)
+    _U16_pack(buf, pos, new)
+    _update_l4(view, old - new, False)
     view.icmp_id = new

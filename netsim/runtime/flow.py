@@ -53,7 +53,8 @@ class FlowStatistics:
         write_dropped_too_big: packets longer than the utun's MTU.
         write_dropped_refused: packets the device refused otherwise (queue full, kernel said no).
         write_dropped_no_device: packets written before the utun existed or after it went away.
-        device: the device's own statistics object (e.g. kernel queue drops), if it has one.
+        device: the device's own statistics (``kernel_statistics()`` when it has it, e.g. the TUN's
+            ``kernel_tx_dropped`` backpressure drops; else ``statistics()``), if it has any.
     """
 
     read_batches: int
@@ -151,19 +152,23 @@ class PacketTunnelFlow:
         self._reading = True
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
                 device = self._device
                 if device is None:
                     await self._attached.wait()
+                    waited = True
                     continue
                 datas = device.read_packets(self.batch_limit)
                 if datas:
                     datas = self._keep_ip(datas)
                     if datas:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
+                        if not waited:  # trio: every async call yields once; a wait already did
+                            await trio.lowlevel.cancel_shielded_checkpoint()
                         return datas
                     continue
                 await device.wait_readable()
+                waited = True
         finally:
             self._reading = False
 
@@ -248,7 +253,8 @@ class PacketTunnelFlow:
     def statistics(self) -> FlowStatistics:
         """A snapshot of the counters."""
         device = self._device
-        stats_fn = getattr(device, "statistics", None)
+        # Prefer the kernel's view (TUN tx_dropped: what overflowed while the provider was not reading).
+        stats_fn = getattr(device, "kernel_statistics", None) or getattr(device, "statistics", None)
         return FlowStatistics(
             read_batches=self._read_batches,
             packets_read=self._packets_read,

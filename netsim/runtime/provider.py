@@ -305,7 +305,10 @@ class ProviderHost:
 
     # -- status ---------------------------------------------------------------------------------------------
     def _emit(self, message: dict[str, Any]) -> None:
-        self._events_send.send_nowait(message)
+        try:
+            self._events_send.send_nowait(message)
+        except trio.ClosedResourceError:
+            pass  # the session is over; nobody is listening any more
 
     def _set_status(
         self, status: VPNStatus, reason: ProviderStopReason | None = None, error: str | None = None
@@ -341,6 +344,10 @@ class ProviderHost:
             copied.validate()
         async with self._settings_lock:
             await trio.lowlevel.checkpoint()
+            if self.status not in _ACTIVE or self._stop_requested is not None:
+                raise TunnelProviderError(
+                    TunnelProviderErrorCode.NETWORK_SETTINGS_CANCELED, "the tunnel began stopping; settings not applied"
+                )
             device = self.configurator.apply(copied)
             if device is not None and self.flow.device is not device:
                 self.flow.attach(device)
@@ -401,7 +408,7 @@ class ProviderHost:
                 self._dispatch(await channel.receive())
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
             self.request_stop(ProviderStopReason.NONE, "system went away")
-        except RemoteProtocolError as exc:
+        except (RemoteProtocolError, ValueError, TypeError, KeyError) as exc:
             self.request_stop(ProviderStopReason.PROVIDER_FAILED, f"control channel: {exc}")
         self._start_event.set()
 

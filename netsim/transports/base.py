@@ -32,7 +32,9 @@ class PacketDevice(Protocol):
         """Read every packet that is ready, up to ``len(bufs)``, without blocking.
 
         Packet ``i`` is stored at ``bufs[i][offset:offset + sizes[i]]``. Returns the count (0 when nothing is
-        ready). Raises `netsim.errors.TunnelDown` when the device is gone or closed.
+        ready). Every buffer must hold ``offset + mtu`` bytes (plus 4 in utun framing mode), else
+        `netsim.errors.LocalProtocolError` is raised: a packet is never silently cut short. Raises
+        `netsim.errors.TunnelDown` when the device is gone or closed.
         """
         ...
 

@@ -15,13 +15,26 @@ from typing import Any
 import pytest
 import trio
 
-from netsim.apple import TunnelProviderProtocol, VPNStatus
+from netsim.apple import ProviderStopReason, TunnelProviderProtocol, VPNStatus
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
+from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
 pytestmark = [pytest.mark.lab, pytest.mark.tun]
 
 VIRTUAL_V4, VIRTUAL_V6 = "10.66.0.1", "fd00:66::1"
+
+
+class Moody(PacketTunnelProvider):
+    """Fails its start when asked to; otherwise cancels itself with an error on the first app message."""
+
+    async def start_tunnel(self, options: dict[str, Any] | None) -> None:
+        if options and options.get("fail"):
+            raise ConnectionRefusedError("server said no")
+
+    async def handle_app_message(self, data: bytes) -> bytes | None:
+        self.cancel_tunnel_with_error(PermissionError("auth expired"))
+        return b"bye"
 
 
 @pytest.fixture(scope="module")
@@ -108,5 +121,30 @@ def test_failing_provider_process_reports_provider_failed(lab: Any) -> None:
                 await session.wait_status(VPNStatus.DISCONNECTED)
             assert session.stop_reason is not None and session.stop_reason.name == "PROVIDER_FAILED"
             assert "exit code" in (session.last_disconnect_error or "")
+
+    trio.run(main)
+
+
+def test_real_process_status_transitions(lab: Any) -> None:
+    manager = TunnelProviderManager(f"{__file__}:Moody", SubprocessLauncher(lab.netns("mac")))
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel({"fail": True})
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+            assert [c.status for c in session.history] == [
+                VPNStatus.CONNECTING, VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED
+            ]  # fmt: skip
+            assert session.stop_reason is ProviderStopReason.PROVIDER_FAILED
+            assert "ConnectionRefusedError: server said no" in (session.last_disconnect_error or "")
+
+            await session.start_vpn_tunnel(None)
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.CONNECTED)
+                assert await session.send_provider_message(b"x") == b"bye"
+                await session.wait_status(VPNStatus.DISCONNECTED)
+            assert session.stop_reason is ProviderStopReason.PROVIDER_FAILED
+            assert "auth expired" in (session.last_disconnect_error or "")
 
     trio.run(main)

@@ -1,0 +1,429 @@
+"""End to end in the lab: UDP packets/s and loss at 64/512/1400 bytes, TCP Gbit/s, per path, in one run.
+
+Run (root): ``python -m benchmarks.bench_e2e [--quick] [--json FILE] [--only PATTERN]``, or ``netsim bench``.
+
+One `netsim.lab.Lab` is brought up for the run; every path then starts *fresh* processes, runs a warm-up and
+``reps`` timed runs, and stops them. Paths (`PATHS`):
+
+* ``direct``: mac -> home NAT -> inet, no tunnel: the limit of the lab itself.
+* ``wireguard-go``: wireguard-go as the client in ``mac`` (the native peer a user would pick instead), to
+  wireguard-go in ``vpn``, which NATs to inet.
+* ``netsim``: utun -> `HelperForwardingProvider` -> UDS -> `netsim.runtime.helper.Helper` (WireGuard) ->
+  wireguard-go in ``vpn`` (see `_netsim_path`; skipped with the reason when that stack cannot run).
+* ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
+  the helper reflecting each packet back (no crypto): `benchmarks.naive_loop`, ``benchmarks/c/floor.c`` and
+  netsim's loop (`benchmarks.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
+  TCP peer) and never leave ``mac``: they isolate the per-packet cost of the loop design.
+
+UDP load is ``udpload blast`` (C, ``benchmarks/c/udpload.c``): a closed loop with ``WINDOW`` datagrams in flight,
+to ``udpload echo`` in inet (or to the reflector). Sizes are IP packet sizes (UDP payload = size - 28). Reported:
+replies/s (packets/s), loss, and CPU seconds per packet of each process involved (``/proc/<pid>/stat`` deltas;
+the blaster's from ``RUSAGE_CHILDREN``; kernel softirq work on veth is nobody's and is not counted). TCP is
+``iperf3 -c`` against the lab's ``iperf3 -s`` in inet.
+
+Everything is bounded: ``MAX_PACKETS`` per run, ``seconds`` per run, and traffic goes only to lab addresses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+__all__ = ["PATHS", "SIZES", "build_tools", "run_e2e"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "benchmarks" / "build"
+PATHS = ("direct", "wireguard-go", "netsim", "naive", "c-floor", "netsim-loop")
+LOOP_PATHS = ("naive", "c-floor", "netsim-loop")
+SIZES = (64, 512, 1400)
+WINDOW = 256
+MAX_PACKETS = 5_000_000
+ECHO_PORT = 9000
+LOOP_NET = "10.77.0"  # the TUN net of the loop paths: mac's utun is .2, the reflected peer .9
+WG_NET = "10.66.0"
+
+
+def build_tools() -> dict[str, Path]:
+    """Compile ``benchmarks/c/*.c`` with ``cc -O2`` into ``benchmarks/build/`` (git-ignored) when stale.
+
+    Raises:
+        RuntimeError: no C compiler, or a compile error (its output is in the message).
+    """
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc); apt-get install gcc")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    ignore = BUILD / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# compiled at benchmark time\n*\n")
+    out: dict[str, Path] = {}
+    for name in ("floor", "udpload"):
+        src = ROOT / "benchmarks" / "c" / f"{name}.c"
+        exe = BUILD / name
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            proc = subprocess.run(
+                [cc, "-O2", "-Wall", "-o", str(exe), str(src)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"cc failed on {src}:\n{proc.stderr}")
+        out[name] = exe
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from ``/proc/<pid>/stat`` (proc(5) fields 14 and 15)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+@dataclass
+class PathSetup:
+    """What a running path offers the measurement: where to send, which processes to charge CPU to."""
+
+    udp_dst: tuple[str, int]
+    procs: dict[str, int] = field(default_factory=dict)
+    tcp_dst: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+class E2E:
+    """The run: one lab, the compiled tools, and the results gathered so far."""
+
+    def __init__(self, lab: Any, tools: dict[str, Path], quick: bool, workdir: Path) -> None:
+        self.lab = lab
+        self.tools = tools
+        self.quick = quick
+        self.workdir = workdir
+        self.results: list[dict[str, Any]] = []
+        self.skipped: list[dict[str, str]] = []
+        self.seconds = 0.3 if quick else 1.0
+        self.reps = 5 if quick else 7
+        self.tcp_seconds = 1 if quick else 3
+        self.echo_pid: int | None = None
+
+    # ------------------------------------------------------------------ measurement
+    async def blast(self, dst: tuple[str, int], size: int, seconds: float) -> dict[str, Any]:
+        argv = [str(self.tools["udpload"]), "blast", dst[0], str(dst[1]), str(size - 28), f"{seconds:.3f}"]
+        argv += [str(WINDOW), str(MAX_PACKETS)]
+        result = await self.lab.run("mac", argv, timeout=seconds + 20)
+        line = result.stdout.decode().strip().splitlines()[-1]
+        return dict(json.loads(line))
+
+    async def measure_udp(self, path: str, setup: PathSetup, size: int) -> None:
+        await self.blast(setup.udp_dst, size, min(0.2, self.seconds))  # warm-up
+        runs: list[dict[str, Any]] = []
+        cpu: dict[str, float] = dict.fromkeys([*setup.procs, "blaster"], 0.0)
+        received = 0
+        for _ in range(self.reps):
+            before = {name: proc_cpu_seconds(pid) for name, pid in setup.procs.items()}
+            child0 = children_cpu_seconds()
+            run = await self.blast(setup.udp_dst, size, self.seconds)
+            cpu["blaster"] += children_cpu_seconds() - child0
+            for name, pid in setup.procs.items():
+                cpu[name] += proc_cpu_seconds(pid) - before[name]
+            received += run["received"]
+            runs.append(run)
+        pps = [r["pps"] for r in runs]
+        loss = [r["loss"] for r in runs]
+        med = statistics.median(pps)
+        self.results.append(
+            {
+                "name": f"e2e/{path}/udp{size}",
+                "group": "e2e",
+                "path": path,
+                "proto": "udp",
+                "size": size,
+                "reps": self.reps,
+                "seconds_per_run": self.seconds,
+                "window": WINDOW,
+                "pps": _summary(pps),
+                "ns_per_packet": 1e9 / med if med else float("inf"),
+                "gbps": med * size * 8 / 1e9,
+                "loss": _summary(loss),
+                "cpu_s_per_packet": {k: (v / received if received else float("nan")) for k, v in cpu.items()},
+                "runs": runs,
+                **setup.info,
+            }
+        )
+        print(f"  {path:<13} udp {size:>5}B  {med:>12,.0f} pkt/s  loss {statistics.median(loss):.4f}", flush=True)
+
+    async def measure_tcp(self, path: str, setup: PathSetup) -> None:
+        assert setup.tcp_dst is not None
+        iperf_pid = next((p.pid for p in self.lab.processes if p.name == "iperf3"), None)
+        procs = dict(setup.procs)
+        procs.pop("echo", None)
+        if iperf_pid is not None:
+            procs["iperf3-server"] = iperf_pid
+        argv = ["iperf3", "-c", setup.tcp_dst, "-J"]
+        await self.lab.run("mac", [*argv, "-t", "1"], timeout=30)  # warm-up
+        gbps: list[float] = []
+        cpu: dict[str, float] = dict.fromkeys([*procs, "iperf3-client"], 0.0)
+        total_bits = 0.0
+        for _ in range(self.reps):
+            before = {name: proc_cpu_seconds(pid) for name, pid in procs.items()}
+            child0 = children_cpu_seconds()
+            res = await self.lab.run("mac", [*argv, "-t", str(self.tcp_seconds)], timeout=self.tcp_seconds + 30)
+            cpu["iperf3-client"] += children_cpu_seconds() - child0
+            for name, pid in procs.items():
+                cpu[name] += proc_cpu_seconds(pid) - before[name]
+            end = json.loads(res.stdout)["end"]
+            bps = float(end["sum_received"]["bits_per_second"])
+            total_bits += float(end["sum_received"]["bytes"]) * 8
+            gbps.append(bps / 1e9)
+        self.results.append(
+            {
+                "name": f"e2e/{path}/tcp",
+                "group": "e2e",
+                "path": path,
+                "proto": "tcp",
+                "reps": self.reps,
+                "seconds_per_run": self.tcp_seconds,
+                "gbps": _summary(gbps),
+                "cpu_s_per_gbit": {k: v / (total_bits / 1e9) if total_bits else float("nan") for k, v in cpu.items()},
+                **setup.info,
+            }
+        )
+        print(f"  {path:<13} tcp         {statistics.median(gbps):>9.3f} Gbit/s", flush=True)
+
+    # ------------------------------------------------------------------ paths
+    async def start_echo(self) -> None:
+        proc = self.lab.spawn(
+            "inet", [str(self.tools["udpload"]), "echo", str(self.lab.addr.www_v4), str(ECHO_PORT)], name="bench-echo"
+        )
+        await proc.wait_output(r"^READY", timeout=10)
+        self.echo_pid = proc.pid
+
+    @asynccontextmanager
+    async def path_direct(self) -> AsyncIterator[PathSetup]:
+        assert self.echo_pid is not None
+        www = str(self.lab.addr.www_v4)
+        yield PathSetup((www, ECHO_PORT), {"echo": self.echo_pid}, tcp_dst=www)
+
+    @asynccontextmanager
+    async def path_wireguard_go(self) -> AsyncIterator[PathSetup]:
+        from netsim.lab.wireguard import WireGuardGo
+
+        lab, a = self.lab, self.lab.addr
+        server = WireGuardGo.in_lab(lab, "vpn", stem="bws", listen_port=51820, addresses=[f"{WG_NET}.1/24"])
+        client = WireGuardGo.in_lab(lab, "mac", stem="bwc", listen_port=None, addresses=[f"{WG_NET}.2/24"])
+        lab.nft("vpn", _vpn_nat(WG_NET))
+        async with server, client:
+            await server.add_peer(client.public_key, allowed_ips=[f"{WG_NET}.2/32"])
+            await client.add_peer(
+                server.public_key, allowed_ips=["0.0.0.0/0"], endpoint=f"{a.vpn_wan_v4}:51820", persistent_keepalive=25
+            )
+            await lab.run("mac", ["ip", "route", "add", f"{a.www_v4}/32", "dev", client.ifname])
+            await lab.run("mac", ["ping", "-c", "1", "-W", "2", str(a.www_v4)], timeout=10)
+            await server.wait_handshake(client.public_key, timeout=10)
+            assert client.pid is not None and server.pid is not None and self.echo_pid is not None
+            procs = {"wg-client": client.pid, "wg-server": server.pid, "echo": self.echo_pid}
+            try:
+                yield PathSetup((str(a.www_v4), ECHO_PORT), procs, tcp_dst=str(a.www_v4))
+            finally:
+                await lab.run("mac", ["ip", "route", "del", f"{a.www_v4}/32"], check=False)
+        lab.nft("vpn", "delete table ip netsim_bench_nat\n")
+
+    @asynccontextmanager
+    async def path_loop(self, kind: str) -> AsyncIterator[PathSetup]:
+        lab = self.lab
+        sockdir = self.workdir / kind
+        sock = str(sockdir / "helper.sock")
+        tun = "utun7"
+        py = [sys.executable, "-m"]
+        if kind == "c-floor":
+            helper_argv = [str(self.tools["floor"]), "helper", sock]
+            provider_argv = [str(self.tools["floor"]), "provider", tun, sock, "64"]
+        elif kind == "naive":
+            helper_argv = [*py, "benchmarks.naive_loop", "helper", sock]
+            provider_argv = [*py, "benchmarks.naive_loop", "provider", tun, sock]
+        else:
+            helper_argv = [*py, "benchmarks.bench_loop", "helper", sock]
+            provider_argv = [*py, "benchmarks.bench_loop", "provider", tun, sock, "64"]
+        if kind != "netsim-loop":
+            sockdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = {"PYTHONPATH": str(ROOT)}
+        helper = lab.spawn("mac", helper_argv, name=f"bench-{kind}-helper", env=env)
+        try:
+            await helper.wait_output(r"^READY", timeout=20)
+            provider = lab.spawn("mac", provider_argv, name=f"bench-{kind}-provider", env=env)
+            try:
+                await provider.wait_output(r"^READY", timeout=20)
+                await lab.run("mac", ["ip", "addr", "add", f"{LOOP_NET}.2/24", "dev", tun])
+                await lab.run("mac", ["ip", "link", "set", tun, "txqueuelen", "1000"])
+                yield PathSetup((f"{LOOP_NET}.9", 9), {"provider": provider.pid, "helper": helper.pid})
+            finally:
+                await provider.stop(grace=2.0)
+        finally:
+            await helper.stop(grace=2.0)
+
+    # ------------------------------------------------------------------ driver
+    async def run_path(self, path: str, selected: Callable[[str], bool]) -> None:
+        sizes = (64,) if self.quick else SIZES
+        udp = [s for s in sizes if selected(f"e2e/{path}/udp{s}")]
+        tcp = path in ("direct", "wireguard-go", "netsim") and selected(f"e2e/{path}/tcp")
+        if not udp and not tcp:
+            return
+        names = [f"e2e/{path}/udp{s}" for s in udp] + ([f"e2e/{path}/tcp"] if tcp else [])
+        reason = self.unavailable(path)
+        if reason is not None:
+            self.skipped.extend({"name": n, "reason": reason} for n in names)
+            print(f"  {path:<13} skipped: {reason}", flush=True)
+            return
+        if path == "direct":
+            cm = self.path_direct()
+        elif path == "wireguard-go":
+            cm = self.path_wireguard_go()
+        elif path == "netsim":
+            cm = _netsim_path(self)
+        else:
+            cm = self.path_loop(path)
+        try:
+            async with cm as setup:
+                for size in udp:
+                    await self.measure_udp(path, setup, size)
+                if tcp:
+                    await self.measure_tcp(path, setup)
+        except Exception as exc:  # a path that breaks is reported, and the others still run
+            detail = f"{type(exc).__name__}: {exc}"[:2000]
+            self.skipped.extend(
+                {"name": n, "reason": f"failed: {detail}"}
+                for n in names
+                if not any(r["name"] == n for r in self.results)
+            )
+            print(f"  {path:<13} FAILED: {detail}", flush=True)
+
+    def unavailable(self, path: str) -> str | None:
+        if path == "wireguard-go":
+            for binary in ("wireguard-go", "wg"):
+                if shutil.which(binary) is None:
+                    return f"needs {binary} on PATH"
+        if path == "naive":
+            try:
+                import pytun  # noqa: F401
+                import scapy  # noqa: F401
+            except ImportError as exc:
+                return f"needs python-pytun and scapy ({exc})"
+        if path == "netsim":
+            return _netsim_unavailable()
+        return None
+
+
+def _vpn_nat(net: str) -> str:
+    return (
+        "table ip netsim_bench_nat {\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {net}.0/24 oifname "wan" masquerade\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+def _netsim_unavailable() -> str | None:
+    """Why the full netsim tunnel (path 3) cannot run here, or None."""
+    try:
+        from benchmarks import bench_netsim  # noqa: F401
+    except ImportError as exc:
+        return f"the netsim end-to-end tunnel is not runnable from the benchmark yet ({exc})"
+    return None
+
+
+def _netsim_path(run: E2E) -> Any:
+    from benchmarks import bench_netsim
+
+    return bench_netsim.netsim_path(run)
+
+
+def _selector(pattern: str | None) -> Callable[[str], bool]:
+    if not pattern:
+        return lambda name: True
+    pats = [p if any(c in p for c in "*?[") else f"*{p}*" for p in pattern.split(",")]
+    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+async def _run(quick: bool, only: str | None) -> dict[str, Any]:
+    selected = _selector(only)
+    wanted = [p for p in PATHS if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))]
+    out: dict[str, Any] = {"results": [], "skipped": []}
+    if not wanted:
+        return out
+
+    def skip_all(reason: str) -> dict[str, Any]:
+        for p in wanted:
+            out["skipped"].append({"name": f"e2e/{p}/*", "reason": reason})
+        return out
+
+    if os.geteuid() != 0:
+        return skip_all("needs root (network namespaces, TUN devices, nftables)")
+    try:
+        tools = build_tools()
+    except RuntimeError as exc:
+        return skip_all(str(exc))
+    from netsim.errors import NetsimError
+    from netsim.lab.lab import Lab
+
+    workdir = Path(tempfile.mkdtemp(prefix="netsim-bench-"))
+    try:
+        async with Lab() as lab:
+            print(f"lab {lab.run_id} up", flush=True)
+            run = E2E(lab, tools, quick, workdir)
+            await run.start_echo()
+            for path in wanted:
+                await run.run_path(path, selected)
+            out["results"], out["skipped"] = run.results, run.skipped
+    except NetsimError as exc:
+        return skip_all(f"lab unavailable: {exc}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+def run_e2e(quick: bool = False, only: str | None = None) -> dict[str, Any]:
+    """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``."""
+    return trio.run(_run, quick, only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--only", metavar="PATTERN", help="glob(s) over case names, comma separated")
+    args = parser.parse_args(argv)
+    out = run_e2e(args.quick, args.only)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    for s in out["skipped"]:
+        print(f"skipped {s['name']}: {s['reason']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

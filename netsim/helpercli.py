@@ -1,0 +1,177 @@
+"""``netsim helper``: run the privileged helper process (the provider's WireGuard and physical-socket side).
+
+Registered by ``netsim/cli.py`` as ``netsim helper``; also runnable as ``python -m netsim.helpercli``. Run it inside
+the namespace of the simulated Mac (``ip netns exec netsim-<run>-mac ...``), where ``en0`` is the physical
+interface. It prints ``READY <socket path> <udp port>`` on stdout once it accepts providers, logs JSON lines to
+stderr, and exits cleanly on SIGTERM or SIGINT (its socket is removed).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from netsim.core.wireguard.config import TunnelConfig
+from netsim.core.wireguard.peer import Endpoint
+from netsim.errors import ConfigError, NetsimError
+from netsim.runtime.helper import DEFAULT_BATCH, Helper, UdpTransport, configure_json_logging
+
+__all__ = ["DEFAULT_SOCKET", "helper", "resolve_endpoints", "run_helper"]
+
+log = logging.getLogger("netsim.helper")
+
+DEFAULT_SOCKET = "/run/netsim/helper/helper.sock"
+_BYPASS_FWMARK = 0x6E73  # netsim.runtime.netconfig.BYPASS_FWMARK (not imported: that module pulls in pyroute2)
+
+
+def resolve_endpoints(config: TunnelConfig) -> tuple[dict[str, Endpoint], int]:
+    """Resolve peer endpoints given as names; return ``({peer public key: (addr, port)}, socket family)``.
+
+    Raises:
+        ConfigError: a name does not resolve, or no peer has an endpoint (the helper must initiate).
+    """
+    out: dict[str, Endpoint] = {}
+    family: int | None = None
+    for peer in config.peers:
+        ep = peer.endpoint
+        if ep is None:
+            continue
+        if ep.address is not None:
+            addr: Endpoint = (str(ep.address), ep.port)
+            fam = socket.AF_INET6 if ep.address.version == 6 else socket.AF_INET
+        else:
+            try:
+                info = socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_DGRAM)[0]
+            except OSError as exc:
+                raise ConfigError(f"cannot resolve peer endpoint {ep}: {exc}") from None
+            fam, addr = info[0], info[4][:2]
+        out[peer.public_key.to_base64()] = addr
+        family = family or fam
+    if family is None:
+        raise ConfigError("no [Peer] has an Endpoint; the helper needs the VPN server's address to connect")
+    return out, family
+
+
+async def run_helper(
+    config: TunnelConfig,
+    socket_path: str,
+    *,
+    allowed_uids: frozenset[int],
+    interface: str | None = "en0",
+    fwmark: int | None = _BYPASS_FWMARK,
+    group_access: bool = False,
+    batch: int = DEFAULT_BATCH,
+) -> None:
+    """Run a helper until SIGTERM/SIGINT (or cancellation)."""
+    from netsim.transports.uds import UnixIpcServer
+
+    endpoints, family = resolve_endpoints(config)
+    transport = UdpTransport.open(family, interface=interface, fwmark=fwmark, port=config.interface.listen_port or 0)
+    helper = Helper(config, transport, endpoints=endpoints, batch=batch)
+    server = UnixIpcServer(
+        socket_path,
+        allowed_uids=allowed_uids,
+        max_clients=1,
+        dir_mode=0o750 if group_access else 0o700,
+        ledger=helper.ledger,  # the channel's ipc_out stage joins the helper's ledger
+    )
+    helper.server = server
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(helper.run)
+            await nursery.start(server.serve, helper.serve_session)
+            log.info(
+                "helper ready",
+                extra={
+                    "event": "ready",
+                    "socket": socket_path,
+                    "udp_port": transport.local_port,
+                    "interface": interface,
+                    "server": helper.settings["server"],
+                    "allowed_uids": sorted(allowed_uids),
+                },
+            )
+            print(f"READY {socket_path} {transport.local_port}", flush=True)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("stopping", extra={"event": "stop", "signal": signal.Signals(signum).name})
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        log.info("final statistics", extra={"event": "final_stats", "stats": helper.stats_json()})
+        helper.close()
+
+
+@click.command("helper")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="wg-quick style WireGuard config (keys, Address, DNS, MTU, [Peer] with Endpoint and AllowedIPs).",
+)
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, help="IPC socket path.")
+@click.option(
+    "--allowed-uid",
+    "allowed_uids",
+    multiple=True,
+    type=int,
+    help="uid allowed to connect (SO_PEERCRED); repeat for several. Default: our own uid.",
+)
+@click.option("--interface", default="en0", show_default=True, help="Physical interface for the UDP socket.")
+@click.option(
+    "--fwmark",
+    default=_BYPASS_FWMARK,
+    show_default=True,
+    type=int,
+    help="SO_MARK on the UDP socket (0 for none).",
+)
+@click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
+@click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def helper(
+    *,
+    config_path: Path,
+    socket_path: str,
+    allowed_uids: tuple[int, ...],
+    interface: str,
+    fwmark: int,
+    group_access: bool,
+    batch: int,
+    log_level: str,
+) -> None:
+    """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
+    from netsim.lab.wireguard import load_config
+
+    configure_json_logging(getattr(logging, log_level.upper()))
+    try:
+        config = load_config(config_path)
+        uids = frozenset(allowed_uids) if allowed_uids else frozenset({os.geteuid()})
+        trio.run(
+            lambda: run_helper(
+                config,
+                socket_path,
+                allowed_uids=uids,
+                interface=interface or None,
+                fwmark=fwmark or None,
+                group_access=group_access,
+                batch=batch,
+            )
+        )
+    except NetsimError as exc:
+        log.error("helper failed", extra={"event": "fatal", "error": str(exc)})
+        click.echo(f"netsim helper: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    helper()

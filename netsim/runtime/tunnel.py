@@ -1,0 +1,284 @@
+"""The whole tunnel in the lab, in one call: wireguard-go server, helper, provider, connected.
+
+``async with netsim_tunnel(lab) as t:`` generates keys and a wg-quick config, starts wireguard-go in ``vpn``
+(forwarding and NAT to ``inet`` for IPv4 and IPv6 inner traffic), starts the helper process in ``mac`` and the
+provider host (`HelperForwardingProvider`) through the app-side `TunnelProviderManager`, and returns once the
+session is CONNECTED. Everything it started is stopped at exit, by pid, in reverse order.
+
+The data path it builds (see docs/helper.md)::
+
+    mac: app -> utun -> provider --UDS--> helper --UDP/en0--> isp (NAT) --> inet --> vpn: wireguard-go wg0
+                                                                                     -> NAT -> inet services
+
+Tunnel addressing (fixed, documented): client 10.66.0.2/32 and fd00:66::2/128, server 10.66.0.1/24 and
+fd00:66::1/64; DNS is the lab's internet resolver (203.0.113.53, 2001:db8:113::53) reached through the tunnel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from ipaddress import ip_interface, ip_network
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from netsim.apple.enums import VPNStatus
+from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
+from netsim.core.wireguard.keys import PrivateKey
+from netsim.errors import LabError
+from netsim.lab.wireguard import WireGuardGo
+from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
+from netsim.runtime.forwarding import HelperForwardingProvider
+
+if TYPE_CHECKING:
+    from netsim.lab.lab import Lab
+    from netsim.lab.process import LabProcess
+
+__all__ = ["LabTunnel", "TunnelPlan", "netsim_tunnel", "vpn_nat_ruleset"]
+
+_HELPER_READY = r"^READY "
+
+
+@dataclass(frozen=True)
+class TunnelPlan:
+    """Addresses and parameters of the lab tunnel (defaults are what docs/helper.md documents)."""
+
+    client_v4: str = "10.66.0.2"
+    client_v6: str = "fd00:66::2"
+    server_v4: str = "10.66.0.1"
+    server_v6: str = "fd00:66::1"
+    port: int = 51820
+    mtu: int = 1420
+    keepalive: int | None = 25
+    allowed_ips: tuple[str, ...] = ("0.0.0.0/0", "::/0")
+    dns_search: tuple[str, ...] = ("lab.test",)
+
+
+def vpn_nat_ruleset(wan: str = "wan") -> str:
+    """nftables NAT for the VPN server: tunnel clients leave ``wan`` with the server's address (v4 and v6)."""
+    # One "inet" table masquerades both families (NAT44 for 10.66.0.0/24, NAT66 for the fd00:66::/64 ULA).
+    return (
+        "table inet netsim_vpn_nat {\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    oifname "{wan}" masquerade\n'
+        "  }\n"
+        "}\n"
+    )
+
+
+@dataclass
+class LabTunnel:
+    """A running lab tunnel (from `netsim_tunnel`). Methods drive faults and read both sides' counters."""
+
+    lab: Lab
+    plan: TunnelPlan
+    server: WireGuardGo
+    session: TunnelProviderSession
+    client_key: PrivateKey
+    config_path: Path
+    socket_path: Path
+    helper_argv: list[str]
+    helper: LabProcess
+    helpers: list[LabProcess] = field(default_factory=list)
+
+    @property
+    def pcaps(self) -> dict[str, Path]:
+        """Capture files by name (``mac-en0``, ``isp-wan``, ``vpn-wan``, ``vpn-wg``) when the lab has a pcap_dir."""
+        return {name: cap.path for name, cap in self.lab.captures.items()}
+
+    async def provider_stats(self) -> dict[str, Any]:
+        """The provider's statistics (`ForwardingStatistics.to_json` plus flow counters)."""
+        reply = await self.session.send_provider_message(b"stats")
+        return json.loads(reply or b"{}")  # type: ignore[no-any-return]
+
+    async def helper_stats(self) -> dict[str, Any]:
+        """The helper's statistics, fetched by the provider over IPC (`HelperStatistics.to_json`)."""
+        reply = await self.session.send_provider_message(b"helper-stats")
+        return json.loads(reply or b"{}")  # type: ignore[no-any-return]
+
+    async def kill_helper(self) -> int:
+        """SIGKILL the helper process (by its pid) and reap it; returns its exit status."""
+        self.helper.send_signal(signal.SIGKILL)
+        return await self.helper.wait(10.0)
+
+    async def stop_helper(self) -> int:
+        """SIGTERM the helper and wait for it (it logs its final statistics)."""
+        return await self.helper.stop(grace=5.0)
+
+    async def start_helper(self) -> None:
+        """Start a new helper process with the same config and socket; returns once it accepts providers."""
+        if self.helper.returncode is None:
+            raise LabError(f"the helper (pid {self.helper.pid}) is still running; kill or stop it first")
+        self.helper = _spawn_helper(self.lab, self.helper_argv)
+        self.helpers.append(self.helper)
+        await self.helper.wait_output(_HELPER_READY, timeout=20.0)
+
+    async def restart_helper(self) -> None:
+        """Kill the helper and start a fresh one (new process, new WireGuard session)."""
+        await self.kill_helper()
+        await self.start_helper()
+
+    async def restart_server(self) -> None:
+        """Restart wireguard-go with the same key and peers but no session state (a server reboot)."""
+        await self.server.restart()
+
+    async def wait_connected(self, *, after_connects: int = 0, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until the provider is connected to a helper (more than ``after_connects`` times) and not
+        reasserting; returns its statistics."""
+        delay = 0.02
+        with trio.move_on_after(timeout):
+            while True:
+                stats = await self.provider_stats()
+                if stats["connects"] > after_connects and not stats["reasserting"]:
+                    return stats
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        raise LabError(
+            f"the provider did not reconnect within {timeout} s; helper log:\n{self.helper.stderr()[-3000:]}"
+        )
+
+    def logs(self) -> str:
+        """Helper stderr (JSON lines) and wireguard-go output, for failure messages."""
+        parts = [f"--- helper pid {p.pid} ---\n{p.stderr()[-4000:]}" for p in self.helpers]
+        return "\n".join([*parts, self.server.logs()])
+
+
+def _spawn_helper(lab: Lab, argv: list[str]) -> LabProcess:
+    path = os.pathsep.join(p for p in sys.path if p)
+    return lab.spawn("mac", argv, name="helper", env={"PYTHONPATH": path})
+
+
+def client_config(lab: Lab, plan: TunnelPlan, client_key: PrivateKey, server_key: PrivateKey) -> TunnelConfig:
+    """The helper's wg-quick config for ``plan`` (DNS: the lab's internet resolvers, through the tunnel)."""
+    iface = InterfaceConfig(
+        private_key=client_key,
+        addresses=(ip_interface(f"{plan.client_v4}/32"), ip_interface(f"{plan.client_v6}/128")),
+        dns_servers=(lab.addr.dns_v4, lab.addr.dns_v6),
+        dns_search=plan.dns_search,
+        mtu=plan.mtu,
+    )
+    peer = PeerConfig(
+        public_key=server_key.public_key(),
+        endpoint=Endpoint(str(lab.addr.vpn_wan_v4), plan.port),
+        allowed_ips=tuple(ip_network(n) for n in plan.allowed_ips),
+        persistent_keepalive=plan.keepalive,
+    )
+    return TunnelConfig(iface, (peer,))
+
+
+@asynccontextmanager
+async def netsim_tunnel(
+    lab: Lab,
+    *,
+    plan: TunnelPlan | None = None,
+    provider: type[HelperForwardingProvider] | str = HelperForwardingProvider,
+    group_access: bool = False,
+    start_timeout: float = 30.0,
+    reconnect_for: float = 120.0,
+) -> AsyncIterator[LabTunnel]:
+    """Bring up server, helper and provider in ``lab`` and yield the connected `LabTunnel`.
+
+    Args:
+        lab: a running `Lab` (with services, for the probes).
+        plan: addresses, port, MTU (defaults: `TunnelPlan`).
+        provider: the provider class or spec; it must read ``helper_socket`` like `HelperForwardingProvider`.
+        group_access: socket directory 0750 (root group may reach it, SO_PEERCRED still decides).
+        start_timeout: seconds for the session to become CONNECTED.
+        reconnect_for: seconds the provider keeps reasserting before giving up.
+
+    Raises:
+        LabError: a part did not come up (the message carries the helper's and wireguard-go's logs).
+    """
+    plan = plan or TunnelPlan()
+    server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
+    lab.nft("vpn", vpn_nat_ruleset())
+    server = WireGuardGo.in_lab(
+        lab,
+        "vpn",
+        private_key=server_key,
+        listen_port=plan.port,
+        addresses=[f"{plan.server_v4}/24", f"{plan.server_v6}/64"],
+        mtu=plan.mtu,
+    )
+    await server.add_peer(client_key.public_key(), allowed_ips=[f"{plan.client_v4}/32", f"{plan.client_v6}/128"])
+    conf_dir = Path(tempfile.mkdtemp(prefix=f"netsim-{lab.run_id}-tunnel-"))  # 0700: the config holds a key
+    sock_dir = Path("/run/netsim") / f"helper-{lab.run_id}"
+    socket_path = sock_dir / "helper.sock"
+    helpers: list[LabProcess] = []
+    try:
+        await server.start()
+        if lab.pcap_dir is not None:
+            await trio.to_thread.run_sync(lambda: lab.capture("vpn", server.ifname, name="vpn-wg"))
+        config_path = conf_dir / "client.conf"
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(render_wg_quick(client_config(lab, plan, client_key, server_key)))
+        argv = [
+            sys.executable, "-m", "netsim.helpercli",
+            "--config", str(config_path), "--socket", str(socket_path),
+            "--allowed-uid", str(os.geteuid()), "--interface", "en0",
+        ]  # fmt: skip
+        if group_access:
+            argv.append("--group-access")
+        helper = _spawn_helper(lab, argv)
+        helpers.append(helper)
+        await helper.wait_output(_HELPER_READY, timeout=20.0)
+        log_path = helper.stderr_path.parent / "provider.log"
+        manager = TunnelProviderManager(
+            provider,
+            SubprocessLauncher(lab.netns("mac"), log_path=log_path),
+            TunnelProviderProtocol(
+                server_address=str(lab.addr.vpn_wan_v4),
+                provider_configuration={
+                    "helper_socket": str(socket_path),
+                    "connect_timeout": min(start_timeout, 20.0),
+                    "reconnect_for": reconnect_for,
+                    "backoff_max": 0.5,
+                },
+            ),
+            start_timeout=start_timeout,
+            stop_timeout=10.0,
+        )
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            with trio.move_on_after(start_timeout + 5):
+                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            if session.status is not VPNStatus.CONNECTED:
+                provider_log = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
+                raise LabError(
+                    f"the tunnel did not connect (status {session.status.name}, "
+                    f"error {session.last_disconnect_error!r})\n--- provider ---\n{provider_log}\n"
+                    f"--- helper ---\n{helper.stderr()[-3000:]}\n{server.logs()}"
+                )
+            tunnel = LabTunnel(
+                lab=lab,
+                plan=plan,
+                server=server,
+                session=session,
+                client_key=client_key,
+                config_path=config_path,
+                socket_path=socket_path,
+                helper_argv=argv,
+                helper=helper,
+                helpers=helpers,
+            )
+            yield tunnel
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in helpers:
+                if proc.returncode is None:
+                    await proc.stop(grace=5.0)
+            await server.stop()
+            shutil.rmtree(conf_dir, ignore_errors=True)
+            shutil.rmtree(sock_dir, ignore_errors=True)
