@@ -51,7 +51,7 @@ BUILD = ROOT / "benchmarks" / "build"
 PATHS = ("direct", "wireguard-go", "netsim", "naive", "c-floor", "netsim-loop")
 LOOP_PATHS = ("naive", "c-floor", "netsim-loop")
 SIZES = (64, 512, 1400)
-WINDOW = 256
+WINDOW = 64
 MAX_PACKETS = 5_000_000
 ECHO_PORT = 9000
 LOOP_NET = "10.77.0"  # the TUN net of the loop paths: mac's utun is .2, the reflected peer .9
@@ -350,9 +350,14 @@ def _vpn_nat(net: str) -> str:
 def _netsim_unavailable() -> str | None:
     """Why the full netsim tunnel (path 3) cannot run here, or None."""
     try:
-        from benchmarks import bench_netsim  # noqa: F401
+        import netsim.runtime.controller
+        import netsim.runtime.forwarding
+        import netsim.runtime.helper  # noqa: F401
     except ImportError as exc:
-        return f"the netsim end-to-end tunnel is not runnable from the benchmark yet ({exc})"
+        return f"the netsim end-to-end tunnel cannot be imported ({exc})"
+    for binary in ("wireguard-go", "wg"):
+        if shutil.which(binary) is None:
+            return f"needs {binary} on PATH (the VPN server)"
     return None
 
 

@@ -42,7 +42,7 @@ def fields(view: PacketView) -> dict[str, Any]:
 # -- the scapy oracle --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=400)
+@settings(max_examples=300)
 @given(scapy_packets(), st.binary(max_size=24), st.sampled_from(range(len(BUFFER_KINDS))))
 def test_fields_equal_scapy_dissection(built: Built, trailer: bytes, kind: int) -> None:
     """Every field equals scapy's reading, for every buffer type, with link padding after the packet."""
@@ -63,7 +63,7 @@ def test_fields_equal_scapy_dissection(built: Built, trailer: bytes, kind: int) 
     hash(view.five_tuple())
 
 
-@settings(max_examples=300)
+@settings(max_examples=200)
 @given(scapy_packets(), scapy_packets())
 def test_fast_path_and_reused_view_equal_general_path(first: Built, second: Built) -> None:
     """The inlined fast paths agree with the general parser, and a reused view keeps nothing stale."""
@@ -301,7 +301,7 @@ def test_mutated_real_packets_raise_only_bad_packet(built: Built, data: st.DataO
                     assert e.reason in REASONS
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(scapy_packets())
 def test_a_successful_load_sets_every_slot(built: Built) -> None:
     """parse_untrusted skips __init__, so every slot must be written by the load itself."""

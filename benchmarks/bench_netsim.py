@@ -1,0 +1,115 @@
+"""End-to-end path 3 of `benchmarks.bench_e2e`: utun -> provider -> UDS -> helper -> WireGuard -> wireguard-go.
+
+The pieces are netsim's own, unchanged: the provider is `netsim.runtime.forwarding.HelperForwardingProvider`
+hosted by `netsim.runtime.controller.TunnelProviderManager` in a process in ``mac`` (`SubprocessLauncher`); the
+helper is `netsim.runtime.helper.Helper` behind a `netsim.transports.uds.UnixIpcServer` (`helper_main`, a process
+in ``mac``), with its UDP socket bound to ``en0``; the server is wireguard-go in ``vpn``, NATing to inet.
+The tunnel routes only ``203.0.113.0/24`` (the lab's internet hosts), so everything else stays direct.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from ipaddress import ip_interface, ip_network
+from typing import Any
+
+import trio
+
+__all__ = ["helper_main", "netsim_path"]
+
+NET = "10.66.1"
+PORT = 51821
+
+
+async def helper_main(config_path: str, sock_path: str) -> None:
+    """The helper process: WireGuard to the server, IPC server for the provider."""
+    from netsim.lab.wireguard import load_config
+    from netsim.runtime.helper import Helper, UdpTransport
+    from netsim.runtime.netconfig import BYPASS_FWMARK
+    from netsim.transports.uds import UnixIpcServer
+
+    config = load_config(config_path)
+    helper = Helper(config, UdpTransport.open(interface="en0", fwmark=BYPASS_FWMARK))
+    server = UnixIpcServer(sock_path, max_queued_batches=1024, max_queued_bytes=64 << 20)
+    helper.server = server
+    async with trio.open_nursery() as nursery:
+        await nursery.start(helper.run)
+        await nursery.start(server.serve, helper.serve_session)
+        print(f"READY helper {sock_path}", flush=True)
+
+
+@asynccontextmanager
+async def netsim_path(run: Any) -> AsyncIterator[Any]:
+    """Bring path 3 up in ``run.lab`` and yield a `benchmarks.bench_e2e.PathSetup`; tear it down after."""
+    from benchmarks.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
+    from netsim.apple import TunnelProviderProtocol, VPNStatus
+    from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
+    from netsim.core.wireguard.keys import PrivateKey
+    from netsim.lab.wireguard import WireGuardGo
+    from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
+
+    lab, a = run.lab, run.lab.addr
+    server = WireGuardGo.in_lab(lab, "vpn", stem="bns", listen_port=PORT, addresses=[f"{NET}.1/24"])
+    client_key = PrivateKey.generate()
+    config = TunnelConfig(
+        InterfaceConfig(client_key, addresses=(ip_interface(f"{NET}.2/24"),), mtu=1420),
+        (
+            PeerConfig(
+                server.public_key,
+                endpoint=Endpoint(str(a.vpn_wan_v4), PORT),
+                allowed_ips=(ip_network(a.inet_hosts_net_v4),),
+            ),
+        ),
+    )
+    cfg_path = run.workdir / "netsim-client.conf"
+    cfg_path.write_text(render_wg_quick(config))
+    cfg_path.chmod(0o600)
+    sock = str(run.workdir / "netsim" / "helper.sock")
+    lab.nft("vpn", _vpn_nat(NET).replace("netsim_bench_nat", "netsim_bench_nat3"))
+    async with server:
+        await server.add_peer(client_key.public_key(), allowed_ips=[f"{NET}.2/32"])
+        helper = lab.spawn(
+            "mac",
+            [sys.executable, "-m", "benchmarks.bench_netsim", "helper", str(cfg_path), sock],
+            name="bench-netsim-helper",
+            env={"PYTHONPATH": str(ROOT)},
+        )
+        try:
+            await helper.wait_output(r"^READY", timeout=20)
+            launcher = SubprocessLauncher(lab.netns("mac"), log_path=run.workdir / "netsim-provider.log")
+            manager = TunnelProviderManager(
+                "netsim.runtime.forwarding:HelperForwardingProvider",
+                launcher,
+                TunnelProviderProtocol(server_address=str(a.vpn_wan_v4), provider_configuration={"helper_socket": sock}),
+            )
+            async with manager.open_session() as session:
+                await session.start_vpn_tunnel()
+                with trio.fail_after(30):
+                    await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+                if session.status is not VPNStatus.CONNECTED:
+                    raise RuntimeError(f"netsim tunnel did not connect: {session.last_disconnect_error}")
+                await lab.run("mac", ["ping", "-c", "1", "-W", "3", str(a.www_v4)], timeout=15)
+                assert server.pid is not None and run.echo_pid is not None
+                procs = {
+                    "provider": launcher.processes[-1].pid,
+                    "helper": helper.pid,
+                    "wg-server": server.pid,
+                    "echo": run.echo_pid,
+                }
+                yield PathSetup((str(a.www_v4), ECHO_PORT), procs, tcp_dst=str(a.www_v4))
+                await session.stop_vpn_tunnel()
+        finally:
+            await helper.stop(grace=2.0)
+    lab.nft("vpn", "delete table ip netsim_bench_nat3\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["helper"]:
+        try:
+            trio.run(helper_main, *sys.argv[2:])
+        except KeyboardInterrupt:
+            pass
+    else:
+        raise SystemExit("usage: python -m benchmarks.bench_netsim helper <wg-quick.conf> <socket path>")

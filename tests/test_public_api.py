@@ -1,0 +1,28 @@
+"""Every public name resolves, and `import netsim` stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import netsim
+
+
+def test_every_exported_name_resolves():
+    missing = [name for name in netsim.__all__ if getattr(netsim, name, None) is None]
+    assert missing == []
+
+
+def test_import_netsim_is_lazy():
+    code = "import sys, netsim; print(','.join(m for m in ('trio', 'pyroute2', 'scapy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == ""
+
+
+def test_unknown_name_raises_attribute_error():
+    try:
+        netsim.DoesNotExist
+    except AttributeError as exc:
+        assert "DoesNotExist" in str(exc)
+    else:
+        raise AssertionError("expected AttributeError")
