@@ -27,7 +27,6 @@ Everything is bounded: ``MAX_PACKETS`` per run, ``seconds`` per run, and traffic
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import os
 import resource
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ SIZES = (64, 512, 1400)
 WINDOW = 64
 MAX_PACKETS = 5_000_000
 ECHO_PORT = 9000
-LOOP_NET = "10.77.0"  # the TUN net of the loop paths: mac's utun is .2, the reflected peer .9
 WG_NET = "10.66.0"
 
 
@@ -114,8 +112,20 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+#: Per path: the inet address its traffic goes to (each path has its own, so all can be up at once), or for the
+#: loop paths the TUN name and its /24.
+DESTINATIONS = {"direct": "203.0.113.10", "wireguard-go": "203.0.113.11", "netsim": "203.0.113.12"}
+LOOP_TUNS = {"c-floor": ("utun7", "10.77.0"), "netsim-loop": ("utun8", "10.78.0"), "naive": ("utun9", "10.79.0")}
+
+
 class E2E:
-    """The run: one lab, the compiled tools, and the results gathered so far."""
+    """The run: one lab, the compiled tools, every path up at once, and the results gathered so far.
+
+    All selected paths are brought up first, then measured *interleaved*: for each size, repetition ``i`` runs
+    every path once (in an order rotated by ``i``) before repetition ``i + 1`` starts. On a shared machine the
+    load drifts over minutes; interleaving spreads that drift over all paths instead of penalising whichever
+    path happened to run during a busy spell, so ratios between paths are fair even when absolute numbers move.
+    """
 
     def __init__(self, lab: Any, tools: dict[str, Path], quick: bool, workdir: Path) -> None:
         self.lab = lab
@@ -127,7 +137,7 @@ class E2E:
         self.seconds = 0.3 if quick else 1.0
         self.reps = 5 if quick else 7
         self.tcp_seconds = 1 if quick else 3
-        self.echo_pid: int | None = None
+        self.echo_pids: dict[str, int] = {}
 
     # ------------------------------------------------------------------ measurement
     async def blast(self, dst: tuple[str, int], size: int, seconds: float) -> dict[str, Any]:
@@ -137,22 +147,43 @@ class E2E:
         line = result.stdout.decode().strip().splitlines()[-1]
         return dict(json.loads(line))
 
-    async def measure_udp(self, path: str, setup: PathSetup, size: int) -> None:
-        await self.blast(setup.udp_dst, size, min(0.2, self.seconds))  # warm-up
-        runs: list[dict[str, Any]] = []
-        cpu: dict[str, float] = dict.fromkeys([*setup.procs, "blaster"], 0.0)
-        received = 0
-        for _ in range(self.reps):
-            before = {name: proc_cpu_seconds(pid) for name, pid in setup.procs.items()}
-            child0 = children_cpu_seconds()
-            run = await self.blast(setup.udp_dst, size, self.seconds)
-            cpu["blaster"] += children_cpu_seconds() - child0
-            for name, pid in setup.procs.items():
-                cpu[name] += proc_cpu_seconds(pid) - before[name]
-            received += run["received"]
-            runs.append(run)
+    async def _udp_once(self, setup: PathSetup, size: int, cpu: dict[str, float]) -> dict[str, Any]:
+        before = {name: proc_cpu_seconds(pid) for name, pid in setup.procs.items()}
+        child0 = children_cpu_seconds()
+        run = await self.blast(setup.udp_dst, size, self.seconds)
+        cpu["blaster"] = cpu.get("blaster", 0.0) + children_cpu_seconds() - child0
+        for name, pid in setup.procs.items():
+            cpu[name] = cpu.get(name, 0.0) + proc_cpu_seconds(pid) - before[name]
+        return run
+
+    async def measure_udp(self, setups: dict[str, PathSetup], size: int) -> None:
+        active = list(setups)
+        for path in list(active):  # warm-up (also proves the path carries traffic before it is timed)
+            try:
+                await self.blast(setups[path].udp_dst, size, min(0.2, self.seconds))
+            except Exception as exc:
+                self._fail(path, [f"e2e/{path}/udp{size}"], exc)
+                active.remove(path)
+        runs: dict[str, list[dict[str, Any]]] = {p: [] for p in active}
+        cpu: dict[str, dict[str, float]] = {p: {} for p in active}
+        for rep in range(self.reps):
+            for path in active[rep % len(active) :] + active[: rep % len(active)] if active else []:
+                if path not in runs:
+                    continue
+                try:
+                    runs[path].append(await self._udp_once(setups[path], size, cpu[path]))
+                except Exception as exc:
+                    self._fail(path, [f"e2e/{path}/udp{size}"], exc)
+                    del runs[path]
+        for path, rs in runs.items():
+            self._udp_record(path, setups[path], size, rs, cpu[path])
+
+    def _udp_record(
+        self, path: str, setup: PathSetup, size: int, runs: list[dict[str, Any]], cpu: dict[str, float]
+    ) -> None:
         pps = [r["pps"] for r in runs]
         loss = [r["loss"] for r in runs]
+        received = sum(r["received"] for r in runs)
         med = statistics.median(pps)
         self.results.append(
             {
@@ -161,7 +192,7 @@ class E2E:
                 "path": path,
                 "proto": "udp",
                 "size": size,
-                "reps": self.reps,
+                "reps": len(runs),
                 "seconds_per_run": self.seconds,
                 "window": WINDOW,
                 "pps": _summary(pps),
@@ -175,63 +206,94 @@ class E2E:
         )
         print(f"  {path:<13} udp {size:>5}B  {med:>12,.0f} pkt/s  loss {statistics.median(loss):.4f}", flush=True)
 
-    async def measure_tcp(self, path: str, setup: PathSetup) -> None:
-        assert setup.tcp_dst is not None
+    async def measure_tcp(self, setups: dict[str, PathSetup]) -> None:
         iperf_pid = next((p.pid for p in self.lab.processes if p.name == "iperf3"), None)
-        procs = dict(setup.procs)
-        procs.pop("echo", None)
-        if iperf_pid is not None:
-            procs["iperf3-server"] = iperf_pid
-        argv = ["iperf3", "-c", setup.tcp_dst, "-J"]
-        await self.lab.run("mac", [*argv, "-t", "1"], timeout=30)  # warm-up
-        gbps: list[float] = []
-        cpu: dict[str, float] = dict.fromkeys([*procs, "iperf3-client"], 0.0)
-        total_bits = 0.0
-        for _ in range(self.reps):
-            before = {name: proc_cpu_seconds(pid) for name, pid in procs.items()}
-            child0 = children_cpu_seconds()
-            res = await self.lab.run("mac", [*argv, "-t", str(self.tcp_seconds)], timeout=self.tcp_seconds + 30)
-            cpu["iperf3-client"] += children_cpu_seconds() - child0
-            for name, pid in procs.items():
-                cpu[name] += proc_cpu_seconds(pid) - before[name]
-            end = json.loads(res.stdout)["end"]
-            bps = float(end["sum_received"]["bits_per_second"])
-            total_bits += float(end["sum_received"]["bytes"]) * 8
-            gbps.append(bps / 1e9)
-        self.results.append(
-            {
-                "name": f"e2e/{path}/tcp",
-                "group": "e2e",
-                "path": path,
-                "proto": "tcp",
-                "reps": self.reps,
-                "seconds_per_run": self.tcp_seconds,
-                "gbps": _summary(gbps),
-                "cpu_s_per_gbit": {k: v / (total_bits / 1e9) if total_bits else float("nan") for k, v in cpu.items()},
-                **setup.info,
-            }
-        )
-        print(f"  {path:<13} tcp         {statistics.median(gbps):>9.3f} Gbit/s", flush=True)
+        active = list(setups)
+        procs: dict[str, dict[str, int]] = {}
+        for path in active:
+            procs[path] = {k: v for k, v in setups[path].procs.items() if k != "echo"}
+            if iperf_pid is not None:
+                procs[path]["iperf3-server"] = iperf_pid
+        for path in list(active):
+            try:
+                await self._iperf(setups[path], 1)  # warm-up
+            except Exception as exc:
+                self._fail(path, [f"e2e/{path}/tcp"], exc)
+                active.remove(path)
+        gbps: dict[str, list[float]] = {p: [] for p in active}
+        bits: dict[str, float] = dict.fromkeys(active, 0.0)
+        cpu: dict[str, dict[str, float]] = {p: dict.fromkeys([*procs[p], "iperf3-client"], 0.0) for p in active}
+        for rep in range(self.reps):
+            for path in active[rep % len(active) :] + active[: rep % len(active)] if active else []:
+                if path not in gbps:
+                    continue
+                before = {name: proc_cpu_seconds(pid) for name, pid in procs[path].items()}
+                child0 = children_cpu_seconds()
+                try:
+                    end = await self._iperf(setups[path], self.tcp_seconds)
+                except Exception as exc:
+                    self._fail(path, [f"e2e/{path}/tcp"], exc)
+                    del gbps[path]
+                    continue
+                cpu[path]["iperf3-client"] += children_cpu_seconds() - child0
+                for name, pid in procs[path].items():
+                    cpu[path][name] += proc_cpu_seconds(pid) - before[name]
+                gbps[path].append(float(end["sum_received"]["bits_per_second"]) / 1e9)
+                bits[path] += float(end["sum_received"]["bytes"]) * 8
+        for path, values in gbps.items():
+            gbit = bits[path] / 1e9
+            self.results.append(
+                {
+                    "name": f"e2e/{path}/tcp",
+                    "group": "e2e",
+                    "path": path,
+                    "proto": "tcp",
+                    "reps": len(values),
+                    "seconds_per_run": self.tcp_seconds,
+                    "gbps": _summary(values),
+                    "cpu_s_per_gbit": {k: v / gbit if gbit else float("nan") for k, v in cpu[path].items()},
+                    **setups[path].info,
+                }
+            )
+            print(f"  {path:<13} tcp         {statistics.median(values):>9.3f} Gbit/s", flush=True)
+
+    async def _iperf(self, setup: PathSetup, seconds: int) -> dict[str, Any]:
+        assert setup.tcp_dst is not None
+        argv = ["iperf3", "-c", setup.tcp_dst, "-J", "-t", str(seconds)]
+        res = await self.lab.run("mac", argv, timeout=seconds + 30)
+        return dict(json.loads(res.stdout)["end"])
+
+    def _fail(self, path: str, names: list[str], exc: BaseException) -> None:
+        detail = f"{type(exc).__name__}: {exc}"[:2000]
+        self.skipped.extend({"name": n, "reason": f"failed: {detail}"} for n in names)
+        print(f"  {path:<13} FAILED: {detail}", flush=True)
 
     # ------------------------------------------------------------------ paths
-    async def start_echo(self) -> None:
-        proc = self.lab.spawn(
-            "inet", [str(self.tools["udpload"]), "echo", str(self.lab.addr.www_v4), str(ECHO_PORT)], name="bench-echo"
-        )
-        await proc.wait_output(r"^READY", timeout=10)
-        self.echo_pid = proc.pid
+    async def start_echo(self, address: str) -> int:
+        """A C UDP echo in inet on ``address`` (added to inet's loopback if it is not there yet)."""
+        if address not in self.echo_pids:
+            if address != str(self.lab.addr.www_v4):
+                await self.lab.run("inet", ["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+            proc = self.lab.spawn(
+                "inet", [str(self.tools["udpload"]), "echo", address, str(ECHO_PORT)], name=f"bench-echo-{address}"
+            )
+            await proc.wait_output(r"^READY", timeout=10)
+            self.echo_pids[address] = proc.pid
+        return self.echo_pids[address]
 
     @asynccontextmanager
     async def path_direct(self) -> AsyncIterator[PathSetup]:
-        assert self.echo_pid is not None
-        www = str(self.lab.addr.www_v4)
-        yield PathSetup((www, ECHO_PORT), {"echo": self.echo_pid}, tcp_dst=www)
+        dst = DESTINATIONS["direct"]
+        echo = await self.start_echo(dst)
+        yield PathSetup((dst, ECHO_PORT), {"echo": echo}, tcp_dst=dst)
 
     @asynccontextmanager
     async def path_wireguard_go(self) -> AsyncIterator[PathSetup]:
         from netsim.lab.wireguard import WireGuardGo
 
         lab, a = self.lab, self.lab.addr
+        dst = DESTINATIONS["wireguard-go"]
+        echo = await self.start_echo(dst)
         server = WireGuardGo.in_lab(lab, "vpn", stem="bws", listen_port=51820, addresses=[f"{WG_NET}.1/24"])
         client = WireGuardGo.in_lab(lab, "mac", stem="bwc", listen_port=None, addresses=[f"{WG_NET}.2/24"])
         lab.nft("vpn", _vpn_nat(WG_NET))
@@ -240,23 +302,23 @@ class E2E:
             await client.add_peer(
                 server.public_key, allowed_ips=["0.0.0.0/0"], endpoint=f"{a.vpn_wan_v4}:51820", persistent_keepalive=25
             )
-            await lab.run("mac", ["ip", "route", "add", f"{a.www_v4}/32", "dev", client.ifname])
-            await lab.run("mac", ["ping", "-c", "1", "-W", "2", str(a.www_v4)], timeout=10)
+            await lab.run("mac", ["ip", "route", "add", f"{dst}/32", "dev", client.ifname])
+            await lab.run("mac", ["ping", "-c", "1", "-W", "2", dst], timeout=10)
             await server.wait_handshake(client.public_key, timeout=10)
-            assert client.pid is not None and server.pid is not None and self.echo_pid is not None
-            procs = {"wg-client": client.pid, "wg-server": server.pid, "echo": self.echo_pid}
+            assert client.pid is not None and server.pid is not None
+            procs = {"wg-client": client.pid, "wg-server": server.pid, "echo": echo}
             try:
-                yield PathSetup((str(a.www_v4), ECHO_PORT), procs, tcp_dst=str(a.www_v4))
+                yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
             finally:
-                await lab.run("mac", ["ip", "route", "del", f"{a.www_v4}/32"], check=False)
+                await lab.run("mac", ["ip", "route", "del", f"{dst}/32"], check=False)
         lab.nft("vpn", "delete table ip netsim_bench_nat\n")
 
     @asynccontextmanager
     async def path_loop(self, kind: str) -> AsyncIterator[PathSetup]:
         lab = self.lab
+        tun, net = LOOP_TUNS[kind]
         sockdir = self.workdir / kind
         sock = str(sockdir / "helper.sock")
-        tun = "utun7"
         py = [sys.executable, "-m"]
         if kind == "c-floor":
             helper_argv = [str(self.tools["floor"]), "helper", sock]
@@ -267,7 +329,7 @@ class E2E:
         else:
             helper_argv = [*py, "benchmarks.bench_loop", "helper", sock]
             provider_argv = [*py, "benchmarks.bench_loop", "provider", tun, sock, "64"]
-        if kind != "netsim-loop":
+        if kind != "netsim-loop":  # UnixIpcServer creates (and checks) its own 0700 directory
             sockdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"PYTHONPATH": str(ROOT)}
         helper = lab.spawn("mac", helper_argv, name=f"bench-{kind}-helper", env=env)
@@ -276,49 +338,53 @@ class E2E:
             provider = lab.spawn("mac", provider_argv, name=f"bench-{kind}-provider", env=env)
             try:
                 await provider.wait_output(r"^READY", timeout=20)
-                await lab.run("mac", ["ip", "addr", "add", f"{LOOP_NET}.2/24", "dev", tun])
+                await lab.run("mac", ["ip", "addr", "add", f"{net}.2/24", "dev", tun])
                 await lab.run("mac", ["ip", "link", "set", tun, "txqueuelen", "1000"])
-                yield PathSetup((f"{LOOP_NET}.9", 9), {"provider": provider.pid, "helper": helper.pid})
+                yield PathSetup((f"{net}.9", 9), {"provider": provider.pid, "helper": helper.pid})
             finally:
                 await provider.stop(grace=2.0)
         finally:
             await helper.stop(grace=2.0)
 
-    # ------------------------------------------------------------------ driver
-    async def run_path(self, path: str, selected: Callable[[str], bool]) -> None:
-        sizes = (64,) if self.quick else SIZES
-        udp = [s for s in sizes if selected(f"e2e/{path}/udp{s}")]
-        tcp = path in ("direct", "wireguard-go", "netsim") and selected(f"e2e/{path}/tcp")
-        if not udp and not tcp:
-            return
-        names = [f"e2e/{path}/udp{s}" for s in udp] + ([f"e2e/{path}/tcp"] if tcp else [])
-        reason = self.unavailable(path)
-        if reason is not None:
-            self.skipped.extend({"name": n, "reason": reason} for n in names)
-            print(f"  {path:<13} skipped: {reason}", flush=True)
-            return
+    def path_context(self, path: str) -> Any:
         if path == "direct":
-            cm = self.path_direct()
-        elif path == "wireguard-go":
-            cm = self.path_wireguard_go()
-        elif path == "netsim":
-            cm = _netsim_path(self)
-        else:
-            cm = self.path_loop(path)
-        try:
-            async with cm as setup:
-                for size in udp:
-                    await self.measure_udp(path, setup, size)
-                if tcp:
-                    await self.measure_tcp(path, setup)
-        except Exception as exc:  # a path that breaks is reported, and the others still run
-            detail = f"{type(exc).__name__}: {exc}"[:2000]
-            self.skipped.extend(
-                {"name": n, "reason": f"failed: {detail}"}
-                for n in names
-                if not any(r["name"] == n for r in self.results)
-            )
-            print(f"  {path:<13} FAILED: {detail}", flush=True)
+            return self.path_direct()
+        if path == "wireguard-go":
+            return self.path_wireguard_go()
+        if path == "netsim":
+            return _netsim_path(self, DESTINATIONS["netsim"])
+        return self.path_loop(path)
+
+    # ------------------------------------------------------------------ driver
+    async def run_all(self, paths: list[str], selected: Callable[[str], bool]) -> None:
+        """Bring every selected path up, measure them interleaved, tear them down."""
+        sizes = (64,) if self.quick else SIZES
+        async with AsyncExitStack() as stack:
+            setups: dict[str, PathSetup] = {}
+            for path in paths:
+                names = [f"e2e/{path}/udp{s}" for s in sizes if selected(f"e2e/{path}/udp{s}")]
+                if path not in LOOP_PATHS and selected(f"e2e/{path}/tcp"):
+                    names.append(f"e2e/{path}/tcp")
+                if not names:
+                    continue
+                reason = self.unavailable(path)
+                if reason is not None:
+                    self.skipped.extend({"name": n, "reason": reason} for n in names)
+                    print(f"  {path:<13} skipped: {reason}", flush=True)
+                    continue
+                try:
+                    setups[path] = await stack.enter_async_context(self.path_context(path))
+                except Exception as exc:  # a path that cannot come up is reported; the others still run
+                    self._fail(path, names, exc)
+                    continue
+                print(f"  {path:<13} up", flush=True)
+            for size in sizes:
+                chosen = {p: st for p, st in setups.items() if selected(f"e2e/{p}/udp{size}")}
+                if chosen:
+                    await self.measure_udp(chosen, size)
+            chosen = {p: st for p, st in setups.items() if p not in LOOP_PATHS and selected(f"e2e/{p}/tcp")}
+            if chosen:
+                await self.measure_tcp(chosen)
 
     def unavailable(self, path: str) -> str | None:
         if path == "wireguard-go":
@@ -361,21 +427,16 @@ def _netsim_unavailable() -> str | None:
     return None
 
 
-def _netsim_path(run: E2E) -> Any:
+def _netsim_path(run: E2E, dst: str) -> Any:
     from benchmarks import bench_netsim
 
-    return bench_netsim.netsim_path(run)
-
-
-def _selector(pattern: str | None) -> Callable[[str], bool]:
-    if not pattern:
-        return lambda name: True
-    pats = [p if any(c in p for c in "*?[") else f"*{p}*" for p in pattern.split(",")]
-    return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+    return bench_netsim.netsim_path(run, dst)
 
 
 async def _run(quick: bool, only: str | None) -> dict[str, Any]:
-    selected = _selector(only)
+    from benchmarks.runner import selector
+
+    selected = selector(only)
     wanted = [p for p in PATHS if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))]
     out: dict[str, Any] = {"results": [], "skipped": []}
     if not wanted:
@@ -400,9 +461,7 @@ async def _run(quick: bool, only: str | None) -> dict[str, Any]:
         async with Lab() as lab:
             print(f"lab {lab.run_id} up", flush=True)
             run = E2E(lab, tools, quick, workdir)
-            await run.start_echo()
-            for path in wanted:
-                await run.run_path(path, selected)
+            await run.run_all(wanted, selected)
             out["results"], out["skipped"] = run.results, run.skipped
     except NetsimError as exc:
         return skip_all(f"lab unavailable: {exc}")

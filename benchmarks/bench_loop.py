@@ -6,11 +6,14 @@ In-process cases (one trio run each, in a fresh interpreter): a provider task ke
 flight as ``batch``-packet PACKETS frames through a pair of `netsim.transports.uds.IpcChannel` objects; a helper
 task receives each `ipc.PacketBatch`, "forwards" every packet by reflecting it in place (addresses and ports
 swapped, as the C floor does) and sends the batch back. A round trip per packet is the number: ns/packet,
-packets/s, CPU seconds per packet (``getrusage``; provider and helper share the process here) and allocations per
-packet (tracemalloc, one untimed pass). Transports:
+packets/s, both from CPU time of the process (provider and helper share it here; `benchmarks._common.measure`'s
+convention, the wall-clock median rides along) and allocations per packet (tracemalloc, one untimed pass). Transports:
 
 * ``memory``: `netsim.testing.ipc_pair.open_ipc_pair` (in-memory byte pipes, the in-memory backend);
-* ``uds``: a real ``AF_UNIX`` stream socketpair under the same channels (kernel copies and wakeups, one process).
+* ``uds``: a real ``AF_UNIX`` stream socketpair under the same channels (kernel copies and wakeups, one process);
+* ``helper``: the real `netsim.runtime.helper.Helper` (``serve_session`` + ``run``: WireGuard encrypt, datagram
+  send, receive, decrypt, IPC back) in place of the reflector, its far end an in-process WireGuard server that
+  reflects (`case_helper`; the server's own time is reported apart).
 
 The same provider and helper also run as two processes over a real TUN and Unix socket for the end-to-end
 ``netsim-loop`` path (`provider_main`, `helper_main`, spawned by `benchmarks.bench_e2e`), next to the C floor and
@@ -19,7 +22,6 @@ the naive loop doing the same job.
 
 from __future__ import annotations
 
-import resource
 import socket
 import statistics
 import struct
@@ -29,8 +31,8 @@ from typing import Any
 
 import trio
 
-from benchmarks._common import Result, parse_args, report, run_isolated, write_json
-from benchmarks.bench_micro import udp_corpus
+from benchmarks._common import parse_args, report, run_isolated, write_json
+from benchmarks.bench_micro import result_from_samples, udp_corpus
 
 __all__ = ["BATCHES", "INFLIGHT", "helper_main", "provider_main", "reflect"]
 
@@ -93,12 +95,29 @@ async def _pump(channel: Any, batch_pkts: list[bytes], total: int, inflight: int
     while received < total:
         ev = await receive()
         if not isinstance(ev, ipc.PacketBatch):
-            raise RuntimeError(f"unexpected IPC event {ev!r}")
+            if isinstance(ev, ipc.ConnectionClosed | ipc.Goodbye | ipc.Error):
+                raise RuntimeError(f"the helper closed the IPC: {ev!r}")
+            continue  # SETTINGS, PONG ...: not packets
         received += len(ev)
         while sent < total and sent - received + b <= inflight:
             if not send(batch_pkts, ipc.AF_INET):
                 raise RuntimeError("IPC queue full: the benchmark must never drop")
             sent += b
+
+
+async def _timed(
+    prov: Any, corpus: list[bytes], total: int, inflight: int, reps: int
+) -> tuple[list[float], list[float]]:
+    """``reps`` timed pumps: per-packet CPU ns of this process (provider and helper both live here) and wall ns."""
+    cpu: list[float] = []
+    wall: list[float] = []
+    for _ in range(reps):
+        w0, c0 = time.perf_counter_ns(), time.process_time_ns()
+        await _pump(prov, corpus, total, inflight)
+        c1, w1 = time.process_time_ns(), time.perf_counter_ns()
+        cpu.append((c1 - c0) / total)
+        wall.append((w1 - w0) / total)
+    return cpu, wall
 
 
 async def _uds_pair(nursery_stack: Any, options: dict[str, Any]) -> tuple[Any, Any]:
@@ -127,7 +146,7 @@ def case_loop(transport: str, batch: int, size: int, packets: int, reps: int, se
     inflight = max(INFLIGHT, batch)
     total = packets - packets % batch
     corpus = udp_corpus(size, batch, seed)
-    options = {"max_queued_batches": 1024, "max_queued_bytes": 64 << 20}
+    options: dict[str, Any] = {"max_queued_batches": 1024, "max_queued_bytes": 64 << 20}
     out: dict[str, Any] = {}
 
     async def main() -> None:
@@ -139,16 +158,7 @@ def case_loop(transport: str, batch: int, size: int, packets: int, reps: int, se
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_reflector, helper)
                 await _pump(prov, corpus, total, inflight)  # warm-up
-                per_item: list[float] = []
-                cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-                for _ in range(reps):
-                    t0 = time.perf_counter_ns()
-                    await _pump(prov, corpus, total, inflight)
-                    per_item.append((time.perf_counter_ns() - t0) / total)
-                cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-                cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-                out["per_item"] = per_item
-                out["cpu_ns_per_pkt"] = cpu * 1e9 / (total * reps)
+                out["cpu"], out["wall"] = await _timed(prov, corpus, total, inflight, reps)
                 # allocations: one more, untimed pass under tracemalloc (see bench_micro.alloc_profile)
                 import tracemalloc
 
@@ -164,21 +174,132 @@ def case_loop(transport: str, batch: int, size: int, packets: int, reps: int, se
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
-    per_item = out.pop("per_item")
-    med = statistics.median(per_item)
+    cpu, wall = out.pop("cpu"), out.pop("wall")
     params = {"transport": transport, "batch": batch, "size": size, "inflight": inflight, **out}
-    return Result(
-        f"loop/{transport} b{batch} {size}B", total, reps, med, min(per_item), max(per_item), 1e9 / med, params
-    ).as_dict()
+    return result_from_samples(f"loop/{transport} b{batch} {size}B", total, cpu, wall, params)
 
 
-def forwarding_available() -> str | None:
-    """None if the real helper loop can be benchmarked, else the reason it cannot."""
-    try:
-        import netsim.runtime.forwarding  # noqa: F401
-    except ImportError as exc:
-        return f"netsim.runtime.forwarding is not available yet ({exc})"
-    return "netsim.runtime.forwarding exists but its benchmark case is not wired yet"
+_SERVER_EP = ("192.0.2.2", 51820)
+_CLIENT_EP = ("192.0.2.10", 40000)
+
+
+class _ReflectingServer:
+    """A `netsim.runtime.helper.DatagramTransport` whose far end is an in-process WireGuard server.
+
+    The server (a second `WireGuardDevice`) decrypts what the helper sends, reflects every inner packet and
+    encrypts it back, in batches, lazily when the helper next reads. Its CPU time is summed in ``server_cpu_ns`` so
+    the helper loop's own cost can be reported without it.
+    """
+
+    def __init__(self, server: Any) -> None:
+        from collections import deque
+
+        self.server = server
+        self.pending: list[bytes] = []
+        self.rx: deque[bytes] = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self._bufs = [bytearray(2048) for _ in range(256)]
+        self._views = [memoryview(b) for b in self._bufs]
+        self._sizes = [0] * 256
+        self._addrs: list[Any] = [None] * 256
+        self.server_cpu_ns = 0
+
+    def send(self, data: Any, addr: Any) -> str | None:
+        self.pending.append(bytes(data))
+        self.lot.unpark_all()
+        return None
+
+    def _process(self) -> None:
+        t0 = time.process_time_ns()
+        srv, now = self.server, trio.current_time()
+        pend, self.pending = self.pending, []
+        srv.receive_datagrams_untrusted(pend, [_CLIENT_EP] * len(pend), now)
+        self.rx.extend(d for d, _ in srv.datagrams_to_send(now))
+        got = srv.take_received()
+        for i in range(0, len(got), 256):
+            chunk = []
+            for _peer, pkt in got[i : i + 256]:
+                b = bytearray(pkt)
+                reflect(memoryview(b))
+                chunk.append(b)
+            srv.encapsulate(chunk, now, self._views, self._sizes, self._addrs)
+            self.rx.extend(bytes(self._views[j][: self._sizes[j]]) for j in range(len(chunk)) if self._sizes[j])
+        self.rx.extend(d for d, _ in srv.datagrams_to_send(now))
+        self.server_cpu_ns += time.process_time_ns() - t0
+
+    def recv_batch(self, bufs: Any, sizes: list[int], addrs: list[Any]) -> int:
+        if self.pending:
+            self._process()
+        n, rx = 0, self.rx
+        while rx and n < len(bufs):
+            d = rx.popleft()
+            bufs[n][: len(d)] = d
+            sizes[n] = len(d)
+            addrs[n] = _SERVER_EP
+            n += 1
+        return n
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.checkpoint()
+        while not self.rx and not self.pending:
+            await self.lot.park()
+
+    def close(self) -> None:
+        self.lot.unpark_all()
+
+
+def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> dict[str, Any]:
+    """The loop over the real `netsim.runtime.helper.Helper`: IPC in, WireGuard out and back, IPC to the provider.
+
+    Provider side: a channel of `open_ipc_pair` (as `HelperForwardingProvider` uses in memory) keeping
+    ``max(64, batch)`` packets in flight. Helper side: `Helper.serve_session` + `Helper.run`, unchanged, over
+    `_ReflectingServer`. ``ns_*`` include the in-process server's decrypt + reflect + encrypt; ``params`` report
+    ``server_cpu_ns_per_pkt`` and ``without_server_cpu_ns_per_pkt`` (the difference) separately.
+    """
+    from ipaddress import ip_interface, ip_network
+
+    from netsim.core.wireguard import PrivateKey, WireGuardDevice
+    from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
+    from netsim.runtime.helper import Helper
+    from netsim.testing.ipc_pair import open_ipc_pair
+
+    r = __import__("random").Random(seed)
+    ck, sk = PrivateKey.generate(r.randbytes), PrivateKey.generate(r.randbytes)
+    server = WireGuardDevice(
+        sk, [PeerConfig(ck.public_key(), allowed_ips=(ip_network("10.77.0.0/24"),))], rng=__import__("random").Random(2)
+    )
+    config = TunnelConfig(
+        InterfaceConfig(ck, addresses=(ip_interface("10.77.0.2/24"),), mtu=1420),
+        (PeerConfig(sk.public_key(), endpoint=Endpoint(*_SERVER_EP), allowed_ips=(ip_network("0.0.0.0/0"),)),),
+    )
+    transport = _ReflectingServer(server)
+    inflight = max(INFLIGHT, batch)
+    total = packets - packets % batch
+    corpus = udp_corpus(size, batch, seed)
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        helper = Helper(config, transport, batch=max(64, batch))
+        opts: dict[str, Any] = {"max_queued_batches": 1024, "max_queued_bytes": 64 << 20}
+        async with open_ipc_pair(capacity=1 << 20, **opts) as (prov, hch), trio.open_nursery() as nursery:
+            await nursery.start(helper.run)
+            nursery.start_soon(helper.serve_session, hch)
+            with trio.fail_after(10):
+                # the handshake, driven by Helper.run; the device offers no event to wait on
+                while helper.device.peers[0].current is None:  # noqa: ASYNC110
+                    await trio.sleep(0.001)
+            await _pump(prov, corpus, total, inflight)  # warm-up
+            srv0 = transport.server_cpu_ns
+            out["cpu"], out["wall"] = await _timed(prov, corpus, total, inflight, reps)
+            out["server_cpu_ns_per_pkt"] = (transport.server_cpu_ns - srv0) / (total * reps)
+            out["helper_drops"] = {k: v for k, v in helper.device.statistics().drops.items() if v}
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    cpu, wall = out.pop("cpu"), out.pop("wall")
+    out["without_server_cpu_ns_per_pkt"] = statistics.median(cpu) - out["server_cpu_ns_per_pkt"]
+    params = {"transport": "helper", "batch": batch, "size": size, "inflight": inflight, **out}
+    return result_from_samples(f"loop/helper b{batch} {size}B", total, cpu, wall, params)
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -237,6 +358,9 @@ def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
             if batch == 1:
                 kw["packets"] = packets // 4  # one frame per packet is slow; keep the case short
             out.append((f"loop/{transport}/b{batch}", "case_loop", kw))
+    for batch in (64,) if quick else (8, 64, 128):
+        kw = {"batch": batch, "size": 64, "packets": packets // 2, "reps": reps, "seed": seed}
+        out.append((f"loop/helper/b{batch}", "case_helper", kw))
     if not quick:
         for transport in ("memory", "uds"):
             kw = {"transport": transport, "batch": 64, "size": 1400, "packets": packets, "reps": reps, "seed": seed}
@@ -255,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("helper", "provider"):
-        fn = helper_main if sys.argv[1] == "helper" else provider_main
+        fn: Any = helper_main if sys.argv[1] == "helper" else provider_main
         try:
             trio.run(fn, *sys.argv[2:])
         except KeyboardInterrupt:

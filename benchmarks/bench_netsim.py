@@ -4,7 +4,7 @@ The pieces are netsim's own, unchanged: the provider is `netsim.runtime.forwardi
 hosted by `netsim.runtime.controller.TunnelProviderManager` in a process in ``mac`` (`SubprocessLauncher`); the
 helper is `netsim.runtime.helper.Helper` behind a `netsim.transports.uds.UnixIpcServer` (`helper_main`, a process
 in ``mac``), with its UDP socket bound to ``en0``; the server is wireguard-go in ``vpn``, NATing to inet.
-The tunnel routes only ``203.0.113.0/24`` (the lab's internet hosts), so everything else stays direct.
+The tunnel routes only the path's own destination address (a /32 in inet), so everything else stays direct.
 """
 
 from __future__ import annotations
@@ -41,8 +41,11 @@ async def helper_main(config_path: str, sock_path: str) -> None:
 
 
 @asynccontextmanager
-async def netsim_path(run: Any) -> AsyncIterator[Any]:
-    """Bring path 3 up in ``run.lab`` and yield a `benchmarks.bench_e2e.PathSetup`; tear it down after."""
+async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
+    """Bring path 3 up in ``run.lab`` and yield a `benchmarks.bench_e2e.PathSetup`; tear it down after.
+
+    Only ``dst`` (an inet address with its own echo server) is routed into the tunnel.
+    """
     from benchmarks.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
     from netsim.apple import TunnelProviderProtocol, VPNStatus
     from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
@@ -51,6 +54,7 @@ async def netsim_path(run: Any) -> AsyncIterator[Any]:
     from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
 
     lab, a = run.lab, run.lab.addr
+    echo = await run.start_echo(dst)
     server = WireGuardGo.in_lab(lab, "vpn", stem="bns", listen_port=PORT, addresses=[f"{NET}.1/24"])
     client_key = PrivateKey.generate()
     config = TunnelConfig(
@@ -59,7 +63,7 @@ async def netsim_path(run: Any) -> AsyncIterator[Any]:
             PeerConfig(
                 server.public_key,
                 endpoint=Endpoint(str(a.vpn_wan_v4), PORT),
-                allowed_ips=(ip_network(a.inet_hosts_net_v4),),
+                allowed_ips=(ip_network(f"{dst}/32"),),
             ),
         ),
     )
@@ -82,7 +86,9 @@ async def netsim_path(run: Any) -> AsyncIterator[Any]:
             manager = TunnelProviderManager(
                 "netsim.runtime.forwarding:HelperForwardingProvider",
                 launcher,
-                TunnelProviderProtocol(server_address=str(a.vpn_wan_v4), provider_configuration={"helper_socket": sock}),
+                TunnelProviderProtocol(
+                    server_address=str(a.vpn_wan_v4), provider_configuration={"helper_socket": sock}
+                ),
             )
             async with manager.open_session() as session:
                 await session.start_vpn_tunnel()
@@ -90,15 +96,15 @@ async def netsim_path(run: Any) -> AsyncIterator[Any]:
                     await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
                 if session.status is not VPNStatus.CONNECTED:
                     raise RuntimeError(f"netsim tunnel did not connect: {session.last_disconnect_error}")
-                await lab.run("mac", ["ping", "-c", "1", "-W", "3", str(a.www_v4)], timeout=15)
-                assert server.pid is not None and run.echo_pid is not None
+                await lab.run("mac", ["ping", "-c", "1", "-W", "3", dst], timeout=15)
+                assert server.pid is not None
                 procs = {
                     "provider": launcher.processes[-1].pid,
                     "helper": helper.pid,
                     "wg-server": server.pid,
-                    "echo": run.echo_pid,
+                    "echo": echo,
                 }
-                yield PathSetup((str(a.www_v4), ECHO_PORT), procs, tcp_dst=str(a.www_v4))
+                yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
                 await session.stop_vpn_tunnel()
         finally:
             await helper.stop(grace=2.0)
@@ -108,7 +114,7 @@ async def netsim_path(run: Any) -> AsyncIterator[Any]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["helper"]:
         try:
-            trio.run(helper_main, *sys.argv[2:])
+            trio.run(helper_main, sys.argv[2], sys.argv[3])
         except KeyboardInterrupt:
             pass
     else:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import struct
 
 from netsim.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Buffer, PacketView
-from netsim.errors import LocalProtocolError
+from netsim.errors import BadPacket, LocalProtocolError
 
 __all__ = [
     "checksum_offset",
@@ -189,9 +189,12 @@ def fill_checksums(buf: bytearray | memoryview) -> PacketView:
     this, send. Fragments get only the IPv4 header checksum. Returns the parsed view.
 
     Raises:
-        BadPacket: ``buf`` is not a valid packet (the builder has a bug).
+        LocalProtocolError: ``buf`` is not a valid packet (the builder has a bug); the message has the reason.
     """
-    view = PacketView.parse_untrusted(buf)
+    try:
+        view = PacketView.parse_untrusted(buf)
+    except BadPacket as e:
+        raise LocalProtocolError(f"fill_checksums() was given a malformed packet: {e}") from e
     if view.version == 4:
         _U16_pack(buf, 10, compute_ipv4_header_checksum(buf, view.l4_offset))
     off = checksum_offset(view)

@@ -13,9 +13,11 @@ wireguard-go manner of a fast structure checked against a slow reference:
 * the general path handles everything else (options, extension headers, fragments, other protocols) and every
   error: one unpack for the IP header, a bounded extension-header walk, one for the transport header.
 
-The tests check that both paths give identical results on real and on corrupted packets. The view keeps a reference to the caller's buffer and never copies it;
-``src``/``dst`` are small ``bytes`` objects (4 or 16 bytes, hashable, usable as dict keys) produced by the same
-unpack. `src_address`/`dst_address` build `ipaddress` objects on demand; the hot path never needs them.
+The tests check that both paths give identical results on real and on corrupted packets.
+
+The view keeps a reference to the caller's buffer and never copies it; ``src``/``dst`` are small ``bytes``
+objects (4 or 16 bytes, hashable, usable as dict keys) produced by the same unpack. `src_address` and
+`dst_address` build `ipaddress` objects on demand; the hot path never needs them.
 
 The view caches what it read: after the buffer is changed by anything other than the rewrite helpers of
 `netsim.core.checksum` (which keep the view in step), call `load_untrusted` again.

@@ -617,6 +617,11 @@ class PolicyEngine:
         """The policy in force."""
         return self._c.policy
 
+    @property
+    def has_domain_rules(self) -> bool:
+        """True when the policy in force has a domain rule (so DNS answers are worth learning)."""
+        return self._c.has_domains
+
     def replace(self, policy: Policy | Sequence[Rule]) -> None:
         """Atomically switch to ``policy`` (or to new rules keeping the default and mechanism).
 

@@ -69,6 +69,15 @@ log = logging.getLogger("netsim.forwarding")
 MEMORY_SCHEME = "memory:"
 Connector = Callable[[Ledger], AbstractAsyncContextManager[IpcChannel]]
 _MEMORY_HELPERS: dict[str, Connector] = {}
+_CONNECTION_ERRORS = (
+    TunnelDown,
+    RemoteProtocolError,
+    LabError,
+    ConfigError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
 
 
 def register_memory_helper(name: str, connector: Connector) -> None:
@@ -88,7 +97,8 @@ def settings_from_payload(payload: dict[str, Any]) -> PacketTunnelNetworkSetting
     """Build ``PacketTunnelNetworkSettings`` from the helper's SETTINGS payload (`tunnel_settings_payload`).
 
     AllowedIPs become included routes (0.0.0.0/0 and ::/0 claim the default route, as wg-quick does); the server
-    is the ``tunnel_remote_address``, which the route table excludes from the tunnel automatically.
+    is the ``tunnel_remote_address``, which the route table excludes from the tunnel automatically; the policy's
+    ``excluded_routes`` (route mechanism) become excluded routes of their family.
 
     Raises:
         ConfigError: the payload is not what a netsim helper sends (names the field).
@@ -104,6 +114,7 @@ def settings_from_payload(payload: dict[str, Any]) -> PacketTunnelNetworkSetting
         dns = [str(s) for s in payload.get("dns", [])]
         search = [str(s) for s in payload.get("dns_search", [])]
         mtu = payload.get("mtu")
+        excluded = [ip_network(r) for r in payload.get("excluded_routes", [])]
     except (TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(f"bad helper settings: {exc}") from None
     settings = PacketTunnelNetworkSettings(tunnel_remote_address=server, mtu=mtu if isinstance(mtu, int) else None)
@@ -111,12 +122,18 @@ def settings_from_payload(payload: dict[str, Any]) -> PacketTunnelNetworkSetting
     v6 = [a for a in addrs if a.version == 6]
     r4 = [r for r in routes if isinstance(r, IPv4Network)]
     r6 = [r for r in routes if isinstance(r, IPv6Network)]
+    x4 = [r for r in excluded if isinstance(r, IPv4Network)]
+    x6 = [r for r in excluded if isinstance(r, IPv6Network)]
     if v4:
         settings.ipv4_settings = IPv4Settings([str(a.ip) for a in v4], [str(a.netmask) for a in v4])
         settings.ipv4_settings.included_routes = [IPv4Route(str(r.network_address), str(r.netmask)) for r in r4]
+        if x4:  # the policy's route mechanism: these never enter the utun (Apple: excludedRoutes)
+            settings.ipv4_settings.excluded_routes = [IPv4Route(str(r.network_address), str(r.netmask)) for r in x4]
     if v6:
         settings.ipv6_settings = IPv6Settings([str(a.ip) for a in v6], [a.network.prefixlen for a in v6])
         settings.ipv6_settings.included_routes = [IPv6Route(str(r.network_address), r.prefixlen) for r in r6]
+        if x6:
+            settings.ipv6_settings.excluded_routes = [IPv6Route(str(r.network_address), r.prefixlen) for r in x6]
     if dns:
         # The tunnel's resolvers answer everything ([""]: Apple's "all domains"), so DNS never leaks.
         settings.dns_settings = DNSSettings(dns, search_domains=search or None, match_domains=[""])
@@ -181,6 +198,8 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self.write_batches = 0
         self._start_error: BaseException | None = None
         self._session_ok = False
+        self._stopping = False
+        self._written_seen = 0  # flow.packets_written as of our last write
 
     # -- configuration -------------------------------------------------------------------------------------
     def _conf(self) -> dict[str, Any]:
@@ -215,6 +234,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             raise self._start_error
 
     async def stop_tunnel(self, reason: ProviderStopReason) -> None:
+        self._stopping = True
         ch = self._channel
         if ch is not None:
             with trio.move_on_after(1.0):
@@ -229,17 +249,16 @@ class HelperForwardingProvider(PacketTunnelProvider):
         down_since: float | None = None
         delay = 0.05
         while True:
-            try:
-                async with self.connect_helper(attempt_for) as ch:
-                    await self._session(ch)
-            except ConfigError as exc:
+            exc = await self._attempt(attempt_for)
+            if self._stopping:
+                return
+            if isinstance(exc, ConfigError):
                 if self._ready.is_set():
-                    raise
+                    raise exc
                 self._start_error = exc
                 self._ready.set()
                 return
-            except (TunnelDown, RemoteProtocolError, LabError, OSError) as exc:
-                log.info("helper connection ended: %s", exc)
+            log.info("helper connection ended: %s", exc)
             self._channel = None
             self._fail_waiters()
             now = trio.current_time()
@@ -262,21 +281,32 @@ class HelperForwardingProvider(PacketTunnelProvider):
             await trio.sleep(delay)
             delay = min(delay * 2, backoff_max)
 
+    async def _attempt(self, retry_for: float) -> Exception | None:
+        """One connection's lifetime; returns why it ended (connection errors are expected, not raised)."""
+        try:
+            async with self.connect_helper(retry_for) as ch:
+                await self._session(ch)
+        except _CONNECTION_ERRORS as exc:
+            return exc
+        except BaseExceptionGroup as group:  # trio nurseries inside the channel wrap what they raise
+            match, rest = group.split(_CONNECTION_ERRORS)
+            if rest is not None:
+                raise rest from None  # e.g. Cancelled while stopping: the connection errors are moot then
+            if match is None:  # pragma: no cover - split of a non-empty group
+                raise
+            leaf: BaseException = match
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            assert isinstance(leaf, Exception)
+            return leaf
+        return None
+
     async def _session(self, ch: IpcChannel) -> None:
         """One helper connection: wait for its SETTINGS, apply them, then move inbound frames to the utun."""
         ev = await ch.receive_event()
         if not isinstance(ev, ipc.Settings):
             raise RemoteProtocolError("no_settings", f"the helper sent {type(ev).__name__} before SETTINGS")
-        if ev.payload != self._settings_json:
-            try:
-                payload = json.loads(ev.payload)
-            except ValueError as exc:
-                raise RemoteProtocolError("bad_settings", str(exc)) from None
-            if not isinstance(payload, dict):
-                raise RemoteProtocolError("bad_settings", "SETTINGS must be a JSON object")
-            await self.set_tunnel_network_settings(settings_from_payload(payload))
-            self._settings_json = ev.payload
-            self.settings_applied += 1
+        await self._apply_settings(ev)
         self.connects += 1
         self._session_ok = True
         self._channel = ch
@@ -292,13 +322,18 @@ class HelperForwardingProvider(PacketTunnelProvider):
                 if isinstance(ev, ipc.PacketBatch):
                     n = len(ev)
                     ipc_in.count_read(n)
-                    before = flow.statistics().packets_written
-                    flow.write_packet_objects([Packet(view, fam) for fam, view in ev])
-                    accepted = flow.statistics().packets_written - before
+                    if flow.write_packet_objects([Packet(view, fam) for fam, view in ev]):
+                        accepted = n
+                        self._written_seen += n
+                    else:  # rare: ask the flow how many it took (only this loop writes to it)
+                        total = flow.statistics().packets_written
+                        accepted, self._written_seen = total - self._written_seen, total
                     self.write_batches += 1
                     ipc_in.count_forwarded(accepted)
                     if accepted != n:
                         ipc_in.count_dropped("tun_refused", n - accepted)
+                elif isinstance(ev, ipc.Settings):
+                    await self._apply_settings(ev)  # the helper's policy changed its route exclusions
                 elif isinstance(ev, ipc.StatsResponse):
                     waiter = self._stats_waiters.pop(ev.request_id, None)
                     if waiter is not None:
@@ -311,6 +346,20 @@ class HelperForwardingProvider(PacketTunnelProvider):
         finally:
             if self._channel is ch:
                 self._channel = None
+
+    async def _apply_settings(self, ev: ipc.Settings) -> None:
+        """Apply the helper's SETTINGS unless they equal what is already applied."""
+        if ev.payload == self._settings_json:
+            return
+        try:
+            payload = json.loads(ev.payload)
+        except ValueError as exc:
+            raise RemoteProtocolError("bad_settings", str(exc)) from None
+        if not isinstance(payload, dict):
+            raise RemoteProtocolError("bad_settings", "SETTINGS must be a JSON object")
+        await self.set_tunnel_network_settings(settings_from_payload(payload))
+        self._settings_json = ev.payload
+        self.settings_applied += 1
 
     async def _outbound(self) -> None:
         """utun -> helper: one flow read, one IPC frame (the performance-critical loop)."""

@@ -25,7 +25,7 @@ traffic, F1).
 
 Ledger (reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
 
-    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, policy_drop
+    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, policy_drop:<rule>
     bypass      BYPASS verdicts                  -> the bypass hook; dropped: bypass_unavailable (no hook yet)
     wg_encrypt  packets given to the device      -> sent as transport data (device tx_packets); dropped:
                                                     no_route, staged_overflow, handshake_timeout, ...;
@@ -54,20 +54,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import ip_address
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from netsim.core import ipc
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.core.packet import PacketView
-from netsim.core.policy import Action, PolicyEngine, parse_policy
+from netsim.core.policy import Action, Mechanism, PolicyEngine, PolicyStatistics, parse_policy
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.device import DeviceStatistics, HandshakeCompleted, HandshakeTimeout, WireGuardDevice
 from netsim.core.wireguard.peer import Endpoint
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.transports.uds import IpcChannel, ServerStatistics, UnixIpcServer
+
+if TYPE_CHECKING:
+    from netsim.runtime.bypass import BypassStatistics, NatBypass
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -301,6 +304,9 @@ class HelperStatistics:
     policy_rejected: int
     recv_errors: int
     wakeups: int
+    bypass_tunnelled: int = 0
+    policy: PolicyStatistics | None = None
+    bypass: BypassStatistics | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object carried in STATS_RESPONSE (`Helper.stats_json`)."""
@@ -325,7 +331,28 @@ class HelperStatistics:
             "policy_rejected": self.policy_rejected,
             "recv_errors": self.recv_errors,
             "wakeups": self.wakeups,
+            "bypass_tunnelled": self.bypass_tunnelled,
+            "policy": None if self.policy is None else _policy_json(self.policy),
+            "bypass": None if self.bypass is None else self.bypass.to_json(),
         }
+
+
+def _policy_json(p: PolicyStatistics) -> dict[str, Any]:
+    d = p.dns
+    return {
+        "classified": p.classified,
+        "by_action": dict(p.by_action),
+        "rule_hits": dict(p.rule_hits),
+        "default_hits": p.default_hits,
+        "replacements": p.replacements,
+        "dns": {
+            "responses_seen": d.responses,
+            "bad_responses": d.bad_responses,
+            "bindings": d.bindings,
+            "learned": d.learned,
+            "expired": d.expired,
+        },
+    }
 
 
 def _server_json(s: ServerStatistics) -> dict[str, int]:
@@ -395,7 +422,8 @@ class Helper:
             )
             if server is None and resolved is not None:
                 server = str(ip_address(str(resolved[0])))
-        self.settings = tunnel_settings_payload(config, server)
+        self._server_address = server
+        self.settings = self._settings_payload()
         # buffers: one slab per direction, sliced once; reused for every batch
         self._rx_slab = bytearray(batch * _MAX_DATAGRAM)
         slab = memoryview(self._rx_slab)
@@ -427,9 +455,59 @@ class Helper:
         self.policy_rejected = 0
         self.wakeups = 0
         self.server: UnixIpcServer | None = None
+        self.nat_bypass: NatBypass | None = None
+        self.bypass_tunnelled = 0
+        self._dns_view = PacketView()
         self._channel: IpcChannel | None = None
         self._scope: trio.CancelScope | None = None
         self._connected = trio.Event()
+
+    def _settings_payload(self) -> dict[str, Any]:
+        """SETTINGS for the provider: the tunnel config plus the policy's route exclusions (route mechanism)."""
+        from netsim.runtime.bypass import route_exclusions_payload  # runtime peer module; imported lazily
+
+        out = tunnel_settings_payload(self.config, self._server_address)
+        if self.policy is not None:
+            out.update(route_exclusions_payload(self.policy.policy))
+        else:
+            out.update(excluded_routes=[], bypass_unsupported=[])
+        return out
+
+    # -- bypass ---------------------------------------------------------------------------------------------
+    def attach_bypass(self, nat_bypass: NatBypass) -> None:
+        """Carry out BYPASS verdicts with ``nat_bypass`` (the NAT mechanism) and return its replies to the
+        provider. Run ``nat_bypass.run`` in the helper's nursery; its ledger stages should be this ledger's."""
+        self.nat_bypass = nat_bypass
+        self.bypass = nat_bypass.send_batch
+        nat_bypass.deliver = self.deliver_bypass
+
+    def deliver_bypass(self, packets: list[bytes]) -> str | None:
+        """Hand de-NATed bypass replies to the provider in one IPC frame; learn DNS answers first.
+
+        Returns None when handed over (the channel's ``ipc_out`` stage counts what happens next), or
+        ``"no_provider"`` when no provider is connected (the caller counts it).
+        """
+        if self.policy is not None and self.policy.has_domain_rules:
+            self._learn_dns(packets, self.clock())
+        ch = self._channel
+        if ch is None or ch.is_broken:
+            return "no_provider"
+        self._send_to_provider(ch, packets)
+        return None
+
+    def _learn_dns(self, packets: Sequence[ipc.Buffer], now: float) -> None:
+        """Teach the policy the name -> address answers in DNS responses (UDP from port 53), before the app
+        sees them, so a domain rule applies to the app's very first packet to that address."""
+        assert self.policy is not None
+        view = self._dns_view
+        learn = self.policy.learn_dns_response_untrusted
+        for pkt in packets:
+            try:
+                view.load_untrusted(pkt)
+                if view.protocol == 17 and view.sport == 53 and not view.is_fragment:
+                    learn(memoryview(pkt)[view.l4_offset + 8 : view.total_length], now)
+            except BadPacket:
+                continue  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> HelperStatistics:
@@ -446,6 +524,9 @@ class Helper:
             policy_rejected=self.policy_rejected,
             recv_errors=getattr(self.transport, "recv_errors", 0),
             wakeups=self.wakeups,
+            bypass_tunnelled=self.bypass_tunnelled,
+            policy=self.policy.statistics() if self.policy is not None else None,
+            bypass=self.nat_bypass.statistics() if self.nat_bypass is not None else None,
         )
 
     def stats_json(self) -> dict[str, Any]:
@@ -571,12 +652,18 @@ class Helper:
         if not items:
             return
         packets = [pkt for _, pkt in items]
+        if self.policy is not None and self.policy.has_domain_rules:
+            self._learn_dns(packets, self.clock())  # the tunnel's resolver answers through here
         ch = self._channel
-        out = self._ipc_out
         if ch is None or ch.is_broken:
+            out = self._ipc_out
             out.count_read(len(packets))
             out.count_dropped("no_provider", len(packets))
             return
+        self._send_to_provider(ch, packets)
+
+    def _send_to_provider(self, ch: IpcChannel, packets: list[bytes]) -> None:
+        """Queue ``packets`` on the channel in as few frames as fit (the channel counts ``ipc_out``)."""
         start = 0
         total = len(packets)
         while start < total:
@@ -622,7 +709,10 @@ class Helper:
                 elif isinstance(ev, ipc.Ping):
                     await channel.send(ipc.Pong(ev.nonce))
                 elif isinstance(ev, ipc.PolicyUpdate):
+                    before = self.settings
                     self._apply_policy(ev)
+                    if self.settings != before:  # new route exclusions: the provider re-applies its settings
+                        await channel.send(ipc.Settings(json.dumps(self.settings).encode()))
                 elif isinstance(ev, ipc.Goodbye | ipc.Error | ipc.ConnectionClosed):
                     reason = type(ev).__name__.lower()
                     break
@@ -648,6 +738,7 @@ class Helper:
         else:
             self.policy.replace(policy)
         self.policy_updates += 1
+        self.settings = self._settings_payload()  # route exclusions may have changed: the session resends them
         log.info("policy updated", extra={"event": "policy", "generation": ev.generation})
 
     def _outbound(self, batch: ipc.PacketBatch) -> None:
@@ -664,25 +755,43 @@ class Helper:
         dev = self.device
         bufs, sizes, addrs = self._tx_views, self._tx_sizes, self._tx_addrs
         step = self.batch
-        send = self._send_datagram
+        send = self.transport.send
+        udp = self._udp_out
         for start in range(0, len(packets), step):
             chunk = packets[start : start + step]
             self._wg_out.count_read(len(chunk))
             dev.encapsulate(chunk, now, bufs, sizes, addrs)
+            attempted = sent = 0
             for i in range(len(chunk)):
                 size = sizes[i]
                 addr = addrs[i]
                 if size and addr is not None:
-                    send(bufs[i][:size], addr)
+                    attempted += 1
+                    reason = send(bufs[i][:size], addr)
+                    if reason is None:
+                        sent += 1
+                    else:
+                        udp.count_dropped(reason)
+            udp.count_read(attempted)  # counted per batch: no per-packet method calls on the hot path
+            udp.count_forwarded(sent)
             self._sync_device(outbound=True)
             self._flush(now)
 
     def _classify(self, packets: list[memoryview], now: float) -> list[memoryview]:
+        """Policy verdicts for a batch: returns the packets to tunnel; BYPASS goes to the hook, DROP is counted.
+
+        With the route mechanism a BYPASS packet should never reach the helper (the kernel sent it out of en0);
+        one that does (a port, protocol or domain rule routes cannot express) is tunnelled and counted in
+        ``bypass_tunnelled``: a route bypass never leaks through a NAT path the policy did not ask for.
+        """
         assert self.policy is not None
-        classify = self.policy.classify
+        engine = self.policy
+        classify = engine.classify
+        route_mechanism = engine.policy.mechanism is Mechanism.ROUTE
         view = self._view
         keep: list[memoryview] = []
         bypass: list[memoryview] = []
+        tunnel = 0
         for pkt in packets:
             try:
                 view.load_untrusted(pkt)
@@ -692,15 +801,20 @@ class Helper:
             verdict = classify(view, now)
             action = verdict.action
             if action is Action.TUNNEL:
+                tunnel += 1
                 keep.append(pkt)
             elif action is Action.BYPASS:
-                bypass.append(pkt)
+                self.verdicts["bypass"] += 1
+                if route_mechanism:
+                    self.bypass_tunnelled += 1
+                    keep.append(pkt)
+                else:
+                    bypass.append(pkt)
             else:
-                self._ipc_in.count_dropped("policy_drop")
+                self._ipc_in.count_dropped(verdict.reason)  # "policy_drop:<rule>"
                 self.verdicts["drop"] += 1
-        self.verdicts["tunnel"] += len(keep)
+        self.verdicts["tunnel"] += tunnel
         if bypass:
-            self.verdicts["bypass"] += len(bypass)
             self._ipc_in.count_forwarded(len(bypass))
             self._bypass.count_read(len(bypass))
             if self.bypass is None:
@@ -711,5 +825,9 @@ class Helper:
         return keep
 
     def close(self) -> None:
-        """Close the transport (the device holds no OS resources)."""
+        """Drop the provider session (as a dying process would) and close the transport."""
+        ch = self._channel
+        if ch is not None:
+            ch.close()
+            self._channel = None
         self.transport.close()

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from netsim.lab.lab import Lab
     from netsim.lab.process import LabProcess
 
-__all__ = ["LabTunnel", "TunnelPlan", "netsim_tunnel", "vpn_nat_ruleset"]
+__all__ = ["STANDARD_PROBES", "LabTunnel", "ProbeResult", "TunnelPlan", "netsim_tunnel", "vpn_nat_ruleset"]
 
 _HELPER_READY = r"^READY "
 
@@ -75,6 +75,48 @@ def vpn_nat_ruleset(wan: str = "wan") -> str:
         "  }\n"
         "}\n"
     )
+
+
+_UDP_ECHO = (
+    "import socket, sys; a = sys.argv[1]; "
+    "s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET, socket.SOCK_DGRAM); "
+    "s.settimeout(2); s.sendto(b'netsim-probe', (a, 7)); print(s.recv(64).decode())"
+)
+
+#: The probes of the issue's end-to-end scenario, as ``(label, argv)`` run in ``mac`` (names resolve through the
+#: tunnel's DNS server). iperf3 runs for one second: bounded.
+STANDARD_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("http v4 (curl www.lab.test)", ("curl", "-4", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "http://www.lab.test/")),
+    ("http v6 (curl www.lab.test)", ("curl", "-6", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "http://www.lab.test/")),
+    ("dns (dig www.lab.test)", ("dig", "+short", "+time=2", "+tries=2", "www.lab.test")),
+    ("ping v4", ("ping", "-c", "3", "-i", "0.2", "-W", "2", "-q", "203.0.113.10")),
+    ("ping v6", ("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-q", "2001:db8:113::10")),
+    ("udp echo v4", (sys.executable, "-c", _UDP_ECHO, "203.0.113.10")),
+    ("udp echo v6", (sys.executable, "-c", _UDP_ECHO, "2001:db8:113::10")),
+    ("iperf3 v4 1 s", ("iperf3", "-4", "-c", "203.0.113.10", "-t", "1", "-f", "m")),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe run by `LabTunnel.run_probe`.
+
+    Attributes:
+        path: ``"tunnel"`` when the provider read packets from the utun during the probe, else ``"direct"``.
+        tunnelled: how many packets the provider read meanwhile (other traffic in the same window counts too).
+    """
+
+    label: str
+    argv: tuple[str, ...]
+    returncode: int
+    seconds: float
+    path: str
+    tunnelled: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
 
 
 @dataclass
@@ -148,6 +190,24 @@ class LabTunnel:
             f"the provider did not reconnect within {timeout} s; helper log:\n{self.helper.stderr()[-3000:]}"
         )
 
+    async def run_probe(self, label: str, argv: tuple[str, ...] | list[str], *, timeout: float = 30.0) -> ProbeResult:
+        """Run ``argv`` in ``mac`` and report its result and path (tunnel or direct, from the provider's ledger)."""
+        before = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+        start = trio.current_time()
+        r = await self.lab.run("mac", list(argv), check=False, timeout=timeout)
+        seconds = trio.current_time() - start
+        after = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+        text = (r.stdout or r.stderr).decode(errors="replace").strip()
+        return ProbeResult(
+            label=label,
+            argv=tuple(argv),
+            returncode=r.returncode,
+            seconds=seconds,
+            path="tunnel" if after > before else "direct",
+            tunnelled=after - before,
+            output=text.splitlines()[-1] if text else "",
+        )
+
     def logs(self) -> str:
         """Helper stderr (JSON lines) and wireguard-go output, for failure messages."""
         parts = [f"--- helper pid {p.pid} ---\n{p.stderr()[-4000:]}" for p in self.helpers]
@@ -217,6 +277,11 @@ async def netsim_tunnel(
     socket_path = sock_dir / "helper.sock"
     helpers: list[LabProcess] = []
     try:
+        if group_access:
+            # UnixIpcServer accepts an existing directory with the right owner and mode; creating it here keeps
+            # the group bits its own mkdir would lose to the 077 umask it sets.
+            sock_dir.mkdir(mode=0o750, exist_ok=True)
+            os.chmod(sock_dir, 0o750)
         await server.start()
         if lab.pcap_dir is not None:
             await trio.to_thread.run_sync(lambda: lab.capture("vpn", server.ifname, name="vpn-wg"))

@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from netsim.core import ipc
+from netsim.errors import RemoteProtocolError, TunnelDown
 from netsim.transports.uds import IpcChannel, PeerCredentials, open_ipc_channel
 
 __all__ = ["MemoryIpcStream", "memory_stream_pair", "open_ipc_pair"]
@@ -126,7 +127,17 @@ async def open_ipc_pair(
         open_ipc_channel(b, hconn, **channel_options) as helper,
     ):
         if handshake:
+            errors: list[BaseException] = []
+
+            async def side(ch: IpcChannel) -> None:
+                try:
+                    await ch.handshake()
+                except (RemoteProtocolError, TunnelDown) as exc:
+                    errors.append(exc)
+
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(helper.handshake)
-                await prov.handshake()
+                nursery.start_soon(side, helper)
+                await side(prov)
+            if errors:
+                raise errors[-1]  # the provider's view (it fails last, with the helper's ERROR reason)
         yield prov, helper

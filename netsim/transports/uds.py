@@ -65,6 +65,11 @@ if IOV_MAX <= 0:  # pragma: no cover
     IOV_MAX = 1024
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (man 7 unix, SO_PEERCRED)
+_ERROR_CODES = {
+    "auth_failed": ipc.ErrorCode.AUTH,
+    "no_common_version": ipc.ErrorCode.VERSION,
+    "frame_too_big": ipc.ErrorCode.TOO_BIG,
+}
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -422,7 +427,8 @@ class IpcChannel:
         log.warning("IPC peer %s violated the protocol: %s; closing", self.peer, exc)
         if self._broken is None:
             try:
-                bufs = self.connection.send(ipc.Error(ipc.ErrorCode.PROTOCOL, str(exc)[:512]))
+                code = _ERROR_CODES.get(exc.reason, ipc.ErrorCode.PROTOCOL)
+                bufs = self.connection.send(ipc.Error(code, str(exc)[:512]))
             except LocalProtocolError:
                 bufs = []
             with trio.move_on_after(0.5):
@@ -455,12 +461,19 @@ class IpcChannel:
         Raises `RemoteProtocolError` if the peer answers anything else (an ERROR frame is reported with its code).
         """
         conn = self.connection
+        send_failed: TunnelDown | None = None
         if conn.role is ipc.Role.PROVIDER:
-            await self.send(conn.hello())
+            try:
+                await self.send(conn.hello())
+            except TunnelDown as exc:
+                send_failed = exc  # a refusing helper writes ERROR and closes: read its reason first
         ev = await self.receive_event()
         if isinstance(ev, ipc.Error):
             self.close()
-            raise RemoteProtocolError("peer_error", f"code {ev.code}: {ev.message}")
+            reason = "peer_busy" if ev.code == ipc.ErrorCode.BUSY else "peer_error"
+            raise RemoteProtocolError(reason, f"code {ev.code}: {ev.message}")
+        if send_failed is not None:
+            raise send_failed
         if conn.role is ipc.Role.PROVIDER and isinstance(ev, ipc.HelloAck):
             return ev
         if conn.role is ipc.Role.HELPER and isinstance(ev, ipc.Hello):
@@ -474,13 +487,20 @@ class IpcChannel:
 async def open_ipc_channel(stream: IpcStream, connection: ipc.Connection, **options: Any) -> AsyncIterator[IpcChannel]:
     """Run an `IpcChannel` (its writer task) for the duration of the block; say GOODBYE and close on exit."""
     channel = IpcChannel(stream, connection, **options)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(channel._writer)
-        try:
-            yield channel
-        finally:
-            await channel.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(channel._writer)
+            try:
+                yield channel
+            finally:
+                await channel.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The writer task never raises (it records failures), so a group here holds the caller's own exception:
+        # hand it back unwrapped, as if no nursery were involved.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 # --- server -------------------------------------------------------------------------------------------------------
@@ -742,15 +762,45 @@ async def connect_ipc_unix(
     handshake fails (including an ERROR BUSY from a helper serving another provider), and `LabError` when the
     server runs as a uid outside ``allowed_server_uids``.
     """
-    sock = await _connect_with_backoff(str(socket_path), retry_for, backoff_initial, backoff_max)
-    try:
-        peer = peer_credentials(sock)
-        if allowed_server_uids is not None and peer.uid not in allowed_server_uids:
-            raise LabError(f"helper at {socket_path} runs as uid {peer.uid}, not one of {sorted(allowed_server_uids)}")
-        conn = connection or ipc.Connection(ipc.Role.PROVIDER)
-        async with open_ipc_channel(SocketStream(sock, peer), conn, **channel_options) as channel:
-            with trio.fail_after(handshake_timeout):
-                await channel.handshake()
-            yield channel
-    finally:
-        sock.close()
+    deadline = trio.current_time() + retry_for
+    delay = backoff_initial
+    while True:
+        remaining = max(0.0, deadline - trio.current_time())
+        sock = await _connect_with_backoff(str(socket_path), remaining, backoff_initial, backoff_max)
+        try:
+            peer = peer_credentials(sock)
+            if allowed_server_uids is not None and peer.uid not in allowed_server_uids:
+                raise LabError(
+                    f"helper at {socket_path} runs as uid {peer.uid}, not one of {sorted(allowed_server_uids)}"
+                )
+            conn = connection or ipc.Connection(ipc.Role.PROVIDER)
+            async with open_ipc_channel(SocketStream(sock, peer), conn, **channel_options) as channel:
+                try:
+                    with trio.fail_after(handshake_timeout):
+                        await channel.handshake()
+                except RemoteProtocolError as exc:
+                    # BUSY: the helper is still closing our previous session; retry while time remains.
+                    if exc.reason != "peer_busy" or trio.current_time() + delay > deadline:
+                        raise
+                    busy = True
+                else:
+                    busy = False
+                    yield channel
+        finally:
+            sock.close()
+        if not busy:
+            return
+        await trio.sleep(delay)
+        delay = min(delay * 2, backoff_max)
+        connection = None if connection is None else _fresh_like(connection)
+
+
+def _fresh_like(conn: ipc.Connection) -> ipc.Connection:
+    """A new provider connection with the same settings (a used one cannot say HELLO again)."""
+    return ipc.Connection(
+        ipc.Role.PROVIDER,
+        versions=conn.versions,
+        capabilities=conn.capabilities,
+        max_frame_size=conn.max_frame_size,
+        token=conn.hello().token or None,
+    )

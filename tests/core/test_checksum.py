@@ -224,4 +224,6 @@ def test_misuse_is_reported() -> None:
     u = PacketView.parse_untrusted(bytearray(bytes(IP() / UDP())))
     with pytest.raises(LocalProtocolError):
         rewrite_port(u, 70000, source=True)
+    with pytest.raises(LocalProtocolError, match="total_exceeds_buffer"):
+        fill_checksums(bytearray(bytes(IP() / UDP()))[:-1])
     assert compute_ipv4_header_checksum(bytes(IP())) == struct.unpack_from("!H", bytes(IP()), 10)[0]

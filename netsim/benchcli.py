@@ -1,0 +1,68 @@
+"""``netsim bench``: run the benchmark suite in ``benchmarks/`` (see docs/benchmarks.md).
+
+The suite lives next to the package in a source checkout (``benchmarks/`` is not installed); this command only
+parses options and hands over to `benchmarks.runner.run_bench`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import click
+
+__all__ = ["bench_command"]
+
+
+def _import_runner() -> ModuleType:
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "runner.py").exists():
+        raise click.ClickException(
+            f"benchmarks/ not found next to the netsim package ({root}); run `netsim bench` from a source checkout "
+            "installed with `pip install -e .`"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import benchmarks.runner
+
+    return benchmarks.runner
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="fewer runs and sizes; every path class that can run (< 2 minutes)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the full report as JSON")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG plot of packets/s")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False), help="write the tables as Markdown")
+@click.option("--only", "only", metavar="PATTERN", help="globs over case names, e.g. 'micro/*' or 'e2e/*/udp64'")
+@click.option("--seed", type=int, default=1, show_default=True, help="corpus seed")
+def bench_command(
+    *,
+    quick: bool,
+    json_path: str | None,
+    plot_path: str | None,
+    markdown_path: str | None,
+    only: str | None,
+    seed: int,
+) -> None:
+    """Measure per-packet cost: micro steps, the provider<->helper loop, and end to end in the lab.
+
+    End-to-end cases need root (they bring up a lab); without it they are reported as skipped, with the reason.
+    """
+    runner = _import_runner()
+    doc = runner.run_bench(
+        quick=quick,
+        only=only,
+        json_path=json_path,
+        plot_path=plot_path,
+        markdown_path=markdown_path,
+        seed=seed,
+        log=lambda line: click.echo(line, err=True),
+    )
+    click.echo(runner.render_text(doc))
+    if json_path:
+        click.echo(f"wrote {json_path}")
+    if plot_path:
+        click.echo(f"wrote {plot_path}")
+    if not doc["results"]:
+        raise click.ClickException("no benchmark case ran (see the skipped reasons above)")

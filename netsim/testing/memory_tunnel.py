@@ -1,0 +1,471 @@
+"""The in-memory backend of the lab tunnel: MemoryTun, in-process IPC pair, WireGuard peers over a fake network.
+
+Same parts as `netsim.runtime.tunnel.netsim_tunnel`, none of which needs root: the provider
+(`HelperForwardingProvider`, run by an `InProcessLauncher` on a `MemoryTun`), the real `Helper` (its datagrams go
+over a `FakeNetwork` instead of UDP), and a `MemoryVpnServer` -- a netsim `WireGuardDevice` that plays both the
+VPN server and the internet hosts behind it (it answers ICMP/ICMPv6 echo and UDP echo on port 7 for any
+destination, so probes from the "Mac" get answers). The IPC between provider and helper is a
+`netsim.testing.ipc_pair` byte-stream pair with socket-like backpressure.
+
+Under `trio.testing.MockClock(autojump_threshold=0)` everything is deterministic: WireGuard timers, the
+provider's reconnect backoff and network delays all run on virtual time. ``netsim demo`` uses this when it cannot
+use the lab (no root).
+
+Example::
+
+    async with memory_tunnel() as t:
+        replies = await t.exchange([icmp_echo(t.client_v4, "203.0.113.10", 1)])
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import struct
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from ipaddress import ip_address, ip_interface, ip_network
+from typing import Any
+
+import trio
+
+from netsim.apple.enums import VPNStatus
+from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.core import ipc
+from netsim.core.checksum import fill_checksums
+from netsim.core.ledger import Ledger
+from netsim.core.packet import PacketView
+from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
+from netsim.core.wireguard.device import WireGuardDevice
+from netsim.core.wireguard.keys import PrivateKey
+from netsim.core.wireguard.peer import Endpoint as Address
+from netsim.core.wireguard.timers import Timers
+from netsim.errors import BadPacket, LabError
+from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, TunnelProviderSession, memory_launcher
+from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
+from netsim.runtime.helper import Helper
+from netsim.testing.ipc_pair import memory_stream_pair
+from netsim.testing.memory_tun import MemoryTun
+from netsim.transports.uds import IpcChannel, open_ipc_channel
+
+__all__ = [
+    "FakeNetwork",
+    "MemoryDatagramTransport",
+    "MemoryTunnel",
+    "MemoryVpnServer",
+    "icmp_echo",
+    "memory_tunnel",
+    "udp_packet",
+]
+
+HELPER_ADDR: Address = ("192.168.1.10", 40000)
+SERVER_ADDR: Address = ("192.0.2.2", 51820)
+_ICMP, _UDP, _ICMPV6 = 1, 17, 58
+
+
+# ------------------------------------------------------------------------------------------------ fake network
+class FakeNetwork:
+    """Datagrams between `MemoryDatagramTransport` endpoints, with seeded loss and bounded inboxes.
+
+    Args:
+        loss: probability that a datagram is dropped (counted in ``lost``), from ``random.Random(seed)``.
+        capacity: datagrams an endpoint's inbox holds; more are dropped (counted in ``overflow``).
+    """
+
+    def __init__(self, *, loss: float = 0.0, seed: int = 0, capacity: int = 4096) -> None:
+        self.loss = loss
+        self.rng = random.Random(seed)
+        self.capacity = capacity
+        self.endpoints: dict[Address, MemoryDatagramTransport] = {}
+        self.delivered = 0
+        self.lost = 0
+        self.overflow = 0
+        self.unreachable = 0
+
+    def attach(self, addr: Address) -> MemoryDatagramTransport:
+        """A transport bound to ``addr`` (replacing any earlier one: a restarted process rebinding)."""
+        transport = MemoryDatagramTransport(self, addr)
+        self.endpoints[addr] = transport
+        return transport
+
+    def _deliver(self, src: Address, dst: Address, data: bytes) -> None:
+        if self.loss and self.rng.random() < self.loss:
+            self.lost += 1
+            return
+        target = self.endpoints.get(dst)
+        if target is None or target.closed:
+            self.unreachable += 1  # a closed port: the datagram vanishes (no ICMP in this model)
+            return
+        if len(target.inbox) >= self.capacity:
+            self.overflow += 1
+            return
+        target.inbox.append((data, src))
+        self.delivered += 1
+        target.lot.unpark_all()
+
+
+class MemoryDatagramTransport:
+    """`netsim.runtime.helper.DatagramTransport` on a `FakeNetwork` (what the helper uses instead of UDP)."""
+
+    def __init__(self, network: FakeNetwork, addr: Address) -> None:
+        self.network = network
+        self.addr = addr
+        self.inbox: deque[tuple[bytes, Address]] = deque()
+        self.lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+        self.recv_errors = 0
+
+    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Address | None]) -> int:
+        n = 0
+        inbox = self.inbox
+        while inbox and n < len(bufs):
+            data, src = inbox.popleft()
+            size = min(len(data), len(bufs[n]))
+            bufs[n][:size] = data[:size]
+            sizes[n] = size
+            addrs[n] = src
+            n += 1
+        return n
+
+    def send(self, data: ipc.Buffer, addr: Address) -> str | None:
+        if self.closed:
+            return "udp_error"
+        self.network._deliver(self.addr, tuple(addr), bytes(data))
+        return None
+
+    async def wait_readable(self) -> None:
+        if not self.inbox:
+            await self.lot.park()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        self.closed = True
+        self.inbox.clear()
+        self.lot.unpark_all()
+
+
+# ------------------------------------------------------------------------------------------------ packets
+def icmp_echo(src: str, dst: str, seq: int, payload: bytes = b"netsim-probe", ident: int = 0x4E53) -> bytes:
+    """An ICMP (IPv4) or ICMPv6 echo request from ``src`` to ``dst`` (RFC 792 / RFC 4443 §4.1)."""
+    v6 = ip_address(src).version == 6
+    icmp = struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, ident, seq) + payload
+    return _ip(src, dst, _ICMPV6 if v6 else _ICMP, icmp)
+
+
+def udp_packet(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
+    """A UDP datagram in an IPv4 or IPv6 packet (RFC 768), checksums filled."""
+    return _ip(src, dst, _UDP, struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
+
+
+def _ip(src: str, dst: str, proto: int, l4: bytes) -> bytes:
+    s, d = ip_address(src), ip_address(dst)
+    if s.version == 4:
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0x4000, 64, proto, 0, s.packed, d.packed)
+    else:
+        head = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, s.packed, d.packed)
+    buf = bytearray(head + l4)
+    fill_checksums(buf)
+    return bytes(buf)
+
+
+def echo_response(packet: bytes) -> bytes | None:
+    """The answer an internet host would give: ICMP/ICMPv6 echo reply or UDP echo (port 7), else None."""
+    try:
+        view = PacketView.parse_untrusted(packet)
+    except BadPacket:
+        return None
+    if view.is_fragment:
+        return None
+    off = view.l4_offset
+    end = view.total_length
+    if view.protocol == _ICMP and view.icmp_type == 8:
+        return _ip(_addr(view.dst), _addr(view.src), _ICMP, b"\x00\x00\x00\x00" + packet[off + 4 : end])
+    if view.protocol == _ICMPV6 and view.icmp_type == 128:
+        return _ip(_addr(view.dst), _addr(view.src), _ICMPV6, b"\x81\x00\x00\x00" + packet[off + 4 : end])
+    if view.protocol == _UDP and view.dport == 7:
+        return udp_packet(_addr(view.dst), _addr(view.src), 7, view.sport, packet[off + 8 : end])
+    return None
+
+
+def _addr(raw: bytes) -> str:
+    return str(ip_address(raw))
+
+
+# ------------------------------------------------------------------------------------------------ server
+class MemoryVpnServer:
+    """A netsim WireGuard peer playing the VPN server and the internet behind it (echo responder).
+
+    Args:
+        key: the server's static key.
+        client: the client's public key and its tunnel addresses (its AllowedIPs on the server).
+        transport: the server's side of the fake network.
+    """
+
+    def __init__(self, key: PrivateKey, client: PeerConfig, transport: MemoryDatagramTransport, mtu: int) -> None:
+        self.key = key
+        self.client = client
+        self.transport = transport
+        self.mtu = mtu
+        self.device = WireGuardDevice(key, [client], mtu=mtu)
+        self.answered = 0
+        self.ignored = 0
+        self._bufs = [bytearray(mtu + 64) for _ in range(64)]
+        self._sizes = [0] * 64
+        self._addrs: list[Address | None] = [None] * 64
+
+    def restart(self) -> None:
+        """Lose every session (a server reboot): a fresh device with the same key and peer."""
+        self.device = WireGuardDevice(self.key, [self.client], mtu=self.mtu)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        slab = bytearray(64 * 65535)
+        mv = memoryview(slab)
+        views = [mv[i * 65535 : (i + 1) * 65535] for i in range(64)]
+        sizes = [0] * 64
+        addrs: list[Address | None] = [None] * 64
+        task_status.started()
+        while True:
+            deadline = self.device.get_timer()
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                await self.transport.wait_readable()
+            dev = self.device  # after the wait: restart() may have replaced it meanwhile
+            now = trio.current_time()
+            n = self.transport.recv_batch(views, sizes, addrs)
+            if n:
+                dev.receive_datagrams_untrusted([views[i][: sizes[i]] for i in range(n)], addrs[:n], now)  # type: ignore[arg-type]
+            timer = dev.get_timer()
+            if timer is not None and timer <= now:
+                dev.handle_timer(now)
+            replies = []
+            for _, pkt in dev.take_received():
+                reply = echo_response(pkt)
+                if reply is None:
+                    self.ignored += 1
+                else:
+                    replies.append(reply)
+            for start in range(0, len(replies), 64):
+                chunk = replies[start : start + 64]
+                dev.encapsulate(chunk, now, self._bufs, self._sizes, self._addrs)
+                for i in range(len(chunk)):
+                    addr = self._addrs[i]
+                    if self._sizes[i] and addr is not None:
+                        self.transport.send(memoryview(self._bufs[i])[: self._sizes[i]], addr)
+                self.answered += len(chunk)
+            for data, addr in dev.datagrams_to_send(now):
+                self.transport.send(data, addr)
+
+
+# ------------------------------------------------------------------------------------------------ tunnel
+@dataclass
+class MemoryTunnel:
+    """A running in-memory tunnel (from `memory_tunnel`)."""
+
+    network: FakeNetwork
+    server: MemoryVpnServer
+    config: TunnelConfig
+    session: TunnelProviderSession
+    launcher: InProcessLauncher
+    name: str
+    client_v4: str
+    client_v6: str
+    helper: Helper
+    _helper_scope: trio.CancelScope
+    _nursery: trio.Nursery
+    timers: Timers | None = None
+    helpers_started: int = 1
+
+    @property
+    def tun(self) -> MemoryTun:
+        """The provider's utun stand-in (inject what apps send, take what the provider wrote)."""
+        device = self.launcher.hosts[-1].flow.device
+        if not isinstance(device, MemoryTun):
+            raise LabError("the provider has no utun yet (settings not applied)")
+        return device
+
+    @property
+    def provider(self) -> HelperForwardingProvider:
+        """The running provider instance."""
+        provider = self.launcher.hosts[-1].provider
+        assert isinstance(provider, HelperForwardingProvider)
+        return provider
+
+    async def provider_stats(self) -> dict[str, Any]:
+        return self.provider.statistics().to_json()
+
+    async def helper_stats(self) -> dict[str, Any]:
+        return self.helper.stats_json()
+
+    async def exchange(
+        self, packets: Iterable[bytes], *, expect: int | None = None, timeout: float = 10.0
+    ) -> list[bytes]:
+        """Inject ``packets`` as if apps sent them; return what came back to the utun (``expect`` many)."""
+        sent = list(packets)
+        want = len(sent) if expect is None else expect
+        tun = self.tun
+        tun.inject(sent)
+        got: list[bytes] = []
+        with trio.move_on_after(timeout):
+            while len(got) < want:
+                got += tun.take_written()
+                if len(got) < want:
+                    await trio.sleep(0.001)
+        got += tun.take_written()
+        return got
+
+    def kill_helper(self) -> None:
+        """Stop the helper at once, as SIGKILL would: its sessions and network loop vanish."""
+        self._helper_scope.cancel()
+        unregister_memory_helper(self.name)
+        self.helper.close()
+
+    async def start_helper(self) -> None:
+        """Start a fresh helper (new WireGuard session) and make it reachable again."""
+        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers)
+        self._helper_scope = await self._nursery.start(_run_helper, self.helper)
+        register_memory_helper(self.name, _connector(self))
+        self.helpers_started += 1
+
+    async def restart_helper(self) -> None:
+        self.kill_helper()
+        await self.start_helper()
+
+    def restart_server(self) -> None:
+        """Reboot the VPN server: every session is lost; the client must handshake again."""
+        self.server.restart()
+
+    async def wait_connected(self, *, after_connects: int = 0, timeout: float = 30.0) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                provider = self.provider
+                if provider.connects > after_connects and not provider.reasserting:
+                    return
+                await trio.sleep(0.01)
+
+
+async def _run_helper(helper: Helper, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(helper.run)
+            task_status.started(scope)
+            await trio.sleep_forever()
+
+
+def _connector(t: MemoryTunnel) -> Any:
+    helper = t.helper
+
+    @asynccontextmanager
+    async def connect(ledger: Ledger) -> AsyncIterator[IpcChannel]:
+        a, b = memory_stream_pair()
+        async with (
+            open_ipc_channel(a, ipc.Connection(ipc.Role.PROVIDER), ledger=ledger) as prov,
+            open_ipc_channel(b, ipc.Connection(ipc.Role.HELPER), ledger=helper.ledger) as side,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(side.handshake)
+            await prov.handshake()
+
+            async def serve() -> None:
+                try:
+                    await helper.serve_session(side)
+                finally:
+                    side.close()
+
+            # the session runs under the helper's lifetime scope in spirit: killing the helper closes it
+            nursery.start_soon(serve)
+            try:
+                yield prov
+            finally:
+                nursery.cancel_scope.cancel()
+
+    return connect
+
+
+@asynccontextmanager
+async def memory_tunnel(
+    *,
+    loss: float = 0.0,
+    seed: int = 0,
+    mtu: int = 1420,
+    timers: Timers | None = None,
+    reconnect_for: float = 60.0,
+) -> AsyncIterator[MemoryTunnel]:
+    """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
+
+    Args:
+        loss: datagram loss on the fake network (seeded by ``seed``).
+        mtu: tunnel MTU.
+        timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).
+        reconnect_for: seconds the provider reasserts before giving up.
+    """
+    rng = random.Random(seed)
+    server_key = PrivateKey.generate(rng.randbytes)
+    client_key = PrivateKey.generate(rng.randbytes)
+    client_v4, client_v6 = "10.66.0.2", "fd00:66::2"
+    network = FakeNetwork(loss=loss, seed=seed)
+    config = TunnelConfig(
+        InterfaceConfig(
+            private_key=client_key,
+            addresses=(ip_interface(f"{client_v4}/32"), ip_interface(f"{client_v6}/128")),
+            dns_servers=(ip_address("203.0.113.53"),),
+            mtu=mtu,
+        ),
+        (
+            PeerConfig(
+                public_key=server_key.public_key(),
+                endpoint=Endpoint(SERVER_ADDR[0], SERVER_ADDR[1]),
+                allowed_ips=(ip_network("0.0.0.0/0"), ip_network("::/0")),
+            ),
+        ),
+    )
+    server_peer = PeerConfig(
+        public_key=client_key.public_key(),
+        allowed_ips=(ip_network(f"{client_v4}/32"), ip_network(f"{client_v6}/128")),
+    )
+    server = MemoryVpnServer(server_key, server_peer, network.attach(SERVER_ADDR), mtu)
+    name = f"tunnel-{secrets.token_hex(4)}"
+    launcher = memory_launcher(lambda dev_name, dev_mtu: MemoryTun(name=dev_name, mtu=dev_mtu, capacity=1024))
+    manager = TunnelProviderManager(
+        HelperForwardingProvider,
+        launcher,
+        TunnelProviderProtocol(
+            server_address=SERVER_ADDR[0],
+            provider_configuration={
+                "helper_socket": f"memory:{name}",
+                "reconnect_for": reconnect_for,
+                "backoff_max": 0.5,
+            },
+        ),
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers)
+        scope = await nursery.start(_run_helper, helper)
+        try:
+            async with manager.open_session() as session:
+                tunnel = MemoryTunnel(
+                    network=network,
+                    server=server,
+                    config=config,
+                    session=session,
+                    launcher=launcher,
+                    name=name,
+                    client_v4=client_v4,
+                    client_v6=client_v6,
+                    helper=helper,
+                    _helper_scope=scope,
+                    _nursery=nursery,
+                    timers=timers,
+                )
+                register_memory_helper(name, _connector(tunnel))
+                await session.start_vpn_tunnel()
+                with trio.fail_after(30):
+                    await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+                if session.status is not VPNStatus.CONNECTED:
+                    raise LabError(f"the in-memory tunnel did not connect: {session.last_disconnect_error}")
+                yield tunnel
+        finally:
+            unregister_memory_helper(name)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,171 @@
+"""HelperForwardingProvider: settings from the helper, the forwarding loop's batching, reasserting and giving up."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from netsim.apple.enums import ProviderStopReason, VPNStatus
+from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.apple.settings import IPv4Route, IPv6Route
+from netsim.core.ledger import LedgerSnapshot
+from netsim.errors import ConfigError
+from netsim.runtime.controller import TunnelProviderManager, memory_launcher
+from netsim.runtime.forwarding import HelperForwardingProvider, settings_from_payload
+from netsim.testing.memory_tun import MemoryTun
+from netsim.testing.memory_tunnel import icmp_echo, memory_tunnel
+
+WWW4 = "203.0.113.10"
+
+
+def run_memory(fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+PAYLOAD: dict[str, Any] = {
+    "v": 1,
+    "addresses": ["10.66.0.2/32", "fd00:66::2/128"],
+    "dns": ["203.0.113.53"],
+    "dns_search": ["lab.test"],
+    "routes": ["0.0.0.0/0", "::/0", "10.9.0.0/16"],
+    "mtu": 1400,
+    "server": "192.0.2.2",
+}
+
+
+def test_settings_from_payload_maps_the_wireguard_config() -> None:
+    s = settings_from_payload(PAYLOAD)
+    s.validate()
+    assert s.tunnel_remote_address == "192.0.2.2"
+    assert s.mtu == 1400
+    assert s.ipv4_settings is not None and s.ipv6_settings is not None
+    assert s.ipv4_settings.addresses == ["10.66.0.2"] and s.ipv4_settings.subnet_masks == ["255.255.255.255"]
+    assert s.ipv4_settings.included_routes == [IPv4Route("0.0.0.0", "0.0.0.0"), IPv4Route("10.9.0.0", "255.255.0.0")]
+    assert s.ipv6_settings.network_prefix_lengths == [128]
+    assert s.ipv6_settings.included_routes == [IPv6Route("::", 0)]
+    assert s.dns_settings is not None
+    assert s.dns_settings.servers == ["203.0.113.53"] and s.dns_settings.match_domains == [""]
+    assert s.dns_settings.search_domains == ["lab.test"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"v": 2}, "version"),
+        ({"server": None}, "server"),
+        ({"addresses": ["not-an-address"]}, "bad helper settings"),
+        ({"routes": ["10.0.0.0/33"]}, "bad helper settings"),
+    ],
+)
+def test_settings_from_payload_rejects_bad_input(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from_payload({**PAYLOAD, **change})
+
+
+def test_one_flow_read_becomes_one_ipc_frame() -> None:
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            burst = [icmp_echo(t.client_v4, WWW4, i) for i in range(200)]
+            replies = await t.exchange(burst)
+            assert len(replies) == 200
+            p = t.provider.statistics()
+            # 200 queued packets: batch_limit (64) per read -> 4 reads, and exactly one IPC frame per read
+            assert p.read_batches == 4
+            assert t.helper.statistics().ledger["ipc_in"].read == 200
+            ch = t.provider._channel
+            assert ch is not None
+            assert ch.statistics().frames_sent == 1 + p.read_batches  # HELLO, then one frame per read
+            assert p.write_batches <= 8  # replies also arrive in batches, not one frame per packet
+
+    run_memory(main)
+
+
+def test_helper_death_reasserts_then_resumes_and_accounts_for_every_packet() -> None:
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            changes = t.session.status_changes()
+            assert len(await t.exchange([icmp_echo(t.client_v4, WWW4, 0)])) == 1
+            t.kill_helper()
+            await trio.sleep(0.5)
+            assert t.session.status is VPNStatus.REASSERTING
+            lost = [icmp_echo(t.client_v4, WWW4, i) for i in range(1, 11)]
+            assert await t.exchange(lost, expect=1, timeout=2.0) == []
+            await t.start_helper()
+            await t.wait_connected(after_connects=1)
+            assert len(await t.exchange([icmp_echo(t.client_v4, WWW4, 11)])) == 1
+            assert [c.status for c in [changes.receive_nowait() for _ in range(2)]] == [
+                VPNStatus.REASSERTING,
+                VPNStatus.CONNECTED,
+            ]
+            p = t.provider.statistics()
+            assert p.connects == 2 and p.disconnects == 1
+            assert p.ledger.check() == []
+            assert p.ledger["tun_read"].dropped_for("helper_down") == 10
+            assert p.ledger["tun_read"].read == 12
+            h = LedgerSnapshot.from_json_untrusted((await t.helper_stats())["ledger"])
+            assert h.check() == [] and h["ipc_in"].read == 1  # the fresh helper saw only the last probe
+
+    run_memory(main)
+
+
+def test_start_fails_when_the_helper_is_unreachable() -> None:
+    async def main() -> None:
+        manager = TunnelProviderManager(
+            HelperForwardingProvider,
+            memory_launcher(lambda name, mtu: MemoryTun(name=name, mtu=mtu)),
+            TunnelProviderProtocol(
+                provider_configuration={"helper_socket": "memory:nobody", "connect_timeout": 3, "reconnect_for": 2}
+            ),
+        )
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            await session.wait_status(VPNStatus.DISCONNECTED)
+            assert session.stop_reason is ProviderStopReason.PROVIDER_FAILED
+            assert "unreachable" in (session.last_disconnect_error or "")
+
+    run_memory(main)
+
+
+def test_missing_helper_socket_is_a_clear_configuration_error() -> None:
+    async def main() -> None:
+        manager = TunnelProviderManager(
+            HelperForwardingProvider, memory_launcher(lambda name, mtu: MemoryTun(name=name, mtu=mtu))
+        )
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            await session.wait_status(VPNStatus.DISCONNECTED)
+            assert "helper_socket" in (session.last_disconnect_error or "")
+
+    run_memory(main)
+
+
+def test_gives_up_after_reconnect_for_and_stops_with_an_error() -> None:
+    async def main() -> None:
+        async with memory_tunnel(reconnect_for=5) as t:
+            t.kill_helper()
+            with trio.fail_after(60):
+                await t.session.wait_status(VPNStatus.DISCONNECTED)
+            assert t.session.stop_reason is ProviderStopReason.PROVIDER_FAILED
+            assert "unreachable for 5 s" in (t.session.last_disconnect_error or "")
+
+    run_memory(main)
+
+
+def test_app_messages_report_provider_and_helper_statistics() -> None:
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            await t.exchange([icmp_echo(t.client_v4, WWW4, 1)])
+            import json
+
+            mine = json.loads(await t.session.send_provider_message(b"stats") or b"")
+            theirs = json.loads(await t.session.send_provider_message(b"helper-stats") or b"")
+            assert mine["ledger"]["stages"]["tun_read"]["read"] == 1
+            assert mine["flow"]["packets_written"] == 1
+            assert theirs["ledger"]["stages"]["ipc_in"]["read"] == 1
+            assert theirs["connected"] is True
+
+    run_memory(main)

@@ -1,0 +1,164 @@
+"""The in-memory IPC pair (and through it, IpcChannel): batches, partial sends, backpressure, drops, closing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+import trio.testing
+
+from netsim.core import ipc
+from netsim.errors import RemoteProtocolError, TunnelDown
+from netsim.testing.ipc_pair import memory_stream_pair, open_ipc_pair
+from netsim.transports.uds import IpcChannel, open_ipc_channel
+
+
+def run(fn: Callable[[], Awaitable[None]]) -> None:
+    trio.run(fn, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def batches(seed: int, count: int, size: int = 64) -> list[list[bytes]]:
+    rng = random.Random(seed)
+    return [[rng.randbytes(rng.randint(20, 1400)) for _ in range(size)] for _ in range(count)]
+
+
+async def collect(ch: IpcChannel, npackets: int) -> list[bytes]:
+    got: list[bytes] = []
+    while len(got) < npackets:
+        ev = await ch.receive_event()
+        assert isinstance(ev, ipc.PacketBatch), ev
+        got += ev.copy_packets()
+    return got
+
+
+@pytest.mark.parametrize("max_send", [None, 7, 1500])
+def test_batches_arrive_intact_with_partial_sends(max_send: int | None) -> None:
+    async def main() -> None:
+        count = 2 if max_send == 7 else 20
+        sent = batches(1, count)
+        async with open_ipc_pair(max_send=max_send, capacity=8192) as (prov, helper):
+            async with trio.open_nursery() as n:
+
+                async def send_all() -> None:
+                    for b in sent:
+                        await prov.send_packets(b, 2)
+
+                n.start_soon(send_all)
+                got = await collect(helper, count * 64)
+            assert got == [p for b in sent for p in b]
+            stats = prov.statistics()
+            assert stats.ipc_out.forwarded == count * 64 and stats.ipc_out.unattributed() == 0
+            if max_send is not None:
+                assert stats.partial_sends > 0
+            assert helper.statistics().packets_received == count * 64
+
+    run(main)
+
+
+def test_slow_reader_drops_are_counted_and_bounded() -> None:
+    async def main() -> None:
+        async with open_ipc_pair(capacity=4096, max_queued_batches=4) as (prov, helper):
+            accepted = 0
+            for b in batches(2, 200):
+                accepted += prov.send_packets_nowait(b, 30)
+                stats = prov.statistics()
+                assert stats.queued_batches <= 4  # never more than the bound, however fast we push
+                await trio.sleep(0)
+            out = prov.statistics().ipc_out
+            assert out.read == 200 * 64
+            assert out.dropped_for("ipc_queue_full") == (200 - accepted) * 64 > 0
+            # control messages are never dropped, even with the packet queue full: the request overtakes the
+            # queued batches; the reader catches up and gets exactly the accepted packets
+            got = 0
+            async with trio.open_nursery() as n:
+                n.start_soon(prov.send, ipc.StatsRequest(1))
+                seen_request = False
+                while not seen_request or got < accepted * 64:
+                    ev = await helper.receive_event()
+                    if isinstance(ev, ipc.StatsRequest):
+                        seen_request = True
+                        continue
+                    assert isinstance(ev, ipc.PacketBatch)
+                    got += len(ev)
+            assert got == accepted * 64
+            out = prov.statistics().ipc_out
+            assert out.forwarded == accepted * 64 and out.queued == 0 and out.unattributed() == 0
+
+    run(main)
+
+
+def test_goodbye_follows_queued_packets() -> None:
+    async def main() -> None:
+        async with open_ipc_pair(capacity=2048, max_queued_batches=64) as (prov, helper):
+            for b in batches(3, 10):
+                assert prov.send_packets_nowait(b, 2)
+            async with trio.open_nursery() as n:
+                n.start_soon(prov.aclose)
+                got = 0
+                while True:
+                    ev = await helper.receive_event()
+                    if isinstance(ev, ipc.Goodbye):
+                        break
+                    assert isinstance(ev, ipc.PacketBatch)
+                    got += len(ev)
+            assert got == 640
+            assert await helper.receive_event() == ipc.ConnectionClosed(clean=True)
+
+    run(main)
+
+
+def test_peer_close_drops_as_ipc_closed_and_sends_raise() -> None:
+    async def main() -> None:
+        async with open_ipc_pair() as (prov, helper):
+            helper.close()
+            assert await prov.receive_event() == ipc.ConnectionClosed(clean=False)
+            with pytest.raises(TunnelDown):
+                await prov.send(ipc.Ping(1))
+            assert not prov.send_packets_nowait([b"E" * 20], 2)
+            out = prov.statistics().ipc_out
+            assert out.dropped_for("ipc_closed") == 1 and out.unattributed() == 0
+
+    run(main)
+
+
+def test_handshake_token_mismatch_and_garbage() -> None:
+    async def main() -> None:
+        with pytest.raises(RemoteProtocolError):
+            async with open_ipc_pair(
+                provider_connection=ipc.Connection(ipc.Role.PROVIDER, token=b"a"),
+                helper_connection=ipc.Connection(ipc.Role.HELPER, expected_token=b"b"),
+            ):
+                pass  # pragma: no cover
+
+        a, b = memory_stream_pair()
+        async with open_ipc_channel(b, ipc.Connection(ipc.Role.HELPER)) as helper:
+            await a.send_some([b"GET / HTTP/1.1\r\n\r\n"])
+            with pytest.raises(RemoteProtocolError) as e:
+                await helper.handshake()
+            assert e.value.reason == "bad_magic"
+            # the garbage client is told why before the close
+            view = memoryview(bytearray(4096))
+            n = await a.receive_into(view)
+            client = ipc.Connection(ipc.Role.PROVIDER)
+            client.receive_data(view[:n])
+            err = client.next_event()
+            assert isinstance(err, ipc.Error) and err.code == ipc.ErrorCode.PROTOCOL
+
+    run(main)
+
+
+def test_stats_round_trip_and_ping() -> None:
+    async def main() -> None:
+        async with open_ipc_pair() as (prov, helper):
+            await prov.send(ipc.StatsRequest(5))
+            assert await helper.receive_event() == ipc.StatsRequest(5)
+            await helper.send(ipc.StatsResponse(5, {"ipc_out": 1}))
+            assert await prov.receive_event() == ipc.StatsResponse(5, {"ipc_out": 1})
+            await helper.send(ipc.Ping(9))
+            assert await prov.receive_event() == ipc.Ping(9)
+            await prov.send(ipc.Pong(9))
+            assert await helper.receive_event() == ipc.Pong(9)
+
+    run(main)
