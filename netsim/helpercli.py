@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import trio
 
+from netsim.core.policy import Mechanism, Policy, PolicyEngine
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.peer import Endpoint
 from netsim.errors import ConfigError, NetsimError
@@ -68,13 +69,28 @@ async def run_helper(
     fwmark: int | None = _BYPASS_FWMARK,
     group_access: bool = False,
     batch: int = DEFAULT_BATCH,
+    policy: Policy | None = None,
 ) -> None:
-    """Run a helper until SIGTERM/SIGINT (or cancellation)."""
+    """Run a helper until SIGTERM/SIGINT (or cancellation).
+
+    With a ``policy`` whose mechanism is NAT, BYPASS verdicts go out of ``interface`` through
+    `netsim.runtime.bypass.NatBypassHost` (raw socket + capture, root); with the route mechanism the helper
+    sends the policy's excluded routes to the provider in its SETTINGS.
+    """
     from netsim.transports.uds import UnixIpcServer
 
     endpoints, family = resolve_endpoints(config)
     transport = UdpTransport.open(family, interface=interface, fwmark=fwmark, port=config.interface.listen_port or 0)
-    helper = Helper(config, transport, endpoints=endpoints, batch=batch)
+    engine = PolicyEngine(policy) if policy is not None else None
+    helper = Helper(config, transport, endpoints=endpoints, batch=batch, policy=engine)
+    nat_host = None
+    if policy is not None and policy.mechanism is Mechanism.NAT and interface:
+        from netsim.runtime.bypass import NatBypassHost
+
+        nat_host = NatBypassHost.open(
+            interface, fwmark=fwmark, ledger=helper.ledger, max_packet=config.interface.mtu or 1420
+        )
+        helper.attach_bypass(nat_host.bypass)
     server = UnixIpcServer(
         socket_path,
         allowed_uids=allowed_uids,
@@ -86,6 +102,8 @@ async def run_helper(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(helper.run)
+            if nat_host is not None:
+                await nursery.start(nat_host.bypass.run)
             await nursery.start(server.serve, helper.serve_session)
             log.info(
                 "helper ready",
@@ -107,6 +125,8 @@ async def run_helper(
     finally:
         log.info("final statistics", extra={"event": "final_stats", "stats": helper.stats_json()})
         helper.close()
+        if nat_host is not None:
+            nat_host.close()
 
 
 @click.command("helper")
@@ -133,6 +153,12 @@ async def run_helper(
     type=int,
     help="SO_MARK on the UDP socket (0 for none).",
 )
+@click.option(
+    "--policy",
+    "policy_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Bypass policy file (.toml/.yaml, docs/policy.md); default: tunnel everything.",
+)
 @click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -146,6 +172,7 @@ def helper(
     group_access: bool,
     batch: int,
     log_level: str,
+    policy_path: Path | None,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
     from netsim.lab.wireguard import load_config
@@ -153,6 +180,11 @@ def helper(
     configure_json_logging(getattr(logging, log_level.upper()))
     try:
         config = load_config(config_path)
+        policy = None
+        if policy_path is not None:
+            from netsim.runtime.policy_file import load_policy_file
+
+            policy = load_policy_file(policy_path)
         uids = frozenset(allowed_uids) if allowed_uids else frozenset({os.geteuid()})
         trio.run(
             lambda: run_helper(
@@ -163,6 +195,7 @@ def helper(
                 fwmark=fwmark or None,
                 group_access=group_access,
                 batch=batch,
+                policy=policy,
             )
         )
     except NetsimError as exc:

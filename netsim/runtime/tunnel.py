@@ -33,9 +33,10 @@ import trio
 
 from netsim.apple.enums import VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.core.policy import parse_policy
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
 from netsim.core.wireguard.keys import PrivateKey
-from netsim.errors import LabError
+from netsim.errors import ConfigError, LabError
 from netsim.lab.wireguard import WireGuardGo
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.forwarding import HelperForwardingProvider
@@ -237,6 +238,21 @@ def client_config(lab: Lab, plan: TunnelPlan, client_key: PrivateKey, server_key
     return TunnelConfig(iface, (peer,))
 
 
+def _policy_file(policy: str | os.PathLike[str], directory: Path) -> Path:
+    """A policy file for the helper: ``policy`` itself if it is a path, else its text written to ``directory``."""
+    if isinstance(policy, os.PathLike):
+        return Path(policy).resolve()
+    try:
+        parse_policy(policy, fmt="toml")
+        suffix = ".toml"
+    except ConfigError:
+        parse_policy(policy, fmt="yaml")  # raises the ConfigError that says what to fix
+        suffix = ".yaml"
+    path = directory / f"policy{suffix}"
+    path.write_text(policy)
+    return path
+
+
 @asynccontextmanager
 async def netsim_tunnel(
     lab: Lab,
@@ -244,6 +260,7 @@ async def netsim_tunnel(
     plan: TunnelPlan | None = None,
     provider: type[HelperForwardingProvider] | str = HelperForwardingProvider,
     group_access: bool = False,
+    policy: str | os.PathLike[str] | None = None,
     start_timeout: float = 30.0,
     reconnect_for: float = 120.0,
 ) -> AsyncIterator[LabTunnel]:
@@ -254,6 +271,8 @@ async def netsim_tunnel(
         plan: addresses, port, MTU (defaults: `TunnelPlan`).
         provider: the provider class or spec; it must read ``helper_socket`` like `HelperForwardingProvider`.
         group_access: socket directory 0750 (root group may reach it, SO_PEERCRED still decides).
+        policy: the helper's bypass policy (``netsim helper --policy``; docs/policy.md): TOML or YAML text, or a
+            path (`os.PathLike`) to such a file. Validated here, before anything starts.
         start_timeout: seconds for the session to become CONNECTED.
         reconnect_for: seconds the provider keeps reasserting before giving up.
 
@@ -296,6 +315,8 @@ async def netsim_tunnel(
         ]  # fmt: skip
         if group_access:
             argv.append("--group-access")
+        if policy is not None:
+            argv += ["--policy", str(_policy_file(policy, conf_dir))]
         helper = _spawn_helper(lab, argv)
         helpers.append(helper)
         await helper.wait_output(_HELPER_READY, timeout=20.0)
