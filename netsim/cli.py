@@ -28,3 +28,7 @@ def demo_command(pcap_dir: str | None, memory: bool) -> None:
 main.add_command(lab_group)
 main.add_command(clean_command)
 main.add_command(explain_command)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m netsim.cli`
+    main()
