@@ -464,7 +464,7 @@ class WireGuardGo:
         preshared_key: PresharedKey | None = None,
         persistent_keepalive: int | None = None,
     ) -> PeerConfig:
-        """Add or replace a peer (``wg set <if> peer ... allowed-ips ...``, which replaces the list); kept for `restart`.
+        """Add or replace a peer (``wg set <if> peer ... allowed-ips ...`` replaces the list); kept for `restart`.
 
         Raises:
             ConfigError: a bad prefix, endpoint or keepalive.
