@@ -166,6 +166,8 @@ async def run_flows(lab: Lab, t: Any, *, measure: bool = True) -> dict[str, Any]
     rec["direct_udp"] = await _udp(lab, DIRECT_V4)
     rec["direct_ping"] = await _ping(lab, DIRECT_V4)
     rec["direct_read"] = await provider_read(t) - before
+    rec["direct6_http"] = await _whoami(lab, f"http://[{DIRECT_V6}]/whoami")
+    rec["direct6_ping"] = await _ping(lab, DIRECT_V6)
     before = await provider_read(t)
     rec["port_http"] = await _whoami(lab, f"http://{a.www_v4}:{PORT}/whoami")
     rec["port_read"] = await provider_read(t) - before
@@ -215,7 +217,7 @@ def _summary(mechanism: str, rec: dict[str, Any]) -> str:
     rate = rec.get("rate", {})
     rtt = rec.get("rtt", {})
     lines = [f"== mechanism: {mechanism}"]
-    for key in ("direct_http", "port_http", "domain_http", "tunnel_http", "lan_http"):
+    for key in ("direct_http", "direct6_http", "port_http", "domain_http", "tunnel_http", "lan_http"):
         lines.append(f"  {key:12} -> {rec[key]}")
     lines.append(f"  provider read during bypass-host flows: {rec['direct_read']}, LAN flows: {rec['lan_read']}")
     h = rec["helper"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from netsim import __version__
+from netsim.helpercli import helper as helper_command
 from netsim.lab.cli import clean_command, lab_group
 from netsim.runtime.policy_file import explain_command
 
@@ -28,6 +29,7 @@ def demo_command(pcap_dir: str | None, memory: bool) -> None:
 main.add_command(lab_group)
 main.add_command(clean_command)
 main.add_command(explain_command)
+main.add_command(helper_command)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m netsim.cli`

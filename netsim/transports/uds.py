@@ -521,7 +521,8 @@ def _prepare_socket_dir(directory: Path, mode: int) -> None:
     """Create ``directory`` with ``mode`` under a tight umask; refuse one that others can reach or we do not own."""
     if mode & 0o007:
         raise ConfigError(f"socket directory mode {mode:#o} gives access to all users; use 0o700 (or 0o750)")
-    old = os.umask(0o077)
+    # The umask lets exactly ``mode`` through (a fixed 077 would silently turn 0o750 into 0o700).
+    old = os.umask((0o777 & ~mode) | 0o007)
     try:
         directory.mkdir(mode=mode, parents=True, exist_ok=True)
     finally:

@@ -39,6 +39,7 @@ _spec.loader.exec_module(example)
 
 MECHANISMS = ("route", "nat")
 ISP_WAN, VPN_WAN, EN0 = "198.51.100.2", "192.0.2.2", "192.168.1.10"
+ISP_WAN6, EN0_V6 = "2001:db8:51::2", "fd00:6e73:1::10"
 NAT_PORTS = range(61000, 62000)
 
 
@@ -103,6 +104,8 @@ def test_bypassed_host_flows_succeed_via_en0(scenario: dict[str, Any], mech: str
     assert r["direct_http"] == f"direct {ISP_WAN}"  # left by en0 and the home router's NAT
     assert r["direct_udp"]["received"] == r["direct_udp"]["sent"] > 0
     assert r["direct_ping"]["received"] == 3
+    assert r["direct6_http"] == f"direct {ISP_WAN6}"  # IPv6 too (the home router's NAT66)
+    assert r["direct6_ping"]["received"] == 3
 
 
 @pytest.mark.parametrize("mech", MECHANISMS)
@@ -188,7 +191,7 @@ def test_downloads_are_intact(scenario: dict[str, Any], mech: str) -> None:
 def _en0_flows(scenario: dict[str, Any], mech: str) -> tuple[dict[str, int], list[str]]:
     """Sort every packet of the en0 capture into a kind; anything unexpected goes to the second list."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP
-    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS, IPv6
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RS, IPv6
 
     kinds: dict[str, int] = {}
     other: list[str] = []
@@ -234,7 +237,22 @@ def _en0_flows(scenario: dict[str, Any], mech: str) -> tuple[dict[str, int], lis
             ip6 = pkt[IPv6]
             if ip6.dst.startswith("ff02:") or ICMPv6ND_NS in ip6 or ICMPv6ND_NA in ip6 or ICMPv6ND_RS in ip6:
                 continue
-            other.append(pkt.summary())
+            remote = ip6.dst if ip6.src == EN0_V6 else ip6.src if ip6.dst == EN0_V6 else None
+            if remote == example.DIRECT_V6:
+                add("direct6")
+                if mech == "nat":
+                    if TCP in ip6:
+                        port = ip6[TCP].sport if ip6.src == EN0_V6 else ip6[TCP].dport
+                    elif ICMPv6EchoRequest in ip6 or ICMPv6EchoReply in ip6:
+                        port = ip6.payload.id
+                    else:
+                        port = None
+                    if port not in NAT_PORTS:
+                        other.append("IPv6 direct flow outside the NAT range: " + pkt.summary())
+            elif remote is not None and remote.startswith("fd00:6e73:1:"):
+                add("lan")
+            else:
+                other.append(pkt.summary())
     return kinds, other
 
 
@@ -245,7 +263,7 @@ def test_en0_capture_shows_bypass_in_clear_and_the_rest_as_wireguard(scenario: d
     assert other == [], other[:10]  # no tunnelled flow, no tunnel address, nothing else in clear
     assert kinds.get("wireguard", 0) > 100
     assert kinds.get("lan", 0) > 0
-    for k in ("direct-tcp", "direct-udp", "direct-icmp"):
+    for k in ("direct-tcp", "direct-udp", "direct-icmp", "direct6"):
         assert kinds.get(k, 0) > 0, (k, kinds)
     if mech == "nat":
         assert kinds.get("port", 0) > 100 and kinds.get("domain", 0) > 0

@@ -31,6 +31,7 @@ from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snaps
 from netsim.testing.require import require_binary, require_root
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(300)]
+DOWNLOAD = 4_000_000  # bytes, at 1 MB/s: about 4 s, across the helper kill
 
 # A UDP probe stream run inside `mac`: sends `count` numbered probes `interval` apart, collects the echoes, and
 # prints JSON. Payload: <token>-<seq>. Bounded in count and time.
@@ -41,15 +42,18 @@ count, interval, linger = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_DGRAM)
 s.setblocking(False)
-got, sent_at = set(), {}
+got, sent_at, dups = set(), {}, 0
 def drain():
+    global dups
     while True:
         try:
             data = s.recv(2048)
         except (BlockingIOError, ConnectionRefusedError):
             return
         if data.startswith(token.encode()):
-            got.add(int(data.rsplit(b"-", 1)[1]))
+            seq = int(data.rsplit(b"-", 1)[1])
+            dups += seq in got
+            got.add(seq)
 for seq in range(count):
     try:
         s.sendto(f"{token}-{seq}".encode(), (host, 7))
@@ -62,7 +66,7 @@ end = time.monotonic() + linger
 while time.monotonic() < end and len(got) < count:
     time.sleep(0.01)
     drain()
-print(json.dumps({"sent": count, "received": sorted(got)}))
+print(json.dumps({"sent": count, "received": sorted(got), "duplicates": dups}))
 """
 
 # Connect to the helper socket as uid 65534 (group root, so the 0750 directory lets it reach the socket and
@@ -185,9 +189,11 @@ async def _kill_helper(lab: Lab, t: LabTunnel, token: str, rec: dict[str, Any]) 
     py = sys.executable
     before = await t.provider_stats()
     changes = t.session.status_changes()
-    stream = lab.spawn(
-        "mac", [py, "-c", UDP_STREAM, f"{token}k", str(lab.addr.www_v4), "600", "0.01", "3"], name="udp-stream"
-    )
+    argv = [py, "-c", UDP_STREAM, f"{token}k", str(lab.addr.www_v4), "600", "0.01", "3"]
+    stream = lab.spawn("mac", argv, name="udp-stream")
+    # a TCP download spanning the outage: rate-limited so it is still running when the helper dies
+    url = f"http://www.lab.test/bytes/{DOWNLOAD}"
+    download = lab.spawn("mac", ["sh", "-c", f"curl -sS -m 90 --limit-rate 1M {url} | sha256sum"], name="dl")
     await trio.sleep(1.0)
     rec["helper_exit"] = await t.kill_helper()
     await trio.sleep(1.0)
@@ -196,6 +202,8 @@ async def _kill_helper(lab: Lab, t: LabTunnel, token: str, rec: dict[str, Any]) 
     rec["provider_reconnected"] = await t.wait_connected(after_connects=before["connects"], timeout=30)
     rc = await stream.wait(60)
     rec["stream"] = (rc, json.loads(stream.stdout()) if rc == 0 else None, stream.stderr()[-500:])
+    rc = await download.wait(90)
+    rec["download_across_kill"] = (rc, download.stdout().split()[0] if rc == 0 else "", download.stderr()[-500:])
     statuses = []
     while True:
         try:
@@ -438,6 +446,10 @@ def test_helper_killed_mid_transfer_provider_reasserts_and_resumes(scenario: dic
     got = stream["received"]
     assert got and got[-1] == stream["sent"] - 1, "traffic resumed: the last probes were echoed"
     assert len(got) < stream["sent"], "some probes fell in the outage (else the kill hit nothing)"
+    assert stream["duplicates"] == 0, "no probe delivered twice (L2)"
+    rc, digest, err = scenario["download_across_kill"]
+    assert rc == 0, err
+    assert digest == hashlib.sha256(http_body(DOWNLOAD)).hexdigest(), "the TCP stream survived the outage intact"
     rc, digest, err = scenario["curl_after_helper_restart"]
     assert rc == 0, err
     assert digest == hashlib.sha256(http_body(1_000_000)).hexdigest()

@@ -83,6 +83,17 @@ def test_socket_dir_and_file_permissions(sock_dir: Path) -> None:
     run(main)
 
 
+def test_group_dir_mode_is_honoured(sock_dir: Path) -> None:
+    path = sock_dir / "grp" / "helper.sock"
+
+    async def main() -> None:
+        async with serving(UnixIpcServer(path, dir_mode=0o750), await sink([])):
+            assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o750
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+
+    run(main)
+
+
 def test_refuses_open_directory_and_foreign_files(sock_dir: Path) -> None:
     open_dir = sock_dir / "open"
     open_dir.mkdir()
