@@ -2,8 +2,9 @@
 
 Run (root): ``python -m benchmarks.bench_e2e [--quick] [--json FILE] [--only PATTERN]``, or ``netsim bench``.
 
-One `netsim.lab.Lab` is brought up for the run; every path then starts *fresh* processes, runs a warm-up and
-``reps`` timed runs, and stops them. Paths (`PATHS`):
+One `netsim.lab.Lab` is brought up for the run; every path starts its own *fresh* processes, all paths are up at
+once (each with its own destination), and they are measured interleaved after a warm-up (see `E2E`). Paths
+(`PATHS`):
 
 * ``direct``: mac -> home NAT -> inet, no tunnel: the limit of the lab itself.
 * ``wireguard-go``: wireguard-go as the client in ``mac`` (the native peer a user would pick instead), to
@@ -16,10 +17,10 @@ One `netsim.lab.Lab` is brought up for the run; every path then starts *fresh* p
   TCP peer) and never leave ``mac``: they isolate the per-packet cost of the loop design.
 
 UDP load is ``udpload blast`` (C, ``benchmarks/c/udpload.c``): a closed loop with ``WINDOW`` datagrams in flight,
-to ``udpload echo`` in inet (or to the reflector). Sizes are IP packet sizes (UDP payload = size - 28). Reported:
-replies/s (packets/s), loss, and CPU seconds per packet of each process involved (``/proc/<pid>/stat`` deltas;
-the blaster's from ``RUSAGE_CHILDREN``; kernel softirq work on veth is nobody's and is not counted). TCP is
-``iperf3 -c`` against the lab's ``iperf3 -s`` in inet.
+to the path's own ``udpload echo`` in inet (or to the reflector). Sizes are IP packet sizes (UDP payload =
+size - 28). Reported: replies/s (packets/s), loss, and CPU seconds per packet of each process involved
+(``/proc/<pid>/stat`` deltas; the blaster's from ``RUSAGE_CHILDREN``; kernel softirq work on veth is nobody's
+and is not counted). TCP is ``iperf3 -c`` against the lab's ``iperf3 -s`` in inet.
 
 Everything is bounded: ``MAX_PACKETS`` per run, ``seconds`` per run, and traffic goes only to lab addresses.
 """

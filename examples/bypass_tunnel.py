@@ -221,7 +221,7 @@ def _summary(mechanism: str, rec: dict[str, Any]) -> str:
         lines.append(f"  {key:12} -> {rec[key]}")
     lines.append(f"  provider read during bypass-host flows: {rec['direct_read']}, LAN flows: {rec['lan_read']}")
     h = rec["helper"]
-    lines.append(f"  helper verdicts: {h.get('verdicts')}  policy drops: {h.get('policy', {}).get('rule_hits')}")
+    lines.append(f"  helper verdicts: {h.get('verdicts')}  rule hits: {h.get('policy', {}).get('rule_hits')}")
     if h.get("bypass"):
         b = h["bypass"]
         lines.append(f"  NAT: sent {b['sent']}, captured {b['captured']}, delivered {b['delivered']}")

@@ -35,9 +35,9 @@ from netsim.testing.require import require_binary, require_root, require_tun
 def test_bench_quick_tiny_case_writes_a_complete_report(tmp_path: Path) -> None:
     out = tmp_path / "report.json"
     md = tmp_path / "report.md"
-    result = CliRunner().invoke(
-        bench_command, ["--quick", "--only", "micro/ipc-encode/64", "--json", str(out), "--markdown", str(md)]
-    )
+    png = tmp_path / "report.png"
+    argv = ["--quick", "--only", "micro/ipc-encode/64", "--json", str(out), "--markdown", str(md), "--plot", str(png)]
+    result = CliRunner().invoke(bench_command, argv)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert {"python", "kernel", "cpu_model", "cpu_count", "load_average"} <= doc["machine"].keys()
@@ -49,6 +49,7 @@ def test_bench_quick_tiny_case_writes_a_complete_report(tmp_path: Path) -> None:
     assert doc["skipped"] == [] and doc["quick"] is True
     assert "micro/ipc-encode 64B" in md.read_text()
     assert "micro/ipc-encode 64B" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_with_nothing_selected_fails_clearly() -> None:
@@ -214,3 +215,17 @@ def test_bench_e2e_paths_carry_traffic() -> None:
         assert r["reps"] >= 5
         assert all(run["received"] > 0 for run in r["runs"]), r["runs"]
         assert r["cpu_s_per_packet"]["provider"] > 0 and r["cpu_s_per_packet"]["helper"] >= 0
+
+
+def test_profile_summary_counts_self_and_inclusive_samples() -> None:
+    from benchmarks.profile_e2e import summarize
+
+    raw = (
+        "main (a.py:1);loop (a.py:5);write (tun.py:9) 30\n"
+        "main (a.py:1);loop (a.py:5);read (tun.py:3) 10\n"
+        "main (a.py:1);wait (io.py:2) 60\n"
+    )
+    text = summarize(raw)
+    assert "100 samples" in text
+    assert " 60.0%  wait (io.py)" in text and " 30.0%  write (tun.py)" in text
+    assert " 40.0%  loop (a.py)" in text and "100.0%  main (a.py)" in text

@@ -617,6 +617,24 @@ class PolicyEngine:
         """The policy in force."""
         return self._c.policy
 
+    def route_exclusion(self, now: float) -> RouteExclusion:
+        """`excluded_routes_for` the policy in force, with the live DNS bindings of its BYPASS domain rules.
+
+        What the route mechanism can exclude right now: prefix rules, plus one host route per address a bypassed
+        name resolved to (bindings that expired are left out). Cost: one pass over the bindings; call it when a
+        DNS answer taught something, not per packet.
+        """
+        policy = self._c.policy
+        patterns = [p for r in policy.rules if r.action is Action.BYPASS for p in r.domains]
+        if not patterns:
+            return excluded_routes_for(policy)
+        learned: dict[str, list[IPv4Address | IPv6Address]] = {}
+        for addr, names in self._names_by_addr.items():
+            for name, expiry in names.items():
+                if expiry > now and any(_domain_matches(p, name) for p in patterns):
+                    learned.setdefault(name, []).append(ipaddress.ip_address(addr))
+        return excluded_routes_for(policy, learned)
+
     @property
     def has_domain_rules(self) -> bool:
         """True when the policy in force has a domain rule (so DNS answers are worth learning)."""
@@ -819,7 +837,9 @@ def _subtract(nets: list[Network], hole: Network) -> list[Network]:
     return out
 
 
-def excluded_routes_for(policy: Policy) -> RouteExclusion:
+def excluded_routes_for(
+    policy: Policy, learned: Mapping[str, Iterable[IPv4Address | IPv6Address]] | None = None
+) -> RouteExclusion:
     """Compile the prefix-only BYPASS rules of ``policy`` to excluded routes, and list what cannot be compiled.
 
     A route sees only the destination address, before any rule order applies. So a BYPASS rule compiles only
@@ -827,6 +847,10 @@ def excluded_routes_for(policy: Policy) -> RouteExclusion:
     TUNNEL/DROP rule could claim (those are cut out; an earlier rule matching any destination or by domain
     blocks it entirely, since its addresses are unknown in advance). A default of BYPASS cannot be expressed
     with excluded routes (use included routes for the tunnelled prefixes instead).
+
+    With ``learned`` (live DNS bindings: name -> addresses, see `PolicyEngine.route_exclusion`), a BYPASS rule
+    with domains and no ``proto``/``ports`` also compiles: each address a matching name resolved to becomes a
+    host route, cut by earlier rules exactly like a ``dst`` prefix.
     """
     routes: list[Network] = []
     unsupported: list[tuple[int, str, str]] = []
@@ -834,7 +858,7 @@ def excluded_routes_for(policy: Policy) -> RouteExclusion:
     for i, rule in enumerate(policy.rules):
         if rule.action is Action.BYPASS:
             reasons = []
-            if rule.domains:
+            if rule.domains and learned is None:
                 reasons.append("domain rules need the addresses learned from DNS at run time")
             if rule.protos is not None:
                 reasons.append("a route cannot select by protocol")
@@ -846,6 +870,14 @@ def excluded_routes_for(policy: Policy) -> RouteExclusion:
                 unsupported.append((i, rule.name, "; ".join(reasons)))
             else:
                 nets = list(rule.dst)
+                if rule.domains and learned is not None:
+                    hosts = {
+                        ipaddress.ip_network(addr)
+                        for name, addrs in learned.items()
+                        if any(_domain_matches(p, name) for p in rule.domains)
+                        for addr in addrs
+                    }
+                    nets += sorted(hosts - set(nets), key=lambda n: (n.version, n))
                 blocked = None
                 for j, prev in enumerate(earlier):
                     if prev.action is Action.BYPASS:

@@ -5,9 +5,11 @@ Theory of operation
 Two mechanisms carry out a policy's BYPASS verdicts (docs/bypass.md compares them):
 
 * **route** (Apple-supported): prefix-only BYPASS rules become ``excludedRoutes`` (`excluded_routes_for`), so the
-  kernel sends that traffic out of ``en0`` before it ever reaches the utun. `route_exclusions_payload` is what the
-  helper adds to its SETTINGS frame; the provider turns it into excluded routes. Ports, protocols and domains
-  cannot be expressed as routes: packets they would bypass reach the helper and are tunnelled.
+  kernel sends that traffic out of ``en0`` before it ever reaches the utun; domain rules become host routes as
+  their DNS answers arrive (`PolicyEngine.route_exclusion`, pushed by the helper before the answer).
+  `route_exclusions_payload` is what the helper adds to its SETTINGS frame; the provider turns it into excluded
+  routes. Ports and protocols cannot be expressed as routes: packets they would bypass reach the helper and are
+  tunnelled.
 * **nat** (what teams try; not a supported use on Apple, TN3120): `NatBypass` takes BYPASS packets the helper
   read from the provider, rewrites them with the sans-IO `NatTable` (source -> ``en0``'s address and a port from
   a reserved range) and sends them out of ``en0`` with a raw socket; a packet socket on ``en0`` captures the
@@ -71,7 +73,7 @@ from netsim.core.checksum import checksum_offset, compute_ipv4_header_checksum, 
 from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatStatistics, NatTable
 from netsim.core.packet import PROTO_TCP, Buffer, PacketView
-from netsim.core.policy import Mechanism, Policy, excluded_routes_for
+from netsim.core.policy import Mechanism, Policy, RouteExclusion, excluded_routes_for
 from netsim.errors import BadPacket, ConfigError, PrivilegeError
 
 __all__ = [
@@ -809,15 +811,17 @@ class NatBypass:
 
 
 # ------------------------------------------------------------------------------------------------ route mechanism
-def route_exclusions_payload(policy: Policy) -> dict[str, Any]:
+def route_exclusions_payload(policy: Policy, exclusion: RouteExclusion | None = None) -> dict[str, Any]:
     """What the helper adds to its SETTINGS payload for ``policy``: excluded routes when the mechanism is route.
 
     ``{"excluded_routes": [prefix, ...], "bypass_unsupported": [[index, name, why], ...]}``; empty lists for the
-    NAT mechanism (its BYPASS verdicts are carried out by the helper, not by routes).
+    NAT mechanism (its BYPASS verdicts are carried out by the helper, not by routes). ``exclusion`` is a
+    precomputed `RouteExclusion` (`PolicyEngine.route_exclusion`, which adds host routes for the addresses of
+    bypassed domains); default: ``excluded_routes_for(policy)``.
     """
     if policy.mechanism is not Mechanism.ROUTE:
         return {"excluded_routes": [], "bypass_unsupported": []}
-    ex = excluded_routes_for(policy)
+    ex = exclusion if exclusion is not None else excluded_routes_for(policy)
     return {
         "excluded_routes": [str(n) for n in ex.routes],
         "bypass_unsupported": [list(u) for u in ex.unsupported],

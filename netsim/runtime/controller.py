@@ -11,6 +11,7 @@ it outlives the start + stop timeouts.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
 import signal
@@ -39,6 +40,7 @@ from netsim.runtime.provider import (
 )
 
 __all__ = [
+    "HOST_EXIT_GRACE",
     "InProcessLauncher",
     "Launcher",
     "ProviderMessageError",
@@ -129,7 +131,8 @@ class InProcessLauncher:
                     await host.run(host_end)
             finally:
                 host.configurator.close()
-                await host_end.aclose()
+                with trio.CancelScope(shield=True):  # done must be set even when the nursery is cancelled
+                    await host_end.aclose()
                 done.set()
 
         nursery.start_soon(run)
@@ -218,11 +221,54 @@ class SubprocessLauncher:
 
 
 # ------------------------------------------------------------------------------------------------ session
+#: Default `TunnelProviderManager` ``exit_grace``: how long a host may take to exit on its own once its tunnel
+#: is over (it drains its last events, then its process ends) before the system kills it, as Apple terminates
+#: an extension after its stop completion.
+HOST_EXIT_GRACE = 10.0
+
+
+class _Tunnel:
+    """One ``start_vpn_tunnel``: its host and everything the system learned from that host.
+
+    Why a separate object: a host outlives its tunnel for a moment (after reporting DISCONNECTED it drains its
+    last events, closes the control channel and exits), and the app may start the next tunnel at once (Apple:
+    ``startVPNTunnel`` after ``disconnected``). Every event, exit code, reply and watchdog decision is therefore
+    attributed to the tunnel whose host produced it; only the session's current tunnel may change the
+    session's status. Without that the old host's exit was read as the new tunnel's host dying.
+    """
+
+    def __init__(self, host: LaunchedHost) -> None:
+        self.host = host
+        self.status = VPNStatus.CONNECTING
+        self.replies: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self.slept: trio.Event | None = None
+        self.gone = trio.Event()  # the host has exited and been reaped
+        self._changed = trio.Event()
+
+    def set_status(self, status: VPNStatus) -> None:
+        self.status = status
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_status(self, *statuses: VPNStatus) -> None:
+        while self.status not in statuses:
+            await self._changed.wait()
+
+    def release_waiters(self) -> None:
+        """Wake every caller waiting on this host (message replies, sleep acks): it will answer no more."""
+        for done, _ in self.replies.values():
+            done.set()
+        if self.slept is not None:
+            self.slept.set()
+
+
 class TunnelProviderSession:
     """Mirrors NETunnelProviderSession (with NEVPNConnection): start/stop a tunnel, message it, watch status.
 
     Obtain one from `TunnelProviderManager.open_session` (``async with``). Every status change is recorded in
-    `history` and sent to each `status_changes` subscriber.
+    `history` and sent to each `status_changes` subscriber. Once the status is DISCONNECTED a new
+    ``start_vpn_tunnel`` may follow at once: it launches a fresh host while the previous one, if still exiting,
+    is reaped in the background (killed after the manager's ``exit_grace``) without touching the new tunnel's status.
 
     Differences from Apple: ``start_vpn_tunnel`` is ``async`` (it launches the host and returns once the start
     request is delivered; status is CONNECTING); ``stop_vpn_tunnel`` is ``async`` too and returns once the stop
@@ -250,10 +296,15 @@ class TunnelProviderSession:
         self.history: list[StatusChange] = []
         self._subscribers: list[trio.MemorySendChannel[StatusChange]] = []
         self._changed = trio.Event()
-        self._host: LaunchedHost | None = None
-        self._replies: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
+        self._tunnel: _Tunnel | None = None  # the current tunnel: set from start until its DISCONNECTED
+        self._live: set[_Tunnel] = set()  # tunnels whose host has not been reaped yet (current one included)
         self._next_id = 0
-        self._slept = trio.Event()
+        self._launching = False
+
+    @property
+    def _host(self) -> LaunchedHost | None:
+        """The current tunnel's host (None once the tunnel is DISCONNECTED, even if the process still exits)."""
+        return None if self._tunnel is None else self._tunnel.host
 
     # -- notifications --------------------------------------------------------------------------------------
     def status_changes(self) -> trio.MemoryReceiveChannel[StatusChange]:
@@ -262,7 +313,15 @@ class TunnelProviderSession:
         self._subscribers.append(send)
         return receive
 
-    def _publish(self, change: StatusChange) -> None:
+    def _publish(self, tunnel: _Tunnel, change: StatusChange) -> None:
+        """Record ``change`` reported for ``tunnel``; a tunnel that is no longer current changes nothing."""
+        tunnel.set_status(change.status)
+        if change.status is VPNStatus.DISCONNECTED:
+            tunnel.release_waiters()
+        if tunnel is not self._tunnel:
+            return  # a stale report from a host whose tunnel is over: it must not touch the current one
+        if change.status is VPNStatus.DISCONNECTED:
+            self._tunnel = None  # the next start gets a new tunnel; this host is only reaped from now on
         if change.status is self.status and change.status is not VPNStatus.DISCONNECTED:
             return  # the host confirms CONNECTING, which the session already announced
         self.status = change.status
@@ -288,41 +347,53 @@ class TunnelProviderSession:
     async def start_vpn_tunnel(self, options: dict[str, Any] | None = None) -> None:
         """Start the tunnel (Apple: ``startVPNTunnel(options:)``); ``options`` must be JSON-serialisable.
 
+        A host that dies before it takes the request is reported like any crashed extension (DISCONNECTED,
+        PROVIDER_FAILED, exit code), not raised.
+
         Raises:
             LocalProtocolError: a tunnel is already running in this session.
         """
-        if self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
-            raise LocalProtocolError(f"cannot start: the tunnel is {self.status.name.lower()}; stop it first")
+        if self._launching or self._tunnel is not None:
+            state = "starting" if self._launching else self.status.name.lower()
+            raise LocalProtocolError(f"cannot start: the tunnel is {state}; stop it first")
         manager = self.manager
+        self._launching = True
+        try:
+            host = await manager.launcher.launch(self._nursery, manager.provider)
+        finally:
+            self._launching = False
+        tunnel = _Tunnel(host)
+        self._tunnel = tunnel
+        self._live.add(tunnel)
         self.applied_settings = None
-        self._slept = trio.Event()
-        host = await manager.launcher.launch(self._nursery, manager.provider)
-        self._host = host
-        await host.channel.send(
-            {
-                "op": "configure",
-                "protocol": manager.protocol_configuration.to_dict(),
-                "start_timeout": manager.start_timeout,
-                "stop_timeout": manager.stop_timeout,
-            }
-        )
-        self._publish(StatusChange(VPNStatus.CONNECTING))
-        await host.channel.send({"op": "start", "options": options})
-        self._nursery.start_soon(self._read_events, host)
-        self._nursery.start_soon(self._watchdog, host)
+        self._publish(tunnel, StatusChange(VPNStatus.CONNECTING))
+        self._nursery.start_soon(self._read_events, tunnel)
+        self._nursery.start_soon(self._watchdog, tunnel)
+        try:
+            await host.channel.send(
+                {
+                    "op": "configure",
+                    "protocol": manager.protocol_configuration.to_dict(),
+                    "start_timeout": manager.start_timeout,
+                    "stop_timeout": manager.stop_timeout,
+                }
+            )
+            await host.channel.send({"op": "start", "options": options})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            host.kill()  # _read_events reports the failure with the exit code
 
     async def stop_vpn_tunnel(self) -> None:
         """Stop the tunnel (Apple: ``stopVPNTunnel()``, reason USER_INITIATED); no-op when not running."""
         await self._send_stop(ProviderStopReason.USER_INITIATED)
 
     async def _send_stop(self, reason: ProviderStopReason) -> None:
-        host = self._host
-        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+        tunnel = self._tunnel
+        if tunnel is None:
             return
         try:
-            await host.channel.send({"op": "stop", "reason": int(reason)})
+            await tunnel.host.channel.send({"op": "stop", "reason": int(reason)})
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            host.kill()
+            tunnel.host.kill()
 
     async def send_provider_message(self, data: bytes) -> bytes | None:
         """Send ``data`` to the provider's ``handle_app_message`` and return its reply (Apple: sendProviderMessage).
@@ -330,19 +401,21 @@ class TunnelProviderSession:
         Raises:
             ProviderMessageError: no tunnel is running, the provider raised, or it went away before replying.
         """
-        host = self._host
-        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+        tunnel = self._tunnel
+        if tunnel is None:
             raise ProviderMessageError("no tunnel is running; start_vpn_tunnel() first")
         self._next_id += 1
         ident = self._next_id
         done = trio.Event()
         box: list[dict[str, Any]] = []
-        self._replies[ident] = (done, box)
+        tunnel.replies[ident] = (done, box)
         try:
-            await host.channel.send({"op": "message", "id": ident, "data": base64.b64encode(data).decode()})
+            await tunnel.host.channel.send({"op": "message", "id": ident, "data": base64.b64encode(data).decode()})
             await done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the host is going away: reported as "stopped before replying"
         finally:
-            self._replies.pop(ident, None)
+            tunnel.replies.pop(ident, None)
         if not box:
             raise ProviderMessageError("the provider stopped before replying")
         reply = box[0]
@@ -354,89 +427,108 @@ class TunnelProviderSession:
     async def simulate_sleep(self) -> None:
         """Put the simulated Mac to sleep: the provider's ``sleep`` runs (or, with ``disconnect_on_sleep``, the
         tunnel stops with reason SLEEP); returns when the host acknowledged."""
-        host = self._host
-        if host is None or self.status in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+        tunnel = self._tunnel
+        if tunnel is None:
             return
-        self._slept = trio.Event()
-        await host.channel.send({"op": "sleep"})
-        await self._slept.wait()
+        slept = tunnel.slept = trio.Event()
+        try:
+            await tunnel.host.channel.send({"op": "sleep"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return  # the host is going away; the reader reports it
+        await slept.wait()
 
     async def simulate_wake(self) -> None:
         """Wake the simulated Mac: the provider's ``wake()`` runs."""
-        host = self._host
-        if host is not None and self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
-            await host.channel.send({"op": "wake"})
+        tunnel = self._tunnel
+        if tunnel is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await tunnel.host.channel.send({"op": "wake"})  # a host going away is reported by the reader
 
     # -- event handling -------------------------------------------------------------------------------------
-    async def _read_events(self, host: LaunchedHost) -> None:
+    async def _read_events(self, tunnel: _Tunnel) -> None:
+        """Serve one tunnel's host until it reported DISCONNECTED or went away, then reap it."""
+        host = tunnel.host
         error: str | None = None
         try:
-            while True:
+            while tunnel.status is not VPNStatus.DISCONNECTED:
                 event = await host.channel.receive()
                 kind = event.get("ev")
                 if kind == "status":
+                    reason = event.get("reason")
                     self._publish(
+                        tunnel,
                         StatusChange(
                             VPNStatus(int(event["status"])),
-                            None if event.get("reason") is None else ProviderStopReason(int(event["reason"])),
+                            None if reason is None else ProviderStopReason(int(reason)),
                             event.get("error"),
-                        )
+                        ),
                     )
-                    if self.status is VPNStatus.DISCONNECTED:
-                        break
                 elif kind == "reply":
-                    waiter = self._replies.get(int(event.get("id") or 0))
+                    waiter = tunnel.replies.get(int(event.get("id") or 0))
                     if waiter is not None:
                         waiter[1].append(event)
                         waiter[0].set()
-                elif kind == "settings":
+                elif kind == "settings" and tunnel is self._tunnel:
                     self.applied_settings = event.get("applied")
-                elif kind == "slept":
-                    self._slept.set()
+                elif kind == "slept" and tunnel.slept is not None:
+                    tunnel.slept.set()
         except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             error = "the provider host went away without reporting a stop"
         except (RemoteProtocolError, KeyError, ValueError) as exc:
             error = f"the provider host broke the control protocol: {exc}"
             host.kill()
-        for done, _ in list(self._replies.values()):
-            done.set()
-        self._slept.set()
-        code = await host.wait()
-        if self.status is not VPNStatus.DISCONNECTED:
+        tunnel.release_waiters()
+        code: int | None = None
+        exited = False
+        try:
+            with trio.move_on_after(self.manager.exit_grace):
+                code = await host.wait()
+                exited = True
+        finally:
+            if not exited:  # reported its stop (or went silent) but does not exit, or the session is closing
+                host.kill()
+                with trio.CancelScope(shield=True):
+                    code = await host.wait()
+            tunnel.gone.set()
+            self._live.discard(tunnel)
+        if tunnel.status is not VPNStatus.DISCONNECTED:
             detail = error or "the provider host exited"
             if code is not None:
                 detail += f" (exit code {code})"
-            self._publish(StatusChange(VPNStatus.DISCONNECTED, ProviderStopReason.PROVIDER_FAILED, detail))
+            self._publish(tunnel, StatusChange(VPNStatus.DISCONNECTED, ProviderStopReason.PROVIDER_FAILED, detail))
         await host.channel.aclose()
-        if self._host is host:
-            self._host = None
 
-    async def _watchdog(self, host: LaunchedHost) -> None:
-        """Backstop for a host that ignores its own timeouts (hung in C code, SIGSTOPped): kill it."""
+    async def _watchdog(self, tunnel: _Tunnel) -> None:
+        """Backstop for a host that ignores its own timeouts (hung in C code, SIGSTOPped): kill it.
+
+        It follows ``tunnel``'s own status, never the session's, so it cannot act on a later tunnel's host.
+        """
         manager = self.manager
-        grace = manager.start_timeout + manager.stop_timeout + 5.0
-        with trio.move_on_after(grace):
-            await self.wait_status(VPNStatus.CONNECTED, VPNStatus.REASSERTING, VPNStatus.DISCONNECTED)
-            if self.status is VPNStatus.DISCONNECTED:
-                return
-        if self.status is VPNStatus.CONNECTING:
-            host.kill()
+        with trio.move_on_after(manager.start_timeout + manager.stop_timeout + 5.0):
+            await tunnel.wait_status(VPNStatus.CONNECTED, VPNStatus.REASSERTING, VPNStatus.DISCONNECTED)
+        if tunnel.status is VPNStatus.CONNECTING:
+            tunnel.host.kill()
             return
-        await self.wait_status(VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED)
-        if self.status is VPNStatus.DISCONNECTED:
-            return
+        await tunnel.wait_status(VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED)
         with trio.move_on_after(manager.stop_timeout + 5.0):
-            await self.wait_status(VPNStatus.DISCONNECTED)
+            await tunnel.wait_status(VPNStatus.DISCONNECTED)
             return
-        host.kill()
+        tunnel.host.kill()
 
     async def _close(self) -> None:
-        if self._host is not None and self.status not in (VPNStatus.DISCONNECTED, VPNStatus.INVALID):
+        tunnel = self._tunnel
+        if tunnel is not None:
             await self._send_stop(ProviderStopReason.USER_INITIATED)
             with trio.move_on_after(self.manager.stop_timeout + 5.0):
-                await self.wait_status(VPNStatus.DISCONNECTED)
-        if self._host is not None:
-            self._host.kill()
+                await tunnel.wait_status(VPNStatus.DISCONNECTED)
+            if tunnel.status is not VPNStatus.DISCONNECTED:
+                tunnel.host.kill()
+        # Let stopped hosts exit by themselves (as after any stop), then kill what is left.
+        with trio.move_on_after(self.manager.exit_grace):
+            for live in list(self._live):
+                await live.gone.wait()
+        for live in list(self._live):
+            live.host.kill()
         for subscriber in self._subscribers:
             subscriber.close()
 
@@ -451,6 +543,8 @@ class TunnelProviderManager:
         launcher: where the provider runs: `SubprocessLauncher` (a process in the lab's ``mac``) or
             `InProcessLauncher` (in-memory backend).
         start_timeout / stop_timeout: the system's limits (60 s / 20 s as on Apple).
+        exit_grace: how long a host may take to exit once its tunnel is DISCONNECTED before it is killed
+            (`HOST_EXIT_GRACE`); a new start does not wait for it.
 
     Differences from Apple: no preferences store (``loadAllFromPreferences``/``saveToPreferences``); the
     configuration lives in this object. ``connection`` exists only inside `open_session`.
@@ -465,6 +559,7 @@ class TunnelProviderManager:
         localized_description: str = "netsim",
         start_timeout: float = DEFAULT_START_TIMEOUT,
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        exit_grace: float = HOST_EXIT_GRACE,
     ) -> None:
         self.provider = provider
         self.launcher = launcher
@@ -473,6 +568,7 @@ class TunnelProviderManager:
         self.is_enabled = True
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.exit_grace = exit_grace
         self.connection: TunnelProviderSession | None = None
 
     @asynccontextmanager

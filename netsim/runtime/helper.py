@@ -292,6 +292,9 @@ class HelperStatistics:
         policy_updates / policy_rejected: POLICY_UPDATE frames applied / refused.
         recv_errors: ICMP errors surfaced on the UDP socket (server unreachable), not datagrams.
         wakeups: network-loop wakeups (datagrams per wakeup = wg_decrypt.read / wakeups).
+        bypass_tunnelled: BYPASS verdicts tunnelled because the route mechanism cannot carry them out.
+        settings_pushed: mid-session SETTINGS sent because a bypassed domain resolved to new addresses (route).
+        policy / bypass: the policy engine's and the NAT bypass's counters (None when not in use).
     """
 
     ledger: LedgerSnapshot
@@ -305,6 +308,7 @@ class HelperStatistics:
     recv_errors: int
     wakeups: int
     bypass_tunnelled: int = 0
+    settings_pushed: int = 0
     policy: PolicyStatistics | None = None
     bypass: BypassStatistics | None = None
 
@@ -332,6 +336,7 @@ class HelperStatistics:
             "recv_errors": self.recv_errors,
             "wakeups": self.wakeups,
             "bypass_tunnelled": self.bypass_tunnelled,
+            "settings_pushed": self.settings_pushed,
             "policy": None if self.policy is None else _policy_json(self.policy),
             "bypass": None if self.bypass is None else self.bypass.to_json(),
         }
@@ -457,6 +462,8 @@ class Helper:
         self.server: UnixIpcServer | None = None
         self.nat_bypass: NatBypass | None = None
         self.bypass_tunnelled = 0
+        self.settings_pushed = 0  # mid-session SETTINGS sent for new route exclusions (bypassed domains)
+        self._held: list[Any] = []  # decrypted packets waiting for those SETTINGS to go out first
         self._dns_view = PacketView()
         self._channel: IpcChannel | None = None
         self._scope: trio.CancelScope | None = None
@@ -467,8 +474,11 @@ class Helper:
         from netsim.runtime.bypass import route_exclusions_payload  # runtime peer module; imported lazily
 
         out = tunnel_settings_payload(self.config, self._server_address)
-        if self.policy is not None:
-            out.update(route_exclusions_payload(self.policy.policy))
+        engine = self.policy
+        if engine is not None:
+            # route mechanism: prefix rules, plus host routes for the live addresses of bypassed domains
+            exclusion = engine.route_exclusion(self.clock()) if engine.policy.mechanism is Mechanism.ROUTE else None
+            out.update(route_exclusions_payload(engine.policy, exclusion))
         else:
             out.update(excluded_routes=[], bypass_unsupported=[])
         return out
@@ -495,19 +505,22 @@ class Helper:
         self._send_to_provider(ch, packets)
         return None
 
-    def _learn_dns(self, packets: Sequence[ipc.Buffer], now: float) -> None:
+    def _learn_dns(self, packets: Sequence[ipc.Buffer], now: float) -> int:
         """Teach the policy the name -> address answers in DNS responses (UDP from port 53), before the app
-        sees them, so a domain rule applies to the app's very first packet to that address."""
+        sees them, so a domain rule applies to the app's very first packet to that address. Returns how many
+        bindings were (re)learned."""
         assert self.policy is not None
         view = self._dns_view
         learn = self.policy.learn_dns_response_untrusted
+        learned = 0
         for pkt in packets:
             try:
                 view.load_untrusted(pkt)
                 if view.protocol == 17 and view.sport == 53 and not view.is_fragment:
-                    learn(memoryview(pkt)[view.l4_offset + 8 : view.total_length], now)
+                    learned += learn(memoryview(pkt)[view.l4_offset + 8 : view.total_length], now)
             except BadPacket:
                 continue  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
+        return learned
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> HelperStatistics:
@@ -525,6 +538,7 @@ class Helper:
             recv_errors=getattr(self.transport, "recv_errors", 0),
             wakeups=self.wakeups,
             bypass_tunnelled=self.bypass_tunnelled,
+            settings_pushed=self.settings_pushed,
             policy=self.policy.statistics() if self.policy is not None else None,
             bypass=self.nat_bypass.statistics() if self.nat_bypass is not None else None,
         )
@@ -620,6 +634,8 @@ class Helper:
                 self._sync_device(outbound=True)
             self._flush(now)
             self._deliver()
+            if self._held:
+                await self._push_settings()
 
     def _receive(self, n: int, now: float) -> None:
         dev = self.device
@@ -652,8 +668,22 @@ class Helper:
         if not items:
             return
         packets = [pkt for _, pkt in items]
-        if self.policy is not None and self.policy.has_domain_rules:
-            self._learn_dns(packets, self.clock())  # the tunnel's resolver answers through here
+        engine = self.policy
+        # The tunnel's resolver answers through here. With the route mechanism a bypassed name that resolved to
+        # a new address needs its host route in place before the app sees the answer, or its first SYN goes
+        # into the tunnel and the flow breaks when the route lands. So the batch waits until `run` has sent the
+        # new SETTINGS; the provider handles frames in order and applies them before it writes the answer.
+        if (
+            engine is not None
+            and engine.has_domain_rules
+            and self._learn_dns(packets, self.clock())
+            and engine.policy.mechanism is Mechanism.ROUTE
+        ):
+            settings = self._settings_payload()
+            if settings != self.settings:
+                self.settings = settings
+                self._held.extend(packets)
+                return
         ch = self._channel
         if ch is None or ch.is_broken:
             out = self._ipc_out
@@ -661,6 +691,28 @@ class Helper:
             out.count_dropped("no_provider", len(packets))
             return
         self._send_to_provider(ch, packets)
+
+    async def _push_settings(self) -> None:
+        """Send the changed SETTINGS (route exclusions for newly resolved bypassed names), then the batch that
+        taught them (`_deliver`)."""
+        held, self._held = self._held, []
+        ch = self._channel
+        if ch is not None and not ch.is_broken:
+            try:
+                await ch.send(ipc.Settings(json.dumps(self.settings).encode()))
+            except TunnelDown:
+                ch = None
+            else:
+                self.settings_pushed += 1
+                log.info(
+                    "route exclusions updated",
+                    extra={"event": "settings_pushed", "excluded_routes": self.settings.get("excluded_routes")},
+                )
+        if ch is None or ch.is_broken:
+            self._ipc_out.count_read(len(held))
+            self._ipc_out.count_dropped("no_provider", len(held))
+            return
+        self._send_to_provider(ch, held)
 
     def _send_to_provider(self, ch: IpcChannel, packets: list[bytes]) -> None:
         """Queue ``packets`` on the channel in as few frames as fit (the channel counts ``ipc_out``)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +16,15 @@ from typing import Any
 import pytest
 import trio
 
-from netsim.apple import ProviderStopReason, TunnelProviderProtocol, VPNStatus
-from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
+from netsim.apple import (
+    IPv4Route,
+    IPv4Settings,
+    PacketTunnelNetworkSettings,
+    ProviderStopReason,
+    TunnelProviderProtocol,
+    VPNStatus,
+)
+from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -148,3 +156,97 @@ def test_real_process_status_transitions(lab: Any) -> None:
             assert "auth expired" in (session.last_disconnect_error or "")
 
     trio.run(main)
+
+
+class Lingering(PacketTunnelProvider):
+    """Its host outlives DISCONNECTED: a background task takes ``linger`` s to finish (or forever: ``-1``)."""
+
+    async def start_tunnel(self, options: dict[str, Any] | None) -> None:
+        self.start_soon(self._background, float((options or {}).get("linger", 0.3)))
+        s = PacketTunnelNetworkSettings("192.0.2.2")
+        routes = [IPv4Route("10.66.0.0", "255.255.255.0")]  # VIRTUAL_V4 goes into the tunnel
+        s.ipv4_settings = IPv4Settings(["10.77.0.2"], ["255.255.255.0"], included_routes=routes)
+        await self.set_tunnel_network_settings(s)
+
+    async def handle_app_message(self, data: bytes) -> bytes | None:
+        return b"pong:" + data
+
+    async def _background(self, linger: float) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await (trio.sleep_forever() if linger < 0 else trio.sleep(linger))
+
+
+async def _one_cycle(session: TunnelProviderSession, lab: Any, options: dict[str, Any], cycle: int) -> None:
+    """start at once (no wait after the previous DISCONNECTED) -> CONNECTED -> stop -> DISCONNECTED."""
+    await session.start_vpn_tunnel(options)
+    with trio.fail_after(30):
+        await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+    assert session.status is VPNStatus.CONNECTED, (cycle, session.last_disconnect_error)
+    utun = (session.applied_settings or {})["device"]
+    route = json.loads((await lab.run("mac", ["ip", "-j", "route", "get", VIRTUAL_V4])).stdout)[0]
+    assert route["dev"] == utun
+    assert await session.send_provider_message(b"%d" % cycle) == b"pong:%d" % cycle
+    assert session.status is VPNStatus.CONNECTED, (cycle, session.last_disconnect_error)
+    await session.stop_vpn_tunnel()
+    with trio.fail_after(30):
+        await session.wait_status(VPNStatus.DISCONNECTED)
+    assert session.stop_reason is ProviderStopReason.USER_INITIATED, (cycle, session.last_disconnect_error)
+    assert session.last_disconnect_error is None
+
+
+def test_restart_at_once_after_disconnected(lab: Any, tmp_path: Any) -> None:
+    """Apple: startVPNTunnel right after ``disconnected`` works; the previous process, still exiting, is ignored."""
+    launcher = SubprocessLauncher(lab.netns("mac"), log_path=tmp_path / "provider.log")
+    manager = TunnelProviderManager(
+        f"{__file__}:Lingering", launcher, TunnelProviderProtocol(server_address="192.0.2.2")
+    )
+    cycles = 3
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            changes = session.status_changes()
+            for cycle in range(cycles):
+                await _one_cycle(session, lab, {"linger": 0.3}, cycle)
+            seen = []
+            while True:
+                try:
+                    seen.append(changes.receive_nowait().status)
+                except trio.WouldBlock:
+                    break
+            one = [VPNStatus.CONNECTING, VPNStatus.CONNECTED, VPNStatus.DISCONNECTING, VPNStatus.DISCONNECTED]
+            assert seen == one * cycles
+
+    trio.run(main)
+    # One process per start, each reaped after exiting by itself (0): none killed, none left running.
+    assert [p.returncode for p in launcher.processes] == [0] * cycles
+    route = json.loads(lab.run_sync("mac", ["ip", "-j", "route", "get", VIRTUAL_V4]).stdout)[0]
+    assert route["dev"] == "en0"
+
+
+def test_host_that_never_exits_is_killed_without_touching_the_next_tunnel(lab: Any, tmp_path: Any) -> None:
+    launcher = SubprocessLauncher(lab.netns("mac"), log_path=tmp_path / "provider.log")
+    manager = TunnelProviderManager(
+        f"{__file__}:Lingering", launcher, TunnelProviderProtocol(server_address="192.0.2.2"), exit_grace=1.0
+    )
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            await _one_cycle(session, lab, {"linger": -1}, 0)
+            await session.start_vpn_tunnel({"linger": 0})
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+                while launcher.processes[0].returncode is None:  # reaped by the session after exit_grace
+                    await trio.sleep(0.05)
+            assert launcher.processes[0].returncode == -signal.SIGKILL
+            assert session.status is VPNStatus.CONNECTED, session.last_disconnect_error
+            assert [c.status for c in session.history][-2:] == [VPNStatus.CONNECTING, VPNStatus.CONNECTED]
+            await session.stop_vpn_tunnel()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+            assert session.stop_reason is ProviderStopReason.USER_INITIATED
+
+    trio.run(main)
+    assert [p.returncode for p in launcher.processes] == [-signal.SIGKILL, 0]

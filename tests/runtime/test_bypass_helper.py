@@ -12,12 +12,13 @@ from scapy.packet import Raw
 
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.policy import PolicyEngine, parse_policy
+from netsim.core.routes import RouteKind
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.runtime.bypass import MemoryBypassTransport, NatBypass
 from netsim.runtime.forwarding import settings_from_payload
 from netsim.runtime.helper import Helper
-from netsim.testing.memory_tunnel import FakeNetwork
+from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, memory_tunnel
 
 POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read_text()
 CLIENT, EN0 = "10.66.0.2", "192.168.1.10"
@@ -80,7 +81,8 @@ def test_nat_mechanism_bypasses_host_and_port_tunnels_the_rest_and_names_drops()
 def test_route_mechanism_excludes_prefixes_and_tunnels_what_routes_cannot_express() -> None:
     helper = _helper("route")
     assert helper.settings["excluded_routes"] == ["203.0.113.20/32", "2001:db8:113::20/128"]
-    assert [u[1] for u in helper.settings["bypass_unsupported"]] == ["direct-port", "direct-domain"]
+    # the domain rule compiles too (to host routes, as its names resolve): only the port rule cannot
+    assert [u[1] for u in helper.settings["bypass_unsupported"]] == ["direct-port"]
     keep = helper._classify(_pkts(), 10.0)
     # direct-host only reaches the helper if the route is missing; like direct-port it then stays in the tunnel
     assert sorted(IP(bytes(p)).dport for p in keep) == [80, 80, 8080]
@@ -148,3 +150,47 @@ def test_no_provider_drops_are_counted_in_the_helper_ledger() -> None:
     assert helper.statistics().ledger["nat_in"].dropped_for("no_provider") == 1
     # (ipc_in is not balanced here: the test calls _classify without _outbound's read count)
     assert [i for i in helper.ledger.check() if i.stage in ("bypass", "nat_out", "nat_in")] == []
+
+
+def _server_push(t: MemoryTunnel, packet: bytes) -> None:
+    """The in-memory VPN server sends ``packet`` to the client through the tunnel."""
+    dev = t.server.device
+    bufs, sizes, addrs = [bytearray(2048)], [0], [None]
+    dev.encapsulate([packet], trio.current_time(), bufs, sizes, addrs)  # type: ignore[arg-type]
+    assert sizes[0] and addrs[0] is not None
+    t.server.transport.send(memoryview(bufs[0])[: sizes[0]], addrs[0])
+
+
+def test_route_mechanism_adds_host_routes_for_bypassed_domains_before_the_answer() -> None:
+    """A DNS answer for a bypassed name: new SETTINGS with its host route reach the provider, and are applied,
+    before the answer itself is written to the utun (so the app's first SYN already takes the route)."""
+    seen: dict[str, object] = {}
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            t.helper.policy = PolicyEngine(parse_policy(POLICY.replace('mechanism = "nat"', 'mechanism = "route"')))
+            host = t.launcher.hosts[-1]
+            applied_before = t.provider.statistics().settings_applied
+            _server_push(t, _dns_reply("isp.lab.test", "198.51.100.2"))
+            with trio.fail_after(10):
+                while not (got := t.tun.take_written()):
+                    await trio.sleep(0.001)
+            # the moment the answer is in the utun, the new route is already applied
+            seen["applied"] = t.provider.statistics().settings_applied - applied_before
+            applied = host.configurator.applied
+            assert applied is not None
+            seen["excluded"] = {str(r.network) for r in applied.routes if r.kind is RouteKind.EXCLUDED}
+            seen["answer"] = [IP(p)[UDP].sport for p in got]
+            seen["pushed"] = t.helper.stats_json()["settings_pushed"]
+            # the same answer again teaches nothing new: no second push
+            _server_push(t, _dns_reply("isp.lab.test", "198.51.100.2"))
+            with trio.fail_after(10):
+                while not t.tun.take_written():
+                    await trio.sleep(0.001)
+            seen["pushed_again"] = t.helper.stats_json()["settings_pushed"]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen["applied"] == 1
+    assert {"203.0.113.20/32", "198.51.100.2/32"} <= seen["excluded"]  # type: ignore[operator]
+    assert seen["answer"] == [53]
+    assert seen["pushed"] == 1 and seen["pushed_again"] == 1
