@@ -70,6 +70,7 @@ from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProt
 from netsim.transports.uds import IpcChannel, ServerStatistics, UnixIpcServer
 
 if TYPE_CHECKING:
+    from netsim.core.nat import NatTable
     from netsim.runtime.bypass import BypassStatistics, NatBypass
 
 __all__ = [
@@ -294,6 +295,8 @@ class HelperStatistics:
         wakeups: network-loop wakeups (datagrams per wakeup = wg_decrypt.read / wakeups).
         bypass_tunnelled: BYPASS verdicts tunnelled because the route mechanism cannot carry them out.
         settings_pushed: mid-session SETTINGS sent because a bypassed domain resolved to new addresses (route).
+        bypass_sticky: TUNNEL verdicts kept on the NAT bypass because the flow already used it (a domain's DNS
+            binding expired mid-flow).
         policy / bypass: the policy engine's and the NAT bypass's counters (None when not in use).
     """
 
@@ -309,6 +312,7 @@ class HelperStatistics:
     wakeups: int
     bypass_tunnelled: int = 0
     settings_pushed: int = 0
+    bypass_sticky: int = 0
     policy: PolicyStatistics | None = None
     bypass: BypassStatistics | None = None
 
@@ -337,6 +341,7 @@ class HelperStatistics:
             "wakeups": self.wakeups,
             "bypass_tunnelled": self.bypass_tunnelled,
             "settings_pushed": self.settings_pushed,
+            "bypass_sticky": self.bypass_sticky,
             "policy": None if self.policy is None else _policy_json(self.policy),
             "bypass": None if self.bypass is None else self.bypass.to_json(),
         }
@@ -370,6 +375,19 @@ def _server_json(s: ServerStatistics) -> dict[str, int]:
         "sessions_done": s.sessions_done,
         "active": s.active,
     }
+
+
+def _nat_carries(nat: NatTable, view: PacketView, now: float) -> bool:
+    """True when ``nat`` has a live mapping for this packet's flow that already sent to its destination."""
+    proto = view.protocol
+    if proto == 6 or proto == 17:
+        port, remote = view.sport, (view.dst, view.dport)
+    elif (proto == 1 and view.icmp_type == 8) or (proto == 58 and view.icmp_type == 128):
+        port, remote = view.icmp_id, (view.dst, 0)
+    else:
+        return False
+    m = nat.mapping_for(view.version, proto, view.src, port, now)
+    return m is not None and remote in m.remotes
 
 
 # ------------------------------------------------------------------------------------------------ helper
@@ -462,6 +480,7 @@ class Helper:
         self.server: UnixIpcServer | None = None
         self.nat_bypass: NatBypass | None = None
         self.bypass_tunnelled = 0
+        self.bypass_sticky = 0  # TUNNEL verdicts kept on the NAT bypass because their flow already used it
         self.settings_pushed = 0  # mid-session SETTINGS sent for new route exclusions (bypassed domains)
         self._held: list[Any] = []  # decrypted packets waiting for those SETTINGS to go out first
         self._dns_view = PacketView()
@@ -539,6 +558,7 @@ class Helper:
             wakeups=self.wakeups,
             bypass_tunnelled=self.bypass_tunnelled,
             settings_pushed=self.settings_pushed,
+            bypass_sticky=self.bypass_sticky,
             policy=self.policy.statistics() if self.policy is not None else None,
             bypass=self.nat_bypass.statistics() if self.nat_bypass is not None else None,
         )
@@ -835,11 +855,16 @@ class Helper:
         With the route mechanism a BYPASS packet should never reach the helper (the kernel sent it out of en0);
         one that does (a port, protocol or domain rule routes cannot express) is tunnelled and counted in
         ``bypass_tunnelled``: a route bypass never leaks through a NAT path the policy did not ask for.
+
+        With the NAT mechanism and domain rules, a flow the NAT already carries stays on the bypass when its
+        verdict turns to TUNNEL (the name's DNS binding expired mid-flow): moving it into the tunnel would change
+        its source address and break it. Counted in ``bypass_sticky``.
         """
         assert self.policy is not None
         engine = self.policy
         classify = engine.classify
         route_mechanism = engine.policy.mechanism is Mechanism.ROUTE
+        nat = self.nat_bypass.nat if self.nat_bypass is not None and engine.has_domain_rules else None
         view = self._view
         keep: list[memoryview] = []
         bypass: list[memoryview] = []
@@ -853,6 +878,11 @@ class Helper:
             verdict = classify(view, now)
             action = verdict.action
             if action is Action.TUNNEL:
+                if nat is not None and _nat_carries(nat, view, now):
+                    self.verdicts["bypass"] += 1
+                    self.bypass_sticky += 1
+                    bypass.append(pkt)
+                    continue
                 tunnel += 1
                 keep.append(pkt)
             elif action is Action.BYPASS:

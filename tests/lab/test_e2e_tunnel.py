@@ -171,10 +171,7 @@ async def _restart_provider(lab: Lab, t: LabTunnel, rec: dict[str, Any]) -> None
     await t.session.stop_vpn_tunnel()
     with trio.fail_after(30):
         await t.session.wait_status(VPNStatus.DISCONNECTED)
-        # Let the session finish reaping the old host first: starting while it still cleans up makes the new
-        # host exit at once (a controller race reported to the lead; reproducer in the helper report).
-        while t.session._host is not None:
-            await trio.sleep(0.05)
+    # Apple semantics: a new start may follow DISCONNECTED at once (the old host is reaped in the background).
     await t.session.start_vpn_tunnel()
     with trio.fail_after(30):
         await t.session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)

@@ -194,3 +194,19 @@ def test_route_mechanism_adds_host_routes_for_bypassed_domains_before_the_answer
     assert {"203.0.113.20/32", "198.51.100.2/32"} <= seen["excluded"]  # type: ignore[operator]
     assert seen["answer"] == [53]
     assert seen["pushed"] == 1 and seen["pushed_again"] == 1
+
+
+def test_nat_flow_stays_on_the_bypass_when_its_dns_binding_expires() -> None:
+    helper, tr = _nat_helper()
+    helper.deliver_bypass([_dns_reply("isp.lab.test", "198.51.100.2")])  # learned at t=10 with TTL 60
+
+    def pkt(sport: int, flags: str) -> list[memoryview]:
+        p = IP(src=CLIENT, dst="198.51.100.2") / TCP(sport=sport, dport=80, flags=flags)
+        return [memoryview(bytearray(bytes(p)))]
+
+    assert helper._classify(pkt(40020, "S"), 10.0) == []  # the domain rule bypasses the new flow
+    # t=100: the binding expired, the verdict is TUNNEL again, but the NAT carries this flow (mapping live)
+    assert helper._classify(pkt(40020, "A"), 100.0) == []
+    assert len(helper._classify(pkt(40021, "S"), 100.0)) == 1  # a new flow follows the verdict: tunnel
+    assert helper.statistics().bypass_sticky == 1
+    assert [IP(p)[TCP].sport for p in tr.sent][1] == IP(tr.sent[0])[TCP].sport  # same external port
