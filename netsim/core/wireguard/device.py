@@ -57,6 +57,7 @@ from netsim.core.wireguard.noise import (
     xaead_encrypt,
 )
 from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
+from netsim.core.wireguard.replay import RING_MASK
 from netsim.core.wireguard.session import NONCE, Keypair
 from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
 
@@ -148,6 +149,7 @@ _U16BE = struct.Struct(">H")
 _ROUTE_CACHE_MAX = 4096
 _TRANSPORT_HEADER_UNPACK = m.TRANSPORT_HEADER.unpack_from
 _NONCE_PACK = NONCE.pack_into
+_HEADER_PACK = m.TRANSPORT_HEADER.pack_into
 _U32_UNPACK = m.U32.unpack_from
 _U16BE_UNPACK = _U16BE.unpack_from
 _MISS: Any = object()
@@ -390,31 +392,34 @@ class WireGuardDevice:
         ``out_addrs[i]`` to the peer endpoint, or 0/None when the packet was staged (no session yet) or dropped
         (counted). Returns the number of datagrams produced.
         """
-        timers = self.timers
-        reject_msgs = timers.reject_after_messages
-        reject_time = timers.reject_after_time
+        # Hot path. Consecutive packets usually go to one peer, so the batch is processed in *runs*: the peer's
+        # keypair checks, AEAD method and send counter are loaded into locals once per run, and the counter and
+        # tx byte count are written back when the run ends (`_end_tx_run`) -- before anything else can look at
+        # them (staging, the end of the batch). Everything per packet is local-variable work plus three C calls.
+        reject_msgs = self.timers.reject_after_messages
+        reject_time = self._reject_after_time
         cache = self._route_cache
-        route = self._route
+        drops = self._drops
         nonce = self._nonce
-        pack_nonce = NONCE.pack_into
-        pack_header = m.TRANSPORT_HEADER.pack_into
         scratch_mv = self._scratch_mv
         mtu = self.mtu
         produced = 0
-        # per-batch memo: consecutive packets usually go to the same peer, so its keypair checks run once
-        cur_peer: Peer | None = None
-        kp: Keypair | None = None
-        endpoint: Endpoint | None = None
         sent_to: list[Peer] = []
+        run_peer: Peer | None = None  # the peer of the current run (None: no run; reload on the next packet)
+        kp: Keypair | None = None  # its usable keypair, or None (stage)
+        encrypt: Any = None
+        remote_index = counter = tx_bytes = 0
+        endpoint: Endpoint | None = None
         for i, pkt in enumerate(packets):
             n = len(pkt)
+            # only the destination is needed here: RFC 791 §3.1 / RFC 8200 §3 offsets, no packet object
             version = pkt[0] >> 4 if n >= 20 else 0
             if version == 4:
                 dst = pkt[16:20]
             elif version == 6 and n >= 40:
                 dst = pkt[24:40]
             else:
-                self._drops["inner_malformed"] += 1
+                drops["inner_malformed"] += 1
                 out_sizes[i] = 0
                 out_addrs[i] = None
                 continue
@@ -422,37 +427,49 @@ class WireGuardDevice:
                 dst = bytes(dst)
             peer = cache.get(dst, _MISS)
             if peer is _MISS:
-                peer = route(dst)
-            if peer is None:
-                self._drops["no_route"] += 1
+                peer = self._route(dst)
+            if peer is not run_peer:
+                if kp is not None:
+                    self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
+                run_peer = peer
+                kp = None
+                if peer is not None:
+                    kp = peer.current
+                    endpoint = peer.endpoint
+                    if kp is not None:
+                        if now - kp.created >= reject_time or endpoint is None:
+                            kp = None
+                        else:
+                            counter = kp.send_counter
+                            remote_index = kp.remote_index
+                            encrypt = kp.send.encrypt_into
+                            tx_bytes = 0
+            if kp is None or counter >= reject_msgs:
                 out_sizes[i] = 0
                 out_addrs[i] = None
-                continue
-            if peer is not cur_peer:
-                cur_peer = peer
-                kp = peer.current
-                endpoint = peer.endpoint
-                if kp is not None and (now - kp.created >= reject_time or endpoint is None):
+                if peer is None:
+                    drops["no_route"] += 1
+                    continue
+                if kp is not None:
+                    self._end_tx_run(peer, kp, counter, tx_bytes, sent_to)
                     kp = None
-            if kp is None or kp.send_counter >= reject_msgs:
                 self._stage(peer, bytes(pkt), now)
-                out_sizes[i] = 0
-                out_addrs[i] = None
+                run_peer = None  # staging may send or rotate: reload the peer's state on its next packet
                 continue
+            # padding to 16 bytes, never past the MTU (whitepaper §5.4.6; wireguard-go does the same)
             padded = (n + 15) & ~15
             if padded > mtu:
                 padded = max(n, mtu)
             size = padded + 32
             out = out_bufs[i]
             if len(out) < size:
-                self._drops["oversize"] += 1
+                drops["oversize"] += 1
                 out_sizes[i] = 0
                 out_addrs[i] = None
                 continue
-            counter = kp.send_counter
-            kp.send_counter = counter + 1
-            pack_header(out, 0, 4, kp.remote_index, counter)  # type 4 = transport (messages.MSG_TRANSPORT)
-            pack_nonce(nonce, 0, counter)
+            _HEADER_PACK(out, 0, 4, remote_index, counter)  # type 4 = transport (messages.MSG_TRANSPORT)
+            _NONCE_PACK(nonce, 0, counter)
+            counter += 1
             if padded != n:
                 # memoryview slice assignment is a plain memcpy (bytearray slice assignment is ~6x slower)
                 scratch_mv[:n] = pkt
@@ -460,20 +477,26 @@ class WireGuardDevice:
                 data: Buffer = scratch_mv[:padded]
             else:
                 data = pkt
-            kp.send.encrypt_into(
-                nonce, data, None, out[16:size] if type(out) is memoryview else memoryview(out)[16:size]
-            )
+            encrypt(nonce, data, None, out[16:size] if type(out) is memoryview else memoryview(out)[16:size])
             out_sizes[i] = size
             out_addrs[i] = endpoint
-            peer.tx_bytes += size
+            tx_bytes += size
             produced += 1
-            if not sent_to or sent_to[-1] is not peer:
-                sent_to.append(peer)
+        if kp is not None:
+            self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
         for peer in dict.fromkeys(sent_to):
             self._after_data_sent(peer, now)
         self.tx_packets += produced
         self.tx_datagrams += produced
         return produced
+
+    @staticmethod
+    def _end_tx_run(peer: Peer, kp: Keypair, counter: int, tx_bytes: int, sent_to: list[Peer]) -> None:
+        """Write back what an `encapsulate` run kept in locals: the send counter and the `wg show` tx bytes."""
+        kp.send_counter = counter
+        if tx_bytes:
+            peer.tx_bytes += tx_bytes
+            sent_to.append(peer)
 
     def _after_data_sent(self, peer: Peer, now: float) -> None:
         # timersDataSent + timersAnyAuthenticatedPacketSent + traversal, then keepKeyFreshSending (§6.2)
@@ -641,6 +664,14 @@ class WireGuardDevice:
         its lookups hoisted, which is what a driver reading a batch per wakeup should call. Never raises on
         bad input.
         """
+        # Hot path, processed in *runs* of consecutive transport messages for one receiver index (a batch is
+        # usually one run). Per run: the keypair lookup, its expiry and "needs the uncommon path" checks, the
+        # bound AEAD method and the replay window's state go into locals. Per packet: header unpack, nonce,
+        # decrypt, replay check (in-order case inline, see `replay`), inner version/length/source check.
+        # The per-peer effects of authenticated packets (wireguard-go receive.go: rx bytes, roaming endpoint,
+        # timersAnyAuthenticatedPacketReceived, timersDataReceived) are accumulated and applied by
+        # `_end_rx_run` when the run ends -- before any other code can observe them (a control message, the
+        # uncommon path, the end of the batch) -- so the end state is the one per-packet updates would leave.
         self.rx_datagrams += len(datagrams)
         by_index = self._by_index
         drops = self._drops
@@ -649,46 +680,96 @@ class WireGuardDevice:
         nonce = self._nonce
         reject_time = self._reject_after_time
         last_minute = self._last_minute
-        keepalive_timeout = self._keepalive_timeout
-        rx_packets = 0
+        rx_packets = keepalives = 0
+        run_index = -1  # receiver index of the current run; -1 (never a u32) when there is none
+        kp: Keypair | None = None  # the run's keypair (None: no run to end)
+        peer: Any = None
+        window: Any = None
+        ring = bytearray()
+        decrypt: Any = None
+        highest = limit = run_bytes = run_auth = run_data = 0
+        expired = uncommon = False
+        run_addr: Endpoint = ()
         for data, addr in zip(datagrams, addrs, strict=True):
             n = len(data)
             mv = data if type(data) is memoryview else memoryview(data)
             if n < 32:
+                kind = 0
+            else:
+                kind, receiver, counter = _TRANSPORT_HEADER_UNPACK(mv)
+            if kind != 4:  # not a well-sized transport message: handshake, cookie, or garbage
+                if kp is not None:
+                    self._end_rx_run(
+                        kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
+                    )
+                    kp = None
+                run_index = -1
                 self._receive_control(mv, n, addr, now)
                 continue
-            kind, receiver, counter = _TRANSPORT_HEADER_UNPACK(mv)
-            if kind != 4:  # not transport data: handshake, cookie, or garbage
-                self._receive_control(mv, n, addr, now)
-                continue
-            entry = by_index.get(receiver)
-            if entry is None:
-                drops["unknown_receiver"] += 1
-                continue
-            kp, peer = entry
-            if now - kp.created >= reject_time:
+            if receiver != run_index:
+                if kp is not None:
+                    self._end_rx_run(
+                        kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
+                    )
+                entry = by_index.get(receiver)
+                if entry is None:
+                    kp = None
+                    run_index = -1
+                    drops["unknown_receiver"] += 1
+                    continue
+                kp, peer = entry
+                run_index = receiver
+                created = kp.created
+                expired = now - created >= reject_time
+                decrypt = kp.recv.decrypt
+                window = kp.replay
+                ring = window.ring
+                highest = window.highest
+                limit = window.limit
+                # exactly when `_uncommon_receive` has something to do: confirm a responder's `next`, or the
+                # initiator's keepKeyFreshReceiving rekey
+                uncommon = kp is peer.next or (
+                    kp.is_initiator
+                    and kp is peer.current
+                    and not peer.sent_last_minute_handshake
+                    and now - created > last_minute
+                )
+                run_bytes = run_auth = run_data = 0
+            if expired:
                 drops["expired_keypair"] += 1
                 continue
             _NONCE_PACK(nonce, 0, counter)
             try:
-                plain = kp.recv.decrypt(nonce, mv[16:], None)
+                plain = decrypt(nonce, mv[16:], None)
             except InvalidTag:
                 drops["decrypt_failed"] += 1
                 continue
-            if not kp.replay.check_and_update(counter):
-                drops["replay"] += 1
-                continue
-            # authenticated: counters, roaming, session confirmation and timers (wireguard-go receive.go)
-            peer.rx_bytes += n
-            peer.endpoint = addr  # roaming (§2.1): answer the latest authenticated source
-            if kp is not peer.current or (kp.is_initiator and now - kp.created > last_minute):
+            # replay window, only after authentication: the in-order case inline, the rest in ReplayWindow
+            if counter == highest + 1 and counter < limit:
+                ring[counter & RING_MASK] = 1
+                highest = counter
+            else:
+                window.highest = highest
+                accepted = window.check_and_update(counter)
+                highest = window.highest
+                if not accepted:
+                    drops["replay"] += 1
+                    continue
+            run_bytes += n
+            run_addr = addr  # roaming (§2.1): answer the latest authenticated source
+            if uncommon:
+                assert kp is not None  # set with `uncommon` when the run began
+                self._end_rx_run(
+                    kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
+                )
                 self._uncommon_receive(kp, peer, now)
-            peer.t_new_handshake = None  # timersAnyAuthenticatedPacketReceived
-            if peer.persistent_keepalive > 0:
-                peer.t_persistent = now + peer.persistent_keepalive
+                run_bytes = run_auth = run_data = 0
+                run_index = -1  # the peer's keypair slots changed: reload them on the next datagram
+                uncommon = False
+            run_auth += 1
             pn = len(plain)
             if not pn:
-                self.rx_keepalives += 1
+                keepalives += 1
                 continue
             # inner packet: bounds-checked version/length/source (RFC 791 §3.1, RFC 8200 §3)
             version = plain[0] >> 4
@@ -713,13 +794,44 @@ class WireGuardDevice:
             if owner is not peer:
                 drops["inner_src_not_allowed"] += 1
                 continue
-            if peer.t_keepalive is None:  # timersDataReceived
-                peer.t_keepalive = now + keepalive_timeout
-            else:
-                peer.need_another_keepalive = True
+            run_data += 1
             rx_packets += 1
             received.append((peer, plain if inner_len == pn else plain[:inner_len]))
+        if kp is not None:
+            self._end_rx_run(
+                kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
+            )
         self.rx_packets += rx_packets
+        self.rx_keepalives += keepalives
+
+    def _end_rx_run(
+        self,
+        kp: Keypair,
+        peer: Peer,
+        highest: int,
+        *,
+        rx_bytes: int,
+        addr: Endpoint,
+        auth: int,
+        data: int,
+        now: float,
+    ) -> None:
+        """Apply what a receive run accumulated: what ``auth`` (``data``) per-packet updates would have left."""
+        kp.replay.highest = highest
+        if rx_bytes:
+            peer.rx_bytes += rx_bytes
+            peer.endpoint = addr
+        if auth:
+            peer.t_new_handshake = None  # timersAnyAuthenticatedPacketReceived
+            if peer.persistent_keepalive > 0:
+                peer.t_persistent = now + peer.persistent_keepalive
+        if data:  # timersDataReceived: arm the keepalive, or note that another is needed
+            if peer.t_keepalive is None:
+                peer.t_keepalive = now + self._keepalive_timeout
+                if data > 1:
+                    peer.need_another_keepalive = True
+            else:
+                peer.need_another_keepalive = True
 
     def _receive_control(self, mv: memoryview, n: int, addr: Endpoint, now: float) -> None:
         """Everything that is not a well-sized transport message: dispatch by type, exact sizes (§5.4)."""

@@ -1,52 +1,73 @@
 """The anti-replay sliding window for transport counters (whitepaper §5.4.6, RFC 6479).
 
 WireGuard keeps a 2048-bit ring of 64-bit blocks; one block is always being recycled, so the usable window is
-2048 - 64 = 1984 counters behind the highest one seen. Here the same window is a Python int bitmap (bit ``i`` set
-means ``highest - i`` was seen): a shift and an ``and`` per packet, with identical accept/reject decisions.
+2048 - 64 = 1984 counters behind the highest one seen. Here the ring is a 2048-byte ``bytearray`` with one byte
+per counter slot (``counter & 2047``), which gives identical accept/reject decisions with O(1) work per
+in-order packet and no big-int arithmetic:
+
+* invariant: for every counter ``x`` in ``(highest - 2048, highest]``, ``ring[x & 2047]`` is 1 iff ``x`` was
+  accepted; slots outside that range are stale and never consulted (``highest - x > WINDOW_SIZE`` is refused
+  first);
+* advancing ``highest`` to ``c`` clears the slots of ``highest + 1 .. c - 1`` (nothing at all for the usual
+  ``c == highest + 1``) and sets ``c``'s, which keeps the invariant.
 
 The window is only updated for packets that *authenticated* (the caller checks after AEAD decryption), so a
-forged counter cannot advance it.
+forged counter cannot advance it. `WireGuardDevice.receive_datagrams_untrusted` inlines the in-order case
+(``c == highest + 1 < limit``: set one byte) and calls `ReplayWindow.check_and_update` for everything else.
 """
 
 from __future__ import annotations
 
-__all__ = ["WINDOW_SIZE", "ReplayWindow"]
+__all__ = ["RING_MASK", "RING_SIZE", "WINDOW_SIZE", "ReplayWindow"]
 
-WINDOW_SIZE = 2048 - 64
-_MASK = (1 << (WINDOW_SIZE + 1)) - 1
+RING_SIZE = 2048
+RING_MASK = RING_SIZE - 1
+WINDOW_SIZE = RING_SIZE - 64
+_ZEROS = bytes(RING_SIZE)
 
 
 class ReplayWindow:
-    """Accepts each counter at most once, out of order within `WINDOW_SIZE`, never below the window."""
+    """Accepts each counter at most once, out of order within `WINDOW_SIZE`, never below the window.
 
-    __slots__ = ("_bitmap", "_highest", "limit")
+    Attributes:
+        highest: the highest counter accepted so far (0 before any).
+        ring: one byte per counter slot (see the module docstring); the device's inline fast path writes it.
+        limit: counters ``>= limit`` (REJECT_AFTER_MESSAGES) are always refused.
+    """
+
+    __slots__ = ("highest", "limit", "ring")
 
     def __init__(self, limit: int) -> None:
         """Create an empty window; counters ``>= limit`` (REJECT_AFTER_MESSAGES) are always refused."""
-        self._highest = 0
-        self._bitmap = 0
+        self.highest = 0
+        self.ring = bytearray(RING_SIZE)
         self.limit = limit
 
     def check_and_update(self, counter: int) -> bool:
         """Return True and remember ``counter`` if it is new and inside the window, else False."""
         if counter >= self.limit:
             return False
-        highest = self._highest
+        highest = self.highest
+        ring = self.ring
         if counter > highest:
-            shift = counter - highest
-            self._bitmap = 1 if shift > WINDOW_SIZE else ((self._bitmap << shift) | 1) & _MASK
-            self._highest = counter
+            gap = counter - highest - 1  # counters skipped over: their slots now belong to the new window
+            if gap >= RING_SIZE:
+                ring[:] = _ZEROS
+            elif gap:
+                start = (highest + 1) & RING_MASK
+                end = start + gap
+                if end <= RING_SIZE:
+                    ring[start:end] = _ZEROS[:gap]
+                else:
+                    ring[start:] = _ZEROS[: RING_SIZE - start]
+                    ring[: end - RING_SIZE] = _ZEROS[: end - RING_SIZE]
+            ring[counter & RING_MASK] = 1
+            self.highest = counter
             return True
-        back = highest - counter
-        if back > WINDOW_SIZE:
+        if highest - counter > WINDOW_SIZE:
             return False
-        bit = 1 << back
-        if self._bitmap & bit:
+        slot = counter & RING_MASK
+        if ring[slot]:
             return False
-        self._bitmap |= bit
+        ring[slot] = 1
         return True
-
-    @property
-    def highest(self) -> int:
-        """The highest counter accepted so far (0 before any)."""
-        return self._highest
