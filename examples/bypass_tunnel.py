@@ -32,12 +32,11 @@ import trio
 
 from netsim.core.policy import Policy, parse_policy
 from netsim.lab.lab import Lab
+from netsim.lab.scenarios import BYPASS_DOMAIN, BYPASS_PORT, DIRECT_V4, DIRECT_V6, DROP_PORT, add_bypass_hosts
 from netsim.lab.services import http_body
 
-DIRECT_V4, DIRECT_V6 = "203.0.113.20", "2001:db8:113::20"
-PORT = 8080
-DOMAIN = "isp.lab.test"
-DROP_PORT = 9
+PORT = BYPASS_PORT
+DOMAIN = BYPASS_DOMAIN
 POLICY = Path(__file__).with_name("policy.toml")
 TRANSFER_BYTES = 4_000_000
 
@@ -64,31 +63,8 @@ print(json.dumps({"sent": count, "received": got, "local_port": s.getsockname()[
 
 
 def prepare_lab(lab: Lab) -> None:
-    """Add the bypass scenario's hosts and services to a running lab (blocking; every wait is on READY)."""
-    for addr in (f"{DIRECT_V4}/32", f"{DIRECT_V6}/128"):
-        lab.run_sync("inet", ["ip", "addr", "add", addr, "dev", "lo"])
-    a = lab.addr
-    mod = [sys.executable, "-m", "netsim.lab.services"]
-    procs = [
-        lab.spawn(
-            "inet",
-            [*mod, "--label", "direct", "--http", f"{DIRECT_V4}:80", "--http", f"[{DIRECT_V6}]:80",
-             "--echo", f"{DIRECT_V4}:7", "--echo", f"[{DIRECT_V6}]:7"],
-            name="svc-direct",
-        ),
-        lab.spawn(
-            "inet",
-            [*mod, "--label", "www8080", "--http", f"{a.www_v4}:{PORT}", "--http", f"[{a.www_v6}]:{PORT}"],
-            name="svc-8080",
-        ),
-        lab.spawn(
-            "isp",
-            [*mod, "--label", "isp", "--http", f"{a.isp_wan_v4}:80", "--echo", f"{a.isp_wan_v4}:7"],
-            name="svc-isp",
-        ),
-    ]  # fmt: skip
-    for proc in procs:
-        proc.wait_output_sync(r"^READY$", timeout=20.0)
+    """Add the bypass scenario's hosts and services to a running lab (`netsim.lab.scenarios.add_bypass_hosts`)."""
+    add_bypass_hosts(lab)
 
 
 def load_policy(path: Path, mechanism: str) -> tuple[str, Policy]:

@@ -91,26 +91,31 @@ def _detail(output: str, width: int = 60) -> str:
 
 async def _real_demo(console: Console, pcap_dir: str | None) -> int:
     from netsim.lab import Lab
-    from netsim.runtime.tunnel import STANDARD_PROBES, netsim_tunnel
+    from netsim.lab.scenarios import BYPASS_POLICY_TOML, add_bypass_hosts
+    from netsim.runtime.tunnel import netsim_tunnel
 
     rows: list[DemoRow] = []
     async with AsyncExitStack() as stack:
         with console.status("bringing up the lab (mac, isp, vpn, inet, lan namespaces)"):
             lab = await stack.enter_async_context(Lab(pcap_dir=pcap_dir))
+            await trio.to_thread.run_sync(add_bypass_hosts, lab)
         roles = ", ".join(lab.netns(r) for r in ("mac", "isp", "vpn", "inet", "lan"))
         console.print(f"lab [bold]{lab.run_id}[/] up: {roles}")
         with console.status("starting wireguard-go (vpn), the helper and the provider (mac)"):
-            t = await stack.enter_async_context(netsim_tunnel(lab))
-        console.print("tunnel connected: utun → provider → UDS → helper → WireGuard → wireguard-go → inet\n")
-        lan_ping = ("ping", "-c", "3", "-i", "0.2", "-W", "2", "-q", str(lab.addr.lan_eth0_v4))
-        for label, argv in [*STANDARD_PROBES, ("ping LAN printer (connected network)", lan_ping)]:
+            t = await stack.enter_async_context(netsim_tunnel(lab, policy=BYPASS_POLICY_TOML))
+        console.print("tunnel connected: utun → provider → UDS → helper → WireGuard → wireguard-go → inet")
+        console.print("bypass policy (mechanism nat): 203.0.113.20, TCP 8080, isp.lab.test bypass; UDP 9 dropped\n")
+        for label, argv in demo_probes(str(lab.addr.lan_eth0_v4)):
             with console.status(f"probe: {label}"):
                 r = await t.run_probe(label, argv)
             rtt = _RTT.search(r.output)
             seconds = float(rtt.group(1)) / 1000 if rtt else r.seconds  # ping: its own average RTT
-            rows.append(DemoRow(label, r.path, seconds, r.ok, _detail(r.output)))
-            mark = "[green]ok[/]" if r.ok else "[red]FAIL[/]"
-            console.print(f"  {mark} {label} ({r.path}, {r.seconds * 1000:.0f} ms)")
+            expect_fail = r.path == "dropped"
+            ok = (not r.ok) if expect_fail else r.ok
+            detail = f"dropped by policy ({r.policy_dropped} packets)" if expect_fail else _detail(r.output)
+            rows.append(DemoRow(label, r.path, seconds, ok, detail))
+            mark = "[green]ok[/]" if ok else "[red]FAIL[/]"
+            console.print(f"  {mark} {label} ({r.path}, {seconds * 1000:.1f} ms)")
         provider = await t.provider_stats()
         helper = await t.helper_stats()
         pcaps = sorted(str(p) for p in t.pcaps.values())
@@ -122,6 +127,26 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
     if pcaps:
         console.print(f"pcaps (open with Wireshark): {', '.join(pcaps)}")
     return _verdict(console, rows, "the lab is gone (nothing left in the root namespace)")
+
+
+def demo_probes(lan_host: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The demo's probes: the issue's tunnel probes, then bypassed, dropped and LAN flows."""
+    from netsim.lab.scenarios import BYPASS_PORT, DIRECT_V4, DIRECT_V6, DROP_PORT
+    from netsim.runtime.tunnel import STANDARD_PROBES, udp_echo_argv
+
+    curl = ("curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}")
+    ping = ("ping", "-c", "3", "-i", "0.2", "-W", "2", "-q")
+    return [
+        *STANDARD_PROBES,
+        ("bypass: curl 203.0.113.20 (host rule)", (*curl, f"http://{DIRECT_V4}/")),
+        ("bypass: curl [2001:db8:113::20] (host rule)", (*curl, f"http://[{DIRECT_V6}]/")),
+        ("bypass: ping 203.0.113.20", (*ping, DIRECT_V4)),
+        ("bypass: udp echo 203.0.113.20", udp_echo_argv(DIRECT_V4)),
+        (f"bypass: curl www.lab.test:{BYPASS_PORT} (port rule)", (*curl, f"http://203.0.113.10:{BYPASS_PORT}/")),
+        ("bypass: curl isp.lab.test (domain rule)", (*curl, "http://isp.lab.test/")),
+        (f"drop: udp to port {DROP_PORT} (no-discard rule)", udp_echo_argv("203.0.113.10", DROP_PORT)),
+        ("direct: ping LAN printer (connected network)", (*ping, lan_host)),
+    ]
 
 
 def _verdict(console: Console, rows: list[DemoRow], tail: str) -> int:

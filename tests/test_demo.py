@@ -38,8 +38,10 @@ def test_lab_demo_succeeds_and_writes_pcaps(tmp_path: Path):
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert "tunnel connected" in out
-    assert "all 9 probes succeeded" in out
-    # the LAN printer is a connected network: direct, never through the provider
-    assert "direct" in out and "tunnel" in out
-    for name in ("mac-en0", "isp-wan", "vpn-wan"):
+    assert "all 16 probes succeeded" in out
+    # every path is shown side by side: tunnelled, bypassed (helper NAT), dropped by policy, direct (LAN)
+    for path in ("tunnel", "bypass", "dropped", "direct"):
+        assert f"({path}, " in out, path
+    assert "policy_drop:no-discard=1" in out
+    for name in ("mac-en0", "mac-utun0", "isp-wan", "vpn-wan"):
         assert (tmp_path / f"{name}.pcap").stat().st_size > 24, name

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from ipaddress import ip_interface, ip_network
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,7 +46,15 @@ if TYPE_CHECKING:
     from netsim.lab.lab import Lab
     from netsim.lab.process import LabProcess
 
-__all__ = ["STANDARD_PROBES", "LabTunnel", "ProbeResult", "TunnelPlan", "netsim_tunnel", "vpn_nat_ruleset"]
+__all__ = [
+    "STANDARD_PROBES",
+    "LabTunnel",
+    "ProbeResult",
+    "TunnelPlan",
+    "netsim_tunnel",
+    "udp_echo_argv",
+    "vpn_nat_ruleset",
+]
 
 _HELPER_READY = r"^READY "
 
@@ -79,10 +88,16 @@ def vpn_nat_ruleset(wan: str = "wan") -> str:
 
 
 _UDP_ECHO = (
-    "import socket, sys; a = sys.argv[1]; "
+    "import socket, sys; a = sys.argv[1]; p = int(sys.argv[2]) if len(sys.argv) > 2 else 7; "
     "s = socket.socket(socket.AF_INET6 if ':' in a else socket.AF_INET, socket.SOCK_DGRAM); "
-    "s.settimeout(2); s.sendto(b'netsim-probe', (a, 7)); print(s.recv(64).decode())"
+    "s.settimeout(2); s.sendto(b'netsim-probe', (a, p)); print(s.recv(64).decode())"
 )
+
+
+def udp_echo_argv(host: str, port: int = 7) -> tuple[str, ...]:
+    """A bounded UDP echo probe (one datagram, 2 s timeout) run in ``mac``: exits 0 when the echo comes back."""
+    return (sys.executable, "-c", _UDP_ECHO, host, str(port))
+
 
 #: The probes of the issue's end-to-end scenario, as ``(label, argv)`` run in ``mac`` (names resolve through the
 #: tunnel's DNS server). iperf3 runs for one second: bounded.
@@ -92,8 +107,8 @@ STANDARD_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dns (dig www.lab.test)", ("dig", "+short", "+time=2", "+tries=2", "www.lab.test")),
     ("ping v4", ("ping", "-c", "3", "-i", "0.2", "-W", "2", "-q", "203.0.113.10")),
     ("ping v6", ("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", "-q", "2001:db8:113::10")),
-    ("udp echo v4", (sys.executable, "-c", _UDP_ECHO, "203.0.113.10")),
-    ("udp echo v6", (sys.executable, "-c", _UDP_ECHO, "2001:db8:113::10")),
+    ("udp echo v4", udp_echo_argv("203.0.113.10")),
+    ("udp echo v6", udp_echo_argv("2001:db8:113::10")),
     ("iperf3 v4 1 s", ("iperf3", "-4", "-c", "203.0.113.10", "-t", "1", "-f", "m")),
 )  # fmt: skip
 
@@ -103,8 +118,14 @@ class ProbeResult:
     """One probe run by `LabTunnel.run_probe`.
 
     Attributes:
-        path: ``"tunnel"`` when the provider read packets from the utun during the probe, else ``"direct"``.
-        tunnelled: how many packets the provider read meanwhile (other traffic in the same window counts too).
+        path: where the probe's packets went, from the ledgers' deltas over the probe: ``"direct"`` when the
+            provider read nothing (a connected network or an excluded route: the kernel sent it out of en0),
+            ``"bypass"`` when the helper sent at least as many of them out of en0 through its NAT as through
+            WireGuard, ``"dropped"`` when the helper dropped them by policy and sent nothing, else
+            ``"tunnel"``. Other traffic in the same window (e.g. IPv6 router solicitations) counts too.
+        tunnelled: packets the provider read from the utun meanwhile.
+        bypassed: packets the helper sent through its NAT bypass meanwhile.
+        policy_dropped: packets the helper dropped by a DROP rule meanwhile.
     """
 
     label: str
@@ -114,10 +135,26 @@ class ProbeResult:
     path: str
     tunnelled: int
     output: str
+    bypassed: int = 0
+    policy_dropped: int = 0
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+def _probe_counters(provider: dict[str, Any], helper: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(provider utun reads, helper bypass sends, helper WireGuard encryptions, helper policy drops)."""
+    stages = helper.get("ledger", {}).get("stages", {})
+    policy_drops = sum(
+        n for reason, n in stages.get("ipc_in", {}).get("dropped", {}).items() if reason.startswith("policy_drop:")
+    )
+    return (
+        provider["ledger"]["stages"]["tun_read"]["read"],
+        stages.get("bypass", {}).get("forwarded", 0),
+        stages.get("wg_encrypt", {}).get("read", 0),
+        policy_drops,
+    )
 
 
 @dataclass
@@ -192,21 +229,33 @@ class LabTunnel:
         )
 
     async def run_probe(self, label: str, argv: tuple[str, ...] | list[str], *, timeout: float = 30.0) -> ProbeResult:
-        """Run ``argv`` in ``mac`` and report its result and path (tunnel or direct, from the provider's ledger)."""
-        before = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+        """Run ``argv`` in ``mac`` and report its result and path (see `ProbeResult.path`), read from the
+        provider's and the helper's ledgers before and after."""
+        before = _probe_counters(await self.provider_stats(), await self.helper_stats())
         start = trio.current_time()
         r = await self.lab.run("mac", list(argv), check=False, timeout=timeout)
         seconds = trio.current_time() - start
-        after = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+        after = _probe_counters(await self.provider_stats(), await self.helper_stats())
+        read, bypassed, encrypted, dropped = (a - b for a, b in zip(after, before, strict=True))
+        if read == 0:
+            path = "direct"
+        elif bypassed > 0 and bypassed >= encrypted:
+            path = "bypass"
+        elif dropped > 0 and bypassed == 0 and encrypted == 0:
+            path = "dropped"
+        else:
+            path = "tunnel"
         text = (r.stdout or r.stderr).decode(errors="replace").strip()
         return ProbeResult(
             label=label,
             argv=tuple(argv),
             returncode=r.returncode,
             seconds=seconds,
-            path="tunnel" if after > before else "direct",
-            tunnelled=after - before,
+            path=path,
+            tunnelled=read,
             output=text.splitlines()[-1] if text else "",
+            bypassed=bypassed,
+            policy_dropped=dropped,
         )
 
     def logs(self) -> str:
@@ -347,6 +396,12 @@ async def netsim_tunnel(
                     f"error {session.last_disconnect_error!r})\n--- provider ---\n{provider_log}\n"
                     f"--- helper ---\n{helper.stderr()[-3000:]}\n{server.logs()}"
                 )
+            if lab.pcap_dir is not None:
+                # mac-utun0: the inner packets as the provider sees them (the utun exists once CONNECTED).
+                links = await lab.run("mac", ["ip", "-o", "link", "show", "type", "tun"], check=False)
+                for line in links.stdout.decode().splitlines():
+                    ifname = line.split(":")[1].strip().split("@")[0]
+                    await trio.to_thread.run_sync(partial(lab.capture, "mac", ifname, name=f"mac-{ifname}"))
             tunnel = LabTunnel(
                 lab=lab,
                 plan=plan,

@@ -171,3 +171,13 @@ def test_explain_cli(tmp_path: Path) -> None:
     assert "excluded routes: 192.168.1.0/24" in out.output
     bad = runner.invoke(explain_command, ["--policy", str(path), "--dst", "not-an-ip"])
     assert bad.exit_code != 0 and "--dst 'not-an-ip'" in bad.output
+
+
+def test_scenario_policy_equals_examples_policy_file():
+    from pathlib import Path
+
+    from netsim.core.policy import parse_policy
+    from netsim.lab.scenarios import BYPASS_POLICY_TOML
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "policy.toml"
+    assert parse_policy(BYPASS_POLICY_TOML, fmt="toml") == parse_policy(example.read_text(), fmt="toml")

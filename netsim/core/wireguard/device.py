@@ -408,7 +408,7 @@ class WireGuardDevice:
         run_peer: Peer | None = None  # the peer of the current run (None: no run; reload on the next packet)
         kp: Keypair | None = None  # its usable keypair, or None (stage)
         encrypt: Any = None
-        remote_index = counter = tx_bytes = 0
+        remote_index = counter = run_start = tx_bytes = 0
         endpoint: Endpoint | None = None
         for i, pkt in enumerate(packets):
             n = len(pkt)
@@ -426,24 +426,26 @@ class WireGuardDevice:
             if type(dst) is not bytes:
                 dst = bytes(dst)
             peer = cache.get(dst, _MISS)
-            if peer is _MISS:
-                peer = self._route(dst)
             if peer is not run_peer:
-                if kp is not None:
-                    self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
-                run_peer = peer
-                kp = None
-                if peer is not None:
-                    kp = peer.current
-                    endpoint = peer.endpoint
+                if peer is _MISS:
+                    peer = self._route(dst)
+                if peer is not run_peer:  # a new run: end the old one, load this peer's sending state
                     if kp is not None:
-                        if now - kp.created >= reject_time or endpoint is None:
-                            kp = None
-                        else:
-                            counter = kp.send_counter
-                            remote_index = kp.remote_index
-                            encrypt = kp.send.encrypt_into
-                            tx_bytes = 0
+                        produced += counter - run_start
+                        self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
+                    run_peer = peer
+                    kp = None
+                    if peer is not None:
+                        kp = peer.current
+                        endpoint = peer.endpoint
+                        if kp is not None:
+                            if now - kp.created >= reject_time or endpoint is None:
+                                kp = None
+                            else:
+                                counter = run_start = kp.send_counter
+                                remote_index = kp.remote_index
+                                encrypt = kp.send.encrypt_into
+                                tx_bytes = 0
             if kp is None or counter >= reject_msgs:
                 out_sizes[i] = 0
                 out_addrs[i] = None
@@ -451,6 +453,7 @@ class WireGuardDevice:
                     drops["no_route"] += 1
                     continue
                 if kp is not None:
+                    produced += counter - run_start
                     self._end_tx_run(peer, kp, counter, tx_bytes, sent_to)
                     kp = None
                 self._stage(peer, bytes(pkt), now)
@@ -481,8 +484,8 @@ class WireGuardDevice:
             out_sizes[i] = size
             out_addrs[i] = endpoint
             tx_bytes += size
-            produced += 1
         if kp is not None:
+            produced += counter - run_start
             self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
         for peer in dict.fromkeys(sent_to):
             self._after_data_sent(peer, now)
@@ -672,23 +675,25 @@ class WireGuardDevice:
         # timersAnyAuthenticatedPacketReceived, timersDataReceived) are accumulated and applied by
         # `_end_rx_run` when the run ends -- before any other code can observe them (a control message, the
         # uncommon path, the end of the batch) -- so the end state is the one per-packet updates would leave.
+        # Data packets of a run are counted as the growth of `received` since `mark`.
         self.rx_datagrams += len(datagrams)
         by_index = self._by_index
         drops = self._drops
         route_cache = self._route_cache
         received = self._received
+        start = mark = len(received)
         nonce = self._nonce
         reject_time = self._reject_after_time
         last_minute = self._last_minute
-        rx_packets = keepalives = 0
+        keepalives = 0
         run_index = -1  # receiver index of the current run; -1 (never a u32) when there is none
         kp: Keypair | None = None  # the run's keypair (None: no run to end)
         peer: Any = None
         window: Any = None
         ring = bytearray()
         decrypt: Any = None
-        highest = limit = run_bytes = run_auth = run_data = 0
-        expired = uncommon = False
+        highest = limit = run_bytes = 0
+        expired = uncommon = run_auth = False  # run_auth: authenticated bytes already applied in this run
         run_addr: Endpoint = ()
         for data, addr in zip(datagrams, addrs, strict=True):
             n = len(data)
@@ -699,18 +704,14 @@ class WireGuardDevice:
                 kind, receiver, counter = _TRANSPORT_HEADER_UNPACK(mv)
             if kind != 4:  # not a well-sized transport message: handshake, cookie, or garbage
                 if kp is not None:
-                    self._end_rx_run(
-                        kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
-                    )
+                    self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
                     kp = None
                 run_index = -1
                 self._receive_control(mv, n, addr, now)
                 continue
             if receiver != run_index:
                 if kp is not None:
-                    self._end_rx_run(
-                        kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
-                    )
+                    self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
                 entry = by_index.get(receiver)
                 if entry is None:
                     kp = None
@@ -734,7 +735,9 @@ class WireGuardDevice:
                     and not peer.sent_last_minute_handshake
                     and now - created > last_minute
                 )
-                run_bytes = run_auth = run_data = 0
+                run_bytes = 0
+                run_auth = False
+                mark = len(received)
             if expired:
                 drops["expired_keypair"] += 1
                 continue
@@ -759,14 +762,13 @@ class WireGuardDevice:
             run_addr = addr  # roaming (§2.1): answer the latest authenticated source
             if uncommon:
                 assert kp is not None  # set with `uncommon` when the run began
-                self._end_rx_run(
-                    kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
-                )
+                self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
                 self._uncommon_receive(kp, peer, now)
-                run_bytes = run_auth = run_data = 0
+                mark = len(received)
+                run_bytes = 0
+                run_auth = True  # this packet's timer effects are still to apply
                 run_index = -1  # the peer's keypair slots changed: reload them on the next datagram
                 uncommon = False
-            run_auth += 1
             pn = len(plain)
             if not pn:
                 keepalives += 1
@@ -789,39 +791,43 @@ class WireGuardDevice:
                 drops["inner_malformed"] += 1
                 continue
             owner = route_cache.get(src, _MISS)
-            if owner is _MISS:
-                owner = self._route(src)
-            if owner is not peer:
+            if owner is not peer and (owner is not _MISS or self._route(src) is not peer):
                 drops["inner_src_not_allowed"] += 1
                 continue
-            run_data += 1
-            rx_packets += 1
             received.append((peer, plain if inner_len == pn else plain[:inner_len]))
         if kp is not None:
-            self._end_rx_run(
-                kp, peer, highest, rx_bytes=run_bytes, addr=run_addr, auth=run_auth, data=run_data, now=now
-            )
-        self.rx_packets += rx_packets
+            self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
+        self.rx_packets += len(received) - start
         self.rx_keepalives += keepalives
 
-    def _end_rx_run(
+    def _end_rx_run(  # noqa: PLR0917 -- once per run; positional arguments keep the call cheap
         self,
         kp: Keypair,
         peer: Peer,
         highest: int,
-        *,
         rx_bytes: int,
         addr: Endpoint,
-        auth: int,
+        auth: bool,
         data: int,
         now: float,
     ) -> None:
-        """Apply what a receive run accumulated: what ``auth`` (``data``) per-packet updates would have left."""
+        """Apply what a receive run accumulated, leaving the state that per-packet updates would have left.
+
+        Args:
+            kp: the run's keypair; ``highest`` is its replay window's highest counter kept in a local.
+            peer: the keypair's peer.
+            highest: see ``kp``.
+            rx_bytes: authenticated UDP payload bytes (0: no authenticated packet not yet applied).
+            addr: source of the last authenticated datagram (the roaming endpoint).
+            auth: an authenticated packet's bytes were applied earlier in the run, its timers were not.
+            data: inner packets delivered (passed the source check) in the run.
+            now: the batch's clock.
+        """
         kp.replay.highest = highest
         if rx_bytes:
             peer.rx_bytes += rx_bytes
             peer.endpoint = addr
-        if auth:
+        if rx_bytes or auth:
             peer.t_new_handshake = None  # timersAnyAuthenticatedPacketReceived
             if peer.persistent_keepalive > 0:
                 peer.t_persistent = now + peer.persistent_keepalive
