@@ -231,6 +231,7 @@ class LabTunnel:
     async def run_probe(self, label: str, argv: tuple[str, ...] | list[str], *, timeout: float = 30.0) -> ProbeResult:
         """Run ``argv`` in ``mac`` and report its result and path (see `ProbeResult.path`), read from the
         provider's and the helper's ledgers before and after."""
+        await self.wait_quiet()
         before = _probe_counters(await self.provider_stats(), await self.helper_stats())
         start = trio.current_time()
         r = await self.lab.run("mac", list(argv), check=False, timeout=timeout)
@@ -257,6 +258,19 @@ class LabTunnel:
             bypassed=bypassed,
             policy_dropped=dropped,
         )
+
+    async def wait_quiet(self, *, interval: float = 0.1, timeout: float = 3.0) -> bool:
+        """Wait until the provider read nothing from the utun for ``interval`` seconds (e.g. the last FIN/ACKs
+        of an earlier probe's connections), so a probe's ledger deltas are its own. Returns False on timeout."""
+        with trio.move_on_after(timeout):
+            last = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+            while True:
+                await trio.sleep(interval)
+                now = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+                if now == last:
+                    return True
+                last = now
+        return False
 
     def logs(self) -> str:
         """Helper stderr (JSON lines) and wireguard-go output, for failure messages."""
