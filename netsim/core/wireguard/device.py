@@ -498,7 +498,7 @@ class WireGuardDevice:
         """Write back what an `encapsulate` run kept in locals: the send counter and the `wg show` tx bytes."""
         kp.send_counter = counter
         if tx_bytes:
-            pass
+            peer.tx_bytes += tx_bytes
             sent_to.append(peer)
 
     def _after_data_sent(self, peer: Peer, now: float) -> None:
