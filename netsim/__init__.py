@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+import netsim.apple as _apple  # pure data and the sans-IO core: cheap, no I/O modules
+
 __version__ = "0.1.0"
 
 # public name -> (module, attribute)
@@ -28,35 +30,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
             "TunnelDown",
         )
     },
-    # Apple mirror (pure data)
-    **{
-        n: ("netsim.apple", n)
-        for n in (
-            "AF_INET",
-            "AF_INET6",
-            "DNSOverHTTPSSettings",
-            "DNSOverTLSSettings",
-            "DNSProtocol",
-            "DNSSettings",
-            "FlowMetaData",
-            "IPv4Route",
-            "IPv4Settings",
-            "IPv6Route",
-            "IPv6Settings",
-            "Packet",
-            "PacketTunnelNetworkSettings",
-            "ProviderStopReason",
-            "ProxyServer",
-            "ProxySettings",
-            "RoutingMethod",
-            "TrafficDirection",
-            "TunnelNetworkSettings",
-            "TunnelProviderError",
-            "TunnelProviderErrorCode",
-            "TunnelProviderProtocol",
-            "VPNStatus",
-        )
-    },
+    # Apple mirror (pure data): every public name of netsim.apple
+    **{n: ("netsim.apple", n) for n in _apple.__all__ if not n[0].islower()},
     # runtime (trio)
     "PacketTunnelFlow": ("netsim.runtime.flow", "PacketTunnelFlow"),
     "FlowStatistics": ("netsim.runtime.flow", "FlowStatistics"),
