@@ -15,7 +15,7 @@ from netsim.apple.enums import (
 )
 from netsim.apple.errors import TUNNEL_PROVIDER_ERROR_DOMAIN, TunnelProviderError
 from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet, family_for_version, version_for_family
-from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.apple.protocol import AppRule, TunnelProviderProtocol
 from netsim.apple.settings import (
     DNSOverHTTPSSettings,
     DNSOverTLSSettings,
@@ -34,6 +34,7 @@ __all__ = [
     "AF_INET",
     "AF_INET6",
     "TUNNEL_PROVIDER_ERROR_DOMAIN",
+    "AppRule",
     "DNSOverHTTPSSettings",
     "DNSOverTLSSettings",
     "DNSProtocol",

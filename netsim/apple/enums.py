@@ -91,8 +91,9 @@ class TrafficDirection(enum.IntEnum):
 class RoutingMethod(enum.IntEnum):
     """Mirrors NETunnelProviderRoutingMethod (Apple: NETunnelProvider.h).
 
-    Differences from Apple: netsim routes by destination IP only; SOURCE_APPLICATION and NETWORK_RULE are
-    accepted as data (and make ``Packet.metadata`` meaningful in tests that set it) but change no routing.
+    Differences from Apple: SOURCE_APPLICATION routes by Linux uid (one ``ip rule uidrange`` per `AppRule`) and
+    fills ``Packet.metadata`` from the owning socket (see `AppRule`); NETWORK_RULE is accepted as data and
+    routes like DESTINATION_IP.
     """
 
     DESTINATION_IP = 1

@@ -32,9 +32,15 @@ def version_for_family(family: int) -> int | None:
 class FlowMetaData:
     """Mirrors NEFlowMetaData: which app a packet or flow came from (Apple: NEFlowMetaData.h).
 
-    Differences from Apple: netsim has no code signing; a per-app test fills ``source_app_signing_identifier``
-    with any label it likes (e.g. the process name), and the audit token is left None. Apple fills metadata only
-    when ``routing_method == RoutingMethod.SOURCE_APPLICATION``; netsim's flow never fills it by itself.
+    As on Apple, the flow fills it only when ``routing_method == RoutingMethod.SOURCE_APPLICATION``: the packet's
+    source socket is looked up in the namespace's ``/proc/net`` tables, its owner uid is matched to an `AppRule`,
+    and the rule's ``signing_identifier`` and ``unique_identifier`` are copied here (one shared instance per rule).
+
+    Differences from Apple: netsim has no code signing, so ``source_app_signing_identifier`` is the rule's label
+    and ``source_app_unique_identifier`` a hash of its executable path (see `AppRule.unique_identifier`); the
+    audit token and filter flow identifier stay None. Packets with no socket (ICMP, ICMPv6 echo from raw or ping
+    sockets, fragments after the first) or whose socket is gone or belongs to no listed app get None, where
+    Apple attributes every flow.
     """
 
     source_app_signing_identifier: str = ""

@@ -14,24 +14,88 @@ False when at least one was not -- its family did not match its IP version, the 
 AF_INET (2) or AF_INET6 (30), the packet was empty or longer than the utun MTU, the device refused it (queue
 full) or no device is attached yet.
 Nothing is retried; each dropped packet increments exactly one named counter.
+
+Per-app metadata. Apple fills ``NEPacket.metadata`` only in per-app VPN mode (``routingMethod ==
+sourceApplication``, R3). After `PacketTunnelFlow.set_routing_method` with ``SOURCE_APPLICATION``,
+``read_packet_objects`` attributes each TCP/UDP packet to its app: the flow tuple (version, protocol, source
+address, source port) is read from the header, looked up in a bounded per-flow cache, and on a miss resolved by
+an `OwnerLookup` (default: the namespace's ``/proc/net`` socket tables, `netsim.runtime.appid`) to a uid and so
+to an `AppRule`. Cached answers expire (``METADATA_TTL`` for apps, ``METADATA_NEGATIVE_TTL`` for unknown owners),
+so a port reused by another app is re-resolved. In every other mode the read path is the plain one: one
+attribute test per batch, no per-packet work. ``read_packets`` never carries metadata (Apple's does not either).
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from netsim.apple.enums import TrafficDirection
-from netsim.apple.packet import AF_INET, AF_INET6, Packet
+from netsim.apple.enums import RoutingMethod, TrafficDirection
+from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet
+from netsim.apple.protocol import AppRule
 from netsim.errors import LocalProtocolError, TunnelDown
+from netsim.runtime.appid import OwnerLookup, ProcNetOwnerLookup, app_rules_by_uid
 from netsim.transports.base import PacketDevice
 
-__all__ = ["DEFAULT_BATCH_LIMIT", "FlowStatistics", "PacketTunnelFlow"]
+__all__ = [
+    "DEFAULT_BATCH_LIMIT",
+    "METADATA_CACHE_SIZE",
+    "METADATA_NEGATIVE_TTL",
+    "METADATA_TTL",
+    "FlowStatistics",
+    "PacketTunnelFlow",
+    "flow_key",
+]
 
 DEFAULT_BATCH_LIMIT = 64
+METADATA_CACHE_SIZE = 4096  # flow tuples remembered; the oldest is evicted first
+METADATA_TTL = 10.0  # seconds an app attribution is trusted before the socket tables are asked again
+METADATA_NEGATIVE_TTL = 1.0  # seconds an "unknown owner" answer is trusted (the socket may appear or be reused)
+_TCP, _UDP = 6, 17
+
+FlowKey = tuple[int, int, bytes, int]
+
+
+# Flow-tuple fields in one unpack each: IPv4 version/IHL, flags+fragment offset, protocol, source, and the first
+# L4 half-word (the source port) when there are no options (RFC 791 §3.1); IPv6 next header, source, source port
+# (RFC 8200 §3; TCP RFC 9293 §3.1 and UDP RFC 768 both start with the source port).
+_V4_KEY = struct.Struct("!B5xHxB2x4s4xH")
+_V6_KEY = struct.Struct("!6xBx16s16xH")
+_PORT = struct.Struct("!H")
+
+
+def flow_key(data: bytes) -> FlowKey | None:
+    """``(version, protocol, source address, source port)`` of a TCP/UDP packet, else None.
+
+    None for ICMP/ICMPv6 and anything without a port (no socket to attribute), non-first IPv4 fragments
+    (RFC 791 §3.1: no L4 header), IPv6 packets whose first next-header is not TCP/UDP (extension headers are not
+    walked), and packets too short to hold the port. Untrusted bytes: bounds-checked, never raises.
+    """
+    n = len(data)
+    if n < _V4_KEY.size:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        version_ihl, fragment, protocol, source, port = _V4_KEY.unpack_from(data)
+        if (protocol != _TCP and protocol != _UDP) or fragment & 0x1FFF:
+            return None
+        if version_ihl != 0x45:  # options: the L4 header starts at IHL * 4
+            ihl = (version_ihl & 0x0F) * 4
+            if ihl < 20 or n < ihl + 2:
+                return None
+            (port,) = _PORT.unpack_from(data, ihl)
+        return 4, protocol, source, port
+    if version == 6 and n >= _V6_KEY.size:
+        protocol, source, port = _V6_KEY.unpack_from(data)
+        if protocol != _TCP and protocol != _UDP:
+            return None
+        return 6, protocol, source, port
+    return None
+
 
 # IP version nibble -> Darwin family, indexed by data[0] >> 4 (RFC 791 §3.1, RFC 8200 §3).
 _FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(AF_INET if v == 4 else AF_INET6 if v == 6 else 0 for v in range(16))
@@ -55,6 +119,9 @@ class FlowStatistics:
         write_dropped_no_device: packets written before the utun existed or after it went away.
         device: the device's own statistics (``kernel_statistics()`` when it has it, e.g. the TUN's
             ``kernel_tx_dropped`` backpressure drops; else ``statistics()``), if it has any.
+        metadata_attributed / metadata_unattributed: packets read in SOURCE_APPLICATION mode with / without
+            `FlowMetaData` (no port, unknown socket, or a uid no app rule names). Zero in other modes.
+        metadata_cache_hits / metadata_lookups: flow-cache hits and owner lookups (``/proc/net`` reads).
     """
 
     read_batches: int
@@ -70,6 +137,10 @@ class FlowStatistics:
     write_dropped_refused: int
     write_dropped_no_device: int
     device: Any = None
+    metadata_attributed: int = 0
+    metadata_unattributed: int = 0
+    metadata_cache_hits: int = 0
+    metadata_lookups: int = 0
 
 
 class PacketTunnelFlow:
@@ -83,7 +154,9 @@ class PacketTunnelFlow:
         * The write bool is defined (see module docstring). Count mismatches in ``write_packets`` raise
           `LocalProtocolError`, where Objective-C would throw an exception.
         * Protocol families are Darwin values (2, 30); Linux's AF_INET6 (10) is rejected and counted.
-        * Read packets are tagged ``TrafficDirection.OUTBOUND`` (macOS behaviour); metadata stays None.
+        * Read packets are tagged ``TrafficDirection.OUTBOUND`` (macOS behaviour). ``metadata`` is filled only
+          after ``set_routing_method(SOURCE_APPLICATION, rules)`` and only for TCP/UDP packets whose socket belongs
+          to a listed uid; ICMP and unknown owners get None (Apple attributes every flow).
         * Before settings create the utun, reads wait and writes drop (``write_dropped_no_device``).
     """
 
@@ -106,6 +179,15 @@ class PacketTunnelFlow:
         self._write_too_big = 0
         self._write_refused = 0
         self._write_no_device = 0
+        self.routing_method = RoutingMethod.DESTINATION_IP
+        self._apps: dict[int, FlowMetaData] | None = None  # uid -> shared metadata; None: no per-app work at all
+        self._owner_lookup: OwnerLookup | None = None
+        self._meta_cache: dict[FlowKey, tuple[FlowMetaData | None, float]] = {}
+        self._meta_cache_size = METADATA_CACHE_SIZE
+        self._meta_attributed = 0
+        self._meta_unattributed = 0
+        self._meta_hits = 0
+        self._meta_lookups = 0
         if device is not None:
             self.attach(device)
 
@@ -125,6 +207,38 @@ class PacketTunnelFlow:
         self._device = None
         self._attached = trio.Event()
 
+    def set_routing_method(
+        self,
+        routing_method: RoutingMethod,
+        app_rules: Sequence[AppRule] | None = None,
+        *,
+        owner_lookup: OwnerLookup | None = None,
+        cache_size: int = METADATA_CACHE_SIZE,
+    ) -> None:
+        """Choose whether read packets carry `FlowMetaData` (called by the provider host from the protocol).
+
+        Args:
+            routing_method: ``SOURCE_APPLICATION`` turns attribution on; any other method turns it off.
+            app_rules: the apps (by uid) that may be named; required for ``SOURCE_APPLICATION``.
+            owner_lookup: maps a flow tuple to a uid; default reads this process's namespace's ``/proc/net``.
+            cache_size: flow tuples remembered (bounded; oldest evicted).
+
+        Raises:
+            ConfigError: ``SOURCE_APPLICATION`` without rules, a rule without a uid, or a uid used twice.
+        """
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be at least 1, got {cache_size}")
+        self._meta_cache = {}
+        self._meta_cache_size = cache_size
+        self.routing_method = RoutingMethod(routing_method)
+        if self.routing_method is not RoutingMethod.SOURCE_APPLICATION:
+            self._apps = None
+            self._owner_lookup = None
+            return
+        rules = app_rules_by_uid(app_rules)
+        self._owner_lookup = owner_lookup if owner_lookup is not None else ProcNetOwnerLookup()
+        self._apps = {uid: FlowMetaData(rule.signing_identifier, rule.unique_identifier) for uid, rule in rules.items()}
+
     # -- reads ----------------------------------------------------------------------------------------------
     async def read_packet_objects(self) -> list[Packet]:
         """Return the next batch of packets leaving the host through the tunnel (Apple: readPacketObjects).
@@ -136,7 +250,52 @@ class PacketTunnelFlow:
             LocalProtocolError: another task is already reading this flow.
         """
         datas = await self._read_batch()
-        return [Packet(data, _FAMILY_BY_NIBBLE[data[0] >> 4], _OUTBOUND) for data in datas]
+        if self._apps is None:
+            return [Packet(data, _FAMILY_BY_NIBBLE[data[0] >> 4], _OUTBOUND) for data in datas]
+        return self._attributed(datas)
+
+    def _attributed(self, datas: list[bytes]) -> list[Packet]:
+        """Packets with per-app metadata (SOURCE_APPLICATION mode only; see the module docstring)."""
+        apps = self._apps
+        lookup = self._owner_lookup
+        assert apps is not None and lookup is not None
+        cache = self._meta_cache
+        now = trio.current_time()
+        out = []
+        attributed = hits = 0
+        v4_key = _V4_KEY.unpack_from
+        for data in datas:
+            # flow_key() inlined for the common IPv4 packet without options (saves a call per packet).
+            key: FlowKey | None
+            if data[0] == 0x45 and len(data) >= 22:
+                _, fragment, protocol, source, port = v4_key(data)
+                key = (
+                    (4, protocol, source, port) if (protocol == 6 or protocol == 17) and not fragment & 0x1FFF else None
+                )
+            else:
+                key = flow_key(data)
+            meta: FlowMetaData | None = None
+            if key is not None:
+                cached = cache.get(key)
+                if cached is not None and cached[1] > now:
+                    meta = cached[0]
+                    hits += 1
+                else:
+                    self._meta_lookups += 1
+                    uid = lookup(*key)
+                    meta = None if uid is None else apps.get(uid)
+                    if cached is not None:
+                        del cache[key]  # re-insert at the young end
+                    elif len(cache) >= self._meta_cache_size:
+                        del cache[next(iter(cache))]  # dicts keep insertion order: the oldest entry
+                    cache[key] = (meta, now + (METADATA_TTL if meta is not None else METADATA_NEGATIVE_TTL))
+                if meta is not None:
+                    attributed += 1
+            out.append(Packet(data, _FAMILY_BY_NIBBLE[data[0] >> 4], _OUTBOUND, meta))
+        self._meta_hits += hits
+        self._meta_attributed += attributed
+        self._meta_unattributed += len(datas) - attributed
+        return out
 
     async def read_packets(self) -> tuple[list[bytes], list[int]]:
         """Return the next batch as parallel lists ``(packets, protocols)`` (Apple: readPackets)."""
@@ -269,4 +428,8 @@ class PacketTunnelFlow:
             write_dropped_refused=self._write_refused,
             write_dropped_no_device=self._write_no_device,
             device=stats_fn() if callable(stats_fn) else None,
+            metadata_attributed=self._meta_attributed,
+            metadata_unattributed=self._meta_unattributed,
+            metadata_cache_hits=self._meta_hits,
+            metadata_lookups=self._meta_lookups,
         )

@@ -23,6 +23,16 @@ settings replaces routes in place and only then deletes stale ones, so traffic n
 during an update; ``None`` removes addresses, routes, rules and DNS but keeps the utun, as Apple keeps the
 interface while the provider runs.
 
+Per-app routing (Apple ``routingMethod == sourceApplication``, R5). Linux routes by the uid that owns a socket
+(``ip rule uidrange``; ``FRA_UID_RANGE``, Linux 4.10), so netsim identifies an app by its uid (`AppRule.uid`).
+With `set_routing_method` ``(SOURCE_APPLICATION, rules)`` the catch-all rule P+1 is replaced by one rule per
+listed uid, ``uidrange U-U fwmark 0/M lookup T``: only those apps' sockets consult the tunnel table; every other
+process keeps the physical path, exactly as a per-app VPN leaves unlisted apps alone. (``not fwmark`` cannot be
+combined with ``uidrange``: the kernel's invert flag negates the whole rule, so "not marked" is written as "mark
+bits of M all zero"; a socket whose mark shares bits with M therefore also skips the tunnel.) Rule P and the
+table are unchanged, so connected networks still win and included/excluded routes mean the same for the
+listed apps. ``DESTINATION_IP`` (and ``NETWORK_RULE``, which netsim does not model) keep the catch-all rule.
+
 DNS goes to ``/etc/netns/<ns>/resolv.conf``, which ``ip netns exec`` bind-mounts over /etc/resolv.conf for
 processes started in the namespace (written in place, so the bind mounts of running processes see it too). glibc
 resolv.conf has no per-domain servers, so match domains cannot send one domain to the tunnel resolver and the
@@ -38,15 +48,17 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from netsim.apple.enums import TunnelProviderErrorCode
+from netsim.apple.enums import RoutingMethod, TunnelProviderErrorCode
 from netsim.apple.errors import TunnelProviderError
+from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError
+from netsim.runtime.appid import app_rules_by_uid
 from netsim.transports.base import PacketDevice
 
 __all__ = [
@@ -154,6 +166,15 @@ class AppliedSettings:
     resolver: ResolverConfig | None
     physical_interface: str | None = None
     gateways: dict[int, str] = field(default_factory=dict)  # IP version -> gateway used for excluded routes
+    routing_method: RoutingMethod = RoutingMethod.DESTINATION_IP
+    app_uids: tuple[int, ...] = ()  # SOURCE_APPLICATION: the uids routed into the tunnel (sorted)
+
+
+def _app_uids(routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None) -> tuple[int, ...] | None:
+    """Sorted uids for per-app routing, or None when routing is by destination (validates the rules)."""
+    if RoutingMethod(routing_method) is not RoutingMethod.SOURCE_APPLICATION:
+        return None
+    return tuple(sorted(app_rules_by_uid(app_rules)))
 
 
 class NetworkConfigurator(Protocol):
@@ -175,6 +196,14 @@ class NetworkConfigurator(Protocol):
 
     def close(self) -> None:
         """Remove everything applied and close the device; idempotent."""
+        ...
+
+    def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
+        """Route by destination (default) or only the listed apps' traffic (``SOURCE_APPLICATION``).
+
+        Raises:
+            ConfigError: ``SOURCE_APPLICATION`` with no rules, a rule without a uid, or a uid used twice.
+        """
         ...
 
 
@@ -214,7 +243,16 @@ class MemoryNetworkConfigurator:
         self.enforce_routes = enforce_routes
         self._device: PacketDevice | None = None
         self._applied: AppliedSettings | None = None
+        self.routing_method = RoutingMethod.DESTINATION_IP
+        self._uids: tuple[int, ...] | None = None
         self.history: list[AppliedSettings | None] = []
+
+    def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
+        self._uids = _app_uids(routing_method, app_rules)
+        self.routing_method = RoutingMethod(routing_method)
+        if self._applied is not None:
+            self._applied = replace(self._applied, routing_method=self.routing_method, app_uids=self._uids or ())
+            self.history.append(self._applied)
 
     @property
     def device(self) -> PacketDevice | None:
@@ -242,6 +280,8 @@ class MemoryNetworkConfigurator:
                 addresses=tuple(str(i) for i in _addresses(settings)),
                 routes=routes,
                 resolver=None if dns is None else resolver_config(dns, claims_default_route=_claims_default(routes)),
+                routing_method=self.routing_method,
+                app_uids=self._uids or (),
             )
         self.history.append(self._applied)
         return self._device
@@ -323,6 +363,25 @@ class KernelNetworkConfigurator:
         self._device: Any = None
         self._applied: AppliedSettings | None = None
         self._ipr: Any = None
+        self.routing_method = RoutingMethod.DESTINATION_IP
+        self._uids: tuple[int, ...] | None = None
+
+    def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
+        """See `NetworkConfigurator.set_routing_method`; takes effect at once when settings are applied.
+
+        Raises:
+            ConfigError: invalid rules (nothing is changed).
+            TunnelProviderError: ``NETWORK_SETTINGS_FAILED`` if the kernel refused the new rules.
+        """
+        uids = _app_uids(routing_method, app_rules)
+        self.routing_method = RoutingMethod(routing_method)
+        self._uids = uids
+        if self._applied is not None:
+            try:
+                self._sync_rules()
+            except Exception as exc:
+                raise _failed(f"installing per-app rules in {self.netns} failed: {exc}") from exc
+            self._applied = replace(self._applied, routing_method=self.routing_method, app_uids=uids or ())
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _iproute(self) -> Any:
@@ -406,7 +465,7 @@ class KernelNetworkConfigurator:
 
         model = tunnel_route_table(settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes)
         routes = model.tunnel_routes()
-        self._ensure_rules()
+        self._sync_rules()
         desired: set[tuple[int, str]] = set()
         for route in routes:
             net = route.network
@@ -441,6 +500,8 @@ class KernelNetworkConfigurator:
             resolver=resolver,
             physical_interface=phys_name,
             gateways=dict(gateways),
+            routing_method=self.routing_method,
+            app_uids=self._uids or (),
         )
 
     def _rule_specs(self) -> list[dict[str, Any]]:
@@ -449,25 +510,58 @@ class KernelNetworkConfigurator:
         specs = []
         for family in (socket.AF_INET, socket.AF_INET6):
             specs.append({"family": family, "table": _MAIN, "priority": main_prio, "suppress_prefixlen": 0})
-            tunnel: dict[str, Any] = {"family": family, "table": self.table, "priority": tunnel_prio}
-            if self.bypass_fwmark is not None:
-                tunnel.update(fwmark=self.bypass_fwmark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
-            specs.append(tunnel)
+            base: dict[str, Any] = {"family": family, "table": self.table, "priority": tunnel_prio}
+            if self._uids is None:
+                tunnel = dict(base)
+                if self.bypass_fwmark is not None:
+                    tunnel.update(fwmark=self.bypass_fwmark, fwmask=0xFFFFFFFF, flags=_FIB_RULE_INVERT)
+                specs.append(tunnel)
+                continue
+            for uid in self._uids:  # per-app: only these uids' sockets see the tunnel table (module docstring)
+                tunnel = dict(base, uid_range=f"{uid}:{uid}")
+                if self.bypass_fwmark is not None:
+                    tunnel.update(fwmark=0, fwmask=self.bypass_fwmark)
+                specs.append(tunnel)
         return specs
 
-    def _ensure_rules(self) -> None:
+    def _our_rules(self) -> list[tuple[int, Any]]:
+        """(family, rule message) of every installed rule at netsim's priorities and tables."""
         ipr = self._iproute()
-        for spec in self._rule_specs():
-            existing = ipr.get_rules(family=spec["family"])
-            if not any(r.get("priority") == spec["priority"] and r.get("table") == spec["table"] for r in existing):
+        priorities = (self.rule_priority, self.rule_priority + 1)
+        found: list[tuple[int, Any]] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for rule in ipr.get_rules(family=family):
+                if rule.get("priority") in priorities and rule.get("table") in (_MAIN, self.table):
+                    found.append((family, rule))
+        return found
+
+    def _delete_rule(self, family: int, rule: Any) -> None:
+        # Name every selector the rule has, so the kernel deletes this rule and not a sibling at the same priority.
+        spec: dict[str, Any] = {"family": family, "priority": rule.get("priority"), "table": rule.get("table")}
+        for attr in ("uid_range", "fwmark", "fwmask"):
+            value = rule.get(attr)
+            if value is not None:
+                spec[attr] = value
+        self._iproute().rule("del", **spec)
+
+    def _sync_rules(self) -> None:
+        """Make the installed rules equal `_rule_specs`: stale rules go first, so no two rules are ambiguous."""
+        wanted = {(s["family"], s["priority"], s["table"], s.get("uid_range")): s for s in self._rule_specs()}
+        present = set()
+        for family, rule in self._our_rules():
+            key = (family, rule.get("priority"), rule.get("table"), rule.get("uid_range"))
+            if key in wanted and key not in present:
+                present.add(key)
+            else:
+                self._delete_rule(family, rule)
+        ipr = self._iproute()
+        for key, spec in wanted.items():
+            if key not in present:
                 ipr.rule("add", **spec)
 
     def _delete_rules(self) -> None:
-        ipr = self._iproute()
-        for spec in self._rule_specs():
-            for rule in ipr.get_rules(family=spec["family"]):
-                if rule.get("priority") == spec["priority"] and rule.get("table") == spec["table"]:
-                    ipr.rule("del", family=spec["family"], priority=spec["priority"], table=spec["table"])
+        for family, rule in self._our_rules():
+            self._delete_rule(family, rule)
 
     # -- DNS ------------------------------------------------------------------------------------------------
     def _write_resolv(self, text: str) -> None:

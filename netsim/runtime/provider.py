@@ -448,6 +448,11 @@ class ProviderHost:
             self._start_scope = scope
             scope.deadline = trio.current_time() + self.start_timeout
             try:
+                # Per-app VPN (routingMethod sourceApplication): route only the app rules' traffic into the utun
+                # and tag packets with FlowMetaData; a bad app rule fails the start like any provider error.
+                proto = self.protocol_configuration
+                self.configurator.set_routing_method(proto.routing_method, proto.app_rules)
+                self.flow.set_routing_method(proto.routing_method, proto.app_rules)
                 await self.provider.start_tunnel(self._start_options)
             except Exception as exc:
                 failure = _describe(exc)

@@ -60,6 +60,7 @@ from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
 from netsim.core.wireguard.replay import RING_MASK
 from netsim.core.wireguard.session import NONCE, Keypair
 from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
+from netsim.errors import LocalProtocolError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -152,6 +153,12 @@ _NONCE_PACK = NONCE.pack_into
 _HEADER_PACK = m.TRANSPORT_HEADER.pack_into
 _U32_UNPACK = m.U32.unpack_from
 _U16BE_UNPACK = _U16BE.unpack_from
+# the few inner-header fields the hot paths need (RFC 791 §3.1, RFC 8200 §3), in one call each:
+# version/IHL byte + destination (outbound routing); version/IHL byte, total length, source (inbound checks)
+_V4_DST_UNPACK = struct.Struct(">B15x4s").unpack_from
+_V6_DST_UNPACK = struct.Struct(">24x16s").unpack_from
+_V4_INNER_UNPACK = struct.Struct(">BxH8x4s").unpack_from
+_TOO_SHORT = (0, b"")  # stands in for _V4_DST_UNPACK's result when there are not 20 bytes (version 0: malformed)
 _MISS: Any = object()
 _PAD = bytes(PADDING_MULTIPLE)
 
@@ -391,6 +398,9 @@ class WireGuardDevice:
         packet, 16-byte tag: it needs ``len(packet) + 47`` bytes); ``out_sizes[i]`` is set to its length and
         ``out_addrs[i]`` to the peer endpoint, or 0/None when the packet was staged (no session yet) or dropped
         (counted). Returns the number of datagrams produced.
+
+        Raises:
+            LocalProtocolError: fewer ``out_bufs``/``out_sizes``/``out_addrs`` entries than packets.
         """
         # Hot path. Consecutive packets usually go to one peer, so the batch is processed in *runs*: the peer's
         # keypair checks, AEAD method and send counter are loaded into locals once per run, and the counter and
@@ -410,87 +420,92 @@ class WireGuardDevice:
         encrypt: Any = None
         remote_index = counter = run_start = tx_bytes = 0
         endpoint: Endpoint | None = None
-        for i, pkt in enumerate(packets):
-            n = len(pkt)
-            # only the destination is needed here: RFC 791 §3.1 / RFC 8200 §3 offsets, no packet object
-            version = pkt[0] >> 4 if n >= 20 else 0
-            if version == 4:
-                dst = pkt[16:20]
-            elif version == 6 and n >= 40:
-                dst = pkt[24:40]
-            else:
-                drops["inner_malformed"] += 1
-                out_sizes[i] = 0
-                out_addrs[i] = None
-                continue
-            if type(dst) is not bytes:
-                dst = bytes(dst)
-            peer = cache.get(dst, _MISS)
-            if peer is not run_peer:
-                if peer is _MISS:
-                    peer = self._route(dst)
-                if peer is not run_peer:  # a new run: end the old one, load this peer's sending state
+        if len(out_bufs) < len(packets) or len(out_sizes) < len(packets) or len(out_addrs) < len(packets):
+            raise LocalProtocolError(
+                f"encapsulate: {len(packets)} packets need as many out_bufs, out_sizes and out_addrs entries "
+                f"(got {len(out_bufs)}, {len(out_sizes)}, {len(out_addrs)})"
+            )
+        try:
+            for i, pkt in enumerate(packets):
+                n = len(pkt)
+                # only the destination is needed here: RFC 791 §3.1 / RFC 8200 §3 offsets, no packet object
+                first, dst = _V4_DST_UNPACK(pkt) if n >= 20 else _TOO_SHORT
+                if first >> 4 != 4:
+                    if first >> 4 == 6 and n >= 40:
+                        dst = _V6_DST_UNPACK(pkt)[0]
+                    else:
+                        drops["inner_malformed"] += 1
+                        out_sizes[i] = 0
+                        out_addrs[i] = None
+                        continue
+                peer = cache.get(dst, _MISS)
+                if peer is not run_peer:
+                    if peer is _MISS:
+                        peer = self._route(dst)
+                    if peer is not run_peer:  # a new run: end the old one, load this peer's sending state
+                        if kp is not None:
+                            produced += counter - run_start
+                            self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
+                        run_peer = peer
+                        kp = None
+                        if peer is not None:
+                            kp = peer.current
+                            endpoint = peer.endpoint
+                            if kp is not None:
+                                if now - kp.created >= reject_time or endpoint is None:
+                                    kp = None
+                                else:
+                                    counter = run_start = kp.send_counter
+                                    remote_index = kp.remote_index
+                                    encrypt = kp.send.encrypt_into
+                                    tx_bytes = 0
+                if kp is None or counter >= reject_msgs:
+                    out_sizes[i] = 0
+                    out_addrs[i] = None
+                    if peer is None:
+                        drops["no_route"] += 1
+                        continue
                     if kp is not None:
                         produced += counter - run_start
-                        self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
-                    run_peer = peer
-                    kp = None
-                    if peer is not None:
-                        kp = peer.current
-                        endpoint = peer.endpoint
-                        if kp is not None:
-                            if now - kp.created >= reject_time or endpoint is None:
-                                kp = None
-                            else:
-                                counter = run_start = kp.send_counter
-                                remote_index = kp.remote_index
-                                encrypt = kp.send.encrypt_into
-                                tx_bytes = 0
-            if kp is None or counter >= reject_msgs:
-                out_sizes[i] = 0
-                out_addrs[i] = None
-                if peer is None:
-                    drops["no_route"] += 1
+                        self._end_tx_run(peer, kp, counter, tx_bytes, sent_to)
+                        kp = None
+                    self._stage(peer, bytes(pkt), now)
+                    run_peer = None  # staging may send or rotate: reload the peer's state on its next packet
                     continue
-                if kp is not None:
-                    produced += counter - run_start
-                    self._end_tx_run(peer, kp, counter, tx_bytes, sent_to)
-                    kp = None
-                self._stage(peer, bytes(pkt), now)
-                run_peer = None  # staging may send or rotate: reload the peer's state on its next packet
-                continue
-            # padding to 16 bytes, never past the MTU (whitepaper §5.4.6; wireguard-go does the same)
-            padded = (n + 15) & ~15
-            if padded > mtu:
-                padded = max(n, mtu)
-            size = padded + 32
-            out = out_bufs[i]
-            if len(out) < size:
-                drops["oversize"] += 1
-                out_sizes[i] = 0
-                out_addrs[i] = None
-                continue
-            _HEADER_PACK(out, 0, 4, remote_index, counter)  # type 4 = transport (messages.MSG_TRANSPORT)
-            _NONCE_PACK(nonce, 0, counter)
-            counter += 1
-            if padded != n:
-                # memoryview slice assignment is a plain memcpy (bytearray slice assignment is ~6x slower)
-                scratch_mv[:n] = pkt
-                scratch_mv[n:padded] = _PAD[: padded - n]
-                data: Buffer = scratch_mv[:padded]
-            else:
-                data = pkt
-            encrypt(nonce, data, None, out[16:size] if type(out) is memoryview else memoryview(out)[16:size])
-            out_sizes[i] = size
-            out_addrs[i] = endpoint
-            tx_bytes += size
-        if kp is not None:
-            produced += counter - run_start
-            self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
+                # padding to 16 bytes, never past the MTU (whitepaper §5.4.6; wireguard-go does the same)
+                padded = (n + 15) & ~15
+                if padded > mtu:
+                    padded = max(n, mtu)
+                size = padded + 32
+                out = out_bufs[i]
+                if len(out) < size:
+                    drops["oversize"] += 1
+                    out_sizes[i] = 0
+                    out_addrs[i] = None
+                    continue
+                _HEADER_PACK(out, 0, 4, remote_index, counter)  # type 4 = transport (messages.MSG_TRANSPORT)
+                _NONCE_PACK(nonce, 0, counter)
+                counter += 1
+                if padded != n:
+                    # memoryview slice assignment is a plain memcpy (bytearray slice assignment is ~6x slower)
+                    scratch_mv[:n] = pkt
+                    scratch_mv[n:padded] = _PAD[: padded - n]
+                    data: Buffer = scratch_mv[:padded]
+                else:
+                    data = pkt
+                encrypt(nonce, data, None, out[16:size] if type(out) is memoryview else memoryview(out)[16:size])
+                out_sizes[i] = size
+                out_addrs[i] = endpoint
+                tx_bytes += size
+        finally:
+            # also on an exception: a counter that was used must never be used again (nonce reuse, §5.4.6)
+            if kp is not None:
+                produced += counter - run_start
+                self._end_tx_run(run_peer, kp, counter, tx_bytes, sent_to)  # type: ignore[arg-type]
+            self.tx_packets += produced
+            self.tx_datagrams += produced
         for peer in dict.fromkeys(sent_to):
             self._after_data_sent(peer, now)
-        self.tx_packets += produced
-        self.tx_datagrams += produced
         return produced
 
     @staticmethod
@@ -695,110 +710,115 @@ class WireGuardDevice:
         highest = limit = run_bytes = 0
         expired = uncommon = run_auth = False  # run_auth: authenticated bytes already applied in this run
         run_addr: Endpoint = ()
-        for data, addr in zip(datagrams, addrs, strict=True):
-            n = len(data)
-            mv = data if type(data) is memoryview else memoryview(data)
-            if n < 32:
-                kind = 0
-            else:
-                kind, receiver, counter = _TRANSPORT_HEADER_UNPACK(mv)
-            if kind != 4:  # not a well-sized transport message: handshake, cookie, or garbage
-                if kp is not None:
-                    self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
-                    kp = None
-                run_index = -1
-                self._receive_control(mv, n, addr, now)
-                continue
-            if receiver != run_index:
-                if kp is not None:
-                    self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
-                entry = by_index.get(receiver)
-                if entry is None:
-                    kp = None
+        try:
+            for data, addr in zip(datagrams, addrs, strict=True):
+                n = len(data)
+                mv = data if type(data) is memoryview else memoryview(data)
+                if n < 32:
+                    kind = 0
+                else:
+                    kind, receiver, counter = _TRANSPORT_HEADER_UNPACK(mv)
+                if kind != 4:  # not a well-sized transport message: handshake, cookie, or garbage
+                    if kp is not None:
+                        self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
+                        kp = None
                     run_index = -1
-                    drops["unknown_receiver"] += 1
+                    self._receive_control(mv, n, addr, now)
                     continue
-                kp, peer = entry
-                run_index = receiver
-                created = kp.created
-                expired = now - created >= reject_time
-                decrypt = kp.recv.decrypt
-                window = kp.replay
-                ring = window.ring
-                highest = window.highest
-                limit = window.limit
-                # exactly when `_uncommon_receive` has something to do: confirm a responder's `next`, or the
-                # initiator's keepKeyFreshReceiving rekey
-                uncommon = kp is peer.next or (
-                    kp.is_initiator
-                    and kp is peer.current
-                    and not peer.sent_last_minute_handshake
-                    and now - created > last_minute
-                )
-                run_bytes = 0
-                run_auth = False
-                mark = len(received)
-            if expired:
-                drops["expired_keypair"] += 1
-                continue
-            _NONCE_PACK(nonce, 0, counter)
-            try:
-                plain = decrypt(nonce, mv[16:], None)
-            except InvalidTag:
-                drops["decrypt_failed"] += 1
-                continue
-            # replay window, only after authentication: the in-order case inline, the rest in ReplayWindow
-            if counter == highest + 1 and counter < limit:
-                ring[counter & RING_MASK] = 1
-                highest = counter
-            else:
-                window.highest = highest
-                accepted = window.check_and_update(counter)
-                highest = window.highest
-                if not accepted:
-                    drops["replay"] += 1
+                if receiver != run_index:
+                    if kp is not None:
+                        self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
+                    entry = by_index.get(receiver)
+                    if entry is None:
+                        kp = None
+                        run_index = -1
+                        drops["unknown_receiver"] += 1
+                        continue
+                    kp, peer = entry
+                    run_index = receiver
+                    created = kp.created
+                    expired = now - created >= reject_time
+                    decrypt = kp.recv.decrypt
+                    window = kp.replay
+                    ring = window.ring
+                    highest = window.highest
+                    limit = window.limit
+                    # exactly when `_uncommon_receive` has something to do: confirm a responder's `next`, or the
+                    # initiator's keepKeyFreshReceiving rekey
+                    uncommon = kp is peer.next or (
+                        kp.is_initiator
+                        and kp is peer.current
+                        and not peer.sent_last_minute_handshake
+                        and now - created > last_minute
+                    )
+                    run_bytes = 0
+                    run_auth = False
+                    mark = len(received)
+                if expired:
+                    drops["expired_keypair"] += 1
                     continue
-            run_bytes += n
-            run_addr = addr  # roaming (§2.1): answer the latest authenticated source
-            if uncommon:
-                assert kp is not None  # set with `uncommon` when the run began
+                _NONCE_PACK(nonce, 0, counter)
+                try:
+                    plain = decrypt(nonce, mv[16:], None)
+                except InvalidTag:
+                    drops["decrypt_failed"] += 1
+                    continue
+                # replay window, only after authentication: the in-order case inline, the rest in ReplayWindow
+                if counter == highest + 1 and counter < limit:
+                    ring[counter & RING_MASK] = 1
+                    highest = counter
+                else:
+                    window.highest = highest
+                    accepted = window.check_and_update(counter)
+                    highest = window.highest
+                    if not accepted:
+                        drops["replay"] += 1
+                        continue
+                run_bytes += n
+                run_addr = addr  # roaming (§2.1): answer the latest authenticated source
+                if uncommon:
+                    assert kp is not None  # set with `uncommon` when the run began
+                    self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
+                    mark = len(received)
+                    run_bytes = 0
+                    run_auth = True  # this packet's timer effects are still to apply
+                    run_index = -1  # the peer's keypair slots change: reload them on the next datagram
+                    uncommon = False
+                    self._uncommon_receive(kp, peer, now)
+                pn = len(plain)
+                # inner packet: bounds-checked version/length/source (RFC 791 §3.1, RFC 8200 §3); one unpack reads
+                # the IPv4 fields, which an IPv6 packet then overrides
+                if pn < 20:
+                    if pn:
+                        drops["inner_malformed"] += 1
+                    else:
+                        keepalives += 1
+                    continue
+                first, inner_len, src = _V4_INNER_UNPACK(plain)
+                if first >> 4 == 4:
+                    if inner_len < 20 or inner_len > pn:
+                        drops["inner_malformed"] += 1
+                        continue
+                elif first >> 4 == 6 and pn >= 40:
+                    inner_len = 40 + _U16BE_UNPACK(plain, 4)[0]
+                    if inner_len > pn:
+                        drops["inner_malformed"] += 1
+                        continue
+                    src = plain[8:24]
+                else:
+                    drops["inner_malformed"] += 1
+                    continue
+                owner = route_cache.get(src, _MISS)
+                if owner is not peer and (owner is not _MISS or self._route(src) is not peer):
+                    drops["inner_src_not_allowed"] += 1
+                    continue
+                received.append((peer, plain if inner_len == pn else plain[:inner_len]))
+        finally:
+            # also if the loop raised (mismatched lengths): the replay window must know what it accepted
+            if kp is not None:
                 self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
-                self._uncommon_receive(kp, peer, now)
-                mark = len(received)
-                run_bytes = 0
-                run_auth = True  # this packet's timer effects are still to apply
-                run_index = -1  # the peer's keypair slots changed: reload them on the next datagram
-                uncommon = False
-            pn = len(plain)
-            if not pn:
-                keepalives += 1
-                continue
-            # inner packet: bounds-checked version/length/source (RFC 791 §3.1, RFC 8200 §3)
-            version = plain[0] >> 4
-            if version == 4 and pn >= 20:
-                inner_len = _U16BE_UNPACK(plain, 2)[0]
-                if inner_len < 20 or inner_len > pn:
-                    drops["inner_malformed"] += 1
-                    continue
-                src = plain[12:16]
-            elif version == 6 and pn >= 40:
-                inner_len = 40 + _U16BE_UNPACK(plain, 4)[0]
-                if inner_len > pn:
-                    drops["inner_malformed"] += 1
-                    continue
-                src = plain[8:24]
-            else:
-                drops["inner_malformed"] += 1
-                continue
-            owner = route_cache.get(src, _MISS)
-            if owner is not peer and (owner is not _MISS or self._route(src) is not peer):
-                drops["inner_src_not_allowed"] += 1
-                continue
-            received.append((peer, plain if inner_len == pn else plain[:inner_len]))
-        if kp is not None:
-            self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
-        self.rx_packets += len(received) - start
-        self.rx_keepalives += keepalives
+            self.rx_packets += len(received) - start
+            self.rx_keepalives += keepalives
 
     def _end_rx_run(  # noqa: PLR0917 -- once per run; positional arguments keep the call cheap
         self,

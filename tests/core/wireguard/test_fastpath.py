@@ -17,8 +17,10 @@ from __future__ import annotations
 import random
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import ip_network
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,6 +31,7 @@ from netsim.core.wireguard.messages import TRANSPORT_HEADER
 from netsim.core.wireguard.peer import Peer
 from netsim.core.wireguard.replay import RING_SIZE, WINDOW_SIZE, ReplayWindow
 from netsim.core.wireguard.timers import REJECT_AFTER_MESSAGES
+from netsim.errors import LocalProtocolError
 
 A_ADDR = ("192.0.2.10", 40000)
 B_ADDR = ("192.0.2.20", 51820)
@@ -184,8 +187,9 @@ def _sender_state(d: WireGuardDevice) -> tuple[object, ...]:
     b, c = d.peers
     return (
         d.statistics(),
-        _peer_state(b)[:4] + _peer_state(b)[5:],
+        _peer_state(b)[:4] + _peer_state(b)[5:6] + _peer_state(b)[7:],
         b.t_new_handshake is None,
+        b.t_retransmit is None,
         list(c.staged),
         c.tx_bytes,
         c.t_retransmit is None,
@@ -232,14 +236,24 @@ def test_receive_batches_equal_per_datagram_and_replay_reference(seed: int) -> N
         stream[i], stream[i + 2] = stream[i + 2], stream[i]
     datagrams = [d for d, _ in stream]
     srcs = [rng.choice(ROAM) for _ in datagrams]
+    # oracle: the brute-force replay reference decides which authentic datagrams count, in stream order
+    ref = Reference(REJECT_AFTER_MESSAGES)
+    accepted = [meta is not None and ref.check(meta[0]) for _, meta in stream]
+    if rng.random() < 0.5:
+        # B has data waiting for the session: it goes out when A's first packet confirms `next`, mid-batch
+        for dev in (b1, b2):
+            assert dev.encapsulate([ipv4(B4, A4, b"early")], 0.5, [bytearray(100)], [0], [None]) == 0
     # fast: random batches; slow: one datagram per call; the states must agree after every batch
-    i = 0
     got1: list[bytes] = []
+    last = ("none", 0.0)  # B's last authenticated receive or data send, and when (they drive its timers)
+    i = 0
     for chunk in _split(rng, datagrams):
-        k = len(chunk)
-        b1.receive_datagrams_untrusted(chunk, srcs[i : i + k], 2.0 + i)
+        k, now = len(chunk), 2.0 + i
+        b1.receive_datagrams_untrusted(chunk, srcs[i : i + k], now)
         for d, src in zip(chunk, srcs[i : i + k], strict=True):
-            b2.receive_datagram_untrusted(d, src, 2.0 + i)
+            b2.receive_datagram_untrusted(d, src, now)
+        if any(accepted[i : i + k]):
+            last = ("auth", now)
         i += k
         batch1 = [p for _, p in b1.take_received()]
         assert batch1 == [p for _, p in b2.take_received()]
@@ -247,22 +261,23 @@ def test_receive_batches_equal_per_datagram_and_replay_reference(seed: int) -> N
         assert _device_state(b1) == _device_state(b2)
         # B answers now and then (timersDataSent resets the keepalive timer, so timersDataReceived runs again)
         if b1.peers[0].current is not None and rng.random() < 0.5:
-            for b in (b1, b2):
-                assert b.encapsulate([ipv4(B4, A4, b"pong")], 2.0 + i, [bytearray(100)], [0], [None]) == 1
-    # oracle: the brute-force replay reference decides which authentic datagrams count
-    ref = Reference(REJECT_AFTER_MESSAGES)
+            for dev in (b1, b2):
+                assert dev.encapsulate([ipv4(B4, A4, b"pong")], now, [bytearray(100)], [0], [None]) == 1
+            last = ("sent", now)
+        peer = b1.peers[0]
+        if last[0] != "none":
+            # any authenticated packet re-arms the persistent keepalive (timersAnyAuthenticatedPacket*)
+            assert peer.t_persistent == 25 + last[1]
+        # timersAnyAuthenticatedPacketReceived stops new_handshake; sending data (re)starts it
+        assert (peer.t_new_handshake is None) == (last[0] != "sent")
     expect = {"ok": 0, "spoof": 0, "malformed": 0, "keepalive": 0, "replay": 0}
     endpoint = A_ADDR  # where the initiation came from
-    for (_, meta), src in zip(stream, srcs, strict=True):
-        if meta is None:
-            continue
-        counter, kind = meta
-        if not ref.check(counter):
-            expect["replay"] += 1
-            continue
-        expect[kind] += 1
-        endpoint = src  # roaming: the latest authenticated source
-    assert b1.peers[0].endpoint == endpoint
+    for (_, meta), src, ok in zip(stream, srcs, accepted, strict=True):
+        if meta is not None:
+            expect[meta[1] if ok else "replay"] += 1
+            endpoint = src if ok else endpoint  # roaming: the latest authenticated source
+    peer = b1.peers[0]
+    assert peer.endpoint == endpoint
     drops = b1.statistics().drops
     assert len(got1) == expect["ok"] == b1.rx_packets
     assert b1.rx_keepalives == expect["keepalive"]
@@ -270,10 +285,9 @@ def test_receive_batches_equal_per_datagram_and_replay_reference(seed: int) -> N
     assert drops["inner_src_not_allowed"] == expect["spoof"]
     assert drops["inner_malformed"] == expect["malformed"]
     # `wg show` rx: the consumed initiation plus every authentic, accepted transport message (replays excluded)
-    ref = Reference(REJECT_AFTER_MESSAGES)
-    accepted = sum(len(d) for d, m in stream if m is not None and ref.check(m[0]))
-    assert b1.peers[0].rx_bytes == len(init) + accepted
-    assert b1.peers[0].current is not None  # the first authentic datagram confirmed `next` mid-batch
+    assert peer.rx_bytes == len(init) + sum(len(d) for (d, _), ok in zip(stream, accepted, strict=True) if ok)
+    if last[0] != "none":
+        assert peer.current is not None  # the first authentic datagram confirmed `next` mid-batch
 
 
 @settings(max_examples=150, deadline=None)
@@ -281,7 +295,7 @@ def test_receive_batches_equal_per_datagram_and_replay_reference(seed: int) -> N
 def test_encapsulate_batches_equal_per_packet(seed: int) -> None:
     rng = random.Random(seed)
     # a low REJECT_AFTER_MESSAGES sometimes: B's session then runs out mid-batch and packets are staged
-    timers = TIMERS if rng.random() < 0.5 else Timers(reject_after_messages=rng.randint(1, 120))
+    timers = TIMERS if rng.random() < 0.5 else replace(TIMERS, reject_after_messages=rng.randint(1, 120))
     (a1, _, _, _, _), (a2, _, _, _, _) = _world(seed, timers), _world(seed, timers)
     packets: list[bytes] = []
     for _ in range(rng.randint(1, 150)):
@@ -337,3 +351,20 @@ def test_replay_ring_matches_reference_at_wrap_points(counters: list[int]) -> No
     w, ref = ReplayWindow(REJECT_AFTER_MESSAGES), Reference(REJECT_AFTER_MESSAGES)
     for c in counters:
         assert w.check_and_update(c) == ref.check(c), c
+
+
+def test_encapsulate_never_reuses_a_counter_when_the_caller_errs() -> None:
+    a, _, _, _, _ = _world(7)
+    pkts = [ipv4(A4, B4, b"x" * 20)] * 4
+    sizes, addrs = [0] * 4, [None] * 4
+    with pytest.raises(LocalProtocolError, match="out_bufs"):
+        a.encapsulate(pkts, 1.0, [bytearray(100)] * 3, sizes, addrs)  # type: ignore[arg-type]
+    # a read-only buffer in the middle makes the AEAD call raise after two packets were encrypted
+    bufs: list[object] = [bytearray(100), bytearray(100), bytes(100), bytearray(100)]
+    with pytest.raises(TypeError):
+        a.encapsulate(pkts, 1.0, bufs, sizes, addrs)  # type: ignore[arg-type]
+    good = [bytearray(100) for _ in range(4)]
+    assert a.encapsulate(pkts, 1.0, good, sizes, addrs) == 4  # type: ignore[arg-type]
+    counters = [TRANSPORT_HEADER.unpack_from(b)[2] for b in bufs[:2] + good]  # type: ignore[arg-type]
+    assert counters == sorted(set(counters))  # strictly increasing: the two encrypted before the error kept theirs
+    assert a.statistics().tx_packets == 6 and a.peers[0].tx_bytes == 148 + 32 + 6 * 80  # 40-byte packets padded to 48
