@@ -319,7 +319,8 @@ def test_encapsulate_batches_equal_per_packet(seed: int) -> None:
         lens = [rng.choice([1500, 1500, 1500, 100]) for _ in range(k)]  # some too small: oversize
         bufs1 = [memoryview(bytearray(n)) for n in lens]
         s1, ad1 = [0] * k, [None] * k
-        produced = a1.encapsulate(chunk, 1.0 + i, bufs1, s1, ad1)  # type: ignore[arg-type]
+        views = [memoryview(bytearray(p)) for p in chunk]  # as the helper passes them (IPC batch slices)
+        produced = a1.encapsulate(views, 1.0 + i, bufs1, s1, ad1)  # type: ignore[arg-type]
         bufs2 = [bytearray(n) for n in lens]
         s2, ad2 = [0] * k, [None] * k
         for j, pkt in enumerate(chunk):
