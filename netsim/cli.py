@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from netsim import __version__
+from netsim.benchcli import bench_command
 from netsim.helpercli import helper as helper_command
 from netsim.lab.cli import clean_command, lab_group
 from netsim.runtime.policy_file import explain_command
@@ -30,6 +31,7 @@ main.add_command(lab_group)
 main.add_command(clean_command)
 main.add_command(explain_command)
 main.add_command(helper_command)
+main.add_command(bench_command)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m netsim.cli`
