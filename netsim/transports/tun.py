@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import socket
 import struct
@@ -69,6 +70,7 @@ class TunDevice:
     ) -> None:
         self._owner = fd_owner  # the pytun object that owns the fd
         self._fd: int | None = fd
+        self._fio: io.FileIO | None = None  # a no-allocation reader over the fd (not owning it)
         self._name = name
         self._netns = netns
         self._ctl = ctl  # AF_INET socket in the same namespace, for interface ioctls
@@ -182,37 +184,58 @@ class TunDevice:
         Each buffer needs ``offset + mtu`` bytes (+4 with utun framing), else `LocalProtocolError`; a packet
         longer than the MTU (possible only if the MTU shrank meanwhile) is counted as ``truncated`` and dropped.
         """
-        fd = self._live_fd()
+        reader = self._reader()
         if len(sizes) < len(bufs):
             raise LocalProtocolError("sizes must have at least len(bufs) entries")
         hdr = self._hdr
         need = offset + hdr + self._mtu
-        count = 0
         for buf in bufs:
             if len(buf) < need:
                 raise LocalProtocolError(f"read buffers need offset + mtu{' + 4' if hdr else ''} = {need} bytes")
+        count = 0
+        # At most len(bufs) reads (a device that keeps returning empty reads cannot spin us); packet i always
+        # lands in bufs[i], also after a dropped read.
+        for _ in range(len(bufs)):
+            buf = bufs[count]
             view = memoryview(buf)[offset + hdr :]
             try:
-                n = os.readv(fd, [view])
-            except BlockingIOError:
-                break
+                # FileIO.readinto: no allocation, and ~300 ns cheaper per call than os.readv (benchmarks/).
+                n = reader.readinto(view)
             except OSError as exc:
                 if exc.errno in _GONE_ERRNOS:
                     raise self._gone(exc) from exc
                 raise
+            if n is None:  # EAGAIN on the non-blocking fd
+                break
             if n == 0:
                 self._drop("empty")
                 continue
-            if n > self._mtu:
+            # A packet longer than the buffer is cut short by the kernel: catch it by its own IP length field.
+            version = view[0] >> 4
+            if version == 4:
+                declared = (view[2] << 8) | view[3]
+            elif version == 6:
+                declared = 40 + ((view[4] << 8) | view[5])
+            else:
+                declared = n
+            if n > self._mtu or (n >= 6 and declared > n):
                 self._drop("truncated")
                 continue
             if hdr:
-                buf[offset : offset + 4] = _HDR_V6 if view[0] >> 4 == 6 else _HDR_V4
+                buf[offset : offset + 4] = _HDR_V6 if version == 6 else _HDR_V4
             sizes[count] = n + hdr
             count += 1
             self.packets_read += 1
             self.bytes_read += n
+            if count == len(bufs):
+                break
         return count
+
+    def _reader(self) -> io.FileIO:
+        fd = self._live_fd()
+        if self._fio is None or self._fio.fileno() != fd:
+            self._fio = io.FileIO(fd, "rb", closefd=False)
+        return self._fio
 
     def read_packets(self, limit: int) -> list[bytes]:
         """Read up to ``limit`` ready packets as owned bytes (with the utun header in framing mode)."""
@@ -291,6 +314,7 @@ class TunDevice:
     def close(self) -> None:
         """Close the fd (the interface vanishes: it is not persistent); wakes waiters with `TunnelDown`."""
         fd, self._fd = self._fd, None
+        self._fio = None
         if fd is None:
             return
         try:

@@ -340,3 +340,25 @@ def test_memory_tun_ledger_and_order(ops: list[tuple[str, object]], capacity: in
         queued = injected - st_.packets_read - sum(st_.dropped.values())
         assert 0 <= queued <= capacity
     assert got == sent[: len(got)]
+
+
+async def _mtu_shrank(h: Harness) -> None:
+    # Queued at the old MTU: small, MTU-sized, small. Then the MTU shrinks and the reader sizes its buffers for
+    # the new one: the big packet is dropped as "truncated" (never handed out cut short) and packet i still
+    # lands in bufs[i].
+    h.kernel_send([b"first", b"x" * (MTU - 28), b"third"])
+    with trio.fail_after(5):
+        await h.dev.wait_readable()
+    await trio.sleep(0.05)  # the three datagrams are queued together (TUN: sent back to back by the kernel)
+    small = MTU - 200
+    h.dev.set_mtu(small)
+    bufs = [bytearray(hdr(h) + small) for _ in range(4)]
+    sizes = [0] * 4
+    k = h.dev.read_into(bufs, sizes)
+    got = [payload_of(bytes(bufs[i][hdr(h) : sizes[i]])) for i in range(k)]
+    assert got == [b"first", b"third"]
+    assert h.dev.statistics().dropped.get("truncated") == 1
+
+
+def test_packet_longer_than_the_buffer_is_dropped_not_cut(harness: Harness) -> None:
+    trio.run(_mtu_shrank, harness)
