@@ -115,17 +115,8 @@ class PrefixTable(Generic[V]):
         return None
 
     def lookup_prefix(self, addr: bytes | bytearray | memoryview) -> tuple[Network, V] | None:
-        """Like `lookup` but also returns the matching prefix."""
-        version = 4 if len(addr) == 4 else 6
-        fam = self._family(version)
-        a = int.from_bytes(addr, "big")
-        for n, mask in zip(fam.lengths, fam.masks, strict=True):
-            bucket = fam.by_length[n]
-            key = a & mask
-            if key in bucket:
-                net: Network = IPv4Network((key, n)) if version == 4 else IPv6Network((key, n))
-                return net, bucket[key]
-        return None
+        """Like `lookup` but also returns the matching prefix (the first, i.e. longest, of `matches`)."""
+        return next(self.matches(addr), None)
 
     def matches(self, addr: bytes | bytearray | memoryview) -> Iterator[tuple[Network, V]]:
         """Every prefix covering ``addr``, longest first."""
