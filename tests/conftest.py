@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 # Test modules are imported with --import-mode=importlib (so tiers may reuse basenames such as test_bypass.py);
 # shared strategy helpers in tests/core are importable by name.
 sys.path.insert(0, str(Path(__file__).parent / "core"))
+sys.path.insert(0, str(Path(__file__).parent))
 
 settings.register_profile(
     "netsim",
@@ -22,3 +23,15 @@ settings.register_profile(
 )
 settings.register_profile("ci", parent=settings.get_profile("netsim"), derandomize=False)
 settings.load_profile("ci" if os.environ.get("CI") else "netsim")
+
+
+def pytest_collection_modifyitems(config: object, items: list[object]) -> None:
+    """Reject a ``reliability`` marker that names no row of the matrix (a typo would hide a row's coverage)."""
+    import pytest
+    from reliability_rows import ROWS
+
+    for item in items:
+        for mark in item.iter_markers("reliability"):  # type: ignore[attr-defined]
+            unknown = [i for i in mark.args if i not in ROWS]
+            if unknown or not mark.args:
+                raise pytest.UsageError(f"{item.nodeid}: reliability marker names no matrix row: {mark.args!r}")  # type: ignore[attr-defined]
