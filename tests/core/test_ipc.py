@@ -282,6 +282,7 @@ BAD_FRAMES: list[tuple[str, bytes]] = [
 ]
 
 
+@pytest.mark.reliability("B7")
 @pytest.mark.parametrize(("reason", "frame"), BAD_FRAMES)
 @pytest.mark.parametrize("feed", [feed_whole, feed_bytewise])
 def test_bad_frames(reason: str, frame: bytes, feed: Callable[[Connection, bytes], list[ipc.Event]]) -> None:
@@ -300,6 +301,7 @@ def test_bad_frames(reason: str, frame: bytes, feed: Callable[[Connection, bytes
         h.send(ipc.Goodbye())
 
 
+@pytest.mark.reliability("B7")
 def test_oversized_frame_rejected_from_header_alone() -> None:
     h = opened_helper()
     h.receive_data(struct.pack("!HBBHHI", 0x4E53, 1, 3, 0, 0, 0xFFFFFFFF))
@@ -323,6 +325,7 @@ def test_oversized_frame_rejected_from_header_alone() -> None:
         ([raw_frame(9, b"\x00\x00"), raw_frame(10, bytes(8))], "frame_after_goodbye"),  # goodbye before hello is fine
     ],
 )
+@pytest.mark.reliability("B7")
 def test_helper_ordering_errors(frames: list[bytes], reason: str) -> None:
     h = Connection(Role.HELPER)
     h.receive_data(b"".join(frames))
@@ -451,6 +454,7 @@ def _fuzz(conn: Connection, chunks: list[bytes]) -> None:
         pass
 
 
+@pytest.mark.reliability("B7")
 @settings(max_examples=500)
 @given(st.lists(st.binary(min_size=1, max_size=64), max_size=8))
 def test_fuzz_fresh_helper(chunks: list[bytes]) -> None:
@@ -475,6 +479,7 @@ def test_fuzz_fresh_helper(chunks: list[bytes]) -> None:
         max_size=6,
     )
 )
+@pytest.mark.reliability("B7")
 def test_fuzz_open_connection_structured(chunks: list[bytes]) -> None:
     """Frame-shaped garbage (valid headers, random bodies) reaches the body decoders, not just the magic check."""
     _fuzz(opened_helper(), chunks)

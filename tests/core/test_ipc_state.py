@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -168,6 +169,7 @@ def _raw(kind: str, key: int) -> bytes:
     return b"".join(bytes(b) for b in bufs)
 
 
+@pytest.mark.reliability("B7")
 @settings(max_examples=300)
 @given(st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 3)), min_size=1, max_size=8))
 def test_helper_judges_provider_frames_like_the_model(frames: list[tuple[str, int]]) -> None:

@@ -138,6 +138,7 @@ for _ in range(MAX_EXTENSION_HEADERS + 1):
 CRAFTED.append(("ext_header_chain", bytes(_chain / UDP())))
 
 
+@pytest.mark.reliability("B1", "B2", "B3", "B4", "B5")
 @pytest.mark.parametrize(("reason", "data"), CRAFTED, ids=[f"{r}-{i}" for i, (r, _) in enumerate(CRAFTED)])
 @pytest.mark.parametrize("kind", range(len(BUFFER_KINDS)))
 def test_crafted_bad_packet_raises_reason(reason: str, data: bytes, kind: int) -> None:
@@ -170,6 +171,7 @@ def test_boundaries_just_inside_the_limits_parse() -> None:
 # -- IPv6 extension-header policy --------------------------------------------------------------------------
 
 
+@pytest.mark.reliability("B4")
 def test_ports_never_read_at_byte_40_behind_extension_headers() -> None:
     pkt = IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting() / IPv6ExtHdrDestOpt() / TCP(sport=1111, dport=2222)
     v = PacketView.parse_untrusted(bytes(pkt))
@@ -188,6 +190,7 @@ def test_ah_is_opaque() -> None:
     assert (v.protocol, v.sport, v.dport) == (51, 0, 0)
 
 
+@pytest.mark.reliability("B4")
 def test_ipv6_later_fragment_has_no_ports_and_stops_the_walk() -> None:
     v = PacketView.parse_untrusted(bytes(IPv6() / IPv6ExtHdrFragment(offset=10, nh=6, id=77) / Raw(bytes(64))))
     assert (v.is_fragment, v.fragment_offset, v.protocol, v.sport, v.identification) == (True, 80, 6, 0, 77)
@@ -256,6 +259,7 @@ def check_invariants(view: PacketView, n: int) -> None:
         assert view.sport == view.dport == 0 and view.fragment_offset >= 80
 
 
+@pytest.mark.reliability("B1")
 @settings(max_examples=500)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_only_bad_packet(data: bytes) -> None:
@@ -269,6 +273,7 @@ def test_arbitrary_bytes_raise_only_bad_packet(data: bytes) -> None:
                 check_invariants(view, len(data))
 
 
+@pytest.mark.reliability("B1")
 @settings(max_examples=400)
 @given(scapy_packets(allow_fragments=False), st.data())
 def test_mutated_real_packets_raise_only_bad_packet(built: Built, data: st.DataObject) -> None:
@@ -314,6 +319,7 @@ def test_a_successful_load_sets_every_slot(built: Built) -> None:
         getattr(general, slot)
 
 
+@pytest.mark.reliability("B1")
 @settings(max_examples=100)
 @given(scapy_packets())
 def test_every_proper_prefix_is_rejected_as_short(built: Built) -> None:

@@ -128,6 +128,7 @@ def oracle(policy: Policy, probe: Probe, names: set[str]) -> tuple[Action, int]:
     st.dictionaries(st.sampled_from(ADDRESSES), st.sets(st.sampled_from(NAMES), max_size=2), max_size=4),
     st.data(),
 )
+@pytest.mark.reliability("K6")
 def test_classify_matches_bruteforce_oracle(policy: Policy, bound: dict[str, set[str]], data: st.DataObject) -> None:
     batch = data.draw(st.lists(probes(sorted(bound)), min_size=1, max_size=15))
     engine = PolicyEngine(policy)
@@ -235,6 +236,7 @@ def test_binding_ttl_floor_and_cap_eviction() -> None:
     assert len(engine.bindings._heap) <= 2 * 3 + 64
 
 
+@pytest.mark.reliability("F13")
 def test_replace_is_atomic_and_keeps_bindings() -> None:
     addr = ipaddress.ip_network("203.0.113.0/24")
     old = Policy((Rule("old", Action.BYPASS, (addr,)),), default=Action.TUNNEL)

@@ -261,6 +261,7 @@ def _en0_flows(scenario: dict[str, Any], mech: str) -> tuple[dict[str, int], lis
     return kinds, other
 
 
+@pytest.mark.reliability("K6")
 @pytest.mark.parametrize("mech", MECHANISMS)
 def test_en0_capture_shows_bypass_in_clear_and_the_rest_as_wireguard(scenario: dict[str, Any], mech: str) -> None:
     _get(scenario, mech)

@@ -389,6 +389,7 @@ def test_en0_carries_only_wireguard_to_the_server(scenario: dict[str, Any]) -> N
     assert other == [], other[:10]
 
 
+@pytest.mark.reliability("S7")
 def test_no_probe_payload_in_clear_on_en0_but_decrypted_at_vpn(scenario: dict[str, Any]) -> None:
     _need(scenario, "stats_after_probes")
     token = scenario["token"].encode()
@@ -405,6 +406,7 @@ def test_no_probe_payload_in_clear_on_en0_but_decrypted_at_vpn(scenario: dict[st
 
 
 # ---------------------------------------------------------------------------------------------- security
+@pytest.mark.reliability("S1", "B7")
 def test_wrong_uid_and_malformed_clients_are_rejected(scenario: dict[str, Any]) -> None:
     _need(scenario, "helper_after_rejections")
     rc, out, err = scenario["wrong_uid"]
@@ -431,6 +433,7 @@ def test_provider_restart_reuses_the_helpers_wireguard_session(scenario: dict[st
     assert _balanced(after) == []
 
 
+@pytest.mark.reliability("F1")
 def test_helper_killed_mid_transfer_provider_reasserts_and_resumes(scenario: dict[str, Any]) -> None:
     _need(scenario, "stream", "provider_after_kill")
     assert scenario["helper_exit"] == -9
@@ -460,6 +463,7 @@ def test_helper_killed_mid_transfer_provider_reasserts_and_resumes(scenario: dic
     assert scenario["helper_after_kill"]["sessions"] == 1  # a fresh helper process
 
 
+@pytest.mark.reliability("F5")
 def test_wireguard_go_restart_new_handshake_and_traffic_resumes(scenario: dict[str, Any]) -> None:
     _need(scenario, "helper_final")
     assert scenario["server_restart_recovered_after"] is not None, "no ping answered within 60 s after restart"

@@ -227,6 +227,7 @@ def test_async_lab_tears_down_on_exception() -> None:
 
 
 # ---------------------------------------------------------------- lifecycle and cleanup
+@pytest.mark.reliability("R2")
 @pytest.mark.slow
 def test_twenty_up_down_cycles_leave_nothing(tmp_path: Path) -> None:
     _gate()
@@ -262,6 +263,7 @@ def _start_owner() -> tuple[subprocess.Popen[str], str]:
     return proc, run_id
 
 
+@pytest.mark.reliability("R1")
 def test_sigkilled_owner_is_cleaned_and_new_lab_comes_up() -> None:
     _gate()
     proc, run_id = _start_owner()

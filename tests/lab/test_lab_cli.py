@@ -65,6 +65,7 @@ def test_up_exec_status_down() -> None:
             proc.stdout.close()
 
 
+@pytest.mark.reliability("R1")
 def test_clean_after_sigkill_reports_and_removes() -> None:
     require_root()
     require_binary("ip", "nft", "iperf3")

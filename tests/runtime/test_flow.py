@@ -247,6 +247,7 @@ async def test_device_refusal_is_false_and_counted(backend: Any) -> None:
     assert flow.statistics().write_dropped_too_big == 1
 
 
+@pytest.mark.reliability("F9")
 @trio.testing.trio_test
 async def test_backpressure_when_the_provider_stops_reading(backend: Any) -> None:
     flow = PacketTunnelFlow(backend.device, batch_limit=1000)
@@ -290,6 +291,7 @@ async def test_second_concurrent_reader_is_refused() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.reliability("B5")
 @trio.testing.trio_test
 async def test_non_ip_packets_from_the_device_are_counted_not_delivered() -> None:
     device = MemoryTun("utun0", MTU)
@@ -300,6 +302,7 @@ async def test_non_ip_packets_from_the_device_are_counted_not_delivered() -> Non
     assert len(batch) == 1 and flow.statistics().read_dropped_malformed == 2
 
 
+@pytest.mark.reliability("F7")
 @trio.testing.trio_test
 async def test_closed_device_wakes_reader_with_tunnel_down() -> None:
     device = MemoryTun("utun0", MTU)

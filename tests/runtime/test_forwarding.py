@@ -84,6 +84,7 @@ def test_one_flow_read_becomes_one_ipc_frame() -> None:
     run_memory(main)
 
 
+@pytest.mark.reliability("F1")
 def test_helper_death_reasserts_then_resumes_and_accounts_for_every_packet() -> None:
     async def main() -> None:
         async with memory_tunnel() as t:

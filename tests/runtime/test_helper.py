@@ -110,6 +110,7 @@ def test_helper_keeps_tunnel_state_when_the_provider_reconnects() -> None:
     run_memory(main)
 
 
+@pytest.mark.reliability("F5")
 def test_server_restart_forces_a_new_handshake_and_traffic_resumes() -> None:
     async def main() -> None:
         async with memory_tunnel() as t:
@@ -280,6 +281,7 @@ def test_uds_server_rejects_malformed_and_wrong_uid_then_serves_the_real_provide
     trio.run(main)
 
 
+@pytest.mark.reliability("F13")
 def test_policy_update_over_ipc_is_applied_atomically_and_bad_ones_are_refused() -> None:
     async def main() -> None:
         async with memory_tunnel() as t:

@@ -70,6 +70,7 @@ async def sink(received: list[bytes]) -> Callable[[IpcChannel], Awaitable[None]]
     return handler
 
 
+@pytest.mark.reliability("S2")
 def test_socket_dir_and_file_permissions(sock_dir: Path) -> None:
     path = sock_dir / "run" / "helper.sock"
 
@@ -83,6 +84,7 @@ def test_socket_dir_and_file_permissions(sock_dir: Path) -> None:
     run(main)
 
 
+@pytest.mark.reliability("S2")
 def test_group_dir_mode_is_honoured(sock_dir: Path) -> None:
     path = sock_dir / "grp" / "helper.sock"
 
@@ -182,6 +184,7 @@ def test_partial_sends_and_iov_max_over_socketpair() -> None:
     run(main)
 
 
+@pytest.mark.reliability("LD3", "F9")
 def test_slow_reader_counted_drops_no_unbounded_growth() -> None:
     async def main() -> None:
         a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -215,6 +218,7 @@ def test_slow_reader_counted_drops_no_unbounded_growth() -> None:
     run(main)
 
 
+@pytest.mark.reliability("B7")
 def test_malformed_client_disconnected_good_client_served(sock_dir: Path) -> None:
     path = sock_dir / "h.sock"
 
@@ -298,6 +302,7 @@ print("EOF" if data == b"" else "DATA")
 """
 
 
+@pytest.mark.reliability("S1")
 def test_peer_uid_rejected_before_any_frame(sock_dir: Path) -> None:
     require_root()
     path = sock_dir / "h.sock"

@@ -172,6 +172,7 @@ def test_responder_keeps_next_until_confirmed() -> None:
     assert [x for _, x in p.a.take_received()] == [ipv4(B_TUN, A_TUN)]
 
 
+@pytest.mark.reliability("B6", "S4")
 def test_replayed_and_tampered_datagrams_dropped_without_reply() -> None:
     p = Pair()
     p.connect()
@@ -210,6 +211,7 @@ def test_bad_mac1_dropped() -> None:
     assert p.b.datagrams_to_send(0.0) == []
 
 
+@pytest.mark.reliability("S5")
 def test_inner_source_must_be_allowed() -> None:
     p = Pair()
     p.connect()

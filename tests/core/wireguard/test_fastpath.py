@@ -354,6 +354,7 @@ def test_replay_ring_matches_reference_at_wrap_points(counters: list[int]) -> No
         assert w.check_and_update(c) == ref.check(c), c
 
 
+@pytest.mark.reliability("S6")
 def test_encapsulate_never_reuses_a_counter_when_the_caller_errs() -> None:
     a, _, _, _, _ = _world(7)
     pkts = [ipv4(A4, B4, b"x" * 20)] * 4

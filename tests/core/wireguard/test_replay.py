@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,6 +30,7 @@ def test_window_size_is_wireguards() -> None:
     assert WINDOW_SIZE == 2048 - 64
 
 
+@pytest.mark.reliability("S4")
 @settings(max_examples=400)
 @given(st.lists(st.integers(0, 6000), max_size=300))
 def test_matches_reference(counters: list[int]) -> None:
@@ -37,6 +39,7 @@ def test_matches_reference(counters: list[int]) -> None:
         assert w.check_and_update(c) == ref.check(c), c
 
 
+@pytest.mark.reliability("S4")
 @settings(max_examples=200)
 @given(st.permutations(list(range(200))), st.integers(0, 2**40))
 def test_reordered_within_window_all_accepted_once(order: list[int], base: int) -> None:

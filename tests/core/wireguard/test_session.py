@@ -6,6 +6,7 @@ import random
 import struct
 from ipaddress import ip_network
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,6 +84,7 @@ def test_counter_is_sent_in_clear_and_decrypts_with_raw_aead() -> None:
     assert isinstance(recv_key.recv, ChaCha20Poly1305)
 
 
+@pytest.mark.reliability("S6")
 @settings(max_examples=30)
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=12))
 def test_nonce_never_repeats_under_a_key_across_rekeys(bursts: list[int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from ipaddress import ip_network
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,6 +48,7 @@ REAL = _real_datagrams()
 B_STATE = _devices()[1]
 
 
+@pytest.mark.reliability("B6")
 @settings(max_examples=400)
 @given(st.binary(max_size=300))
 def test_random_bytes_never_raise_nor_answer(data: bytes) -> None:
@@ -61,6 +63,7 @@ def test_random_bytes_never_raise_nor_answer(data: bytes) -> None:
     st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), min_size=1, max_size=4),
     st.integers(-8, 8),
 )
+@pytest.mark.reliability("B6")
 def test_mutated_real_messages(which: int, flips: list[tuple[int, int]], resize: int) -> None:
     data = bytearray(REAL[which])
     for pos, val in flips:
