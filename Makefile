@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# A second venv with the lowest versions pyproject.toml allows for every direct dependency, so a floor cannot lie.
+LOWEST := .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps demo test lint typecheck pytest bench bench-quick clean
+.PHONY: all setup sysdeps demo test lint typecheck pytest pytest-lowest bench bench-quick clean
 
 all: test
 
@@ -35,7 +38,17 @@ typecheck: $(STAMP)
 pytest: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: setup lint typecheck pytest
+$(LOWEST_STAMP): pyproject.toml $(STAMP)
+	@$(BIN)/uv venv -q --allow-existing -p $(BIN)/python $(LOWEST)
+	@VIRTUAL_ENV=$(LOWEST) $(BIN)/uv pip install -q --resolution lowest-direct -e '.[dev]'
+	@rm -f $(LOWEST)/.stamp-* && touch $@
+
+# The unprivileged tests against the lowest allowed direct dependencies (privileged gates skip here: the root
+# tier runs once, above, with the current versions).
+pytest-lowest: $(LOWEST_STAMP)
+	env -u NETSIM_REQUIRE_PRIVILEGED $(LOWEST)/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" $(PYTEST_ARGS)
+
+test: setup lint typecheck pytest pytest-lowest
 
 bench-quick: setup
 	$(BIN)/netsim bench --quick
@@ -45,4 +58,4 @@ bench: setup
 
 clean:
 	$(BIN)/netsim clean || true
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) .mypy_cache .ruff_cache .pytest_cache .hypothesis
