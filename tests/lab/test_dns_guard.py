@@ -208,6 +208,7 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             print(f"[dnsguard {mech}] probe={json.dumps(r['probe'])} control={r['control']!r}")
             print(f"[dnsguard {mech}] dns_guard={json.dumps(r['final'].get('dns_guard'))}")
             print(f"[dnsguard {mech}] dns={json.dumps((r['final'].get('policy') or {}).get('dns'))}")
+            print(f"[dnsguard {mech}] en0 in clear per remote={json.dumps(_clear_remotes(rec[f'{mech}_pcap']))}")
     return rec
 
 
