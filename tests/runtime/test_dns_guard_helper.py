@@ -162,3 +162,52 @@ def test_the_tunnel_own_addresses_are_protected() -> None:
             assert {"203.0.113.53", "192.0.2.2", "10.66.0.2"} <= got
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_nat_bypassed_resolver_answers_only_teach_when_asked() -> None:
+    """A resolver the policy bypasses: the query leaves by the NAT, its answer comes back through the capture and
+    is de-NATed to the app's own port, where it matches; a forgery sent to the same NAT port afterwards does not."""
+    from ipaddress import ip_interface, ip_network
+
+    from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
+    from netsim.core.wireguard.keys import PrivateKey
+    from netsim.runtime.helper import Helper
+    from netsim.testing.memory_tunnel import FakeNetwork
+
+    resolver = "198.51.100.53"  # not the tunnel's DNS server: reached by the bypass
+    text = POLICY + f'\n[[rule]]\nname = "dns-direct"\naction = "bypass"\ndst = ["{resolver}/32"]\n'
+    config = TunnelConfig(
+        InterfaceConfig(private_key=PrivateKey.generate(), addresses=(ip_interface(f"{CLIENT}/32"),), mtu=1420),
+        (
+            PeerConfig(
+                public_key=PrivateKey.generate().public_key(),
+                endpoint=Endpoint("192.0.2.2", 51820),
+                allowed_ips=(ip_network("0.0.0.0/0"),),
+            ),
+        ),
+    )
+    helper = Helper(
+        config, FakeNetwork().attach((EN0, 40000)), policy=PolicyEngine(parse_policy(text)), clock=lambda: 10.0
+    )
+    en0 = MemoryBypassTransport()
+    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), en0, ledger=helper.ledger, clock=lambda: 10.0)
+    helper.attach_bypass(nb)
+    delivered: list[bytes] = []
+    nb.deliver = lambda pkts: delivered.extend(pkts) or helper.deliver_bypass(pkts)  # type: ignore[func-returns-value]
+
+    def capture(packet: bytes) -> None:
+        en0.inject(packet)
+        nb.receive(en0.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 10.0)
+
+    assert helper._classify([memoryview(bytearray(_query(DOMAIN, dst=resolver)))], 10.0) == []  # NATed out
+    out = IP(en0.sent[0])
+    assert out.src == EN0 and out.dst == resolver
+    dns = DNS(id=ID, qr=1, qd=DNSQR(qname=DOMAIN), an=DNSRR(rrname=DOMAIN, type="A", ttl=60, rdata=TARGET))
+    capture(bytes(IP(src=resolver, dst=EN0) / UDP(sport=53, dport=out[UDP].sport) / dns))
+    assert [IP(p)[UDP].dport for p in delivered] == [PORT]  # de-NATed back to the app's port
+    guard = helper.dns_guard.statistics()
+    assert guard.matched == 1 and helper.policy is not None and len(helper.policy.bindings) == 1
+    forged = DNS(id=ID, qr=1, qd=DNSQR(qname=DOMAIN), an=DNSRR(rrname=DOMAIN, type="A", ttl=60, rdata="198.51.100.99"))
+    capture(bytes(IP(src=resolver, dst=EN0) / UDP(sport=53, dport=out[UDP].sport) / forged))
+    assert len(delivered) == 2 and helper.dns_guard.statistics().refused["unsolicited"] == 1
+    assert len(helper.policy.bindings) == 1
