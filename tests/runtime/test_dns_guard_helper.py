@@ -10,7 +10,7 @@ does.
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_interface, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ from netsim.core.ledger import LedgerSnapshot
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
+from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
+from netsim.core.wireguard.keys import PrivateKey
 from netsim.runtime.bypass import MemoryBypassTransport, NatBypass
-from netsim.testing.memory_tunnel import MemoryTunnel, icmp_echo, memory_tunnel
+from netsim.runtime.helper import Helper
+from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, icmp_echo, memory_tunnel
 
 POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read_text()
 CLIENT, EN0 = "10.66.0.2", "192.168.1.10"
@@ -167,13 +170,6 @@ def test_the_tunnel_own_addresses_are_protected() -> None:
 def test_nat_bypassed_resolver_answers_only_teach_when_asked() -> None:
     """A resolver the policy bypasses: the query leaves by the NAT, its answer comes back through the capture and
     is de-NATed to the app's own port, where it matches; a forgery sent to the same NAT port afterwards does not."""
-    from ipaddress import ip_interface, ip_network
-
-    from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
-    from netsim.core.wireguard.keys import PrivateKey
-    from netsim.runtime.helper import Helper
-    from netsim.testing.memory_tunnel import FakeNetwork
-
     resolver = "198.51.100.53"  # not the tunnel's DNS server: reached by the bypass
     text = POLICY + f'\n[[rule]]\nname = "dns-direct"\naction = "bypass"\ndst = ["{resolver}/32"]\n'
     config = TunnelConfig(
