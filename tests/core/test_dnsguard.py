@@ -25,6 +25,8 @@ RESOLVER = ipaddress.ip_address("203.0.113.53").packed
 OTHER = ipaddress.ip_address("203.0.113.99").packed
 TARGET = ipaddress.ip_address("198.51.100.2").packed
 
+pytestmark = pytest.mark.reliability("S9")
+
 
 def query(name: str = "isp.lab.test", ident: int = 0x1234, qtype: str = "A", qclass: int = 1) -> bytes:
     q = DNSRecord(DNSHeader(id=ident, qr=0, rd=1), q=DNSQuestion(name, getattr(QTYPE, qtype), qclass))
