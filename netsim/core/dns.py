@@ -22,13 +22,16 @@ from netsim.errors import BadPacket
 
 __all__ = [
     "CLASS_IN",
+    "DNS_MAX_TTL",
     "TYPE_A",
     "TYPE_AAAA",
     "TYPE_CNAME",
+    "DnsQuery",
     "DnsRecord",
     "DnsResponse",
     "bindings_from_response",
     "normalize_name",
+    "parse_dns_query_untrusted",
     "parse_dns_response_untrusted",
 ]
 
@@ -36,6 +39,12 @@ TYPE_A = 1
 TYPE_CNAME = 5
 TYPE_AAAA = 28
 CLASS_IN = 1
+
+#: The longest a binding learned from a DNS answer may live, in seconds, whatever TTL the answer claims. An hour
+#: is above the TTLs that names worth a domain rule use in practice (CDNs answer with seconds to minutes, most
+#: zones with at most an hour), so honest answers are unaffected, while a binding that should not exist (a
+#: resolver that lied, a name that moved) stops steering new flows within the hour instead of a day or more.
+DNS_MAX_TTL = 3600.0
 
 _HEADER = struct.Struct("!HHHHHH")
 _QTAIL = struct.Struct("!HH")
@@ -73,6 +82,17 @@ class DnsResponse:
     question: str
     qtype: int
     answers: tuple[DnsRecord, ...]
+    qclass: int = CLASS_IN
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """The parts of a DNS query needed to match its answer (RFC 5452 §3: id, question, addresses, ports)."""
+
+    id: int
+    question: str
+    qtype: int
+    qclass: int
 
 
 def normalize_name(name: str) -> str:
@@ -156,7 +176,7 @@ def parse_dns_response_untrusted(payload: bytes | bytearray | memoryview) -> Dns
     question, pos = _read_name(buf, _HEADER.size)
     if pos + _QTAIL.size > n:
         raise BadPacket("dns_truncated", "question cut off")
-    qtype, _qclass = _QTAIL.unpack_from(buf, pos)
+    qtype, qclass = _QTAIL.unpack_from(buf, pos)
     pos += _QTAIL.size
     answers: list[DnsRecord] = []
     for _ in range(ancount):
@@ -185,7 +205,35 @@ def parse_dns_response_untrusted(payload: bytes | bytearray | memoryview) -> Dns
                     raise BadPacket("dns_bad_rdata", "CNAME target does not fill its rdata")
                 answers.append(DnsRecord(name, rtype, ttl, target))
         pos = rdata_end
-    return DnsResponse(ident, flags & 0x000F, question, qtype, tuple(answers))
+    return DnsResponse(ident, flags & 0x000F, question, qtype, tuple(answers), qclass)
+
+
+def parse_dns_query_untrusted(payload: bytes | bytearray | memoryview) -> DnsQuery:
+    """Parse the header and the single question of a DNS query (QR clear, OPCODE 0 = QUERY, QDCOUNT 1).
+
+    Only the question is read: what follows it (an EDNS OPT record, RFC 6891) does not take part in matching.
+
+    Raises:
+        BadPacket: not a well-formed standard query (reason names the problem).
+    """
+    buf = memoryview(payload)
+    if buf.ndim != 1 or buf.itemsize != 1:
+        buf = buf.cast("B")
+    n = len(buf)
+    if n < _HEADER.size:
+        raise BadPacket("dns_truncated", f"{n} bytes is shorter than the 12-byte header")
+    ident, flags, qdcount, _an, _ns, _ar = _HEADER.unpack_from(buf, 0)
+    if flags & 0x8000:
+        raise BadPacket("dns_not_query", "QR bit set")
+    if flags & 0x7800:
+        raise BadPacket("dns_not_query", f"OPCODE {(flags >> 11) & 0xF} is not QUERY")
+    if qdcount != 1:
+        raise BadPacket("dns_bad_question", f"QDCOUNT is {qdcount}, expected 1")
+    question, pos = _read_name(buf, _HEADER.size)
+    if pos + _QTAIL.size > n:
+        raise BadPacket("dns_truncated", "question cut off")
+    qtype, qclass = _QTAIL.unpack_from(buf, pos)
+    return DnsQuery(ident, question, qtype, qclass)
 
 
 def bindings_from_response(response: DnsResponse) -> list[tuple[str, bytes, int]]:

@@ -34,10 +34,13 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from netsim.core.dns import bindings_from_response, normalize_name, parse_dns_response_untrusted
+from netsim.core.dns import DNS_MAX_TTL, bindings_from_response, normalize_name, parse_dns_response_untrusted
 from netsim.errors import BadPacket, ConfigError
+
+if TYPE_CHECKING:
+    from netsim.core.dnsguard import DnsGuard
 
 __all__ = [
     "PROTOCOLS",
@@ -309,7 +312,7 @@ class DnsBindings:
         *,
         max_bindings: int = 65536,
         min_ttl: float = 30.0,
-        max_ttl: float = 86400.0,
+        max_ttl: float = DNS_MAX_TTL,
         max_names_per_address: int = 32,
     ) -> None:
         if max_bindings < 1 or max_names_per_address < 1:
@@ -604,7 +607,7 @@ class PolicyEngine:
         *,
         max_bindings: int = 65536,
         min_ttl: float = 30.0,
-        max_ttl: float = 86400.0,
+        max_ttl: float = DNS_MAX_TTL,
     ) -> None:
         self._c = _Compiled(policy or Policy())
         self.bindings = DnsBindings(max_bindings=max_bindings, min_ttl=min_ttl, max_ttl=max_ttl)
@@ -698,19 +701,36 @@ class PolicyEngine:
 
     # ---------------------------------------------------------------------------------------------- dns
 
-    def learn_dns_response_untrusted(self, payload: bytes | bytearray | memoryview, now: float) -> int:
+    def learn_dns_response_untrusted(
+        self,
+        payload: bytes | bytearray | memoryview,
+        now: float,
+        *,
+        guard: DnsGuard | None = None,
+        resolver: bytes = b"",
+        client: bytes = b"",
+        client_port: int = 0,
+    ) -> int:
         """Learn name -> address bindings from one DNS response message; return how many were (re)learned.
+
+        With ``guard`` (what the helper does), only an answer to a query the guard recorded teaches anything:
+        ``resolver`` is the answer's source address, ``client``/``client_port`` its destination
+        (`netsim.core.dnsguard.DnsGuard.accept_response_untrusted` screens it and counts refusals). Without it
+        the message is trusted as is: for tools and tests that feed answers they obtained themselves.
 
         Raises:
             BadPacket: malformed message (also counted in ``statistics().dns.bad_responses``).
         """
         self.bindings.responses += 1
+        learned: Sequence[tuple[str, bytes, float]]
         try:
-            response = parse_dns_response_untrusted(payload)
+            if guard is not None:
+                learned = guard.accept_response_untrusted(resolver, client, client_port, payload, now)
+            else:
+                learned = bindings_from_response(parse_dns_response_untrusted(payload))
         except BadPacket:
             self.bindings.bad_responses += 1
             raise
-        learned = bindings_from_response(response)
         for name, addr, ttl in learned:
             self.bindings.learn(name, addr, ttl, now)
         return len(learned)

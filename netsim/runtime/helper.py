@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from netsim.core import ipc
+from netsim.core.dnsguard import DnsGuard, DnsGuardStatistics
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.core.packet import PacketView
 from netsim.core.policy import Action, Mechanism, PolicyEngine, PolicyStatistics, parse_policy
@@ -298,6 +299,8 @@ class HelperStatistics:
         bypass_sticky: TUNNEL verdicts kept on the NAT bypass because the flow already used it (a domain's DNS
             binding expired mid-flow).
         policy / bypass: the policy engine's and the NAT bypass's counters (None when not in use).
+        dns_guard: which DNS answers domain rules may learn from: queries seen, answers matched, refusals by
+            reason (`netsim.core.dnsguard`).
     """
 
     ledger: LedgerSnapshot
@@ -315,6 +318,7 @@ class HelperStatistics:
     bypass_sticky: int = 0
     policy: PolicyStatistics | None = None
     bypass: BypassStatistics | None = None
+    dns_guard: DnsGuardStatistics | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object carried in STATS_RESPONSE (`Helper.stats_json`)."""
@@ -344,6 +348,7 @@ class HelperStatistics:
             "bypass_sticky": self.bypass_sticky,
             "policy": None if self.policy is None else _policy_json(self.policy),
             "bypass": None if self.bypass is None else self.bypass.to_json(),
+            "dns_guard": None if self.dns_guard is None else self.dns_guard.to_json(),
         }
 
 
@@ -484,6 +489,7 @@ class Helper:
         self.settings_pushed = 0  # mid-session SETTINGS sent for new route exclusions (bypassed domains)
         self._held: list[Any] = []  # decrypted packets waiting for those SETTINGS to go out first
         self._dns_view = PacketView()
+        self.dns_guard = self._make_dns_guard()  # answers are learned only for queries it saw (_learn_dns)
         self._channel: IpcChannel | None = None
         self._scope: trio.CancelScope | None = None
         self._connected = trio.Event()
@@ -524,19 +530,33 @@ class Helper:
         self._send_to_provider(ch, packets)
         return None
 
+    def _make_dns_guard(self) -> DnsGuard:
+        """The tracker of the client's DNS queries; the tunnel's own addresses (its DNS servers, the WireGuard
+        servers, the interface addresses) are never learned, whatever an answer says."""
+        i = self.config.interface
+        own: list[Any] = [*i.dns_servers, *(a.ip for a in i.addresses)]
+        own += [peer.endpoint[0] for peer in self.device.peers if peer.endpoint is not None]
+        return DnsGuard(own)
+
     def _learn_dns(self, packets: Sequence[ipc.Buffer], now: float) -> int:
         """Teach the policy the name -> address answers in DNS responses (UDP from port 53), before the app
-        sees them, so a domain rule applies to the app's very first packet to that address. Returns how many
-        bindings were (re)learned."""
+        sees them, so a domain rule applies to the app's very first packet to that address. Only answers to a
+        query the client sent (recorded on the way out, `_classify`) count: `DnsGuard` matches id, question,
+        client port and the address asked, caps the TTL, refuses the tunnel's own addresses, and counts what it
+        refuses. Returns how many bindings were (re)learned."""
         assert self.policy is not None
         view = self._dns_view
         learn = self.policy.learn_dns_response_untrusted
+        guard = self.dns_guard
         learned = 0
         for pkt in packets:
             try:
                 view.load_untrusted(pkt)
                 if view.protocol == 17 and view.sport == 53 and not view.is_fragment:
-                    learned += learn(memoryview(pkt)[view.l4_offset + 8 : view.total_length], now)
+                    payload = memoryview(pkt)[view.l4_offset + 8 : view.total_length]
+                    learned += learn(
+                        payload, now, guard=guard, resolver=view.src, client=view.dst, client_port=view.dport
+                    )
             except BadPacket:
                 continue  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
         return learned
@@ -561,6 +581,7 @@ class Helper:
             bypass_sticky=self.bypass_sticky,
             policy=self.policy.statistics() if self.policy is not None else None,
             bypass=self.nat_bypass.statistics() if self.nat_bypass is not None else None,
+            dns_guard=self.dns_guard.statistics(),
         )
 
     def stats_json(self) -> dict[str, Any]:
@@ -865,6 +886,7 @@ class Helper:
         classify = engine.classify
         route_mechanism = engine.policy.mechanism is Mechanism.ROUTE
         nat = self.nat_bypass.nat if self.nat_bypass is not None and engine.has_domain_rules else None
+        track = self.dns_guard.record_query_untrusted if engine.has_domain_rules else None  # their answers teach
         view = self._view
         keep: list[memoryview] = []
         bypass: list[memoryview] = []
@@ -877,6 +899,8 @@ class Helper:
                 continue
             verdict = classify(view, now)
             action = verdict.action
+            if view.dport == 53 and track is not None and view.protocol == 17 and action is not Action.DROP:
+                track(view.src, view.sport, view.dst, memoryview(pkt)[view.l4_offset + 8 : view.total_length], now)
             if action is Action.TUNNEL:
                 if nat is not None and _nat_carries(nat, view, now):
                     self.verdicts["bypass"] += 1

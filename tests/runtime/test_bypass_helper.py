@@ -101,10 +101,27 @@ def _dns_reply(name: str, addr: str) -> bytes:
     return bytes(IP(src="203.0.113.53", dst=CLIENT) / UDP(sport=53, dport=33333) / dns)
 
 
+def _dns_query(name: str) -> bytes:
+    """The query `_dns_reply` answers: only answers to queries the client sent teach bindings (DnsGuard)."""
+    return bytes(
+        IP(src=CLIENT, dst="203.0.113.53") / UDP(sport=33333, dport=53) / DNS(id=1, rd=1, qd=DNSQR(qname=name))
+    )
+
+
+async def _ask(t: MemoryTunnel, name: str) -> None:
+    """An app in the Mac sends the query through the tunnel (the in-memory server ignores it)."""
+    ignored = t.server.ignored
+    t.tun.inject([_dns_query(name)])
+    with trio.fail_after(10):
+        while t.server.ignored == ignored:
+            await trio.sleep(0.001)
+
+
 def test_dns_answers_teach_the_domain_rule_before_the_app_sees_them() -> None:
     helper, tr = _nat_helper()
     target = IP(src=CLIENT, dst="198.51.100.2") / TCP(sport=40010, dport=80, flags="S")
     assert helper._classify([memoryview(bytearray(bytes(target)))], 10.0) != []  # unknown yet: tunnelled
+    helper._classify([memoryview(bytearray(_dns_query("isp.lab.test")))], 10.0)  # the app asks (tunnelled)
     assert helper.deliver_bypass([_dns_reply("isp.lab.test", "198.51.100.2")]) == "no_provider"  # learned anyway
     assert helper._classify([memoryview(bytearray(bytes(target)))], 11.0) == []  # now the domain rule bypasses it
     assert IP(tr.sent[-1]).dst == "198.51.100.2"
@@ -171,6 +188,7 @@ def test_route_mechanism_adds_host_routes_for_bypassed_domains_before_the_answer
             t.helper.policy = PolicyEngine(parse_policy(POLICY.replace('mechanism = "nat"', 'mechanism = "route"')))
             host = t.launcher.hosts[-1]
             applied_before = t.provider.statistics().settings_applied
+            await _ask(t, "isp.lab.test")
             _server_push(t, _dns_reply("isp.lab.test", "198.51.100.2"))
             with trio.fail_after(10):
                 while not (got := t.tun.take_written()):
@@ -183,6 +201,7 @@ def test_route_mechanism_adds_host_routes_for_bypassed_domains_before_the_answer
             seen["answer"] = [IP(p)[UDP].sport for p in got]
             seen["pushed"] = t.helper.stats_json()["settings_pushed"]
             # the same answer again teaches nothing new: no second push
+            await _ask(t, "isp.lab.test")
             _server_push(t, _dns_reply("isp.lab.test", "198.51.100.2"))
             with trio.fail_after(10):
                 while not t.tun.take_written():
@@ -198,6 +217,7 @@ def test_route_mechanism_adds_host_routes_for_bypassed_domains_before_the_answer
 
 def test_nat_flow_stays_on_the_bypass_when_its_dns_binding_expires() -> None:
     helper, tr = _nat_helper()
+    helper._classify([memoryview(bytearray(_dns_query("isp.lab.test")))], 10.0)
     helper.deliver_bypass([_dns_reply("isp.lab.test", "198.51.100.2")])  # learned at t=10 with TTL 60
 
     def pkt(sport: int, flags: str) -> list[memoryview]:
