@@ -352,6 +352,8 @@ def test_packets_flow_through_a_provider_on_memory_tun() -> None:
             await session.wait_status(S.DISCONNECTED)
             assert session.stop_reason is ProviderStopReason.USER_INITIATED  # the loop's TunnelDown is not a crash
 
+    mock_run(main)
+
 
 def test_exception_in_a_provider_task_fails_the_tunnel() -> None:
     m, launcher = manager(Echo)
