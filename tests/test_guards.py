@@ -46,3 +46,18 @@ def test_the_scan_sees_the_forgotten_runner() -> None:
         "    trio.run(main)\n"
     )
     assert unused_coroutines(src) == ["test_forgot::main"]
+
+
+def test_tests_skip_only_through_the_gate() -> None:
+    """A direct ``pytest.skip`` bypasses ``netsim.testing.require``, which turns skips into failures under CI."""
+    offenders = [
+        f"{path.relative_to(TESTS.parent)}:{node.lineno}"
+        for path in sorted(TESTS.rglob("*.py"))
+        if path.name != "test_guards.py"
+        for node in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.Attribute)
+        and node.attr in {"skip", "importorskip"}
+        and isinstance(node.value, ast.Name | ast.Attribute)
+        and (getattr(node.value, "id", None) == "pytest" or getattr(node.value, "attr", None) == "mark")
+    ]
+    assert not offenders, f"skip through netsim.testing.require instead: {offenders}"

@@ -70,7 +70,8 @@ class FakeNetwork:
     """Datagrams between `MemoryDatagramTransport` endpoints, with seeded loss and bounded inboxes.
 
     Args:
-        loss: probability that a datagram is dropped (counted in ``lost``), from ``random.Random(seed)``.
+        loss: probability that a datagram is dropped (counted in ``lost``; those carrying an inner packet also in
+            ``lost_data``), from ``random.Random(seed)``.
         capacity: datagrams an endpoint's inbox holds; more are dropped (counted in ``overflow``).
     """
 
@@ -81,6 +82,7 @@ class FakeNetwork:
         self.endpoints: dict[Address, MemoryDatagramTransport] = {}
         self.delivered = 0
         self.lost = 0
+        self.lost_data = 0
         self.overflow = 0
         self.unreachable = 0
 
@@ -93,6 +95,8 @@ class FakeNetwork:
     def _deliver(self, src: Address, dst: Address, data: bytes) -> None:
         if self.loss and self.rng.random() < self.loss:
             self.lost += 1
+            # WireGuard transport data carrying a packet (type 4, longer than a 32-byte keepalive): whitepaper §5.4.6
+            self.lost_data += len(data) > 32 and data[:4] == b"\x04\x00\x00\x00"
             return
         target = self.endpoints.get(dst)
         if target is None or target.closed:

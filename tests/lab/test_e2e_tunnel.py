@@ -319,7 +319,8 @@ def test_ping_udp_echo_iperf(scenario: dict[str, Any], fam: str) -> None:
     assert rc == 0 and " 0% packet loss" in out, out + err
     rc, udp, err = scenario[f"udp_{fam}"]
     assert rc == 0, err
-    assert udp["received"] == list(range(udp["sent"])), "every UDP probe echoed exactly once (L1)"
+    assert udp["received"] == list(range(udp["sent"])), "every UDP probe echoed (L1)"
+    assert udp["duplicates"] == 0, "and none twice (L1)"
     rc, report, err = scenario[f"iperf_{fam}"]
     assert rc == 0, err
     end = report["end"]

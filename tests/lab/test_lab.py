@@ -7,6 +7,7 @@ TTLs show the LAN host is reached without the router.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -122,8 +123,13 @@ def test_udp_echo_from_mac_socket(world: Lab, target: object) -> None:
 
 
 def test_iperf3(world: Lab) -> None:
-    out = sh(world, "mac", "iperf3", "-c", str(ADDR.www_v4), "-n", "2M", "--connect-timeout", "3000").stdout
-    assert b"receiver" in out
+    """iperf3 moves the whole 2 MB each way (a run and a reverse run) at a real rate."""
+    for reverse in ((), ("-R",)):
+        argv = ("iperf3", "-c", str(ADDR.www_v4), "-n", "2M", *reverse, "--json", "--connect-timeout", "3000")
+        end = json.loads(sh(world, "mac", *argv).stdout)["end"]
+        for key in ("sum_sent", "sum_received"):
+            assert end[key]["bytes"] >= 2_000_000, (reverse, key, end[key])  # -n 2M
+            assert end[key]["bits_per_second"] > 1e6, (reverse, key, end[key])  # a working link, not a speed target
 
 
 # ---------------------------------------------------------------- on-the-wire proofs

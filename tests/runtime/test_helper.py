@@ -138,6 +138,8 @@ def test_lossy_network_every_loss_is_counted_somewhere() -> None:
             replies = await t.exchange([icmp_echo(t.client_v4, WWW4, i) for i in range(sent)], timeout=30.0)
             assert 0 < len(replies) < sent
             assert t.network.lost > 0
+            # each echo is one datagram out and one back: every missing reply is one lost data datagram, either way
+            assert sent - len(replies) == t.network.lost_data
             h = await t.helper_stats()
             balanced(h)
             balanced(await t.provider_stats())
