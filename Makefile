@@ -29,8 +29,8 @@ demo: setup
 	$(BIN)/netsim demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check netsim tests benchmarks examples
-	$(BIN)/ruff format --check netsim tests benchmarks examples
+	$(BIN)/ruff check netsim tests examples
+	$(BIN)/ruff format --check netsim tests examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

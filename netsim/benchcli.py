@@ -1,13 +1,12 @@
-"""``netsim bench``: run the benchmark suite in ``benchmarks/`` (see docs/benchmarks.md).
+"""``netsim bench``: run the benchmark suite in `netsim.bench` (see docs/benchmarks.md).
 
-The suite lives next to the package in a source checkout (``benchmarks/`` is not installed); this command only
-parses options and hands over to `benchmarks.runner.run_bench`.
+The suite ships in the wheel (its C sources as package data, compiled at run time into ``~/.cache/netsim``), so
+``pip install netsim`` then ``netsim bench --quick`` works outside a checkout; this command only parses options and
+hands over to `netsim.bench.runner.run_bench`.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import click
@@ -16,17 +15,10 @@ __all__ = ["bench_command"]
 
 
 def _import_runner() -> ModuleType:
-    root = Path(__file__).resolve().parent.parent
-    if not (root / "benchmarks" / "runner.py").exists():
-        raise click.ClickException(
-            f"benchmarks/ not found next to the netsim package ({root}); run `netsim bench` from a source checkout "
-            "installed with `pip install -e .`"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import benchmarks.runner
+    # Imported on use: the runner pulls in the lab and the benchmark cases, which `netsim --help` does not need.
+    from netsim.bench import runner
 
-    return benchmarks.runner
+    return runner
 
 
 @click.command("bench")

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 
 # Shared 2-core machines are noisy: per-example deadlines would make property tests flaky, and speed is
-# measured in benchmarks/, not asserted here. Failing examples are printed with a reproduction blob.
+# measured by `netsim bench`, not asserted here. Failing examples are printed with a reproduction blob.
 # Test modules are imported with --import-mode=importlib (so tiers may reuse basenames such as test_bypass.py);
 # shared strategy helpers in tests/core are importable by name.
 sys.path.insert(0, str(Path(__file__).parent / "core"))

@@ -22,11 +22,11 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from benchmarks.bench_e2e import build_tools
-from benchmarks.bench_loop import reflect
-from benchmarks.bench_micro import udp4_packet
-from benchmarks.naive_loop import _swap
-from benchmarks.runner import compute_ratios, render_markdown, render_text, selector
+from netsim.bench.bench_e2e import build_tools
+from netsim.bench.bench_loop import reflect
+from netsim.bench.bench_micro import udp4_packet
+from netsim.bench.naive_loop import _swap
+from netsim.bench.runner import compute_ratios, render_markdown, render_text, selector
 from netsim.benchcli import bench_command
 from netsim.core import ipc
 from netsim.testing.require import require_binary, require_root, require_tun
@@ -182,7 +182,7 @@ def test_c_floor_helper_speaks_the_netsim_frame_format_and_reflects(tmp_path: Pa
 def test_without_root_lab_and_tun_cases_are_reported_skipped_with_the_reason(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from benchmarks import bench_e2e, runner
+    from netsim.bench import bench_e2e, runner
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     e2e = bench_e2e.run_e2e(quick=True, only="e2e/direct/udp64,e2e/c-floor/*")
@@ -204,7 +204,7 @@ def test_bench_e2e_paths_carry_traffic() -> None:
     require_root()
     require_tun()
     require_binary("cc", "ip", "nft", "iperf3", "wireguard-go", "wg", "ping")
-    from benchmarks import bench_e2e
+    from netsim.bench import bench_e2e
 
     cases = ["e2e/c-floor/udp64", "e2e/netsim-loop/udp64", "e2e/naive/udp64", "e2e/netsim/udp64"]
     out = bench_e2e.run_e2e(quick=True, only=",".join(cases))
@@ -218,7 +218,7 @@ def test_bench_e2e_paths_carry_traffic() -> None:
 
 
 def test_profile_summary_counts_self_and_inclusive_samples() -> None:
-    from benchmarks.profile_e2e import summarize
+    from netsim.bench.profile_e2e import summarize
 
     raw = (
         "main (a.py:1);loop (a.py:5);write (tun.py:9) 30\n"

@@ -199,7 +199,7 @@ class TunDevice:
             buf = bufs[count]
             view = memoryview(buf)[offset + hdr :]
             try:
-                # FileIO.readinto: no allocation, and ~300 ns cheaper per call than os.readv (benchmarks/).
+                # FileIO.readinto: no allocation, and ~300 ns cheaper per call than os.readv (netsim/bench/).
                 n = reader.readinto(view)
             except OSError as exc:
                 if exc.errno in _GONE_ERRNOS:

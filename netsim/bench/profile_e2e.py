@@ -1,8 +1,8 @@
 """Profile the processes of one end-to-end path under load with py-spy: where a packet's time goes.
 
-    python -m benchmarks.profile_e2e --path netsim-loop [--size 64] [--seconds 8] [--out DIR]
+    python -m netsim.bench.profile_e2e --path netsim-loop [--size 64] [--seconds 8] [--out DIR]
 
-Brings up a lab, starts the path exactly as `benchmarks.bench_e2e` does, drives it with ``udpload blast`` and
+Brings up a lab, starts the path exactly as `netsim.bench.bench_e2e` does, drives it with ``udpload blast`` and
 samples each Python process of the path with ``py-spy record --format raw`` (collapsed stacks; 200 Hz, native
 frames off, GIL-idle samples dropped). Writes ``<proc>.txt`` (the stacks, for flame graphs) and prints, per
 process, the functions with the most *self* samples and the largest *inclusive* shares. py-spy is a sampling
@@ -54,7 +54,7 @@ def summarize(raw: str, top: int = 12) -> str:
 
 
 async def _main(path: str, size: int, seconds: float, out: Path, strace: bool) -> None:
-    from benchmarks.bench_e2e import E2E, build_tools
+    from netsim.bench.bench_e2e import E2E, build_tools
     from netsim.lab.lab import Lab
 
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="netsim-loop")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--out", default="benchmarks/build/profiles")
+    parser.add_argument("--out", default="netsim-profiles")
     parser.add_argument("--strace", action="store_true", help="count syscalls per packet instead of sampling")
     args = parser.parse_args(argv)
     out = Path(args.out)

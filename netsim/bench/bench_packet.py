@@ -1,6 +1,6 @@
 """ns per packet to parse a seeded IPv4/IPv6 TCP/UDP/ICMP mix and read its 5-tuple: netsim vs scapy.
 
-Run: ``python -m benchmarks.bench_packet [--quick] [--json FILE]``. Each case runs in a fresh interpreter.
+Run: ``python -m netsim.bench.bench_packet [--quick] [--json FILE]``. Each case runs in a fresh interpreter.
 Cases, at 64, 576 and 1400-byte packets:
 
 * ``netsim load+5tuple``: one reused `PacketView`, ``load_untrusted`` then ``five_tuple()`` (the hot path).
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from benchmarks._common import Result, measure, parse_args, report, rng, run_isolated, write_json
+from netsim.bench._common import Result, measure, parse_args, report, rng, run_isolated, write_json
 
 SIZES = (64, 576, 1400)
 TARGET_NS = 1000.0
@@ -142,16 +142,22 @@ def main(argv: list[str] | None = None) -> int:
     for size in SIZES:
         ours = {
             v: run_isolated(
-                "benchmarks.bench_packet", "case_netsim", size=size, count=count, reps=reps, seed=args.seed, variant=v
+                "netsim.bench.bench_packet", "case_netsim", size=size, count=count, reps=reps, seed=args.seed, variant=v
             )
             for v in ("bytes", "mv", "new", "loop")
         }
         theirs = run_isolated(
-            "benchmarks.bench_packet", "case_scapy", size=size, count=scapy_count, reps=5, seed=args.seed
+            "netsim.bench.bench_packet", "case_scapy", size=size, count=scapy_count, reps=5, seed=args.seed
         )
         extra = [
             run_isolated(
-                "benchmarks.bench_packet", "case_checksum", size=size, count=count, reps=reps, seed=args.seed, variant=v
+                "netsim.bench.bench_packet",
+                "case_checksum",
+                size=size,
+                count=count,
+                reps=reps,
+                seed=args.seed,
+                variant=v,
             )
             for v in ("full", "rewrite")
         ]

@@ -1,6 +1,6 @@
-"""PNG plot of a `benchmarks.runner` report: packets/s by path and size, and the loop's batch sweep.
+"""PNG plot of a `netsim.bench.runner` report: packets/s by path and size, and the loop's batch sweep.
 
-    python -m benchmarks.plot report.json out.png
+    python -m netsim.bench.plot report.json out.png
 
 Left panel: end-to-end UDP packets/s (median, with min-max error bars) per path, grouped by packet size, log
 scale, because the paths span three orders of magnitude (naive vs direct). Right panel: the in-process
@@ -82,5 +82,5 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python -m benchmarks.plot report.json out.png")
+        raise SystemExit("usage: python -m netsim.bench.plot report.json out.png")
     plot(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2])

@@ -1,12 +1,12 @@
 """The provider <-> helper loop: round trips with 64 packets in flight, batch sweep 1/8/32/64/128.
 
-Run: ``python -m benchmarks.bench_loop [--quick] [--json FILE]`` (or ``netsim bench --only 'loop/*'``).
+Run: ``python -m netsim.bench.bench_loop [--quick] [--json FILE]`` (or ``netsim bench --only 'loop/*'``).
 
 In-process cases (one trio run each, in a fresh interpreter): a provider task keeps ``max(64, batch)`` packets in
 flight as ``batch``-packet PACKETS frames through a pair of `netsim.transports.uds.IpcChannel` objects; a helper
 task receives each `ipc.PacketBatch`, "forwards" every packet by reflecting it in place (addresses and ports
 swapped, as the C floor does) and sends the batch back. A round trip per packet is the number: ns/packet,
-packets/s, both from CPU time of the process (provider and helper share it here; `benchmarks._common.measure`'s
+packets/s, both from CPU time of the process (provider and helper share it here; `netsim.bench._common.measure`'s
 convention, the wall-clock median rides along) and allocations per packet (tracemalloc, one untimed pass). Transports:
 
 * ``memory``: `netsim.testing.ipc_pair.open_ipc_pair` (in-memory byte pipes, the in-memory backend);
@@ -16,7 +16,7 @@ convention, the wall-clock median rides along) and allocations per packet (trace
   reflects (`case_helper`; the server's own time is reported apart).
 
 The same provider and helper also run as two processes over a real TUN and Unix socket for the end-to-end
-``netsim-loop`` path (`provider_main`, `helper_main`, spawned by `benchmarks.bench_e2e`), next to the C floor and
+``netsim-loop`` path (`provider_main`, `helper_main`, spawned by `netsim.bench.bench_e2e`), next to the C floor and
 the naive loop doing the same job.
 """
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import trio
 
-from benchmarks._common import parse_args, report, run_isolated, write_json
-from benchmarks.bench_micro import result_from_samples, udp_corpus
+from netsim.bench._common import parse_args, report, run_isolated, write_json
+from netsim.bench.bench_micro import result_from_samples, udp_corpus
 
 __all__ = ["BATCHES", "INFLIGHT", "helper_main", "provider_main", "reflect"]
 
@@ -370,7 +370,7 @@ def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__.splitlines()[0] if __doc__ else "", argv)
-    results = [run_isolated("benchmarks.bench_loop", fn, **kw) for _, fn, kw in plan(args.quick, args.seed)]
+    results = [run_isolated("netsim.bench.bench_loop", fn, **kw) for _, fn, kw in plan(args.quick, args.seed)]
     report(results)
     if args.json:
         write_json(args.json, results)

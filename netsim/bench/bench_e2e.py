@@ -1,6 +1,6 @@
 """End to end in the lab: UDP packets/s and loss at 64/512/1400 bytes, TCP Gbit/s, per path, in one run.
 
-Run (root): ``python -m benchmarks.bench_e2e [--quick] [--json FILE] [--only PATTERN]``, or ``netsim bench``.
+Run (root): ``python -m netsim.bench.bench_e2e [--quick] [--json FILE] [--only PATTERN]``, or ``netsim bench``.
 
 One `netsim.lab.Lab` is brought up for the run; every path starts its own *fresh* processes, all paths are up at
 once (each with its own destination), and they are measured interleaved after a warm-up (see `E2E`). Paths
@@ -12,11 +12,11 @@ once (each with its own destination), and they are measured interleaved after a 
 * ``netsim``: utun -> `HelperForwardingProvider` -> UDS -> `netsim.runtime.helper.Helper` (WireGuard) ->
   wireguard-go in ``vpn`` (see `_netsim_path`; skipped with the reason when that stack cannot run).
 * ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
-  the helper reflecting each packet back (no crypto): `benchmarks.naive_loop`, ``benchmarks/c/floor.c`` and
-  netsim's loop (`benchmarks.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
+  the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop`, ``netsim/bench/c/floor.c`` and
+  netsim's loop (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
   TCP peer) and never leave ``mac``: they isolate the per-packet cost of the loop design.
 
-UDP load is ``udpload blast`` (C, ``benchmarks/c/udpload.c``): a closed loop with ``WINDOW`` datagrams in flight,
+UDP load is ``udpload blast`` (C, ``netsim/bench/c/udpload.c``): a closed loop with ``WINDOW`` datagrams in flight,
 to the path's own ``udpload echo`` in inet (or to the reflector). Sizes are IP packet sizes (UDP payload =
 size - 28). Reported: replies/s (packets/s), loss, and CPU seconds per packet of each process involved
 (``/proc/<pid>/stat`` deltas; the blaster's from ``RUSAGE_CHILDREN``; kernel softirq work on veth is nobody's
@@ -46,8 +46,10 @@ import trio
 
 __all__ = ["PATHS", "SIZES", "build_tools", "run_e2e"]
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "benchmarks" / "build"
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
+# Compiled tools go to a per-user cache, never into the package (site-packages may be read-only).
+BUILD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "netsim" / "bench-build"
 PATHS = ("direct", "wireguard-go", "netsim", "naive", "c-floor", "netsim-loop")
 LOOP_PATHS = ("naive", "c-floor", "netsim-loop")
 SIZES = (64, 512, 1400)
@@ -58,7 +60,7 @@ WG_NET = "10.66.0"
 
 
 def build_tools() -> dict[str, Path]:
-    """Compile ``benchmarks/c/*.c`` with ``cc -O2`` into ``benchmarks/build/`` (git-ignored) when stale.
+    """Compile ``netsim/bench/c/*.c`` with ``cc -O2`` into ``~/.cache/netsim/bench-build/`` when stale.
 
     Raises:
         RuntimeError: no C compiler, or a compile error (its output is in the message).
@@ -67,12 +69,9 @@ def build_tools() -> dict[str, Path]:
     if cc is None:
         raise RuntimeError("no C compiler (cc); apt-get install gcc")
     BUILD.mkdir(parents=True, exist_ok=True)
-    ignore = BUILD / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("# compiled at benchmark time\n*\n")
     out: dict[str, Path] = {}
     for name in ("floor", "udpload"):
-        src = ROOT / "benchmarks" / "c" / f"{name}.c"
+        src = HERE / "c" / f"{name}.c"
         exe = BUILD / name
         if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
             proc = subprocess.run(
@@ -325,11 +324,11 @@ class E2E:
             helper_argv = [str(self.tools["floor"]), "helper", sock]
             provider_argv = [str(self.tools["floor"]), "provider", tun, sock, "64"]
         elif kind == "naive":
-            helper_argv = [*py, "benchmarks.naive_loop", "helper", sock]
-            provider_argv = [*py, "benchmarks.naive_loop", "provider", tun, sock]
+            helper_argv = [*py, "netsim.bench.naive_loop", "helper", sock]
+            provider_argv = [*py, "netsim.bench.naive_loop", "provider", tun, sock]
         else:
-            helper_argv = [*py, "benchmarks.bench_loop", "helper", sock]
-            provider_argv = [*py, "benchmarks.bench_loop", "provider", tun, sock, "64"]
+            helper_argv = [*py, "netsim.bench.bench_loop", "helper", sock]
+            provider_argv = [*py, "netsim.bench.bench_loop", "provider", tun, sock, "64"]
         if kind != "netsim-loop":  # UnixIpcServer creates (and checks) its own 0700 directory
             sockdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {"PYTHONPATH": str(ROOT)}
@@ -429,13 +428,13 @@ def _netsim_unavailable() -> str | None:
 
 
 def _netsim_path(run: E2E, dst: str) -> Any:
-    from benchmarks import bench_netsim
+    from netsim.bench import bench_netsim
 
     return bench_netsim.netsim_path(run, dst)
 
 
 async def _run(quick: bool, only: str | None) -> dict[str, Any]:
-    from benchmarks.runner import selector
+    from netsim.bench.runner import selector
 
     selected = selector(only)
     wanted = [p for p in PATHS if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))]

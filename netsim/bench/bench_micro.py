@@ -1,7 +1,7 @@
 """Micro-benchmarks of each hot-path step, ns per packet: the pieces the loop and end-to-end numbers are made of.
 
-Run: ``python -m benchmarks.bench_micro [--quick] [--json FILE]`` (or ``netsim bench --only 'micro/*'``).
-Every case runs in a fresh interpreter (`benchmarks._common.run_isolated`), on a seeded corpus, after a warm-up,
+Run: ``python -m netsim.bench.bench_micro [--quick] [--json FILE]`` (or ``netsim bench --only 'micro/*'``).
+Every case runs in a fresh interpreter (`netsim.bench._common.run_isolated`), on a seeded corpus, after a warm-up,
 and reports the median/min/max of >= 5 timed passes.
 
 Cases written here:
@@ -40,7 +40,7 @@ import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from benchmarks._common import Result, measure, parse_args, report, rng, run_isolated, write_json
+from netsim.bench._common import Result, measure, parse_args, report, rng, run_isolated, write_json
 
 __all__ = ["alloc_profile", "result_from_samples", "udp4_packet", "udp_corpus"]
 
@@ -285,7 +285,7 @@ def case_tun(op: str, size: int, batches: int, reps: int, seed: int) -> dict[str
 
 # --------------------------------------------------------------------------------------------------- wrapped
 def case_parse(size: int, count: int, reps: int, seed: int) -> dict[str, Any]:
-    from benchmarks.bench_packet import case_netsim
+    from netsim.bench.bench_packet import case_netsim
 
     d = case_netsim(size=size, count=count, reps=reps, seed=seed, variant="bytes")
     d["name"] = f"micro/parse {size}B"
@@ -293,7 +293,7 @@ def case_parse(size: int, count: int, reps: int, seed: int) -> dict[str, Any]:
 
 
 def case_policy(rules: int, size: int, reps: int, seed: int) -> dict[str, Any]:
-    from benchmarks.bench_policy import case_classify
+    from netsim.bench.bench_policy import case_classify
 
     d = case_classify(n=rules, size=size, reps=reps, seed=seed)
     d["name"] = f"micro/policy {rules} rules"
@@ -301,7 +301,7 @@ def case_policy(rules: int, size: int, reps: int, seed: int) -> dict[str, Any]:
 
 
 def case_wireguard(size: int, rounds: int, reps: int) -> dict[str, Any]:
-    from benchmarks import bench_wireguard as bw
+    from netsim.bench import bench_wireguard as bw
 
     a, b = bw._pair()
 
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         if needs_root(name) and os.geteuid() != 0:
             print(f"skipped {name}: needs root for a TUN device")
             continue
-        results.append(run_isolated("benchmarks.bench_micro", fn, **kw))
+        results.append(run_isolated("netsim.bench.bench_micro", fn, **kw))
     report(results)
     if args.json:
         write_json(args.json, results)

@@ -1,6 +1,6 @@
 """Per-packet cost of each step of the provider <-> helper forwarding loop (docs/helper.md's table).
 
-    sudo .venv/bin/python -m benchmarks.bench_helper_steps [--quick] [--json FILE]
+    sudo .venv/bin/python -m netsim.bench.bench_helper_steps [--quick] [--json FILE]
 
 Each step is timed alone, on real kernel objects where the step is a syscall, with the same calls and buffers the
 loop uses, in batches of 64 packets (the flow's batch limit): a TUN in a private ``netsim-bs<hex>`` namespace
@@ -63,7 +63,7 @@ def _time(step: Callable[[], int], rounds: int, iters: int) -> tuple[float, floa
     return statistics.median(per), min(per)
 
 
-def _device_pair(size: int) -> tuple[WireGuardDevice, WireGuardDevice, Endpoint]:
+def _device_pair(size: int) -> tuple[WireGuardDevice, WireGuardDevice, tuple[str, int]]:
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
     a = WireGuardDevice(
         a_key,
@@ -296,7 +296,7 @@ def main() -> None:
         a, b = results["100"][step], results["1400"][step]
         print(f"{step:<52} {a[0]:>10.0f}/{a[1]:<9.0f} {b[0]:>10.0f}/{b[1]:<9.0f}")
     if "--json" in sys.argv:
-        from benchmarks._common import machine_info
+        from netsim.bench._common import machine_info
 
         path = sys.argv[sys.argv.index("--json") + 1]
         with open(path, "w") as f:

@@ -2,7 +2,7 @@
 
 How a benchmark uses it (see ``bench_packet.py``)::
 
-    from benchmarks._common import Result, measure, run_isolated, report, write_json, parse_args
+    from netsim.bench._common import Result, measure, run_isolated, report, write_json, parse_args
 
     def case_parse(size: int, reps: int) -> dict:          # module-level, JSON-able kwargs, returns a dict
         corpus = seeded_corpus(...)                         # build inputs with `rng(seed)`, outside the timing
@@ -10,7 +10,7 @@ How a benchmark uses it (see ``bench_packet.py``)::
             for p in corpus: ...
         return measure("parse", run, items=len(corpus), reps=reps).as_dict()
 
-    results = [run_isolated("benchmarks.bench_packet", "case_parse", size=64, reps=7)]
+    results = [run_isolated("netsim.bench.bench_packet", "case_parse", size=64, reps=7)]
     report(results); write_json(path, results)
 
 * `run_isolated` runs one case in a fresh interpreter (``python -c``), so imports, caches and the allocator
@@ -46,7 +46,7 @@ from typing import Any
 __all__ = ["Result", "machine_info", "measure", "parse_args", "report", "rng", "run_isolated", "write_json"]
 
 MIN_REPS = 5
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]  # the directory netsim is imported from
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@
   helper `IpcChannel` over an AF_UNIX socketpair in the same trio run (one process, so both sides share a core:
   a lower bound on what two processes reach). Packets/s from wall time.
 
-Run: ``.venv/bin/python -m benchmarks.bench_ipc [--quick] [--json FILE]``.
+Run: ``.venv/bin/python -m netsim.bench.bench_ipc [--quick] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import time
 from typing import Any
 
-from benchmarks._common import Result, measure, parse_args, report, rng, run_isolated, write_json
+from netsim.bench._common import Result, measure, parse_args, report, rng, run_isolated, write_json
 
 BATCH = 64
 
@@ -114,10 +114,12 @@ def main() -> None:
     results: list[Result] = []
     for size in (64, 1400):
         results.append(
-            run_isolated("benchmarks.bench_ipc", "case_roundtrip", size=size, batches=batches, reps=reps, seed=1)
+            run_isolated("netsim.bench.bench_ipc", "case_roundtrip", size=size, batches=batches, reps=reps, seed=1)
         )
     for size in (64, 1400):
-        results.append(run_isolated("benchmarks.bench_ipc", "case_uds", size=size, batches=batches, reps=reps, seed=2))
+        results.append(
+            run_isolated("netsim.bench.bench_ipc", "case_uds", size=size, batches=batches, reps=reps, seed=2)
+        )
     report(results)
     print("(ipc/uds: ns per packet of wall time for both ends in one process; items/s = packets/s)")
     if args.json:

@@ -17,7 +17,7 @@
  *   floor provider <tun_name> <uds_path> [batch]
  *
  * Each prints "READY ..." on stdout once set up and runs until SIGTERM; counters go to stderr at exit.
- * Built by benchmarks/runner.py with `cc -O2` into benchmarks/build/ (git-ignored).
+ * Built by netsim/bench/bench_e2e.py with `cc -O2` into ~/.cache/netsim/bench-build/.
  */
 #define _GNU_SOURCE
 #include <errno.h>

@@ -1,6 +1,6 @@
 """Micro-benchmark: WireGuard encapsulate + decapsulate per packet vs the raw AEAD calls on the same sizes.
 
-    python -m benchmarks.bench_wireguard [--quick] [--json results.json]
+    python -m netsim.bench.bench_wireguard [--quick] [--json results.json]
 
 For each inner size (64, 576, 1400 bytes) it measures, in the same process and run:
 
@@ -34,7 +34,7 @@ from ipaddress import ip_network
 from cryptography import __version__ as cryptography_version
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from benchmarks._common import Result, report, write_json
+from netsim.bench._common import Result, report, write_json
 from netsim.core.wireguard import PeerConfig, PrivateKey, Timers, WireGuardDevice
 from netsim.core.wireguard.config import Endpoint
 

@@ -1,16 +1,16 @@
 """The orchestrator behind ``netsim bench``: micro, loop and end-to-end cases, ratios, JSON, plot, tables.
 
     netsim bench [--quick] [--json FILE] [--plot FILE] [--only PATTERN] [--markdown FILE]
-    python -m benchmarks.runner ...            (the same, without the netsim CLI)
+    python -m netsim.bench.runner ...            (the same, without the netsim CLI)
 
-Every micro and loop case runs in a fresh interpreter (`benchmarks._common.run_isolated`); the end-to-end cases
+Every micro and loop case runs in a fresh interpreter (`netsim.bench._common.run_isolated`); the end-to-end cases
 run in one child process that brings up one lab and starts fresh provider/helper processes per path
-(`benchmarks.bench_e2e`). Cases that cannot run here (no root, no wireguard-go, no compiler) are listed under
+(`netsim.bench.bench_e2e`). Cases that cannot run here (no root, no wireguard-go, no compiler) are listed under
 ``skipped`` with the reason -- never silently left out. ``--only`` takes globs over case names (``micro/*``,
 ``loop/uds/*``, ``e2e/c-floor/*``; a bare word matches as a substring; commas separate alternatives).
 
 The JSON holds ``machine`` (Python, kernel, CPU, cores, load), ``results`` (one record per case, see
-`benchmarks._common.Result` and `benchmarks.bench_e2e`), ``skipped``, and ``ratios`` measured in the same run
+`netsim.bench._common.Result` and `netsim.bench.bench_e2e`), ``skipped``, and ``ratios`` measured in the same run
 against the issue's targets (`TARGETS`).
 """
 
@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import machine_info, run_isolated
+from netsim.bench._common import machine_info, run_isolated
 
 __all__ = ["TARGETS", "compute_ratios", "render_markdown", "render_text", "run_bench", "selector"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the directory netsim is imported from
 
 #: The issue's targets: ratio label -> minimum. The loop targets apply at every size; the wireguard-go one is
 #: set for 64-byte UDP and TCP only, as in the issue.
@@ -113,7 +113,7 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="netsim-bench-") as tmp:
         out_path = Path(tmp) / "e2e.json"
-        argv = [sys.executable, "-m", "benchmarks.bench_e2e", "--json", str(out_path)]
+        argv = [sys.executable, "-m", "netsim.bench.bench_e2e", "--json", str(out_path)]
         if quick:
             argv.append("--quick")
         if only:
@@ -139,7 +139,7 @@ def run_bench(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the selected cases and return the report document (also written as JSON/PNG/Markdown if asked)."""
-    from benchmarks import bench_e2e, bench_loop, bench_micro
+    from netsim.bench import bench_e2e, bench_loop, bench_micro
 
     t0 = time.monotonic()
     selected = selector(only)
@@ -147,8 +147,8 @@ def run_bench(
     skipped: list[dict[str, str]] = []
     root = os.geteuid() == 0
     for module, group, plan in (
-        ("benchmarks.bench_micro", "micro", bench_micro.plan(quick, seed)),
-        ("benchmarks.bench_loop", "loop", bench_loop.plan(quick, seed)),
+        ("netsim.bench.bench_micro", "micro", bench_micro.plan(quick, seed)),
+        ("netsim.bench.bench_loop", "loop", bench_loop.plan(quick, seed)),
     ):
         for case, fn, kw in plan:
             if not selected(case):
@@ -184,7 +184,7 @@ def run_bench(
     if json_path:
         Path(json_path).write_text(json.dumps(doc, indent=2) + "\n")
     if plot_path:
-        from benchmarks.plot import plot
+        from netsim.bench.plot import plot
 
         plot(doc, plot_path)
     if markdown_path:
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(Path(args.from_json).read_text())
         doc["ratios"], doc["targets"] = compute_ratios(doc["results"]), TARGETS  # today's ratio definitions
         if args.plot:
-            from benchmarks.plot import plot
+            from netsim.bench.plot import plot
 
             plot(doc, args.plot)
         if args.markdown:

@@ -8,11 +8,11 @@ Deliberately naive but correct, as a first version usually looks:
 * helper: reads one packet at a time, dissects it with scapy, "forwards" it by swapping source and destination
   (addresses and ports) and rebuilds it with scapy (checksums recomputed), one ``sendall`` per packet.
 
-The reflection is the same job the C floor (``benchmarks/c/floor.c``) and netsim's loop
-(`benchmarks.bench_loop.provider_main` / `helper_main`) do, so the three are comparable packet for packet.
+The reflection is the same job the C floor (``netsim/bench/c/floor.c``) and netsim's loop
+(`netsim.bench.bench_loop.provider_main` / `helper_main`) do, so the three are comparable packet for packet.
 
-    python -m benchmarks.naive_loop helper <uds_path>
-    python -m benchmarks.naive_loop provider <tun_name> <uds_path>
+    python -m netsim.bench.naive_loop helper <uds_path>
+    python -m netsim.bench.naive_loop provider <tun_name> <uds_path>
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End-to-end path 3 of `benchmarks.bench_e2e`: utun -> provider -> UDS -> helper -> WireGuard -> wireguard-go.
+"""End-to-end path 3 of `netsim.bench.bench_e2e`: utun -> provider -> UDS -> helper -> WireGuard -> wireguard-go.
 
 The pieces are netsim's own, unchanged: the provider is `netsim.runtime.forwarding.HelperForwardingProvider`
 hosted by `netsim.runtime.controller.TunnelProviderManager` in a process in ``mac`` (`SubprocessLauncher`); the
@@ -42,12 +42,12 @@ async def helper_main(config_path: str, sock_path: str) -> None:
 
 @asynccontextmanager
 async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
-    """Bring path 3 up in ``run.lab`` and yield a `benchmarks.bench_e2e.PathSetup`; tear it down after.
+    """Bring path 3 up in ``run.lab`` and yield a `netsim.bench.bench_e2e.PathSetup`; tear it down after.
 
     Only ``dst`` (an inet address with its own echo server) is routed into the tunnel.
     """
-    from benchmarks.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
     from netsim.apple import TunnelProviderProtocol, VPNStatus
+    from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
     from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
     from netsim.core.wireguard.keys import PrivateKey
     from netsim.lab.wireguard import WireGuardGo
@@ -76,7 +76,7 @@ async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
         await server.add_peer(client_key.public_key(), allowed_ips=[f"{NET}.2/32"])
         helper = lab.spawn(
             "mac",
-            [sys.executable, "-m", "benchmarks.bench_netsim", "helper", str(cfg_path), sock],
+            [sys.executable, "-m", "netsim.bench.bench_netsim", "helper", str(cfg_path), sock],
             name="bench-netsim-helper",
             env={"PYTHONPATH": str(ROOT)},
         )
@@ -118,4 +118,4 @@ if __name__ == "__main__":
         except KeyboardInterrupt:
             pass
     else:
-        raise SystemExit("usage: python -m benchmarks.bench_netsim helper <wg-quick.conf> <socket path>")
+        raise SystemExit("usage: python -m netsim.bench.bench_netsim helper <wg-quick.conf> <socket path>")

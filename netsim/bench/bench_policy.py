@@ -1,6 +1,6 @@
 """Micro-benchmark: policy classify per packet with 10/100/1000 rules, and NAT rewrite per packet.
 
-    python -m benchmarks.bench_policy [--quick] [--json results.json] [--seed N]
+    python -m netsim.bench.bench_policy [--quick] [--json results.json] [--seed N]
 
 Cases (each in a fresh interpreter, seeded corpora, warm-up, median/min/max of the repetitions):
 
@@ -22,7 +22,7 @@ import ipaddress
 import struct
 from typing import Any
 
-from benchmarks._common import Result, measure, parse_args, report, rng, run_isolated, write_json
+from netsim.bench._common import Result, measure, parse_args, report, rng, run_isolated, write_json
 from netsim.core.checksum import fill_checksums
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.packet import PacketView
@@ -161,7 +161,7 @@ def main() -> None:
     args = parse_args(__doc__ or "")
     size = 2000 if args.quick else 10000
     reps = 5 if args.quick else 9
-    mod = "benchmarks.bench_policy"
+    mod = "netsim.bench.bench_policy"
     results: list[Result] = []
     for n in (10, 100, 1000):
         results.append(run_isolated(mod, "case_classify", n=n, size=size, reps=reps, seed=args.seed))

@@ -1,1 +1,0 @@
-"""netsim micro-benchmarks: run each as ``python -m benchmarks.<name>``."""

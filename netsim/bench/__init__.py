@@ -1,0 +1,1 @@
+"""netsim micro-benchmarks: run each as ``python -m netsim.bench.<name>``."""
