@@ -57,6 +57,7 @@ from netsim.core.wireguard.noise import (
     xaead_encrypt,
 )
 from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
+from netsim.core.wireguard.ratelimiter import RateLimiter
 from netsim.core.wireguard.replay import RING_MASK
 from netsim.core.wireguard.session import NONCE, Keypair
 from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
@@ -65,6 +66,7 @@ from netsim.errors import LocalProtocolError
 Buffer = bytes | bytearray | memoryview
 
 __all__ = [
+    "DEFAULT_LOAD_THRESHOLD",
     "DROP_REASONS",
     "DeviceStatistics",
     "HandshakeCompleted",
@@ -82,6 +84,7 @@ DROP_REASONS = (
     "handshake_failed",  # initiation/response did not decrypt, unknown static key, bad DH
     "stale_timestamp",  # initiation TAI64N not newer than the last one from that peer (replayed initiation)
     "handshake_flood",  # initiations from one peer faster than HANDSHAKE_INITIATION_RATE
+    "rate_limited",  # under load, valid mac2, but the source's token bucket is empty (ratelimiter.py): no DH
     "unexpected_response",  # response/cookie for no handshake we have in flight
     "bad_cookie",  # cookie reply did not decrypt
     "unknown_receiver",  # transport message for an index we do not hold
@@ -139,6 +142,10 @@ class DeviceStatistics:
     cookie_replies_received: int
     staged: int
     drops: dict[str, int]
+    handshakes_processed: int = 0
+    """Handshake messages that passed the mac checks (and, under load, the rate limiter) and so cost a DH."""
+    handshakes_rate_limited: int = 0
+    """Under load: handshake messages with a valid mac2 refused by the per-source rate limiter (no DH)."""
 
     @property
     def dropped(self) -> int:
@@ -163,6 +170,11 @@ _MISS: Any = object()
 _PAD = bytes(PADDING_MULTIPLE)
 _PADS = tuple(bytes(k) for k in range(PADDING_MULTIPLE))  # zero padding by length, no per-packet slice
 _JOIN = b"".join
+# Handshake messages (valid mac1) per second above which the device is under load. wireguard-go's trigger is a
+# handshake-queue backlog of QueueHandshakeSize / 8 = 1024 / 8 = 128 messages (device.go IsUnderLoad); a sans-IO
+# device has no queue, so the same number is used as a per-second count of what it was handed.
+DEFAULT_LOAD_THRESHOLD = 128
+UNDER_LOAD_AFTER_TIME = 1.0  # seconds the device stays under load after the trigger (wireguard-go constants.go)
 
 
 class WireGuardDevice:
@@ -178,8 +190,12 @@ class WireGuardDevice:
         wall_offset: ``now + wall_offset`` is Unix wall time, used only for TAI64N timestamps and
             `Peer.last_handshake`.
         mtu: inner MTU; padding to 16 bytes never grows a packet past it (wireguard-go does the same).
-        load_threshold: handshake messages per second above which the device considers itself under load and
-            demands cookies (mac2); None disables the automatic trigger (``under_load`` can still be forced).
+        load_threshold: handshake messages (valid mac1) per second above which the device is under load for
+            the next second: it then answers a handshake message without a valid mac2 with a cookie reply
+            (no DH) and passes those with one through a per-source rate limiter before the DH (whitepaper
+            §5.4.7, wireguard-go ``receive.go``). Default `DEFAULT_LOAD_THRESHOLD`; None disables the automatic
+            trigger (``under_load`` can still be forced).
+        ratelimiter: the per-source limiter used under load (a fresh `RateLimiter` by default).
     """
 
     def __init__(
@@ -192,7 +208,8 @@ class WireGuardDevice:
         ephemeral: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
         wall_offset: float = 0.0,
         mtu: int = 1420,
-        load_threshold: int | None = None,
+        load_threshold: int | None = DEFAULT_LOAD_THRESHOLD,
+        ratelimiter: RateLimiter | None = None,
     ) -> None:
         raw = raw_key(private_key, "private_key")
         self._private = X25519PrivateKey.from_private_bytes(raw)
@@ -213,6 +230,7 @@ class WireGuardDevice:
         self._load_until = float("-inf")
         self._load_window_start = float("-inf")
         self._load_count = 0
+        self.ratelimiter = ratelimiter or RateLimiter()
         # our own mac1/cookie keys, for messages addressed to us (§5.4.4, §5.4.7)
         self._mac1_key = hash_(LABEL_MAC1, self.public_key)
         self._cookie_key = hash_(LABEL_COOKIE, self.public_key)
@@ -235,6 +253,7 @@ class WireGuardDevice:
         self.rx_keepalives = self.tx_keepalives = 0
         self.handshakes_initiated = self.handshakes_completed = 0
         self.cookie_replies_sent = self.cookie_replies_received = 0
+        self.handshakes_processed = 0
         for cfg in peers:
             self.add_peer(cfg)
 
@@ -326,6 +345,8 @@ class WireGuardDevice:
             cookie_replies_received=self.cookie_replies_received,
             staged=sum(len(p.staged) for p in self._peers.values()),
             drops=dict(self._drops),
+            handshakes_processed=self.handshakes_processed,
+            handshakes_rate_limited=self._drops["rate_limited"],
         )
 
     def next_event(self) -> Event | None:
@@ -346,7 +367,7 @@ class WireGuardDevice:
 
     def get_timer(self) -> float | None:
         """The earliest deadline at which `handle_timer` must be called, or None."""
-        best: float | None = None
+        best = self.ratelimiter.get_timer()
         for peer in self._peers.values():
             t = peer.deadline()
             if t is not None and (best is None or t < best):
@@ -355,6 +376,7 @@ class WireGuardDevice:
 
     def handle_timer(self, now: float) -> None:
         """Fire every peer timer due at ``now`` (wireguard-go ``timers.go`` expiry handlers)."""
+        self.ratelimiter.handle_timer(now)  # collect idle rate-limiter entries (bounded table)
         for peer in list(self._peers.values()):
             if peer.t_retransmit is not None and peer.t_retransmit <= now:
                 peer.t_retransmit = None
@@ -919,7 +941,13 @@ class WireGuardDevice:
         self._events.append(HandshakeCompleted(peer, initiator))
 
     def _check_macs(self, msg: bytes, addr: Endpoint, now: float) -> bool:
-        """mac1 always; mac2 when under load, answering a cookie reply if it is missing (§5.4.4, §5.4.7)."""
+        """mac1 always; under load, mac2 then the source's rate limit (§5.4.4, §5.4.7; wireguard-go receive.go).
+
+        Under load a message without a valid mac2 is answered with a cookie reply (a few microseconds, no DH)
+        and dropped as ``bad_mac2``; one with a valid mac2 -- its sender proved it receives at its source
+        address -- still has to find a token in that source's bucket (``rate_limited`` otherwise). True: go on
+        to the DH.
+        """
         n = len(msg)
         if not hmac.compare_digest(mac(self._mac1_key, msg[: n - 32]), msg[n - 32 : n - 16]):
             self._drops["bad_mac1"] += 1
@@ -928,7 +956,10 @@ class WireGuardDevice:
             return True
         cookie = self._cookie_for(addr, now)
         if hmac.compare_digest(mac(cookie, msg[: n - 16]), msg[n - 16 :]):
-            return True
+            if self.ratelimiter.allow(str(addr[0]), now):
+                return True
+            self._drops["rate_limited"] += 1
+            return False
         self._drops["bad_mac2"] += 1
         sender = m.U32.unpack_from(msg, 4)[0]
         nonce = self._rng.getrandbits(192).to_bytes(24, "little")
@@ -948,7 +979,7 @@ class WireGuardDevice:
             self._load_count = 0
         self._load_count += 1
         if self._load_count > self.load_threshold:
-            self._load_until = now + 1.0  # wireguard-go stays under load for UnderLoadAfterTime = 1 s
+            self._load_until = now + UNDER_LOAD_AFTER_TIME
         return now < self._load_until
 
     def _cookie_for(self, addr: Endpoint, now: float) -> bytes:
@@ -962,6 +993,7 @@ class WireGuardDevice:
         """Whitepaper §5.4.2, responder side: authenticate, then answer with a response (§5.4.3)."""
         if not self._check_macs(msg, addr, now):
             return
+        self.handshakes_processed += 1
         _, sender, e_pub, enc_static, enc_ts, _, _ = m.INITIATION.unpack(msg)
         ck, h = initial_chain(self.public_key)
         hs = HandshakeState(chaining_key=ck, hash=h)
@@ -1048,6 +1080,7 @@ class WireGuardDevice:
         if peer is None or peer.handshake is None or peer.handshake.ephemeral_private is None:
             self._drops["unexpected_response"] += 1
             return
+        self.handshakes_processed += 1
         src = peer.handshake
         assert src.ephemeral_private is not None
         hs = HandshakeState(chaining_key=src.chaining_key, hash=src.hash)
