@@ -44,6 +44,7 @@ from netsim.core.wireguard.noise import (
     LABEL_COOKIE,
     LABEL_MAC1,
     HandshakeState,
+    XAeadSealer,
     aead_decrypt,
     aead_encrypt,
     dh,
@@ -54,7 +55,6 @@ from netsim.core.wireguard.noise import (
     private_to_public,
     tai64n,
     xaead_decrypt,
-    xaead_encrypt,
 )
 from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
 from netsim.core.wireguard.ratelimiter import RateLimiter
@@ -84,6 +84,7 @@ DROP_REASONS = (
     "handshake_failed",  # initiation/response did not decrypt, unknown static key, bad DH
     "stale_timestamp",  # initiation TAI64N not newer than the last one from that peer (replayed initiation)
     "handshake_flood",  # initiations from one peer faster than HANDSHAKE_INITIATION_RATE
+    "handshake_overload",  # under load, past HANDSHAKE_BUDGET this second: dropped by its type alone, no crypto
     "rate_limited",  # under load, valid mac2, but the source's token bucket is empty (ratelimiter.py): no DH
     "unexpected_response",  # response/cookie for no handshake we have in flight
     "bad_cookie",  # cookie reply did not decrypt
@@ -175,6 +176,13 @@ _JOIN = b"".join
 # device has no queue, so the same number is used as a per-second count of what it was handed.
 DEFAULT_LOAD_THRESHOLD = 128
 UNDER_LOAD_AFTER_TIME = 1.0  # seconds the device stays under load after the trigger (wireguard-go constants.go)
+# Under load, at most this many handshake messages per second get any crypto (mac1, cookie reply, DH); the rest
+# are dropped on their type alone, so a driver drains its socket at the cost of a read and a type check and the
+# transport datagrams queued behind a flood are not lost in the kernel. wireguard-go sheds the same way: its
+# handshake queue holds QueueHandshakeSize = 1024 messages and drops when full, while transport data has queues of
+# its own. The number is that queue size, read as a per-second budget (a sans-IO device has no queue); a response
+# to a handshake we have in flight (its receiver index is ours, which an off-path sender cannot guess) is exempt.
+HANDSHAKE_BUDGET = 1024
 
 
 class WireGuardDevice:
@@ -236,6 +244,9 @@ class WireGuardDevice:
         self._cookie_key = hash_(LABEL_COOKIE, self.public_key)
         self._cookie_secret = b""
         self._cookie_secret_time = float("-inf")
+        self._cookie_sealer: XAeadSealer | None = None  # cookie-reply encryption, renewed with the secret
+        self._budget_window_start = float("-inf")
+        self._budget_count = 0
         self._peers: dict[bytes, Peer] = {}
         self._routes: AllowedIPs[Peer] = AllowedIPs()
         # address bytes -> owning peer: the hot path pays one dict probe instead of a longest-prefix walk.
@@ -886,6 +897,9 @@ class WireGuardDevice:
             self._drops["short"] += 1
             return
         kind = _U32_UNPACK(mv)[0]
+        if (kind == m.MSG_INITIATION or kind == m.MSG_RESPONSE) and self._over_budget(mv, n, kind, now):
+            self._drops["handshake_overload"] += 1
+            return
         if kind == m.MSG_INITIATION:
             if n != m.INITIATION_SIZE:
                 self._drops["bad_length"] += 1
@@ -962,14 +976,32 @@ class WireGuardDevice:
             return False
         self._drops["bad_mac2"] += 1
         sender = m.U32.unpack_from(msg, 4)[0]
-        nonce = self._rng.getrandbits(192).to_bytes(24, "little")
-        enc = xaead_encrypt(self._cookie_key, nonce, cookie, msg[n - 32 : n - 16])
+        sealer = self._cookie_sealer
+        if sealer is None or sealer.exhausted:
+            sealer = self._cookie_sealer = XAeadSealer(
+                self._cookie_key, self._rng.getrandbits(128).to_bytes(16, "little")
+            )
+        nonce, enc = sealer.seal(cookie, msg[n - 32 : n - 16])
         self._outbox.append((m.COOKIE_REPLY.pack(m.MSG_COOKIE_REPLY, sender, nonce, enc), addr))
         self.tx_datagrams += 1
         self.cookie_replies_sent += 1
         return False
 
+    def _over_budget(self, mv: memoryview, n: int, kind: int, now: float) -> bool:
+        """Under load, whether this handshake message is past the second's `HANDSHAKE_BUDGET` (drop it unread)."""
+        if not self.under_load and now >= self._load_until:
+            return False
+        if kind == m.MSG_RESPONSE and n == m.RESPONSE_SIZE and _U32_UNPACK(mv, 8)[0] in self._pending:
+            return False  # answers our own in-flight initiation: never shed (it still needs mac2 under load)
+        if now - self._budget_window_start >= 1.0:
+            self._budget_window_start = now
+            self._budget_count = 0
+        self._budget_count += 1
+        return self._budget_count > HANDSHAKE_BUDGET
+
     def _is_under_load(self, now: float) -> bool:
+        """Count a handshake message with a valid mac1; True while under load (forced, or the count passed
+        ``load_threshold`` in the current one-second window less than `UNDER_LOAD_AFTER_TIME` ago)."""
         if self.under_load:
             return True
         if self.load_threshold is None:
@@ -987,6 +1019,7 @@ class WireGuardDevice:
         if now - self._cookie_secret_time >= self.timers.cookie_refresh_time:
             self._cookie_secret = self._rng.getrandbits(256).to_bytes(32, "little")
             self._cookie_secret_time = now
+            self._cookie_sealer = None  # and a fresh nonce prefix with it
         return mac(self._cookie_secret, repr(tuple(addr[:2])).encode())
 
     def _receive_initiation(self, msg: bytes, addr: Endpoint, now: float) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "LABEL_COOKIE",
     "LABEL_MAC1",
     "HandshakeState",
+    "XAeadSealer",
     "aead_decrypt",
     "aead_encrypt",
     "dh",
@@ -142,6 +143,42 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """XAEAD: XChaCha20-Poly1305 = ChaCha20-Poly1305 under HChaCha20(key, nonce[:16]), nonce 0^4 || nonce[16:]."""
     return ChaCha20Poly1305(hchacha20(key, nonce24[:16])).encrypt(bytes(4) + nonce24[16:], plaintext, aad)
+
+
+class XAeadSealer:
+    """XChaCha20-Poly1305 encryption of many messages under one key, with one HChaCha20 for all of them.
+
+    The 24-byte nonce is a random 16-byte prefix, fixed for the sealer's life, then an 8-byte little-endian
+    counter: unique per message like a random nonce, but the HChaCha20 subkey depends only on the prefix, so
+    each message costs one ChaCha20-Poly1305 call. Whoever opens it needs nothing special (`xaead_decrypt`
+    with the nonce sent alongside). The device uses one per cookie secret for its cookie replies.
+
+    Args:
+        key: the 32-byte XAEAD key.
+        prefix: 16 random bytes (from the caller's rng: this layer has no randomness of its own).
+    """
+
+    LIMIT = 1 << 64  # counter values; a sealer past it must be replaced (`exhausted`)
+
+    def __init__(self, key: bytes, prefix: bytes) -> None:
+        if len(prefix) != 16:
+            raise ValueError(f"XAeadSealer prefix must be 16 bytes, got {len(prefix)}")
+        self._prefix = bytes(prefix)
+        self._aead = ChaCha20Poly1305(hchacha20(key, prefix))
+        self.counter = 0
+
+    @property
+    def exhausted(self) -> bool:
+        """True once every counter value was used."""
+        return self.counter >= self.LIMIT
+
+    def seal(self, plaintext: bytes, aad: bytes) -> tuple[bytes, bytes]:
+        """Return ``(nonce24, ciphertext)``, the same as ``xaead_encrypt(key, nonce24, plaintext, aad)``."""
+        if self.counter >= self.LIMIT:
+            raise ValueError("XAeadSealer exhausted: make a new one with a fresh prefix")
+        tail = self.counter.to_bytes(8, "little")
+        self.counter += 1
+        return self._prefix + tail, self._aead.encrypt(bytes(4) + tail, plaintext, aad)
 
 
 def xaead_decrypt(key: bytes, nonce24: bytes, ciphertext: bytes, aad: bytes) -> bytes:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from netsim.core.wireguard import PeerConfig, PrivateKey, Timers, WireGuardDevice, noise
 from netsim.core.wireguard import messages as m
 from netsim.core.wireguard.config import Endpoint
-from netsim.core.wireguard.device import DEFAULT_LOAD_THRESHOLD
+from netsim.core.wireguard.device import DEFAULT_LOAD_THRESHOLD, HANDSHAKE_BUDGET
 from netsim.core.wireguard.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 
 A_ADDR = ("192.0.2.10", 40000)
@@ -225,12 +225,45 @@ def test_flood_costs_bounded_dh_and_data_keeps_flowing() -> None:
         p.b.datagrams_to_send(now)
     s = p.b.statistics()
     assert delivered == 200, "transport data of the established session is never limited"
-    # only the first window's threshold reached the DH (A's own initiation at 0.0 was one of them); then only
-    # cookie replies, as the attacker never used its cookies
+    # only the first window's threshold reached the DH (A's own initiation at 0.0 was one of them); then cookie
+    # replies, as the attacker never used its cookies, up to the handshake budget; the rest is shed unread
     assert s.handshakes_processed == DEFAULT_LOAD_THRESHOLD
     assert s.drops["handshake_failed"] == DEFAULT_LOAD_THRESHOLD - 1
-    assert s.cookie_replies_sent == 20_000 - (DEFAULT_LOAD_THRESHOLD - 1)
+    assert s.cookie_replies_sent + s.drops["handshake_overload"] == 20_000 - (DEFAULT_LOAD_THRESHOLD - 1)
+    # two budget windows, plus the message that tripped the load (it was admitted before the device was loaded)
+    assert s.cookie_replies_sent == 2 * HANDSHAKE_BUDGET + 1
     assert s.handshakes_rate_limited == 0
+
+
+def test_budget_sheds_the_flood_but_not_a_response_to_our_handshake() -> None:
+    """Past HANDSHAKE_BUDGET in a second, handshake messages are dropped unread -- except a response whose
+    receiver index is our in-flight initiation's (it still needs mac2: it gets a cookie reply)."""
+    p = Pair()
+    p.a.under_load = True  # A, the initiator, is the one flooded here
+    for d in forged_initiations(p.a.public_key, HANDSHAKE_BUDGET + 50):
+        p.a.receive_datagram_untrusted(d, EVIL, 0.2)
+    s = p.a.statistics()
+    assert s.cookie_replies_sent == HANDSHAKE_BUDGET and s.drops["handshake_overload"] == 50
+    assert s.handshakes_processed == 0
+    p.a.datagrams_to_send(0.2)
+    p.a.initiate(p.a.peers[0], 0.3)
+    ((init, _),) = p.a.datagrams_to_send(0.3)
+    p.b.receive_datagram_untrusted(init, A_ADDR, 0.3)
+    ((resp, _),) = p.b.datagrams_to_send(0.3)
+    p.a.receive_datagram_untrusted(resp, B_ADDR, 0.3)
+    s = p.a.statistics()
+    assert s.drops["handshake_overload"] == 50 and s.cookie_replies_sent == HANDSHAKE_BUDGET + 1
+    ((reply, to),) = p.a.datagrams_to_send(0.3)
+    assert to == B_ADDR and reply[0] == m.MSG_COOKIE_REPLY
+    # a forged "response" with a receiver index nobody holds is shed like the rest
+    bogus = bytearray(resp)
+    bogus[8:12] = (int.from_bytes(resp[8:12], "little") ^ 1).to_bytes(4, "little")
+    p.a.receive_datagram_untrusted(bytes(bogus), EVIL, 0.3)
+    assert p.a.statistics().drops["handshake_overload"] == 51
+    # the next second has a fresh budget
+    [late] = forged_initiations(p.a.public_key, 1, seed=5)
+    p.a.receive_datagram_untrusted(late, EVIL, 1.3)
+    assert p.a.statistics().cookie_replies_sent == HANDSHAKE_BUDGET + 2
 
 
 def test_flood_with_valid_mac2_is_rate_limited_per_source() -> None:
