@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -110,6 +111,13 @@ def _device(stats: dict[str, Any]) -> dict[str, Any]:
     return dev
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (proc(5): fields 14 and 15 of /proc/<pid>/stat, in ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _settled_stats(t: Any) -> dict[str, Any]:
     """The helper's statistics once its ledger stopped moving (the flood's backlog is drained)."""
     last = None
@@ -150,6 +158,7 @@ def flood() -> dict[str, Any]:
             rc = (await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", www], check=False)).returncode
             assert rc == 0, "the tunnel works before the flood"
             before = await _settled_stats(t)
+            cpu_before = _cpu_seconds(t.helper.pid)
             ping = lab.spawn("mac", ["ping", "-c", str(PINGS), "-i", "0.02", "-W", "2", www], name="ping")
             await trio.sleep(0.5)
             argv = [
@@ -168,6 +177,7 @@ def flood() -> dict[str, Any]:
                 f"--- attacker ---\n{rec['attacker']}\n--- ping ---\n{rec['ping'][-600:]}"
             )
             rec["after"] = await _settled_stats(t)
+            rec["helper_cpu_seconds"] = round(_cpu_seconds(t.helper.pid) - cpu_before, 2)
             rec["before"] = before
             rc = (await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", www], check=False)).returncode
             rec["ping_after_rc"] = rc
@@ -192,6 +202,7 @@ def flood() -> dict[str, Any]:
         "ping_received": received,
         "ping_loss_pct": 100.0 * (transmitted - received) / transmitted,
         "ping_max_rtt_ms": float(rtt.group(1)) if rtt else None,
+        "helper_cpu_seconds": rec["helper_cpu_seconds"],
     }
     print("S10 figures:", json.dumps(rec["figures"]))
     return rec
