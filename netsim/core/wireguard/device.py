@@ -5,7 +5,10 @@ Theory of operation (aioquic style). The caller owns the UDP socket and the cloc
 * inbound: ``receive_datagram_untrusted(data, addr, now)`` for each UDP payload (or
   ``receive_datagrams_untrusted(datagrams, addrs, now)`` for a batch). Bad, unauthenticated or
   replayed datagrams are dropped and counted under a named reason and never answered (no oracle); the only
-  unsolicited answer is a cookie reply, and only when under load (§5.4.7). Decrypted inner packets are taken in
+  unsolicited answer is a cookie reply, and only when under load (§5.4.7): past ``load_threshold`` handshake
+  messages a second, one without a valid mac2 gets a cookie reply instead of a DH, one with a valid mac2 must
+  pass its source's rate limiter (`ratelimiter`), and past `HANDSHAKE_BUDGET` a second they are dropped unread.
+  Transport data never goes through any of it. Decrypted inner packets are taken in
   batches with ``take_received()``; control events (handshake completed / given up) with ``next_event()``.
 * outbound data: ``encapsulate(packets, now, out_bufs, out_sizes, out_addrs)`` picks the peer by AllowedIPs
   longest prefix on the inner destination and writes each datagram into a caller buffer; packets for a peer with
@@ -68,6 +71,8 @@ Buffer = bytes | bytearray | memoryview
 __all__ = [
     "DEFAULT_LOAD_THRESHOLD",
     "DROP_REASONS",
+    "HANDSHAKE_BUDGET",
+    "UNDER_LOAD_AFTER_TIME",
     "DeviceStatistics",
     "HandshakeCompleted",
     "HandshakeTimeout",

@@ -62,6 +62,24 @@ def test_hchacha20_counter_word_extremes(nonce: bytes) -> None:
     assert noise.hchacha20(key, nonce) == _hchacha20_reference(key, nonce)
 
 
+def test_sealer_is_xaead_with_unique_nonces() -> None:
+    key, prefix = bytes(range(32)), bytes(range(100, 116))
+    sealer = noise.XAeadSealer(key, prefix)
+    seen = set()
+    for i in range(50):
+        nonce, ct = sealer.seal(b"cookie%010d" % i, b"mac1-of-message!")
+        assert nonce[:16] == prefix and nonce not in seen
+        seen.add(nonce)
+        assert ct == noise.xaead_encrypt(key, nonce, b"cookie%010d" % i, b"mac1-of-message!")
+        assert noise.xaead_decrypt(key, nonce, ct, b"mac1-of-message!") == b"cookie%010d" % i
+    sealer.counter = noise.XAeadSealer.LIMIT
+    assert sealer.exhausted
+    with pytest.raises(ValueError, match="exhausted"):
+        sealer.seal(b"x", b"")
+    with pytest.raises(ValueError, match="16 bytes"):
+        noise.XAeadSealer(key, b"short")
+
+
 # ---------------------------------------------------------------------------------------------- a pair
 def _ipv4(src: str, dst: str, payload: bytes) -> bytes:
     total = 20 + len(payload)
