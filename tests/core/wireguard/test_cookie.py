@@ -245,8 +245,8 @@ def test_flood_costs_bounded_dh_and_data_keeps_flowing() -> None:
     assert delivered == 200, "transport data of the established session is never limited"
     # only the first window's threshold reached the DH (A's own initiation at 0.0 was one of them); then cookie
     # replies, as the attacker never used its cookies, up to the handshake budget; the rest is shed unread
+    assert s.drops["handshake_failed"] == DEFAULT_LOAD_THRESHOLD - 1  # unfixed: 20000, one DH each
     assert s.handshakes_processed == DEFAULT_LOAD_THRESHOLD
-    assert s.drops["handshake_failed"] == DEFAULT_LOAD_THRESHOLD - 1
     assert s.cookie_replies_sent + s.drops["handshake_overload"] == 20_000 - (DEFAULT_LOAD_THRESHOLD - 1)
     # two budget windows, plus the message that tripped the load (it was admitted before the device was loaded)
     assert s.cookie_replies_sent == 2 * HANDSHAKE_BUDGET + 1
@@ -296,6 +296,7 @@ def test_flood_with_valid_mac2_is_rate_limited_per_source() -> None:
     for i, d in enumerate(flood):
         p.b.receive_datagram_untrusted(_with_mac2(d, cookie), EVIL, i * seconds / len(flood))
     s = p.b.statistics()
+    assert s.drops["handshake_failed"] <= PACKETS_PER_SECOND * seconds + PACKETS_BURSTABLE  # unfixed: 3000
     assert PACKETS_PER_SECOND * seconds <= s.handshakes_processed <= PACKETS_PER_SECOND * seconds + PACKETS_BURSTABLE
     assert s.handshakes_rate_limited == len(flood) - s.handshakes_processed
     assert s.cookie_replies_sent == 1
