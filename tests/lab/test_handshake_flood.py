@@ -7,6 +7,10 @@ answers a cookie: the attacker owns its address, so it can put a valid mac2 on m
 the per-source rate limiter must hold to ``PACKETS_PER_SECOND``. The assertions are correctness, not speed:
 ping keeps its replies (the tunnel did not stop), the DH work the flood caused is bounded by the under-load
 mode and the rate limiter (from the helper's counters), and the helper's ledger balances.
+
+On the code before the fix (no under-load mode by default, no rate limiter, no handshake budget) the helper read
+about 17k of the 100k, ran a DH for each (``handshake_failed``), and ping lost 8.5-11 % with RTTs over a second:
+the loss and DH assertions fail. Figures before/after are in docs/helper.md (faults).
 """
 
 from __future__ import annotations
@@ -192,12 +196,12 @@ def flood() -> dict[str, Any]:
     rtt = _PING_RTT.search(rec["ping"])
     rec["figures"] = {
         **rec["attacker"],
-        "dh": a.get("handshakes_processed", 0) - b.get("handshakes_processed", 0),
+        "dh": a["handshakes_processed"] - b["handshakes_processed"],
         "handshake_failed": a["drops"].get("handshake_failed", 0) - b["drops"].get("handshake_failed", 0),
-        "cookie_replies_sent": a.get("cookie_replies_sent", 0) - b.get("cookie_replies_sent", 0),
-        "rate_limited": a.get("handshakes_rate_limited", 0) - b.get("handshakes_rate_limited", 0),
+        "cookie_replies_sent": a["cookie_replies_sent"] - b["cookie_replies_sent"],
+        "rate_limited": a["handshakes_rate_limited"] - b["handshakes_rate_limited"],
         "bad_mac2": a["drops"].get("bad_mac2", 0) - b["drops"].get("bad_mac2", 0),
-        "wg_decrypt_read": a["rx_datagrams"] - b["rx_datagrams"],
+        "helper_rx_datagrams": a["rx_datagrams"] - b["rx_datagrams"],
         "ping_transmitted": transmitted,
         "ping_received": received,
         "ping_loss_pct": 100.0 * (transmitted - received) / transmitted,
@@ -212,7 +216,7 @@ def flood() -> dict[str, Any]:
 def test_tunnel_keeps_working_under_a_handshake_flood(flood: dict[str, Any]) -> None:
     f = flood["figures"]
     assert f["sent"] == FLOOD, "the whole flood went out (else the test proves nothing)"
-    assert f["wg_decrypt_read"] > 1000, "a real part of the flood reached the helper"
+    assert f["helper_rx_datagrams"] > 1000, "a real part of the flood reached the helper"
     assert f["ping_loss_pct"] <= 1.0, f
     assert flood["ping_after_rc"] == 0
 
