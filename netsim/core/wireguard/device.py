@@ -5,7 +5,10 @@ Theory of operation (aioquic style). The caller owns the UDP socket and the cloc
 * inbound: ``receive_datagram_untrusted(data, addr, now)`` for each UDP payload (or
   ``receive_datagrams_untrusted(datagrams, addrs, now)`` for a batch). Bad, unauthenticated or
   replayed datagrams are dropped and counted under a named reason and never answered (no oracle); the only
-  unsolicited answer is a cookie reply, and only when under load (§5.4.7). Decrypted inner packets are taken in
+  unsolicited answer is a cookie reply, and only when under load (§5.4.7): past ``load_threshold`` handshake
+  messages a second, one without a valid mac2 gets a cookie reply instead of a DH, one with a valid mac2 must
+  pass its source's rate limiter (`ratelimiter`), and past `HANDSHAKE_BUDGET` a second they are dropped unread.
+  Transport data never goes through any of it. Decrypted inner packets are taken in
   batches with ``take_received()``; control events (handshake completed / given up) with ``next_event()``.
 * outbound data: ``encapsulate(packets, now, out_bufs, out_sizes, out_addrs)`` picks the peer by AllowedIPs
   longest prefix on the inner destination and writes each datagram into a caller buffer; packets for a peer with
@@ -44,6 +47,7 @@ from netsim.core.wireguard.noise import (
     LABEL_COOKIE,
     LABEL_MAC1,
     HandshakeState,
+    XAeadSealer,
     aead_decrypt,
     aead_encrypt,
     dh,
@@ -54,9 +58,9 @@ from netsim.core.wireguard.noise import (
     private_to_public,
     tai64n,
     xaead_decrypt,
-    xaead_encrypt,
 )
 from netsim.core.wireguard.peer import Endpoint, Peer, endpoint_of, raw_key
+from netsim.core.wireguard.ratelimiter import RateLimiter
 from netsim.core.wireguard.replay import RING_MASK
 from netsim.core.wireguard.session import NONCE, Keypair
 from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
@@ -65,7 +69,10 @@ from netsim.errors import LocalProtocolError
 Buffer = bytes | bytearray | memoryview
 
 __all__ = [
+    "DEFAULT_LOAD_THRESHOLD",
     "DROP_REASONS",
+    "HANDSHAKE_BUDGET",
+    "UNDER_LOAD_AFTER_TIME",
     "DeviceStatistics",
     "HandshakeCompleted",
     "HandshakeTimeout",
@@ -82,6 +89,8 @@ DROP_REASONS = (
     "handshake_failed",  # initiation/response did not decrypt, unknown static key, bad DH
     "stale_timestamp",  # initiation TAI64N not newer than the last one from that peer (replayed initiation)
     "handshake_flood",  # initiations from one peer faster than HANDSHAKE_INITIATION_RATE
+    "handshake_overload",  # under load, past HANDSHAKE_BUDGET this second: dropped by its type alone, no crypto
+    "rate_limited",  # under load, valid mac2, but the source's token bucket is empty (ratelimiter.py): no DH
     "unexpected_response",  # response/cookie for no handshake we have in flight
     "bad_cookie",  # cookie reply did not decrypt
     "unknown_receiver",  # transport message for an index we do not hold
@@ -139,6 +148,10 @@ class DeviceStatistics:
     cookie_replies_received: int
     staged: int
     drops: dict[str, int]
+    handshakes_processed: int = 0
+    """Handshake messages that passed the mac checks (and, under load, the rate limiter) and so cost a DH."""
+    handshakes_rate_limited: int = 0
+    """Under load: handshake messages with a valid mac2 refused by the per-source rate limiter (no DH)."""
 
     @property
     def dropped(self) -> int:
@@ -163,6 +176,18 @@ _MISS: Any = object()
 _PAD = bytes(PADDING_MULTIPLE)
 _PADS = tuple(bytes(k) for k in range(PADDING_MULTIPLE))  # zero padding by length, no per-packet slice
 _JOIN = b"".join
+# Handshake messages (valid mac1) per second above which the device is under load. wireguard-go's trigger is a
+# handshake-queue backlog of QueueHandshakeSize / 8 = 1024 / 8 = 128 messages (device.go IsUnderLoad); a sans-IO
+# device has no queue, so the same number is used as a per-second count of what it was handed.
+DEFAULT_LOAD_THRESHOLD = 128
+UNDER_LOAD_AFTER_TIME = 1.0  # seconds the device stays under load after the trigger (wireguard-go constants.go)
+# Under load, at most this many handshake messages per second get any crypto (mac1, cookie reply, DH); the rest
+# are dropped on their type alone, so a driver drains its socket at the cost of a read and a type check and the
+# transport datagrams queued behind a flood are not lost in the kernel. wireguard-go sheds the same way: its
+# handshake queue holds QueueHandshakeSize = 1024 messages and drops when full, while transport data has queues of
+# its own. The number is that queue size, read as a per-second budget (a sans-IO device has no queue); a response
+# to a handshake we have in flight (its receiver index is ours, which an off-path sender cannot guess) is exempt.
+HANDSHAKE_BUDGET = 1024
 
 
 class WireGuardDevice:
@@ -178,8 +203,12 @@ class WireGuardDevice:
         wall_offset: ``now + wall_offset`` is Unix wall time, used only for TAI64N timestamps and
             `Peer.last_handshake`.
         mtu: inner MTU; padding to 16 bytes never grows a packet past it (wireguard-go does the same).
-        load_threshold: handshake messages per second above which the device considers itself under load and
-            demands cookies (mac2); None disables the automatic trigger (``under_load`` can still be forced).
+        load_threshold: handshake messages (valid mac1) per second above which the device is under load for
+            the next second: it then answers a handshake message without a valid mac2 with a cookie reply
+            (no DH) and passes those with one through a per-source rate limiter before the DH (whitepaper
+            §5.4.7, wireguard-go ``receive.go``). Default `DEFAULT_LOAD_THRESHOLD`; None disables the automatic
+            trigger (``under_load`` can still be forced).
+        ratelimiter: the per-source limiter used under load (a fresh `RateLimiter` by default).
     """
 
     def __init__(
@@ -192,7 +221,8 @@ class WireGuardDevice:
         ephemeral: Callable[[], X25519PrivateKey] = X25519PrivateKey.generate,
         wall_offset: float = 0.0,
         mtu: int = 1420,
-        load_threshold: int | None = None,
+        load_threshold: int | None = DEFAULT_LOAD_THRESHOLD,
+        ratelimiter: RateLimiter | None = None,
     ) -> None:
         raw = raw_key(private_key, "private_key")
         self._private = X25519PrivateKey.from_private_bytes(raw)
@@ -213,11 +243,15 @@ class WireGuardDevice:
         self._load_until = float("-inf")
         self._load_window_start = float("-inf")
         self._load_count = 0
+        self.ratelimiter = ratelimiter or RateLimiter()
         # our own mac1/cookie keys, for messages addressed to us (§5.4.4, §5.4.7)
         self._mac1_key = hash_(LABEL_MAC1, self.public_key)
         self._cookie_key = hash_(LABEL_COOKIE, self.public_key)
         self._cookie_secret = b""
         self._cookie_secret_time = float("-inf")
+        self._cookie_sealer: XAeadSealer | None = None  # cookie-reply encryption, renewed with the secret
+        self._budget_window_start = float("-inf")
+        self._budget_count = 0
         self._peers: dict[bytes, Peer] = {}
         self._routes: AllowedIPs[Peer] = AllowedIPs()
         # address bytes -> owning peer: the hot path pays one dict probe instead of a longest-prefix walk.
@@ -235,6 +269,7 @@ class WireGuardDevice:
         self.rx_keepalives = self.tx_keepalives = 0
         self.handshakes_initiated = self.handshakes_completed = 0
         self.cookie_replies_sent = self.cookie_replies_received = 0
+        self.handshakes_processed = 0
         for cfg in peers:
             self.add_peer(cfg)
 
@@ -326,6 +361,8 @@ class WireGuardDevice:
             cookie_replies_received=self.cookie_replies_received,
             staged=sum(len(p.staged) for p in self._peers.values()),
             drops=dict(self._drops),
+            handshakes_processed=self.handshakes_processed,
+            handshakes_rate_limited=self._drops["rate_limited"],
         )
 
     def next_event(self) -> Event | None:
@@ -346,7 +383,7 @@ class WireGuardDevice:
 
     def get_timer(self) -> float | None:
         """The earliest deadline at which `handle_timer` must be called, or None."""
-        best: float | None = None
+        best = self.ratelimiter.get_timer()
         for peer in self._peers.values():
             t = peer.deadline()
             if t is not None and (best is None or t < best):
@@ -355,6 +392,7 @@ class WireGuardDevice:
 
     def handle_timer(self, now: float) -> None:
         """Fire every peer timer due at ``now`` (wireguard-go ``timers.go`` expiry handlers)."""
+        self.ratelimiter.handle_timer(now)  # collect idle rate-limiter entries (bounded table)
         for peer in list(self._peers.values()):
             if peer.t_retransmit is not None and peer.t_retransmit <= now:
                 peer.t_retransmit = None
@@ -864,6 +902,9 @@ class WireGuardDevice:
             self._drops["short"] += 1
             return
         kind = _U32_UNPACK(mv)[0]
+        if (kind == m.MSG_INITIATION or kind == m.MSG_RESPONSE) and self._over_budget(mv, n, kind, now):
+            self._drops["handshake_overload"] += 1
+            return
         if kind == m.MSG_INITIATION:
             if n != m.INITIATION_SIZE:
                 self._drops["bad_length"] += 1
@@ -919,7 +960,13 @@ class WireGuardDevice:
         self._events.append(HandshakeCompleted(peer, initiator))
 
     def _check_macs(self, msg: bytes, addr: Endpoint, now: float) -> bool:
-        """mac1 always; mac2 when under load, answering a cookie reply if it is missing (§5.4.4, §5.4.7)."""
+        """mac1 always; under load, mac2 then the source's rate limit (§5.4.4, §5.4.7; wireguard-go receive.go).
+
+        Under load a message without a valid mac2 is answered with a cookie reply (a few microseconds, no DH)
+        and dropped as ``bad_mac2``; one with a valid mac2 -- its sender proved it receives at its source
+        address -- still has to find a token in that source's bucket (``rate_limited`` otherwise). True: go on
+        to the DH.
+        """
         n = len(msg)
         if not hmac.compare_digest(mac(self._mac1_key, msg[: n - 32]), msg[n - 32 : n - 16]):
             self._drops["bad_mac1"] += 1
@@ -928,17 +975,38 @@ class WireGuardDevice:
             return True
         cookie = self._cookie_for(addr, now)
         if hmac.compare_digest(mac(cookie, msg[: n - 16]), msg[n - 16 :]):
-            return True
+            if self.ratelimiter.allow(str(addr[0]), now):
+                return True
+            self._drops["rate_limited"] += 1
+            return False
         self._drops["bad_mac2"] += 1
         sender = m.U32.unpack_from(msg, 4)[0]
-        nonce = self._rng.getrandbits(192).to_bytes(24, "little")
-        enc = xaead_encrypt(self._cookie_key, nonce, cookie, msg[n - 32 : n - 16])
+        sealer = self._cookie_sealer
+        if sealer is None or sealer.exhausted:
+            sealer = self._cookie_sealer = XAeadSealer(
+                self._cookie_key, self._rng.getrandbits(128).to_bytes(16, "little")
+            )
+        nonce, enc = sealer.seal(cookie, msg[n - 32 : n - 16])
         self._outbox.append((m.COOKIE_REPLY.pack(m.MSG_COOKIE_REPLY, sender, nonce, enc), addr))
         self.tx_datagrams += 1
         self.cookie_replies_sent += 1
         return False
 
+    def _over_budget(self, mv: memoryview, n: int, kind: int, now: float) -> bool:
+        """Under load, whether this handshake message is past the second's `HANDSHAKE_BUDGET` (drop it unread)."""
+        if not self.under_load and now >= self._load_until:
+            return False
+        if kind == m.MSG_RESPONSE and n == m.RESPONSE_SIZE and _U32_UNPACK(mv, 8)[0] in self._pending:
+            return False  # answers our own in-flight initiation: never shed (it still needs mac2 under load)
+        if now - self._budget_window_start >= 1.0:
+            self._budget_window_start = now
+            self._budget_count = 0
+        self._budget_count += 1
+        return self._budget_count > HANDSHAKE_BUDGET
+
     def _is_under_load(self, now: float) -> bool:
+        """Count a handshake message with a valid mac1; True while under load (forced, or the count passed
+        ``load_threshold`` in the current one-second window less than `UNDER_LOAD_AFTER_TIME` ago)."""
         if self.under_load:
             return True
         if self.load_threshold is None:
@@ -948,7 +1016,7 @@ class WireGuardDevice:
             self._load_count = 0
         self._load_count += 1
         if self._load_count > self.load_threshold:
-            self._load_until = now + 1.0  # wireguard-go stays under load for UnderLoadAfterTime = 1 s
+            self._load_until = now + UNDER_LOAD_AFTER_TIME
         return now < self._load_until
 
     def _cookie_for(self, addr: Endpoint, now: float) -> bytes:
@@ -956,12 +1024,14 @@ class WireGuardDevice:
         if now - self._cookie_secret_time >= self.timers.cookie_refresh_time:
             self._cookie_secret = self._rng.getrandbits(256).to_bytes(32, "little")
             self._cookie_secret_time = now
+            self._cookie_sealer = None  # and a fresh nonce prefix with it
         return mac(self._cookie_secret, repr(tuple(addr[:2])).encode())
 
     def _receive_initiation(self, msg: bytes, addr: Endpoint, now: float) -> None:
         """Whitepaper §5.4.2, responder side: authenticate, then answer with a response (§5.4.3)."""
         if not self._check_macs(msg, addr, now):
             return
+        self.handshakes_processed += 1
         _, sender, e_pub, enc_static, enc_ts, _, _ = m.INITIATION.unpack(msg)
         ck, h = initial_chain(self.public_key)
         hs = HandshakeState(chaining_key=ck, hash=h)
@@ -1048,6 +1118,7 @@ class WireGuardDevice:
         if peer is None or peer.handshake is None or peer.handshake.ephemeral_private is None:
             self._drops["unexpected_response"] += 1
             return
+        self.handshakes_processed += 1
         src = peer.handshake
         assert src.ephemeral_private is not None
         hs = HandshakeState(chaining_key=src.chaining_key, hash=src.hash)
