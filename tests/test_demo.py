@@ -21,7 +21,7 @@ def _demo(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_memory_backend_demo_succeeds():
+def test_memory_backend_demo_succeeds() -> None:
     r = _demo("--memory")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "in-memory backend" in r.stdout
@@ -31,7 +31,7 @@ def test_memory_backend_demo_succeeds():
 
 @pytest.mark.lab
 @pytest.mark.slow
-def test_lab_demo_succeeds_and_writes_pcaps(tmp_path: Path):
+def test_lab_demo_succeeds_and_writes_pcaps(tmp_path: Path) -> None:
     require_tun()
     require_binary("wireguard-go", "wg", "nft", "iperf3", "tcpdump", "curl", "dig")
     r = _demo("--pcap", str(tmp_path))

@@ -24,7 +24,7 @@ FORBIDDEN_IN_SOURCE = (
 )
 
 
-def test_import_netsim_core_pulls_in_no_io_modules():
+def test_import_netsim_core_pulls_in_no_io_modules() -> None:
     modules = sorted(
         "netsim.core." + ".".join(p.relative_to(CORE).with_suffix("").parts)
         for p in CORE.rglob("*.py")
@@ -41,7 +41,7 @@ def test_import_netsim_core_pulls_in_no_io_modules():
     assert out == "", f"netsim.core imported I/O modules: {out}"
 
 
-def test_core_sources_do_not_import_io_modules():
+def test_core_sources_do_not_import_io_modules() -> None:
     offenders = []
     for path in CORE.rglob("*.py"):
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -53,5 +53,5 @@ def test_core_sources_do_not_import_io_modules():
                 names = [node.module]
             for name in names:
                 if any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IN_SOURCE):
-                    offenders.append(f"{path.relative_to(CORE.parent)}:{node.lineno} imports {name}")
+                    offenders.append(f"{path.relative_to(CORE.parent)}:{getattr(node, 'lineno', 0)} imports {name}")
     assert offenders == []

@@ -8,18 +8,18 @@ import sys
 import netsim
 
 
-def test_every_exported_name_resolves():
+def test_every_exported_name_resolves() -> None:
     missing = [name for name in netsim.__all__ if getattr(netsim, name, None) is None]
     assert missing == []
 
 
-def test_import_netsim_is_lazy():
+def test_import_netsim_is_lazy() -> None:
     code = "import sys, netsim; print(','.join(m for m in ('trio', 'pyroute2', 'scapy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     assert out == ""
 
 
-def test_unknown_name_raises_attribute_error():
+def test_unknown_name_raises_attribute_error() -> None:
     try:
         netsim.DoesNotExist
     except AttributeError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,9 @@ def test_excluded_routes_for_route_mechanism() -> None:
     assert _net("192.168.1.0/24") in routes and _net("2001:db8:5::/48") in routes
     assert _net("203.0.113.53/32") not in routes
     assert not any(r.overlaps(_net("203.0.113.53/32")) for r in routes if r.version == 4)
-    covered = sum(r.num_addresses for r in routes if r.version == 4 and r.subnet_of(_net("203.0.113.0/24")))
+    covered = sum(
+        r.num_addresses for r in routes if isinstance(r, IPv4Network) and r.subnet_of(IPv4Network("203.0.113.0/24"))
+    )
     assert covered == 255  # the /24 minus the tunnelled /32
     why = {name: text for _, name, text in result.unsupported}
     assert "stay in the tunnel" in why["cdn"]
@@ -173,7 +176,7 @@ def test_explain_cli(tmp_path: Path) -> None:
     assert bad.exit_code != 0 and "--dst 'not-an-ip'" in bad.output
 
 
-def test_scenario_policy_equals_examples_policy_file():
+def test_scenario_policy_equals_examples_policy_file() -> None:
     from pathlib import Path
 
     from netsim.core.policy import parse_policy

@@ -45,7 +45,9 @@ def oracle(entries: dict[IPv4Network | IPv6Network, int], addr: IPv4Address | IP
     ),
     removals=st.lists(st.integers(0, 29), max_size=5),
 )
-def test_lookup_matches_brute_force(nets, probes, removals):
+def test_lookup_matches_brute_force(
+    nets: list[IPv4Network | IPv6Network], probes: list[IPv4Address | IPv6Address], removals: list[int]
+) -> None:
     table: PrefixTable[int] = PrefixTable()
     entries: dict[IPv4Network | IPv6Network, int] = {}
     for i, net in enumerate(nets):
@@ -66,7 +68,7 @@ def test_lookup_matches_brute_force(nets, probes, removals):
         assert [v for _, v in table.matches(addr.packed)][:1] == ([expected] if expected is not None else [])
 
 
-def test_exact_get_and_replace():
+def test_exact_get_and_replace() -> None:
     t: PrefixTable[str] = PrefixTable()
     t.insert("10.0.0.0/8", "a")
     t.insert(ip_network("10.0.0.0/8"), "b")
@@ -78,7 +80,7 @@ def test_exact_get_and_replace():
     assert t.lookup(bytes(16)) is None  # families are separate
 
 
-def test_bad_prefix_says_what_is_wrong():
+def test_bad_prefix_says_what_is_wrong() -> None:
     t: PrefixTable[int] = PrefixTable()
     with pytest.raises(ValueError, match=r"bad prefix '10\.0\.0\.1/8'"):
         t.insert("10.0.0.1/8", 1)

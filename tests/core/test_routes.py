@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -101,7 +102,7 @@ prefixes = st.builds(
 )
 
 
-def oracle(connected, included, excluded, server, policy, address):  # type: ignore[no-untyped-def]
+def oracle(connected: Any, included: Any, excluded: Any, server: Any, policy: Any, address: str) -> RouteKind:
     """Apple's rules written the slow, obvious way over `ipaddress`."""
     addr = ipaddress.ip_address(address)
     if any(addr in n for n in connected):

@@ -172,7 +172,7 @@ def test_cone_vs_symmetric_nat(tmp_path: Path) -> None:
     _gate()
     for mode in ("cone", "symmetric"):
         pcap = tmp_path / mode
-        with Lab(pcap_dir=pcap, services=True, nat=mode) as the_lab:  # type: ignore[arg-type]
+        with Lab(pcap_dir=pcap, services=True, nat=mode) as the_lab:
             with the_lab.socket("mac") as s:
                 s.bind(("0.0.0.0", 40000))
                 s.settimeout(5)

@@ -142,7 +142,7 @@ class Kernel:
 
     def table(self) -> set[tuple[str, str, str | None]]:
         """(destination, 'dev X' or 'via G dev X' or 'throw') of every route in the tunnel table."""
-        out = set()
+        out: set[tuple[str, str, str | None]] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=TUNNEL_TABLE):
                 dst = f"{msg.get('dst') or ('0.0.0.0' if family == socket.AF_INET else '::')}/{msg.get('dst_len')}"
@@ -154,7 +154,7 @@ class Kernel:
 
     def rules(self) -> set[tuple[int, int, int, int | None, int | None]]:
         """(family, priority, table, suppress_prefixlen, fwmark) of netsim's rules."""
-        out = set()
+        out: set[tuple[int, int, int, int | None, int | None]] = set()
         for family in (socket.AF_INET, socket.AF_INET6):
             for rule in self.ipr.get_rules(family=family):
                 if rule.get("priority") in (RULE_PRIORITY, RULE_PRIORITY + 1):

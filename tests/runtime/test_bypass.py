@@ -263,7 +263,7 @@ def _run_bpf(program: bytes, pkt: bytes, proto: int, pkttype: int) -> int:
         pc += 1
         cls = code & 0x07
         if cls == 0x06:
-            return k
+            return int(k)
         if code == 0xB1:
             x = 4 * (pkt[k] & 0x0F)
             continue
@@ -291,7 +291,7 @@ def _expect(pkt: bytes, pkttype: int) -> bool:
         if p.dst != EXT4 or p.frag:
             return False
         if TCP in p or UDP in p:
-            return PORTS[0] <= p.dport <= PORTS[1]
+            return bool(PORTS[0] <= p.dport <= PORTS[1])
         if ICMP in p:
             t = p[ICMP].type
             return (t == 0 and PORTS[0] <= p[ICMP].id <= PORTS[1]) or t in (3, 11, 12)
@@ -300,7 +300,7 @@ def _expect(pkt: bytes, pkttype: int) -> bool:
     if q.dst != EXT6:
         return False
     if q.nh in (6, 17):
-        return PORTS[0] <= q.payload.dport <= PORTS[1]
+        return bool(PORTS[0] <= q.payload.dport <= PORTS[1])
     if q.nh == 58:
         t = pkt[40]
         return (t == 129 and PORTS[0] <= int.from_bytes(pkt[44:46], "big") <= PORTS[1]) or 1 <= t <= 4

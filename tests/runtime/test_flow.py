@@ -140,7 +140,7 @@ async def test_one_read_is_one_batch_of_everything_ready(backend: Any) -> None:
             batches.append(await flow.read_packet_objects())
     assert [len(b) for b in batches] == [4, 4, 2]
     packets = [p for b in batches for p in b]
-    assert [bytes(IP(p.data)[UDP].payload) for p in packets] == [b"o%d" % i for i in range(10)]
+    assert [bytes(IP(bytes(p.data))[UDP].payload) for p in packets] == [b"o%d" % i for i in range(10)]
     assert all(p.protocol_family == AF_INET and p.direction is TrafficDirection.OUTBOUND for p in packets)
     stats = flow.statistics()
     assert (stats.read_batches, stats.packets_read) == (3, 10)

@@ -85,7 +85,7 @@ class TunHarness:
             sock.sendto(p, (dst, PORT))
 
     async def kernel_recv(self, n: int, v6: bool = False) -> list[bytes]:
-        out = []
+        out: list[bytes] = []
         with trio.socket.from_stdlib_socket((self.tx6 if v6 else self.tx4).dup()) as sock:
             with trio.move_on_after(5):
                 while len(out) < n:

@@ -158,8 +158,8 @@ def test_wg_pubkey_agrees() -> None:
         pub = subprocess.run([wg, "pubkey"], input=priv, check=True, capture_output=True, text=True).stdout
         assert PrivateKey.from_base64(priv).public_key() == PublicKey.from_base64(pub)
     ours = PrivateKey.generate()
-    pub = subprocess.run([wg, "pubkey"], input=ours.to_base64() + "\n", check=True, capture_output=True, text=True)
-    assert pub.stdout.strip() == ours.public_key().to_base64()
+    done = subprocess.run([wg, "pubkey"], input=ours.to_base64() + "\n", check=True, capture_output=True, text=True)
+    assert done.stdout.strip() == ours.public_key().to_base64()
     psk = subprocess.run([wg, "genpsk"], check=True, capture_output=True, text=True).stdout
     assert len(PresharedKey.from_base64(psk).raw) == 32
 

@@ -84,6 +84,7 @@ def test_idle_entries_collected_by_timer() -> None:
     rate.allow("192.0.2.1", 0.0)
     t = rate.get_timer()
     assert t == pytest.approx(GARBAGE_COLLECT_TIME)
+    assert t is not None
     rate.allow("192.0.2.2", 0.9)
     rate.handle_timer(t)  # neither is idle for more than a second yet
     assert len(rate) == 2
