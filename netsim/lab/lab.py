@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -121,7 +120,6 @@ class Lab:
         self._record: RunRecord | None = None
         self._lock = threading.Lock()
         self._lifecycle = threading.Lock()  # start() and stop() never overlap (e.g. Ctrl-C during bring-up)
-        self._launcher: ThreadPoolExecutor | None = None
         self._up = False
         self._old_sigterm: Any = None
         self._counter = 0
@@ -216,7 +214,6 @@ class Lab:
                 raise LabError("lab is already up")
             self._check_environment()
             self._up = True
-            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="netsim-lab-launcher")
             try:
                 self._claim_run_id()
                 self._build()
@@ -490,9 +487,6 @@ class Lab:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
         self.captures.clear()
-        if self._launcher is not None:
-            self._launcher.shutdown()
-            self._launcher = None
         self._up = False
         if errors:
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
@@ -513,7 +507,7 @@ class Lab:
             label = name or f"{role}-{Path(argv[0]).name}"
             if any(p.name == label for p in self.processes):
                 label = f"{label}-{self._counter}"  # keep log file names unique
-        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env, launcher=self._launcher)
+        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env)
         with self._lock:
             self.processes.append(proc)
         self._save_record()
