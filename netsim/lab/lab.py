@@ -202,7 +202,7 @@ class Lab:
             finally:
                 self._restore_stop_signals()
         if self._signalled is not None:
-            raise self._interrupt() from exc
+            raise self._interrupt() from (None if swallowed else exc)
         return swallowed
 
     async def _abandon_bring_up(self) -> None:

@@ -56,6 +56,25 @@ except KeyboardInterrupt:
     print("INTERRUPTED", flush=True)
 """
 
+# A sync owner whose body runs trio (as a pytest test using a sync `lab` fixture does): SIGTERM lands while
+# trio, not Python code of ours, is running.
+_SYNC_OWNER = r"""
+import sys, trio
+from netsim.lab.lab import Lab
+from netsim.runtime.tunnel import netsim_tunnel
+
+async def body(lab):
+    async with netsim_tunnel(lab) as t:
+        print(f"UP {t.config_path}", flush=True)
+        await trio.sleep_forever()
+
+try:
+    with Lab(sys.argv[1], services=False) as lab:
+        trio.run(body, lab)
+except BaseException as exc:
+    print(f"INTERRUPTED {type(exc).__name__}", flush=True)
+"""
+
 _KEY_RE = re.compile(r"^PrivateKey\s*=\s*(\S+)\s*$", re.MULTILINE)
 
 
@@ -172,6 +191,16 @@ def test_background_script_owner_torn_down_by_signal(sig: int) -> None:
     key = _key_of(config)
     _, output = _stop_and_check(proc, run_id, key, sig)
     assert "INTERRUPTED" in output  # torn down, then interrupted like Ctrl-C
+
+
+@pytest.mark.reliability("R3")
+def test_background_sync_owner_running_trio_torn_down_by_sigterm() -> None:
+    _need()
+    run_id = "y" + secrets.token_hex(2)
+    proc, config = _start([sys.executable, "-c", _SYNC_OWNER, run_id], background=True)
+    key = _key_of(config)
+    _, output = _stop_and_check(proc, run_id, key, signal.SIGTERM)
+    assert "INTERRUPTED" in output
 
 
 @pytest.mark.reliability("R3")
