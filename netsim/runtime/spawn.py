@@ -21,11 +21,12 @@ owner that died between fork and prctl would never deliver the signal (prctl(2),
 a pidfd is opened at once for every child, so waits are event-driven and signals go to the process we started
 (by pid, never by name), even after it exited and before it is reaped.
 
-Not routed here: short commands that are awaited to completion in the same call (`netsim.lab.Lab.run`,
-``nft -f -``, ``ip``/``wg`` invocations). They carry no PDEATHSIG, so no thread can take them down; a
-timeout bounds them and trio kills them on cancellation; and ``nft`` for a namespace must fork from the
-thread that entered it. If their owner is SIGKILLed mid-command, `netsim clean` kills whatever still runs
-in the run's namespaces.
+Not routed here, on purpose: short commands awaited to completion in the same call -- `netsim.lab.Lab.run` and
+``run_sync``, ``nft -f -`` (`netsim.lab.Lab.nft`, the helper's bypass ruleset), `netsim.lab.wireguard`'s
+``ip``/``wg`` calls, the test kit's ``ip -j`` snapshots. They carry no PDEATHSIG, so no thread can take them
+down; a timeout bounds them and trio kills them on cancellation; and ``nft`` for a namespace must fork from the
+thread that entered it. If their owner is SIGKILLed mid-command, `netsim clean` kills whatever still runs in the
+run's namespaces. ``netsim lab exec`` execs ``ip netns exec`` in place and forks nothing.
 
 The spawner thread lives in the root network namespace (it never calls setns), so children start where the
 process started; `netsim.lab` enters namespaces with ``ip netns exec`` in the child's argv.
