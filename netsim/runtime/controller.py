@@ -566,13 +566,33 @@ class TunnelProviderManager:
 
     @asynccontextmanager
     async def open_session(self) -> AsyncIterator[TunnelProviderSession]:
-        """Open the connection; on exit a running tunnel is stopped (USER_INITIATED) and its host reaped."""
-        async with trio.open_nursery() as nursery:
-            session = TunnelProviderSession(self, nursery)
+        """Open the connection; on exit a running tunnel is stopped (USER_INITIATED) and its host reaped.
+
+        The session's own tasks (event readers, watchdogs, in-process hosts) are shielded from the caller's
+        cancellation until the session has closed: a cancelled caller (a stop signal, a timeout) still gets
+        a prompt orderly stop. Without the shield they were cancelled with the caller, nobody read the host's
+        DISCONNECTED, and closing waited out stop_timeout + exit_grace (25 s with the lab tunnel).
+        """
+        async with trio.open_nursery() as outer:
+            tasks, shield = await outer.start(_shielded_nursery)
+            session = TunnelProviderSession(self, tasks)
             self.connection = session
             try:
                 yield session
             finally:
-                with trio.CancelScope(shield=True):
-                    await session._close()
-                self.connection = None
+                try:
+                    with trio.CancelScope(shield=True):
+                        await session._close()
+                finally:
+                    self.connection = None
+                    shield.cancel()  # the session is closed: end whatever of its tasks is left
+
+
+async def _shielded_nursery(
+    task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A nursery that outer cancellation does not reach; it ends when its scope is cancelled."""
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((nursery, scope))
+            await trio.sleep_forever()

@@ -183,11 +183,15 @@ def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int
 
 
 @pytest.mark.reliability("R3")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_background_script_owner_torn_down_by_signal(sig: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "background"),
+    [(signal.SIGTERM, True), (signal.SIGHUP, True), (signal.SIGTERM, False)],
+    ids=["sigterm-background", "sighup-background", "sigterm-foreground"],
+)
+def test_script_owner_torn_down_by_signal(sig: int, background: bool) -> None:
     _need()
     run_id = "s" + secrets.token_hex(2)
-    proc, config = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=True)
+    proc, config = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=background)
     key = _key_of(config)
     _, output = _stop_and_check(proc, run_id, key, sig)
     assert "INTERRUPTED" in output  # torn down, then interrupted like Ctrl-C
