@@ -4,6 +4,12 @@ Lessons followed (reliability.md B10): cleanup that matches too broadly deletes 
 #877/#1174), so everything is found through a run file written *before* the first object is created, and only
 names carrying ``netsim-<run>-`` are touched; pids are checked against their recorded start time so a reused pid
 is never signalled; processes in a namespace are killed before the namespace is deleted (WireGuard netns.sh).
+
+What a run may leave on disk, all named after the run so it is found without broad matching: the run file
+``/run/netsim/<run>.json`` and log dir ``/run/netsim/<run>/``; a tunnel's helper socket dir
+``/run/netsim/helper-<run>/`` and config dir ``/run/netsim/tunnel-<run>-*/`` (``client.conf``: the WireGuard
+private key, reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; and, from
+versions that kept the tunnel config in the temp dir, ``$TMPDIR/netsim-<run>-tunnel-*``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +34,41 @@ __all__ = [
     "RunRecord",
     "clean",
     "find_runs",
+    "helper_dir",
     "owner_alive",
     "remove_run",
+    "tunnel_dir_prefix",
 ]
 
 RUN_DIR = Path("/run/netsim")
 ETC_NETNS = Path("/etc/netns")
 WG_SOCK_DIR = Path("/var/run/wireguard")
 NS_PREFIX = "netsim-"
+
+
+def helper_dir(run_id: str) -> Path:
+    """The helper's socket directory for a lab tunnel of ``run_id`` (created by `netsim.runtime.tunnel`)."""
+    return RUN_DIR / f"helper-{run_id}"
+
+
+def tunnel_dir_prefix(run_id: str) -> str:
+    """Name prefix, inside `RUN_DIR`, of a lab tunnel's config directory (``client.conf``, policy file)."""
+    return f"tunnel-{run_id}-"
+
+
+def _dir_run_ids() -> set[str]:
+    """Run ids named by helper/tunnel directories (`_run_dirs`), whatever their run file says."""
+    names = [p.name.removeprefix("helper-") for p in RUN_DIR.glob("helper-*")]
+    names += [p.name.split("-")[1] for p in RUN_DIR.glob("tunnel-*-*")]
+    names += [p.name.split("-")[1] for p in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*-tunnel-*")]
+    return {n for n in names if n.isascii() and n.isalnum() and n.islower() and len(n) <= 6}
+
+
+def _run_dirs(run_id: str) -> list[Path]:
+    """Directories of ``run_id`` besides its log dir: helper socket dir, tunnel config dirs (and legacy ones)."""
+    dirs = [helper_dir(run_id), *RUN_DIR.glob(f"{tunnel_dir_prefix(run_id)}*")]
+    dirs += Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}{run_id}-tunnel-*")  # before the config moved to RUN_DIR
+    return [d for d in dirs if d.is_dir() and not d.is_symlink()]
 
 
 @dataclass
@@ -139,6 +173,9 @@ def remove_run(run_id: str, namespaces: list[str], processes: list[ProcessInfo])
         for sock in [*WG_SOCK_DIR.glob(f"{prefix}*.sock"), *WG_SOCK_DIR.glob(f"ns{run_id}*.sock")]:
             sock.unlink(missing_ok=True)
             removed.append(f"socket {sock}")
+    for directory in _run_dirs(run_id):
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(f"dir {directory}")
     shutil.rmtree(RUN_DIR / run_id, ignore_errors=True)
     path = RUN_DIR / f"{run_id}.json"
     if path.exists():
@@ -172,6 +209,13 @@ def clean(run_id: str | None = None, *, force: bool = False, orphans: bool = Fal
             report.active.append(run.run_id)
             continue
         report.removed += remove_run(run.run_id, run.namespaces, run.processes)
+    for stale_id in sorted(_dir_run_ids() - known):
+        # A live lab claims its run file before it creates anything, and removes it last: a helper or tunnel
+        # dir whose run has no run file is a dead run's (e.g. SIGKILLed during teardown). Ours by name: removed.
+        if run_id is None or stale_id == run_id:
+            for directory in _run_dirs(stale_id):
+                shutil.rmtree(directory, ignore_errors=True)
+                report.removed.append(f"dir {directory}")
     for ns in list_netns(NS_PREFIX):
         parts = ns.split("-")
         if len(parts) < 3 or parts[1] in known:

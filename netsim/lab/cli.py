@@ -5,6 +5,7 @@ Register in netsim/cli.py with ``main.add_command(lab_group)`` and ``main.add_co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -55,21 +56,34 @@ def lab_group() -> None:
 @click.option("--run", "run_id", help="run id (1-6 lowercase letters/digits); random by default")
 @click.option("--nat", type=click.Choice(["cone", "symmetric"]), default="cone", show_default=True)
 @click.option("--no-services", is_flag=True, help="skip HTTP/DNS/echo/iperf3 servers")
-def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool) -> None:
-    """Bring the lab up and keep it up until Ctrl-C, SIGTERM or `netsim lab down`."""
+@click.option("--tunnel", is_flag=True, help="also bring up the tunnel (wireguard-go, helper, provider) in mac")
+def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tunnel: bool) -> None:
+    """Bring the lab up and keep it up until Ctrl-C, SIGTERM, SIGHUP or `netsim lab down`.
+
+    Every one of those tears the lab down in order (tunnel, processes, namespaces, run file, key material),
+    whether the command runs in the foreground or in the background (``&``, ``setsid``, a service manager).
+    """
     _need_root()
     from netsim.lab.lab import Lab
 
     async def main() -> None:
+        # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
             lab = Lab(run_id, pcap_dir, services=not no_services, nat=nat, cli=True)  # type: ignore[arg-type]
             t0 = time.monotonic()
-            async with lab:
+            async with lab, contextlib.AsyncExitStack() as stack:
+                if tunnel:
+                    from netsim.runtime.tunnel import netsim_tunnel
+
+                    t = await stack.enter_async_context(netsim_tunnel(lab))
                 took = time.monotonic() - t0
                 click.echo(f"lab {lab.run_id} up in {took:.2f} s: namespaces {lab.prefix}{{{','.join(ROLES)}}}")
+                if tunnel:
+                    click.echo(f"  tunnel CONNECTED; client config {t.config_path}")
                 click.echo("  try: netsim lab exec mac -- curl -s http://www.lab.test/whoami")
                 click.echo("  stop with Ctrl-C or `netsim lab down`")
-                async for _ in signals:
+                async for signum in signals:
+                    click.echo(f"lab {lab.run_id}: {signal.Signals(signum).name}, tearing down")
                     break
         click.echo("lab down")
 

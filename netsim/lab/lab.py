@@ -17,6 +17,7 @@ condition (carrier, READY line, "listening on"), never a fixed sleep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -27,7 +28,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -61,6 +61,7 @@ _BASE_SYSCTLS = {
 }
 _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
 _ROUTERS = ("isp", "inet", "vpn")
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # tear down as on Ctrl-C (see Lab._install_stop_signals)
 
 
 def _nat_ruleset(mode: NatMode) -> str:
@@ -121,9 +122,11 @@ class Lab:
         self._record: RunRecord | None = None
         self._lock = threading.Lock()
         self._lifecycle = threading.Lock()  # start() and stop() never overlap (e.g. Ctrl-C during bring-up)
-        self._launcher: ThreadPoolExecutor | None = None
         self._up = False
-        self._old_sigterm: Any = None
+        self._old_handlers: dict[int, Any] = {}
+        self._signalled: int | None = None  # the stop signal received (SIGTERM/SIGHUP), if any
+        self._body_scope: trio.CancelScope | None = None
+        self._tearing_down = False
         self._counter = 0
 
     # ------------------------------------------------------------------ names
@@ -149,11 +152,11 @@ class Lab:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Lab:
-        self._install_sigterm()
+        self._install_stop_signals(None)
         try:
             self.start()
         except BaseException:
-            self._restore_sigterm()
+            self._restore_stop_signals()
             raise
         return self
 
@@ -163,51 +166,109 @@ class Lab:
         try:
             self.stop()
         finally:
-            self._restore_sigterm()
+            self._restore_stop_signals()
 
     async def __aenter__(self) -> Lab:
-        self._install_sigterm()
+        self._install_stop_signals(trio.lowlevel.current_trio_token())
         try:
             # Bring-up blocks on netlink and subprocesses: keep the event loop responsive meanwhile. Cancelling
             # mid bring-up is not supported (the thread finishes, then teardown runs).
             await trio.to_thread.run_sync(self.start)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.stop)
-            self._restore_sigterm()
+            await self._abandon_bring_up()
             raise
+        if self._signalled is not None:  # SIGTERM/SIGHUP during bring-up: the body never runs
+            await self._abandon_bring_up()
+            raise self._interrupt()
+        # The body runs inside this scope, so a stop signal can cancel it like any trio code (entered here,
+        # exited in __aexit__: same task, properly nested, as every async context manager's scopes are).
+        self._body_scope = trio.CancelScope()
+        self._body_scope.__enter__()
         return self
 
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> bool:
+        scope, self._body_scope = self._body_scope, None
+        swallowed = False
+        try:
+            if scope is not None:
+                swallowed = scope.__exit__(exc_type, exc, tb)  # True: it was our signal's Cancelled
+        finally:
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.stop)
+            finally:
+                self._restore_stop_signals()
+        if self._signalled is not None:
+            raise self._interrupt() from (None if swallowed else exc)
+        return swallowed
+
+    async def _abandon_bring_up(self) -> None:
         try:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.stop)
         finally:
-            self._restore_sigterm()
+            self._restore_stop_signals()
 
-    def _install_sigterm(self) -> None:
-        """Turn SIGTERM into SIGINT (KeyboardInterrupt, which trio delivers safely) so teardown runs."""
+    def _interrupt(self) -> KeyboardInterrupt:
+        assert self._signalled is not None
+        name = signal.Signals(self._signalled).name
+        return KeyboardInterrupt(f"{name}: lab {self.run_id or '(unclaimed)'} torn down")
+
+    def _install_stop_signals(self, token: trio.lowlevel.TrioToken | None) -> None:
+        """Make SIGTERM and SIGHUP tear the lab down as Ctrl-C does, in the foreground and in the background.
+
+        Only signals at their default disposition are taken (a CLI or an application that handles them, or
+        ``nohup``'s ignored SIGHUP, is left alone), and only from the main thread (where Python runs handlers).
+        How the signal gets to the teardown depends on where the lab lives:
+
+        * ``async with Lab()``: the handler schedules, through the trio token (`TrioToken.run_sync_soon`, the
+          one trio call a signal handler may make), the cancellation of a scope around the body. The body
+          unwinds at its next checkpoint, teardown runs, and ``__aexit__`` raises KeyboardInterrupt, so the
+          program stops as after Ctrl-C. Raising KeyboardInterrupt from the handler itself, as before, could
+          land inside trio's run loop (SIGINT is not trio's when a background shell ignores it): trio then
+          abandoned the run and no teardown ran (found by attack).
+        * ``with Lab()``: the handler raises SIGINT when SIGINT has a handler (trio's, if a ``trio.run`` is in
+          progress, delivers it safely), else KeyboardInterrupt directly; ``__exit__`` tears down either way.
+
+        A signal during teardown is ignored: teardown finishes.
+        """
+        self._signalled = None
         if threading.current_thread() is not threading.main_thread():
             return
-        current = signal.getsignal(signal.SIGTERM)
-        if current is not signal.SIG_DFL:
-            return  # someone (e.g. the CLI) already handles SIGTERM
 
-        def on_term(signum: int, frame: FrameType | None) -> None:
-            if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL, None):
-                raise KeyboardInterrupt
-            signal.raise_signal(signal.SIGINT)
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self._tearing_down:
+                return
+            first = self._signalled is None
+            self._signalled = signum
+            if token is not None:
+                if first:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        token.run_sync_soon(self._cancel_body)
+                return
+            if callable(signal.getsignal(signal.SIGINT)):
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name}: tearing down lab {self.run_id}")
 
-        self._old_sigterm = current
-        signal.signal(signal.SIGTERM, on_term)
+        for signum in _STOP_SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_DFL:
+                self._old_handlers[signum] = signal.SIG_DFL
+                signal.signal(signum, on_signal)
 
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
+    def _cancel_body(self) -> None:
+        if self._body_scope is not None:
+            self._body_scope.cancel()
+
+    def _restore_stop_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        while self._old_handlers:
+            signum, handler = self._old_handlers.popitem()
+            signal.signal(signum, handler)
 
     def start(self) -> None:
         """Bring the world up (blocking). On failure everything created so far is removed."""
@@ -216,7 +277,6 @@ class Lab:
                 raise LabError("lab is already up")
             self._check_environment()
             self._up = True
-            self._launcher = ThreadPoolExecutor(1, thread_name_prefix="netsim-lab-launcher")
             try:
                 self._claim_run_id()
                 self._build()
@@ -463,6 +523,13 @@ class Lab:
     def _stop_locked(self) -> None:
         if not self._up:
             return
+        self._tearing_down = True  # a stop signal from now on must not interrupt the teardown itself
+        try:
+            self._teardown()
+        finally:
+            self._tearing_down = False
+
+    def _teardown(self) -> None:
         errors: list[str] = []
         for closer in reversed(self._closeables):
             try:
@@ -490,9 +557,6 @@ class Lab:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
         self.captures.clear()
-        if self._launcher is not None:
-            self._launcher.shutdown()
-            self._launcher = None
         self._up = False
         if errors:
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
@@ -513,7 +577,7 @@ class Lab:
             label = name or f"{role}-{Path(argv[0]).name}"
             if any(p.name == label for p in self.processes):
                 label = f"{label}-{self._counter}"  # keep log file names unique
-        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env, launcher=self._launcher)
+        proc = LabProcess(label, role, self.netns(role), argv, self._record.log_dir, env=env)
         with self._lock:
             self.processes.append(proc)
         self._save_record()

@@ -3,37 +3,29 @@
 Each process is started as ``ip netns exec <ns> <argv>`` so it also gets the namespace's ``/etc/netns/<ns>/``
 files (resolv.conf) bind-mounted, exactly as a user would run it. Output goes to per-process log files in the run
 directory rather than pipes: nothing has to drain them, a chatty process can never block on a full pipe, and the
-logs survive for post-mortems. ``PR_SET_PDEATHSIG`` makes children die with the lab's owner even on SIGKILL (the
-signal follows the forking *thread*, hence the lab's long-lived launcher thread); the run file lets
+logs survive for post-mortems. Every process is forked by `netsim.runtime.spawn` (the one mechanism for every
+child netsim keeps running): it dies with the lab's owner even on SIGKILL (``PR_SET_PDEATHSIG``, tied to a
+spawner thread that lives as long as the owner process, never to the calling thread); the run file lets
 ``netsim clean`` catch the rest.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import re
 import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from netsim.errors import LabError
+from netsim.runtime.spawn import Child, SpawnError, spawn
 
 __all__ = ["LabProcess", "ProcessInfo", "netns_exec_argv", "process_start_time"]
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def netns_exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
@@ -81,7 +73,6 @@ class LabProcess:
         log_dir: Path,
         *,
         env: Mapping[str, str] | None = None,
-        launcher: Executor | None = None,
     ) -> None:
         self.name = name
         self.role = role
@@ -89,27 +80,20 @@ class LabProcess:
         self.stdout_path = log_dir / f"{name}.out"
         self.stderr_path = log_dir / f"{name}.err"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-
-            def launch() -> subprocess.Popen[bytes]:
-                return subprocess.Popen(
+            try:
+                self._child: Child = spawn(
                     netns_exec_argv(netns, argv),
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=err,
-                    preexec_fn=_die_with_parent,  # noqa: PLW1509 -- only prctl(), async-signal-safe
-                    close_fds=True,
                     env={**os.environ, **env} if env else None,
                 )
-
-            try:
-                # PDEATHSIG fires when the *thread* that forked exits, so fork from a thread that lives as long
-                # as the lab (the lab's launcher), never from a pooled worker thread that may retire early.
-                self._popen = launcher.submit(launch).result() if launcher is not None else launch()
-            except FileNotFoundError as exc:
-                raise LabError("the `ip` command (iproute2) is missing; apt-get install iproute2") from exc
-        self.pid = self._popen.pid
+            except SpawnError as exc:
+                if isinstance(exc.__cause__, FileNotFoundError):
+                    raise LabError("the `ip` command (iproute2) is missing; apt-get install iproute2") from exc
+                raise LabError(f"{name}: {exc}") from exc
+        self.pid = self._child.pid
         self.start_time = process_start_time(self.pid)
-        self._pidfd: int | None = os.pidfd_open(self.pid)
 
     def __repr__(self) -> str:
         return f"<LabProcess {self.name} pid={self.pid} role={self.role} rc={self.returncode}>"
@@ -121,7 +105,7 @@ class LabProcess:
     @property
     def returncode(self) -> int | None:
         """Exit status (negative signal number if killed) or None while running."""
-        return self._popen.poll()
+        return self._child.returncode
 
     def stdout(self) -> str:
         """Everything the process wrote to stdout so far."""
@@ -133,26 +117,21 @@ class LabProcess:
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait (trio) for exit and return the status; raises `LabError` after ``timeout`` seconds."""
-        if self.returncode is None and self._pidfd is not None:
-            with trio.move_on_after(timeout if timeout is not None else float("inf")) as scope:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            if scope.cancelled_caught:
-                raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s")
-        return self.wait_sync()
+        try:
+            return await self._child.wait(timeout)
+        except TimeoutError:
+            raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s") from None
 
     def wait_sync(self, timeout: float | None = None) -> int:
         """Blocking wait; raises `LabError` after ``timeout``."""
         try:
-            rc = self._popen.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s") from exc
-        self._close_pidfd()
-        return rc
+            return self._child.wait_sync(timeout)
+        except TimeoutError:
+            raise LabError(f"{self.name} (pid {self.pid}) still running after {timeout} s") from None
 
     def send_signal(self, sig: int) -> None:
-        """Signal the process by pid (a no-op once it has exited and been reaped)."""
-        if self._popen.poll() is None:
-            self._popen.send_signal(sig)
+        """Signal the process (by its pidfd: never another process that reused the pid; no-op once reaped)."""
+        self._child.send_signal(sig)
 
     async def stop(self, grace: float = 2.0) -> int:
         """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit status. Idempotent."""
@@ -197,11 +176,6 @@ class LabProcess:
     async def wait_output(self, pattern: str, timeout: float = 10.0, stream: str = "stdout") -> re.Match[str]:
         """Async `wait_output_sync` (polls the log file in a worker thread)."""
         return await trio.to_thread.run_sync(self.wait_output_sync, pattern, timeout, stream)
-
-    def _close_pidfd(self) -> None:
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
 
 
 def listening(pid: int, port: int, proto: str = "tcp") -> bool:

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from netsim.runtime.provider import (
     ProviderHost,
     memory_control_pair,
 )
+from netsim.runtime.spawn import Child, SpawnError, spawn_async
 
 __all__ = [
     "HOST_EXIT_GRACE",
@@ -145,14 +145,8 @@ def memory_launcher(device_factory: Callable[[str, int], Any], **kwargs: Any) ->
 
 
 # ------------------------------------------------------------------------------------------------ subprocess
-def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux prctl PR_SET_PDEATHSIG)
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-
-
 class _ProcessHost:
-    def __init__(self, channel: ControlChannel, process: trio.Process) -> None:
+    def __init__(self, channel: ControlChannel, process: Child) -> None:
         self.channel = channel
         self.process = process
 
@@ -160,16 +154,18 @@ class _ProcessHost:
         return await self.process.wait()
 
     def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.kill()  # by the pid we started, never by name
+        self.process.kill()  # by the pidfd of the process we started, never by name
 
 
 class SubprocessLauncher:
     """Runs the provider in its own process inside ``netns`` via ``ip netns exec`` (the real backend).
 
     The control socket's host end is inherited as ``--control-fd``; stdout/stderr go to ``log_path`` (or are
-    inherited). The provider spec must be importable in the child: ``"package.module:Class"`` or
-    ``"/abs/path/file.py:Class"`` (a class object is converted to ``module:qualname``).
+    inherited). The process is started through `netsim.runtime.spawn`, so it dies with this process (even on
+    SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider (reliability.md
+    F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects. The provider spec
+    must be importable in the child: ``"package.module:Class"`` or ``"/abs/path/file.py:Class"`` (a class
+    object is converted to ``module:qualname``).
     """
 
     def __init__(
@@ -186,7 +182,7 @@ class SubprocessLauncher:
         self.python = python
         self.log_path = log_path
         self.batch_limit = batch_limit
-        self.processes: list[trio.Process] = []
+        self.processes: list[Child] = []
 
     async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
         spec = provider if isinstance(provider, str) else f"{provider.__module__}:{provider.__qualname__}"
@@ -202,15 +198,12 @@ class SubprocessLauncher:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
         log = open(self.log_path, "ab") if self.log_path is not None else None  # noqa: SIM115, ASYNC230 (a local log file)
         try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                preexec_fn=_die_with_parent,
+            process = await spawn_async(
+                argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
             )
+        except SpawnError as exc:
+            parent.close()
+            raise LabError(f"cannot start the provider host: {exc}") from exc
         finally:
             child.close()
             if log is not None:
@@ -573,13 +566,33 @@ class TunnelProviderManager:
 
     @asynccontextmanager
     async def open_session(self) -> AsyncIterator[TunnelProviderSession]:
-        """Open the connection; on exit a running tunnel is stopped (USER_INITIATED) and its host reaped."""
-        async with trio.open_nursery() as nursery:
-            session = TunnelProviderSession(self, nursery)
+        """Open the connection; on exit a running tunnel is stopped (USER_INITIATED) and its host reaped.
+
+        The session's own tasks (event readers, watchdogs, in-process hosts) are shielded from the caller's
+        cancellation until the session has closed: a cancelled caller (a stop signal, a timeout) still gets
+        a prompt orderly stop. Without the shield they were cancelled with the caller, nobody read the host's
+        DISCONNECTED, and closing waited out stop_timeout + exit_grace (25 s with the lab tunnel).
+        """
+        async with trio.open_nursery() as outer:
+            tasks, shield = await outer.start(_shielded_nursery)
+            session = TunnelProviderSession(self, tasks)
             self.connection = session
             try:
                 yield session
             finally:
-                with trio.CancelScope(shield=True):
-                    await session._close()
-                self.connection = None
+                try:
+                    with trio.CancelScope(shield=True):
+                        await session._close()
+                finally:
+                    self.connection = None
+                    shield.cancel()  # the session is closed: end whatever of its tasks is left
+
+
+async def _shielded_nursery(
+    task_status: trio.TaskStatus[tuple[trio.Nursery, trio.CancelScope]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A nursery that outer cancellation does not reach; it ends when its scope is cancelled."""
+    with trio.CancelScope(shield=True) as scope:
+        async with trio.open_nursery() as nursery:
+            task_status.started((nursery, scope))
+            await trio.sleep_forever()

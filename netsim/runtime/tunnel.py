@@ -38,6 +38,7 @@ from netsim.core.policy import parse_policy
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.errors import ConfigError, LabError
+from netsim.lab.cleanup import RUN_DIR, helper_dir, tunnel_dir_prefix
 from netsim.lab.wireguard import WireGuardGo
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.forwarding import HelperForwardingProvider
@@ -354,8 +355,11 @@ async def netsim_tunnel(
         mtu=plan.mtu,
     )
     await server.add_peer(client_key.public_key(), allowed_ips=[f"{plan.client_v4}/32", f"{plan.client_v6}/128"])
-    conf_dir = Path(tempfile.mkdtemp(prefix=f"netsim-{lab.run_id}-tunnel-"))  # 0700: the config holds a key
-    sock_dir = Path("/run/netsim") / f"helper-{lab.run_id}"
+    # Both directories are named after the run in RUN_DIR (/run: tmpfs on most systems), so
+    # `netsim clean` finds them by run id after a SIGKILLed owner (reliability.md R3).
+    RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    conf_dir = Path(tempfile.mkdtemp(prefix=tunnel_dir_prefix(lab.run_id), dir=RUN_DIR))  # 0700: holds the key
+    sock_dir = helper_dir(lab.run_id)
     socket_path = sock_dir / "helper.sock"
     helpers: list[LabProcess] = []
     try:
