@@ -189,7 +189,7 @@ class Lab:
     @trio.lowlevel.enable_ki_protection
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> bool:
+    ) -> None:
         scope, self._body_scope = self._body_scope, None
         swallowed = False
         try:
@@ -201,9 +201,10 @@ class Lab:
                     await trio.to_thread.run_sync(self.stop)
             finally:
                 self._restore_stop_signals()
+        # Only a stop signal cancels the body scope, so a swallowed Cancelled always ends here, as the signal's
+        # KeyboardInterrupt; the manager never swallows an exception (type checkers may rely on that).
         if self._signalled is not None:
             raise self._interrupt() from (None if swallowed else exc)
-        return swallowed
 
     async def _abandon_bring_up(self) -> None:
         try:
