@@ -161,10 +161,12 @@ def test_datagram_04_01_00_00_cannot_drive_a_counter_negative() -> None:
     t = SyncTunnel()
     before = t.helper.statistics().ledger["wg_decrypt"].read
     crafted = [b"\x04\x01\x00\x00" + bytes(28 + (i % 40)) for i in range(1000)]
+    for i in range(0, 1000, 50):  # one short datagram per 50: the old helper counted it as "control"
+        crafted.insert(i, b"\x01")
     t.receive(crafted)
-    assert_books(t, before + 1000)
+    assert_books(t, before + 1020)
     st_ = t.helper.statistics().ledger["wg_decrypt"]
-    assert st_.dropped_for("bad_type") == 1000
+    assert st_.dropped_for("bad_type") == 1000 and st_.dropped_for("short") == 20
     assert st_.dropped_for("control") == 1  # the handshake response at setup, nothing from the attack
 
 
