@@ -422,3 +422,17 @@ def test_helper_counts_sends_with_no_route_as_udp_no_route() -> None:
     assert snap["udp_out"].dropped_for("udp_no_route") == 5
     assert snap["udp_out"].forwarded == before.forwarded and snap["udp_out"].read == before.read + 5
     assert snap.check() == []
+
+
+# ---------------------------------------------------------------------------------------------- the ledger itself
+def test_a_negative_drop_counter_is_reported_with_its_name_and_value() -> None:
+    """The old check reported a negative drop reason as ``negative +0`` (the minimum of read/forwarded/queued)."""
+    from netsim.core.ledger import Ledger
+
+    ledger = Ledger("helper")
+    s = ledger.stage("wg_decrypt")
+    s.count_read(3)
+    s.count_forwarded(3)
+    s.count_dropped("control", -5)
+    s.count_dropped("bad_type", 5)
+    assert [str(i) for i in ledger.check()] == ["wg_decrypt: negative dropped[control] -5"]
