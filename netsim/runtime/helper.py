@@ -12,9 +12,10 @@ decrypted replies the same way. Two loops share one `WireGuardDevice`:
   no ``recvmmsg``), feeds the whole batch to the device, fires due timers, sends what the device queued
   (handshakes, keepalives, flushed staged packets) and hands the decrypted batch to the provider in one IPC
   frame;
-* the **session loop** (`Helper.serve_session`, one per provider connection) reads IPC events: each PACKETS
-  frame is classified by the optional `PolicyEngine` (default: everything TUNNEL, no parsing at all), encrypted
-  with one ``encapsulate`` call per ``batch`` packets into reused datagram buffers and sent.
+* the **session loop** (`Helper.serve_session`, one per provider connection) reads IPC events: each packet of a
+  PACKETS frame is validated (one reused `PacketView`; its source must be a tunnel address), classified by the
+  optional `PolicyEngine` (default: everything TUNNEL), encrypted with one ``encapsulate`` call per ``batch``
+  packets into reused datagram buffers and sent.
 
 Tunnel state lives in the `Helper`, not in a session: when the provider disconnects the device, its keys and
 timers keep running (decrypted packets are then dropped as ``no_provider``), and the next provider connection
@@ -25,20 +26,25 @@ traffic, F1).
 
 Ledger (reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
 
-    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, policy_drop:<rule>
+    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, inner_src_not_allowed,
+                                                    policy_drop:<rule> (one validation with or without a policy)
     bypass      BYPASS verdicts                  -> the bypass hook; dropped: bypass_unavailable (no hook yet)
-    wg_encrypt  packets given to the device      -> sent as transport data (device tx_packets); dropped:
-                                                    no_route, staged_overflow, handshake_timeout, ...;
-                                                    queued: staged while a handshake is in flight
-    udp_out     datagrams to the server          -> sendto accepted; dropped: udp_eagain, udp_error
+    wg_encrypt  packets given to the device      -> forwarded: sent on a live session and answered by the peer;
+                                                    dropped: sent_unconfirmed (no answer within 15 s, or sent
+                                                    while the session was not live), no_route, staged_overflow,
+                                                    handshake_timeout, ...; queued: staged while a handshake is in
+                                                    flight, and sent but not yet answered
+    udp_out     datagrams to the server          -> sendto accepted; dropped: udp_no_route, udp_eagain, udp_error
     wg_decrypt  datagrams from the network       -> inner packets; dropped: the device's reasons, plus
                                                     ``keepalive`` and ``control`` (protocol messages consumed)
     ipc_out     inner packets for the provider   -> written to the IPC socket; dropped: no_provider,
                                                     ipc_queue_full, ipc_closed
 
-A stage's ``forwarded`` is counted from an independent source where one exists (the device's ``tx_packets`` /
-``rx_packets``), never derived from the other terms, so a packet lost without a counter shows up as an
-unattributed difference in `netsim.core.ledger.Ledger.check`.
+A stage's outcomes are counted from independent sources, never derived from the other terms: the datagrams the
+device actually produced (`_book_sent`), its ``rx_packets`` / ``rx_keepalives`` / ``rx_control_consumed`` and
+named drops -- the device classifies each received datagram once (`classify_datagram`) and counts one outcome
+for it, so no input can drive a counter negative. A packet lost without a counter shows up as an unattributed
+difference in `netsim.core.ledger.Ledger.check`. docs/helper.md says exactly what each stage means.
 
 Logs are JSON lines on stderr (`JsonLogFormatter`), one object per event, so tests and tools parse them.
 """
@@ -323,6 +329,7 @@ class HelperStatistics:
                 "handshakes_initiated": dev.handshakes_initiated,
                 "handshakes_completed": dev.handshakes_completed,
                 "staged": dev.staged,
+                "rx_control_consumed": dev.rx_control_consumed,
                 "drops": {k: v for k, v in dev.drops.items() if v},
             },
             "server": None if self.server is None else _server_json(self.server),
@@ -393,7 +400,7 @@ class Helper:
         transport: the network side (`UdpTransport.open(...)` in a real helper).
         endpoints: resolved ``(host, port)`` per peer public key (base64) for peers whose Endpoint is a name;
             peers with an IP literal endpoint need no entry.
-        policy: classifies each packet from the provider; None tunnels everything without parsing it.
+        policy: classifies each (validated) packet from the provider; None tunnels every valid packet.
         bypass: receives the packets the policy marks BYPASS (the NAT bypass plugs in here); without it they
             are dropped as ``bypass_unavailable``.
         batch: datagrams read per wakeup and packets encrypted per ``encapsulate`` call.

@@ -22,7 +22,8 @@ from netsim.testing.require import require_binary, require_root
 # numbered UDP echo probes from `mac`, one every `interval` seconds; prints what came back (bounded)
 UDP_STREAM = r"""
 import json, socket, sys, time
-token, host, count, interval, linger = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+token, host = sys.argv[1], sys.argv[2]
+count, interval, linger = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
 got = set()
@@ -90,7 +91,8 @@ def test_probes_lost_in_a_wireguard_go_restart_are_sent_unconfirmed() -> None:
                 await lab.run("mac", ["true"], check=False)
                 await trio.sleep(0.3)
             if t.session.status.name != "CONNECTED":
-                raise AssertionError(f"tunnel {t.session.status}: {t.session.stop_reason!r} {t.session.last_disconnect_error!r}\n{t.logs()[-6000:]}")
+                why = f"{t.session.stop_reason!r} {t.session.last_disconnect_error!r}"
+                raise AssertionError(f"tunnel {t.session.status}: {why}\n{t.logs()[-6000:]}")
             rec["before"], rec["after"] = before, await t.helper_stats()
             rec["logs"] = t.logs()
 
