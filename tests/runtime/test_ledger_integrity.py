@@ -436,3 +436,19 @@ def test_a_negative_drop_counter_is_reported_with_its_name_and_value() -> None:
     s.count_dropped("control", -5)
     s.count_dropped("bad_type", 5)
     assert [str(i) for i in ledger.check()] == ["wg_decrypt: negative dropped[control] -5"]
+
+
+def test_with_two_peers_each_datagram_is_booked_to_its_own_peer() -> None:
+    t = SyncTunnel()
+    other = PrivateKey.generate(random.Random(9).randbytes).public_key()
+    t.helper.device.add_peer(
+        PeerConfig(public_key=other, endpoint=Endpoint("192.0.2.3", 51820), allowed_ips=(ip_network("10.99.0.0/16"),))
+    )
+    t.outbound([icmp_echo(CLIENT_V4, WWW4, 1), icmp_echo(CLIENT_V4, "10.99.0.1", 2), icmp_echo(CLIENT_V4, WWW4, 3)])
+    snap = t.helper.statistics().ledger["wg_encrypt"]
+    assert (snap.read, snap.forwarded, snap.queued) == (3, 0, 3)  # 2 awaiting the server's answer, 1 staged
+    t.now += 1
+    t.receive(t.server_data(1))  # the server answers; the other peer never does
+    snap = t.helper.statistics().ledger["wg_encrypt"]
+    assert (snap.forwarded, snap.queued, snap.dropped) == (2, 1, ())
+    assert t.helper.statistics().ledger.check() == []
