@@ -1,7 +1,10 @@
-"""Issue 11 item 5 in the lab: probes lost while wireguard-go restarts are ``sent_unconfirmed``, not ``forwarded``.
+"""Issue 11 item 5 in the lab: what the helper knows about losses is on its books.
 
-Before the fix the helper counted every one of them ``forwarded`` (301 in the issue's run). One lab, one tunnel,
-one UDP probe stream (10 probes/s for 25 s, bounded) across a server restart; about a minute in all.
+* probes lost while wireguard-go restarts are ``sent_unconfirmed``, not ``forwarded`` (before the fix every one
+  was ``forwarded``: 301 in the issue's run). One UDP probe stream, 10 probes/s for 25 s, across a restart.
+* an en0 flap: sends while en0 is down are ``udp_no_route``; packets blackholed after it are ``sent_unconfirmed``.
+
+Each test brings up its own lab and tunnel; under a minute each.
 """
 
 from __future__ import annotations
@@ -109,4 +112,56 @@ def test_probes_lost_in_a_wireguard_go_restart_are_sent_unconfirmed() -> None:
     # ... and forwarded grew by the answered probes plus at most a little other traffic (IPv6 RS, the settle)
     assert len(stream["received"]) <= forwarded <= len(stream["received"]) + 10
     assert after["device"]["handshakes_completed"] > before["device"]["handshakes_completed"]
+    assert LedgerSnapshot.from_json_untrusted(after["ledger"]).check() == []
+
+
+@pytest.mark.timeout(240)
+def test_en0_flap_sends_are_udp_no_route_then_blackholed_ones_sent_unconfirmed() -> None:
+    """en0 down: the kernel refuses the helper's sendto (no route), a named drop. en0 up again without its default
+    route (the kernel removed it with the link): sendto succeeds but nothing comes back, and 15 s later those
+    packets are ``sent_unconfirmed``; before the fix they were ``forwarded`` / ``udp_error``."""
+    require_root()
+    require_binary("wireguard-go", "wg", "ip", "nft", "ping")
+    rec: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Lab() as lab, netsim_tunnel(lab) as t:
+            target = str(lab.addr.www_v4)
+            assert (await lab.run("mac", ["ping", "-c", "1", "-W", "3", target], check=False)).returncode == 0
+            await t.wait_quiet()
+            rec["before"] = await t.helper_stats()
+            await lab.run("mac", ["ip", "link", "set", "en0", "down"])  # the lab's own namespace
+            await lab.run("mac", ["ping", "-c", "5", "-i", "0.2", "-W", "1", target], check=False)
+            rec["down"] = await t.helper_stats()
+            await lab.run("mac", ["ip", "link", "set", "en0", "up"])
+            r = await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False)
+            rec["ping_after_up"] = r.returncode
+            end = trio.current_time() + 16  # keep worker threads busy (see the test above)
+            while trio.current_time() < end:
+                await lab.run("mac", ["true"], check=False)
+                await trio.sleep(0.3)
+            rec["after"] = await t.helper_stats()
+
+    trio.run(main)
+    before, down, after = rec["before"], rec["down"], rec["after"]
+
+    def delta(s: dict[str, Any], stage: str, key: str) -> int:
+        a, b = s["ledger"]["stages"][stage], before["ledger"]["stages"][stage]
+        if key in ("read", "forwarded", "queued"):
+            return int(a[key] - b[key])
+        return int(a["dropped"].get(key, 0) - b["dropped"].get(key, 0))
+
+    sent_down = delta(down, "wg_encrypt", "read")
+    assert sent_down >= 5  # the five pings (and nothing the kernel would not route into the utun)
+    print(
+        f"en0 down: {sent_down} packets, udp_no_route +{delta(down, 'udp_out', 'udp_no_route')}; after: "
+        f"sent_unconfirmed +{delta(after, 'wg_encrypt', 'sent_unconfirmed')}, "
+        f"forwarded +{delta(after, 'wg_encrypt', 'forwarded')}, ping after up rc {rec['ping_after_up']}"
+    )
+    assert delta(down, "udp_out", "udp_no_route") >= sent_down
+    assert delta(down, "udp_out", "udp_error") == 0
+    assert rec["ping_after_up"] != 0  # no default route after the flap: blackholed
+    total = delta(after, "wg_encrypt", "read")
+    assert delta(after, "wg_encrypt", "forwarded") == 0, "nothing was answered, nothing is forwarded"
+    assert delta(after, "wg_encrypt", "sent_unconfirmed") == total
     assert LedgerSnapshot.from_json_untrusted(after["ledger"]).check() == []
