@@ -82,9 +82,11 @@ class Imbalance:
     stage: str
     kind: str  # "unattributed" | "queued_at_quiescence" | "negative"
     amount: int
+    counter: str = ""  # for "negative": which counter ("read", "forwarded", "queued", "dropped[<reason>]")
 
     def __str__(self) -> str:
-        return f"{self.stage}: {self.kind} {self.amount:+d}"
+        what = f" {self.counter}" if self.counter else ""
+        return f"{self.stage}: {self.kind}{what} {self.amount:+d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +115,14 @@ class StageSnapshot:
             out.append(Imbalance(self.name, "unattributed", diff))
         if quiescent and self.queued:
             out.append(Imbalance(self.name, "queued_at_quiescence", self.queued))
-        if min(self.read, self.forwarded, self.queued, *(n for _, n in self.dropped)) < 0:
-            out.append(Imbalance(self.name, "negative", min(self.read, self.forwarded, self.queued)))
+        # every counter is a count of packets: a negative one means a caller subtracted what it never added
+        # (e.g. a drop reason booked from a wrong classification), which `unattributed` alone may not show
+        for field, n in (("read", self.read), ("forwarded", self.forwarded), ("queued", self.queued)):
+            if n < 0:
+                out.append(Imbalance(self.name, "negative", n, field))
+        for reason, n in self.dropped:
+            if n < 0:
+                out.append(Imbalance(self.name, "negative", n, f"dropped[{reason}]"))
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -15,6 +15,11 @@ AF_INET (2) or AF_INET6 (30), the packet was empty or longer than the utun MTU, 
 full) or no device is attached yet.
 Nothing is retried; each dropped packet increments exactly one named counter.
 
+Ledger. A packet the read path drops (empty, or an IP version nibble other than 4/6) never reaches the provider,
+so the provider cannot count it. `PacketTunnelFlow.count_reads_in` names a ledger stage (the forwarding
+provider's ``tun_read``) in which each such packet is counted as read and dropped ``malformed``, so the stage's
+``read`` is every packet taken from the utun and the books balance across the flow (reliability.md C1, L0).
+
 Per-app metadata. Apple fills ``NEPacket.metadata`` only in per-app VPN mode (``routingMethod ==
 sourceApplication``, R3). After `PacketTunnelFlow.set_routing_method` with ``SOURCE_APPLICATION``,
 ``read_packet_objects`` attributes each TCP/UDP packet to its app: the flow tuple (version, protocol, source
@@ -37,6 +42,7 @@ import trio
 from netsim.apple.enums import RoutingMethod, TrafficDirection
 from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet
 from netsim.apple.protocol import AppRule
+from netsim.core.ledger import Stage
 from netsim.errors import LocalProtocolError, TunnelDown
 from netsim.runtime.appid import OwnerLookup, ProcNetOwnerLookup, app_rules_by_uid
 from netsim.transports.base import PacketDevice
@@ -188,8 +194,17 @@ class PacketTunnelFlow:
         self._meta_unattributed = 0
         self._meta_hits = 0
         self._meta_lookups = 0
+        self._read_stage: Stage | None = None
         if device is not None:
             self.attach(device)
+
+    def count_reads_in(self, stage: Stage | None) -> None:
+        """Count packets the read path drops into ``stage`` (read, and dropped ``malformed``); None stops it.
+
+        The caller counts the packets it is handed in the same stage, so ``stage.read`` covers every packet
+        read from the device (netsim addition: Apple's flow has no ledger).
+        """
+        self._read_stage = stage
 
     # -- device lifecycle (called by the provider host, not by providers) -----------------------------------
     @property
@@ -337,7 +352,12 @@ class PacketTunnelFlow:
         for data in datas:
             if not data or not _FAMILY_BY_NIBBLE[data[0] >> 4]:
                 good = [d for d in datas if d and _FAMILY_BY_NIBBLE[d[0] >> 4]]
-                self._read_malformed += len(datas) - len(good)
+                bad = len(datas) - len(good)
+                self._read_malformed += bad
+                stage = self._read_stage
+                if stage is not None:
+                    stage.count_read(bad)
+                    stage.count_dropped("malformed", bad)
                 break
         if good:
             self._read_batches += 1

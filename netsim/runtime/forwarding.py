@@ -18,7 +18,8 @@ If the helper dies, the connection breaks: the provider sets ``reasserting`` (Ap
 R24), reconnects with exponential backoff and, when the helper answers again, clears ``reasserting`` and resumes.
 The settings are re-applied only when the helper announces different ones.
 
-Ledger (``Ledger("provider")``): ``tun_read`` (packets read -> handed to IPC, dropped ``helper_down``),
+Ledger (``Ledger("provider")``): ``tun_read`` (packets read -> handed to IPC, dropped ``helper_down``, and
+``malformed`` for what the flow discards before the provider sees it),
 ``ipc_out`` (the channel's queue: written, ``ipc_queue_full``, ``ipc_closed``), ``ipc_in`` (packets received ->
 accepted by the utun, dropped ``tun_refused``).
 
@@ -365,6 +366,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         """utun -> helper: one flow read, one IPC frame (the performance-critical loop)."""
         flow = self.packet_flow
         st = self._tun_read
+        flow.count_reads_in(st)  # packets the flow drops as malformed are booked here too
         while True:
             packets = await flow.read_packet_objects()
             n = len(packets)

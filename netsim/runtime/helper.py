@@ -12,9 +12,10 @@ decrypted replies the same way. Two loops share one `WireGuardDevice`:
   no ``recvmmsg``), feeds the whole batch to the device, fires due timers, sends what the device queued
   (handshakes, keepalives, flushed staged packets) and hands the decrypted batch to the provider in one IPC
   frame;
-* the **session loop** (`Helper.serve_session`, one per provider connection) reads IPC events: each PACKETS
-  frame is classified by the optional `PolicyEngine` (default: everything TUNNEL, no parsing at all), encrypted
-  with one ``encapsulate`` call per ``batch`` packets into reused datagram buffers and sent.
+* the **session loop** (`Helper.serve_session`, one per provider connection) reads IPC events: each packet of a
+  PACKETS frame is validated (one reused `PacketView`; its source must be a tunnel address), classified by the
+  optional `PolicyEngine` (default: everything TUNNEL), encrypted with one ``encapsulate`` call per ``batch``
+  packets into reused datagram buffers and sent.
 
 Tunnel state lives in the `Helper`, not in a session: when the provider disconnects the device, its keys and
 timers keep running (decrypted packets are then dropped as ``no_provider``), and the next provider connection
@@ -25,20 +26,25 @@ traffic, F1).
 
 Ledger (reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
 
-    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, policy_drop:<rule>
+    ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, inner_src_not_allowed,
+                                                    policy_drop:<rule> (one validation with or without a policy)
     bypass      BYPASS verdicts                  -> the bypass hook; dropped: bypass_unavailable (no hook yet)
-    wg_encrypt  packets given to the device      -> sent as transport data (device tx_packets); dropped:
-                                                    no_route, staged_overflow, handshake_timeout, ...;
-                                                    queued: staged while a handshake is in flight
-    udp_out     datagrams to the server          -> sendto accepted; dropped: udp_eagain, udp_error
+    wg_encrypt  packets given to the device      -> forwarded: sent on a live session and answered by the peer;
+                                                    dropped: sent_unconfirmed (no answer within 15 s, or sent
+                                                    while the session was not live), no_route, staged_overflow,
+                                                    handshake_timeout, ...; queued: staged while a handshake is in
+                                                    flight, and sent but not yet answered
+    udp_out     datagrams to the server          -> sendto accepted; dropped: udp_no_route, udp_eagain, udp_error
     wg_decrypt  datagrams from the network       -> inner packets; dropped: the device's reasons, plus
                                                     ``keepalive`` and ``control`` (protocol messages consumed)
     ipc_out     inner packets for the provider   -> written to the IPC socket; dropped: no_provider,
                                                     ipc_queue_full, ipc_closed
 
-A stage's ``forwarded`` is counted from an independent source where one exists (the device's ``tx_packets`` /
-``rx_packets``), never derived from the other terms, so a packet lost without a counter shows up as an
-unattributed difference in `netsim.core.ledger.Ledger.check`.
+A stage's outcomes are counted from independent sources, never derived from the other terms: the datagrams the
+device actually produced (`_book_sent`), its ``rx_packets`` / ``rx_keepalives`` / ``rx_control_consumed`` and
+named drops -- the device classifies each received datagram once (`classify_datagram`) and counts one outcome
+for it, so no input can drive a counter negative. A packet lost without a counter shows up as an unattributed
+difference in `netsim.core.ledger.Ledger.check`. docs/helper.md says exactly what each stage means.
 
 Logs are JSON lines on stderr (`JsonLogFormatter`), one object per event, so tests and tools parse them.
 """
@@ -64,8 +70,15 @@ from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.core.packet import PacketView
 from netsim.core.policy import Action, Mechanism, PolicyEngine, PolicyStatistics, parse_policy
 from netsim.core.wireguard.config import TunnelConfig
-from netsim.core.wireguard.device import DeviceStatistics, HandshakeCompleted, HandshakeTimeout, WireGuardDevice
-from netsim.core.wireguard.peer import Endpoint
+from netsim.core.wireguard.device import (
+    DeviceStatistics,
+    HandshakeCompleted,
+    HandshakeTimeout,
+    WireGuardDevice,
+    classify_datagram,
+)
+from netsim.core.wireguard.messages import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
+from netsim.core.wireguard.peer import Endpoint, Peer
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.transports.uds import IpcChannel, ServerStatistics, UnixIpcServer
@@ -97,25 +110,9 @@ _MAX_IPC_BATCH = 256
 _FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(ipc.AF_INET if v == 4 else ipc.AF_INET6 if v == 6 else 0 for v in range(16))
 # Device drop reasons that only the outbound path produces; "inner_malformed" is shared and attributed by call.
 _OUTBOUND_DROPS = frozenset(("no_route", "no_endpoint", "staged_overflow", "handshake_timeout", "oversize"))
-# Reasons the device counts for datagrams that took its control path (shorter than a transport header or not
-# type 4): subtracted from the control datagrams we saw to get the protocol messages it consumed.
-_CONTROL_DROPS = frozenset(
-    (
-        "short",
-        "bad_length",
-        "bad_type",
-        "bad_mac1",
-        "bad_mac2",
-        "handshake_failed",
-        "stale_timestamp",
-        "handshake_flood",
-        "handshake_overload",
-        "rate_limited",
-        "unexpected_response",
-        "bad_cookie",
-    )
-)
 _TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+# sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
+_NO_ROUTE_SEND = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -158,7 +155,8 @@ class DatagramTransport(Protocol):
         ...
 
     def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
-        """Send one datagram; None on success, else the drop reason (``udp_eagain``, ``udp_error``)."""
+        """Send one datagram; None on success, else the drop reason (``udp_eagain``, ``udp_no_route``,
+        ``udp_error``)."""
         ...
 
     async def wait_readable(self) -> None:
@@ -249,8 +247,8 @@ class UdpTransport:
             self.sock.sendto(data, addr)
         except BlockingIOError:
             return "udp_eagain"
-        except OSError:
-            return "udp_error"
+        except OSError as exc:
+            return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
         return None
 
     async def wait_readable(self) -> None:
@@ -339,6 +337,7 @@ class HelperStatistics:
                 "cookie_replies_sent": dev.cookie_replies_sent,
                 "cookie_replies_received": dev.cookie_replies_received,
                 "staged": dev.staged,
+                "rx_control_consumed": dev.rx_control_consumed,
                 "drops": {k: v for k, v in dev.drops.items() if v},
             },
             "server": None if self.server is None else _server_json(self.server),
@@ -410,7 +409,7 @@ class Helper:
         transport: the network side (`UdpTransport.open(...)` in a real helper).
         endpoints: resolved ``(host, port)`` per peer public key (base64) for peers whose Endpoint is a name;
             peers with an IP literal endpoint need no entry.
-        policy: classifies each packet from the provider; None tunnels everything without parsing it.
+        policy: classifies each (validated) packet from the provider; None tunnels every valid packet.
         bypass: receives the packets the policy marks BYPASS (the NAT bypass plugs in here); without it they
             are dropped as ``bypass_unavailable``.
         batch: datagrams read per wakeup and packets encrypted per ``encapsulate`` call.
@@ -480,9 +479,16 @@ class Helper:
         self._wg_in = self.ledger.stage("wg_decrypt")
         self._ipc_out = self.ledger.stage("ipc_out")
         self._last_drops = dict(self.device.statistics().drops)
-        self._last_tx = 0
         self._last_rx = 0
-        self._last_keepalives = 0
+        self._last_control = 0
+        # data packets handed to a live session, awaiting the peer's answer (see `_book_sent`):
+        # peer -> [[transport_rx_epoch at the first send, deadline, count], ...], oldest first
+        self._awaiting: dict[Peer, list[list[Any]]] = {}
+        self._awaiting_total = 0
+        t = self.device.timers
+        self._no_reply_time = t.keepalive_timeout + t.rekey_timeout
+        # the tunnel's own addresses: the only inner sources a client may emit (`_classify`)
+        self._inner_sources = frozenset(a.ip.packed for a in config.interface.addresses)
         self.verdicts = {"tunnel": 0, "bypass": 0, "drop": 0}
         self.sessions = 0
         self.policy_updates = 0
@@ -569,8 +575,11 @@ class Helper:
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> HelperStatistics:
-        """A frozen snapshot; the ``wg_encrypt`` queue gauge is the device's staged data packets."""
-        self._wg_out.set_queued(sum(1 for peer in self.device.peers for pkt in peer.staged if pkt))
+        """A frozen snapshot; the ``wg_encrypt`` queue gauge is the device's staged data packets plus the data
+        packets sent on a live session and not yet answered (see `_book_sent`)."""
+        self._settle(self.clock())
+        staged = sum(1 for peer in self.device.peers for pkt in peer.staged if pkt)
+        self._wg_out.set_queued(staged + self._awaiting_total)
         return HelperStatistics(
             ledger=self.ledger.snapshot(),
             device=self.device.statistics(),
@@ -606,13 +615,12 @@ class Helper:
 
     # -- device bookkeeping ---------------------------------------------------------------------------------
     def _sync_device(self, *, outbound: bool) -> None:
-        """Move the device's counter deltas into the ledger (called after every device call)."""
-        dev = self.device
-        tx = dev.tx_packets
-        if tx != self._last_tx:
-            self._wg_out.count_forwarded(tx - self._last_tx)
-            self._last_tx = tx
-        drops = dev.statistics().drops
+        """Move the device's drop deltas into the ledger (called after every device call).
+
+        ``wg_encrypt.forwarded`` is not the device's ``tx_packets``: the data datagrams themselves are booked
+        by `_book_sent` as they leave (encapsulated in `_outbound`, flushed in `_flush`).
+        """
+        drops = self.device.statistics().drops
         last = self._last_drops
         for reason, count in drops.items():
             delta = count - last[reason]
@@ -635,6 +643,56 @@ class Helper:
             else:
                 log.info("keys zeroed", extra={"event": "keys_zeroed", "peer": peer})
 
+    def _book_sent(self, peer: Peer, n: int, now: float) -> None:
+        """``n`` data packets for ``peer`` were just encrypted and handed to the UDP send.
+
+        On a session that is not live (`WireGuardDevice.session_live`: no handshake-confirmed keypair, or sends
+        unanswered for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT) they are ``sent_unconfirmed`` at once. On a live one
+        they wait (in the ``wg_encrypt`` queue gauge) for the peer's next authenticated transport message, which
+        makes them ``forwarded``; if none comes within KEEPALIVE_TIMEOUT + REKEY_TIMEOUT of the first of them
+        they are ``sent_unconfirmed`` too (`_settle`). Per batch, not per packet.
+        """
+        if not n:
+            return
+        if not self.device.session_live(peer, now):
+            self._wg_out.count_dropped("sent_unconfirmed", n)
+            return
+        buckets = self._awaiting.setdefault(peer, [])
+        epoch = peer.transport_rx_epoch
+        if buckets and buckets[-1][0] == epoch:
+            buckets[-1][2] += n
+        else:
+            buckets.append([epoch, now + self._no_reply_time, n])
+        self._awaiting_total += n
+
+    def _settle(self, now: float) -> None:
+        """Decide the packets awaiting an answer: answered -> forwarded; past the deadline -> sent_unconfirmed."""
+        if not self._awaiting_total:
+            return
+        st = self._wg_out
+        for peer, buckets in self._awaiting.items():
+            epoch = peer.transport_rx_epoch
+            while buckets:
+                b_epoch, deadline, count = buckets[0]
+                if b_epoch != epoch:  # an authenticated transport message arrived after these were sent
+                    st.count_forwarded(count)
+                elif now >= deadline:
+                    st.count_dropped("sent_unconfirmed", count)
+                else:
+                    break
+                del buckets[0]
+                self._awaiting_total -= count
+
+    def _peer_at(self, addr: Endpoint) -> Peer | None:
+        """The peer whose endpoint is ``addr`` (several peers only; one peer takes every datagram)."""
+        peers = self.device.peers
+        if len(peers) == 1:
+            return peers[0]
+        for peer in peers:
+            if peer.endpoint == addr:
+                return peer
+        return None
+
     def _send_datagram(self, data: ipc.Buffer, addr: Endpoint) -> None:
         st = self._udp_out
         st.count_read()
@@ -647,6 +705,11 @@ class Helper:
     def _flush(self, now: float) -> None:
         """Send the device's control datagrams and re-arm the network loop's timer if it moved earlier."""
         for data, addr in self.device.datagrams_to_send(now):
+            # staged data flushed after a handshake is transport data longer than a keepalive (32 bytes)
+            if len(data) > TRANSPORT_MIN_SIZE and classify_datagram(data) == MSG_TRANSPORT:
+                peer = self._peer_at(addr)
+                if peer is not None:
+                    self._book_sent(peer, 1, now)
             self._send_datagram(data, addr)
         scope = self._scope
         timer = self.device.get_timer()
@@ -677,24 +740,28 @@ class Helper:
                 self._receive(n, now)
             timer = dev.get_timer()
             if timer is not None and timer <= now:
+                self._settle(now)  # before the no-reply handshake replaces the session
                 dev.handle_timer(now)
                 self._sync_device(outbound=True)
             self._flush(now)
+            self._settle(now)
             self._deliver()
             if self._held:
                 await self._push_settings()
 
     def _receive(self, n: int, now: float) -> None:
+        """Feed one batch to the device and book every datagram's single outcome in ``wg_decrypt``.
+
+        The device classifies each datagram once (`classify_datagram`: the u32 little-endian type, exact
+        sizes) and counts exactly one outcome for it: an inner packet (``rx_packets``), a keepalive, a consumed
+        handshake/cookie message (``rx_control_consumed``, booked as ``control``) or one named drop. The helper
+        only moves those deltas, so no crafted datagram can make a counter negative or leave one unattributed.
+        """
         dev = self.device
         views, sizes = self._rx_views, self._rx_sizes
         datagrams = [views[i][: sizes[i]] for i in range(n)]
-        control = 0
-        for d in datagrams:
-            if len(d) < 32 or d[0] != 4:  # WireGuard message type 4 = transport data (whitepaper §5.4.6)
-                control += 1
         st = self._wg_in
         st.count_read(n)
-        before = self._last_drops
         keepalives = dev.rx_keepalives
         dev.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
         rx = dev.rx_packets
@@ -702,12 +769,12 @@ class Helper:
         self._last_rx = rx
         if dev.rx_keepalives != keepalives:
             st.count_dropped("keepalive", dev.rx_keepalives - keepalives)
-        if control:
-            after = dev.statistics().drops
-            control -= sum(after[r] - before[r] for r in _CONTROL_DROPS)
-            if control:
-                st.count_dropped("control", control)
+        control = dev.rx_control_consumed
+        if control != self._last_control:
+            st.count_dropped("control", control - self._last_control)
+            self._last_control = control
         self._sync_device(outbound=False)
+        self._settle(now)
 
     def _deliver(self) -> None:
         """Hand the decrypted packets to the provider: one IPC frame per batch, dropped (counted) if none."""
@@ -846,10 +913,7 @@ class Helper:
         n = len(packets)
         self._ipc_in.count_read(n)
         now = self.clock()
-        if self.policy is not None:
-            packets = self._classify(packets, now)
-        else:
-            self.verdicts["tunnel"] += n
+        packets = self._classify(packets, now)
         self._ipc_in.count_forwarded(len(packets))
         dev = self.device
         bufs, sizes, addrs = self._tx_views, self._tx_sizes, self._tx_addrs
@@ -873,11 +937,35 @@ class Helper:
                         udp.count_dropped(reason)
             udp.count_read(attempted)  # counted per batch: no per-packet method calls on the hot path
             udp.count_forwarded(sent)
+            if attempted:
+                peers = dev.peers
+                if len(peers) == 1:
+                    self._book_sent(peers[0], attempted, now)
+                else:
+                    self._book_by_endpoint(addrs, sizes, len(chunk), now)
             self._sync_device(outbound=True)
             self._flush(now)
 
+    def _book_by_endpoint(self, addrs: list[Endpoint | None], sizes: list[int], n: int, now: float) -> None:
+        """`_book_sent` for a batch spread over several peers (by each datagram's endpoint)."""
+        counts: dict[Endpoint, int] = {}
+        for i in range(n):
+            addr = addrs[i]
+            if sizes[i] and addr is not None:
+                counts[addr] = counts.get(addr, 0) + 1
+        for addr, count in counts.items():
+            peer = self._peer_at(addr)
+            if peer is not None:
+                self._book_sent(peer, count, now)
+
     def _classify(self, packets: list[memoryview], now: float) -> list[memoryview]:
-        """Policy verdicts for a batch: returns the packets to tunnel; BYPASS goes to the hook, DROP is counted.
+        """Validate a batch, then apply the policy: returns the packets to tunnel; BYPASS goes to the hook.
+
+        Validation is the same with or without a policy: every packet is parsed once with the core's
+        `PacketView` (bounded; bad IHL/lengths, truncated or over-long IPv6 extension-header chains, tiny or
+        low-offset fragments are ``malformed``) and its source must be one of the tunnel's own addresses, else it
+        is dropped as ``inner_src_not_allowed`` (the receive side's name: WireGuard's cryptokey routing drops
+        such packets at the server, whitepaper §2; a client must not emit them). Nothing invalid is encrypted.
 
         With the route mechanism a BYPASS packet should never reach the helper (the kernel sent it out of en0);
         one that does (a port, protocol or domain rule routes cannot express) is tunnelled and counted in
@@ -887,21 +975,40 @@ class Helper:
         verdict turns to TUNNEL (the name's DNS binding expired mid-flow): moving it into the tunnel would change
         its source address and break it. Counted in ``bypass_sticky``.
         """
-        assert self.policy is not None
         engine = self.policy
+        view = self._view
+        load = view.load_untrusted
+        sources = self._inner_sources
+        keep: list[memoryview] = []
+        malformed = spoofed = 0
+        if engine is None:
+            for pkt in packets:
+                try:
+                    load(pkt)
+                except BadPacket:
+                    malformed += 1
+                    continue
+                if view.src not in sources:
+                    spoofed += 1
+                    continue
+                keep.append(pkt)
+            self._count_invalid(malformed, spoofed)
+            self.verdicts["tunnel"] += len(keep)
+            return keep
         classify = engine.classify
         route_mechanism = engine.policy.mechanism is Mechanism.ROUTE
         nat = self.nat_bypass.nat if self.nat_bypass is not None and engine.has_domain_rules else None
         track = self.dns_guard.record_query_untrusted if engine.has_domain_rules else None  # their answers teach
-        view = self._view
-        keep: list[memoryview] = []
         bypass: list[memoryview] = []
         tunnel = 0
         for pkt in packets:
             try:
-                view.load_untrusted(pkt)
+                load(pkt)
             except BadPacket:
-                self._ipc_in.count_dropped("malformed")
+                malformed += 1
+                continue
+            if view.src not in sources:
+                spoofed += 1
                 continue
             verdict = classify(view, now)
             action = verdict.action
@@ -926,6 +1033,7 @@ class Helper:
                 self._ipc_in.count_dropped(verdict.reason)  # "policy_drop:<rule>"
                 self.verdicts["drop"] += 1
         self.verdicts["tunnel"] += tunnel
+        self._count_invalid(malformed, spoofed)
         if bypass:
             self._ipc_in.count_forwarded(len(bypass))
             self._bypass.count_read(len(bypass))
@@ -935,6 +1043,12 @@ class Helper:
                 self.bypass(bypass)
                 self._bypass.count_forwarded(len(bypass))
         return keep
+
+    def _count_invalid(self, malformed: int, spoofed: int) -> None:
+        if malformed:
+            self._ipc_in.count_dropped("malformed", malformed)
+        if spoofed:
+            self._ipc_in.count_dropped("inner_src_not_allowed", spoofed)
 
     def close(self) -> None:
         """Drop the provider session (as a dying process would) and close the transport."""

@@ -78,6 +78,7 @@ __all__ = [
     "HandshakeTimeout",
     "KeysZeroed",
     "WireGuardDevice",
+    "classify_datagram",
 ]
 
 DROP_REASONS = (
@@ -152,6 +153,8 @@ class DeviceStatistics:
     """Handshake messages that passed the mac checks (and, under load, the rate limiter) and so cost a DH."""
     handshakes_rate_limited: int = 0
     """Under load: handshake messages with a valid mac2 refused by the per-source rate limiter (no DH)."""
+    rx_control_consumed: int = 0
+    """Handshake initiations/responses and cookie replies that were processed (not dropped)."""
 
     @property
     def dropped(self) -> int:
@@ -188,6 +191,36 @@ UNDER_LOAD_AFTER_TIME = 1.0  # seconds the device stays under load after the tri
 # its own. The number is that queue size, read as a per-second budget (a sans-IO device has no queue); a response
 # to a handshake we have in flight (its receiver index is ours, which an off-path sender cannot guess) is exempt.
 HANDSHAKE_BUDGET = 1024
+_CONTROL_SIZES = {
+    m.MSG_INITIATION: m.INITIATION_SIZE,
+    m.MSG_RESPONSE: m.RESPONSE_SIZE,
+    m.MSG_COOKIE_REPLY: m.COOKIE_REPLY_SIZE,
+}
+DATAGRAM_JUNK = 0
+"""`classify_datagram`: not a WireGuard message (too short, unknown type, non-zero reserved bytes, wrong size)."""
+
+
+def classify_datagram(data: Buffer) -> int:
+    """What a received UDP payload is, decided once for the device and for every caller's accounting.
+
+    The first four bytes are one little-endian u32 -- the type in the low byte, three reserved zero bytes
+    (whitepaper §5.4; wireguard-go ``receive.go`` reads them the same way) -- so ``04 01 00 00`` is *not* a
+    transport message, whatever its first byte says.
+
+    Returns:
+        ``messages.MSG_TRANSPORT`` (4) for a transport message of at least 32 bytes (header + tag);
+        ``MSG_INITIATION`` / ``MSG_RESPONSE`` / ``MSG_COOKIE_REPLY`` (1/2/3) for a handshake or cookie message
+        of exactly its size; `DATAGRAM_JUNK` (0) for anything else. `WireGuardDevice.receive_datagrams_untrusted`
+        sends kinds 1-3 to their handlers and counts junk as ``short``/``bad_length``/``bad_type``; its hot loop
+        inlines the transport test (same header unpack) instead of calling this per datagram.
+    """
+    n = len(data)
+    if n < 4:
+        return DATAGRAM_JUNK
+    kind: int = _U32_UNPACK(data)[0]
+    if kind == m.MSG_TRANSPORT:
+        return kind if n >= m.TRANSPORT_MIN_SIZE else DATAGRAM_JUNK
+    return kind if _CONTROL_SIZES.get(kind) == n else DATAGRAM_JUNK
 
 
 class WireGuardDevice:
@@ -270,6 +303,8 @@ class WireGuardDevice:
         self.handshakes_initiated = self.handshakes_completed = 0
         self.cookie_replies_sent = self.cookie_replies_received = 0
         self.handshakes_processed = 0
+        self.rx_control_consumed = 0
+        self._no_reply_time = t.keepalive_timeout + t.rekey_timeout
         for cfg in peers:
             self.add_peer(cfg)
 
@@ -363,6 +398,24 @@ class WireGuardDevice:
             drops=dict(self._drops),
             handshakes_processed=self.handshakes_processed,
             handshakes_rate_limited=self._drops["rate_limited"],
+            rx_control_consumed=self.rx_control_consumed,
+        )
+
+    def session_live(self, peer: Peer, now: float) -> bool:
+        """True when data for ``peer`` would go out on a handshake-confirmed session the peer still answers.
+
+        Whitepaper §6: a session is confirmed for the initiator once it consumed the response, for the responder
+        once the first transport message arrived -- here, exactly when its keypair is ``peer.current`` (the device
+        never encrypts on anything else). It must also still be usable (younger than REJECT_AFTER_TIME, below
+        REJECT_AFTER_MESSAGES, endpoint known), and not have gone unanswered: data sent and no authenticated
+        transport message back for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s), WireGuard's own "the session may be
+        dead" trigger for a new handshake (§6.2, wireguard-go ``timersDataSent``/``expiredNewHandshake``).
+        """
+        since = peer.unanswered_since
+        return (
+            self._usable(peer.current, now)
+            and peer.endpoint is not None
+            and (since is None or now - since < self._no_reply_time)
         )
 
     def next_event(self) -> Event | None:
@@ -558,6 +611,8 @@ class WireGuardDevice:
         t = self.timers
         if peer.t_new_handshake is None:
             peer.t_new_handshake = now + t.keepalive_timeout + t.rekey_timeout + self._jitter()
+        if peer.unanswered_since is None:
+            peer.unanswered_since = now
         peer.t_keepalive = None
         if peer.persistent_keepalive > 0:
             peer.t_persistent = now + peer.persistent_keepalive
@@ -886,6 +941,8 @@ class WireGuardDevice:
             peer.endpoint = addr
         if rx_bytes or auth:
             peer.t_new_handshake = None  # timersAnyAuthenticatedPacketReceived
+            peer.unanswered_since = None  # the peer holds a session with us (`session_live`)
+            peer.transport_rx_epoch += 1
             if peer.persistent_keepalive > 0:
                 peer.t_persistent = now + peer.persistent_keepalive
         if data:  # timersDataReceived: arm the keepalive, or note that another is needed
@@ -897,33 +954,34 @@ class WireGuardDevice:
                 peer.need_another_keepalive = True
 
     def _receive_control(self, mv: memoryview, n: int, addr: Endpoint, now: float) -> None:
-        """Everything that is not a well-sized transport message: dispatch by type, exact sizes (§5.4)."""
-        if n < 4:
+        """Everything that is not a well-sized transport message: dispatch by `classify_datagram` (§5.4)."""
+        kind = classify_datagram(mv)
+        if kind in _CONTROL_SIZES:
+            drops = self._drops
+            if kind != m.MSG_COOKIE_REPLY and self._over_budget(mv, n, kind, now):
+                drops["handshake_overload"] += 1  # under load and past the second's budget: no crypto at all
+                return
+            # consumed exactly when the handler counted no drop: robust to new drop reasons in the handlers, so
+            # every datagram has one outcome and a caller's ledger needs no list of control drop reasons
+            before = sum(drops.values())
+            if kind == m.MSG_INITIATION:
+                self._receive_initiation(bytes(mv), addr, now)
+            elif kind == m.MSG_RESPONSE:
+                self._receive_response(bytes(mv), addr, now)
+            else:
+                self._receive_cookie_reply(bytes(mv), now)
+            if sum(drops.values()) == before:
+                self.rx_control_consumed += 1
+        elif n < 4:
             self._drops["short"] += 1
-            return
-        kind = _U32_UNPACK(mv)[0]
-        if (kind == m.MSG_INITIATION or kind == m.MSG_RESPONSE) and self._over_budget(mv, n, kind, now):
-            self._drops["handshake_overload"] += 1
-            return
-        if kind == m.MSG_INITIATION:
-            if n != m.INITIATION_SIZE:
+        else:  # junk: say why, for the drop counter
+            raw = _U32_UNPACK(mv)[0]
+            if raw == m.MSG_TRANSPORT:
+                self._drops["short"] += 1
+            elif raw in _CONTROL_SIZES:
                 self._drops["bad_length"] += 1
-                return
-            self._receive_initiation(bytes(mv), addr, now)
-        elif kind == m.MSG_RESPONSE:
-            if n != m.RESPONSE_SIZE:
-                self._drops["bad_length"] += 1
-                return
-            self._receive_response(bytes(mv), addr, now)
-        elif kind == m.MSG_COOKIE_REPLY:
-            if n != m.COOKIE_REPLY_SIZE:
-                self._drops["bad_length"] += 1
-                return
-            self._receive_cookie_reply(bytes(mv), now)
-        elif kind == m.MSG_TRANSPORT:
-            self._drops["short"] += 1
-        else:
-            self._drops["bad_type"] += 1
+            else:
+                self._drops["bad_type"] += 1
 
     def _uncommon_receive(self, kp: Keypair, peer: Peer, now: float) -> None:
         """Off the hot path: confirm a responder's `next` keypair, or rekey an ageing initiator session."""
@@ -1164,6 +1222,7 @@ class WireGuardDevice:
         peer.endpoint = addr
         peer.t_zero_keys = now + self.timers.reject_after_time * 3
         peer.t_new_handshake = None
+        peer.unanswered_since = None  # §6: the initiator's new session is confirmed by the response
         if peer.persistent_keepalive > 0:
             peer.t_persistent = now + peer.persistent_keepalive
         self._handshake_complete(peer, now, initiator=True)

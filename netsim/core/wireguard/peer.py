@@ -98,6 +98,10 @@ class Peer:
     t_new_handshake: float | None = None
     t_zero_keys: float | None = None
     t_persistent: float | None = None
+    # liveness (`WireGuardDevice.session_live`): first data send not yet answered by an authenticated transport
+    # message (None: all answered), and a number bumped whenever such messages arrive (callers compare it)
+    unanswered_since: float | None = None
+    transport_rx_epoch: int = 0
     staged: deque[bytes] = field(default_factory=deque)
     # counters comparable to `wg show` (whole UDP payload bytes, as wireguard-go counts them)
     rx_bytes: int = 0
