@@ -442,7 +442,6 @@ UNCOVERED: dict[str, str] = {
     "F11": "not yet: NAT rebinding and roaming are issue #16",
     "F12": "not yet: tunnel flapping under traffic is issue #16",
     "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",
-    "F15": "not yet",
     "F16": "not yet: path change is issue #16",
     "F17": "not yet: sleep/wake is issue #16",
     "K1": "partly: the connected state's en0 capture is tested (S7, K6 rows); the other states come with `netsim check leaks` (issue #15)",
@@ -455,10 +454,6 @@ UNCOVERED: dict[str, str] = {
     "K9": "not yet: bring-up and teardown windows under include-all-networks are issue #15",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
     "S8": "not yet",
-    "S9": "not yet",
-    "S10": "not yet",
     "S11": "not yet",
-    "S12": "not yet",
-    "R3": "not yet",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
 }
