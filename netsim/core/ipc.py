@@ -69,6 +69,7 @@ __all__ = [
     "NeedData",
     "PacketBatch",
     "Ping",
+    "PolicyResult",
     "PolicyUpdate",
     "Pong",
     "Role",
@@ -130,15 +131,21 @@ class MessageType(enum.IntEnum):
     GOODBYE = 9
     PING = 10
     PONG = 11
+    POLICY_RESULT = 12
 
 
 class Capability(enum.IntFlag):
-    """Optional features a side offers in HELLO; HELLO_ACK carries the intersection. Advisory in version 1."""
+    """Optional features a side offers in HELLO; HELLO_ACK carries the intersection.
+
+    STATS, POLICY and PING are advisory. POLICY_RESULT gates a frame type: the helper answers a POLICY_UPDATE
+    with a POLICY_RESULT only when both sides offered it, so a provider that predates it never receives one.
+    """
 
     NONE = 0
     STATS = 1
     POLICY = 2
     PING = 4
+    POLICY_RESULT = 8
 
 
 class ErrorCode(enum.IntEnum):
@@ -150,6 +157,8 @@ class ErrorCode(enum.IntEnum):
     TOO_BIG = 4
     BUSY = 5
     INTERNAL = 6
+    POLICY = 7  # a POLICY_UPDATE did not parse: the old policy stays, the session closes
+    TIMEOUT = 8  # the peer did not answer a liveness PING within the deadline
 
 
 class GoodbyeReason(enum.IntEnum):
@@ -235,6 +244,23 @@ class PolicyUpdate:
 
     generation: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult:
+    """Helper -> provider: the answer to the POLICY_UPDATE of ``generation`` (needs `Capability.POLICY_RESULT`).
+
+    ``code`` 0 means applied; otherwise it is an `ErrorCode` (``POLICY``: the payload did not parse, the old
+    policy stays in force) and ``message`` says why. Unlike ERROR it does not end the session.
+    """
+
+    generation: int
+    code: int = 0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +356,7 @@ Event = (
     | StatsRequest
     | StatsResponse
     | PolicyUpdate
+    | PolicyResult
     | Error
     | Goodbye
     | Ping
@@ -345,6 +372,7 @@ _TYPE_OF: Final[dict[type, MessageType]] = {
     StatsRequest: MessageType.STATS_REQUEST,
     StatsResponse: MessageType.STATS_RESPONSE,
     PolicyUpdate: MessageType.POLICY_UPDATE,
+    PolicyResult: MessageType.POLICY_RESULT,
     Error: MessageType.ERROR,
     Goodbye: MessageType.GOODBYE,
     Ping: MessageType.PING,
@@ -362,6 +390,7 @@ _TRANSITIONS: Final[dict[tuple[Role, SideState, MessageType], SideState]] = {
     (_P, _S.IDLE, _M.HELLO): _S.AWAIT_ACK,
     (_H, _S.IDLE, _M.HELLO_ACK): _S.OPEN,
     (_P, _S.OPEN, _M.POLICY_UPDATE): _S.OPEN,
+    (_H, _S.OPEN, _M.POLICY_RESULT): _S.OPEN,
     **{(role, _S.OPEN, m): _S.OPEN for role in Role for m in _OPEN_BOTH},
     **{(role, st, m): _S.DONE for role in Role for st in (_S.IDLE, _S.AWAIT_ACK, _S.OPEN) for m in _CLOSERS},
 }
@@ -557,6 +586,8 @@ class Connection:
                 return _U32.pack(ev.request_id) + json.dumps(ev.stats, separators=(",", ":")).encode()
             if isinstance(ev, PolicyUpdate):
                 return _U64.pack(ev.generation) + bytes(ev.payload)
+            if isinstance(ev, PolicyResult):
+                return _U64.pack(ev.generation) + _CODE_TEXT.pack(ev.code) + ev.message.encode()
             if isinstance(ev, Error | Goodbye):
                 return _CODE_TEXT.pack(ev.code if isinstance(ev, Error) else ev.reason) + ev.message.encode()
         except (struct.error, OverflowError, TypeError, ValueError) as exc:
@@ -573,7 +604,9 @@ class Connection:
             self._peer_hello is None or ev.version not in set(self.versions) & set(self._peer_hello.versions)
         ):
             raise self._local_fail(f"HELLO_ACK version {ev.version} was not offered by both sides")
-        if isinstance(ev, Error | Goodbye) and len(ev.message.encode("utf-8", "replace")) > _MAX_TEXT:
+        if isinstance(ev, PolicyResult) and not self.capabilities & self.peer_capabilities & Capability.POLICY_RESULT:
+            raise self._local_fail("POLICY_RESULT needs Capability.POLICY_RESULT on both sides")
+        if isinstance(ev, Error | Goodbye | PolicyResult) and len(ev.message.encode("utf-8", "replace")) > _MAX_TEXT:
             raise self._local_fail(f"message text is limited to {_MAX_TEXT} bytes")
 
     def _check_request(self, mtype: MessageType, ev: Event, *, local: bool) -> None:
@@ -788,6 +821,14 @@ class Connection:
             if n < 8:
                 raise self._remote_fail("bad_length", f"POLICY_UPDATE of {n} bytes")
             return PolicyUpdate(_U64.unpack_from(p)[0], bytes(p[8:]))
+        if mt is _M.POLICY_RESULT:
+            if not self.capabilities & Capability.POLICY_RESULT:
+                raise self._remote_fail("not_negotiated", "POLICY_RESULT without Capability.POLICY_RESULT")
+            if n < 10 or n - 10 > _MAX_TEXT:
+                raise self._remote_fail("bad_length", f"POLICY_RESULT of {n} bytes")
+            gen = _U64.unpack_from(p)[0]
+            code = _CODE_TEXT.unpack_from(p, 8)[0]
+            return PolicyResult(gen, code, self._text(p[10:], mt.name))
         if mt is _M.PING or mt is _M.PONG:
             self._exact(mt, n, 8)
             nonce = _U64.unpack_from(p)[0]
