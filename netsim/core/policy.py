@@ -929,7 +929,9 @@ def _parse_port(text: str, where: str) -> tuple[int, int]:
         lo = int(lo_s)
         hi = int(hi_s) if sep else lo
     except ValueError:
-        raise ConfigError(f"{where}: port {_short(text)} must be 'N' or 'LOW-HIGH' (e.g. '443' or '8000-8100')") from None
+        raise ConfigError(
+            f"{where}: port {_short(text)} must be 'N' or 'LOW-HIGH' (e.g. '443' or '8000-8100')"
+        ) from None
     if not 0 <= lo <= hi <= 65535:
         raise ConfigError(f"{where}: port range {_short(text)} must satisfy 0 <= LOW <= HIGH <= 65535")
     return lo, hi
@@ -974,7 +976,9 @@ def _rule_fields(raw: Mapping[str, Any], name: str, where: str) -> Rule:
     for text in _as_list(raw.get("domain", []), where, "domain"):
         dom = normalize_name(str(text).strip())
         if not _DOMAIN_RE.match(dom):
-            raise ConfigError(f"{where}: domain {_short(text)} must be a DNS name or '*.suffix' (e.g. '*.example.test')")
+            raise ConfigError(
+                f"{where}: domain {_short(text)} must be a DNS name or '*.suffix' (e.g. '*.example.test')"
+            )
         domains.append(dom)
     protos: frozenset[int] | None = None
     if "proto" in raw:
@@ -1031,7 +1035,9 @@ def parse_policy(
         raise
     except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
         # Safety net for the contract above; reaching it is a parser bug (the hypothesis test fails on this text).
-        raise ConfigError(f"unexpected parser failure ({type(exc).__name__}): {_short(str(exc))}", source=source) from None
+        raise ConfigError(
+            f"unexpected parser failure ({type(exc).__name__}): {_short(str(exc))}", source=source
+        ) from None
 
 
 def _parse_policy(text_or_mapping: Any, fmt: str | None, source: str | None) -> Policy:
@@ -1125,7 +1131,7 @@ def _decode(text: str, fmt: str | None, source: str | None) -> Any:
     import yaml
 
     try:
-        return yaml.load(text, Loader=_bounded_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_bounded_yaml_loader())  # a SafeLoader subclass
     except ConfigError as exc:
         raise ConfigError(str(exc), source=source or "<policy>") from None
     except yaml.YAMLError as exc:
@@ -1134,7 +1140,9 @@ def _decode(text: str, fmt: str | None, source: str | None) -> Any:
         if mark is not None:
             line = mark.line + 1
         what = "YAML" if fmt == "yaml" else "TOML or YAML"
-        raise ConfigError(f"not valid {what}: {_short(str(exc), 300)}", source=source or "<policy>", line=line) from None
+        raise ConfigError(
+            f"not valid {what}: {_short(str(exc), 300)}", source=source or "<policy>", line=line
+        ) from None
     except (ValueError, OverflowError) as exc:  # e.g. a timestamp out of range, an int past the conversion limit
         raise ConfigError(f"not valid YAML: {_short(str(exc), 200)}", source=source or "<policy>") from None
 

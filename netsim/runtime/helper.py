@@ -374,6 +374,9 @@ def _server_json(s: ServerStatistics) -> dict[str, int]:
         "protocol_errors": s.protocol_errors,
         "sessions_done": s.sessions_done,
         "active": s.active,
+        "rejected_auth": s.rejected_auth,
+        "pending": s.pending,
+        "log_suppressed": s.log_suppressed,
     }
 
 
