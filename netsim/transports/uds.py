@@ -11,8 +11,11 @@ The protocol lives in `netsim.core.ipc` (sans-IO); this module only moves its bu
   after them. The reader receives with ``recv_into`` straight into the connection's buffer (no copy).
 * `UnixIpcServer` binds a ``SOCK_STREAM`` socket in a directory created 0700 under a tight umask, reads the peer's
   ``SO_PEERCRED`` and rejects uids outside ``allowed_uids`` *before reading a single byte*, and serves at most
-  ``max_clients`` sessions at once (default 1: a second provider is told BUSY and closed). Rejections are counted
-  and logged; a session that violates the protocol is closed and the server keeps accepting.
+  ``max_clients`` sessions at once (default 1: a second provider is told BUSY and closed). A client takes the
+  session slot only once its HELLO passed the connection's checks (the per-tunnel token, compared in constant
+  time), so an impostor that connects first cannot lock the provider out. Rejections are counted exactly and
+  logged with a rate limit; a session that violates the protocol is closed and the server keeps accepting.
+* `IpcChannel.start_liveness` drives the connection's sans-IO liveness timer (PING / deadline) after the handshake.
 * `connect_ipc_unix` connects with exponential backoff (the helper may be restarting) and does the handshake.
 
 Abstract sockets (``"\\0name"``) are deliberately not offered: they have no filesystem permissions, and they are
