@@ -410,7 +410,8 @@ class IpcChannel:
     def _break(self, exc: BaseException) -> None:
         if self._broken is None:
             self._broken = exc
-            log.info("IPC channel to %s broke: %r", self.peer, exc)
+            # Before the handshake this is a rejected client: the server logs that once, rate limited.
+            log.log(self._level(logging.INFO), "IPC channel to %s broke: %r", self.peer, exc)
         out = self._out
         while self._batches:
             it = self._batches.popleft()
@@ -454,7 +455,7 @@ class IpcChannel:
                     n = await self.stream.receive_into(view)
                 except _BROKEN as exc:
                     n = 0
-                    log.info("IPC receive from %s failed: %r", self.peer, exc)
+                    log.log(self._level(logging.INFO), "IPC receive from %s failed: %r", self.peer, exc)
                 finally:
                     view.release()
                 conn.receive_commit(n)
@@ -462,7 +463,7 @@ class IpcChannel:
             self._receiving = False
 
     async def _fail_remote(self, exc: RemoteProtocolError) -> None:
-        log.warning("IPC peer %s violated the protocol: %s; closing", self.peer, exc)
+        log.log(self._level(logging.WARNING), "IPC peer %s violated the protocol: %s; closing", self.peer, exc)
         if self._broken is None:
             try:
                 code = _ERROR_CODES.get(exc.reason, ipc.ErrorCode.PROTOCOL)
@@ -475,6 +476,11 @@ class IpcChannel:
                 except _BROKEN:
                     pass
         self.close()
+
+    def _level(self, level: int) -> int:
+        """``level`` for a session, DEBUG before the handshake: a flood of refused clients must not grow the log
+        one line per connection (`UnixIpcServer` logs each rejection kind with a rate limit and counts it)."""
+        return level if self.connection.version else logging.DEBUG
 
     # --- closing ----------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -833,7 +839,7 @@ class UnixIpcServer:
     async def _session(
         self, sock: trio.socket.SocketType, peer: PeerCredentials, handler: Callable[[IpcChannel], Awaitable[None]]
     ) -> None:
-        log.info("IPC: connection from pid %d uid %d", peer.pid, peer.uid)
+        log.debug("IPC: connection from pid %d uid %d", peer.pid, peer.uid)
         in_session = False
         try:
             async with open_ipc_channel(SocketStream(sock, peer), self._factory(), **self._channel_options) as ch:

@@ -282,3 +282,45 @@ def test_ten_thousand_rejected_connections_log_a_few_lines_and_count_exactly(
     assert summaries, "the suppressed rejections must be summarised with their count"
     counted = sum(int(r.getMessage().split()[1]) for r in summaries)
     assert counted + len(individual()) == total
+
+
+@pytest.mark.reliability("S8")
+@pytest.mark.timeout(120)
+def test_flood_of_wrong_token_hellos_logs_a_few_lines_and_counts_exactly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same-uid clients that say HELLO with a wrong token: each gets ERROR AUTH, none a session, and the log
+    (any level from INFO) stays a few lines while ``rejected_auth`` counts every one."""
+    sock_path = tmp_path / "h" / "h.sock"
+    total = 2_000
+    hello = _provider_conn(b"wrong").send(_provider_conn(b"wrong").hello())[0]
+
+    async def main() -> None:
+        server = UnixIpcServer(sock_path, connection_factory=_helper_conn, backlog=64)
+
+        async def never(ch: Any) -> None:  # pragma: no cover - nobody is admitted
+            raise AssertionError("a client without the token was served")
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, never)
+            for _ in range(total):
+                s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                await s.connect(str(sock_path))
+                await s.send(hello)
+                reply = await s.recv(4096)  # the ERROR AUTH frame
+                s.close()
+                conn = ipc.Connection(ipc.Role.PROVIDER)
+                conn.receive_data(reply)
+                err = conn.next_event()
+                assert isinstance(err, ipc.Error) and err.code == ipc.ErrorCode.AUTH
+            with trio.fail_after(30):
+                while server.statistics().rejected_auth < total:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        st = server.statistics()
+        assert (st.rejected_auth, st.active, st.pending) == (total, 0, 0)
+
+    with caplog.at_level(logging.INFO, logger="netsim.ipc"):
+        trio.run(main)
+    lines = [r for r in caplog.records if r.name == "netsim.ipc" and r.levelno >= logging.INFO]
+    assert len(lines) <= 40, [r.getMessage() for r in lines[:50]]
