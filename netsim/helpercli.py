@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 import trio
 
+from netsim.core import ipc
 from netsim.core.policy import Mechanism, Policy, PolicyEngine
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.peer import Endpoint
@@ -70,12 +71,19 @@ async def run_helper(
     group_access: bool = False,
     batch: int = DEFAULT_BATCH,
     policy: Policy | None = None,
+    token: bytes | None = None,
+    ping_interval: float | None = ipc.DEFAULT_PING_INTERVAL,
+    ping_timeout: float = ipc.DEFAULT_PING_TIMEOUT,
 ) -> None:
     """Run a helper until SIGTERM/SIGINT (or cancellation).
 
     With a ``policy`` whose mechanism is NAT, BYPASS verdicts go out of ``interface`` through
     `netsim.runtime.bypass.NatBypassHost` (raw socket + capture, root); with the route mechanism the helper
     sends the policy's excluded routes to the provider in its SETTINGS.
+
+    With a ``token``, a client whose HELLO does not carry it is refused (ERROR AUTH) before it takes the session
+    slot. ``ping_interval``/``ping_timeout``: the helper PINGs the provider and drops a session that does not
+    answer in time (None: no liveness checking).
     """
     from netsim.transports.uds import UnixIpcServer
 
@@ -91,10 +99,26 @@ async def run_helper(
             interface, fwmark=fwmark, ledger=helper.ledger, max_packet=config.interface.mtu or 1420
         )
         helper.attach_bypass(nat_host.bypass)
+    if token is None:
+        log.warning("no IPC token: any process of an allowed uid may become the provider", extra={"event": "no_token"})
+
+    def connection() -> ipc.Connection:
+        return ipc.Connection(
+            ipc.Role.HELPER,
+            capabilities=ipc.Capability.STATS
+            | ipc.Capability.POLICY
+            | ipc.Capability.PING
+            | ipc.Capability.POLICY_RESULT,
+            expected_token=token,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
+
     server = UnixIpcServer(
         socket_path,
         allowed_uids=allowed_uids,
         max_clients=1,
+        connection_factory=connection,
         dir_mode=0o750 if group_access else 0o700,
         ledger=helper.ledger,  # the channel's ipc_out stage joins the helper's ledger
     )
@@ -159,6 +183,25 @@ async def run_helper(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Bypass policy file (.toml/.yaml, docs/policy.md); default: tunnel everything.",
 )
+@click.option(
+    "--token-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="0600 file with the per-tunnel IPC secret; HELLO must carry it (netsim_tunnel writes one).",
+)
+@click.option(
+    "--ping-interval",
+    default=ipc.DEFAULT_PING_INTERVAL,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds between liveness PINGs to the provider (0: off).",
+)
+@click.option(
+    "--ping-timeout",
+    default=ipc.DEFAULT_PING_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds the provider has to answer a PING before its session is dropped.",
+)
 @click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -173,6 +216,9 @@ def helper(
     batch: int,
     log_level: str,
     policy_path: Path | None,
+    token_file: Path | None,
+    ping_interval: float,
+    ping_timeout: float,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
     from netsim.lab.wireguard import load_config
@@ -186,6 +232,9 @@ def helper(
 
             policy = load_policy_file(policy_path)
         uids = frozenset(allowed_uids) if allowed_uids else frozenset({os.geteuid()})
+        from netsim.transports.uds import read_token_file
+
+        token = read_token_file(token_file) if token_file is not None else None
         trio.run(
             lambda: run_helper(
                 config,
@@ -196,6 +245,9 @@ def helper(
                 group_access=group_access,
                 batch=batch,
                 policy=policy,
+                token=token,
+                ping_interval=ping_interval or None,
+                ping_timeout=ping_timeout,
             )
         )
     except NetsimError as exc:

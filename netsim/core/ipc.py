@@ -25,6 +25,14 @@ message causes on the *other* side (HELLO_ACK opens both sides). The same table 
 our bug: `LocalProtocolError`) and what we receive (a violation is the peer's: `RemoteProtocolError`). After either
 error the connection is dead; the only thing still allowed is one last ERROR or GOODBYE to tell the peer why.
 
+Liveness (optional, ``ping_interval``): once the handshake is done the runtime calls `Connection.start_liveness`
+with ``now``, then sleeps until `Connection.get_timer` and calls `Connection.handle_timer`, which returns a `Ping`
+to send every ``ping_interval`` seconds. The peer counts as alive while every such PING is answered by its PONG
+within ``ping_timeout`` seconds; otherwise ``peer_timed_out`` becomes true and `Connection.next_event` raises
+`RemoteProtocolError` ``peer_timeout`` (the runtime closes the stream to wake its reader). One liveness PING is in
+flight at a time, so a stall is noticed at most ``ping_interval + ping_timeout`` seconds after the last answer.
+The clock is only ever passed in.
+
 Receive buffer: one ``bytearray`` with read/write offsets, compacted only when it runs out of room, so receiving is
 O(n) overall. Delivered `PacketBatch` views point into that buffer; the buffer is never resized or overwritten
 while such views are alive (CPython refuses to resize an exported ``bytearray``; we probe for that and switch to a
@@ -48,6 +56,8 @@ __all__ = [
     "AF_INET",
     "AF_INET6",
     "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_PING_INTERVAL",
+    "DEFAULT_PING_TIMEOUT",
     "HEADER",
     "MAGIC",
     "MAX_PACKET_SIZE",
@@ -69,6 +79,7 @@ __all__ = [
     "NeedData",
     "PacketBatch",
     "Ping",
+    "PolicyResult",
     "PolicyUpdate",
     "Pong",
     "Role",
@@ -99,6 +110,11 @@ _MAX_TOKEN: Final = 256
 _MAX_TEXT: Final = 4096
 _MAX_VERSIONS: Final = 16
 _MAX_OUTSTANDING: Final = 64
+#: Liveness defaults (seconds). A PONG is a control frame that overtakes queued packets, so only a peer whose
+#: event loop is stuck misses a 10 s deadline; a loaded 2-core machine answers in milliseconds.
+DEFAULT_PING_INTERVAL: Final = 5.0
+DEFAULT_PING_TIMEOUT: Final = 10.0
+_LIVENESS_NONCE_BIT: Final = 1 << 63  # liveness nonces never collide with an application's PING nonces
 
 _HELLO_FIXED = struct.Struct("!BBIIH")  # role, n_versions, capabilities, max_frame, token_len
 _ACK = struct.Struct("!BBII")  # version, role, capabilities, max_frame
@@ -130,15 +146,21 @@ class MessageType(enum.IntEnum):
     GOODBYE = 9
     PING = 10
     PONG = 11
+    POLICY_RESULT = 12
 
 
 class Capability(enum.IntFlag):
-    """Optional features a side offers in HELLO; HELLO_ACK carries the intersection. Advisory in version 1."""
+    """Optional features a side offers in HELLO; HELLO_ACK carries the intersection.
+
+    STATS, POLICY and PING are advisory. POLICY_RESULT gates a frame type: the helper answers a POLICY_UPDATE
+    with a POLICY_RESULT only when both sides offered it, so a provider that predates it never receives one.
+    """
 
     NONE = 0
     STATS = 1
     POLICY = 2
     PING = 4
+    POLICY_RESULT = 8
 
 
 class ErrorCode(enum.IntEnum):
@@ -150,6 +172,8 @@ class ErrorCode(enum.IntEnum):
     TOO_BIG = 4
     BUSY = 5
     INTERNAL = 6
+    POLICY = 7  # a POLICY_UPDATE did not parse: the old policy stays, the session closes
+    TIMEOUT = 8  # the peer did not answer a liveness PING within the deadline
 
 
 class GoodbyeReason(enum.IntEnum):
@@ -235,6 +259,23 @@ class PolicyUpdate:
 
     generation: int
     payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult:
+    """Helper -> provider: the answer to the POLICY_UPDATE of ``generation`` (needs `Capability.POLICY_RESULT`).
+
+    ``code`` 0 means applied; otherwise it is an `ErrorCode` (``POLICY``: the payload did not parse, the old
+    policy stays in force) and ``message`` says why. Unlike ERROR it does not end the session.
+    """
+
+    generation: int
+    code: int = 0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +371,7 @@ Event = (
     | StatsRequest
     | StatsResponse
     | PolicyUpdate
+    | PolicyResult
     | Error
     | Goodbye
     | Ping
@@ -345,6 +387,7 @@ _TYPE_OF: Final[dict[type, MessageType]] = {
     StatsRequest: MessageType.STATS_REQUEST,
     StatsResponse: MessageType.STATS_RESPONSE,
     PolicyUpdate: MessageType.POLICY_UPDATE,
+    PolicyResult: MessageType.POLICY_RESULT,
     Error: MessageType.ERROR,
     Goodbye: MessageType.GOODBYE,
     Ping: MessageType.PING,
@@ -362,6 +405,7 @@ _TRANSITIONS: Final[dict[tuple[Role, SideState, MessageType], SideState]] = {
     (_P, _S.IDLE, _M.HELLO): _S.AWAIT_ACK,
     (_H, _S.IDLE, _M.HELLO_ACK): _S.OPEN,
     (_P, _S.OPEN, _M.POLICY_UPDATE): _S.OPEN,
+    (_H, _S.OPEN, _M.POLICY_RESULT): _S.OPEN,
     **{(role, _S.OPEN, m): _S.OPEN for role in Role for m in _OPEN_BOTH},
     **{(role, st, m): _S.DONE for role in Role for st in (_S.IDLE, _S.AWAIT_ACK, _S.OPEN) for m in _CLOSERS},
 }
@@ -393,6 +437,8 @@ class Connection:
             sends more. Frames announcing more are rejected from their header alone.
         token: provider only: a shared secret to send in HELLO.
         expected_token: helper only: if set, HELLO must carry exactly this token (compared in constant time).
+        ping_interval: seconds between liveness PINGs once open (None: no liveness checking).
+        ping_timeout: seconds the peer has to answer a liveness PING before it counts as dead.
     """
 
     def __init__(
@@ -404,7 +450,11 @@ class Connection:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         token: bytes | None = None,
         expected_token: bytes | None = None,
+        ping_interval: float | None = None,
+        ping_timeout: float = DEFAULT_PING_TIMEOUT,
     ) -> None:
+        if ping_interval is not None and not (ping_interval > 0 and ping_timeout > 0):
+            raise ConfigError(f"ping_interval={ping_interval} and ping_timeout={ping_timeout} must be > 0")
         if not MIN_MAX_FRAME_SIZE <= max_frame_size <= _MAX_MAX_FRAME_SIZE:
             raise ConfigError(
                 f"max_frame_size={max_frame_size} is out of range; use {MIN_MAX_FRAME_SIZE}..{_MAX_MAX_FRAME_SIZE}"
@@ -437,6 +487,17 @@ class Connection:
         self._end = 0
         self._eof = False
         self._dead: str | None = None
+        # liveness (all times are the caller's ``now``)
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self._next_ping: float | None = None
+        self._ping_deadline: float | None = None
+        self._ping_nonce: int | None = None
+        self._ping_seq = 0
+        #: True once a liveness PING went unanswered past its deadline (`next_event` then raises peer_timeout)
+        self.peer_timed_out = False
+        self.pings_sent = 0
+        self.pongs_received = 0
         # plain-int counters
         self.frames_sent = 0
         self.frames_received = 0
@@ -465,6 +526,50 @@ class Connection:
         if self._peer_hello is None:
             raise LocalProtocolError("hello_ack() before the provider's HELLO was received")
         return HelloAck(self.version, Role.HELPER, self.capabilities & self.peer_capabilities, self.max_frame_size)
+
+    # --- liveness -------------------------------------------------------------------------------------------------
+    def start_liveness(self, now: float) -> None:
+        """Begin liveness checking (after the handshake); the first PING is due ``ping_interval`` from ``now``.
+
+        Does nothing without ``ping_interval`` or when the peer did not offer `Capability.PING`.
+        """
+        if self.ping_interval is None or self.version == 0:
+            return
+        if not self.peer_capabilities & Capability.PING:
+            return
+        self._next_ping = now + self.ping_interval
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next be called (the outstanding PING's deadline, else the next PING), or None."""
+        if self._next_ping is None or self.peer_timed_out or self._dead is not None:
+            return None
+        if self.our_state is not SideState.OPEN or self.their_state is not SideState.OPEN:
+            return None
+        return self._ping_deadline if self._ping_deadline is not None else self._next_ping
+
+    def handle_timer(self, now: float) -> Ping | None:
+        """Advance liveness to ``now``: returns a `Ping` to `send` when one is due; declares the peer dead (sets
+        ``peer_timed_out``) when the outstanding one was not answered in time."""
+        timer = self.get_timer()
+        if timer is None or now < timer:
+            return None
+        if self._ping_deadline is not None:
+            self.peer_timed_out = True
+            return None
+        assert self._next_ping is not None and self.ping_interval is not None
+        self._ping_seq += 1
+        nonce = _LIVENESS_NONCE_BIT | self._ping_seq
+        self._ping_nonce = nonce
+        self._ping_deadline = now + self.ping_timeout
+        self._next_ping = now + self.ping_interval
+        self.pings_sent += 1
+        return Ping(nonce)
+
+    def _note_pong(self, pong: Pong) -> None:
+        if pong.nonce == self._ping_nonce:
+            self._ping_nonce = None
+            self._ping_deadline = None
+            self.pongs_received += 1
 
     # --- sending --------------------------------------------------------------------------------------------------
     def _local_transition(self, mtype: MessageType) -> None:
@@ -557,6 +662,8 @@ class Connection:
                 return _U32.pack(ev.request_id) + json.dumps(ev.stats, separators=(",", ":")).encode()
             if isinstance(ev, PolicyUpdate):
                 return _U64.pack(ev.generation) + bytes(ev.payload)
+            if isinstance(ev, PolicyResult):
+                return _U64.pack(ev.generation) + _CODE_TEXT.pack(ev.code) + ev.message.encode()
             if isinstance(ev, Error | Goodbye):
                 return _CODE_TEXT.pack(ev.code if isinstance(ev, Error) else ev.reason) + ev.message.encode()
         except (struct.error, OverflowError, TypeError, ValueError) as exc:
@@ -573,7 +680,9 @@ class Connection:
             self._peer_hello is None or ev.version not in set(self.versions) & set(self._peer_hello.versions)
         ):
             raise self._local_fail(f"HELLO_ACK version {ev.version} was not offered by both sides")
-        if isinstance(ev, Error | Goodbye) and len(ev.message.encode("utf-8", "replace")) > _MAX_TEXT:
+        if isinstance(ev, PolicyResult) and not self.capabilities & self.peer_capabilities & Capability.POLICY_RESULT:
+            raise self._local_fail("POLICY_RESULT needs Capability.POLICY_RESULT on both sides")
+        if isinstance(ev, Error | Goodbye | PolicyResult) and len(ev.message.encode("utf-8", "replace")) > _MAX_TEXT:
             raise self._local_fail(f"message text is limited to {_MAX_TEXT} bytes")
 
     def _check_request(self, mtype: MessageType, ev: Event, *, local: bool) -> None:
@@ -667,6 +776,8 @@ class Connection:
 
     def next_event(self) -> Event | NeedData:
         """Parse the next event, or return `NEED_DATA`. Raises `RemoteProtocolError` on a protocol violation."""
+        if self.peer_timed_out and self._dead is None:
+            raise self._remote_fail("peer_timeout", f"no PONG within {self.ping_timeout:g} s")
         if self._dead is not None:
             raise RemoteProtocolError("connection_dead", f"the connection already failed ({self._dead})")
         avail = self._end - self._start
@@ -699,6 +810,8 @@ class Connection:
             self._accept_hello(event)
         elif isinstance(event, HelloAck):
             self._accept_ack(event)
+        elif isinstance(event, Pong):
+            self._note_pong(event)
         return event
 
     def _at_boundary(self, avail: int) -> Event | NeedData:
@@ -788,6 +901,14 @@ class Connection:
             if n < 8:
                 raise self._remote_fail("bad_length", f"POLICY_UPDATE of {n} bytes")
             return PolicyUpdate(_U64.unpack_from(p)[0], bytes(p[8:]))
+        if mt is _M.POLICY_RESULT:
+            if not self.capabilities & Capability.POLICY_RESULT:
+                raise self._remote_fail("not_negotiated", "POLICY_RESULT without Capability.POLICY_RESULT")
+            if n < 10 or n - 10 > _MAX_TEXT:
+                raise self._remote_fail("bad_length", f"POLICY_RESULT of {n} bytes")
+            gen = _U64.unpack_from(p)[0]
+            code = _CODE_TEXT.unpack_from(p, 8)[0]
+            return PolicyResult(gen, code, self._text(p[10:], mt.name))
         if mt is _M.PING or mt is _M.PONG:
             self._exact(mt, n, 8)
             nonce = _U64.unpack_from(p)[0]

@@ -277,9 +277,9 @@ def _proto_number(proto: str | int, where: str) -> int:
         key = proto.strip().lower()
         if key in PROTOCOLS:
             return PROTOCOLS[key]
-        if key.isdigit() and int(key) <= 255:
+        if key.isascii() and key.isdigit() and len(key) <= 3 and int(key) <= 255:
             return int(key)
-    raise ConfigError(f"{where}: unknown protocol {proto!r}; use one of {', '.join(PROTOCOLS)} or 'any'")
+    raise ConfigError(f"{where}: unknown protocol {_short(proto)}; use one of {', '.join(PROTOCOLS)} or 'any'")
 
 
 # --------------------------------------------------------------------------------------------------- bindings
@@ -940,7 +940,7 @@ def _as_list(value: Any, where: str, what: str) -> list[Any]:
 def _parse_action(value: Any, where: str) -> Action:
     if isinstance(value, str) and value.strip().upper() in Action.__members__:
         return Action[value.strip().upper()]
-    raise ConfigError(f"{where}: action must be one of 'tunnel', 'bypass', 'drop', got {value!r}")
+    raise ConfigError(f"{where}: action must be one of 'tunnel', 'bypass', 'drop', got {_short(value)}")
 
 
 def _parse_port(text: str, where: str) -> tuple[int, int]:
@@ -949,9 +949,11 @@ def _parse_port(text: str, where: str) -> tuple[int, int]:
         lo = int(lo_s)
         hi = int(hi_s) if sep else lo
     except ValueError:
-        raise ConfigError(f"{where}: port {text!r} must be 'N' or 'LOW-HIGH' (e.g. '443' or '8000-8100')") from None
+        raise ConfigError(
+            f"{where}: port {_short(text)} must be 'N' or 'LOW-HIGH' (e.g. '443' or '8000-8100')"
+        ) from None
     if not 0 <= lo <= hi <= 65535:
-        raise ConfigError(f"{where}: port range {text!r} must satisfy 0 <= LOW <= HIGH <= 65535")
+        raise ConfigError(f"{where}: port range {_short(text)} must satisfy 0 <= LOW <= HIGH <= 65535")
     return lo, hi
 
 
@@ -963,7 +965,7 @@ def _parse_rule(i: int, raw: Any, source: str | None) -> Rule:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"rule #{i}: must be a table/mapping, got {type(raw).__name__}", source=source)
     name = raw.get("name", f"rule{i}")
-    where = f"rule #{i} {name!r}"
+    where = f"rule #{i} {_short(name)}"
     unknown = sorted(set(raw) - _RULE_KEYS)
     if unknown:
         raise ConfigError(
@@ -988,13 +990,15 @@ def _rule_fields(raw: Mapping[str, Any], name: str, where: str) -> Rule:
             dst.append(ipaddress.ip_network(str(text).strip(), strict=True))
         except ValueError as exc:
             raise ConfigError(
-                f"{where}: dst {text!r} is not a prefix with no host bits set ({exc}), e.g. '192.168.1.0/24'"
+                f"{where}: dst {_short(text)} is not a prefix with no host bits set ({exc}), e.g. '192.168.1.0/24'"
             ) from None
     domains: list[str] = []
     for text in _as_list(raw.get("domain", []), where, "domain"):
         dom = normalize_name(str(text).strip())
         if not _DOMAIN_RE.match(dom):
-            raise ConfigError(f"{where}: domain {text!r} must be a DNS name or '*.suffix' (e.g. '*.example.test')")
+            raise ConfigError(
+                f"{where}: domain {_short(text)} must be a DNS name or '*.suffix' (e.g. '*.example.test')"
+            )
         domains.append(dom)
     protos: frozenset[int] | None = None
     if "proto" in raw:
@@ -1007,10 +1011,35 @@ def _rule_fields(raw: Mapping[str, Any], name: str, where: str) -> Rule:
     return Rule(name, action, tuple(dst), tuple(domains), protos, ports)
 
 
+#: Bounds on untrusted policy documents (a POLICY_UPDATE arrives over IPC): checked before and while decoding,
+#: so no input can exhaust the stack or memory of the process parsing it (docs/policy.md, "Parser guarantees").
+MAX_POLICY_BYTES = 1 << 20
+MAX_POLICY_DEPTH = 32
+MAX_POLICY_NODES = 200_000
+MAX_POLICY_RULES = 10_000
+_MAX_INT = 1 << 64
+_CONTAINERS = (Mapping, list, tuple, set, frozenset)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` for error messages (the value may be any decoded leaf or a bounded container)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 def parse_policy(
-    text_or_mapping: str | Mapping[str, Any], *, fmt: str | None = None, source: str | None = None
+    text_or_mapping: str | bytes | bytearray | memoryview | Mapping[str, Any],
+    *,
+    fmt: str | None = None,
+    source: str | None = None,
 ) -> Policy:
-    """Parse a policy from TOML or YAML text, or from an already decoded mapping.
+    """Parse a policy from TOML or YAML text (or UTF-8 bytes), or from an already decoded mapping.
+
+    Untrusted input is fine: whatever the input (any bytes, bad encodings, non-string or date keys, deep nesting,
+    YAML aliases, huge documents), the only exception is `ConfigError` (a hypothesis test over arbitrary TOML
+    and YAML documents checks it). Documents are limited to `MAX_POLICY_BYTES` bytes, `MAX_POLICY_DEPTH` levels
+    of nesting, `MAX_POLICY_NODES` values and `MAX_POLICY_RULES` rules; YAML aliases are refused (an alias
+    expansion, the "billion laughs", is the classic way to make a small document huge).
 
     Args:
         text_or_mapping: file contents or a mapping with ``default``, ``mechanism`` and ``rule`` (a list).
@@ -1020,7 +1049,32 @@ def parse_policy(
     Raises:
         ConfigError: naming the rule (index and name), the field and what to fix.
     """
-    data = _decode(text_or_mapping, fmt, source) if isinstance(text_or_mapping, str) else text_or_mapping
+    try:
+        return _parse_policy(text_or_mapping, fmt, source)
+    except ConfigError:
+        raise
+    except (RecursionError, MemoryError, ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # Safety net for the contract above; reaching it is a parser bug (the hypothesis test fails on this text).
+        raise ConfigError(
+            f"unexpected parser failure ({type(exc).__name__}): {_short(str(exc))}", source=source
+        ) from None
+
+
+def _parse_policy(text_or_mapping: Any, fmt: str | None, source: str | None) -> Policy:
+    if isinstance(text_or_mapping, bytes | bytearray | memoryview):
+        if len(text_or_mapping) > MAX_POLICY_BYTES:
+            raise ConfigError(f"policy is {len(text_or_mapping)} bytes; the limit is {MAX_POLICY_BYTES}", source=source)
+        try:
+            text_or_mapping = str(text_or_mapping, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"policy is not UTF-8 (byte {exc.start})", source=source) from None
+    if isinstance(text_or_mapping, str):
+        data = _decode(text_or_mapping, fmt, source)
+    elif isinstance(text_or_mapping, Mapping):
+        data = text_or_mapping
+    else:
+        raise ConfigError(f"a policy is TOML/YAML text or a mapping, got {type(text_or_mapping).__name__}")
+    _check_shape(data, source)
     if not isinstance(data, Mapping):
         raise ConfigError("a policy must be a table/mapping with 'default', 'mechanism' and 'rule'", source=source)
     unknown = sorted(set(data) - _TOP_KEYS - {"rules"})
@@ -1033,10 +1087,12 @@ def parse_policy(
     try:
         mechanism = Mechanism(str(mech_raw).strip().lower())
     except ValueError:
-        raise ConfigError(f"mechanism must be 'route' or 'nat', got {mech_raw!r}", source=source) from None
+        raise ConfigError(f"mechanism must be 'route' or 'nat', got {_short(mech_raw)}", source=source) from None
     raw_rules = data.get("rule", data.get("rules", []))
     if not isinstance(raw_rules, list):
         raise ConfigError("'rule' must be a list of rules ([[rule]] in TOML, 'rule:' list in YAML)", source=source)
+    if len(raw_rules) > MAX_POLICY_RULES:
+        raise ConfigError(f"{len(raw_rules)} rules; the limit is {MAX_POLICY_RULES}", source=source)
     rules = tuple(_parse_rule(i, r, source) for i, r in enumerate(raw_rules))
     try:
         return Policy(rules, default, mechanism)
@@ -1044,23 +1100,106 @@ def parse_policy(
         raise ConfigError(str(exc), source=source) from None
 
 
+def _check_shape(data: Any, source: str | None) -> None:
+    """Bound a decoded document: nesting depth, value count, string keys only, integers below 2**64.
+
+    Iterative (an explicit stack), so a deep or cyclic mapping handed in by a caller cannot exhaust the stack
+    either; the node budget also ends a cycle. After it, every ``repr``/``str`` of a value is bounded.
+    """
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_POLICY_NODES:
+            raise ConfigError(f"policy has more than {MAX_POLICY_NODES} values", source=source)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if not -_MAX_INT < value < _MAX_INT:
+                raise ConfigError("policy has an integer of more than 64 bits", source=source)
+            continue
+        if not isinstance(value, _CONTAINERS):
+            continue
+        if depth >= MAX_POLICY_DEPTH:
+            raise ConfigError(f"policy is nested more than {MAX_POLICY_DEPTH} levels deep", source=source)
+        if isinstance(value, Mapping):
+            for key in value:
+                if not isinstance(key, str):
+                    raise ConfigError(
+                        f"keys must be strings, got a {type(key).__name__} key (quote it in YAML)", source=source
+                    )
+            stack.extend((v, depth + 1) for v in value.values())
+        else:
+            stack.extend((v, depth + 1) for v in value)
+
+
 def _decode(text: str, fmt: str | None, source: str | None) -> Any:
     if fmt not in (None, "toml", "yaml"):
         raise ConfigError(f"unknown policy format {fmt!r}; use 'toml' or 'yaml'", source=source)
+    if len(text) > MAX_POLICY_BYTES:  # characters: at least as many bytes in UTF-8
+        raise ConfigError(f"policy is {len(text)} characters; the limit is {MAX_POLICY_BYTES} bytes", source=source)
     if fmt in (None, "toml"):
         try:
             return tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
+        # tomllib recurses per nested array/inline table (RecursionError) and int()s digit strings past the
+        # conversion limit (ValueError); both are bad documents here. TOMLDecodeError is a ValueError.
+        except (ValueError, RecursionError) as exc:
             if fmt == "toml":
-                raise ConfigError(f"not valid TOML: {exc}", source=source) from None
+                what = "nested too deeply" if isinstance(exc, RecursionError) else _short(str(exc), 200)
+                raise ConfigError(f"not valid TOML: {what}", source=source) from None
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_bounded_yaml_loader())  # a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(str(exc), source=source or "<policy>") from None
     except yaml.YAMLError as exc:
         line = None
         mark = getattr(exc, "problem_mark", None)
         if mark is not None:
             line = mark.line + 1
         what = "YAML" if fmt == "yaml" else "TOML or YAML"
-        raise ConfigError(f"not valid {what}: {exc}", source=source or "<policy>", line=line) from None
+        raise ConfigError(
+            f"not valid {what}: {_short(str(exc), 300)}", source=source or "<policy>", line=line
+        ) from None
+    except (ValueError, OverflowError) as exc:  # e.g. a timestamp out of range, an int past the conversion limit
+        raise ConfigError(f"not valid YAML: {_short(str(exc), 200)}", source=source or "<policy>") from None
+
+
+_YAML_LOADER: Any = None
+
+
+def _bounded_yaml_loader() -> Any:
+    """A `yaml.SafeLoader` that refuses aliases and bounds depth and node count while composing.
+
+    Bounding in the composer (before any Python object exists) keeps the constructor's recursion shallow and
+    makes alias expansion impossible rather than merely expensive.
+    """
+    global _YAML_LOADER
+    if _YAML_LOADER is not None:
+        return _YAML_LOADER
+    import yaml
+
+    class BoundedSafeLoader(yaml.SafeLoader):
+        def __init__(self, stream: Any) -> None:
+            super().__init__(stream)
+            self._depth = 0
+            self._nodes = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise ConfigError("YAML aliases (*name) are not allowed in a policy")
+            self._nodes += 1
+            if self._nodes > MAX_POLICY_NODES:
+                raise ConfigError(f"policy has more than {MAX_POLICY_NODES} values")
+            self._depth += 1
+            try:
+                if self._depth > MAX_POLICY_DEPTH:
+                    raise ConfigError(f"policy is nested more than {MAX_POLICY_DEPTH} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+
+    _YAML_LOADER = BoundedSafeLoader
+    return BoundedSafeLoader

@@ -53,7 +53,7 @@ from netsim.core import ipc
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.errors import ConfigError, LabError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.provider import PacketTunnelProvider
-from netsim.transports.uds import IpcChannel, connect_ipc_unix
+from netsim.transports.uds import IpcChannel, connect_ipc_unix, read_token_file
 
 __all__ = [
     "MEMORY_SCHEME",
@@ -179,7 +179,10 @@ class HelperForwardingProvider(PacketTunnelProvider):
 
     ``provider_configuration`` keys: ``helper_socket`` (path, or ``memory:<name>``), ``connect_timeout``
     (seconds to reach the helper at start, default 10), ``reconnect_for`` (seconds of reasserting before the
-    tunnel gives up and stops with an error, default 300), ``backoff_max`` (default 1.0).
+    tunnel gives up and stops with an error, default 300), ``backoff_max`` (default 1.0), ``token_file`` (a
+    0600 file holding the per-tunnel secret the helper checks in HELLO; `netsim_tunnel` writes one),
+    ``ping_interval`` / ``ping_timeout`` (liveness, seconds, defaults 5 and 10; ``ping_interval = 0`` turns it
+    off): a helper that does not answer a PING within the deadline is treated as dead and the provider reasserts.
     """
 
     def __init__(self) -> None:
@@ -219,9 +222,26 @@ class HelperForwardingProvider(PacketTunnelProvider):
             return connector(self.ledger)
         return connect_ipc_unix(
             path,
+            connection=self._ipc_connection(),
             retry_for=retry_for,
             backoff_max=float(self._conf().get("backoff_max", 1.0)),
             ledger=self.ledger,
+        )
+
+    def _ipc_connection(self) -> ipc.Connection:
+        """The provider end of the IPC: the per-tunnel token (read from ``token_file``) and liveness PINGs."""
+        conf = self._conf()
+        token = read_token_file(conf["token_file"]) if conf.get("token_file") else None
+        interval = float(conf.get("ping_interval", ipc.DEFAULT_PING_INTERVAL))
+        return ipc.Connection(
+            ipc.Role.PROVIDER,
+            capabilities=ipc.Capability.STATS
+            | ipc.Capability.POLICY
+            | ipc.Capability.PING
+            | ipc.Capability.POLICY_RESULT,
+            token=token,
+            ping_interval=interval if interval > 0 else None,
+            ping_timeout=float(conf.get("ping_timeout", ipc.DEFAULT_PING_TIMEOUT)),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------------------

@@ -384,6 +384,9 @@ def _server_json(s: ServerStatistics) -> dict[str, int]:
         "protocol_errors": s.protocol_errors,
         "sessions_done": s.sessions_done,
         "active": s.active,
+        "rejected_auth": s.rejected_auth,
+        "pending": s.pending,
+        "log_suppressed": s.log_suppressed,
     }
 
 
@@ -876,7 +879,11 @@ class Helper:
                     await channel.send(ipc.Pong(ev.nonce))
                 elif isinstance(ev, ipc.PolicyUpdate):
                     before = self.settings
-                    self._apply_policy(ev)
+                    error = self._apply_policy(ev)
+                    caps = channel.connection.capabilities & channel.connection.peer_capabilities
+                    if caps & ipc.Capability.POLICY_RESULT:  # the answer; a rejected update keeps the old policy
+                        code = ipc.ErrorCode.POLICY if error is not None else 0
+                        await channel.send(ipc.PolicyResult(ev.generation, code, (error or "")[:1024]))
                     if self.settings != before:  # new route exclusions: the provider re-applies its settings
                         await channel.send(ipc.Settings(json.dumps(self.settings).encode()))
                 elif isinstance(ev, ipc.Goodbye | ipc.Error | ipc.ConnectionClosed):
@@ -892,13 +899,21 @@ class Helper:
                 self._channel = None
             log.info("provider disconnected", extra={"event": "session_close", "reason": reason})
 
-    def _apply_policy(self, ev: ipc.PolicyUpdate) -> None:
+    def _apply_policy(self, ev: ipc.PolicyUpdate) -> str | None:
+        """Apply a POLICY_UPDATE atomically; return why it was refused (the old policy then stays), else None.
+
+        The payload is untrusted IPC bytes: `parse_policy` raises only `ConfigError` for any input (bounded size
+        and depth, docs/policy.md), so a hostile update cannot take the helper down.
+        """
         try:
-            policy = parse_policy(ev.payload.decode("utf-8"), source=f"POLICY_UPDATE {ev.generation}")
-        except (UnicodeDecodeError, ConfigError) as exc:
+            policy = parse_policy(ev.payload, source=f"POLICY_UPDATE {ev.generation}")
+        except ConfigError as exc:
             self.policy_rejected += 1
-            log.warning("policy update rejected", extra={"event": "policy_rejected", "error": str(exc)})
-            return
+            log.warning(
+                "policy update rejected",
+                extra={"event": "policy_rejected", "generation": ev.generation, "error": str(exc)[:1024]},
+            )
+            return str(exc)
         if self.policy is None:
             self.policy = PolicyEngine(policy)
         else:
@@ -906,6 +921,7 @@ class Helper:
         self.policy_updates += 1
         self.settings = self._settings_payload()  # route exclusions may have changed: the session resends them
         log.info("policy updated", extra={"event": "policy", "generation": ev.generation})
+        return None
 
     def _outbound(self, batch: ipc.PacketBatch) -> None:
         """Classify, encrypt and send one batch from the provider (the hot path)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -42,6 +43,7 @@ from netsim.lab.cleanup import RUN_DIR, helper_dir, tunnel_dir_prefix
 from netsim.lab.wireguard import WireGuardGo
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.forwarding import HelperForwardingProvider
+from netsim.transports.uds import write_token_file
 
 if TYPE_CHECKING:
     from netsim.lab.lab import Lab
@@ -171,6 +173,7 @@ class LabTunnel:
     socket_path: Path
     helper_argv: list[str]
     helper: LabProcess
+    token_path: Path | None = None
     helpers: list[LabProcess] = field(default_factory=list)
 
     @property
@@ -375,10 +378,15 @@ async def netsim_tunnel(
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(render_wg_quick(client_config(lab, plan, client_key, server_key)))
+        # The per-tunnel IPC secret (docs/ipc.md, Authentication): a 0600 file in the private conf dir, read by
+        # both ends; only its path is in argv. Without it any same-uid process could take the provider's slot.
+        token_path = conf_dir / "ipc.token"
+        write_token_file(token_path, secrets.token_hex(32).encode())
         argv = [
             sys.executable, "-m", "netsim.helpercli",
             "--config", str(config_path), "--socket", str(socket_path),
             "--allowed-uid", str(os.geteuid()), "--interface", "en0",
+            "--token-file", str(token_path),
         ]  # fmt: skip
         if group_access:
             argv.append("--group-access")
@@ -398,6 +406,7 @@ async def netsim_tunnel(
                     "connect_timeout": min(start_timeout, 20.0),
                     "reconnect_for": reconnect_for,
                     "backoff_max": 0.5,
+                    "token_file": str(token_path),
                 },
             ),
             start_timeout=start_timeout,
@@ -430,6 +439,7 @@ async def netsim_tunnel(
                 socket_path=socket_path,
                 helper_argv=argv,
                 helper=helper,
+                token_path=token_path,
                 helpers=helpers,
             )
             yield tunnel

@@ -11,8 +11,11 @@ The protocol lives in `netsim.core.ipc` (sans-IO); this module only moves its bu
   after them. The reader receives with ``recv_into`` straight into the connection's buffer (no copy).
 * `UnixIpcServer` binds a ``SOCK_STREAM`` socket in a directory created 0700 under a tight umask, reads the peer's
   ``SO_PEERCRED`` and rejects uids outside ``allowed_uids`` *before reading a single byte*, and serves at most
-  ``max_clients`` sessions at once (default 1: a second provider is told BUSY and closed). Rejections are counted
-  and logged; a session that violates the protocol is closed and the server keeps accepting.
+  ``max_clients`` sessions at once (default 1: a second provider is told BUSY and closed). A client takes the
+  session slot only once its HELLO passed the connection's checks (the per-tunnel token, compared in constant
+  time), so an impostor that connects first cannot lock the provider out. Rejections are counted exactly and
+  logged with a rate limit; a session that violates the protocol is closed and the server keeps accepting.
+* `IpcChannel.start_liveness` drives the connection's sans-IO liveness timer (PING / deadline) after the handshake.
 * `connect_ipc_unix` connects with exponential backoff (the helper may be restarting) and does the handshake.
 
 Abstract sockets (``"\\0name"``) are deliberately not offered: they have no filesystem permissions, and they are
@@ -53,6 +56,8 @@ __all__ = [
     "connect_ipc_unix",
     "open_ipc_channel",
     "peer_credentials",
+    "read_token_file",
+    "write_token_file",
 ]
 
 log = logging.getLogger("netsim.ipc")
@@ -67,6 +72,7 @@ if IOV_MAX <= 0:  # pragma: no cover
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (man 7 unix, SO_PEERCRED)
 _ERROR_CODES = {
     "auth_failed": ipc.ErrorCode.AUTH,
+    "peer_timeout": ipc.ErrorCode.TIMEOUT,
     "no_common_version": ipc.ErrorCode.VERSION,
     "frame_too_big": ipc.ErrorCode.TOO_BIG,
 }
@@ -86,6 +92,37 @@ def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCreden
     """Read SO_PEERCRED of a connected AF_UNIX socket (Linux, man 7 unix)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
+
+
+_MAX_TOKEN_FILE = 256
+
+
+def write_token_file(path: str | os.PathLike[str], token: bytes) -> None:
+    """Create ``path`` (must not exist) mode 0600 holding ``token``: the per-tunnel IPC secret, handed to both
+    ends out of band (a file in a private directory, not argv, which every user can read in /proc)."""
+    if not 0 < len(token) <= _MAX_TOKEN_FILE:
+        raise ConfigError(f"an IPC token is 1..{_MAX_TOKEN_FILE} bytes")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(token)
+
+
+def read_token_file(path: str | os.PathLike[str]) -> bytes:
+    """Read an IPC token written by `write_token_file`; refuse a file others may read or that is not ours."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the IPC token file {path}: {exc}", source=str(path)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise ConfigError(
+                f"IPC token file {path} must be a regular file of ours with mode 0600 (chmod 600)", source=str(path)
+            )
+        token = f.read(_MAX_TOKEN_FILE + 1).strip()
+    if not 0 < len(token) <= _MAX_TOKEN_FILE:
+        raise ConfigError(f"IPC token file {path} must hold 1..{_MAX_TOKEN_FILE} bytes", source=str(path))
+    return token
 
 
 class IpcStream(Protocol):
@@ -193,6 +230,7 @@ class IpcChannel:
         self._sendmsg_calls = 0
         self._partial_sends = 0
         self._packets_received = 0
+        self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
 
     @property
     def peer(self) -> PeerCredentials | None:
@@ -372,7 +410,8 @@ class IpcChannel:
     def _break(self, exc: BaseException) -> None:
         if self._broken is None:
             self._broken = exc
-            log.info("IPC channel to %s broke: %r", self.peer, exc)
+            # Before the handshake this is a rejected client: the server logs that once, rate limited.
+            log.log(self._level(logging.INFO), "IPC channel to %s broke: %r", self.peer, exc)
         out = self._out
         while self._batches:
             it = self._batches.popleft()
@@ -416,7 +455,7 @@ class IpcChannel:
                     n = await self.stream.receive_into(view)
                 except _BROKEN as exc:
                     n = 0
-                    log.info("IPC receive from %s failed: %r", self.peer, exc)
+                    log.log(self._level(logging.INFO), "IPC receive from %s failed: %r", self.peer, exc)
                 finally:
                     view.release()
                 conn.receive_commit(n)
@@ -424,7 +463,7 @@ class IpcChannel:
             self._receiving = False
 
     async def _fail_remote(self, exc: RemoteProtocolError) -> None:
-        log.warning("IPC peer %s violated the protocol: %s; closing", self.peer, exc)
+        log.log(self._level(logging.WARNING), "IPC peer %s violated the protocol: %s; closing", self.peer, exc)
         if self._broken is None:
             try:
                 code = _ERROR_CODES.get(exc.reason, ipc.ErrorCode.PROTOCOL)
@@ -437,6 +476,11 @@ class IpcChannel:
                 except _BROKEN:
                     pass
         self.close()
+
+    def _level(self, level: int) -> int:
+        """``level`` for a session, DEBUG before the handshake: a flood of refused clients must not grow the log
+        one line per connection (`UnixIpcServer` logs each rejection kind with a rate limit and counts it)."""
+        return level if self.connection.version else logging.DEBUG
 
     # --- closing ----------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -454,6 +498,42 @@ class IpcChannel:
                 except (TunnelDown, LocalProtocolError):
                     pass
         self.close()
+
+    # --- liveness -------------------------------------------------------------------------------------------------
+    def start_liveness(self) -> None:
+        """Drive the connection's liveness timer (`ipc.Connection.get_timer` / ``handle_timer``) in the background.
+
+        Called after the handshake. A PING is queued without waiting for the write (a stalled peer may have
+        filled the socket buffer), and a peer that misses the deadline gets the stream closed under it: the
+        reader then gets `RemoteProtocolError` ``peer_timeout`` from the connection.
+        """
+        conn = self.connection
+        conn.start_liveness(trio.current_time())
+        if conn.get_timer() is not None and self._nursery is not None:
+            self._nursery.start_soon(self._liveness)
+
+    async def _liveness(self) -> None:
+        conn = self.connection
+        while self._broken is None:
+            when = conn.get_timer()
+            if when is None:
+                return
+            await trio.sleep_until(when)
+            if self.is_broken:
+                return
+            ping = conn.handle_timer(trio.current_time())
+            if conn.peer_timed_out:
+                log.warning("IPC peer %s did not answer PING within %g s; closing", self.peer, conn.ping_timeout)
+                self._break(trio.BrokenResourceError("peer_timeout"))
+                self.stream.close()  # wakes the reader, which raises peer_timeout
+                return
+            if ping is not None:
+                try:
+                    bufs = conn.send(ping)
+                except LocalProtocolError:
+                    return  # closing meanwhile
+                self._control.append(_Item(bufs, 0, 0, None))
+                self._wake.set()
 
     async def handshake(self) -> ipc.Hello | ipc.HelloAck:
         """Provider: send HELLO, wait for HELLO_ACK. Helper: wait for HELLO, send HELLO_ACK. Returns the peer's.
@@ -475,9 +555,11 @@ class IpcChannel:
         if send_failed is not None:
             raise send_failed
         if conn.role is ipc.Role.PROVIDER and isinstance(ev, ipc.HelloAck):
+            self.start_liveness()
             return ev
         if conn.role is ipc.Role.HELPER and isinstance(ev, ipc.Hello):
             await self.send(conn.hello_ack())
+            self.start_liveness()
             return ev
         self.close()
         raise RemoteProtocolError("handshake_failed", f"expected a handshake message, got {ev!r}")
@@ -489,6 +571,7 @@ async def open_ipc_channel(stream: IpcStream, connection: ipc.Connection, **opti
     channel = IpcChannel(stream, connection, **options)
     try:
         async with trio.open_nursery() as nursery:
+            channel._nursery = nursery
             nursery.start_soon(channel._writer)
             try:
                 yield channel
@@ -515,6 +598,48 @@ class ServerStatistics:
     protocol_errors: int
     sessions_done: int
     active: int
+    rejected_auth: int = 0
+    pending: int = 0
+    log_suppressed: int = 0
+
+
+class _RejectionLog:
+    """Rate-limited WARNING lines for rejected connections: the first ``burst`` individually, then one summary line
+    per ``interval`` with the count. The server's counters stay exact; only the log is bounded (a flood of 10k
+    connections writes about ``burst`` + one line per interval, not 10k)."""
+
+    def __init__(self, burst: int = 10, interval: float = 10.0) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.logged = 0
+        self.suppressed = 0  # total, for statistics
+        self._pending: dict[str, int] = {}
+        self._window_start: float | None = None
+
+    def warn(self, kind: str, msg: str, *args: object) -> None:
+        now = trio.current_time()
+        if self._window_start is None or now - self._window_start >= self.interval:
+            self.flush()
+            self._window_start = now
+            self.logged = 0
+        if self.logged < self.burst:
+            self.logged += 1
+            log.warning(msg, *args)
+            return
+        self.suppressed += 1
+        self._pending[kind] = self._pending.get(kind, 0) + 1
+
+    def flush(self) -> None:
+        """Write the summary of what was suppressed since the last one (called every ``interval`` and at exit)."""
+        if self._pending:
+            detail = ", ".join(f"{n} {kind}" for kind, n in sorted(self._pending.items()))
+            log.warning("IPC: %s more rejected connection(s) not logged individually (rate limit)", detail)
+            self._pending.clear()
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.interval)
+            self.flush()
 
 
 def _prepare_socket_dir(directory: Path, mode: int) -> None:
@@ -567,6 +692,11 @@ class UnixIpcServer:
         connection_factory: builds the helper-side `ipc.Connection` for each session (e.g. with an
             ``expected_token``).
         handshake_timeout: seconds a client gets to send HELLO.
+        max_pending: connections allowed to be in the handshake at once (they do not hold a session slot: the
+            slot is taken only by a client whose HELLO passed the token check, so an impostor cannot lock the
+            real provider out by connecting first and staying silent).
+        log_burst / log_interval: rejection WARNINGs: the first ``log_burst`` per ``log_interval`` seconds are
+            logged one by one, the rest as one summary line per interval (counters stay exact).
         dir_mode: 0o700 (default) or a group mode such as 0o750.
         channel_options: passed to `IpcChannel`.
     """
@@ -581,6 +711,9 @@ class UnixIpcServer:
         handshake_timeout: float = 5.0,
         dir_mode: int = 0o700,
         backlog: int = 8,
+        max_pending: int = 8,
+        log_burst: int = 10,
+        log_interval: float = 10.0,
         **channel_options: Any,
     ) -> None:
         if max_clients < 1:
@@ -602,6 +735,10 @@ class UnixIpcServer:
         self.handshake_failed = 0
         self.protocol_errors = 0
         self.sessions_done = 0
+        self.rejected_auth = 0
+        self.max_pending = max_pending
+        self.pending = 0
+        self._rejections = _RejectionLog(log_burst, log_interval)
 
     def statistics(self) -> ServerStatistics:
         return ServerStatistics(
@@ -612,6 +749,9 @@ class UnixIpcServer:
             self.protocol_errors,
             self.sessions_done,
             self.active,
+            self.rejected_auth,
+            self.pending,
+            self._rejections.suppressed,
         )
 
     def _bind(self) -> trio.socket.SocketType:
@@ -647,11 +787,13 @@ class UnixIpcServer:
         log.info("IPC server listening on %s (allowed uids %s)", self.socket_path, sorted(self.allowed_uids))
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._rejections.run)
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
                     self._admit(sock, handler, nursery)
         finally:
+            self._rejections.flush()
             listener.close()
             self._unlink()
 
@@ -661,23 +803,27 @@ class UnixIpcServer:
         try:
             peer = peer_credentials(sock)
         except OSError as exc:
-            log.warning("IPC: cannot read SO_PEERCRED: %r; rejecting", exc)
+            self._rejections.warn("uid", "IPC: cannot read SO_PEERCRED: %r; rejecting", exc)
             self.rejected_uid += 1
             sock.close()
             return
         if peer.uid not in self.allowed_uids:
             # Decided on the kernel's record of the connecting uid, before a single byte is read (B8).
             self.rejected_uid += 1
-            log.warning("IPC: rejected pid %d uid %d gid %d (uid not allowed)", peer.pid, peer.uid, peer.gid)
+            self._rejections.warn(
+                "uid", "IPC: rejected pid %d uid %d gid %d (uid not allowed)", peer.pid, peer.uid, peer.gid
+            )
             sock.close()
             return
-        if self.active >= self.max_clients:
+        if self.active >= self.max_clients or self.pending >= self.max_pending:
             self.rejected_busy += 1
-            log.warning("IPC: rejected pid %d: %d session(s) already active", peer.pid, self.active)
+            self._rejections.warn(
+                "busy", "IPC: rejected pid %d: %d session(s) active, %d pending", peer.pid, self.active, self.pending
+            )
             nursery.start_soon(self._reject_busy, sock)
             return
         self.accepted += 1
-        self.active += 1
+        self.pending += 1
         nursery.start_soon(self._session, sock, peer, handler)
 
     async def _reject_busy(self, sock: trio.socket.SocketType) -> None:
@@ -693,26 +839,68 @@ class UnixIpcServer:
     async def _session(
         self, sock: trio.socket.SocketType, peer: PeerCredentials, handler: Callable[[IpcChannel], Awaitable[None]]
     ) -> None:
-        log.info("IPC: session from pid %d uid %d", peer.pid, peer.uid)
+        log.debug("IPC: connection from pid %d uid %d", peer.pid, peer.uid)
+        in_session = False
         try:
             async with open_ipc_channel(SocketStream(sock, peer), self._factory(), **self._channel_options) as ch:
-                try:
-                    with trio.fail_after(self.handshake_timeout):
-                        await ch.handshake()
-                except (trio.TooSlowError, RemoteProtocolError) as exc:
-                    self.handshake_failed += 1
-                    log.warning("IPC: handshake with pid %d failed: %s", peer.pid, exc)
+                if not await self._handshake(ch, peer):
                     return
+                self.pending -= 1
+                self.active += 1
+                in_session = True
+                await ch.send(ch.connection.hello_ack())
+                ch.start_liveness()
+                log.info("IPC: session from pid %d uid %d", peer.pid, peer.uid)
                 await handler(ch)
         except RemoteProtocolError as exc:
             self.protocol_errors += 1
-            log.warning("IPC: session with pid %d closed on protocol error: %s", peer.pid, exc)
+            self._rejections.warn("protocol", "IPC: session with pid %d closed on protocol error: %s", peer.pid, exc)
         except TunnelDown as exc:
             log.info("IPC: session with pid %d lost: %s", peer.pid, exc)
         finally:
             sock.close()
-            self.active -= 1
+            if in_session:
+                self.active -= 1
+            else:
+                self.pending -= 1
             self.sessions_done += 1
+
+    async def _handshake(self, ch: IpcChannel, peer: PeerCredentials) -> bool:
+        """Wait for a HELLO that passes the checks (token in constant time); take the session slot only then.
+
+        Returns False (counted, logged with rate limit, the client told why) for a client that may not have it.
+        """
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                ev = await ch.receive_event()
+        except trio.TooSlowError:
+            self.handshake_failed += 1
+            self._rejections.warn(
+                "handshake", "IPC: pid %d sent no HELLO within %g s", peer.pid, self.handshake_timeout
+            )
+            return False
+        except RemoteProtocolError as exc:  # the channel already sent ERROR (AUTH for a bad token) and closed
+            if exc.reason == "auth_failed":
+                self.rejected_auth += 1
+                self._rejections.warn("auth", "IPC: rejected pid %d uid %d: bad or missing token", peer.pid, peer.uid)
+            else:
+                self.handshake_failed += 1
+                self._rejections.warn("handshake", "IPC: handshake with pid %d failed: %s", peer.pid, exc)
+            return False
+        if not isinstance(ev, ipc.Hello):
+            self.handshake_failed += 1
+            self._rejections.warn("handshake", "IPC: pid %d sent %s instead of HELLO", peer.pid, type(ev).__name__)
+            return False
+        if self.active >= self.max_clients:
+            self.rejected_busy += 1
+            self._rejections.warn("busy", "IPC: rejected pid %d: %d session(s) already active", peer.pid, self.active)
+            with trio.move_on_after(0.5):
+                try:
+                    await ch.send(ipc.Error(ipc.ErrorCode.BUSY, "helper is serving another client"))
+                except TunnelDown:
+                    pass
+            return False
+        return True
 
     def _unlink(self) -> None:
         try:
@@ -779,6 +967,11 @@ async def connect_ipc_unix(
                 try:
                     with trio.fail_after(handshake_timeout):
                         await channel.handshake()
+                except trio.TooSlowError:
+                    # e.g. a stopped (SIGSTOP) helper: the kernel queues our connect, nobody answers
+                    raise TunnelDown(
+                        f"the helper at {socket_path} did not answer HELLO in {handshake_timeout:g} s"
+                    ) from None
                 except RemoteProtocolError as exc:
                     # BUSY: the helper is still closing our previous session; retry while time remains.
                     if exc.reason != "peer_busy" or trio.current_time() + delay > deadline:
@@ -804,4 +997,6 @@ def _fresh_like(conn: ipc.Connection) -> ipc.Connection:
         capabilities=conn.capabilities,
         max_frame_size=conn.max_frame_size,
         token=conn.hello().token or None,
+        ping_interval=conn.ping_interval,
+        ping_timeout=conn.ping_timeout,
     )
