@@ -20,7 +20,6 @@ import math
 import os
 import re
 import sys
-import time
 from typing import Any
 
 import pytest
@@ -141,20 +140,8 @@ def flood() -> dict[str, Any]:
     require_binary("wireguard-go", "wg", "ip", "nft", "ping")
     rec: dict[str, Any] = {}
 
-    async def keep_workers_alive() -> None:
-        # Workaround for F15 (fixed on its own branch): the provider host is forked from a trio worker thread
-        # with PDEATHSIG, and that thread retires after 10 idle seconds, killing the host. Occupying every idle
-        # worker once a second (8 at once: more than the scenario ever has) keeps the forking one alive.
-        # Remove once F15 lands.
-        while True:
-            async with trio.open_nursery() as n:
-                for _ in range(8):
-                    n.start_soon(trio.to_thread.run_sync, time.sleep, 0.05)
-            await trio.sleep(1.0)
-
     async def main() -> None:
-        async with Lab() as lab, netsim_tunnel(lab) as t, trio.open_nursery() as nursery:
-            nursery.start_soon(keep_workers_alive)
+        async with Lab() as lab, netsim_tunnel(lab) as t:
             ready = re.search(r"READY \S+ (\d+)", t.helper.stdout())
             assert ready is not None, t.helper.stdout()
             port = int(ready.group(1))
@@ -185,7 +172,6 @@ def flood() -> dict[str, Any]:
             rec["before"] = before
             rc = (await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", www], check=False)).returncode
             rec["ping_after_rc"] = rc
-            nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

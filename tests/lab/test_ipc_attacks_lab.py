@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 import traceback
 from typing import Any
 
@@ -138,23 +137,6 @@ async def _stop_helper(lab: Lab, t: LabTunnel, rec: dict[str, Any]) -> None:
     rec["ping_after_stop"] = await _ping(lab)
 
 
-async def _keep_worker_threads() -> None:
-    """Work around a pre-existing controller issue (reported, not fixed here): the provider host is spawned from
-    a trio worker thread with PR_SET_PDEATHSIG, so when that thread idles out of trio's thread cache (10 s) the
-    kernel SIGKILLs the host. Other lab tests keep threads busy with `lab.run`; this scenario sits in pure-async
-    polling for > 10 s, so every second it hands 16 overlapping jobs to the cache, which reuses every idle
-    thread (the cache holds fewer than 16 here), the host's spawner among them."""
-
-    def hold() -> None:
-        time.sleep(0.05)
-
-    while True:
-        async with trio.open_nursery() as nursery:
-            for _ in range(16):
-                nursery.start_soon(trio.to_thread.run_sync, hold)
-        await trio.sleep(1.0)
-
-
 @pytest.fixture(scope="module")
 def scenario() -> dict[str, Any]:
     require_root()
@@ -166,13 +148,11 @@ def scenario() -> dict[str, Any]:
     async def main() -> None:
         async with Lab() as lab:
             rec["run_id"] = lab.run_id
-            async with netsim_tunnel(lab) as t, trio.open_nursery() as keep:
-                keep.start_soon(_keep_worker_threads)
+            async with netsim_tunnel(lab) as t:
                 try:
                     rec["ping_before"] = await _ping(lab)
                     await _slot_race(lab, t, rec)
                     await _stop_helper(lab, t, rec)
-                    keep.cancel_scope.cancel()
                 except BaseException:
                     rec.setdefault("statuses_during_stop", None)
                     provider_log = t.helper.stderr_path.parent / "provider.log"
