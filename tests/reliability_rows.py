@@ -435,7 +435,6 @@ UNCOVERED: dict[str, str] = {
     "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
     "F2": "not yet: graceful helper restart with the kill switch holding needs include-all-networks enforcement (issue #15)",
     "F3": "not yet: fail-closed after a provider crash needs the kill switch of issue #15; crash reporting itself is tested in tests/runtime/test_provider_restart.py",
-    "F4": "not yet",
     "F6": "not yet: blackholed server comes with the faults of issue #16",
     "F8": "not yet: link flap recovery is issue #16",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
@@ -453,7 +452,5 @@ UNCOVERED: dict[str, str] = {
     "K8": "not yet: the CVE-2019-14899 protection is issue #15",
     "K9": "not yet: bring-up and teardown windows under include-all-networks are issue #15",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
-    "S8": "not yet",
-    "S11": "not yet",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
 }
