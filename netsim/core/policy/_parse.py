@@ -252,6 +252,8 @@ _SHAPE: TypeTable[Callable[[Any, int, _Stack, str | None], None]] = TypeTable(
         bool: _shape_leaf,
         int: _shape_int,
         str: _shape_leaf,
+        float: _shape_leaf,
+        type(None): _shape_leaf,
         dict: _shape_mapping,
         list: _shape_sequence,
         tuple: _shape_sequence,

@@ -42,7 +42,11 @@ class TypeTable(Generic[T]):
     def __call__(self, value: object) -> T:
         """The handler for ``value``'s type."""
         exact = self._exact
-        for cls in type(value).__mro__:
+        value_type = type(value)
+        hit = exact.get(value_type)  # the common case: an entry for the type itself
+        if hit is not None:
+            return hit
+        for cls in value_type.__mro__[1:]:
             hit = exact.get(cls)
             if hit is not None:
                 return hit
