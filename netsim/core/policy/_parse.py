@@ -168,25 +168,6 @@ def parse_policy(
         ) from None
 
 
-# ------------------------------------------------------------------------------------------------ documents
-def _document_of_bytes(raw: bytes | bytearray | memoryview, fmt: str | None, source: str | None) -> Any:
-    if len(raw) > MAX_POLICY_BYTES:
-        raise ConfigError(f"policy is {len(raw)} bytes; the limit is {MAX_POLICY_BYTES}", source=source)
-    try:
-        text = str(raw, "utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"policy is not UTF-8 (byte {exc.start})", source=source) from None
-    return _decode(text, fmt, source)
-
-
-def _document_of_mapping(data: Mapping[Any, Any], fmt: str | None, source: str | None) -> Any:
-    return data
-
-
-def _document_refused(value: Any, fmt: str | None, source: str | None) -> Any:
-    raise ConfigError(f"a policy is TOML/YAML text or a mapping, got {type(value).__name__}")
-
-
 def _parse_policy(text_or_mapping: Any, fmt: str | None, source: str | None) -> Policy:
     data = _DOCUMENT(text_or_mapping)(text_or_mapping, fmt, source)
     _check_shape(data, source)
@@ -215,6 +196,7 @@ def _parse_policy(text_or_mapping: Any, fmt: str | None, source: str | None) -> 
         raise ConfigError(str(exc), source=source) from None
 
 
+# ------------------------------------------------------------------------------------------------ bounds
 _Stack = list[tuple[Any, int]]  # (value, depth) still to check
 
 
@@ -281,6 +263,7 @@ def _check_shape(data: Any, source: str | None) -> None:
         _SHAPE(value)(value, depth, stack, source)
 
 
+# ------------------------------------------------------------------------------------------------ documents
 def _decode(text: str, fmt: str | None, source: str | None) -> Any:
     if fmt not in (None, "toml", "yaml"):
         raise ConfigError(f"unknown policy format {fmt!r}; use 'toml' or 'yaml'", source=source)
@@ -310,6 +293,24 @@ def _decode(text: str, fmt: str | None, source: str | None) -> Any:
         raise ConfigError(f"not valid {what}: {short(str(exc), 300)}", source=source or "<policy>", line=line) from None
     except (ValueError, OverflowError) as exc:  # e.g. a timestamp out of range, an int past the conversion limit
         raise ConfigError(f"not valid YAML: {short(str(exc), 200)}", source=source or "<policy>") from None
+
+
+def _document_of_bytes(raw: bytes | bytearray | memoryview, fmt: str | None, source: str | None) -> Any:
+    if len(raw) > MAX_POLICY_BYTES:
+        raise ConfigError(f"policy is {len(raw)} bytes; the limit is {MAX_POLICY_BYTES}", source=source)
+    try:
+        text = str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"policy is not UTF-8 (byte {exc.start})", source=source) from None
+    return _decode(text, fmt, source)
+
+
+def _document_of_mapping(data: Mapping[Any, Any], fmt: str | None, source: str | None) -> Any:
+    return data
+
+
+def _document_refused(value: Any, fmt: str | None, source: str | None) -> Any:
+    raise ConfigError(f"a policy is TOML/YAML text or a mapping, got {type(value).__name__}")
 
 
 # What parse_policy accepts: UTF-8 bytes, text, or an already decoded mapping.
