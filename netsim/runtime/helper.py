@@ -68,7 +68,14 @@ from netsim.core import ipc
 from netsim.core.dnsguard import DnsGuard, DnsGuardStatistics
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.core.packet import PacketView
-from netsim.core.policy import Action, Mechanism, PolicyEngine, PolicyStatistics, parse_policy
+from netsim.core.policy import (
+    Action,
+    Mechanism,
+    PolicyEngine,
+    PolicyStatistics,
+    parse_policy,
+    route_exclusions_payload,
+)
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.device import (
     DeviceStatistics,
@@ -511,8 +518,6 @@ class Helper:
 
     def _settings_payload(self) -> dict[str, Any]:
         """SETTINGS for the provider: the tunnel config plus the policy's route exclusions (route mechanism)."""
-        from netsim.runtime.bypass import route_exclusions_payload  # runtime peer module; imported lazily
-
         out = tunnel_settings_payload(self.config, self._server_address)
         engine = self.policy
         if engine is not None:

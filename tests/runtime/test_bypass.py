@@ -17,7 +17,7 @@ from scapy.packet import NoPayload, Raw
 from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.packet import PacketView
-from netsim.core.policy import Mechanism, parse_policy
+from netsim.core.policy import Mechanism, parse_policy, route_exclusions_payload
 from netsim.runtime.bypass import (
     FLAG_CSUM_NOT_READY,
     FLAG_GSO_TCP,
@@ -25,7 +25,6 @@ from netsim.runtime.bypass import (
     NatBypass,
     capture_filter,
     host_ruleset,
-    route_exclusions_payload,
     segment_tcp,
 )
 
