@@ -26,9 +26,9 @@ PORT = 51821
 async def helper_main(config_path: str, sock_path: str) -> None:
     """The helper process: WireGuard to the server, IPC server for the provider."""
     from netsim.lab.wireguard import load_config
+    from netsim.runtime.channel import UnixIpcServer
     from netsim.runtime.helper import Helper, UdpTransport
     from netsim.runtime.netconfig import BYPASS_FWMARK
-    from netsim.transports.uds import UnixIpcServer
 
     config = load_config(config_path)
     helper = Helper(config, UdpTransport.open(interface="en0", fwmark=BYPASS_FWMARK))

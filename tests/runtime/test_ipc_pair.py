@@ -11,8 +11,8 @@ import trio.testing
 
 from netsim.core import ipc
 from netsim.errors import RemoteProtocolError, TunnelDown
+from netsim.runtime.channel import IpcChannel, open_ipc_channel
 from netsim.testing.ipc_pair import memory_stream_pair, open_ipc_pair
-from netsim.transports.uds import IpcChannel, open_ipc_channel
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:

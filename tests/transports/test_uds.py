@@ -19,16 +19,9 @@ import trio
 
 from netsim.core import ipc
 from netsim.errors import ConfigError, LabError, RemoteProtocolError, TunnelDown
+from netsim.runtime.channel import IpcChannel, UnixIpcServer, connect_ipc_unix, open_ipc_channel
 from netsim.testing.require import require_root
-from netsim.transports.uds import (
-    IOV_MAX,
-    IpcChannel,
-    SocketStream,
-    UnixIpcServer,
-    connect_ipc_unix,
-    open_ipc_channel,
-    peer_credentials,
-)
+from netsim.transports.uds import IOV_MAX, SocketStream, peer_credentials
 
 
 @pytest.fixture
