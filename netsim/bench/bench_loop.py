@@ -3,7 +3,7 @@
 Run: ``python -m netsim.bench.bench_loop [--quick] [--json FILE]`` (or ``netsim bench --only 'loop/*'``).
 
 In-process cases (one trio run each, in a fresh interpreter): a provider task keeps ``max(64, batch)`` packets in
-flight as ``batch``-packet PACKETS frames through a pair of `netsim.transports.uds.IpcChannel` objects; a helper
+flight as ``batch``-packet PACKETS frames through a pair of `netsim.runtime.channel.IpcChannel` objects; a helper
 task receives each `ipc.PacketBatch`, "forwards" every packet by reflecting it in place (addresses and ports
 swapped, as the C floor does) and sends the batch back. A round trip per packet is the number: ns/packet,
 packets/s, both from CPU time of the process (provider and helper share it here; `netsim.bench._common.measure`'s

@@ -2,7 +2,7 @@
 
 The pieces are netsim's own, unchanged: the provider is `netsim.runtime.forwarding.HelperForwardingProvider`
 hosted by `netsim.runtime.controller.TunnelProviderManager` in a process in ``mac`` (`SubprocessLauncher`); the
-helper is `netsim.runtime.helper.Helper` behind a `netsim.transports.uds.UnixIpcServer` (`helper_main`, a process
+helper is `netsim.runtime.helper.Helper` behind a `netsim.runtime.channel.UnixIpcServer` (`helper_main`, a process
 in ``mac``), with its UDP socket bound to ``en0``; the server is wireguard-go in ``vpn``, NATing to inet.
 The tunnel routes only the path's own destination address (a /32 in inet), so everything else stays direct.
 """
