@@ -19,12 +19,16 @@ def test_handshake_order_driven_by_the_connections_alone() -> None:
     opening = p.handshake_opening()
     assert isinstance(opening, ipc.Hello)
     h.receive_data(wire(p.send(opening)))
-    hello = h.handshake_event(h.next_event())
+    ev = h.next_event()
+    assert not isinstance(ev, ipc.NeedData)
+    hello = h.handshake_event(ev)
     assert isinstance(hello, ipc.Hello)
     reply = h.handshake_reply()
     assert isinstance(reply, ipc.HelloAck) and p.handshake_reply() is None
     p.receive_data(wire(h.send(reply)))
-    assert isinstance(p.handshake_event(p.next_event()), ipc.HelloAck)
+    ev = p.next_event()
+    assert not isinstance(ev, ipc.NeedData)
+    assert isinstance(p.handshake_event(ev), ipc.HelloAck)
     assert p.our_state is p.their_state is ipc.SideState.OPEN
     assert h.our_state is h.their_state is ipc.SideState.OPEN
 
