@@ -199,7 +199,7 @@ class IpcChannel:
         except LocalProtocolError:
             out.count_dropped("ipc_local_error", n)
             raise
-        rest = self._send_inline(bufs, n)
+        rest = self._send_inline(bufs, n, nbytes)
         if rest is None:
             return True
         if self.is_broken:  # the inline send found the socket broken
@@ -208,7 +208,7 @@ class IpcChannel:
         self._enqueue(_Item(rest, n, nbytes, None, started=rest is not bufs))
         return True
 
-    def _send_inline(self, bufs: list[ipc.Buffer], packets: int) -> list[ipc.Buffer] | None:
+    def _send_inline(self, bufs: list[ipc.Buffer], packets: int, nbytes: int) -> list[ipc.Buffer] | None:
         """Try to write ``bufs`` now without blocking. Returns None when all of it was written (counted as
         forwarded), else what is left to queue: all of ``bufs`` if the writer is busy or holds anything (order)
         or the socket refused it (EAGAIN), or the unsent tail of a partial send."""
@@ -225,8 +225,7 @@ class IpcChannel:
         self._sendmsg_calls += 1
         self._inline_sends += 1
         self._bytes_sent += sent
-        total = sum(map(len, bufs))
-        if sent >= total:
+        if sent >= len(bufs[0]) + nbytes:  # header and descriptors, then the packets
             self._out.count_forwarded(packets)
             return None
         if sent < sum(map(len, chunk)):
@@ -254,7 +253,7 @@ class IpcChannel:
         except LocalProtocolError:
             self._out.count_dropped("ipc_local_error", n)
             raise
-        rest = self._send_inline(bufs, n)
+        rest = self._send_inline(bufs, n, nbytes)
         if rest is None:
             await trio.lowlevel.checkpoint()  # on the socket already; still a checkpoint, as an async call must be
             return
