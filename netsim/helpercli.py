@@ -85,7 +85,7 @@ async def run_helper(
     slot. ``ping_interval``/``ping_timeout``: the helper PINGs the provider and drops a session that does not
     answer in time (None: no liveness checking).
     """
-    from netsim.transports.uds import UnixIpcServer
+    from netsim.runtime.channel import UnixIpcServer
 
     endpoints, family = resolve_endpoints(config)
     transport = UdpTransport.open(family, interface=interface, fwmark=fwmark, port=config.interface.listen_port or 0)

@@ -59,7 +59,8 @@ def case_uds(size: int, batches: int, reps: int, seed: int) -> dict[str, Any]:
     import trio
 
     from netsim.core import ipc
-    from netsim.transports.uds import SocketStream, open_ipc_channel
+    from netsim.runtime.channel import open_ipc_channel
+    from netsim.transports.uds import SocketStream
 
     corpus = _corpus(size, seed)
     walls: list[float] = []

@@ -3,7 +3,7 @@
 Run: ``python -m netsim.bench.bench_loop [--quick] [--json FILE]`` (or ``netsim bench --only 'loop/*'``).
 
 In-process cases (one trio run each, in a fresh interpreter): a provider task keeps ``max(64, batch)`` packets in
-flight as ``batch``-packet PACKETS frames through a pair of `netsim.transports.uds.IpcChannel` objects; a helper
+flight as ``batch``-packet PACKETS frames through a pair of `netsim.runtime.channel.IpcChannel` objects; a helper
 task receives each `ipc.PacketBatch`, "forwards" every packet by reflecting it in place (addresses and ports
 swapped, as the C floor does) and sends the batch back. A round trip per packet is the number: ns/packet,
 packets/s, both from CPU time of the process (provider and helper share it here; `netsim.bench._common.measure`'s
@@ -122,7 +122,8 @@ async def _timed(
 
 async def _uds_pair(nursery_stack: Any, options: dict[str, Any]) -> tuple[Any, Any]:
     from netsim.core import ipc
-    from netsim.transports.uds import SocketStream, open_ipc_channel, peer_credentials
+    from netsim.runtime.channel import open_ipc_channel
+    from netsim.transports.uds import SocketStream, peer_credentials
 
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     chans = []
@@ -305,7 +306,7 @@ def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> di
 # --------------------------------------------------------------------------------------------------- processes
 async def helper_main(path: str) -> None:
     """Helper process for the end-to-end ``netsim-loop`` path: `UnixIpcServer` + the reflector."""
-    from netsim.transports.uds import UnixIpcServer
+    from netsim.runtime.channel import UnixIpcServer
 
     server = UnixIpcServer(path, max_queued_batches=1024, max_queued_bytes=64 << 20)
     async with trio.open_nursery() as nursery:
@@ -319,9 +320,9 @@ async def provider_main(tun_name: str, path: str, batch: str = "64") -> None:
     Exactly the loop a netsim provider runs (one wakeup per batch, one frame per batch), minus the user's code.
     """
     from netsim.core import ipc
+    from netsim.runtime.channel import connect_ipc_unix
     from netsim.runtime.flow import PacketTunnelFlow
     from netsim.transports.tun import TunDevice
-    from netsim.transports.uds import connect_ipc_unix
 
     dev = TunDevice.create(None, tun_name)
     flow = PacketTunnelFlow(dev, batch_limit=int(batch))

@@ -2,7 +2,7 @@
 
 The pieces are netsim's own, unchanged: the provider is `netsim.runtime.forwarding.HelperForwardingProvider`
 hosted by `netsim.runtime.controller.TunnelProviderManager` in a process in ``mac`` (`SubprocessLauncher`); the
-helper is `netsim.runtime.helper.Helper` behind a `netsim.transports.uds.UnixIpcServer` (`helper_main`, a process
+helper is `netsim.runtime.helper.Helper` behind a `netsim.runtime.channel.UnixIpcServer` (`helper_main`, a process
 in ``mac``), with its UDP socket bound to ``en0``; the server is wireguard-go in ``vpn``, NATing to inet.
 The tunnel routes only the path's own destination address (a /32 in inet), so everything else stays direct.
 """
@@ -26,9 +26,9 @@ PORT = 51821
 async def helper_main(config_path: str, sock_path: str) -> None:
     """The helper process: WireGuard to the server, IPC server for the provider."""
     from netsim.lab.wireguard import load_config
+    from netsim.runtime.channel import UnixIpcServer
     from netsim.runtime.helper import Helper, UdpTransport
     from netsim.runtime.netconfig import BYPASS_FWMARK
-    from netsim.transports.uds import UnixIpcServer
 
     config = load_config(config_path)
     helper = Helper(config, UdpTransport.open(interface="en0", fwmark=BYPASS_FWMARK))

@@ -52,8 +52,9 @@ from netsim.apple.settings import (
 from netsim.core import ipc
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.errors import ConfigError, LabError, LocalProtocolError, RemoteProtocolError, TunnelDown
+from netsim.runtime.channel import IpcChannel, connect_ipc_unix
 from netsim.runtime.provider import PacketTunnelProvider
-from netsim.transports.uds import IpcChannel, connect_ipc_unix, read_token_file
+from netsim.transports.uds import read_token_file
 
 __all__ = [
     "MEMORY_SCHEME",

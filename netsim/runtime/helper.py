@@ -88,7 +88,8 @@ from netsim.core.wireguard.messages import MSG_TRANSPORT, TRANSPORT_MIN_SIZE
 from netsim.core.wireguard.peer import Endpoint, Peer
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
-from netsim.transports.uds import IpcChannel, ServerStatistics, UnixIpcServer
+from netsim.runtime.channel import IpcChannel, UnixIpcServer
+from netsim.transports.uds import ServerStatistics
 
 if TYPE_CHECKING:
     from netsim.core.nat import NatTable

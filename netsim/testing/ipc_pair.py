@@ -1,6 +1,6 @@
 """An in-memory, connected provider <-> helper IPC pair with the same interface as the Unix-socket channel.
 
-`open_ipc_pair` yields two `netsim.transports.uds.IpcChannel` objects (provider, helper) joined by
+`open_ipc_pair` yields two `netsim.runtime.channel.IpcChannel` objects (provider, helper) joined by
 `MemoryIpcStream` byte pipes instead of a socket. The pipes have a bounded capacity like a socket buffer, accept
 partial writes, and wake readers and writers through trio, so backpressure, partial sends and slow readers behave
 as on the real socket, deterministically under `trio.testing.MockClock`. The in-memory backend uses it in place of
@@ -18,7 +18,8 @@ import trio
 
 from netsim.core import ipc
 from netsim.errors import RemoteProtocolError, TunnelDown
-from netsim.transports.uds import IpcChannel, PeerCredentials, open_ipc_channel
+from netsim.runtime.channel import IpcChannel, open_ipc_channel
+from netsim.transports.uds import PeerCredentials
 
 __all__ = ["MemoryIpcStream", "memory_stream_pair", "open_ipc_pair"]
 
@@ -62,6 +63,20 @@ class MemoryIpcStream:
             if room > 0:
                 break
             await tx.lot.park()
+        return self._put(buffers, room)
+
+    def send_nowait(self, buffers: Sequence[ipc.Buffer]) -> int:
+        """`send_some` without waiting: `BlockingIOError` (EAGAIN) when the pipe is full, like a socket."""
+        tx = self._tx
+        if tx.closed or tx.reader_gone:
+            raise trio.BrokenResourceError("peer closed the in-memory IPC stream")
+        room = tx.capacity - tx.readable()
+        if room <= 0:
+            raise BlockingIOError("in-memory IPC pipe is full")
+        return self._put(buffers, room)
+
+    def _put(self, buffers: Sequence[ipc.Buffer], room: int) -> int:
+        tx = self._tx
         if self.max_send is not None:
             room = min(room, self.max_send)
         sent = 0

@@ -43,12 +43,12 @@ from netsim.core.wireguard.keys import PrivateKey
 from netsim.core.wireguard.peer import Endpoint as Address
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, LabError
+from netsim.runtime.channel import IpcChannel, open_ipc_channel
 from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, TunnelProviderSession, memory_launcher
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
 from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tun import MemoryTun
-from netsim.transports.uds import IpcChannel, open_ipc_channel
 
 __all__ = [
     "FakeNetwork",

@@ -1,22 +1,21 @@
-"""Unix-domain-socket transport for the provider <-> helper IPC (trio), and the channel wrapper it shares with tests.
+"""Unix-domain-socket transport for the provider <-> helper IPC (trio): sockets, the server, connect.
 
-The protocol lives in `netsim.core.ipc` (sans-IO); this module only moves its buffers:
+The protocol lives in `netsim.core.ipc` (sans-IO); the channel that schedules it (queues, writer task, handshake,
+liveness) is `netsim.runtime.channel.IpcChannel`. This module only deals with sockets:
 
-* `IpcChannel` wraps any `IpcStream` (a connected socket here, `netsim.testing.ipc_pair` in memory) around an
-  `ipc.Connection`. One writer task sends with scatter-gather ``sendmsg`` (at most ``IOV_MAX`` buffers per call,
-  partial sends resumed where they stopped). Packet batches wait in a *bounded* queue: when the peer reads too
-  slowly, `IpcChannel.send_packets_nowait` drops the batch and counts it as ``ipc_queue_full`` instead of
-  buffering without bound; control messages (`IpcChannel.send`) are never dropped, overtake queued packets, and
-  block their caller until written. GOODBYE/ERROR go last, after the queue drained, so the peer never sees packets
-  after them. The reader receives with ``recv_into`` straight into the connection's buffer (no copy).
+* `IpcStream` is what a channel needs from a byte stream; `SocketStream` is one over a connected AF_UNIX socket
+  (``sendmsg`` scatter-gather, a non-blocking `SocketStream.send_nowait` for the channel's inline send, and
+  ``recv_into``).
 * `UnixIpcServer` binds a ``SOCK_STREAM`` socket in a directory created 0700 under a tight umask, reads the peer's
   ``SO_PEERCRED`` and rejects uids outside ``allowed_uids`` *before reading a single byte*, and serves at most
   ``max_clients`` sessions at once (default 1: a second provider is told BUSY and closed). A client takes the
   session slot only once its HELLO passed the connection's checks (the per-tunnel token, compared in constant
   time), so an impostor that connects first cannot lock the provider out. Rejections are counted exactly and
   logged with a rate limit; a session that violates the protocol is closed and the server keeps accepting.
-* `IpcChannel.start_liveness` drives the connection's sans-IO liveness timer (PING / deadline) after the handshake.
-* `connect_ipc_unix` connects with exponential backoff (the helper may be restarting) and does the handshake.
+  `UnixIpcServer.serve_sessions` hands each admitted session on as an `AcceptedSession` (stream + connection);
+  `netsim.runtime.channel.UnixIpcServer` wraps it in a channel.
+* `connect_unix` connects with exponential backoff (the helper may be restarting) and checks the server's uid;
+  `netsim.runtime.channel.connect_ipc_unix` adds the channel and the handshake.
 
 Abstract sockets (``"\\0name"``) are deliberately not offered: they have no filesystem permissions, and they are
 scoped per network namespace, so any process in the simulated Mac's namespace could reach the helper
@@ -31,30 +30,25 @@ import os
 import socket
 import stat
 import struct
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
 from netsim.core import ipc
-from netsim.core.ledger import Ledger, StageSnapshot
-from netsim.errors import ConfigError, LabError, LocalProtocolError, RemoteProtocolError, TunnelDown
+from netsim.errors import ConfigError, LabError, RemoteProtocolError, TunnelDown
 
 __all__ = [
     "IOV_MAX",
-    "IpcChannel",
-    "IpcChannelStatistics",
+    "AcceptedSession",
     "IpcStream",
     "PeerCredentials",
     "ServerStatistics",
     "SocketStream",
     "UnixIpcServer",
-    "connect_ipc_unix",
-    "open_ipc_channel",
+    "connect_unix",
     "peer_credentials",
     "read_token_file",
     "write_token_file",
@@ -70,13 +64,7 @@ if IOV_MAX <= 0:  # pragma: no cover
     IOV_MAX = 1024
 
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;} (man 7 unix, SO_PEERCRED)
-_ERROR_CODES = {
-    "auth_failed": ipc.ErrorCode.AUTH,
-    "peer_timeout": ipc.ErrorCode.TIMEOUT,
-    "no_common_version": ipc.ErrorCode.VERSION,
-    "frame_too_big": ipc.ErrorCode.TOO_BIG,
-}
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_HELLO_RECV = 4096  # a HELLO is at most ~300 bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +114,16 @@ def read_token_file(path: str | os.PathLike[str]) -> bytes:
 
 
 class IpcStream(Protocol):
-    """A reliable byte stream with scatter-gather send and receive-into; what `IpcChannel` needs."""
+    """A reliable byte stream with scatter-gather send and receive-into; what an IPC channel needs."""
 
     peer: PeerCredentials | None
 
     async def send_some(self, buffers: Sequence[ipc.Buffer]) -> int:
         """Send a prefix of the concatenation of ``buffers`` (at most IOV_MAX of them); return bytes sent (> 0)."""
+        ...
+
+    def send_nowait(self, buffers: Sequence[ipc.Buffer]) -> int:
+        """Like `send_some` without waiting: bytes sent (> 0), or `BlockingIOError` if none fit right now."""
         ...
 
     async def receive_into(self, view: memoryview) -> int:
@@ -153,6 +145,11 @@ class SocketStream:
     async def send_some(self, buffers: Sequence[ipc.Buffer]) -> int:
         return await self._sock.sendmsg(buffers)
 
+    def send_nowait(self, buffers: Sequence[ipc.Buffer]) -> int:
+        # writev(2) on the non-blocking socket trio set up: sendmsg(2) without ancillary data or flags, one syscall,
+        # scatter-gather like send_some; EAGAIN surfaces as BlockingIOError (man 7 unix, man 2 writev).
+        return os.writev(self._sock.fileno(), buffers)
+
     async def receive_into(self, view: memoryview) -> int:
         return await self._sock.recv_into(view)
 
@@ -161,429 +158,24 @@ class SocketStream:
 
 
 @dataclass(frozen=True, slots=True)
-class IpcChannelStatistics:
-    """Counters of one `IpcChannel`. ``ipc_out`` is the ledger stage of outgoing packets."""
+class AcceptedSession:
+    """A client `UnixIpcServer` admitted: its credentials passed, its HELLO passed ``connection``'s checks (the
+    token), and it holds a session slot. ``connection`` has received the HELLO and owes the HELLO_ACK
+    (`ipc.Connection.handshake_reply`); bytes the client sent after HELLO are still in its buffer."""
 
-    frames_sent: int
-    frames_received: int
-    bytes_sent: int
-    bytes_received: int
-    packets_received: int
-    sendmsg_calls: int
-    partial_sends: int
-    queued_batches: int
-    queued_bytes: int
-    ipc_out: StageSnapshot
+    stream: SocketStream
+    connection: ipc.Connection
+    peer: PeerCredentials
+    hello: ipc.Hello
 
 
-@dataclass(slots=True)
-class _Item:
-    bufs: list[ipc.Buffer]
-    packets: int
-    nbytes: int
-    done: trio.Event | None
-
-
-class IpcChannel:
-    """One IPC connection over a stream: bounded packet queue, never-dropped control messages, zero-copy receive.
-
-    Create with `open_ipc_channel` (which runs the writer task), `connect_ipc_unix`, `UnixIpcServer` or
-    `netsim.testing.ipc_pair.open_ipc_pair`. Only one task may call `receive_event` at a time.
-
-    Args:
-        stream: the byte stream.
-        connection: the sans-IO connection (its role decides the handshake direction).
-        max_queued_batches: packet batches waiting for the writer before new ones are dropped.
-        max_queued_bytes: the same bound in bytes (whichever is hit first).
-        ledger: where the ``ipc_out`` stage is counted (a private one if omitted).
-        recv_size: bytes asked of each ``recv_into``.
-    """
-
-    def __init__(
-        self,
-        stream: IpcStream,
-        connection: ipc.Connection,
-        *,
-        max_queued_batches: int = 64,
-        max_queued_bytes: int = 4 << 20,
-        ledger: Ledger | None = None,
-        recv_size: int = 1 << 16,
-    ) -> None:
-        if max_queued_batches < 1 or max_queued_bytes < 1:
-            raise ConfigError("max_queued_batches and max_queued_bytes must be >= 1")
-        self.stream = stream
-        self.connection = connection
-        self.max_queued_batches = max_queued_batches
-        self.max_queued_bytes = max_queued_bytes
-        self._out = (ledger or Ledger("ipc")).stage("ipc_out")
-        self._recv_size = recv_size
-        self._control: deque[_Item] = deque()
-        self._batches: deque[_Item] = deque()
-        self._final: _Item | None = None
-        self._queued_bytes = 0
-        self._wake = trio.Event()
-        self._room = trio.lowlevel.ParkingLot()
-        self._write_lock = trio.Lock()
-        self._broken: BaseException | None = None
-        self._receiving = False
-        self._bytes_sent = 0
-        self._sendmsg_calls = 0
-        self._partial_sends = 0
-        self._packets_received = 0
-        self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
-
-    @property
-    def peer(self) -> PeerCredentials | None:
-        return self.stream.peer
-
-    @property
-    def is_broken(self) -> bool:
-        """True once writing failed or the channel was closed: packets are then dropped as ``ipc_closed``."""
-        return self._broken is not None
-
-    def statistics(self) -> IpcChannelStatistics:
-        c = self.connection
-        return IpcChannelStatistics(
-            frames_sent=c.frames_sent,
-            frames_received=c.frames_received,
-            bytes_sent=self._bytes_sent,
-            bytes_received=c.bytes_received,
-            packets_received=self._packets_received,
-            sendmsg_calls=self._sendmsg_calls,
-            partial_sends=self._partial_sends,
-            queued_batches=len(self._batches),
-            queued_bytes=self._queued_bytes,
-            ipc_out=self._out.snapshot(),
-        )
-
-    # --- sending ----------------------------------------------------------------------------------------------------
-    def send_packets_nowait(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> bool:
-        """Queue a batch for the writer; never blocks. False (and counted) if dropped.
-
-        The channel owns the packet buffers until they are written: do not mutate them afterwards (pass ``bytes``,
-        or use `send_packets`, which returns only once they are on the socket).
-        """
-        n = len(packets)
-        out = self._out
-        out.count_read(n)
-        if self._broken is not None:
-            out.count_dropped("ipc_closed", n)
-            return False
-        nbytes = sum(map(len, packets))
-        if len(self._batches) >= self.max_queued_batches or (
-            self._batches and self._queued_bytes + nbytes > self.max_queued_bytes
-        ):
-            out.count_dropped("ipc_queue_full", n)
-            return False
+async def _send_best_effort(sock: trio.socket.SocketType, bufs: Sequence[ipc.Buffer], timeout: float = 0.5) -> None:
+    """Tell a refused client why (one small frame), without letting it stall us."""
+    with trio.move_on_after(timeout):
         try:
-            bufs = self.connection.send_packets(packets, families)
-        except LocalProtocolError:
-            out.count_dropped("ipc_local_error", n)
-            raise
-        self._enqueue(_Item(bufs, n, nbytes, None))
-        return True
-
-    async def send_packets(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> None:
-        """Send a batch, waiting for queue room and for the write (backpressure instead of drops).
-
-        Raises `TunnelDown` if the channel breaks first.
-        """
-        n = len(packets)
-        self._out.count_read(n)
-        nbytes = sum(map(len, packets))
-        while self._broken is None and (
-            len(self._batches) >= self.max_queued_batches
-            or (self._batches and self._queued_bytes + nbytes > self.max_queued_bytes)
-        ):
-            await self._room.park()
-        if self._broken is not None:
-            self._out.count_dropped("ipc_closed", n)
-            raise TunnelDown(f"IPC channel is closed: {self._broken!r}")
-        try:
-            bufs = self.connection.send_packets(packets, families)
-        except LocalProtocolError:
-            self._out.count_dropped("ipc_local_error", n)
-            raise
-        item = _Item(bufs, n, nbytes, trio.Event())
-        self._enqueue(item)
-        await self._wait_done(item)
-
-    def _enqueue(self, item: _Item) -> None:
-        self._batches.append(item)
-        self._queued_bytes += item.nbytes
-        self._out.count_queued(item.packets)
-        self._wake.set()
-
-    async def send(self, event: ipc.Event) -> None:
-        """Send a control message; never dropped. Returns once written. Raises `TunnelDown` if the channel broke."""
-        if isinstance(event, ipc.PacketBatch):
-            raise LocalProtocolError("use send_packets / send_packets_nowait for packet batches")
-        if self._broken is not None:
-            raise TunnelDown(f"IPC channel is closed: {self._broken!r}")
-        item = _Item(self.connection.send(event), 0, 0, trio.Event())
-        if isinstance(event, ipc.Goodbye | ipc.Error):
-            self._final = item  # after every queued batch: nothing may follow it on the wire
-        else:
-            self._control.append(item)
-        self._wake.set()
-        await self._wait_done(item)
-
-    async def _wait_done(self, item: _Item) -> None:
-        assert item.done is not None
-        await item.done.wait()
-        if self._broken is not None and item.bufs:
-            raise TunnelDown(f"IPC channel broke before the message was written: {self._broken!r}")
-
-    async def _writer(self) -> None:
-        """The single writer: control first, then packet batches coalesced up to IOV_MAX, then the final closer."""
-        try:
-            while True:
-                if self._control:
-                    await self._write_item(self._control[0])
-                    self._control.popleft()
-                elif self._batches:
-                    await self._write_batches()
-                elif self._final is not None:
-                    await self._write_item(self._final)
-                    self._final = None
-                else:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-        except _BROKEN as exc:
-            self._break(exc)
-
-    async def _write_item(self, item: _Item) -> None:
-        # The item stays queued while it is written, so a failure here still wakes its sender via _break.
-        await self._write(item.bufs)
-        item.bufs = []
-        if item.done is not None:
-            item.done.set()
-
-    async def _write_batches(self) -> None:
-        # Coalesce queued batches into one sendmsg while they fit in IOV_MAX iovecs: one syscall per wakeup.
-        items = [self._batches[0]]
-        iovs = len(items[0].bufs)
-        for nxt in list(self._batches)[1:]:
-            if iovs + len(nxt.bufs) > IOV_MAX:
-                break
-            items.append(nxt)
-            iovs += len(nxt.bufs)
-        bufs = [b for it in items for b in it.bufs] if len(items) > 1 else items[0].bufs
-        await self._write(bufs)  # on failure the items are still queued and _break counts them
-        out = self._out
-        for it in items:
-            self._batches.popleft()
-            self._queued_bytes -= it.nbytes
-            out.count_queued(-it.packets)
-            out.count_forwarded(it.packets)
-            it.bufs = []
-            if it.done is not None:
-                it.done.set()
-        self._room.unpark_all()
-
-    async def _write(self, bufs: list[ipc.Buffer]) -> None:
-        """Write all of ``bufs``, resuming partial sends mid-buffer, at most IOV_MAX buffers per sendmsg."""
-        async with self._write_lock:
-            i = 0
-            end = len(bufs)
-            pending = list(bufs) if end > 1 else bufs
-            while i < end:
-                chunk = pending[i : i + IOV_MAX]
-                sent = await self.stream.send_some(chunk)
-                self._sendmsg_calls += 1
-                if sent <= 0:
-                    raise trio.BrokenResourceError("send made no progress")
-                self._bytes_sent += sent
-                if sent < sum(map(len, chunk)):
-                    self._partial_sends += 1
-                while sent:
-                    size = len(pending[i])
-                    if sent >= size:
-                        sent -= size
-                        i += 1
-                    else:
-                        pending[i] = memoryview(pending[i])[sent:]
-                        sent = 0
-                while i < end and not len(pending[i]):
-                    i += 1
-
-    def _break(self, exc: BaseException) -> None:
-        if self._broken is None:
-            self._broken = exc
-            # Before the handshake this is a rejected client: the server logs that once, rate limited.
-            log.log(self._level(logging.INFO), "IPC channel to %s broke: %r", self.peer, exc)
-        out = self._out
-        while self._batches:
-            it = self._batches.popleft()
-            out.count_queued(-it.packets)
-            out.count_dropped("ipc_closed", it.packets)
-            if it.done is not None:
-                it.done.set()
-        self._queued_bytes = 0
-        for it in (*self._control, *((self._final,) if self._final else ())):
-            if it.done is not None:
-                it.done.set()
-        self._control.clear()
-        self._final = None
-        self._room.unpark_all()
-        self._wake.set()
-
-    # --- receiving --------------------------------------------------------------------------------------------------
-    async def receive_event(self) -> ipc.Event:
-        """The next event from the peer; `ipc.ConnectionClosed` at EOF.
-
-        A `RemoteProtocolError` closes the channel (after a best-effort ERROR frame telling the peer why) and is
-        re-raised. `ipc.PacketBatch` views stay valid for as long as the caller keeps them.
-        """
-        if self._receiving:
-            raise LocalProtocolError("another task is already in receive_event on this channel")
-        self._receiving = True
-        conn = self.connection
-        try:
-            while True:
-                try:
-                    ev = conn.next_event()
-                except RemoteProtocolError as exc:
-                    await self._fail_remote(exc)
-                    raise
-                if not isinstance(ev, ipc.NeedData):
-                    if isinstance(ev, ipc.PacketBatch):
-                        self._packets_received += len(ev)
-                    return ev
-                view = conn.receive_buffer(self._recv_size)
-                try:
-                    n = await self.stream.receive_into(view)
-                except _BROKEN as exc:
-                    n = 0
-                    log.log(self._level(logging.INFO), "IPC receive from %s failed: %r", self.peer, exc)
-                finally:
-                    view.release()
-                conn.receive_commit(n)
-        finally:
-            self._receiving = False
-
-    async def _fail_remote(self, exc: RemoteProtocolError) -> None:
-        log.log(self._level(logging.WARNING), "IPC peer %s violated the protocol: %s; closing", self.peer, exc)
-        if self._broken is None:
-            try:
-                code = _ERROR_CODES.get(exc.reason, ipc.ErrorCode.PROTOCOL)
-                bufs = self.connection.send(ipc.Error(code, str(exc)[:512]))
-            except LocalProtocolError:
-                bufs = []
-            with trio.move_on_after(0.5):
-                try:
-                    await self._write(bufs)
-                except _BROKEN:
-                    pass
-        self.close()
-
-    def _level(self, level: int) -> int:
-        """``level`` for a session, DEBUG before the handshake: a flood of refused clients must not grow the log
-        one line per connection (`UnixIpcServer` logs each rejection kind with a rate limit and counts it)."""
-        return level if self.connection.version else logging.DEBUG
-
-    # --- closing ----------------------------------------------------------------------------------------------------
-    def close(self) -> None:
-        """Close at once; queued packets are counted as ``ipc_closed``."""
-        self._break(trio.ClosedResourceError("closed locally"))
-        self.stream.close()
-
-    async def aclose(self, goodbye: ipc.Goodbye | None = None, *, grace: float = 1.0) -> None:
-        """Say GOODBYE after the queue drains (bounded by ``grace`` seconds, even when cancelled), then close."""
-        conn = self.connection
-        if self._broken is None and conn.our_state is ipc.SideState.OPEN:
-            with trio.CancelScope(shield=True), trio.move_on_after(grace):
-                try:
-                    await self.send(goodbye or ipc.Goodbye())
-                except (TunnelDown, LocalProtocolError):
-                    pass
-        self.close()
-
-    # --- liveness -------------------------------------------------------------------------------------------------
-    def start_liveness(self) -> None:
-        """Drive the connection's liveness timer (`ipc.Connection.get_timer` / ``handle_timer``) in the background.
-
-        Called after the handshake. A PING is queued without waiting for the write (a stalled peer may have
-        filled the socket buffer), and a peer that misses the deadline gets the stream closed under it: the
-        reader then gets `RemoteProtocolError` ``peer_timeout`` from the connection.
-        """
-        conn = self.connection
-        conn.start_liveness(trio.current_time())
-        if conn.get_timer() is not None and self._nursery is not None:
-            self._nursery.start_soon(self._liveness)
-
-    async def _liveness(self) -> None:
-        conn = self.connection
-        while self._broken is None:
-            when = conn.get_timer()
-            if when is None:
-                return
-            await trio.sleep_until(when)
-            if self.is_broken:
-                return
-            ping = conn.handle_timer(trio.current_time())
-            if conn.peer_timed_out:
-                log.warning("IPC peer %s did not answer PING within %g s; closing", self.peer, conn.ping_timeout)
-                self._break(trio.BrokenResourceError("peer_timeout"))
-                self.stream.close()  # wakes the reader, which raises peer_timeout
-                return
-            if ping is not None:
-                try:
-                    bufs = conn.send(ping)
-                except LocalProtocolError:
-                    return  # closing meanwhile
-                self._control.append(_Item(bufs, 0, 0, None))
-                self._wake.set()
-
-    async def handshake(self) -> ipc.Hello | ipc.HelloAck:
-        """Provider: send HELLO, wait for HELLO_ACK. Helper: wait for HELLO, send HELLO_ACK. Returns the peer's.
-
-        Raises `RemoteProtocolError` if the peer answers anything else (an ERROR frame is reported with its code).
-        """
-        conn = self.connection
-        send_failed: TunnelDown | None = None
-        if conn.role is ipc.Role.PROVIDER:
-            try:
-                await self.send(conn.hello())
-            except TunnelDown as exc:
-                send_failed = exc  # a refusing helper writes ERROR and closes: read its reason first
-        ev = await self.receive_event()
-        if isinstance(ev, ipc.Error):
-            self.close()
-            reason = "peer_busy" if ev.code == ipc.ErrorCode.BUSY else "peer_error"
-            raise RemoteProtocolError(reason, f"code {ev.code}: {ev.message}")
-        if send_failed is not None:
-            raise send_failed
-        if conn.role is ipc.Role.PROVIDER and isinstance(ev, ipc.HelloAck):
-            self.start_liveness()
-            return ev
-        if conn.role is ipc.Role.HELPER and isinstance(ev, ipc.Hello):
-            await self.send(conn.hello_ack())
-            self.start_liveness()
-            return ev
-        self.close()
-        raise RemoteProtocolError("handshake_failed", f"expected a handshake message, got {ev!r}")
-
-
-@asynccontextmanager
-async def open_ipc_channel(stream: IpcStream, connection: ipc.Connection, **options: Any) -> AsyncIterator[IpcChannel]:
-    """Run an `IpcChannel` (its writer task) for the duration of the block; say GOODBYE and close on exit."""
-    channel = IpcChannel(stream, connection, **options)
-    try:
-        async with trio.open_nursery() as nursery:
-            channel._nursery = nursery
-            nursery.start_soon(channel._writer)
-            try:
-                yield channel
-            finally:
-                await channel.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # The writer task never raises (it records failures), so a group here holds the caller's own exception:
-        # hand it back unwrapped, as if no nursery were involved.
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
+            await sock.sendmsg(bufs)
+        except OSError:
+            pass
 
 
 # --- server -------------------------------------------------------------------------------------------------------
@@ -698,7 +290,6 @@ class UnixIpcServer:
         log_burst / log_interval: rejection WARNINGs: the first ``log_burst`` per ``log_interval`` seconds are
             logged one by one, the rest as one summary line per interval (counters stay exact).
         dir_mode: 0o700 (default) or a group mode such as 0o750.
-        channel_options: passed to `IpcChannel`.
     """
 
     def __init__(
@@ -714,7 +305,6 @@ class UnixIpcServer:
         max_pending: int = 8,
         log_burst: int = 10,
         log_interval: float = 10.0,
-        **channel_options: Any,
     ) -> None:
         if max_clients < 1:
             raise ConfigError("max_clients must be >= 1")
@@ -725,7 +315,6 @@ class UnixIpcServer:
         self.handshake_timeout = handshake_timeout
         self.dir_mode = dir_mode
         self.backlog = backlog
-        self._channel_options = channel_options
         self._listener: trio.socket.SocketType | None = None
         self._inode: tuple[int, int] | None = None
         self.active = 0
@@ -772,16 +361,16 @@ class UnixIpcServer:
         sock.listen(self.backlog)
         return trio.socket.from_stdlib_socket(sock)
 
-    async def serve(
+    async def serve_sessions(
         self,
-        handler: Callable[[IpcChannel], Awaitable[None]],
+        session: Callable[[AcceptedSession], Awaitable[None]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept sessions forever, calling ``handler(channel)`` after the handshake; use with ``nursery.start``.
+        """Accept clients forever, calling ``session(accepted)`` for each admitted one; use with ``nursery.start``.
 
-        A session ends when ``handler`` returns; the server then accepts the next client. Protocol errors and
-        broken connections end only their session.
+        A session ends when ``session`` returns (the socket is then closed) and the server accepts the next client.
+        `RemoteProtocolError` and `TunnelDown` from ``session`` end only that session (counted, logged).
         """
         self._listener = listener = self._bind()
         log.info("IPC server listening on %s (allowed uids %s)", self.socket_path, sorted(self.allowed_uids))
@@ -791,14 +380,17 @@ class UnixIpcServer:
                 task_status.started()
                 while True:
                     sock, _ = await listener.accept()
-                    self._admit(sock, handler, nursery)
+                    self._admit(sock, session, nursery)
         finally:
             self._rejections.flush()
             listener.close()
             self._unlink()
 
     def _admit(
-        self, sock: trio.socket.SocketType, handler: Callable[[IpcChannel], Awaitable[None]], nursery: trio.Nursery
+        self,
+        sock: trio.socket.SocketType,
+        session: Callable[[AcceptedSession], Awaitable[None]],
+        nursery: trio.Nursery,
     ) -> None:
         try:
             peer = peer_credentials(sock)
@@ -824,34 +416,32 @@ class UnixIpcServer:
             return
         self.accepted += 1
         self.pending += 1
-        nursery.start_soon(self._session, sock, peer, handler)
+        nursery.start_soon(self._session, sock, peer, session)
 
     async def _reject_busy(self, sock: trio.socket.SocketType) -> None:
         """Tell a second provider why it is refused (an ERROR frame needs no handshake), then close."""
         frame = ipc.Connection(ipc.Role.HELPER).send(ipc.Error(ipc.ErrorCode.BUSY, "helper is serving another client"))
-        with trio.move_on_after(0.5):
-            try:
-                await sock.sendmsg(frame)
-            except OSError:
-                pass
+        await _send_best_effort(sock, frame)
         sock.close()
 
     async def _session(
-        self, sock: trio.socket.SocketType, peer: PeerCredentials, handler: Callable[[IpcChannel], Awaitable[None]]
+        self,
+        sock: trio.socket.SocketType,
+        peer: PeerCredentials,
+        session: Callable[[AcceptedSession], Awaitable[None]],
     ) -> None:
         log.debug("IPC: connection from pid %d uid %d", peer.pid, peer.uid)
         in_session = False
         try:
-            async with open_ipc_channel(SocketStream(sock, peer), self._factory(), **self._channel_options) as ch:
-                if not await self._handshake(ch, peer):
-                    return
-                self.pending -= 1
-                self.active += 1
-                in_session = True
-                await ch.send(ch.connection.hello_ack())
-                ch.start_liveness()
-                log.info("IPC: session from pid %d uid %d", peer.pid, peer.uid)
-                await handler(ch)
+            conn = self._factory()
+            hello = await self._handshake(sock, conn, peer)
+            if hello is None:
+                return
+            self.pending -= 1
+            self.active += 1
+            in_session = True
+            log.info("IPC: session from pid %d uid %d", peer.pid, peer.uid)
+            await session(AcceptedSession(SocketStream(sock, peer), conn, peer, hello))
         except RemoteProtocolError as exc:
             self.protocol_errors += 1
             self._rejections.warn("protocol", "IPC: session with pid %d closed on protocol error: %s", peer.pid, exc)
@@ -865,42 +455,59 @@ class UnixIpcServer:
                 self.pending -= 1
             self.sessions_done += 1
 
-    async def _handshake(self, ch: IpcChannel, peer: PeerCredentials) -> bool:
+    async def _read_first_event(self, sock: trio.socket.SocketType, conn: ipc.Connection) -> ipc.Event:
+        """Receive until ``conn`` parses one event (sans-IO: the connection bounds and checks every byte)."""
+        while True:
+            ev = conn.next_event()
+            if not isinstance(ev, ipc.NeedData):
+                return ev
+            view = conn.receive_buffer(_HELLO_RECV)
+            try:
+                n = await sock.recv_into(view, _HELLO_RECV)
+            except OSError as exc:
+                n = 0
+                log.debug("IPC receive before HELLO failed: %r", exc)
+            finally:
+                view.release()
+            conn.receive_commit(n)
+
+    async def _handshake(
+        self, sock: trio.socket.SocketType, conn: ipc.Connection, peer: PeerCredentials
+    ) -> ipc.Hello | None:
         """Wait for a HELLO that passes the checks (token in constant time); take the session slot only then.
 
-        Returns False (counted, logged with rate limit, the client told why) for a client that may not have it.
+        Returns None (counted, logged with rate limit, the client told why) for a client that may not have it.
         """
         try:
             with trio.fail_after(self.handshake_timeout):
-                ev = await ch.receive_event()
+                ev = await self._read_first_event(sock, conn)
         except trio.TooSlowError:
             self.handshake_failed += 1
             self._rejections.warn(
                 "handshake", "IPC: pid %d sent no HELLO within %g s", peer.pid, self.handshake_timeout
             )
-            return False
-        except RemoteProtocolError as exc:  # the channel already sent ERROR (AUTH for a bad token) and closed
+            return None
+        except RemoteProtocolError as exc:
+            # Before the handshake a refused client is logged once by the rate-limited line below, not per client.
+            log.debug("IPC peer %s violated the protocol: %s; closing", peer, exc)
+            await _send_best_effort(sock, conn.send(conn.error_for(exc)))  # e.g. ERROR AUTH for a bad token
             if exc.reason == "auth_failed":
                 self.rejected_auth += 1
                 self._rejections.warn("auth", "IPC: rejected pid %d uid %d: bad or missing token", peer.pid, peer.uid)
             else:
                 self.handshake_failed += 1
                 self._rejections.warn("handshake", "IPC: handshake with pid %d failed: %s", peer.pid, exc)
-            return False
+            return None
         if not isinstance(ev, ipc.Hello):
             self.handshake_failed += 1
             self._rejections.warn("handshake", "IPC: pid %d sent %s instead of HELLO", peer.pid, type(ev).__name__)
-            return False
+            return None
         if self.active >= self.max_clients:
             self.rejected_busy += 1
             self._rejections.warn("busy", "IPC: rejected pid %d: %d session(s) already active", peer.pid, self.active)
-            with trio.move_on_after(0.5):
-                try:
-                    await ch.send(ipc.Error(ipc.ErrorCode.BUSY, "helper is serving another client"))
-                except TunnelDown:
-                    pass
-            return False
-        return True
+            await _send_best_effort(sock, conn.send(ipc.Error(ipc.ErrorCode.BUSY, "helper is serving another client")))
+            return None
+        return ev
 
     def _unlink(self) -> None:
         try:
@@ -912,9 +519,20 @@ class UnixIpcServer:
 
 
 # --- client -------------------------------------------------------------------------------------------------------
-async def _connect_with_backoff(
-    path: str, retry_for: float, backoff_initial: float, backoff_max: float
-) -> trio.socket.SocketType:
+async def connect_unix(
+    socket_path: str | os.PathLike[str],
+    *,
+    retry_for: float = 10.0,
+    backoff_initial: float = 0.05,
+    backoff_max: float = 1.0,
+    allowed_server_uids: Collection[int] | None = None,
+) -> SocketStream:
+    """Connect to the helper's socket, retrying with exponential backoff while it is absent (restarting).
+
+    Raises `TunnelDown` when it stays unreachable for ``retry_for`` seconds and `LabError` when the server runs as
+    a uid outside ``allowed_server_uids`` (read from SO_PEERCRED, as the server reads ours).
+    """
+    path = str(socket_path)
     deadline = trio.current_time() + retry_for
     delay = backoff_initial
     attempts = 0
@@ -923,7 +541,7 @@ async def _connect_with_backoff(
         sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             await sock.connect(path)
-            return sock
+            break
         except OSError as exc:
             sock.close()
             retriable = exc.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN)
@@ -931,72 +549,12 @@ async def _connect_with_backoff(
                 raise TunnelDown(f"cannot connect to helper at {path} after {attempts} attempt(s): {exc}") from exc
         await trio.sleep(delay)
         delay = min(delay * 2, backoff_max)
-
-
-@asynccontextmanager
-async def connect_ipc_unix(
-    socket_path: str | os.PathLike[str],
-    *,
-    connection: ipc.Connection | None = None,
-    retry_for: float = 10.0,
-    backoff_initial: float = 0.05,
-    backoff_max: float = 1.0,
-    handshake_timeout: float = 5.0,
-    allowed_server_uids: Collection[int] | None = None,
-    **channel_options: Any,
-) -> AsyncIterator[IpcChannel]:
-    """Connect to a helper (retrying with exponential backoff while it is absent), handshake, yield the channel.
-
-    Raises `TunnelDown` when the helper stays unreachable for ``retry_for`` seconds, `RemoteProtocolError` when the
-    handshake fails (including an ERROR BUSY from a helper serving another provider), and `LabError` when the
-    server runs as a uid outside ``allowed_server_uids``.
-    """
-    deadline = trio.current_time() + retry_for
-    delay = backoff_initial
-    while True:
-        remaining = max(0.0, deadline - trio.current_time())
-        sock = await _connect_with_backoff(str(socket_path), remaining, backoff_initial, backoff_max)
-        try:
-            peer = peer_credentials(sock)
-            if allowed_server_uids is not None and peer.uid not in allowed_server_uids:
-                raise LabError(
-                    f"helper at {socket_path} runs as uid {peer.uid}, not one of {sorted(allowed_server_uids)}"
-                )
-            conn = connection or ipc.Connection(ipc.Role.PROVIDER)
-            async with open_ipc_channel(SocketStream(sock, peer), conn, **channel_options) as channel:
-                try:
-                    with trio.fail_after(handshake_timeout):
-                        await channel.handshake()
-                except trio.TooSlowError:
-                    # e.g. a stopped (SIGSTOP) helper: the kernel queues our connect, nobody answers
-                    raise TunnelDown(
-                        f"the helper at {socket_path} did not answer HELLO in {handshake_timeout:g} s"
-                    ) from None
-                except RemoteProtocolError as exc:
-                    # BUSY: the helper is still closing our previous session; retry while time remains.
-                    if exc.reason != "peer_busy" or trio.current_time() + delay > deadline:
-                        raise
-                    busy = True
-                else:
-                    busy = False
-                    yield channel
-        finally:
-            sock.close()
-        if not busy:
-            return
-        await trio.sleep(delay)
-        delay = min(delay * 2, backoff_max)
-        connection = None if connection is None else _fresh_like(connection)
-
-
-def _fresh_like(conn: ipc.Connection) -> ipc.Connection:
-    """A new provider connection with the same settings (a used one cannot say HELLO again)."""
-    return ipc.Connection(
-        ipc.Role.PROVIDER,
-        versions=conn.versions,
-        capabilities=conn.capabilities,
-        max_frame_size=conn.max_frame_size,
-        token=conn.hello().token or None,
-        ping_interval=conn.ping_interval,
-        ping_timeout=conn.ping_timeout,
-    )
+    try:
+        peer = peer_credentials(sock)
+    except OSError:
+        sock.close()
+        raise
+    if allowed_server_uids is not None and peer.uid not in allowed_server_uids:
+        sock.close()
+        raise LabError(f"helper at {socket_path} runs as uid {peer.uid}, not one of {sorted(allowed_server_uids)}")
+    return SocketStream(sock, peer)

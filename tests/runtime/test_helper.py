@@ -23,6 +23,7 @@ from netsim.core.packet import PacketView
 from netsim.core.policy import Action, Policy, PolicyEngine, Rule
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
+from netsim.runtime.channel import UnixIpcServer, connect_ipc_unix
 from netsim.runtime.forwarding import register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper, JsonLogFormatter
 from netsim.testing.memory_tunnel import (
@@ -34,7 +35,6 @@ from netsim.testing.memory_tunnel import (
     memory_tunnel,
     udp_packet,
 )
-from netsim.transports.uds import UnixIpcServer, connect_ipc_unix
 
 WWW4, WWW6 = "203.0.113.10", "2001:db8:113::10"
 

@@ -27,10 +27,11 @@ from netsim.core import ipc
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.errors import ConfigError, RemoteProtocolError
+from netsim.runtime.channel import UnixIpcServer, connect_ipc_unix
 from netsim.runtime.helper import Helper
 from netsim.testing.ipc_pair import open_ipc_pair
 from netsim.testing.memory_tunnel import HELPER_ADDR, FakeNetwork, icmp_echo, memory_tunnel
-from netsim.transports.uds import UnixIpcServer, connect_ipc_unix, read_token_file, write_token_file
+from netsim.transports.uds import read_token_file, write_token_file
 
 WWW4 = "203.0.113.10"
 TOKEN = b"0123456789abcdef" * 4

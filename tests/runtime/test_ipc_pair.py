@@ -11,8 +11,8 @@ import trio.testing
 
 from netsim.core import ipc
 from netsim.errors import RemoteProtocolError, TunnelDown
+from netsim.runtime.channel import IpcChannel, open_ipc_channel
 from netsim.testing.ipc_pair import memory_stream_pair, open_ipc_pair
-from netsim.transports.uds import IpcChannel, open_ipc_channel
 
 
 def run(fn: Callable[[], Awaitable[None]]) -> None:
@@ -160,5 +160,73 @@ def test_stats_round_trip_and_ping() -> None:
             assert await prov.receive_event() == ipc.Ping(9)
             await prov.send(ipc.Pong(9))
             assert await helper.receive_event() == ipc.Pong(9)
+
+    run(main)
+
+
+# --- inline send: a batch the socket takes at once wakes no writer task --------------------------------------------
+def test_prompt_reader_batches_go_inline_with_zero_writer_wakeups() -> None:
+    async def main() -> None:
+        sent = batches(11, 50, size=8)
+        async with open_ipc_pair(capacity=1 << 20) as (prov, helper):
+            before = prov.statistics()
+            async with trio.open_nursery() as n:
+
+                async def reader() -> None:
+                    got.extend(await collect(helper, 50 * 8))
+
+                got: list[bytes] = []
+                n.start_soon(reader)
+                for b in sent:
+                    assert prov.send_packets_nowait(b, 2)
+                    await trio.sleep(0)  # the peer reads promptly
+            after = prov.statistics()
+            assert got == [p for b in sent for p in b]
+            assert after.writer_wakeups == before.writer_wakeups  # no wakeup for any of the 50 batches
+            assert after.inline_sends - before.inline_sends == 50
+            assert after.sendmsg_calls - before.sendmsg_calls == 50
+            assert after.ipc_out.forwarded == 50 * 8 and after.ipc_out.unattributed() == 0
+
+    run(main)
+
+
+@pytest.mark.parametrize("max_send", [None, 300])
+def test_eagain_and_partial_inline_sends_keep_order(max_send: int | None) -> None:
+    """A full pipe (EAGAIN) or a partial send hands the rest to the writer; later batches queue behind it, so the
+    peer sees every batch whole and in call order."""
+
+    async def main() -> None:
+        sent = batches(12, 40, size=16)
+        async with open_ipc_pair(
+            capacity=4096, max_send=max_send, max_queued_batches=64, max_queued_bytes=64 << 20
+        ) as (
+            prov,
+            helper,
+        ):
+            for b in sent:  # nobody reads yet: the first batch fills the pipe, the rest must queue behind it
+                assert prov.send_packets_nowait(b, 2)
+            st = prov.statistics()
+            assert st.inline_sends >= 1 and st.queued_batches == 40
+            got = await collect(helper, 40 * 16)
+            assert got == [p for b in sent for p in b]
+            st = prov.statistics()
+            assert st.writer_wakeups > 0 and st.ipc_out.forwarded == 40 * 16 and st.ipc_out.unattributed() == 0
+
+    run(main)
+
+
+def test_control_message_waits_for_the_rest_of_a_partially_sent_batch() -> None:
+    """A control message overtakes queued batches, but never lands inside a frame the inline send began."""
+
+    async def main() -> None:
+        big = [bytes([i]) * 1000 for i in range(8)]
+        async with open_ipc_pair(capacity=2048) as (prov, helper):
+            assert prov.send_packets_nowait(big, 2)  # 8 kB into a 2 kB pipe: a partial inline send
+            assert prov.statistics().partial_sends == 1
+            async with trio.open_nursery() as n:
+                n.start_soon(prov.send, ipc.Ping(7))
+                ev = await helper.receive_event()
+                assert isinstance(ev, ipc.PacketBatch) and ev.copy_packets() == big
+                assert await helper.receive_event() == ipc.Ping(7)
 
     run(main)

@@ -19,16 +19,9 @@ import trio
 
 from netsim.core import ipc
 from netsim.errors import ConfigError, LabError, RemoteProtocolError, TunnelDown
+from netsim.runtime.channel import IpcChannel, UnixIpcServer, connect_ipc_unix, open_ipc_channel
 from netsim.testing.require import require_root
-from netsim.transports.uds import (
-    IOV_MAX,
-    IpcChannel,
-    SocketStream,
-    UnixIpcServer,
-    connect_ipc_unix,
-    open_ipc_channel,
-    peer_credentials,
-)
+from netsim.transports.uds import IOV_MAX, SocketStream, peer_credentials
 
 
 @pytest.fixture
@@ -333,3 +326,44 @@ def test_peer_credentials_of_socketpair() -> None:
     with a, b:
         cred = peer_credentials(a)
         assert (cred.pid, cred.uid, cred.gid) == (os.getpid(), os.geteuid(), os.getegid())
+
+
+def test_socket_inline_sends_wake_no_writer_and_eagain_keeps_order() -> None:
+    """Over a real AF_UNIX socketpair: a prompt reader means every batch leaves by the caller's own sendmsg (no
+    writer wakeup); with nobody reading, EAGAIN hands batches to the writer and order is kept."""
+
+    async def main() -> None:
+        a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        async with (
+            open_ipc_channel(
+                SocketStream(a), ipc.Connection(ipc.Role.PROVIDER), max_queued_batches=256, max_queued_bytes=64 << 20
+            ) as prov,
+            open_ipc_channel(SocketStream(b), ipc.Connection(ipc.Role.HELPER)) as helper,
+        ):
+            async with trio.open_nursery() as n:
+                n.start_soon(helper.handshake)
+                await prov.handshake()
+            small = [[bytes([i, j]) * 10 for j in range(4)] for i in range(30)]
+            w0 = prov.statistics().writer_wakeups
+            for bt in small:
+                assert prov.send_packets_nowait(bt, 2)
+                ev = await helper.receive_event()
+                assert isinstance(ev, ipc.PacketBatch) and ev.copy_packets() == bt
+            st = prov.statistics()
+            assert st.writer_wakeups == w0 and st.inline_sends == 30
+
+            sent = batches(13, 100)  # ~4.5 MB while nobody reads: EAGAIN after the socket buffer fills
+            for bt in sent:
+                assert prov.send_packets_nowait(bt, 2)
+            assert prov.statistics().queued_batches > 0
+            got: list[bytes] = []
+            while len(got) < 100 * 64:
+                ev = await helper.receive_event()
+                assert isinstance(ev, ipc.PacketBatch)
+                got.extend(ev.copy_packets())
+            assert got == [p for bt in sent for p in bt]
+            st = prov.statistics()
+            assert st.writer_wakeups > w0 and st.ipc_out.unattributed() == 0
+
+    run(main)
