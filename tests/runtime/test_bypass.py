@@ -14,20 +14,16 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import NoPayload, Raw
 
+from netsim.core.bpf import capture_filter
 from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.packet import PacketView
 from netsim.core.policy import Mechanism, parse_policy
-from netsim.runtime.bypass import (
-    FLAG_CSUM_NOT_READY,
-    FLAG_GSO_TCP,
-    MemoryBypassTransport,
-    NatBypass,
-    capture_filter,
-    host_ruleset,
-    route_exclusions_payload,
-    segment_tcp,
-)
+from netsim.core.segment import segment_tcp
+from netsim.runtime.bypass import NatBypass, route_exclusions_payload
+from netsim.runtime.bypass_host import host_ruleset
+from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
+from netsim.transports.raw import FLAG_CSUM_NOT_READY, FLAG_GSO_TCP
 
 EXT4, EXT6 = "192.168.1.10", "fd00:6e73:1::10"
 INT4, INT6 = "10.66.0.2", "fd00:66::2"
@@ -42,16 +38,10 @@ def _nat() -> NatTable:
 
 def _bypass(clock: list[float] | None = None, **kw: object) -> tuple[NatBypass, MemoryBypassTransport, list[bytes]]:
     tr = MemoryBypassTransport()
-    got: list[bytes] = []
-    batches: list[int] = []
-
-    def deliver(pkts: list[bytes]) -> None:
-        got.extend(pkts)
-        batches.append(len(pkts))
-
+    sink = RecordingSink()
     now = clock if clock is not None else [100.0]
-    nb = NatBypass(_nat(), tr, deliver=deliver, ledger=Ledger("helper"), clock=lambda: now[0], **kw)  # type: ignore[arg-type]
-    return nb, tr, got
+    nb = NatBypass(_nat(), tr, sink=sink, ledger=Ledger("helper"), clock=lambda: now[0], **kw)  # type: ignore[arg-type]
+    return nb, tr, sink.delivered
 
 
 def _valid(pkt: bytes) -> bool:
@@ -164,7 +154,7 @@ def test_unsolicited_and_filtered_replies_are_counted_drops() -> None:
 
 def test_no_provider_is_counted() -> None:
     nb, tr, _ = _bypass()
-    nb.deliver = lambda pkts: "no_provider"
+    nb.sink = RecordingSink(reply="no_provider")
     nb.send_batch([_out_packets()[0]])
     tr.inject(_reply_for(tr.sent[0]))
     nb.receive(tr.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 100.5)

@@ -15,9 +15,10 @@ from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
-from netsim.runtime.bypass import MemoryBypassTransport, NatBypass
+from netsim.runtime.bypass import NatBypass
 from netsim.runtime.forwarding import settings_from_payload
 from netsim.runtime.helper import Helper
+from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
 from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, memory_tunnel
 
 POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read_text()
@@ -57,7 +58,7 @@ def _pkts() -> list[memoryview]:
 def _nat_helper() -> tuple[Helper, MemoryBypassTransport]:
     helper = _helper("nat")
     tr = MemoryBypassTransport()
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), tr, ledger=helper.ledger, clock=lambda: 10.0)
+    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), tr, sink=helper, ledger=helper.ledger, clock=lambda: 10.0)
     helper.attach_bypass(nb)
     return helper, tr
 
@@ -135,13 +136,10 @@ def test_capture_replies_reach_the_provider_through_the_helper() -> None:
     helper._classify(_pkts()[:1], 10.0)
     out = IP(tr.sent[0])
     reply = IP(src="203.0.113.20", dst=EN0) / TCP(sport=80, dport=out[TCP].sport, flags="SA", ack=1)
-    delivered: list[list[bytes]] = []
     assert helper.nat_bypass is not None
-
-    def deliver(pkts: list[bytes]) -> None:
-        delivered.append(pkts)
-
-    helper.nat_bypass.deliver = deliver
+    spy = RecordingSink()
+    helper.nat_bypass.sink = spy
+    delivered = [spy.delivered]
     tr.inject(bytes(reply))
     nb = helper.nat_bypass
     nb.receive(tr.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 10.5)
