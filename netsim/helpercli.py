@@ -96,7 +96,7 @@ async def run_helper(
         from netsim.runtime.bypass import NatBypassHost
 
         nat_host = NatBypassHost.open(
-            interface, fwmark=fwmark, ledger=helper.ledger, max_packet=config.interface.mtu or 1420
+            interface, sink=helper, fwmark=fwmark, ledger=helper.ledger, max_packet=config.interface.mtu or 1420
         )
         helper.attach_bypass(nat_host.bypass)
     if token is None:

@@ -28,8 +28,9 @@ Behaviour, with the requirement it follows:
 Expiry is lazy: each mapping holds its deadline; the heap holds one authoritative entry per mapping (plus
 superseded ones, skipped when popped). A popped entry whose mapping was refreshed is pushed back with the new
 deadline; only a deadline that moves *earlier* (a TCP connection closing) pushes at refresh time, so the
-per-packet cost of a refresh is one attribute store. ``expire(now)`` (call it from a timer at
-``next_deadline()``) and any lookup that finds a stale mapping release the port.
+per-packet cost of a refresh is one attribute store. Timers are pulled like the rest of the core: a driver
+sleeps until ``get_timer()`` and then calls ``handle_timer(now)`` (``expire(now)``, which also returns the count);
+that and any lookup that finds a stale mapping release the port.
 
 No collision with the host's own sockets: the reserved range must be kept away from the kernel's ephemeral
 ports, e.g. ``sysctl net.ipv4.ip_local_reserved_ports=61000-61999`` (applies to IPv6 too) or an
@@ -314,8 +315,20 @@ class NatTable:
 
     # ---------------------------------------------------------------------------------------------- timers
 
+    def get_timer(self) -> float | None:
+        """When `handle_timer` may next have work (a lower bound), or None if the table is empty.
+
+        The pulled-timer pair of the sans-IO core (as `WireGuardDevice.get_timer`): a driver sleeps until this
+        deadline (or until a packet arrives) instead of polling.
+        """
+        return self._heap[0][0] if self._heap else None
+
+    def handle_timer(self, now: float) -> None:
+        """Expire the mappings due at ``now`` (`expire`, without its count)."""
+        self.expire(now)
+
     def next_deadline(self) -> float | None:
-        """When ``expire`` may next have work (a lower bound), or None if the table is empty."""
+        """Alias of `get_timer` (the older name)."""
         return self._heap[0][0] if self._heap else None
 
     def expire(self, now: float) -> int:

@@ -531,25 +531,48 @@ class Helper:
 
     # -- bypass ---------------------------------------------------------------------------------------------
     def attach_bypass(self, nat_bypass: NatBypass) -> None:
-        """Carry out BYPASS verdicts with ``nat_bypass`` (the NAT mechanism) and return its replies to the
-        provider. Run ``nat_bypass.run`` in the helper's nursery; its ledger stages should be this ledger's."""
+        """Carry out BYPASS verdicts with ``nat_bypass`` (the NAT mechanism), built with this helper as its sink
+        (``NatBypass(..., sink=helper, ledger=helper.ledger)``: its ledger stages join this ledger). Run
+        ``nat_bypass.run`` in the helper's nursery.
+
+        Raises:
+            ConfigError: ``nat_bypass`` delivers its replies somewhere else.
+        """
+        if nat_bypass.sink is not self:
+            raise ConfigError("build the NatBypass with sink=<this helper> before attaching it")
         self.nat_bypass = nat_bypass
-        self.bypass = nat_bypass.send_batch
-        nat_bypass.deliver = self.deliver_bypass
 
     def deliver_bypass(self, packets: list[bytes]) -> str | None:
         """Hand de-NATed bypass replies to the provider in one IPC frame; learn DNS answers first.
 
         Returns None when handed over (the channel's ``ipc_out`` stage counts what happens next), or
-        ``"no_provider"`` when no provider is connected (the caller counts it).
+        ``"no_provider"`` when no provider is connected (the caller counts it). The NAT itself uses the
+        `BypassSink` pair below, which reuses its parse of each reply.
         """
         if self.policy is not None and self.policy.has_domain_rules:
             self._learn_dns(packets, self.clock())
+        return self.bypass_deliver(packets)
+
+    def bypass_deliver(self, packets: list[bytes]) -> str | None:
+        """`BypassSink`: hand replies to the provider (their DNS answers were learned already)."""
         ch = self._channel
         if ch is None or ch.is_broken:
             return "no_provider"
         self._send_to_provider(ch, packets)
         return None
+
+    def bypass_dns_reply(self, view: PacketView, now: float) -> None:
+        """`BypassSink`: learn from one de-NATed DNS answer, with the NAT's parse of it (see `_learn_dns`)."""
+        engine = self.policy
+        if engine is None or not engine.has_domain_rules:
+            return
+        payload = memoryview(view.buffer)[view.l4_offset + 8 : view.total_length]
+        try:
+            engine.learn_dns_response_untrusted(
+                payload, now, guard=self.dns_guard, resolver=view.src, client=view.dst, client_port=view.dport
+            )
+        except BadPacket:
+            pass  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
 
     def _make_dns_guard(self) -> DnsGuard:
         """The tracker of the client's DNS queries; the tunnel's own addresses (its DNS servers, the WireGuard
@@ -1019,7 +1042,10 @@ class Helper:
             return keep
         classify = engine.classify
         route_mechanism = engine.policy.mechanism is Mechanism.ROUTE
-        nat = self.nat_bypass.nat if self.nat_bypass is not None and engine.has_domain_rules else None
+        nat_bypass = self.nat_bypass
+        nat = nat_bypass.nat if nat_bypass is not None and engine.has_domain_rules else None
+        to_nat = nat_bypass.send_view if nat_bypass is not None else None  # parse once: the NAT takes our view
+        nat_sent = 0
         track = self.dns_guard.record_query_untrusted if engine.has_domain_rules else None  # their answers teach
         bypass: list[memoryview] = []
         tunnel = 0
@@ -1040,7 +1066,11 @@ class Helper:
                 if nat is not None and _nat_carries(nat, view, now):
                     self.verdicts["bypass"] += 1
                     self.bypass_sticky += 1
-                    bypass.append(pkt)
+                    if to_nat is not None:
+                        to_nat(view, now)  # NATed in place in our receive buffer and sent
+                        nat_sent += 1
+                    else:
+                        bypass.append(pkt)
                     continue
                 tunnel += 1
                 keep.append(pkt)
@@ -1049,6 +1079,9 @@ class Helper:
                 if route_mechanism:
                     self.bypass_tunnelled += 1
                     keep.append(pkt)
+                elif to_nat is not None:
+                    to_nat(view, now)  # NATed in place in our receive buffer and sent
+                    nat_sent += 1
                 else:
                     bypass.append(pkt)
             else:
@@ -1056,6 +1089,12 @@ class Helper:
                 self.verdicts["drop"] += 1
         self.verdicts["tunnel"] += tunnel
         self._count_invalid(malformed, spoofed)
+        if nat_sent:
+            assert nat_bypass is not None
+            nat_bypass.flush()
+            self._ipc_in.count_forwarded(nat_sent)
+            self._bypass.count_read(nat_sent)
+            self._bypass.count_forwarded(nat_sent)
         if bypass:
             self._ipc_in.count_forwarded(len(bypass))
             self._bypass.count_read(len(bypass))

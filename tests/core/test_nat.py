@@ -382,3 +382,17 @@ def test_random_traffic_never_shares_an_external_port(steps: list[tuple[str, int
             assert nat._in[(m.version, m.kind, m.ext_port)] is m
             pool = nat._free[(m.version, m.kind)]
             assert m.ext_port not in pool
+
+
+def test_pulled_timers_match_the_sans_io_core_contract() -> None:
+    """`get_timer`/`handle_timer`, as the rest of the core: the deadline is the first mapping's expiry, calling
+    `handle_timer` before it does nothing, at it releases the mapping, and an empty table has no timer."""
+    nat = _table(udp_timeout=120.0)
+    assert nat.get_timer() is None
+    _out(nat, IP(src=IN4, dst=REMOTE4) / UDP(sport=5000, dport=53), now=10.0)
+    assert nat.get_timer() == 130.0 == nat.next_deadline()
+    nat.handle_timer(129.0)
+    assert len(nat) == 1
+    nat.handle_timer(130.0)
+    assert len(nat) == 0 and nat.get_timer() is None
+    assert nat.statistics().expired == 1

@@ -14,19 +14,16 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
 from scapy.packet import NoPayload, Raw
 
+from netsim.core.bpf import capture_filter
 from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.packet import PacketView
 from netsim.core.policy import Mechanism, parse_policy, route_exclusions_payload
-from netsim.runtime.bypass import (
-    FLAG_CSUM_NOT_READY,
-    FLAG_GSO_TCP,
-    MemoryBypassTransport,
-    NatBypass,
-    capture_filter,
-    host_ruleset,
-    segment_tcp,
-)
+from netsim.core.segment import segment_tcp
+from netsim.runtime.bypass import NatBypass
+from netsim.runtime.bypass_host import host_ruleset
+from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
+from netsim.transports.raw import FLAG_CSUM_NOT_READY, FLAG_GSO_TCP
 
 EXT4, EXT6 = "192.168.1.10", "fd00:6e73:1::10"
 INT4, INT6 = "10.66.0.2", "fd00:66::2"
@@ -41,16 +38,10 @@ def _nat() -> NatTable:
 
 def _bypass(clock: list[float] | None = None, **kw: object) -> tuple[NatBypass, MemoryBypassTransport, list[bytes]]:
     tr = MemoryBypassTransport()
-    got: list[bytes] = []
-    batches: list[int] = []
-
-    def deliver(pkts: list[bytes]) -> None:
-        got.extend(pkts)
-        batches.append(len(pkts))
-
+    sink = RecordingSink()
     now = clock if clock is not None else [100.0]
-    nb = NatBypass(_nat(), tr, deliver=deliver, ledger=Ledger("helper"), clock=lambda: now[0], **kw)  # type: ignore[arg-type]
-    return nb, tr, got
+    nb = NatBypass(_nat(), tr, sink=sink, ledger=Ledger("helper"), clock=lambda: now[0], **kw)  # type: ignore[arg-type]
+    return nb, tr, sink.delivered
 
 
 def _valid(pkt: bytes) -> bool:
@@ -99,6 +90,62 @@ def test_caller_buffers_are_not_modified() -> None:
     before = [bytes(p) for p in pkts]
     nb.send_batch([memoryview(p) for p in pkts])
     assert [bytes(p) for p in pkts] == before
+
+
+def test_send_view_rewrites_the_parsed_packet_in_place() -> None:
+    """The helper's path: the packet is parsed once (by the caller) and NATed in the caller's writable buffer,
+    which then holds exactly what went out; the same bytes as the copying `send_batch` path."""
+    nb, tr, _ = _bypass()
+    ref, ref_tr, _ = _bypass()
+    pkts = _out_packets()
+    ref.send_batch(pkts)
+    view = PacketView()
+    bufs = [bytearray(p) for p in pkts]
+    for buf in bufs:
+        view.load_untrusted(memoryview(buf))
+        nb.send_view(view, 100.0)
+    nb.flush()
+    assert tr.sent == ref_tr.sent
+    assert [bytes(b) for b in bufs] == tr.sent  # rewritten where it lay: no copy
+    assert all(_valid(p) for p in tr.sent)
+    assert nb.statistics().sent == len(pkts) and nb.ledger.check() == []
+
+
+def test_send_view_copies_a_read_only_buffer() -> None:
+    nb, tr, _ = _bypass()
+    pkt = _out_packets()[0]
+    nb.send_view(PacketView.parse_untrusted(pkt), 100.0)
+    assert pkt == _out_packets()[0]  # bytes cannot change; the NAT worked on its own copy
+    assert len(tr.sent) == 1 and IP(tr.sent[0]).src == EXT4 and _valid(tr.sent[0])
+
+
+def test_dns_replies_reach_the_sink_with_the_nats_parse_before_delivery() -> None:
+    tr = MemoryBypassTransport()
+    order: list[str] = []
+
+    class Sink(RecordingSink):
+        def bypass_deliver(self, packets: list[bytes]) -> str | None:
+            order.append("deliver")
+            return super().bypass_deliver(packets)
+
+        def bypass_dns_reply(self, view: PacketView, now: float) -> None:
+            order.append(f"dns {view.sport}->{view.dport} {IP(bytes(view.buffer[: view.total_length])).dst}")
+            super().bypass_dns_reply(view, now)
+
+    sink = Sink()
+    nb = NatBypass(_nat(), tr, sink=sink, ledger=Ledger("helper"), clock=lambda: 100.0)
+    nb.send_batch(
+        [
+            bytes(IP(src=INT4, dst=WWW4) / UDP(sport=5353, dport=53) / Raw(b"q")),
+            bytes(IP(src=INT4, dst=WWW4) / UDP(sport=5354, dport=7) / Raw(b"e")),
+        ]
+    )
+    for sent in tr.sent:
+        p = IP(sent)
+        tr.inject(bytes(IP(src=p.dst, dst=p.src) / UDP(sport=p[UDP].dport, dport=p[UDP].sport) / Raw(b"a")))
+    nb.receive(tr.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 100.5)
+    assert order == [f"dns 53->5353 {INT4}", "deliver"]  # de-NATed already, one DNS call, then one batch
+    assert sink.dns_replies == 1 and sink.batches == [2]
 
 
 def _reply_for(sent: bytes) -> bytes:
@@ -163,7 +210,7 @@ def test_unsolicited_and_filtered_replies_are_counted_drops() -> None:
 
 def test_no_provider_is_counted() -> None:
     nb, tr, _ = _bypass()
-    nb.deliver = lambda pkts: "no_provider"
+    nb.sink = RecordingSink(reply="no_provider")
     nb.send_batch([_out_packets()[0]])
     tr.inject(_reply_for(tr.sent[0]))
     nb.receive(tr.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 100.5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ipaddress import ip_address, ip_interface, ip_network
 from pathlib import Path
 
+import pytest
 import trio
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
@@ -15,9 +16,11 @@ from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
-from netsim.runtime.bypass import MemoryBypassTransport, NatBypass
+from netsim.errors import ConfigError
+from netsim.runtime.bypass import NatBypass
 from netsim.runtime.forwarding import settings_from_payload
 from netsim.runtime.helper import Helper
+from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
 from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, memory_tunnel
 
 POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read_text()
@@ -57,7 +60,7 @@ def _pkts() -> list[memoryview]:
 def _nat_helper() -> tuple[Helper, MemoryBypassTransport]:
     helper = _helper("nat")
     tr = MemoryBypassTransport()
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), tr, ledger=helper.ledger, clock=lambda: 10.0)
+    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), tr, sink=helper, ledger=helper.ledger, clock=lambda: 10.0)
     helper.attach_bypass(nb)
     return helper, tr
 
@@ -94,6 +97,27 @@ def test_route_mechanism_excludes_prefixes_and_tunnels_what_routes_cannot_expres
     assert [(r.destination_address, r.subnet_mask) for r in settings.ipv4_settings.excluded_routes] == [
         ("203.0.113.20", "255.255.255.255")
     ]
+
+
+def test_helper_hands_its_parsed_packets_to_the_nat_in_its_own_buffer() -> None:
+    """Parse once: the NAT rewrites each BYPASS packet in the helper's (writable) receive buffer and sends that;
+    the tunnelled packet is left alone."""
+    helper, tr = _nat_helper()
+    pkts = _pkts()
+    before = [bytes(p) for p in pkts]
+    keep = helper._classify(pkts, 10.0)
+    assert [bytes(p) for p in keep] == [before[2]]
+    assert [bytes(pkts[0]), bytes(pkts[1])] == tr.sent  # what went out is the helper's buffer, NATed in place
+    assert all(IP(p).src == EN0 for p in tr.sent)
+    assert helper.statistics().ledger["bypass"].forwarded == 2
+
+
+def test_attach_bypass_refuses_a_nat_that_delivers_elsewhere() -> None:
+    helper = _helper("nat")
+    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), MemoryBypassTransport(), sink=RecordingSink())
+    with pytest.raises(ConfigError, match="sink"):
+        helper.attach_bypass(nb)
+    assert helper.nat_bypass is None
 
 
 def _dns_reply(name: str, addr: str) -> bytes:
@@ -135,13 +159,10 @@ def test_capture_replies_reach_the_provider_through_the_helper() -> None:
     helper._classify(_pkts()[:1], 10.0)
     out = IP(tr.sent[0])
     reply = IP(src="203.0.113.20", dst=EN0) / TCP(sport=80, dport=out[TCP].sport, flags="SA", ack=1)
-    delivered: list[list[bytes]] = []
     assert helper.nat_bypass is not None
-
-    def deliver(pkts: list[bytes]) -> None:
-        delivered.append(pkts)
-
-    helper.nat_bypass.deliver = deliver
+    spy = RecordingSink()
+    helper.nat_bypass.sink = spy
+    delivered = [spy.delivered]
     tr.inject(bytes(reply))
     nb = helper.nat_bypass
     nb.receive(tr.recv_batch(nb._rx, nb._rx_sizes, nb._rx_flags), 10.5)

@@ -26,8 +26,9 @@ from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
-from netsim.runtime.bypass import MemoryBypassTransport, NatBypass
+from netsim.runtime.bypass import NatBypass
 from netsim.runtime.helper import Helper
+from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
 from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, icmp_echo, memory_tunnel
 
 POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read_text()
@@ -93,7 +94,9 @@ def _run(mech: str, case: str) -> dict[str, Any]:
             en0 = MemoryBypassTransport()
             if mech == "nat":
                 nat = NatTable(NatConfig(external_v4=EN0))
-                t.helper.attach_bypass(NatBypass(nat, en0, ledger=t.helper.ledger, clock=trio.current_time))
+                t.helper.attach_bypass(
+                    NatBypass(nat, en0, sink=t.helper, ledger=t.helper.ledger, clock=trio.current_time)
+                )
             if query is not None:
                 await _send(t, [query], reach_server=1)  # the app asks; the in-memory internet has no resolver
             _server_push(t, answer)
@@ -186,10 +189,11 @@ def test_nat_bypassed_resolver_answers_only_teach_when_asked() -> None:
         config, FakeNetwork().attach((EN0, 40000)), policy=PolicyEngine(parse_policy(text)), clock=lambda: 10.0
     )
     en0 = MemoryBypassTransport()
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), en0, ledger=helper.ledger, clock=lambda: 10.0)
+    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), en0, sink=helper, ledger=helper.ledger, clock=lambda: 10.0)
     helper.attach_bypass(nb)
-    delivered: list[bytes] = []
-    nb.deliver = lambda pkts: delivered.extend(pkts) or helper.deliver_bypass(pkts)  # type: ignore[func-returns-value]
+    spy = RecordingSink(forward=helper)  # records, then the helper learns and delivers as before
+    nb.sink = spy
+    delivered = spy.delivered
 
     def capture(packet: bytes) -> None:
         en0.inject(packet)
