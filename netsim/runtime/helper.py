@@ -78,6 +78,7 @@ from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.driver import DatagramDriver, DatagramTransport
 from netsim.runtime.logs import JsonLogFormatter, configure_json_logging
+from netsim.runtime.push import learn_dns_answers, push_settings
 from netsim.runtime.settings_payload import SETTINGS_VERSION, tunnel_settings_payload
 from netsim.runtime.statistics import HelperStatistics
 from netsim.transports.udp import UdpTransport
@@ -280,21 +281,7 @@ class Helper:
         client port and the address asked, caps the TTL, refuses the tunnel's own addresses, and counts what it
         refuses. Returns how many bindings were (re)learned."""
         assert self.policy is not None
-        view = self._dns_view
-        learn = self.policy.learn_dns_response_untrusted
-        guard = self.dns_guard
-        learned = 0
-        for pkt in packets:
-            try:
-                view.load_untrusted(pkt)
-                if view.protocol == 17 and view.sport == 53 and not view.is_fragment:
-                    payload = memoryview(pkt)[view.l4_offset + 8 : view.total_length]
-                    learned += learn(
-                        payload, now, guard=guard, resolver=view.src, client=view.dst, client_port=view.dport
-                    )
-            except BadPacket:
-                continue  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
-        return learned
+        return learn_dns_answers(self.policy, self.dns_guard, self._dns_view, packets, now)
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> HelperStatistics:
@@ -527,18 +514,10 @@ class Helper:
         taught them (`_deliver`)."""
         held, self._held = self._held, []
         ch = self._channel
-        if ch is not None and not ch.is_broken:
-            try:
-                await ch.send(ipc.Settings(json.dumps(self.settings).encode()))
-            except TunnelDown:
-                ch = None
-            else:
-                self.settings_pushed += 1
-                log.info(
-                    "route exclusions updated",
-                    extra={"event": "settings_pushed", "excluded_routes": self.settings.get("excluded_routes")},
-                )
-        if ch is None or ch.is_broken:
+        sent = await push_settings(ch, self.settings)
+        if sent:
+            self.settings_pushed += 1
+        if not sent or ch is None or ch.is_broken:
             self._ipc_out.count_read(len(held))
             self._ipc_out.count_dropped("no_provider", len(held))
             return
