@@ -107,8 +107,6 @@ DEFAULT_BATCH = 64
 # frame only in small numbers, so the batch is also cut by bytes with Connection.batch_fits).
 _MAX_IPC_BATCH = 256
 _FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(ipc.AF_INET if v == 4 else ipc.AF_INET6 if v == 6 else 0 for v in range(16))
-# Device drop reasons that only the outbound path produces; "inner_malformed" is shared and attributed by call.
-_OUTBOUND_DROPS = frozenset(("no_route", "no_endpoint", "staged_overflow", "handshake_timeout", "oversize"))
 
 
 def _nat_carries(nat: NatTable, view: PacketView, now: float) -> bool:
@@ -204,9 +202,8 @@ class Helper:
         self._udp_out = self.ledger.stage("udp_out")
         self._wg_in = self.ledger.stage("wg_decrypt")
         self._ipc_out = self.ledger.stage("ipc_out")
-        self._last_drops = dict(self.device.statistics().drops)
-        self._last_rx = 0
-        self._last_control = 0
+        # the device counts wg_decrypt's every outcome and wg_encrypt's drops itself (no before/after diff)
+        self.device.count_into(self._wg_in, self._wg_out)
         # data packets handed to a live session, awaiting the peer's answer (see `_book_sent`):
         # peer -> [[transport_rx_epoch at the first send, deadline, count], ...], oldest first
         self._awaiting: dict[Peer, list[list[Any]]] = {}
@@ -324,24 +321,6 @@ class Helper:
             await self._connected.wait()
 
     # -- device bookkeeping ---------------------------------------------------------------------------------
-    def _sync_device(self, *, outbound: bool) -> None:
-        """Move the device's drop deltas into the ledger (called after every device call).
-
-        ``wg_encrypt.forwarded`` is not the device's ``tx_packets``: the data datagrams themselves are booked
-        by `_book_sent` as they leave (encapsulated in `_outbound`, flushed in `_flush`).
-        """
-        drops = self.device.statistics().drops
-        last = self._last_drops
-        for reason, count in drops.items():
-            delta = count - last[reason]
-            if delta:
-                if reason in _OUTBOUND_DROPS or (outbound and reason == "inner_malformed"):
-                    self._wg_out.count_dropped(reason, delta)
-                else:
-                    self._wg_in.count_dropped(reason, delta)
-        self._last_drops = drops
-        self._log_events()
-
     def _log_events(self) -> None:
         while (ev := self.device.next_event()) is not None:
             key = ev.peer.public_key
@@ -429,7 +408,7 @@ class Helper:
     def _handle_timer(self, now: float) -> None:
         self._settle(now)  # before the no-reply handshake replaces the session
         self.device.handle_timer(now)
-        self._sync_device(outbound=True)
+        self._log_events()
 
     async def _after_batch(self, now: float) -> None:
         self._settle(now)
@@ -453,30 +432,17 @@ class Helper:
         await self._driver.run(task_status=task_status)
 
     def _receive(self, n: int, now: float) -> None:
-        """Feed one batch to the device and book every datagram's single outcome in ``wg_decrypt``.
+        """Feed one batch to the device, which books every datagram's single outcome in ``wg_decrypt``.
 
         The device classifies each datagram once (`classify_datagram`: the u32 little-endian type, exact
-        sizes) and counts exactly one outcome for it: an inner packet (``rx_packets``), a keepalive, a consumed
-        handshake/cookie message (``rx_control_consumed``, booked as ``control``) or one named drop. The helper
-        only moves those deltas, so no crafted datagram can make a counter negative or leave one unattributed.
+        sizes) and counts exactly one outcome for it into the stage (`WireGuardDevice.count_into`): an inner
+        packet (forwarded), a keepalive, a consumed handshake/cookie message (``control``) or one named drop.
+        So no crafted datagram can make a counter negative or leave one unattributed.
         """
-        dev = self.device
         views, sizes = self._rx_views, self._rx_sizes
         datagrams = [views[i][: sizes[i]] for i in range(n)]
-        st = self._wg_in
-        st.count_read(n)
-        keepalives = dev.rx_keepalives
-        dev.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
-        rx = dev.rx_packets
-        st.count_forwarded(rx - self._last_rx)
-        self._last_rx = rx
-        if dev.rx_keepalives != keepalives:
-            st.count_dropped("keepalive", dev.rx_keepalives - keepalives)
-        control = dev.rx_control_consumed
-        if control != self._last_control:
-            st.count_dropped("control", control - self._last_control)
-            self._last_control = control
-        self._sync_device(outbound=False)
+        self.device.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
+        self._log_events()
         self._settle(now)
 
     def _deliver(self) -> None:
@@ -651,7 +617,7 @@ class Helper:
                     self._book_sent(peers[0], attempted, now)
                 else:
                     self._book_by_endpoint(addrs, sizes, len(chunk), now)
-            self._sync_device(outbound=True)
+            self._log_events()
             self._flush(now)
 
     def _book_by_endpoint(self, addrs: list[Endpoint | None], sizes: list[int], n: int, now: float) -> None:
