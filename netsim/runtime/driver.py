@@ -17,34 +17,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import trio
 
-__all__ = ["DEFAULT_MAX_DATAGRAM", "DatagramCore", "DatagramDriver", "DatagramTransport"]
+__all__ = ["DEFAULT_MAX_DATAGRAM", "DatagramCore", "DatagramDriver", "DatagramSource", "DatagramTransport"]
 
 DEFAULT_MAX_DATAGRAM = 65535
 Buffer = bytes | bytearray | memoryview
 
 
-class DatagramTransport(Protocol):
-    """A non-blocking datagram socket (real UDP `netsim.transports.udp.UdpTransport`, or the fake network).
+class DatagramSource(Protocol):
+    """What the loop itself needs of its transport: batch receive and readiness.
 
-    Addresses are whatever the transport uses (``(host, port)`` for UDP). Implementations may also offer
-    ``send_batch(datagrams, reasons)``; the driver needs only `send`.
+    The third list of `recv_batch` is per-datagram metadata the core interprets: source addresses for UDP,
+    offload flags for the NAT bypass's capture socket.
     """
 
     def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Any]) -> int:
         """Receive every ready datagram, up to ``len(bufs)``, into the caller's buffers; 0 when none is ready."""
         ...
 
+    async def wait_readable(self) -> None:
+        """Block until a datagram may be ready."""
+        ...
+
+
+class DatagramTransport(DatagramSource, Protocol):
+    """A non-blocking datagram socket (real UDP `netsim.transports.udp.UdpTransport`, or the fake network).
+
+    Addresses are whatever the transport uses (``(host, port)`` for UDP). Implementations may also offer
+    ``send_batch(datagrams, reasons)``; the driver needs only `send`.
+    """
+
     def send(self, data: Buffer, addr: Any) -> str | None:
         """Send one datagram; None on success, else the drop reason (``udp_eagain``, ``udp_no_route``,
         ``udp_error``)."""
-        ...
-
-    async def wait_readable(self) -> None:
-        """Block until a datagram may be ready."""
         ...
 
     def close(self) -> None:
@@ -78,7 +86,7 @@ class DatagramDriver:
 
     Args:
         core: the sans-IO object (an adapter may delegate to an object it replaces, e.g. a server reboot).
-        transport: the network side.
+        transport: the network side: a `DatagramTransport`, or any `DatagramSource` when ``send`` is given.
         batch: datagrams read per wakeup; the receive buffers are allocated once.
         clock: the time source (``trio.current_time``; a test's clock).
         send: sends one datagram (default: ``transport.send``, result ignored); the helper books it in its
@@ -93,7 +101,7 @@ class DatagramDriver:
     def __init__(
         self,
         core: DatagramCore,
-        transport: DatagramTransport,
+        transport: DatagramSource,
         *,
         batch: int = 64,
         clock: Callable[[], float] = trio.current_time,
@@ -107,7 +115,7 @@ class DatagramDriver:
         self.transport = transport
         self.batch = batch
         self.clock = clock
-        self._send = send if send is not None else transport.send
+        self._send = send if send is not None else cast("DatagramTransport", transport).send
         self._after = after
         self._slab = bytearray(batch * max_datagram)
         slab = memoryview(self._slab)
@@ -123,8 +131,12 @@ class DatagramDriver:
         send = self._send
         for data, addr in core.datagrams_to_send(now):
             send(data, addr)
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Move the pending wakeup earlier if the core's timer moved earlier (a call from outside the loop)."""
         scope = self._scope
-        timer = core.get_timer()
+        timer = self.core.get_timer()
         if scope is not None and timer is not None and timer < scope.deadline:
             scope.deadline = timer
 

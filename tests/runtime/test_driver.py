@@ -102,3 +102,42 @@ def test_stats_json_has_every_dataclass_field() -> None:
         assert isinstance(js["verdicts"], dict)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class FlagSource:
+    """A receive-only source whose per-datagram metadata is an int (the NAT capture socket's shape)."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes] = []
+        self.ready = trio.Event()
+
+    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Any]) -> int:
+        n = 0
+        while self.queue and n < len(bufs):
+            data = self.queue.pop(0)
+            bufs[n][: len(data)] = data
+            sizes[n], addrs[n] = len(data), 7
+            n += 1
+        if not self.queue:
+            self.ready = trio.Event()
+        return n
+
+    async def wait_readable(self) -> None:
+        await self.ready.wait()
+
+
+def test_a_receive_only_source_with_metadata_drives_a_core() -> None:
+    async def main() -> None:
+        src = FlagSource()
+        core = EchoCore(period=1000.0)
+        sent: list[tuple[bytes, Any]] = []
+        driver = DatagramDriver(core, src, batch=4, send=lambda d, a: sent.append((bytes(d), a)), max_datagram=64)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(driver.run)
+            src.queue += [b"ab", b"cd"]
+            src.ready.set()
+            await trio.sleep(1)
+            assert sent == [(b"ba", 7), (b"dc", 7)]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
