@@ -23,7 +23,9 @@ from netsim.core.policy import Mechanism, Policy, PolicyEngine
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.peer import Endpoint
 from netsim.errors import ConfigError, NetsimError
-from netsim.runtime.helper import DEFAULT_BATCH, Helper, UdpTransport, configure_json_logging
+from netsim.runtime.helper import DEFAULT_BATCH, Helper
+from netsim.runtime.logs import configure_json_logging
+from netsim.transports.udp import UdpTransport
 
 __all__ = ["DEFAULT_SOCKET", "helper", "resolve_endpoints", "run_helper"]
 

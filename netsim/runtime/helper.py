@@ -51,34 +51,22 @@ Logs are JSON lines on stderr (`JsonLogFormatter`), one object per event, so tes
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import math
-import socket
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from netsim.core import ipc
-from netsim.core.dnsguard import DnsGuard, DnsGuardStatistics
-from netsim.core.ledger import Ledger, LedgerSnapshot
+from netsim.core.dnsguard import DnsGuard
+from netsim.core.ledger import Ledger
 from netsim.core.packet import PacketView
-from netsim.core.policy import (
-    Action,
-    Mechanism,
-    PolicyEngine,
-    PolicyStatistics,
-    parse_policy,
-    route_exclusions_payload,
-)
+from netsim.core.policy import Action, Mechanism, PolicyEngine, parse_policy, route_exclusions_payload
 from netsim.core.wireguard.config import TunnelConfig
 from netsim.core.wireguard.device import (
-    DeviceStatistics,
     HandshakeCompleted,
     HandshakeTimeout,
     WireGuardDevice,
@@ -89,11 +77,16 @@ from netsim.core.wireguard.peer import Endpoint, Peer
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.channel import IpcChannel, UnixIpcServer
-from netsim.transports.uds import ServerStatistics
+from netsim.runtime.driver import DatagramDriver, DatagramTransport
+from netsim.runtime.logs import JsonLogFormatter, configure_json_logging
+from netsim.runtime.push import learn_dns_answers, push_settings
+from netsim.runtime.settings_payload import SETTINGS_VERSION, tunnel_settings_payload
+from netsim.runtime.statistics import HelperStatistics
+from netsim.transports.udp import UdpTransport
 
 if TYPE_CHECKING:
     from netsim.core.nat import NatTable
-    from netsim.runtime.bypass import BypassStatistics, NatBypass
+    from netsim.runtime.bypass import NatBypass
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -110,292 +103,10 @@ __all__ = [
 log = logging.getLogger("netsim.helper")
 
 DEFAULT_BATCH = 64
-SETTINGS_VERSION = 1
-_MAX_DATAGRAM = 65535
 # An IPC frame carries at most this many packets from the helper (64 KiB each worst case fits the 1 MiB default
 # frame only in small numbers, so the batch is also cut by bytes with Connection.batch_fits).
 _MAX_IPC_BATCH = 256
 _FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(ipc.AF_INET if v == 4 else ipc.AF_INET6 if v == 6 else 0 for v in range(16))
-# Device drop reasons that only the outbound path produces; "inner_malformed" is shared and attributed by call.
-_OUTBOUND_DROPS = frozenset(("no_route", "no_endpoint", "staged_overflow", "handshake_timeout", "oversize"))
-_TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
-# sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
-_NO_ROUTE_SEND = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
-
-
-# ------------------------------------------------------------------------------------------------ logging
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per record: ``ts`` (Unix time), ``level``, ``logger``, ``msg`` and any ``extra`` fields."""
-
-    _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for key, value in record.__dict__.items():
-            if key not in self._STANDARD:
-                out[key] = value
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-def configure_json_logging(level: int = logging.INFO) -> None:
-    """Send every ``netsim`` logger to stderr as JSON lines (the helper process's log format)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter())
-    root = logging.getLogger("netsim")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
-# ------------------------------------------------------------------------------------------------ datagrams
-class DatagramTransport(Protocol):
-    """The helper's network side: a non-blocking datagram socket (real UDP, or the in-memory fake network)."""
-
-    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
-        """Receive every ready datagram, up to ``len(bufs)``, into the caller's buffers; 0 when none is ready."""
-        ...
-
-    def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
-        """Send one datagram; None on success, else the drop reason (``udp_eagain``, ``udp_no_route``,
-        ``udp_error``)."""
-        ...
-
-    async def wait_readable(self) -> None:
-        """Block until a datagram may be ready."""
-        ...
-
-    def close(self) -> None:
-        """Release the socket; idempotent."""
-        ...
-
-
-class UdpTransport:
-    """`DatagramTransport` over a non-blocking UDP socket (the helper owns it and closes it).
-
-    Use `UdpTransport.open` to get one bound to the physical interface.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self.sock = sock
-        self.recv_errors = 0
-
-    @classmethod
-    def open(
-        cls,
-        family: int = socket.AF_INET,
-        *,
-        interface: str | None = "en0",
-        fwmark: int | None = None,
-        port: int = 0,
-        rcvbuf: int = 4 << 20,
-    ) -> UdpTransport:
-        """A UDP socket bound to ``interface`` (SO_BINDTODEVICE) and marked ``fwmark`` (SO_MARK), on ``port``.
-
-        Binding to the device keeps the helper's datagrams off every route but the physical one (socket(7)); the
-        mark makes the tunnel's policy-routing rule skip them. Both need CAP_NET_RAW / CAP_NET_ADMIN.
-
-        Raises:
-            ConfigError: the interface does not exist or the options need privileges we lack.
-        """
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            if interface:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
-            if fwmark:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
-            for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
-                    break
-                except OSError:
-                    continue
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"cannot open the helper's UDP socket on interface {interface!r} port {port}: {exc} "
-                "(the interface must exist in this namespace; binding to it needs root)"
-            ) from None
-        return cls(sock)
-
-    @property
-    def local_port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
-        recv = self.sock.recvfrom_into
-        n = 0
-        limit = len(bufs)
-        while n < limit:
-            try:
-                size, addr = recv(bufs[n])
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                # Linux reports ICMP errors for earlier sends (server down: port unreachable) on the next receive.
-                if exc.errno in _TRANSIENT_RECV:
-                    self.recv_errors += 1
-                    continue
-                raise
-            sizes[n] = size
-            addrs[n] = addr[:2]
-            n += 1
-        return n
-
-    def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
-        try:
-            self.sock.sendto(data, addr)
-        except BlockingIOError:
-            return "udp_eagain"
-        except OSError as exc:
-            return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
-        return None
-
-    async def wait_readable(self) -> None:
-        await trio.lowlevel.wait_readable(self.sock)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# ------------------------------------------------------------------------------------------------ settings
-def tunnel_settings_payload(config: TunnelConfig, server: str | None) -> dict[str, Any]:
-    """What the helper tells the provider in its SETTINGS frame: everything but the keys.
-
-    The provider turns it into ``PacketTunnelNetworkSettings`` (addresses, DNS, AllowedIPs as included routes,
-    MTU, the server as ``tunnel_remote_address``). The private key never crosses the IPC.
-    """
-    i = config.interface
-    routes: list[str] = []
-    for peer in config.peers:
-        routes += [str(n) for n in peer.allowed_ips if str(n) not in routes]
-    return {
-        "v": SETTINGS_VERSION,
-        "addresses": [str(a) for a in i.addresses],
-        "dns": [str(s) for s in i.dns_servers],
-        "dns_search": list(i.dns_search),
-        "routes": routes,
-        "mtu": i.mtu,
-        "server": server,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ statistics
-@dataclass(frozen=True, slots=True)
-class HelperStatistics:
-    """A snapshot of the helper (all plain counters).
-
-    Attributes:
-        ledger: the per-stage packet ledger (see the module docstring).
-        device: the WireGuard device's counters.
-        server: the IPC server's counters (None when sessions are fed in directly, as in memory).
-        sessions: provider sessions served so far; ``connected``: one is connected now.
-        verdicts: packets per policy action (``tunnel``, ``bypass``, ``drop``).
-        policy_updates / policy_rejected: POLICY_UPDATE frames applied / refused.
-        recv_errors: ICMP errors surfaced on the UDP socket (server unreachable), not datagrams.
-        wakeups: network-loop wakeups (datagrams per wakeup = wg_decrypt.read / wakeups).
-        bypass_tunnelled: BYPASS verdicts tunnelled because the route mechanism cannot carry them out.
-        settings_pushed: mid-session SETTINGS sent because a bypassed domain resolved to new addresses (route).
-        bypass_sticky: TUNNEL verdicts kept on the NAT bypass because the flow already used it (a domain's DNS
-            binding expired mid-flow).
-        policy / bypass: the policy engine's and the NAT bypass's counters (None when not in use).
-        dns_guard: which DNS answers domain rules may learn from: queries seen, answers matched, refusals by
-            reason (`netsim.core.dnsguard`).
-    """
-
-    ledger: LedgerSnapshot
-    device: DeviceStatistics
-    server: ServerStatistics | None
-    sessions: int
-    connected: bool
-    verdicts: dict[str, int]
-    policy_updates: int
-    policy_rejected: int
-    recv_errors: int
-    wakeups: int
-    bypass_tunnelled: int = 0
-    settings_pushed: int = 0
-    bypass_sticky: int = 0
-    policy: PolicyStatistics | None = None
-    bypass: BypassStatistics | None = None
-    dns_guard: DnsGuardStatistics | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """The JSON object carried in STATS_RESPONSE (`Helper.stats_json`)."""
-        dev = self.device
-        return {
-            "ledger": self.ledger.to_json(),
-            "device": {
-                "rx_datagrams": dev.rx_datagrams,
-                "tx_datagrams": dev.tx_datagrams,
-                "rx_packets": dev.rx_packets,
-                "tx_packets": dev.tx_packets,
-                "handshakes_initiated": dev.handshakes_initiated,
-                "handshakes_completed": dev.handshakes_completed,
-                "handshakes_processed": dev.handshakes_processed,
-                "handshakes_rate_limited": dev.handshakes_rate_limited,
-                "cookie_replies_sent": dev.cookie_replies_sent,
-                "cookie_replies_received": dev.cookie_replies_received,
-                "staged": dev.staged,
-                "rx_control_consumed": dev.rx_control_consumed,
-                "drops": {k: v for k, v in dev.drops.items() if v},
-            },
-            "server": None if self.server is None else _server_json(self.server),
-            "sessions": self.sessions,
-            "connected": self.connected,
-            "verdicts": dict(self.verdicts),
-            "policy_updates": self.policy_updates,
-            "policy_rejected": self.policy_rejected,
-            "recv_errors": self.recv_errors,
-            "wakeups": self.wakeups,
-            "bypass_tunnelled": self.bypass_tunnelled,
-            "settings_pushed": self.settings_pushed,
-            "bypass_sticky": self.bypass_sticky,
-            "policy": None if self.policy is None else _policy_json(self.policy),
-            "bypass": None if self.bypass is None else self.bypass.to_json(),
-            "dns_guard": None if self.dns_guard is None else self.dns_guard.to_json(),
-        }
-
-
-def _policy_json(p: PolicyStatistics) -> dict[str, Any]:
-    d = p.dns
-    return {
-        "classified": p.classified,
-        "by_action": dict(p.by_action),
-        "rule_hits": dict(p.rule_hits),
-        "default_hits": p.default_hits,
-        "replacements": p.replacements,
-        "dns": {
-            "responses_seen": d.responses,
-            "bad_responses": d.bad_responses,
-            "bindings": d.bindings,
-            "learned": d.learned,
-            "expired": d.expired,
-        },
-    }
-
-
-def _server_json(s: ServerStatistics) -> dict[str, int]:
-    return {
-        "accepted": s.accepted,
-        "rejected_uid": s.rejected_uid,
-        "rejected_busy": s.rejected_busy,
-        "handshake_failed": s.handshake_failed,
-        "protocol_errors": s.protocol_errors,
-        "sessions_done": s.sessions_done,
-        "active": s.active,
-        "rejected_auth": s.rejected_auth,
-        "pending": s.pending,
-        "log_suppressed": s.log_suppressed,
-    }
 
 
 def _nat_carries(nat: NatTable, view: PacketView, now: float) -> bool:
@@ -468,12 +179,14 @@ class Helper:
                 server = str(ip_address(str(resolved[0])))
         self._server_address = server
         self.settings = self._settings_payload()
-        # buffers: one slab per direction, sliced once; reused for every batch
-        self._rx_slab = bytearray(batch * _MAX_DATAGRAM)
-        slab = memoryview(self._rx_slab)
-        self._rx_views = [slab[i * _MAX_DATAGRAM : (i + 1) * _MAX_DATAGRAM] for i in range(batch)]
-        self._rx_sizes = [0] * batch
-        self._rx_addrs: list[Endpoint | None] = [None] * batch
+        # the network loop (`netsim.runtime.driver`): its receive slab is sliced once and reused for every batch
+        self._driver = DatagramDriver(
+            _HelperCore(self), transport, batch=batch, clock=clock, send=self._send_datagram, after=self._after_batch
+        )
+        self._rx_views = self._driver.views
+        self._rx_sizes = self._driver.sizes
+        self._rx_addrs: list[Endpoint | None] = self._driver.addrs
+        # transmit buffers: one slab, sliced once
         tx_size = mtu + 64
         self._tx_slab = bytearray(batch * tx_size)
         txs = memoryview(self._tx_slab)
@@ -489,9 +202,8 @@ class Helper:
         self._udp_out = self.ledger.stage("udp_out")
         self._wg_in = self.ledger.stage("wg_decrypt")
         self._ipc_out = self.ledger.stage("ipc_out")
-        self._last_drops = dict(self.device.statistics().drops)
-        self._last_rx = 0
-        self._last_control = 0
+        # the device counts wg_decrypt's every outcome and wg_encrypt's drops itself (no before/after diff)
+        self.device.count_into(self._wg_in, self._wg_out)
         # data packets handed to a live session, awaiting the peer's answer (see `_book_sent`):
         # peer -> [[transport_rx_epoch at the first send, deadline, count], ...], oldest first
         self._awaiting: dict[Peer, list[list[Any]]] = {}
@@ -504,7 +216,6 @@ class Helper:
         self.sessions = 0
         self.policy_updates = 0
         self.policy_rejected = 0
-        self.wakeups = 0
         self.server: UnixIpcServer | None = None
         self.nat_bypass: NatBypass | None = None
         self.bypass_tunnelled = 0
@@ -514,7 +225,6 @@ class Helper:
         self._dns_view = PacketView()
         self.dns_guard = self._make_dns_guard()  # answers are learned only for queries it saw (_learn_dns)
         self._channel: IpcChannel | None = None
-        self._scope: trio.CancelScope | None = None
         self._connected = trio.Event()
 
     def _settings_payload(self) -> dict[str, Any]:
@@ -589,21 +299,7 @@ class Helper:
         client port and the address asked, caps the TTL, refuses the tunnel's own addresses, and counts what it
         refuses. Returns how many bindings were (re)learned."""
         assert self.policy is not None
-        view = self._dns_view
-        learn = self.policy.learn_dns_response_untrusted
-        guard = self.dns_guard
-        learned = 0
-        for pkt in packets:
-            try:
-                view.load_untrusted(pkt)
-                if view.protocol == 17 and view.sport == 53 and not view.is_fragment:
-                    payload = memoryview(pkt)[view.l4_offset + 8 : view.total_length]
-                    learned += learn(
-                        payload, now, guard=guard, resolver=view.src, client=view.dst, client_port=view.dport
-                    )
-            except BadPacket:
-                continue  # not ours to judge: the app gets the packet; the bad answer is counted by the policy
-        return learned
+        return learn_dns_answers(self.policy, self.dns_guard, self._dns_view, packets, now)
 
     # -- statistics -----------------------------------------------------------------------------------------
     def statistics(self) -> HelperStatistics:
@@ -646,24 +342,6 @@ class Helper:
             await self._connected.wait()
 
     # -- device bookkeeping ---------------------------------------------------------------------------------
-    def _sync_device(self, *, outbound: bool) -> None:
-        """Move the device's drop deltas into the ledger (called after every device call).
-
-        ``wg_encrypt.forwarded`` is not the device's ``tx_packets``: the data datagrams themselves are booked
-        by `_book_sent` as they leave (encapsulated in `_outbound`, flushed in `_flush`).
-        """
-        drops = self.device.statistics().drops
-        last = self._last_drops
-        for reason, count in drops.items():
-            delta = count - last[reason]
-            if delta:
-                if reason in _OUTBOUND_DROPS or (outbound and reason == "inner_malformed"):
-                    self._wg_out.count_dropped(reason, delta)
-                else:
-                    self._wg_in.count_dropped(reason, delta)
-        self._last_drops = drops
-        self._log_events()
-
     def _log_events(self) -> None:
         while (ev := self.device.next_event()) is not None:
             key = ev.peer.public_key
@@ -736,76 +414,56 @@ class Helper:
 
     def _flush(self, now: float) -> None:
         """Send the device's control datagrams and re-arm the network loop's timer if it moved earlier."""
+        self._driver.flush(now)
+
+    def _datagrams_to_send(self, now: float) -> Iterator[tuple[ipc.Buffer, Endpoint]]:
+        """The device's queued datagrams; staged data among them is booked (`_book_sent`) as it leaves."""
         for data, addr in self.device.datagrams_to_send(now):
             # staged data flushed after a handshake is transport data longer than a keepalive (32 bytes)
             if len(data) > TRANSPORT_MIN_SIZE and classify_datagram(data) == MSG_TRANSPORT:
                 peer = self._peer_at(addr)
                 if peer is not None:
                     self._book_sent(peer, 1, now)
-            self._send_datagram(data, addr)
-        scope = self._scope
-        timer = self.device.get_timer()
-        if scope is not None and timer is not None and timer < scope.deadline:
-            scope.deadline = timer
+            yield data, addr
+
+    def _handle_timer(self, now: float) -> None:
+        self._settle(now)  # before the no-reply handshake replaces the session
+        self.device.handle_timer(now)
+        self._log_events()
+
+    async def _after_batch(self, now: float) -> None:
+        self._settle(now)
+        self._deliver()
+        if self._held:
+            await self._push_settings()
+
+    @property
+    def wakeups(self) -> int:
+        """Network-loop wakeups so far."""
+        return self._driver.wakeups
 
     # -- network loop ---------------------------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The network loop (run it in a nursery for the helper's lifetime; cancel to stop)."""
         dev = self.device
-        transport = self.transport
-        views, sizes, addrs = self._rx_views, self._rx_sizes, self._rx_addrs
-        task_status.started()
         for peer in dev.peers:  # bring the session up now rather than on the first packet
             if peer.endpoint is not None:
                 dev.initiate(peer, self.clock())
         self._flush(self.clock())
-        while True:
-            deadline = dev.get_timer()
-            with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
-                self._scope = scope
-                await transport.wait_readable()
-            self._scope = None
-            self.wakeups += 1
-            now = self.clock()
-            n = transport.recv_batch(views, sizes, addrs)
-            if n:
-                self._receive(n, now)
-            timer = dev.get_timer()
-            if timer is not None and timer <= now:
-                self._settle(now)  # before the no-reply handshake replaces the session
-                dev.handle_timer(now)
-                self._sync_device(outbound=True)
-            self._flush(now)
-            self._settle(now)
-            self._deliver()
-            if self._held:
-                await self._push_settings()
+        await self._driver.run(task_status=task_status)
 
     def _receive(self, n: int, now: float) -> None:
-        """Feed one batch to the device and book every datagram's single outcome in ``wg_decrypt``.
+        """Feed one batch to the device, which books every datagram's single outcome in ``wg_decrypt``.
 
         The device classifies each datagram once (`classify_datagram`: the u32 little-endian type, exact
-        sizes) and counts exactly one outcome for it: an inner packet (``rx_packets``), a keepalive, a consumed
-        handshake/cookie message (``rx_control_consumed``, booked as ``control``) or one named drop. The helper
-        only moves those deltas, so no crafted datagram can make a counter negative or leave one unattributed.
+        sizes) and counts exactly one outcome for it into the stage (`WireGuardDevice.count_into`): an inner
+        packet (forwarded), a keepalive, a consumed handshake/cookie message (``control``) or one named drop.
+        So no crafted datagram can make a counter negative or leave one unattributed.
         """
-        dev = self.device
         views, sizes = self._rx_views, self._rx_sizes
         datagrams = [views[i][: sizes[i]] for i in range(n)]
-        st = self._wg_in
-        st.count_read(n)
-        keepalives = dev.rx_keepalives
-        dev.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
-        rx = dev.rx_packets
-        st.count_forwarded(rx - self._last_rx)
-        self._last_rx = rx
-        if dev.rx_keepalives != keepalives:
-            st.count_dropped("keepalive", dev.rx_keepalives - keepalives)
-        control = dev.rx_control_consumed
-        if control != self._last_control:
-            st.count_dropped("control", control - self._last_control)
-            self._last_control = control
-        self._sync_device(outbound=False)
+        self.device.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
+        self._log_events()
         self._settle(now)
 
     def _deliver(self) -> None:
@@ -843,18 +501,10 @@ class Helper:
         taught them (`_deliver`)."""
         held, self._held = self._held, []
         ch = self._channel
-        if ch is not None and not ch.is_broken:
-            try:
-                await ch.send(ipc.Settings(json.dumps(self.settings).encode()))
-            except TunnelDown:
-                ch = None
-            else:
-                self.settings_pushed += 1
-                log.info(
-                    "route exclusions updated",
-                    extra={"event": "settings_pushed", "excluded_routes": self.settings.get("excluded_routes")},
-                )
-        if ch is None or ch.is_broken:
+        sent = await push_settings(ch, self.settings)
+        if sent:
+            self.settings_pushed += 1
+        if not sent or ch is None or ch.is_broken:
             self._ipc_out.count_read(len(held))
             self._ipc_out.count_dropped("no_provider", len(held))
             return
@@ -988,7 +638,7 @@ class Helper:
                     self._book_sent(peers[0], attempted, now)
                 else:
                     self._book_by_endpoint(addrs, sizes, len(chunk), now)
-            self._sync_device(outbound=True)
+            self._log_events()
             self._flush(now)
 
     def _book_by_endpoint(self, addrs: list[Endpoint | None], sizes: list[int], n: int, now: float) -> None:
@@ -1118,3 +768,24 @@ class Helper:
             ch.close()
             self._channel = None
         self.transport.close()
+
+
+class _HelperCore:
+    """The helper's bookkeeping around its device, in the shape `DatagramDriver` drives."""
+
+    __slots__ = ("_h",)
+
+    def __init__(self, helper: Helper) -> None:
+        self._h = helper
+
+    def receive_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Any], n: int, now: float) -> None:
+        self._h._receive(n, now)
+
+    def datagrams_to_send(self, now: float) -> Iterator[tuple[ipc.Buffer, Endpoint]]:
+        return self._h._datagrams_to_send(now)
+
+    def get_timer(self) -> float | None:
+        return self._h.device.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self._h._handle_timer(now)

@@ -1,8 +1,9 @@
 """A thin trio driver around the sans-IO `WireGuardDevice`: one UDP socket, one loop, timers pulled.
 
-Theory of operation (aioquic's ``asyncio/protocol.py`` shape): the loop waits until the socket is readable or
-the device's next timer is due, then drains the socket in a batch (``recvfrom`` until EAGAIN, at most
-``batch`` datagrams per wakeup), feeds each datagram, fires due timers, and sends whatever the device queued.
+Theory of operation: the loop is `netsim.runtime.driver.DatagramDriver` over a
+`netsim.transports.udp.UdpTransport` on the socket: it waits until the socket is readable or the device's next
+timer is due, drains the socket in a batch (at most ``batch`` datagrams per wakeup), feeds the batch, fires due
+timers, and sends whatever the device queued.
 Decrypted inner packets go to a bounded trio memory channel (`received`); a full channel drops and counts,
 it never blocks the network loop. Outbound packets go through `send_packets`, which encrypts a batch into
 reused buffers and sends each datagram.
@@ -12,19 +13,19 @@ The device's clock is ``trio.current_time()``; TAI64N wall time is derived once 
 
 from __future__ import annotations
 
-import errno
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import trio
 
 from netsim.core.wireguard.device import WireGuardDevice
 from netsim.core.wireguard.peer import Endpoint, Peer
+from netsim.runtime.driver import Buffer, DatagramDriver
+from netsim.transports.udp import UdpTransport
 
 __all__ = ["WireGuardSocket"]
-
-_MAX_DATAGRAM = 65535
 
 
 class WireGuardSocket:
@@ -55,53 +56,38 @@ class WireGuardSocket:
     ) -> None:
         self.device = device
         self.sock = sock
-        sock.setblocking(False)
-        self._scope: trio.CancelScope | None = None
+        self._transport = UdpTransport(sock)  # sets it non-blocking; not closed here (the caller owns sock)
         self.batch = batch
         device.wall_offset = time.time() - trio.current_time()
         self._send_ch, self.received = trio.open_memory_channel[tuple[Peer, bytes]](queue)
         self._bufs = [bytearray(mtu + 64) for _ in range(batch)]
         self._sizes = [0] * batch
         self._addrs: list[Endpoint | None] = [None] * batch
-        # one full-size buffer per datagram of a receive batch (no truncation whatever the peer's MTU)
-        self._recv_bufs = [memoryview(bytearray(_MAX_DATAGRAM)) for _ in range(batch)]
+        # the loop (`netsim.runtime.driver`): one full-size reused receive buffer per datagram of a batch
+        self._driver = DatagramDriver(self, self._transport, batch=batch, send=self._sendto, after=self._after)
         self.rx_channel_full = 0
         self.send_errors = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The network loop; run it in a nursery and cancel it to stop."""
-        dev = self.device
-        sock = self.sock
-        bufs = self._recv_bufs
-        task_status.started()
-        while True:
-            deadline = dev.get_timer()
-            with trio.CancelScope(deadline=deadline if deadline is not None else float("inf")) as scope:
-                self._scope = scope
-                await trio.lowlevel.wait_readable(sock)
-            self._scope = None
-            now = trio.current_time()
-            datagrams: list[memoryview] = []
-            addrs: list[Endpoint] = []
-            for buf in bufs:
-                try:
-                    n, addr = sock.recvfrom_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue  # ICMP errors for earlier sends surface here on Linux; not our input
-                    raise
-                datagrams.append(buf[:n])
-                addrs.append(addr)
-            if datagrams:
-                dev.receive_datagrams_untrusted(datagrams, addrs, now)
-            timer = dev.get_timer()
-            if timer is not None and timer <= now:
-                dev.handle_timer(now)
-            self._flush(now)
-            self._deliver()
-            await trio.lowlevel.checkpoint()
+        await self._driver.run(task_status=task_status)
+
+    def receive_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Any], n: int, now: float) -> None:
+        """`netsim.runtime.driver.DatagramCore`: feed the batch to the device."""
+        self.device.receive_datagrams_untrusted([bufs[i][: sizes[i]] for i in range(n)], addrs[:n], now)
+
+    def datagrams_to_send(self, now: float) -> Iterable[tuple[Buffer, Any]]:
+        return self.device.datagrams_to_send(now)
+
+    def get_timer(self) -> float | None:
+        return self.device.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.device.handle_timer(now)
+
+    async def _after(self, now: float) -> None:
+        self._deliver()
+        await trio.lowlevel.checkpoint()
 
     def _deliver(self) -> None:
         for item in self.device.take_received():
@@ -111,18 +97,11 @@ class WireGuardSocket:
                 self.rx_channel_full += 1
 
     def _flush(self, now: float) -> None:
-        for data, addr in self.device.datagrams_to_send(now):
-            self._sendto(data, addr)
         # a call from outside the loop may have armed an earlier timer (e.g. a handshake retransmission)
-        scope = self._scope
-        timer = self.device.get_timer()
-        if scope is not None and timer is not None and timer < scope.deadline:
-            scope.deadline = timer
+        self._driver.flush(now)
 
-    def _sendto(self, data: bytes | memoryview, addr: Endpoint) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except (BlockingIOError, OSError):
+    def _sendto(self, data: Buffer, addr: Endpoint) -> None:
+        if self._transport.send(data, addr) is not None:
             self.send_errors += 1
 
     async def send_packets(self, packets: Sequence[bytes | bytearray | memoryview]) -> int:

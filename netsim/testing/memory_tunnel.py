@@ -23,7 +23,7 @@ import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
@@ -45,6 +45,7 @@ from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, LabError
 from netsim.runtime.channel import IpcChannel, open_ipc_channel
 from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, TunnelProviderSession, memory_launcher
+from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
 from netsim.testing.ipc_pair import memory_stream_pair
@@ -111,7 +112,7 @@ class FakeNetwork:
 
 
 class MemoryDatagramTransport:
-    """`netsim.runtime.helper.DatagramTransport` on a `FakeNetwork` (what the helper uses instead of UDP)."""
+    """`netsim.runtime.driver.DatagramTransport` on a `FakeNetwork` (what the helper uses instead of UDP)."""
 
     def __init__(self, network: FakeNetwork, addr: Address) -> None:
         self.network = network
@@ -225,41 +226,38 @@ class MemoryVpnServer:
         self.device = WireGuardDevice(self.key, [self.client], mtu=self.mtu)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        slab = bytearray(64 * 65535)
-        mv = memoryview(slab)
-        views = [mv[i * 65535 : (i + 1) * 65535] for i in range(64)]
-        sizes = [0] * 64
-        addrs: list[Address | None] = [None] * 64
-        task_status.started()
-        while True:
-            deadline = self.device.get_timer()
-            with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                await self.transport.wait_readable()
-            dev = self.device  # after the wait: restart() may have replaced it meanwhile
-            now = trio.current_time()
-            n = self.transport.recv_batch(views, sizes, addrs)
-            if n:
-                dev.receive_datagrams_untrusted([views[i][: sizes[i]] for i in range(n)], addrs[:n], now)  # type: ignore[arg-type]
-            timer = dev.get_timer()
-            if timer is not None and timer <= now:
-                dev.handle_timer(now)
-            replies = []
-            for _, pkt in dev.take_received():
-                reply = echo_response(pkt)
-                if reply is None:
-                    self.ignored += 1
-                else:
-                    replies.append(reply)
-            for start in range(0, len(replies), 64):
-                chunk = replies[start : start + 64]
-                dev.encapsulate(chunk, now, self._bufs, self._sizes, self._addrs)
-                for i in range(len(chunk)):
-                    addr = self._addrs[i]
-                    if self._sizes[i] and addr is not None:
-                        self.transport.send(memoryview(self._bufs[i])[: self._sizes[i]], addr)
-                self.answered += len(chunk)
-            for data, addr in dev.datagrams_to_send(now):
-                self.transport.send(data, addr)
+        """The server's network loop (`netsim.runtime.driver.DatagramDriver`); cancel to stop."""
+        await DatagramDriver(self, self.transport, batch=64).run(task_status=task_status)
+
+    # `netsim.runtime.driver.DatagramCore`, delegating to the current device (restart() replaces it)
+    def receive_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Any], n: int, now: float) -> None:
+        self.device.receive_datagrams_untrusted([bufs[i][: sizes[i]] for i in range(n)], addrs[:n], now)
+
+    def get_timer(self) -> float | None:
+        return self.device.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        self.device.handle_timer(now)
+
+    def datagrams_to_send(self, now: float) -> Iterator[tuple[ipc.Buffer, Any]]:
+        """Echo replies to what was decrypted (encrypted in chunks of 64), then the device's own datagrams."""
+        dev = self.device
+        replies = []
+        for _, pkt in dev.take_received():
+            reply = echo_response(pkt)
+            if reply is None:
+                self.ignored += 1
+            else:
+                replies.append(reply)
+        for start in range(0, len(replies), 64):
+            chunk = replies[start : start + 64]
+            dev.encapsulate(chunk, now, self._bufs, self._sizes, self._addrs)
+            for i in range(len(chunk)):
+                addr = self._addrs[i]
+                if self._sizes[i] and addr is not None:
+                    yield memoryview(self._bufs[i])[: self._sizes[i]], addr
+            self.answered += len(chunk)
+        yield from dev.datagrams_to_send(now)
 
 
 # ------------------------------------------------------------------------------------------------ tunnel

@@ -40,6 +40,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from netsim.core.ledger import Stage
 from netsim.core.wireguard import messages as m
 from netsim.core.wireguard.allowedips import AllowedIPs
 from netsim.core.wireguard.config import PeerConfig, TunnelConfig
@@ -296,6 +297,9 @@ class WireGuardDevice:
         self._received: list[tuple[Peer, bytes]] = []
         self._events: deque[Event] = deque()
         self._drops = dict.fromkeys(DROP_REASONS, 0)
+        # ledger stages the caller hands us (`count_into`); None: the device's own counters only
+        self._rx_stage: Stage | None = None
+        self._tx_stage: Stage | None = None
         self._nonce = bytearray(12)
         self.rx_datagrams = self.tx_datagrams = 0
         self.rx_packets = self.tx_packets = 0
@@ -422,6 +426,29 @@ class WireGuardDevice:
         """Pop the next control event, or None."""
         return self._events.popleft() if self._events else None
 
+    def count_into(self, inbound: Stage | None, outbound: Stage | None) -> None:
+        """Count straight into the caller's ledger stages, besides the device's own counters.
+
+        ``inbound`` (the helper's ``wg_decrypt``): ``read`` per datagram given to `receive_datagrams_untrusted`,
+        ``forwarded`` per inner packet, ``dropped`` ``keepalive`` / ``control`` (protocol messages consumed) and
+        every inbound drop reason. ``outbound`` (``wg_encrypt``): only the drop reasons of the send path
+        (``no_route``, ``no_endpoint``, ``staged_overflow``, ``handshake_timeout``, ``oversize``,
+        ``inner_malformed``); its ``read`` and ``forwarded`` are the caller's (it knows when the peer answered).
+        Each datagram gets exactly one inbound outcome, so the stage balances by construction.
+        """
+        self._rx_stage = inbound
+        self._tx_stage = outbound
+
+    def _drop_in(self, reason: str, n: int = 1) -> None:
+        self._drops[reason] += n
+        if self._rx_stage is not None:
+            self._rx_stage.count_dropped(reason, n)
+
+    def _drop_out(self, reason: str, n: int = 1) -> None:
+        self._drops[reason] += n
+        if self._tx_stage is not None:
+            self._tx_stage.count_dropped(reason, n)
+
     def take_received(self) -> list[tuple[Peer, bytes]]:
         """Take the decrypted inner packets received since the last call, in arrival order."""
         out = self._received
@@ -500,7 +527,6 @@ class WireGuardDevice:
         reject_msgs = self.timers.reject_after_messages
         reject_time = self._reject_after_time
         cache = self._route_cache
-        drops = self._drops
         nonce = self._nonce
         mtu = self.mtu
         produced = 0
@@ -524,7 +550,7 @@ class WireGuardDevice:
                     if first >> 4 == 6 and n >= 40:
                         dst = _V6_DST_UNPACK(pkt)[0]
                     else:
-                        drops["inner_malformed"] += 1
+                        self._drop_out("inner_malformed")
                         out_sizes[i] = 0
                         out_addrs[i] = None
                         continue
@@ -553,7 +579,7 @@ class WireGuardDevice:
                     out_sizes[i] = 0
                     out_addrs[i] = None
                     if peer is None:
-                        drops["no_route"] += 1
+                        self._drop_out("no_route")
                         continue
                     if kp is not None:
                         produced += counter - run_start
@@ -569,7 +595,7 @@ class WireGuardDevice:
                 size = padded + 32
                 out = out_bufs[i]
                 if len(out) < size:
-                    drops["oversize"] += 1
+                    self._drop_out("oversize")
                     out_sizes[i] = 0
                     out_addrs[i] = None
                     continue
@@ -626,7 +652,7 @@ class WireGuardDevice:
 
     def _stage(self, peer: Peer, packet: bytes, now: float) -> None:
         if len(peer.staged) >= self.timers.max_staged_packets:
-            self._drops["staged_overflow"] += 1
+            self._drop_out("staged_overflow")
         else:
             peer.staged.append(packet)
         self._send_staged(peer, now)
@@ -700,7 +726,7 @@ class WireGuardDevice:
         if now - peer.last_sent_initiation < self.timers.rekey_timeout:
             return
         if peer.endpoint is None:
-            self._drops["no_endpoint"] += 1
+            self._drop_out("no_endpoint")
             return
         peer.last_sent_initiation = now
         msg = self._create_initiation(peer, now)
@@ -752,7 +778,7 @@ class WireGuardDevice:
         if peer.handshake_attempts > max_attempts:
             # give up (wireguard-go expiredRetransmitHandshake): drop staged packets, schedule key erasure
             peer.t_keepalive = None
-            self._drops["handshake_timeout"] += len(peer.staged)
+            self._drop_out("handshake_timeout", len(peer.staged))
             peer.staged.clear()
             if peer.t_zero_keys is None:
                 peer.t_zero_keys = now + self.timers.reject_after_time * 3
@@ -784,8 +810,10 @@ class WireGuardDevice:
         # uncommon path, the end of the batch) -- so the end state is the one per-packet updates would leave.
         # Data packets of a run are counted as the growth of `received` since `mark`.
         self.rx_datagrams += len(datagrams)
+        stage = self._rx_stage
+        if stage is not None:
+            stage.count_read(len(datagrams))
         by_index = self._by_index
-        drops = self._drops
         route_cache = self._route_cache
         received = self._received
         start = mark = len(received)
@@ -824,7 +852,7 @@ class WireGuardDevice:
                     if entry is None:
                         kp = None
                         run_index = -1
-                        drops["unknown_receiver"] += 1
+                        self._drop_in("unknown_receiver")
                         continue
                     kp, peer = entry
                     run_index = receiver
@@ -847,13 +875,13 @@ class WireGuardDevice:
                     run_auth = False
                     mark = len(received)
                 if expired:
-                    drops["expired_keypair"] += 1
+                    self._drop_in("expired_keypair")
                     continue
                 _NONCE_PACK(nonce, 0, counter)
                 try:
                     plain = decrypt(nonce, mv[16:], None)
                 except InvalidTag:
-                    drops["decrypt_failed"] += 1
+                    self._drop_in("decrypt_failed")
                     continue
                 # replay window, only after authentication: the in-order case inline, the rest in ReplayWindow
                 if counter == highest + 1 and counter < limit:
@@ -864,7 +892,7 @@ class WireGuardDevice:
                     accepted = window.check_and_update(counter)
                     highest = window.highest
                     if not accepted:
-                        drops["replay"] += 1
+                        self._drop_in("replay")
                         continue
                 run_bytes += n
                 run_addr = addr  # roaming (§2.1): answer the latest authenticated source
@@ -882,27 +910,27 @@ class WireGuardDevice:
                 # the IPv4 fields, which an IPv6 packet then overrides
                 if pn < 20:
                     if pn:
-                        drops["inner_malformed"] += 1
+                        self._drop_in("inner_malformed")
                     else:
                         keepalives += 1
                     continue
                 first, inner_len, src = _V4_INNER_UNPACK(plain)
                 if first >> 4 == 4:
                     if inner_len < 20 or inner_len > pn:
-                        drops["inner_malformed"] += 1
+                        self._drop_in("inner_malformed")
                         continue
                 elif first >> 4 == 6 and pn >= 40:
                     inner_len = 40 + _U16BE_UNPACK(plain, 4)[0]
                     if inner_len > pn:
-                        drops["inner_malformed"] += 1
+                        self._drop_in("inner_malformed")
                         continue
                     src = plain[8:24]
                 else:
-                    drops["inner_malformed"] += 1
+                    self._drop_in("inner_malformed")
                     continue
                 owner = route_cache.get(src, _MISS)
                 if owner is not peer and (owner is not _MISS or self._route(src) is not peer):
-                    drops["inner_src_not_allowed"] += 1
+                    self._drop_in("inner_src_not_allowed")
                     continue
                 received.append((peer, plain if inner_len == pn else plain[:inner_len]))
         finally:
@@ -911,6 +939,10 @@ class WireGuardDevice:
                 self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)
             self.rx_packets += len(received) - start
             self.rx_keepalives += keepalives
+            if stage is not None:
+                stage.count_forwarded(len(received) - start)
+                if keepalives:
+                    stage.count_dropped("keepalive", keepalives)
 
     def _end_rx_run(  # noqa: PLR0917 -- once per run; positional arguments keep the call cheap
         self,
@@ -959,7 +991,7 @@ class WireGuardDevice:
         if kind in _CONTROL_SIZES:
             drops = self._drops
             if kind != m.MSG_COOKIE_REPLY and self._over_budget(mv, n, kind, now):
-                drops["handshake_overload"] += 1  # under load and past the second's budget: no crypto at all
+                self._drop_in("handshake_overload")  # under load and past the second's budget: no crypto at all
                 return
             # consumed exactly when the handler counted no drop: robust to new drop reasons in the handlers, so
             # every datagram has one outcome and a caller's ledger needs no list of control drop reasons
@@ -972,16 +1004,18 @@ class WireGuardDevice:
                 self._receive_cookie_reply(bytes(mv), now)
             if sum(drops.values()) == before:
                 self.rx_control_consumed += 1
+                if self._rx_stage is not None:
+                    self._rx_stage.count_dropped("control")
         elif n < 4:
-            self._drops["short"] += 1
+            self._drop_in("short")
         else:  # junk: say why, for the drop counter
             raw = _U32_UNPACK(mv)[0]
             if raw == m.MSG_TRANSPORT:
-                self._drops["short"] += 1
+                self._drop_in("short")
             elif raw in _CONTROL_SIZES:
-                self._drops["bad_length"] += 1
+                self._drop_in("bad_length")
             else:
-                self._drops["bad_type"] += 1
+                self._drop_in("bad_type")
 
     def _uncommon_receive(self, kp: Keypair, peer: Peer, now: float) -> None:
         """Off the hot path: confirm a responder's `next` keypair, or rekey an ageing initiator session."""
@@ -1027,7 +1061,7 @@ class WireGuardDevice:
         """
         n = len(msg)
         if not hmac.compare_digest(mac(self._mac1_key, msg[: n - 32]), msg[n - 32 : n - 16]):
-            self._drops["bad_mac1"] += 1
+            self._drop_in("bad_mac1")
             return False
         if not self._is_under_load(now):
             return True
@@ -1035,9 +1069,9 @@ class WireGuardDevice:
         if hmac.compare_digest(mac(cookie, msg[: n - 16]), msg[n - 16 :]):
             if self.ratelimiter.allow(str(addr[0]), now):
                 return True
-            self._drops["rate_limited"] += 1
+            self._drop_in("rate_limited")
             return False
-        self._drops["bad_mac2"] += 1
+        self._drop_in("bad_mac2")
         sender = m.U32.unpack_from(msg, 4)[0]
         sealer = self._cookie_sealer
         if sealer is None or sealer.exhausted:
@@ -1101,19 +1135,19 @@ class WireGuardDevice:
             hs.mix_hash(enc_static)
             peer = self._peers.get(static)
             if peer is None:
-                self._drops["handshake_failed"] += 1
+                self._drop_in("handshake_failed")
                 return
             k = hs.mix_key2(peer.static_static)
             ts = aead_decrypt(k, 0, enc_ts, hs.hash)
             hs.mix_hash(enc_ts)
         except (InvalidTag, ValueError):
-            self._drops["handshake_failed"] += 1
+            self._drop_in("handshake_failed")
             return
         if ts <= peer.latest_timestamp:
-            self._drops["stale_timestamp"] += 1
+            self._drop_in("stale_timestamp")
             return
         if now - peer.last_initiation_consumed <= self.timers.handshake_initiation_rate:
-            self._drops["handshake_flood"] += 1
+            self._drop_in("handshake_flood")
             return
         peer.latest_timestamp = ts
         peer.last_initiation_consumed = now
@@ -1129,7 +1163,7 @@ class WireGuardDevice:
             hs.mix_key(dh(e, e_pub))
             hs.mix_key(dh(e, peer.public_key))
         except ValueError:
-            self._drops["handshake_failed"] += 1
+            self._drop_in("handshake_failed")
             return
         hs.chaining_key, tau, k = hkdf(hs.chaining_key, peer.preshared_key, 3)
         hs.mix_hash(tau)
@@ -1174,7 +1208,7 @@ class WireGuardDevice:
         _, sender, receiver, er_pub, enc_empty, _, _ = m.RESPONSE.unpack(msg)
         peer = self._pending.get(receiver)
         if peer is None or peer.handshake is None or peer.handshake.ephemeral_private is None:
-            self._drops["unexpected_response"] += 1
+            self._drop_in("unexpected_response")
             return
         self.handshakes_processed += 1
         src = peer.handshake
@@ -1189,7 +1223,7 @@ class WireGuardDevice:
             hs.mix_hash(tau)
             aead_decrypt(k, 0, enc_empty, hs.hash)
         except (InvalidTag, ValueError):
-            self._drops["handshake_failed"] += 1
+            self._drop_in("handshake_failed")
             return
         del self._pending[receiver]
         peer.handshake = None
@@ -1237,12 +1271,12 @@ class WireGuardDevice:
             entry = self._by_index.get(receiver)
             peer = entry[1] if entry is not None else None
         if peer is None or not peer.last_mac1_sent:
-            self._drops["unexpected_response"] += 1
+            self._drop_in("unexpected_response")
             return
         try:
             cookie = xaead_decrypt(peer.cookie_key, nonce, enc, peer.last_mac1_sent)
         except InvalidTag:
-            self._drops["bad_cookie"] += 1
+            self._drop_in("bad_cookie")
             return
         peer.cookie = cookie
         peer.cookie_time = now

@@ -1,0 +1,119 @@
+"""`UdpTransport`: the helper's UDP socket on the physical interface, as a datagram transport.
+
+Thin I/O adapter (architecture.md §1): open/bind with SO_BINDTODEVICE and SO_MARK, a batch receive into the
+caller's buffers (``recvfrom_into`` until EAGAIN: Python has no ``recvmmsg``), and sends that report a named
+drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Sequence
+
+import trio
+
+from netsim.core import ipc
+from netsim.core.wireguard.peer import Endpoint
+from netsim.errors import ConfigError
+
+__all__ = ["UdpTransport"]
+
+_TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
+# sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
+_NO_ROUTE_SEND = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
+
+
+class UdpTransport:
+    """`DatagramTransport` over a non-blocking UDP socket (the helper owns it and closes it).
+
+    Use `UdpTransport.open` to get one bound to the physical interface.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.recv_errors = 0
+
+    @classmethod
+    def open(
+        cls,
+        family: int = socket.AF_INET,
+        *,
+        interface: str | None = "en0",
+        fwmark: int | None = None,
+        port: int = 0,
+        rcvbuf: int = 4 << 20,
+    ) -> UdpTransport:
+        """A UDP socket bound to ``interface`` (SO_BINDTODEVICE) and marked ``fwmark`` (SO_MARK), on ``port``.
+
+        Binding to the device keeps the helper's datagrams off every route but the physical one (socket(7)); the
+        mark makes the tunnel's policy-routing rule skip them. Both need CAP_NET_RAW / CAP_NET_ADMIN.
+
+        Raises:
+            ConfigError: the interface does not exist or the options need privileges we lack.
+        """
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if interface:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            if fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
+                    break
+                except OSError:
+                    continue
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"cannot open the helper's UDP socket on interface {interface!r} port {port}: {exc} "
+                "(the interface must exist in this namespace; binding to it needs root)"
+            ) from None
+        return cls(sock)
+
+    @property
+    def local_port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
+        recv = self.sock.recvfrom_into
+        n = 0
+        limit = len(bufs)
+        while n < limit:
+            try:
+                size, addr = recv(bufs[n])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                # Linux reports ICMP errors for earlier sends (server down: port unreachable) on the next receive.
+                if exc.errno in _TRANSIENT_RECV:
+                    self.recv_errors += 1
+                    continue
+                raise
+            sizes[n] = size
+            addrs[n] = addr[:2]
+            n += 1
+        return n
+
+    def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
+        try:
+            self.sock.sendto(data, addr)
+        except BlockingIOError:
+            return "udp_eagain"
+        except OSError as exc:
+            return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
+        return None
+
+    def send_batch(self, datagrams: Sequence[tuple[ipc.Buffer, Endpoint]], reasons: list[str | None]) -> None:
+        """Send each datagram (``sendto`` per datagram: no ``sendmmsg`` in Python); ``reasons[i]`` as `send`."""
+        send = self.send
+        reasons[:] = [send(data, addr) for data, addr in datagrams]
+
+    async def wait_readable(self) -> None:
+        await trio.lowlevel.wait_readable(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
