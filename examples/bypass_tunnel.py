@@ -179,7 +179,7 @@ async def run_flows(lab: Lab, t: Any, *, measure: bool = True) -> dict[str, Any]
 
 
 async def _mechanism(mechanism: str, policy_path: Path, pcap: Path | None) -> dict[str, Any]:
-    from netsim.runtime.tunnel import netsim_tunnel
+    from netsim.lab.tunnel import netsim_tunnel
 
     text, _ = load_policy(policy_path, mechanism)
     pcap_dir = pcap / mechanism if pcap is not None else None

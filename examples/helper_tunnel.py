@@ -4,7 +4,7 @@
     .venv/bin/python -m examples.helper_tunnel --memory        # the in-memory backend (no root)
     sudo .venv/bin/python -m examples.helper_tunnel --pcap /tmp/netsim-pcaps
 
-What it shows: `netsim.runtime.tunnel.netsim_tunnel` brings up wireguard-go in ``vpn``, the helper process in
+What it shows: `netsim.lab.tunnel.netsim_tunnel` brings up wireguard-go in ``vpn``, the helper process in
 ``mac`` and `HelperForwardingProvider` through the app-side manager; then ``curl``, ``dig`` and ``ping`` run in
 ``mac`` as ordinary programs and their packets take utun -> provider -> helper -> wireguard-go -> inet. The
 ledgers of both processes are printed at the end: every packet read is forwarded or a named drop.
@@ -33,7 +33,7 @@ def _ledger_lines(name: str, stats: dict[str, Any]) -> list[str]:
 
 async def lab_example(pcap: str | None) -> None:
     from netsim.lab.lab import Lab
-    from netsim.runtime.tunnel import STANDARD_PROBES, netsim_tunnel
+    from netsim.lab.tunnel import STANDARD_PROBES, netsim_tunnel
 
     async with Lab(pcap_dir=pcap) as lab, netsim_tunnel(lab) as t:
         print(f"tunnel up: lab {lab.run_id}, helper pid {t.helper.pid}, wireguard-go pid {t.server.pid}")

@@ -92,7 +92,7 @@ def _detail(output: str, width: int = 60) -> str:
 async def _real_demo(console: Console, pcap_dir: str | None) -> int:
     from netsim.lab import Lab
     from netsim.lab.scenarios import BYPASS_POLICY_TOML, add_bypass_hosts
-    from netsim.runtime.tunnel import netsim_tunnel
+    from netsim.lab.tunnel import netsim_tunnel
 
     rows: list[DemoRow] = []
     async with AsyncExitStack() as stack:
@@ -132,7 +132,7 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
 def demo_probes(lan_host: str) -> list[tuple[str, tuple[str, ...]]]:
     """The demo's probes: the issue's tunnel probes, then bypassed, dropped and LAN flows."""
     from netsim.lab.scenarios import BYPASS_PORT, DIRECT_V4, DIRECT_V6, DROP_PORT
-    from netsim.runtime.tunnel import STANDARD_PROBES, udp_echo_argv
+    from netsim.lab.tunnel import STANDARD_PROBES, udp_echo_argv
 
     curl = ("curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}")
     ping = ("ping", "-c", "3", "-i", "0.2", "-W", "2", "-q")

@@ -47,7 +47,7 @@ NS_PREFIX = "netsim-"
 
 
 def helper_dir(run_id: str) -> Path:
-    """The helper's socket directory for a lab tunnel of ``run_id`` (created by `netsim.runtime.tunnel`)."""
+    """The helper's socket directory for a lab tunnel of ``run_id`` (created by `netsim.lab.tunnel`)."""
     return RUN_DIR / f"helper-{run_id}"
 
 

@@ -73,7 +73,7 @@ def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tu
             t0 = time.monotonic()
             async with lab, contextlib.AsyncExitStack() as stack:
                 if tunnel:
-                    from netsim.runtime.tunnel import netsim_tunnel
+                    from netsim.lab.tunnel import netsim_tunnel
 
                     t = await stack.enter_async_context(netsim_tunnel(lab))
                 took = time.monotonic() - t0

@@ -1,6 +1,6 @@
 """The in-memory backend of the lab tunnel: MemoryTun, in-process IPC pair, WireGuard peers over a fake network.
 
-Same parts as `netsim.runtime.tunnel.netsim_tunnel`, none of which needs root: the provider
+Same parts as `netsim.lab.tunnel.netsim_tunnel`, none of which needs root: the provider
 (`HelperForwardingProvider`, run by an `InProcessLauncher` on a `MemoryTun`), the real `Helper` (its datagrams go
 over a `FakeNetwork` instead of UDP), and a `MemoryVpnServer` -- a netsim `WireGuardDevice` that plays both the
 VPN server and the internet hosts behind it (it answers ICMP/ICMPv6 echo and UDP echo on port 7 for any

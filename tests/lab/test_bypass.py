@@ -24,7 +24,7 @@ import trio
 from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
 

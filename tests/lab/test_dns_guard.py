@@ -38,7 +38,7 @@ import trio
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.scenarios import BYPASS_DOMAIN, BYPASS_POLICY_TOML, add_bypass_hosts
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
 

@@ -26,7 +26,7 @@ from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.services import HTTP_SHA256, http_body
-from netsim.runtime.tunnel import STANDARD_PROBES, LabTunnel, netsim_tunnel
+from netsim.lab.tunnel import STANDARD_PROBES, LabTunnel, netsim_tunnel
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
 

@@ -29,7 +29,7 @@ from netsim.core.ledger import LedgerSnapshot
 from netsim.core.wireguard.device import DEFAULT_LOAD_THRESHOLD
 from netsim.core.wireguard.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from netsim.lab.lab import Lab
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 from netsim.testing.require import require_binary, require_root
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(300)]

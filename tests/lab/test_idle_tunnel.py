@@ -21,7 +21,7 @@ from netsim.apple.enums import VPNStatus
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.process import process_start_time
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 from netsim.testing.fixtures import LeakCheck
 from netsim.testing.require import require_binary, require_root, require_tun
 

@@ -22,7 +22,7 @@ import trio
 
 from netsim.core import ipc
 from netsim.lab.lab import Lab
-from netsim.runtime.tunnel import LabTunnel, netsim_tunnel
+from netsim.lab.tunnel import LabTunnel, netsim_tunnel
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
 

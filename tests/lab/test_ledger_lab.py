@@ -19,7 +19,7 @@ import trio
 
 from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.lab import Lab
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 from netsim.testing.require import require_binary, require_root
 
 # numbered UDP echo probes from `mac`, one every `interval` seconds; prints what came back (bounded)

@@ -42,7 +42,7 @@ _CLI = (
 _SCRIPT_OWNER = r"""
 import sys, trio
 from netsim.lab.lab import Lab
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 
 async def main():
     async with Lab(sys.argv[1], services=False) as lab:
@@ -61,7 +61,7 @@ except KeyboardInterrupt:
 _SYNC_OWNER = r"""
 import sys, trio
 from netsim.lab.lab import Lab
-from netsim.runtime.tunnel import netsim_tunnel
+from netsim.lab.tunnel import netsim_tunnel
 
 async def body(lab):
     async with netsim_tunnel(lab) as t:
