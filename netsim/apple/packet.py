@@ -6,26 +6,25 @@ import uuid
 from dataclasses import dataclass
 
 from netsim.apple.enums import TrafficDirection
+from netsim.core.family import DARWIN_AF_INET, DARWIN_AF_INET6, DARWIN_FAMILY_BY_NIBBLE
 
 __all__ = ["AF_INET", "AF_INET6", "FlowMetaData", "Packet", "family_for_version", "version_for_family"]
 
 # Darwin <sys/socket.h>: AF_INET 2, AF_INET6 30 (Linux uses 10 for AF_INET6). The flow API speaks Darwin values
 # in host byte order (Apple: readPackets(completionHandler:)), so ported code comparing against AF_INET6 works.
-AF_INET = 2
-AF_INET6 = 30
-
-_FAMILY_FOR_VERSION = {4: AF_INET, 6: AF_INET6}
-_VERSION_FOR_FAMILY = {AF_INET: 4, AF_INET6: 6}
+# The numbers live in netsim.core.family (their one home); these are Apple's names for them.
+AF_INET = DARWIN_AF_INET
+AF_INET6 = DARWIN_AF_INET6
 
 
 def family_for_version(version: int) -> int | None:
     """Darwin family for an IP version nibble (4 -> 2, 6 -> 30), or None for anything else."""
-    return _FAMILY_FOR_VERSION.get(version)
+    return (DARWIN_FAMILY_BY_NIBBLE[version] if 0 <= version < 16 else 0) or None
 
 
 def version_for_family(family: int) -> int | None:
     """IP version for a Darwin family (2 -> 4, 30 -> 6), or None for anything else (including Linux's 10)."""
-    return _VERSION_FOR_FAMILY.get(family)
+    return 4 if family == DARWIN_AF_INET else 6 if family == DARWIN_AF_INET6 else None
 
 
 @dataclass(frozen=True, slots=True)

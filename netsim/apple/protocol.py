@@ -84,7 +84,9 @@ class TunnelProviderProtocol:
     Differences from Apple: no keychain references (``password_reference``, identity); ``provider_bundle_identifier``
     is informational (the controller is given the provider class directly). ``include_all_networks``,
     ``exclude_local_networks`` and ``enforce_routes`` are carried; of them only ``enforce_routes`` changes netsim's
-    routing (included/excluded routes then win over the system table). ``disconnect_on_sleep`` makes a simulated
+    routing: the provider host hands it to its network configurator before ``start_tunnel``, and included/excluded
+    routes then win over the system table (Apple: enforceRoutes, R47) for the whole session.
+    ``include_all_networks``, which on Apple overrides it, is not modelled. ``disconnect_on_sleep`` makes a simulated
     sleep stop the tunnel with ``ProviderStopReason.SLEEP``. ``app_rules`` lives here rather than on a manager
     (Apple keeps it on ``NETunnelProviderManager``, R5); with ``routing_method == SOURCE_APPLICATION`` only the
     listed apps' traffic (selected by uid, see `AppRule`) enters the tunnel and read packets carry

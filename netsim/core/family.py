@@ -6,7 +6,9 @@ them in host byte order). Linux uses 2 and 10 (``include/linux/socket.h``), and 
 ``IFF_NO_PI`` prefixes an *ethertype* instead (``struct tun_pi``). A raw utun socket prefixes each packet with
 the Darwin family as a 4-byte big-endian word (what wireguard-go writes: ``00 00 00 02`` / ``00 00 00 1e``).
 
-This module never imports `socket`: the Linux numbers are constants here so the core stays sans-IO.
+This module is the one home of these numbers: `netsim.apple` (``AF_INET``/``AF_INET6``), the IPC codec, the flow,
+the helper and the TUN/MemoryTun framing all take them from here. It never imports `socket`: the Linux numbers are
+constants here so the core stays sans-IO.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ from netsim.errors import BadPacket, LocalProtocolError
 __all__ = [
     "DARWIN_AF_INET",
     "DARWIN_AF_INET6",
+    "DARWIN_FAMILIES",
+    "DARWIN_FAMILY_BY_NIBBLE",
     "ETH_P_IP",
     "ETH_P_IPV6",
     "LINUX_AF_INET",
     "LINUX_AF_INET6",
     "UTUN_HEADER_SIZE",
+    "UTUN_HEADER_V4",
+    "UTUN_HEADER_V6",
     "darwin_family_for_version",
     "darwin_to_linux",
     "decode_utun_header_untrusted",
@@ -44,8 +50,21 @@ ETH_P_IPV6: Final = 0x86DD
 UTUN_HEADER_SIZE: Final = 4
 """XNU ``UTUN_HEADER_SIZE`` without ``UTUN_FLAGS_ENABLE_PROC_UUID`` (``bsd/net/if_utun.c``)."""
 
+DARWIN_FAMILIES: Final = frozenset((DARWIN_AF_INET, DARWIN_AF_INET6))
+"""The two families the flow API and the IPC carry (Apple: ``NEPacket.protocolFamily``)."""
+
+DARWIN_FAMILY_BY_NIBBLE: Final[tuple[int, ...]] = tuple(
+    DARWIN_AF_INET if v == 4 else DARWIN_AF_INET6 if v == 6 else 0 for v in range(16)
+)
+"""Darwin family indexed by an IP packet's version nibble, ``data[0] >> 4`` (RFC 791 §3.1, RFC 8200 §3); 0 for
+anything that is not IPv4/IPv6. A tuple index is the cheapest per-packet lookup on the hot path (no call)."""
+
 _U32 = struct.Struct("!I")
-_HEADERS: Final = {DARWIN_AF_INET: _U32.pack(DARWIN_AF_INET), DARWIN_AF_INET6: _U32.pack(DARWIN_AF_INET6)}
+UTUN_HEADER_V4: Final = _U32.pack(DARWIN_AF_INET)
+"""``00 00 00 02``: the utun header in front of an IPv4 packet."""
+UTUN_HEADER_V6: Final = _U32.pack(DARWIN_AF_INET6)
+"""``00 00 00 1e``: the utun header in front of an IPv6 packet."""
+_HEADERS: Final = {DARWIN_AF_INET: UTUN_HEADER_V4, DARWIN_AF_INET6: UTUN_HEADER_V6}
 _LINUX_TO_DARWIN: Final = {LINUX_AF_INET: DARWIN_AF_INET, LINUX_AF_INET6: DARWIN_AF_INET6}
 _DARWIN_TO_LINUX: Final = {DARWIN_AF_INET: LINUX_AF_INET, DARWIN_AF_INET6: LINUX_AF_INET6}
 

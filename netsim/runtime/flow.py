@@ -15,6 +15,16 @@ AF_INET (2) or AF_INET6 (30), the packet was empty or longer than the utun MTU, 
 full) or no device is attached yet.
 Nothing is retried; each dropped packet increments exactly one named counter.
 
+Validation happens once. The flow checks every written packet (family, empty, MTU) because those drops carry
+Apple-facing names here; it then hands the survivors to the device with ``validated=True``, so the device does
+not check them again (a device used directly still checks everything itself). What only the device can know
+(queue full, the kernel refusing a packet) comes back as a count and is booked as ``write_dropped_refused``.
+
+Statistics never do I/O: `PacketTunnelFlow.statistics` copies plain ints and the device's own cheap counters, so
+it is safe on the event loop under load. The kernel's interface counters (a TUN's tx_dropped: packets the kernel
+dropped because the provider did not read) cost a ``/proc`` read in the namespace; they come only from the
+explicitly named `PacketTunnelFlow.kernel_statistics`, and `statistics` then shows the value read last.
+
 Ledger. A packet the read path drops (empty, or an IP version nibble other than 4/6) never reaches the provider,
 so the provider cannot count it. `PacketTunnelFlow.count_reads_in` names a ledger stage (the forwarding
 provider's ``tun_read``) in which each such packet is counted as read and dropped ``malformed``, so the stage's
@@ -40,8 +50,9 @@ from typing import Any
 import trio
 
 from netsim.apple.enums import RoutingMethod, TrafficDirection
-from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet
+from netsim.apple.packet import FlowMetaData, Packet
 from netsim.apple.protocol import AppRule
+from netsim.core.family import DARWIN_FAMILY_BY_NIBBLE
 from netsim.core.ledger import Stage
 from netsim.errors import LocalProtocolError, TunnelDown
 from netsim.runtime.appid import OwnerLookup, ProcNetOwnerLookup, app_rules_by_uid
@@ -103,8 +114,8 @@ def flow_key(data: bytes) -> FlowKey | None:
     return None
 
 
-# IP version nibble -> Darwin family, indexed by data[0] >> 4 (RFC 791 §3.1, RFC 8200 §3).
-_FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(AF_INET if v == 4 else AF_INET6 if v == 6 else 0 for v in range(16))
+# IP version nibble -> Darwin family (0: not IP), indexed by data[0] >> 4; defined once in netsim.core.family.
+_FAMILY_BY_NIBBLE = DARWIN_FAMILY_BY_NIBBLE
 _OUTBOUND = TrafficDirection.OUTBOUND
 
 
@@ -123,8 +134,8 @@ class FlowStatistics:
         write_dropped_too_big: packets longer than the utun's MTU.
         write_dropped_refused: packets the device refused otherwise (queue full, kernel said no).
         write_dropped_no_device: packets written before the utun existed or after it went away.
-        device: the device's own statistics (``kernel_statistics()`` when it has it, e.g. the TUN's
-            ``kernel_tx_dropped`` backpressure drops; else ``statistics()``), if it has any.
+        device: the device's own ``statistics()`` (no I/O), if it has any; from `PacketTunnelFlow.kernel_statistics`
+            its ``kernel_statistics()`` instead (a TUN's ``kernel_tx_dropped`` backpressure drops read now).
         metadata_attributed / metadata_unattributed: packets read in SOURCE_APPLICATION mode with / without
             `FlowMetaData` (no port, unknown socket, or a uid no app rule names). Zero in other modes.
         metadata_cache_hits / metadata_lookups: flow-cache hits and owner lookups (``/proc/net`` reads).
@@ -416,7 +427,7 @@ class PacketTunnelFlow:
             self._write_no_device += len(batch)
             return False
         try:
-            accepted = device.write_packets(batch)
+            accepted = device.write_packets(batch, validated=True)  # checked above: the device need not re-check
         except TunnelDown:
             self._write_no_device += len(batch)
             return False
@@ -429,11 +440,31 @@ class PacketTunnelFlow:
         self._bytes_written += size * accepted // len(batch)
         return False
 
+    @property
+    def packets_written(self) -> int:
+        """Packets the device accepted so far (a plain int; what `statistics` reports, without the snapshot).
+
+        netsim addition: a writer that got False from a write reads this to learn how many were taken.
+        """
+        return self._packets_written
+
     def statistics(self) -> FlowStatistics:
-        """A snapshot of the counters."""
+        """A snapshot of the counters; no I/O (safe on the event loop, under load)."""
         device = self._device
-        # Prefer the kernel's view (TUN tx_dropped: what overflowed while the provider was not reading).
+        stats_fn = getattr(device, "statistics", None)
+        return self._snapshot(stats_fn() if callable(stats_fn) else None)
+
+    def kernel_statistics(self) -> FlowStatistics:
+        """`statistics` with the device's kernel counters read now (``device.kernel_statistics()``, if it has it).
+
+        Blocking I/O for a TUN (``/proc/net/dev`` read inside the namespace): call it when a report is wanted,
+        never per batch. Devices without kernel counters (`MemoryTun`) give their ``statistics()``.
+        """
+        device = self._device
         stats_fn = getattr(device, "kernel_statistics", None) or getattr(device, "statistics", None)
+        return self._snapshot(stats_fn() if callable(stats_fn) else None)
+
+    def _snapshot(self, device_stats: Any) -> FlowStatistics:
         return FlowStatistics(
             read_batches=self._read_batches,
             packets_read=self._packets_read,
@@ -447,7 +478,7 @@ class PacketTunnelFlow:
             write_dropped_too_big=self._write_too_big,
             write_dropped_refused=self._write_refused,
             write_dropped_no_device=self._write_no_device,
-            device=stats_fn() if callable(stats_fn) else None,
+            device=device_stats,
             metadata_attributed=self._meta_attributed,
             metadata_unattributed=self._meta_unattributed,
             metadata_cache_hits=self._meta_hits,

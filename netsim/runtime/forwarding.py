@@ -7,12 +7,19 @@ helper's SETTINGS frame (addresses, DNS, AllowedIPs, MTU and server address from
 stay in the helper) and applies them with ``set_tunnel_network_settings``. Two loops then run for the life of
 the tunnel:
 
-* **outbound**: ``await packet_flow.read_packet_objects()`` (one trio wakeup returns every queued packet) ->
-  one IPC PACKETS frame (`IpcChannel.send_packets_nowait`: scatter-gather ``sendmsg``, the payload bytes are never
-  copied into a frame). While the helper is away the batch is dropped and counted as ``helper_down``: reading on
-  keeps the utun queue from filling with stale packets, and the count says exactly what was lost.
-* **inbound**: each IPC PACKETS frame -> ``packet_flow.write_packet_objects()`` with `Packet` objects whose data
-  are memoryview slices of the IPC receive buffer (zero copy until the TUN write).
+* **outbound**: ``await packet_flow.read_packets()`` (Apple: ``readPackets``; one trio wakeup returns every queued
+  packet as parallel lists of packets and Darwin families) -> one IPC PACKETS frame with those same lists
+  (`IpcChannel.send_packets_nowait`: scatter-gather ``sendmsg``, the payload bytes are never copied into a frame).
+  While the helper is away the batch is dropped and counted as ``helper_down``: reading on keeps the utun queue
+  from filling with stale packets, and the count says exactly what was lost.
+* **inbound**: each IPC PACKETS frame -> ``packet_flow.write_packets(batch.packets(), batch.families)`` (Apple:
+  ``writePackets(_:withProtocols:)``): memoryview slices of the IPC receive buffer (zero copy until the TUN write)
+  and the frame's families as they came.
+
+No `Packet` object is made on either path (they are Apple's per-packet objects, for providers that want them);
+the families travel end to end as the parallel lists both APIs already use. When a write is refused, the
+provider reads the flow's plain ``packets_written`` counter to book what was taken: no statistics snapshot and
+no I/O on the event loop under load.
 
 If the helper dies, the connection breaks: the provider sets ``reasserting`` (Apple: the tunnel is re-establishing,
 R24), reconnects with exponential backoff and, when the helper answers again, clears ``reasserting`` and resumes.
@@ -40,7 +47,6 @@ from typing import Any
 import trio
 
 from netsim.apple.enums import ProviderStopReason
-from netsim.apple.packet import Packet
 from netsim.apple.settings import (
     DNSSettings,
     IPv4Route,
@@ -337,6 +343,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._ready.set()
         log.info("connected to the helper (connection %d)", self.connects)
         flow = self.packet_flow
+        write = flow.write_packets
         ipc_in = self._ipc_in
         try:
             while True:
@@ -344,11 +351,11 @@ class HelperForwardingProvider(PacketTunnelProvider):
                 if isinstance(ev, ipc.PacketBatch):
                     n = len(ev)
                     ipc_in.count_read(n)
-                    if flow.write_packet_objects([Packet(view, fam) for fam, view in ev]):
+                    if write(ev.packets(), ev.families):
                         accepted = n
                         self._written_seen += n
-                    else:  # rare: ask the flow how many it took (only this loop writes to it)
-                        total = flow.statistics().packets_written
+                    else:  # rare: the flow's plain counter says how many it took (only this loop writes to it)
+                        total = flow.packets_written
                         accepted, self._written_seen = total - self._written_seen, total
                     self.write_batches += 1
                     ipc_in.count_forwarded(accepted)
@@ -386,10 +393,11 @@ class HelperForwardingProvider(PacketTunnelProvider):
     async def _outbound(self) -> None:
         """utun -> helper: one flow read, one IPC frame (the performance-critical loop)."""
         flow = self.packet_flow
+        read = flow.read_packets
         st = self._tun_read
         flow.count_reads_in(st)  # packets the flow drops as malformed are booked here too
         while True:
-            packets = await flow.read_packet_objects()
+            packets, families = await read()  # Apple: readPackets; families stay with their packets to the IPC
             n = len(packets)
             st.count_read(n)
             self.read_batches += 1
@@ -399,7 +407,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
                 continue
             st.count_forwarded(n)
             try:
-                ch.send_packets_nowait([p.data for p in packets], [p.protocol_family for p in packets])
+                ch.send_packets_nowait(packets, families)
             except LocalProtocolError:
                 pass  # counted by the channel's ipc_out stage (ipc_local_error): the session is closing
 

@@ -57,7 +57,7 @@ from netsim.apple.errors import TunnelProviderError
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
-from netsim.errors import LabError
+from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
 from netsim.transports.base import PacketDevice
 
@@ -168,6 +168,7 @@ class AppliedSettings:
     gateways: dict[int, str] = field(default_factory=dict)  # IP version -> gateway used for excluded routes
     routing_method: RoutingMethod = RoutingMethod.DESTINATION_IP
     app_uids: tuple[int, ...] = ()  # SOURCE_APPLICATION: the uids routed into the tunnel (sorted)
+    enforce_routes: bool = False  # tunnel routes beat the system table (NEVPNProtocol.enforceRoutes, R47)
 
 
 def _app_uids(routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None) -> tuple[int, ...] | None:
@@ -205,6 +206,28 @@ class NetworkConfigurator(Protocol):
             ConfigError: ``SOURCE_APPLICATION`` with no rules, a rule without a uid, or a uid used twice.
         """
         ...
+
+    def set_enforce_routes(self, enforce_routes: bool) -> None:
+        """Let included/excluded routes win over the system table (Apple: ``NEVPNProtocol.enforceRoutes``).
+
+        The provider host calls it with the protocol's value before the provider starts; it holds for the
+        session, as Apple's protocol does.
+
+        Raises:
+            LocalProtocolError: a different value while settings are applied (reconnect to change it).
+        """
+        ...
+
+
+def _enforce_routes_change(current: bool, wanted: bool, applied: AppliedSettings | None) -> bool:
+    """The new ``enforce_routes`` value, or `LocalProtocolError` when it would change under applied settings."""
+    wanted = bool(wanted)
+    if wanted != current and applied is not None:
+        raise LocalProtocolError(
+            f"enforce_routes cannot change to {wanted} while settings are applied; "
+            "set it on the TunnelProviderProtocol before starting the tunnel"
+        )
+    return wanted
 
 
 def _addresses(settings: PacketTunnelNetworkSettings) -> list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]:
@@ -254,6 +277,10 @@ class MemoryNetworkConfigurator:
             self._applied = replace(self._applied, routing_method=self.routing_method, app_uids=self._uids or ())
             self.history.append(self._applied)
 
+    def set_enforce_routes(self, enforce_routes: bool) -> None:
+        """See `NetworkConfigurator.set_enforce_routes`."""
+        self.enforce_routes = _enforce_routes_change(self.enforce_routes, enforce_routes, self._applied)
+
     @property
     def device(self) -> PacketDevice | None:
         return self._device
@@ -282,6 +309,7 @@ class MemoryNetworkConfigurator:
                 resolver=None if dns is None else resolver_config(dns, claims_default_route=_claims_default(routes)),
                 routing_method=self.routing_method,
                 app_uids=self._uids or (),
+                enforce_routes=self.enforce_routes,
             )
         self.history.append(self._applied)
         return self._device
@@ -382,6 +410,14 @@ class KernelNetworkConfigurator:
             except Exception as exc:
                 raise _failed(f"installing per-app rules in {self.netns} failed: {exc}") from exc
             self._applied = replace(self._applied, routing_method=self.routing_method, app_uids=uids or ())
+
+    def set_enforce_routes(self, enforce_routes: bool) -> None:
+        """See `NetworkConfigurator.set_enforce_routes`; the rule order is chosen when settings are applied.
+
+        Swapping the two rules under live settings would leave a moment with only one of them installed, so a
+        change is refused while settings are applied (Apple, too, fixes the protocol for a session).
+        """
+        self.enforce_routes = _enforce_routes_change(self.enforce_routes, enforce_routes, self._applied)
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _iproute(self) -> Any:
@@ -502,6 +538,7 @@ class KernelNetworkConfigurator:
             gateways=dict(gateways),
             routing_method=self.routing_method,
             app_uids=self._uids or (),
+            enforce_routes=self.enforce_routes,
         )
 
     def _rule_specs(self) -> list[dict[str, Any]]:

@@ -451,6 +451,8 @@ class ProviderHost:
                 # Per-app VPN (routingMethod sourceApplication): route only the app rules' traffic into the utun
                 # and tag packets with FlowMetaData; a bad app rule fails the start like any provider error.
                 proto = self.protocol_configuration
+                # NEVPNProtocol.enforceRoutes (R47): included/excluded routes win over the system table.
+                self.configurator.set_enforce_routes(proto.enforce_routes)
                 self.configurator.set_routing_method(proto.routing_method, proto.app_rules)
                 self.flow.set_routing_method(proto.routing_method, proto.app_rules)
                 await self.provider.start_tunnel(self._start_options)
@@ -535,6 +537,7 @@ def _applied_to_json(applied: Any) -> dict[str, Any]:
         },
         "physical_interface": applied.physical_interface,
         "gateways": {str(k): v for k, v in applied.gateways.items()},
+        "enforce_routes": applied.enforce_routes,
     }
 
 

@@ -14,14 +14,14 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
+from netsim.core.family import UTUN_HEADER_SIZE, UTUN_HEADER_V4, UTUN_HEADER_V6
 from netsim.errors import LocalProtocolError, TunnelDown
-from netsim.transports.tun import AF_INET6_DARWIN, UTUN_HEADER, TunStatistics
+from netsim.transports.tun import TunStatistics
 
 __all__ = ["MemoryTun"]
 
 Buffer = bytes | bytearray | memoryview
-_HDR_V4 = UTUN_HEADER.pack(2)
-_HDR_V6 = UTUN_HEADER.pack(AF_INET6_DARWIN)
+_HDR_V4, _HDR_V6 = UTUN_HEADER_V4, UTUN_HEADER_V6
 
 
 class MemoryTun:
@@ -34,7 +34,7 @@ class MemoryTun:
         self._mtu = mtu
         self.capacity = capacity
         self.utun_framing = utun_framing
-        self._hdr = 4 if utun_framing else 0
+        self._hdr = UTUN_HEADER_SIZE if utun_framing else 0
         self._inbound: deque[bytes] = deque()
         self._written: list[bytes] = []
         self._closed = False
@@ -111,46 +111,29 @@ class MemoryTun:
         self._event.set()
         self._event = trio.Event()
 
-    def read_into(self, bufs: Sequence[bytearray], sizes: list[int], offset: int = 0) -> int:
-        """See `PacketDevice.read_into`."""
-        self._check()
-        if len(sizes) < len(bufs):
-            raise LocalProtocolError("sizes must have at least len(bufs) entries")
-        hdr = self._hdr
-        need = offset + hdr + self._mtu
-        if any(len(buf) < need for buf in bufs):
-            raise LocalProtocolError(f"read buffers need offset + mtu{' + 4' if hdr else ''} = {need} bytes")
-        count = 0
-        while count < len(bufs) and self._inbound:
-            pkt = self._inbound.popleft()
-            buf = bufs[count]
-            start = offset + hdr
-            if len(pkt) > self._mtu:
-                self._drop("truncated")  # the MTU shrank after it was queued
-                continue
-            buf[start : start + len(pkt)] = pkt
-            if hdr:
-                buf[offset : offset + 4] = _HDR_V6 if pkt[0] >> 4 == 6 else _HDR_V4
-            sizes[count] = len(pkt) + hdr
-            count += 1
-            self.packets_read += 1
-            self.bytes_read += len(pkt)
-        return count
-
     def read_packets(self, limit: int) -> list[bytes]:
         """See `PacketDevice.read_packets`."""
         self._check()
         out: list[bytes] = []
         while len(out) < limit and self._inbound:
             pkt = self._inbound.popleft()
+            if len(pkt) > self._mtu:
+                self._drop("truncated")  # the MTU shrank after it was queued (TunDevice: the read came up short)
+                continue
             self.packets_read += 1
             self.bytes_read += len(pkt)
             out.append((_HDR_V6 if pkt[0] >> 4 == 6 else _HDR_V4) + pkt if self._hdr else pkt)
         return out
 
-    def write_packets(self, packets: Sequence[Buffer], offset: int = 0) -> int:
-        """See `PacketDevice.write_packets`."""
+    def write_packets(self, packets: Sequence[Buffer], offset: int = 0, *, validated: bool = False) -> int:
+        """See `PacketDevice.write_packets` (``validated`` skips the checks, as `TunDevice` does)."""
         self._check()
+        if validated and not self._hdr and not offset:
+            self._written.extend(map(bytes, packets))
+            n = len(packets)
+            self.packets_written += n
+            self.bytes_written += sum(map(len, packets))
+            return n
         accepted = 0
         for pkt in packets:
             view = memoryview(pkt)[offset:]

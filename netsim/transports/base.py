@@ -1,7 +1,8 @@
 """The packet-device interface shared by the Linux TUN adapter and `netsim.testing.MemoryTun`.
 
-Shape follows wireguard-go's ``tun.Device``: batch I/O with caller-owned buffers and headroom, so a caller can
-prepend headers in place. Both implementations pass the conformance suite in ``tests/transports``.
+Shape follows wireguard-go's ``tun.Device``: non-blocking batch I/O, one call per batch. Reads return owned
+``bytes`` (measured faster from Python than reading into reused buffers, see `netsim.transports.tun`); writes take
+any buffers, with optional headroom. Both implementations pass the conformance suite in ``tests/transports``.
 """
 
 from __future__ import annotations
@@ -28,25 +29,22 @@ class PacketDevice(Protocol):
         """Current MTU in bytes."""
         ...
 
-    def read_into(self, bufs: Sequence[bytearray], sizes: list[int], offset: int = 0) -> int:
-        """Read every packet that is ready, up to ``len(bufs)``, without blocking.
+    def read_packets(self, limit: int) -> list[bytes]:
+        """Read every packet that is ready, up to ``limit``, as owned ``bytes`` (empty list when none).
 
-        Packet ``i`` is stored at ``bufs[i][offset:offset + sizes[i]]``. Returns the count (0 when nothing is
-        ready). Every buffer must hold ``offset + mtu`` bytes (plus 4 in utun framing mode), else
-        `netsim.errors.LocalProtocolError` is raised: a packet is never silently cut short. Raises
-        `netsim.errors.TunnelDown` when the device is gone or closed.
+        Never blocks. A packet longer than `mtu` (queued before the MTU shrank) is dropped and counted as
+        ``truncated``, never handed out cut short. Raises `netsim.errors.TunnelDown` when the device is gone or
+        closed.
         """
         ...
 
-    def read_packets(self, limit: int) -> list[bytes]:
-        """Read every packet that is ready, up to ``limit``, as owned ``bytes`` (empty list when none)."""
-        ...
-
-    def write_packets(self, packets: Sequence[Buffer], offset: int = 0) -> int:
+    def write_packets(self, packets: Sequence[Buffer], offset: int = 0, *, validated: bool = False) -> int:
         """Write a batch (each packet starts at ``offset`` in its buffer); never blocks.
 
         Returns how many were accepted. Packets the device refuses (queue full, too big, bad) are dropped and
         counted in `statistics`; raises `netsim.errors.TunnelDown` only when the device itself is gone.
+        ``validated=True`` promises every packet is non-empty and at most `mtu` bytes (the caller checked and
+        counted them, as `netsim.runtime.flow.PacketTunnelFlow` does), so the device skips those checks.
         """
         ...
 

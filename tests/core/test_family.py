@@ -11,10 +11,14 @@ from hypothesis import strategies as st
 from netsim.core.family import (
     DARWIN_AF_INET,
     DARWIN_AF_INET6,
+    DARWIN_FAMILIES,
+    DARWIN_FAMILY_BY_NIBBLE,
     ETH_P_IPV6,
     LINUX_AF_INET,
     LINUX_AF_INET6,
     UTUN_HEADER_SIZE,
+    UTUN_HEADER_V4,
+    UTUN_HEADER_V6,
     darwin_family_for_version,
     darwin_to_linux,
     decode_utun_header_untrusted,
@@ -82,3 +86,23 @@ def test_bad_inputs() -> None:
         ethertype_for_version(0)
     with pytest.raises(LocalProtocolError, match="no room"):
         write_utun_header(bytearray(3), 0, 2)
+
+
+def test_nibble_table_and_headers_agree_with_the_functions() -> None:
+    for version in range(16):
+        expected = darwin_family_for_version(version) if version in (4, 6) else 0
+        assert DARWIN_FAMILY_BY_NIBBLE[version] == expected
+    assert len(DARWIN_FAMILY_BY_NIBBLE) == 16 and DARWIN_FAMILIES == {2, 30}
+    assert (UTUN_HEADER_V4, UTUN_HEADER_V6) == (encode_utun_header(2), encode_utun_header(30))
+
+
+def test_the_apple_names_are_this_modules_numbers() -> None:
+    """One home: netsim.apple's AF_INET/AF_INET6 and its helpers answer from this module, including for junk."""
+    from netsim import apple
+
+    assert (apple.AF_INET, apple.AF_INET6) == (DARWIN_AF_INET, DARWIN_AF_INET6)
+    for version in range(-1, 18):
+        want = DARWIN_FAMILY_BY_NIBBLE[version] if 0 <= version < 16 else 0
+        assert apple.family_for_version(version) == (want or None)
+    for family in (0, 2, 10, 30, 31):
+        assert apple.version_for_family(family) == {2: 4, 30: 6}.get(family)

@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.tun]
 
 LAN_HOST4, LAN_GW4, LAN_HOST6, LAN_GW6 = "192.168.1.20", "192.168.1.1", "fd00:6e73:1::20", "fd00:6e73:1::1"
 SERVER4 = "192.0.2.2"
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 def build(spec: dict[str, Any]) -> PacketTunnelNetworkSettings:
@@ -86,11 +87,13 @@ def lab() -> Iterator[Any]:
     assert_root_unchanged(before)
 
 
-def run_with_tunnel(lab: Any, body: Callable[[TunnelProviderSession], Awaitable[None]]) -> None:
+def run_with_tunnel(
+    lab: Any, body: Callable[[TunnelProviderSession], Awaitable[None]], *, enforce_routes: bool = False
+) -> None:
     manager = TunnelProviderManager(
         f"{__file__}:SettingsProvider",
         SubprocessLauncher(lab.netns("mac")),
-        TunnelProviderProtocol(server_address=SERVER4),
+        TunnelProviderProtocol(server_address=SERVER4, enforce_routes=enforce_routes),
     )
 
     async def main() -> None:
@@ -176,9 +179,9 @@ class Kernel:
         route = json.loads(result.stdout)[0]
         return route["dev"], route.get("gateway")
 
-    def model(self, settings: PacketTunnelNetworkSettings) -> RouteTable:
+    def model(self, settings: PacketTunnelNetworkSettings, *, enforce_routes: bool = False) -> RouteTable:
         """The RouteTable model: netsim's tunnel routes plus the kernel's own main table."""
-        model = tunnel_route_table(settings)
+        model = tunnel_route_table(settings, enforce_routes=enforce_routes)
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=254):
                 if msg.get("type") != 1:
@@ -204,8 +207,10 @@ def kernel(lab: Any) -> Iterator[Kernel]:
     k.close()
 
 
-def check_against_model(kernel: Kernel, spec: dict[str, Any], utun: str, addresses: list[str]) -> None:
-    model = kernel.model(build(spec))
+def check_against_model(
+    kernel: Kernel, spec: dict[str, Any], utun: str, addresses: list[str], *, enforce_routes: bool = False
+) -> None:
+    model = kernel.model(build(spec), enforce_routes=enforce_routes)
     for address in addresses:
         dev, _ = kernel.route_get(address)
         route = model.resolve(address)
@@ -333,3 +338,39 @@ def test_bad_settings_fail_with_code_and_leave_the_kernel_alone(lab: Any, kernel
         assert kernel.table() == before
 
     run_with_tunnel(lab, body)
+
+
+@pytest.mark.parametrize("enforce", [False, True], ids=["default", "enforce_routes"])
+def test_enforce_routes_from_the_protocol_reaches_the_kernel(lab: Any, kernel: Kernel, enforce: bool) -> None:
+    """NEVPNProtocol.enforceRoutes (R47): tunnel routes then take precedence over locally defined routes.
+
+    Included routes cover part of the LAN, whose connected route is in the system table. By default the system
+    table wins (R49: the LAN host stays on en0); with ``enforce_routes=True`` on the protocol the provider
+    process's configurator swaps netsim's two rules, so the same included route wins and the LAN host goes into
+    the utun. Addresses no tunnel route covers keep the physical path either way.
+    """
+    spec = {
+        "v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"],
+               "included": [["192.168.1.0", "255.255.255.128"], ["10.0.0.0", "255.0.0.0"]]},
+        "v6": {"addresses": ["fd00:8::2"], "lengths": [128], "included": [["fd00:6e73:1::", 65]]},
+    }  # fmt: skip
+    tunnel_rules = {(fam, RULE_PRIORITY + (0 if enforce else 1), TUNNEL_TABLE, None, 0x6E73) for fam in FAMILIES}
+    main_rules = {(fam, RULE_PRIORITY + (1 if enforce else 0), 254, 0, None) for fam in FAMILIES}
+
+    async def body(session: TunnelProviderSession) -> None:
+        assert await apply(session, spec) == {}
+        applied = session.applied_settings
+        assert applied is not None and applied["enforce_routes"] is enforce
+        utun = applied["device"]
+        assert kernel.rules() == tunnel_rules | main_rules
+        lan = utun if enforce else "en0"
+        assert kernel.route_get(LAN_HOST4)[0] == lan
+        assert kernel.route_get(LAN_HOST6)[0] == lan
+        assert kernel.route_get("10.1.2.3")[0] == utun  # included, nothing more specific locally: tunnel both ways
+        assert kernel.route_get("203.0.113.10") == ("en0", LAN_GW4)  # no tunnel route: physical both ways
+        check_against_model(
+            kernel, spec, utun, [LAN_HOST4, LAN_HOST6, "10.1.2.3", "203.0.113.10"], enforce_routes=enforce
+        )
+
+    run_with_tunnel(lab, body, enforce_routes=enforce)
+    assert kernel.rules() == set()

@@ -343,3 +343,44 @@ def test_write_bool_and_counters_account_for_every_packet(spec: list[tuple[int, 
     assert ok == (len(valid) == len(datas))
     assert device.take_written() == valid
     assert s.packets_written + s.write_dropped_family + s.write_dropped_malformed == len(datas)
+
+
+class InstrumentedTun(MemoryTun):
+    """A MemoryTun that counts kernel-counter reads (I/O on a real TUN) and records how it is written to."""
+
+    def __init__(self) -> None:
+        super().__init__("utun0", MTU)
+        self.kernel_reads = 0
+        self.writes: list[tuple[int, bool]] = []  # (packets offered, validated)
+
+    def kernel_statistics(self) -> Any:
+        self.kernel_reads += 1
+        return self.statistics()
+
+    def write_packets(self, packets: Any, offset: int = 0, *, validated: bool = False) -> int:
+        self.writes.append((len(packets), validated))
+        return super().write_packets(packets, offset, **({"validated": True} if validated else {}))
+
+
+def test_statistics_never_read_kernel_counters_kernel_statistics_does() -> None:
+    device = InstrumentedTun()
+    flow = PacketTunnelFlow(device)
+    for _ in range(3):
+        assert flow.statistics().device == device.statistics()
+    assert device.kernel_reads == 0  # statistics() is safe on the event loop: no /proc read
+    assert flow.kernel_statistics().device == device.statistics()
+    assert device.kernel_reads == 1  # the explicit, separately named call is the one that reads
+
+
+def test_written_packets_are_checked_once_by_the_flow() -> None:
+    device = InstrumentedTun()
+    flow = PacketTunnelFlow(device)
+    good = outbound4(0)
+    too_big = outbound4(1, size=MTU)
+    assert flow.write_packets([good, b"", too_big, good], [AF_INET, AF_INET, AF_INET, AF_INET6]) is False
+    s = flow.statistics()
+    assert (s.write_dropped_malformed, s.write_dropped_too_big, s.write_dropped_family) == (1, 1, 1)
+    # the device got only what the flow had already checked, marked so, and had nothing left to drop
+    assert device.writes == [(1, True)]
+    assert device.take_written() == [good] and device.statistics().dropped == {}
+    assert flow.packets_written == s.packets_written == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -12,12 +13,16 @@ import trio.testing
 from netsim.apple.enums import ProviderStopReason, VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.apple.settings import IPv4Route, IPv6Route
+from netsim.core import ipc
 from netsim.core.ledger import LedgerSnapshot
-from netsim.errors import ConfigError
+from netsim.errors import ConfigError, TunnelDown
 from netsim.runtime.controller import TunnelProviderManager, memory_launcher
+from netsim.runtime.flow import PacketTunnelFlow
 from netsim.runtime.forwarding import HelperForwardingProvider, settings_from_payload
+from netsim.runtime.netconfig import MemoryNetworkConfigurator
+from netsim.runtime.provider import ProviderHost
 from netsim.testing.memory_tun import MemoryTun
-from netsim.testing.memory_tunnel import icmp_echo, memory_tunnel
+from netsim.testing.memory_tunnel import icmp_echo, memory_tunnel, udp_packet
 
 WWW4 = "203.0.113.10"
 
@@ -170,3 +175,84 @@ def test_app_messages_report_provider_and_helper_statistics() -> None:
             assert theirs["connected"] is True
 
     run_memory(main)
+
+
+def test_forwarding_moves_batches_without_packet_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both loops use Apple's list APIs (readPackets / writePackets(_:withProtocols:)): no per-packet objects."""
+
+    def refuse(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("the forwarding path must not use the Packet-object flow API")
+
+    monkeypatch.setattr(PacketTunnelFlow, "read_packet_objects", refuse)
+    monkeypatch.setattr(PacketTunnelFlow, "write_packet_objects", refuse)
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            burst = [icmp_echo(t.client_v4, WWW4, i) for i in range(100)]
+            burst += [icmp_echo("fd00:66::2", "2001:db8:2::10", i) for i in range(20)]  # families travel along
+            assert len(await t.exchange(burst)) == 120
+            p = t.provider.statistics()
+            assert p.ledger["tun_read"].forwarded == 120 and p.ledger["ipc_in"].forwarded == 120
+            assert p.ledger.check() == []
+
+    run_memory(main)
+
+
+class _KernelCountingTun(MemoryTun):
+    """Counts reads of kernel counters (a /proc read on a real TUN)."""
+
+    kernel_reads = 0
+
+    def kernel_statistics(self) -> Any:
+        type(self).kernel_reads += 1
+        return self.statistics()
+
+
+class _Frames:
+    """The provider's end of an IPC channel that delivers a fixed list of events, then breaks."""
+
+    is_broken = False
+
+    def __init__(self, events: list[object]) -> None:
+        self.events = events
+
+    async def receive_event(self) -> object:
+        await trio.lowlevel.checkpoint()
+        if not self.events:
+            raise TunnelDown("end of the scripted frames")
+        return self.events.pop(0)
+
+
+def test_refused_writes_are_booked_without_statistics_or_kernel_io(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused TUN write happens under load: the provider books it from plain counters, never a snapshot."""
+    provider = HelperForwardingProvider()
+    host = ProviderHost(provider, MemoryNetworkConfigurator(_KernelCountingTun))
+    host.protocol_configuration = TunnelProviderProtocol(provider_configuration={"helper_socket": "memory:none"})
+    host.status = VPNStatus.CONNECTING
+
+    def no_snapshot() -> Any:
+        raise AssertionError("flow.statistics() on the inbound path")
+
+    monkeypatch.setattr(host.flow, "statistics", no_snapshot)
+    settings = {"v": 1, "addresses": ["10.66.0.2/32"], "routes": ["0.0.0.0/0"], "mtu": 1400, "server": "192.0.2.2"}
+    good = udp_packet("203.0.113.10", "10.66.0.2", 53, 40000, b"reply")
+    too_big = udp_packet("203.0.113.10", "10.66.0.2", 53, 40000, bytes(1400))
+
+    def frame(packets: list[bytes]) -> ipc.PacketBatch:
+        return ipc.PacketBatch(
+            memoryview(b"".join(packets)), (ipc.AF_INET,) * len(packets), tuple(len(p) for p in packets)
+        )
+
+    events: list[object] = [ipc.Settings(json.dumps(settings).encode()), frame([good, too_big, good]), frame([good])]
+
+    async def main() -> None:
+        with pytest.raises(TunnelDown):
+            await provider._session(_Frames(events))  # type: ignore[arg-type]
+
+    _KernelCountingTun.kernel_reads = 0
+    run_memory(main)
+    stage = provider.ledger.snapshot()["ipc_in"]
+    assert (stage.read, stage.forwarded, stage.dropped_for("tun_refused")) == (4, 3, 1)
+    assert _KernelCountingTun.kernel_reads == 0
+    device = host.flow.device
+    assert isinstance(device, MemoryTun) and len(device.take_written()) == 3

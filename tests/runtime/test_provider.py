@@ -427,3 +427,24 @@ def test_packet_write_through_provider_flow_counts_family_errors() -> None:
             assert flow.statistics().write_dropped_family == 1
 
     mock_run(main)
+
+
+@pytest.mark.parametrize("enforce", [False, True])
+def test_protocol_enforce_routes_reaches_the_configurator(enforce: bool) -> None:
+    # NEVPNProtocol.enforceRoutes is documented to change routing: the host must hand the protocol's value to the
+    # configurator it was given (built with the default, False), not leave the default in place.
+    m, launcher = manager(protocol=TunnelProviderProtocol(server_address="203.0.113.5", enforce_routes=enforce))
+
+    async def main() -> None:
+        async with m.open_session() as session:
+            await session.start_vpn_tunnel()
+            await session.wait_status(S.CONNECTED)
+            configurator = launcher.hosts[-1].configurator
+            assert isinstance(configurator, MemoryNetworkConfigurator)
+            assert configurator.enforce_routes is enforce
+            assert configurator.applied is not None and configurator.applied.enforce_routes is enforce
+            assert session.applied_settings is not None and session.applied_settings["enforce_routes"] is enforce
+            await session.stop_vpn_tunnel()
+            await session.wait_status(S.DISCONNECTED)
+
+    mock_run(main)

@@ -14,7 +14,7 @@ from netsim.apple import (
     TunnelProviderError,
 )
 from netsim.core.routes import DuplicatePolicy, RouteKind
-from netsim.errors import LabError
+from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.netconfig import (
     KernelNetworkConfigurator,
     MemoryNetworkConfigurator,
@@ -96,4 +96,20 @@ def test_kernel_configurator_refuses_foreign_namespaces() -> None:
     c = KernelNetworkConfigurator("netsim-nosuch-mac", inside=True)
     with pytest.raises(TunnelProviderError, match="not in namespace"):
         c.apply(PacketTunnelNetworkSettings("203.0.113.5", ipv4_settings=IPv4Settings(["10.0.0.1"], ["255.0.0.0"])))
+    c.close()
+
+
+def test_enforce_routes_is_fixed_while_settings_are_applied() -> None:
+    c = MemoryNetworkConfigurator(MemoryTun)
+    c.set_enforce_routes(True)  # before any settings: taken
+    s = PacketTunnelNetworkSettings("203.0.113.5", ipv4_settings=IPv4Settings(["10.8.0.2"], ["255.255.255.255"]))
+    c.apply(s)
+    assert c.applied is not None and c.applied.enforce_routes
+    c.set_enforce_routes(True)  # the same value: fine
+    with pytest.raises(LocalProtocolError, match="enforce_routes cannot change"):
+        c.set_enforce_routes(False)
+    assert c.enforce_routes
+    c.apply(None)
+    c.set_enforce_routes(False)  # cleared: may change again
+    assert not c.enforce_routes
     c.close()
