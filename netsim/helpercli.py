@@ -20,7 +20,7 @@ import trio
 
 from netsim.core import ipc
 from netsim.core.policy import Mechanism, Policy, PolicyEngine
-from netsim.core.wireguard.config import TunnelConfig
+from netsim.core.wireguard.config import TunnelConfig, parse_config_bytes
 from netsim.core.wireguard.peer import Endpoint
 from netsim.errors import ConfigError, NetsimError
 from netsim.runtime.helper import DEFAULT_BATCH, Helper
@@ -223,11 +223,13 @@ def helper(
     ping_timeout: float,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
-    from netsim.lab.wireguard import load_config
-
     configure_json_logging(getattr(logging, log_level.upper()))
     try:
-        config = load_config(config_path)
+        try:
+            data = Path(config_path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the WireGuard config: {exc}", source=str(config_path)) from None
+        config = parse_config_bytes(data, source=str(config_path))
         policy = None
         if policy_path is not None:
             from netsim.runtime.policy_file import load_policy_file

@@ -36,6 +36,7 @@ from netsim.core.wireguard.config import (
     PeerConfig,
     TunnelConfig,
     parse_config,
+    parse_config_bytes,
     parse_endpoint,
     to_wg_setconf,
 )
@@ -70,10 +71,10 @@ def load_config(path: str | Path) -> TunnelConfig:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = p.read_bytes()
+    except OSError as exc:
         raise ConfigError(f"cannot read the WireGuard config: {exc}", source=str(p)) from None
-    return parse_config(text, source=str(p))
+    return parse_config_bytes(data, source=str(p))
 
 
 def wg_ifname(run_id: str, suffix: str = "wg0") -> str:

@@ -119,7 +119,7 @@ class TunDevice:
         if netns is None:
             owner, ctl = open_dev()
         else:
-            from netsim.lab.netns import run_in_netns
+            from netsim.transports.netns import run_in_netns
 
             owner, ctl = run_in_netns(netns, open_dev)
         fd = owner.fileno()  # type: ignore[attr-defined]
@@ -328,7 +328,7 @@ class TunDevice:
         if self._netns is None:
             text = read()
         else:
-            from netsim.lab.netns import run_in_netns
+            from netsim.transports.netns import run_in_netns
 
             text = run_in_netns(self._netns, read)
         for line in text.splitlines()[2:]:

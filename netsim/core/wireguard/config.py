@@ -46,6 +46,7 @@ __all__ = [
     "PeerConfig",
     "TunnelConfig",
     "parse_config",
+    "parse_config_bytes",
     "parse_endpoint",
     "render_wg_quick",
     "to_wg_setconf",
@@ -433,6 +434,19 @@ def _peer(sec: _Section, source: str | None) -> PeerConfig:
         allowed_ips=tuple(allowed),
         persistent_keepalive=keepalive,
     )
+
+
+def parse_config_bytes(data: bytes, *, source: str | None = None) -> TunnelConfig:
+    """`parse_config` of a file's bytes: strict UTF-8 first (the caller reads the file; the core does no I/O).
+
+    Raises:
+        ConfigError: the bytes are not UTF-8, or the content is bad (the message names the line).
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read the WireGuard config: {exc}", source=source) from None
+    return parse_config(text, source=source)
 
 
 def parse_config(text: str, *, source: str | None = None) -> TunnelConfig:
