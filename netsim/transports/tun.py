@@ -331,8 +331,10 @@ class TunDevice:
             from netsim.transports.netns import run_in_netns
 
             text = run_in_netns(self._netns, read)
+        tx_dropped: int | None = None
         for line in text.splitlines()[2:]:
             ifname, _, rest = line.partition(":")
             if ifname.strip() == self._name:
-                self._kernel_tx_dropped = int(rest.split()[11])
+                tx_dropped = int(rest.split()[11])
+        self._kernel_tx_dropped = tx_dropped
         return self.statistics()
