@@ -62,6 +62,7 @@ import trio
 
 from netsim.core import ipc
 from netsim.core.dnsguard import DnsGuard
+from netsim.core.family import DARWIN_AF_INET, DARWIN_FAMILY_BY_NIBBLE
 from netsim.core.ledger import Ledger
 from netsim.core.packet import PacketView
 from netsim.core.policy import Action, Mechanism, PolicyEngine, parse_policy, route_exclusions_payload
@@ -106,7 +107,6 @@ DEFAULT_BATCH = 64
 # An IPC frame carries at most this many packets from the helper (64 KiB each worst case fits the 1 MiB default
 # frame only in small numbers, so the batch is also cut by bytes with Connection.batch_fits).
 _MAX_IPC_BATCH = 256
-_FAMILY_BY_NIBBLE: tuple[int, ...] = tuple(ipc.AF_INET if v == 4 else ipc.AF_INET6 if v == 6 else 0 for v in range(16))
 
 
 def _nat_carries(nat: NatTable, view: PacketView, now: float) -> bool:
@@ -522,7 +522,7 @@ class Helper:
                 nbytes -= len(packets[end])
             chunk = packets[start:end]
             try:
-                ch.send_packets_nowait(chunk, [_FAMILY_BY_NIBBLE[p[0] >> 4] or ipc.AF_INET for p in chunk])
+                ch.send_packets_nowait(chunk, [DARWIN_FAMILY_BY_NIBBLE[p[0] >> 4] or DARWIN_AF_INET for p in chunk])
             except LocalProtocolError:
                 pass  # counted by the channel as ipc_local_error (e.g. the session is closing)
             start = end
