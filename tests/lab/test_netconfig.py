@@ -374,3 +374,44 @@ def test_enforce_routes_from_the_protocol_reaches_the_kernel(lab: Any, kernel: K
 
     run_with_tunnel(lab, body, enforce_routes=enforce)
     assert kernel.rules() == set()
+
+
+def test_second_tunnel_in_the_namespace_is_refused_and_leaves_the_first_alone(lab: Any, kernel: Kernel) -> None:
+    """Issue 13: a second provider in a namespace with a tunnel must not take over or remove the first's state.
+
+    Before the ownership claim the second provider's settings replaced the first's table entries, and its
+    teardown deleted the first tunnel's rules at 6100/6101 and table 28275: the first session still said CONNECTED
+    while its traffic left en0 (the leak, shown with a capture in tests/lab/test_tunnel_backends.py).
+    """
+    first_spec = {"v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"], "included": [["0.0.0.0", "0.0.0.0"]]}}
+    second_spec = {
+        "v4": {"addresses": ["10.9.0.2"], "masks": ["255.255.255.255"], "included": [["10.0.0.0", "255.0.0.0"]]}
+    }
+
+    async def body(session: TunnelProviderSession) -> None:
+        assert await apply(session, first_spec) == {}
+        utun = session.applied_settings["device"] if session.applied_settings else ""
+        table, rules = kernel.table(), kernel.rules()
+        assert ("0.0.0.0/0", utun, None) in table and len(rules) == 4
+        second = TunnelProviderManager(
+            f"{__file__}:SettingsProvider",
+            SubprocessLauncher(lab.netns("mac")),
+            TunnelProviderProtocol(server_address=SERVER4),
+        )
+        async with second.open_session() as other:
+            await other.start_vpn_tunnel()
+            with trio.fail_after(30):
+                await other.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            reply = await apply(other, second_spec)
+            assert reply.get("code") == 3, reply  # NETWORK_SETTINGS_FAILED, before anything changed
+            assert "already has a tunnel" in reply["error"] and "pid" in reply["error"]
+            assert kernel.table() == table and kernel.rules() == rules
+            await other.stop_vpn_tunnel()
+            with trio.fail_after(30):
+                await other.wait_status(VPNStatus.DISCONNECTED)
+        # The refused provider's teardown removed nothing of the first tunnel's.
+        assert kernel.table() == table and kernel.rules() == rules
+        assert kernel.route_get("203.0.113.10")[0] == utun
+
+    run_with_tunnel(lab, body)
+    assert kernel.table() == set() and kernel.rules() == set()
