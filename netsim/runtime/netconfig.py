@@ -75,9 +75,9 @@ __all__ = [
     "BYPASS_FWMARK",
     "DEFAULT_PHYSICAL_MTU",
     "RULE_PRIORITY",
+    "TUNNEL_LOCK_DIR",
     "TUNNEL_TABLE",
     "AppliedSettings",
-    "TUNNEL_LOCK_DIR",
     "KernelNetworkConfigurator",
     "MemoryNamespace",
     "MemoryNetworkConfigurator",
@@ -85,6 +85,7 @@ __all__ = [
     "ResolverConfig",
     "open_iproute",
     "resolver_config",
+    "tunnel_owner",
     "tunnel_route_table",
 ]
 
@@ -261,6 +262,22 @@ def _busy(netns: str, owner: str) -> TunnelProviderError:
         f"namespace {netns} already has a tunnel (owned by {owner}); netsim allows one tunnel per namespace "
         "(its ip rules, route table and resolv.conf): stop the running tunnel first. Nothing was changed."
     )
+
+
+def tunnel_owner(netns: str, *, lock_dir: Path = TUNNEL_LOCK_DIR) -> int | None:
+    """The pid of the live process whose configurator owns ``netns``'s tunnel state, else None.
+
+    A read-only look at the claim file (it never takes the lock, so it cannot make a starting owner fail): for a
+    clear early error before a second tunnel starts anything. The lock itself is the authority.
+    """
+    try:
+        text = (lock_dir / f"{netns}.lock").read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    return pid if Path(f"/proc/{pid}").exists() else None
 
 
 class MemoryNamespace:
