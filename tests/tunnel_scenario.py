@@ -13,8 +13,10 @@ from typing import Any
 
 import trio
 
+from netsim.apple import IPv4Route, IPv4Settings, PacketTunnelNetworkSettings
 from netsim.apple.enums import VPNStatus
 from netsim.runtime.forwarding import HelperForwardingProvider
+from netsim.runtime.provider import PacketTunnelProvider
 
 SPEC = "tunnel_scenario:TaggedProvider"
 TAG = "user-config-4711"
@@ -63,3 +65,20 @@ async def scenario(t: Any, tunnel_works: Callable[[], Awaitable[bool]]) -> dict[
     assert (await t.helper_stats())["connected"] is True
     assert await tunnel_works()
     return seen
+
+
+class Quiet(HelperForwardingProvider):
+    """The built-in forwarding, but it keeps its statistics to itself (a user's provider with no netsim ledger)."""
+
+    async def handle_app_message(self, data: bytes) -> bytes | None:
+        return None if data == b"stats" else await super().handle_app_message(data)
+
+
+class SecondVpn(PacketTunnelProvider):
+    """A second VPN app on the same Mac: it claims a prefix of its own and a DNS server (no helper at all)."""
+
+    async def start_tunnel(self, options: dict[str, Any] | None) -> None:
+        settings = PacketTunnelNetworkSettings("192.0.2.99")
+        settings.ipv4_settings = IPv4Settings(["10.99.0.2"], ["255.255.255.255"])
+        settings.ipv4_settings.included_routes = [IPv4Route("10.99.0.0", "255.255.0.0")]
+        await self.set_tunnel_network_settings(settings)
