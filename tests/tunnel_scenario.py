@@ -68,10 +68,10 @@ async def scenario(t: Any, tunnel_works: Callable[[], Awaitable[bool]]) -> dict[
 
 
 class Quiet(HelperForwardingProvider):
-    """The built-in forwarding, but it keeps its statistics to itself (a user's provider with no netsim ledger)."""
+    """The built-in forwarding, but it answers no app message (a user's provider: no stats, no helper-stats)."""
 
     async def handle_app_message(self, data: bytes) -> bytes | None:
-        return None if data == b"stats" else await super().handle_app_message(data)
+        return None
 
 
 class SecondVpn(PacketTunnelProvider):

@@ -81,14 +81,18 @@ def test_the_shared_scenario_runs_a_users_provider_in_the_lab_tunnel(lab: Lab) -
 
 
 def test_run_probe_works_with_a_provider_without_a_ledger(lab: Lab) -> None:
-    """`run_probe` with a provider whose ``b"stats"`` answer has no ledger: it says so and still finds the path."""
+    """A provider that answers no app message: `helper_stats` still reads the helper (its observer socket; before,
+    it asked the provider and silently got ``{}``), and `run_probe` says the provider ledger was unavailable and
+    still finds the path (before: ``KeyError: 'ledger'``)."""
 
-    async def main() -> Any:
+    async def main() -> tuple[Any, dict[str, Any]]:
         async with netsim_tunnel(lab, provider=f"{Path(__file__).parent.parent}/tunnel_scenario.py:Quiet") as t:
             assert await t.provider_stats() == {}
-            return await t.run_probe("udp echo v4", udp_echo_argv("203.0.113.10"))
+            helper = await t.helper_stats()
+            return await t.run_probe("udp echo v4", udp_echo_argv("203.0.113.10")), helper
 
-    result = trio.run(main)
+    result, helper = trio.run(main)
+    assert helper["sessions"] == 1 and helper["connected"] is True and "ledger" in helper
     assert result.ok and result.path == "tunnel" and result.unavailable == ("provider ledger",)
     assert result.tunnelled >= 1
 

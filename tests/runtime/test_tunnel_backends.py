@@ -17,10 +17,13 @@ import trio.testing
 from tunnel_scenario import SPEC, TAG, scenario
 
 from netsim.apple import IPv4Route, IPv4Settings, PacketTunnelNetworkSettings, TunnelProviderProtocol, VPNStatus
+from netsim.core import ipc
 from netsim.errors import ConfigError, LabError
 from netsim.lab.tunnel import netsim_tunnel
+from netsim.runtime.channel import open_ipc_channel
 from netsim.runtime.controller import TunnelProviderManager
 from netsim.runtime.provider import PacketTunnelProvider
+from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tunnel import icmp_echo, memory_tunnel
 
 
@@ -176,3 +179,44 @@ def test_memory_backend_refuses_a_second_tunnel_on_the_same_mac() -> None:
     status, error, first, sessions = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert status is VPNStatus.DISCONNECTED and "already has a tunnel" in str(error)
     assert first is VPNStatus.CONNECTED and sessions == 1
+
+
+def test_the_helper_observer_answers_stats_and_closes_on_anything_else() -> None:
+    """`Helper.serve_observer` (``--stats-socket``): STATS_REQUEST/PING only, never the provider's slot; a PACKETS
+    frame from an observer is a protocol violation that ends that connection (counted), not the helper."""
+
+    async def observe(t: Any, events: list[ipc.Event | bytes]) -> list[ipc.Event]:
+        a, b = memory_stream_pair()
+        got: list[ipc.Event] = []
+        async with (
+            open_ipc_channel(a, ipc.Connection(ipc.Role.PROVIDER, capabilities=ipc.Capability.STATS)) as obs,
+            open_ipc_channel(b, ipc.Connection(ipc.Role.HELPER, capabilities=ipc.Capability.STATS)) as side,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(side.handshake)
+            await obs.handshake()
+            nursery.start_soon(t.helper.serve_observer, side)
+            for ev in events:
+                if isinstance(ev, bytes):
+                    await obs.send_packets([ev], 2)  # PACKETS: what only a provider may send
+                else:
+                    await obs.send(ev)
+                with trio.fail_after(5):
+                    got.append(await obs.receive_event())
+            nursery.cancel_scope.cancel()
+        return got
+
+    async def main() -> tuple[list[ipc.Event], list[ipc.Event], int, int, bool]:
+        async with memory_tunnel() as t:
+            good = await observe(t, [ipc.StatsRequest(7), ipc.Ping(9)])
+            bad = await observe(t, [icmp_echo(t.client_v4, "203.0.113.10", 1)])
+            replies = await t.exchange([icmp_echo(t.client_v4, "203.0.113.10", 2)], timeout=5)
+            return good, bad, t.helper.observers, t.helper.observer_rejected, len(replies) == 1 and t.helper.connected
+
+    good, bad, observers, rejected, still_tunnelling = trio.run(
+        main, clock=trio.testing.MockClock(autojump_threshold=0)
+    )
+    assert isinstance(good[0], ipc.StatsResponse) and good[0].request_id == 7 and good[0].stats["sessions"] == 1
+    assert isinstance(good[1], ipc.Pong) and good[1].nonce == 9
+    assert isinstance(bad[0], ipc.Error) and bad[0].code == ipc.ErrorCode.PROTOCOL
+    assert observers == 2 and rejected == 1 and still_tunnelling
