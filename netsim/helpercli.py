@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -118,24 +119,20 @@ async def run_helper(
             ping_timeout=ping_timeout,
         )
 
-    server = UnixIpcServer(
-        socket_path,
-        allowed_uids=allowed_uids,
-        max_clients=1,
-        connection_factory=connection,
-        dir_mode=0o750 if group_access else 0o700,
-        ledger=helper.ledger,  # the channel's ipc_out stage joins the helper's ledger
-    )
-    helper.server = server
-    observers = None
-    if stats_socket is not None:
-        observers = UnixIpcServer(
-            stats_socket,
+    def ipc_server(path: str, max_clients: int, **channel_options: Any) -> UnixIpcServer:
+        return UnixIpcServer(
+            path,
             allowed_uids=allowed_uids,
-            max_clients=4,
+            max_clients=max_clients,
             connection_factory=connection,
             dir_mode=0o750 if group_access else 0o700,
+            **channel_options,
         )
+
+    # the channel's ipc_out stage joins the helper's ledger; observers' frames stay out of it
+    server = ipc_server(socket_path, 1, ledger=helper.ledger)
+    helper.server = server
+    observers = ipc_server(stats_socket, 4) if stats_socket is not None else None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(helper.run)

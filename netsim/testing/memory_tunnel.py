@@ -275,14 +275,9 @@ class MemoryVpnServer:
 class MemoryTunnel:
     """A running in-memory tunnel (from `memory_tunnel`).
 
-    The attributes both backends share (`netsim.lab.tunnel.LabTunnel` has the same):
-
-    Attributes:
-        session: the app side's `TunnelProviderSession` (NETunnelProviderSession): ``status``,
-            ``wait_status``, ``stop_vpn_tunnel``, ``send_provider_message``, ``last_disconnect_error``.
-        provider_configuration: the ``providerConfiguration`` the provider got (the user's keys plus netsim's).
-        provider_spec: the provider class or ``"module:Class"`` spec that runs.
-        namespace: the simulated Mac's tunnel ownership (`MemoryNamespace`).
+    ``session``, ``provider_configuration``, ``provider_spec`` and the methods ``send_provider_message``,
+    ``provider_stats``, ``helper_stats`` and ``another_manager`` mean what they mean on `netsim.lab.tunnel.LabTunnel`
+    (docs/lab.md, "Your own provider"); ``namespace`` is the simulated Mac's tunnel ownership (`MemoryNamespace`).
     """
 
     network: FakeNetwork

@@ -25,9 +25,10 @@ import trio
 from tunnel_scenario import SPEC, TAG, scenario
 
 from netsim.apple import TunnelProviderProtocol, VPNStatus
+from netsim.errors import RemoteProtocolError
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
-from netsim.lab.tunnel import LabTunnel, netsim_tunnel, udp_echo_argv
+from netsim.lab.tunnel import LabTunnel, fetch_helper_stats, netsim_tunnel, udp_echo_argv
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
 from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
@@ -89,6 +90,9 @@ def test_run_probe_works_with_a_provider_without_a_ledger(lab: Lab) -> None:
         async with netsim_tunnel(lab, provider=f"{Path(__file__).parent.parent}/tunnel_scenario.py:Quiet") as t:
             assert await t.provider_stats() == {}
             helper = await t.helper_stats()
+            assert t.stats_socket is not None
+            with pytest.raises(RemoteProtocolError, match="auth"):  # the observer socket checks the token too
+                await fetch_helper_stats(t.stats_socket, timeout=5)
             return await t.run_probe("udp echo v4", udp_echo_argv("203.0.113.10")), helper
 
     result, helper = trio.run(main)
