@@ -31,7 +31,7 @@ from netsim.apple import (
 )
 from netsim.core.routes import RouteTable
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
-from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_TABLE, open_iproute, tunnel_route_table
+from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_LOCK_DIR, TUNNEL_TABLE, open_iproute, tunnel_route_table
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -415,3 +415,34 @@ def test_second_tunnel_in_the_namespace_is_refused_and_leaves_the_first_alone(la
 
     run_with_tunnel(lab, body)
     assert kernel.table() == set() and kernel.rules() == set()
+
+
+def test_a_killed_owners_claim_does_not_block_the_next_tunnel(lab: Any, kernel: Kernel) -> None:
+    """The ownership claim is an flock: it dies with a SIGKILLed provider, whose rules the next owner replaces."""
+    spec = {"v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"], "included": [["0.0.0.0", "0.0.0.0"]]}}
+    launcher = SubprocessLauncher(lab.netns("mac"))
+    manager = TunnelProviderManager(
+        f"{__file__}:SettingsProvider", launcher, TunnelProviderProtocol(server_address=SERVER4)
+    )
+    lock = TUNNEL_LOCK_DIR / f"{lab.netns('mac')}.lock"
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            assert await apply(session, spec) == {}
+            assert lock.read_text().strip() == str(launcher.processes[-1].pid)
+            launcher.processes[-1].kill()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+
+    trio.run(main)
+    assert lock.exists() and len(kernel.rules()) == 4  # what the dead owner left behind
+
+    async def body(session: TunnelProviderSession) -> None:
+        assert await apply(session, spec) == {}  # the claim was free: the next tunnel takes over
+        assert len(kernel.rules()) == 4
+
+    run_with_tunnel(lab, body)
+    assert kernel.rules() == set() and kernel.table() == set() and not lock.exists()

@@ -31,6 +31,7 @@ from netsim.lab.pcap import read_pcap
 from netsim.lab.tunnel import LabTunnel, fetch_helper_stats, netsim_tunnel, udp_echo_argv
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
 from netsim.runtime.forwarding import HelperForwardingProvider
+from netsim.runtime.netconfig import TUNNEL_LOCK_DIR
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -53,6 +54,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     with Lab(pcap_dir=tmp_path_factory.mktemp("backends-pcap")) as the_lab:
         yield the_lab
     assert_root_unchanged(before)
+    # every tunnel's ownership claim is gone with the lab (released by its owner, or removed by the teardown)
+    assert not list(TUNNEL_LOCK_DIR.glob(f"netsim-{the_lab.run_id}-*"))
 
 
 def _en0(lab: Lab) -> bytes:
