@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import trio
@@ -76,6 +77,7 @@ async def run_helper(
     token: bytes | None = None,
     ping_interval: float | None = ipc.DEFAULT_PING_INTERVAL,
     ping_timeout: float = ipc.DEFAULT_PING_TIMEOUT,
+    stats_socket: str | None = None,
 ) -> None:
     """Run a helper until SIGTERM/SIGINT (or cancellation).
 
@@ -85,7 +87,8 @@ async def run_helper(
 
     With a ``token``, a client whose HELLO does not carry it is refused (ERROR AUTH) before it takes the session
     slot. ``ping_interval``/``ping_timeout``: the helper PINGs the provider and drops a session that does not
-    answer in time (None: no liveness checking).
+    answer in time (None: no liveness checking). ``stats_socket``: a second socket, admitted like the provider's
+    (SO_PEERCRED, token), whose clients may only ask for statistics (`Helper.serve_observer`; docs/ipc.md).
     """
     from netsim.runtime.channel import UnixIpcServer
 
@@ -116,21 +119,28 @@ async def run_helper(
             ping_timeout=ping_timeout,
         )
 
-    server = UnixIpcServer(
-        socket_path,
-        allowed_uids=allowed_uids,
-        max_clients=1,
-        connection_factory=connection,
-        dir_mode=0o750 if group_access else 0o700,
-        ledger=helper.ledger,  # the channel's ipc_out stage joins the helper's ledger
-    )
+    def ipc_server(path: str, max_clients: int, **channel_options: Any) -> UnixIpcServer:
+        return UnixIpcServer(
+            path,
+            allowed_uids=allowed_uids,
+            max_clients=max_clients,
+            connection_factory=connection,
+            dir_mode=0o750 if group_access else 0o700,
+            **channel_options,
+        )
+
+    # the channel's ipc_out stage joins the helper's ledger; observers' frames stay out of it
+    server = ipc_server(socket_path, 1, ledger=helper.ledger)
     helper.server = server
+    observers = ipc_server(stats_socket, 4) if stats_socket is not None else None
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(helper.run)
             if nat_host is not None:
                 await nursery.start(nat_host.bypass.run)
             await nursery.start(server.serve, helper.serve_session)
+            if observers is not None:
+                await nursery.start(observers.serve, helper.serve_observer)
             log.info(
                 "helper ready",
                 extra={
@@ -204,6 +214,11 @@ async def run_helper(
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds the provider has to answer a PING before its session is dropped.",
 )
+@click.option(
+    "--stats-socket",
+    default=None,
+    help="Also serve read-only statistics on this socket (same uid/token checks; docs/ipc.md, Observers).",
+)
 @click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -221,6 +236,7 @@ def helper(
     token_file: Path | None,
     ping_interval: float,
     ping_timeout: float,
+    stats_socket: str | None,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
     configure_json_logging(getattr(logging, log_level.upper()))
@@ -252,6 +268,7 @@ def helper(
                 token=token,
                 ping_interval=ping_interval or None,
                 ping_timeout=ping_timeout,
+                stats_socket=stats_socket,
             )
         )
     except NetsimError as exc:

@@ -8,7 +8,8 @@ is never signalled; processes in a namespace are killed before the namespace is 
 What a run may leave on disk, all named after the run so it is found without broad matching: the run file
 ``/run/netsim/<run>.json`` and log dir ``/run/netsim/<run>/``; a tunnel's helper socket dir
 ``/run/netsim/helper-<run>/`` and config dir ``/run/netsim/tunnel-<run>-*/`` (``client.conf``: the WireGuard
-private key, reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; and, from
+private key, reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; a SIGKILLed
+provider's tunnel claim ``/run/netsim/tunnels/netsim-<run>-*.lock`` (`netsim.runtime.netconfig`); and, from
 versions that kept the tunnel config in the temp dir, ``$TMPDIR/netsim-<run>-tunnel-*``.
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 from netsim.errors import LabError
 from netsim.lab.netns import delete_netns, list_netns, pids_in_netns
 from netsim.lab.process import ProcessInfo, process_start_time
+from netsim.runtime.netconfig import TUNNEL_LOCK_DIR
 
 __all__ = [
     "RUN_DIR",
@@ -173,6 +175,10 @@ def remove_run(run_id: str, namespaces: list[str], processes: list[ProcessInfo])
         for sock in [*WG_SOCK_DIR.glob(f"{prefix}*.sock"), *WG_SOCK_DIR.glob(f"ns{run_id}*.sock")]:
             sock.unlink(missing_ok=True)
             removed.append(f"socket {sock}")
+    # tunnel ownership claims (netsim.runtime.netconfig) a SIGKILLed provider could not unlink
+    for lock in TUNNEL_LOCK_DIR.glob(f"{prefix}*.lock") if TUNNEL_LOCK_DIR.exists() else []:
+        lock.unlink(missing_ok=True)
+        removed.append(f"lock {lock}")
     for directory in _run_dirs(run_id):
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(f"dir {directory}")

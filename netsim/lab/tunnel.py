@@ -5,6 +5,14 @@
 provider host (`HelperForwardingProvider`) through the app-side `TunnelProviderManager`, and returns once the
 session is CONNECTED. Everything it started is stopped at exit, by pid, in reverse order.
 
+Any provider runs here (docs/lab.md, "Your own provider"): ``provider=`` takes a class or a ``"module:Class"``
+spec, ``provider_configuration=`` is Apple's ``providerConfiguration`` (merged with netsim's ``helper_socket``
+and friends; a clashing key is an error), and `netsim.testing.memory_tunnel.memory_tunnel` takes the same
+arguments, so one scenario runs with root and without. Every input is validated (`netsim.runtime.tunnelspec`)
+before anything starts, and a second tunnel in the same lab is refused before it touches the first's state (the
+ownership rule of `netsim.runtime.netconfig`). The helper's statistics come from its read-only observer socket
+(``--stats-socket``), so they do not depend on the provider.
+
 The data path it builds (see docs/helper.md)::
 
     mac: app -> utun -> provider --UDS--> helper --UDP/en0--> isp (NAT) --> inet --> vpn: wireguard-go wg0
@@ -23,7 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,15 +43,20 @@ import trio
 
 from netsim.apple.enums import VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.core import ipc
 from netsim.core.policy import parse_policy
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.errors import ConfigError, LabError
 from netsim.lab.cleanup import RUN_DIR, helper_dir, tunnel_dir_prefix
 from netsim.lab.wireguard import WireGuardGo
+from netsim.runtime.channel import connect_ipc_unix
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.forwarding import HelperForwardingProvider
-from netsim.transports.uds import write_token_file
+from netsim.runtime.netconfig import tunnel_owner
+from netsim.runtime.provider import PacketTunnelProvider
+from netsim.runtime.tunnelspec import TunnelInputs, resolve_inputs
+from netsim.transports.uds import read_token_file, write_token_file
 
 if TYPE_CHECKING:
     from netsim.lab.lab import Lab
@@ -54,6 +67,7 @@ __all__ = [
     "LabTunnel",
     "ProbeResult",
     "TunnelPlan",
+    "fetch_helper_stats",
     "netsim_tunnel",
     "udp_echo_argv",
     "vpn_nat_ruleset",
@@ -129,6 +143,9 @@ class ProbeResult:
         tunnelled: packets the provider read from the utun meanwhile.
         bypassed: packets the helper sent through its NAT bypass meanwhile.
         policy_dropped: packets the helper dropped by a DROP rule meanwhile.
+        unavailable: what the result could not use, e.g. ``("provider ledger",)`` for a provider whose
+            ``b"stats"`` answer has no netsim ledger: ``tunnelled`` then counts the packets the helper received
+            from the provider (its ``ipc_in`` stage), so a probe the kernel sent directly still reads ``"direct"``.
     """
 
     label: str
@@ -140,10 +157,19 @@ class ProbeResult:
     output: str
     bypassed: int = 0
     policy_dropped: int = 0
+    unavailable: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+
+def _tun_reads(provider: dict[str, Any], helper: dict[str, Any]) -> int:
+    """Packets the provider read from the utun, or (no provider ledger) the packets the helper got from it."""
+    reads = provider.get("ledger", {}).get("stages", {}).get("tun_read", {}).get("read")
+    if isinstance(reads, int):
+        return reads
+    return int(helper.get("ledger", {}).get("stages", {}).get("ipc_in", {}).get("read", 0))
 
 
 def _probe_counters(provider: dict[str, Any], helper: dict[str, Any]) -> tuple[int, int, int, int]:
@@ -153,16 +179,56 @@ def _probe_counters(provider: dict[str, Any], helper: dict[str, Any]) -> tuple[i
         n for reason, n in stages.get("ipc_in", {}).get("dropped", {}).items() if reason.startswith("policy_drop:")
     )
     return (
-        provider["ledger"]["stages"]["tun_read"]["read"],
+        _tun_reads(provider, helper),
         stages.get("bypass", {}).get("forwarded", 0),
         stages.get("wg_encrypt", {}).get("read", 0),
         policy_drops,
     )
 
 
+async def fetch_helper_stats(
+    socket_path: str | os.PathLike[str], *, token_file: str | os.PathLike[str] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
+    """The helper's statistics (`HelperStatistics.to_json`) from its read-only observer socket.
+
+    ``netsim helper --stats-socket PATH`` admits observers like providers (SO_PEERCRED, the per-tunnel token) but
+    answers only STATS_REQUEST and PING (docs/ipc.md, Observers), so this works whatever provider holds the
+    provider slot, and never takes it.
+
+    Raises:
+        TunnelDown: the helper did not answer within ``timeout`` seconds.
+    """
+    from netsim.errors import TunnelDown
+
+    token = read_token_file(token_file) if token_file is not None else None
+    conn = ipc.Connection(ipc.Role.PROVIDER, capabilities=ipc.Capability.STATS | ipc.Capability.PING, token=token)
+    with trio.move_on_after(timeout):
+        async with connect_ipc_unix(socket_path, connection=conn, retry_for=timeout, handshake_timeout=timeout) as ch:
+            await ch.send(ipc.StatsRequest(1))
+            while True:
+                ev = await ch.receive_event()
+                if isinstance(ev, ipc.StatsResponse) and ev.request_id == 1:
+                    await ch.aclose(ipc.Goodbye(ipc.GoodbyeReason.NORMAL))
+                    return dict(ev.stats)
+                if isinstance(ev, ipc.Ping):
+                    await ch.send(ipc.Pong(ev.nonce))
+                elif isinstance(ev, ipc.Error | ipc.ConnectionClosed | ipc.Goodbye):
+                    raise TunnelDown(f"the helper's observer socket {socket_path} closed: {ev!r}")
+    raise TunnelDown(f"the helper's observer socket {socket_path} did not answer within {timeout:g} s")
+
+
 @dataclass
 class LabTunnel:
-    """A running lab tunnel (from `netsim_tunnel`). Methods drive faults and read both sides' counters."""
+    """A running lab tunnel (from `netsim_tunnel`). Methods drive faults and read both sides' counters.
+
+    The attributes both backends share (`netsim.testing.memory_tunnel.MemoryTunnel` has the same):
+
+    Attributes:
+        session: the app side's `TunnelProviderSession` (NETunnelProviderSession): ``status``,
+            ``wait_status``, ``stop_vpn_tunnel``, ``send_provider_message``, ``last_disconnect_error``.
+        provider_configuration: the ``providerConfiguration`` the provider got (the user's keys plus netsim's).
+        provider_spec: the provider class or ``"module:Class"`` spec that runs.
+    """
 
     lab: Lab
     plan: TunnelPlan
@@ -175,21 +241,50 @@ class LabTunnel:
     helper: LabProcess
     token_path: Path | None = None
     helpers: list[LabProcess] = field(default_factory=list)
+    stats_socket: Path | None = None
+    provider_configuration: dict[str, Any] = field(default_factory=dict)
+    provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
 
     @property
     def pcaps(self) -> dict[str, Path]:
         """Capture files by name (``mac-en0``, ``isp-wan``, ``vpn-wan``, ``vpn-wg``) when the lab has a pcap_dir."""
         return {name: cap.path for name, cap in self.lab.captures.items()}
 
+    async def send_provider_message(self, data: bytes) -> bytes | None:
+        """Send an app message to the provider (``sendProviderMessage``); its ``handle_app_message`` answer."""
+        return await self.session.send_provider_message(data)
+
     async def provider_stats(self) -> dict[str, Any]:
-        """The provider's statistics (`ForwardingStatistics.to_json` plus flow counters)."""
-        reply = await self.session.send_provider_message(b"stats")
-        return json.loads(reply or b"{}")  # type: ignore[no-any-return]
+        """The provider's answer to the app message ``b"stats"`` as a JSON object.
+
+        The built-in provider answers with `ForwardingStatistics.to_json` plus flow counters; a provider that
+        does not answer ``b"stats"`` (None, or not a JSON object) gives ``{}``.
+        """
+        return _json_object(await self.session.send_provider_message(b"stats"))
 
     async def helper_stats(self) -> dict[str, Any]:
-        """The helper's statistics, fetched by the provider over IPC (`HelperStatistics.to_json`)."""
-        reply = await self.session.send_provider_message(b"helper-stats")
-        return json.loads(reply or b"{}")  # type: ignore[no-any-return]
+        """The helper's own statistics (`HelperStatistics.to_json`), whatever the provider: read from the helper's
+        observer socket (`fetch_helper_stats`), not through the provider."""
+        if self.stats_socket is None:
+            raise LabError("this tunnel's helper has no observer socket (it was not started by netsim_tunnel)")
+        return await fetch_helper_stats(self.stats_socket, token_file=self.token_path)
+
+    def another_manager(self, provider: type[PacketTunnelProvider] | str | None = None) -> TunnelProviderManager:
+        """A `TunnelProviderManager` for a second provider in this tunnel's ``mac`` with the same configuration.
+
+        netsim allows one tunnel per namespace: its start is refused (the helper answers BUSY, its settings are
+        refused by the ownership claim) and the running tunnel's state is left alone (docs/lab.md).
+        """
+        return TunnelProviderManager(
+            provider or self.provider_spec,
+            SubprocessLauncher(self.lab.netns("mac")),
+            TunnelProviderProtocol(
+                server_address=str(self.lab.addr.vpn_wan_v4),
+                provider_configuration=dict(self.provider_configuration),
+            ),
+            start_timeout=15.0,
+            stop_timeout=10.0,
+        )
 
     async def kill_helper(self) -> int:
         """SIGKILL the helper process (by its pid) and reap it; returns its exit status."""
@@ -224,8 +319,13 @@ class LabTunnel:
         with trio.move_on_after(timeout):
             while True:
                 stats = await self.provider_stats()
-                if stats["connects"] > after_connects and not stats["reasserting"]:
-                    return stats
+                if "connects" in stats:
+                    if stats["connects"] > after_connects and not stats["reasserting"]:
+                        return stats
+                else:  # not the built-in provider: the helper's sessions say it (re)connected
+                    helper = await self.helper_stats()
+                    if helper.get("sessions", 0) > after_connects and helper.get("connected"):
+                        return stats
                 await trio.sleep(delay)
                 delay = min(delay * 2, 0.25)
         raise LabError(
@@ -236,7 +336,9 @@ class LabTunnel:
         """Run ``argv`` in ``mac`` and report its result and path (see `ProbeResult.path`), read from the
         provider's and the helper's ledgers before and after."""
         await self.wait_quiet()
-        before = _probe_counters(await self.provider_stats(), await self.helper_stats())
+        provider = await self.provider_stats()
+        unavailable = () if isinstance(provider.get("ledger"), dict) else ("provider ledger",)
+        before = _probe_counters(provider, await self.helper_stats())
         start = trio.current_time()
         r = await self.lab.run("mac", list(argv), check=False, timeout=timeout)
         seconds = trio.current_time() - start
@@ -261,25 +363,38 @@ class LabTunnel:
             output=text.splitlines()[-1] if text else "",
             bypassed=bypassed,
             policy_dropped=dropped,
+            unavailable=unavailable,
         )
 
     async def wait_quiet(self, *, interval: float = 0.1, timeout: float = 3.0) -> bool:
         """Wait until the provider read nothing from the utun for ``interval`` seconds (e.g. the last FIN/ACKs
         of an earlier probe's connections), so a probe's ledger deltas are its own. Returns False on timeout."""
         with trio.move_on_after(timeout):
-            last = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+            last = await self._reads()
             while True:
                 await trio.sleep(interval)
-                now = (await self.provider_stats())["ledger"]["stages"]["tun_read"]["read"]
+                now = await self._reads()
                 if now == last:
                     return True
                 last = now
         return False
 
+    async def _reads(self) -> int:
+        provider = await self.provider_stats()
+        return _tun_reads(provider, {} if "ledger" in provider else await self.helper_stats())
+
     def logs(self) -> str:
         """Helper stderr (JSON lines) and wireguard-go output, for failure messages."""
         parts = [f"--- helper pid {p.pid} ---\n{p.stderr()[-4000:]}" for p in self.helpers]
         return "\n".join([*parts, self.server.logs()])
+
+
+def _json_object(reply: bytes | None) -> dict[str, Any]:
+    try:
+        value = json.loads(reply or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _spawn_helper(lab: Lab, argv: list[str]) -> LabProcess:
@@ -305,19 +420,20 @@ def client_config(lab: Lab, plan: TunnelPlan, client_key: PrivateKey, server_key
     return TunnelConfig(iface, (peer,))
 
 
-def _policy_file(policy: str | os.PathLike[str], directory: Path) -> Path:
-    """A policy file for the helper: ``policy`` itself if it is a path, else its text written to ``directory``."""
-    if isinstance(policy, os.PathLike):
-        return Path(policy).resolve()
+def _policy_file(text: str, directory: Path) -> Path:
+    """Validated policy text written to ``directory`` for the helper's ``--policy`` (TOML or YAML, as it parsed)."""
     try:
-        parse_policy(policy, fmt="toml")
+        parse_policy(text, fmt="toml")
         suffix = ".toml"
     except ConfigError:
-        parse_policy(policy, fmt="yaml")  # raises the ConfigError that says what to fix
-        suffix = ".yaml"
+        suffix = ".yaml"  # resolve_policy already parsed it as one of the two
     path = directory / f"policy{suffix}"
-    path.write_text(policy)
+    path.write_text(text)
     return path
+
+
+#: Lab namespaces (``mac``) with a tunnel started by this process: a second `netsim_tunnel` is refused at once.
+_ACTIVE: set[str] = set()
 
 
 @asynccontextmanager
@@ -325,7 +441,8 @@ async def netsim_tunnel(
     lab: Lab,
     *,
     plan: TunnelPlan | None = None,
-    provider: type[HelperForwardingProvider] | str = HelperForwardingProvider,
+    provider: type[PacketTunnelProvider] | str = HelperForwardingProvider,
+    provider_configuration: Mapping[str, Any] | None = None,
     group_access: bool = False,
     policy: str | os.PathLike[str] | None = None,
     start_timeout: float = 30.0,
@@ -336,17 +453,58 @@ async def netsim_tunnel(
     Args:
         lab: a running `Lab` (with services, for the probes).
         plan: addresses, port, MTU (defaults: `TunnelPlan`).
-        provider: the provider class or spec; it must read ``helper_socket`` like `HelperForwardingProvider`.
+        provider: the provider class or its ``"package.module:Class"`` / ``"/path/file.py:Class"`` spec (imported
+            here first to check it). Its ``providerConfiguration`` has netsim's keys (``helper_socket``,
+            ``token_file``, ``connect_timeout``, ``reconnect_for``, ``backoff_max``): a provider that talks to the
+            helper reads them as `HelperForwardingProvider` does.
+        provider_configuration: the user's part of Apple's ``providerConfiguration`` (JSON-able; a key that
+            clashes with netsim's is a `ConfigError`).
         group_access: socket directory 0750 (root group may reach it, SO_PEERCRED still decides).
-        policy: the helper's bypass policy (``netsim helper --policy``; docs/policy.md): TOML or YAML text, or a
-            path (`os.PathLike`) to such a file. Validated here, before anything starts.
+        policy: the helper's bypass policy (``netsim helper --policy``; docs/policy.md): a path (`os.PathLike`, or
+            a `str` naming an existing file or ending in .toml/.yaml/.yml) or TOML/YAML text. Validated here,
+            before anything starts.
         start_timeout: seconds for the session to become CONNECTED.
         reconnect_for: seconds the provider keeps reasserting before giving up.
 
     Raises:
-        LabError: a part did not come up (the message carries the helper's and wireguard-go's logs).
+        ConfigError: a bad provider, provider_configuration or policy (nothing was started).
+        LabError: a second tunnel in this lab (nothing was started), or a part did not come up (the message
+            carries the helper's and wireguard-go's logs).
     """
-    plan = plan or TunnelPlan()
+    inputs = resolve_inputs(provider, provider_configuration, policy)
+    mac = lab.netns("mac")
+    owner = tunnel_owner(mac)
+    if mac in _ACTIVE or owner is not None:
+        who = f"pid {owner}" if owner is not None else "this process"
+        raise LabError(
+            f"{mac} already has a tunnel (owned by {who}); netsim allows one tunnel per namespace. "
+            "Leave the running netsim_tunnel first. Nothing was started."
+        )
+    _ACTIVE.add(mac)
+    try:
+        async with _netsim_tunnel(
+            lab,
+            inputs,
+            plan or TunnelPlan(),
+            group_access=group_access,
+            start_timeout=start_timeout,
+            reconnect_for=reconnect_for,
+        ) as t:
+            yield t
+    finally:
+        _ACTIVE.discard(mac)
+
+
+@asynccontextmanager
+async def _netsim_tunnel(
+    lab: Lab,
+    inputs: TunnelInputs,
+    plan: TunnelPlan,
+    *,
+    group_access: bool,
+    start_timeout: float,
+    reconnect_for: float,
+) -> AsyncIterator[LabTunnel]:
     server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
     lab.nft("vpn", vpn_nat_ruleset())
     server = WireGuardGo.in_lab(
@@ -364,6 +522,7 @@ async def netsim_tunnel(
     conf_dir = Path(tempfile.mkdtemp(prefix=tunnel_dir_prefix(lab.run_id), dir=RUN_DIR))  # 0700: holds the key
     sock_dir = helper_dir(lab.run_id)
     socket_path = sock_dir / "helper.sock"
+    stats_socket = sock_dir / "helper-stats.sock"
     helpers: list[LabProcess] = []
     try:
         if group_access:
@@ -386,29 +545,31 @@ async def netsim_tunnel(
             sys.executable, "-m", "netsim.helpercli",
             "--config", str(config_path), "--socket", str(socket_path),
             "--allowed-uid", str(os.geteuid()), "--interface", "en0",
-            "--token-file", str(token_path),
+            "--token-file", str(token_path), "--stats-socket", str(stats_socket),
         ]  # fmt: skip
         if group_access:
             argv.append("--group-access")
-        if policy is not None:
-            argv += ["--policy", str(_policy_file(policy, conf_dir))]
+        if inputs.policy_path is not None:
+            argv += ["--policy", str(inputs.policy_path)]
+        elif inputs.policy_text is not None:
+            argv += ["--policy", str(_policy_file(inputs.policy_text, conf_dir))]
         helper = _spawn_helper(lab, argv)
         helpers.append(helper)
         await helper.wait_output(_HELPER_READY, timeout=20.0)
         log_path = helper.stderr_path.parent / "provider.log"
+        configuration = inputs.provider_configuration(
+            {
+                "helper_socket": str(socket_path),
+                "connect_timeout": min(start_timeout, 20.0),
+                "reconnect_for": reconnect_for,
+                "backoff_max": 0.5,
+                "token_file": str(token_path),
+            }
+        )
         manager = TunnelProviderManager(
-            provider,
+            inputs.spec,
             SubprocessLauncher(lab.netns("mac"), log_path=log_path),
-            TunnelProviderProtocol(
-                server_address=str(lab.addr.vpn_wan_v4),
-                provider_configuration={
-                    "helper_socket": str(socket_path),
-                    "connect_timeout": min(start_timeout, 20.0),
-                    "reconnect_for": reconnect_for,
-                    "backoff_max": 0.5,
-                    "token_file": str(token_path),
-                },
-            ),
+            TunnelProviderProtocol(server_address=str(lab.addr.vpn_wan_v4), provider_configuration=configuration),
             start_timeout=start_timeout,
             stop_timeout=10.0,
         )
@@ -441,6 +602,9 @@ async def netsim_tunnel(
                 helper=helper,
                 token_path=token_path,
                 helpers=helpers,
+                stats_socket=stats_socket,
+                provider_configuration=configuration,
+                provider_spec=inputs.spec,
             )
             yield tunnel
     finally:

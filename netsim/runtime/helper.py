@@ -214,6 +214,8 @@ class Helper:
         self._inner_sources = frozenset(a.ip.packed for a in config.interface.addresses)
         self.verdicts = {"tunnel": 0, "bypass": 0, "drop": 0}
         self.sessions = 0
+        self.observers = 0  # read-only observer connections served (serve_observer)
+        self.observer_rejected = 0  # observers that sent something other than STATS_REQUEST/PING
         self.policy_updates = 0
         self.policy_rejected = 0
         self.server: UnixIpcServer | None = None
@@ -577,6 +579,27 @@ class Helper:
             if self._channel is channel:
                 self._channel = None
             log.info("provider disconnected", extra={"event": "session_close", "reason": reason})
+
+    async def serve_observer(self, channel: IpcChannel) -> None:
+        """Serve a read-only observer (``netsim helper --stats-socket``): STATS_REQUEST and PING, nothing else.
+
+        An observer never takes the provider's slot, so the helper's statistics are reachable whatever provider
+        runs (docs/ipc.md, Observers). Anything but STATS_REQUEST/PING/GOODBYE is a protocol violation from this
+        peer and ends its connection (counted in ``observer_rejected``).
+        """
+        self.observers += 1
+        while True:
+            ev = await channel.receive_event()
+            if isinstance(ev, ipc.StatsRequest):
+                await channel.send(ipc.StatsResponse(ev.request_id, self.stats_json()))
+            elif isinstance(ev, ipc.Ping):
+                await channel.send(ipc.Pong(ev.nonce))
+            elif isinstance(ev, ipc.Goodbye | ipc.Error | ipc.ConnectionClosed):
+                return
+            else:
+                self.observer_rejected += 1
+                await channel.send(ipc.Error(ipc.ErrorCode.PROTOCOL, f"an observer may not send {type(ev).__name__}"))
+                return
 
     def _apply_policy(self, ev: ipc.PolicyUpdate) -> str | None:
         """Apply a POLICY_UPDATE atomically; return why it was refused (the old policy then stays), else None.

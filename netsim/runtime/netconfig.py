@@ -33,6 +33,14 @@ bits of M all zero"; a socket whose mark shares bits with M therefore also skips
 table are unchanged, so connected networks still win and included/excluded routes mean the same for the
 listed apps. ``DESTINATION_IP`` (and ``NETWORK_RULE``, which netsim does not model) keep the catch-all rule.
 
+Ownership (one tunnel per namespace). The rules, table T and resolv.conf are per-namespace state, so at most one
+configurator may own them. Before its first change a `KernelNetworkConfigurator` takes an exclusive ``flock`` on
+``/run/netsim/tunnels/<ns>.lock`` (held for the configurator's life, released by the kernel if its process dies):
+a second tunnel in the same namespace is refused with ``NETWORK_SETTINGS_FAILED`` naming the owner's pid, before
+it touches anything, and its teardown removes nothing, because a configurator removes only state it installed
+while holding the claim. Rules a dead owner left behind are replaced by the next owner. `MemoryNetworkConfigurator`
+models the same rule with a shared `MemoryNamespace`.
+
 DNS goes to ``/etc/netns/<ns>/resolv.conf``, which ``ip netns exec`` bind-mounts over /etc/resolv.conf for
 processes started in the namespace (written in place, so the bind mounts of running processes see it too). glibc
 resolv.conf has no per-domain servers, so match domains cannot send one domain to the tunnel resolver and the
@@ -44,6 +52,8 @@ DNS question in code for tools that can act on it.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import ipaddress
 import os
 import socket
@@ -65,14 +75,17 @@ __all__ = [
     "BYPASS_FWMARK",
     "DEFAULT_PHYSICAL_MTU",
     "RULE_PRIORITY",
+    "TUNNEL_LOCK_DIR",
     "TUNNEL_TABLE",
     "AppliedSettings",
     "KernelNetworkConfigurator",
+    "MemoryNamespace",
     "MemoryNetworkConfigurator",
     "NetworkConfigurator",
     "ResolverConfig",
     "open_iproute",
     "resolver_config",
+    "tunnel_owner",
     "tunnel_route_table",
 ]
 
@@ -81,6 +94,7 @@ RULE_PRIORITY = 6100  # below the kernel's main (32766) and local (0) rules; P a
 BYPASS_FWMARK = 0x6E73
 DEFAULT_PHYSICAL_MTU = 1500
 GLIBC_MAXNS = 3  # resolv.conf(5): at most three nameserver lines are used
+TUNNEL_LOCK_DIR = Path("/run/netsim/tunnels")  # <ns>.lock: who owns a namespace's tunnel state (module docstring)
 _MAIN = 254
 _FIB_RULE_INVERT = 0x2  # <linux/fib_rules.h>
 _RTN_UNICAST = 1
@@ -243,11 +257,48 @@ def _claims_default(routes: Sequence[Route]) -> bool:
     return any(r.kind is RouteKind.INCLUDED and r.network.prefixlen == 0 for r in routes)
 
 
+def _busy(netns: str, owner: str) -> TunnelProviderError:
+    return _failed(
+        f"namespace {netns} already has a tunnel (owned by {owner}); netsim allows one tunnel per namespace "
+        "(its ip rules, route table and resolv.conf): stop the running tunnel first. Nothing was changed."
+    )
+
+
+def tunnel_owner(netns: str, *, lock_dir: Path = TUNNEL_LOCK_DIR) -> int | None:
+    """The pid of the live process whose configurator owns ``netns``'s tunnel state, else None.
+
+    A read-only look at the claim file (it never takes the lock, so it cannot make a starting owner fail): for a
+    clear early error before a second tunnel starts anything. The lock itself is the authority.
+    """
+    try:
+        text = (lock_dir / f"{netns}.lock").read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    pid = int(text)
+    return pid if Path(f"/proc/{pid}").exists() else None
+
+
+class MemoryNamespace:
+    """The in-memory stand-in for a namespace's tunnel state: who owns it (see the module docstring, Ownership).
+
+    Configurators built with the same `MemoryNamespace` (one per simulated Mac) refuse a second tunnel as the
+    kernel backend does.
+    """
+
+    def __init__(self, name: str = "memory") -> None:
+        self.name = name
+        self.owner: object | None = None
+        self.refused = 0  # second tunnels refused (plain counter)
+
+
 class MemoryNetworkConfigurator:
     """The in-memory backend: creates a device through ``device_factory`` and records what was applied.
 
     Used with `netsim.testing.MemoryTun` so providers run without root; the route model is the same
-    `RouteTable` the kernel backend installs, so route questions get the same answers.
+    `RouteTable` the kernel backend installs, so route questions get the same answers. With a ``namespace``
+    shared by several configurators, only one of them may apply settings at a time (the ownership rule).
     """
 
     def __init__(
@@ -258,8 +309,10 @@ class MemoryNetworkConfigurator:
         device_name: str = "utun0",
         duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
         enforce_routes: bool = False,
+        namespace: MemoryNamespace | None = None,
     ) -> None:
         self._factory = device_factory
+        self.namespace = namespace
         self.physical_mtu = physical_mtu
         self.device_name = device_name
         self.duplicate_policy = duplicate_policy
@@ -293,6 +346,12 @@ class MemoryNetworkConfigurator:
         if settings is None:
             self._applied = None
         else:
+            ns = self.namespace
+            if ns is not None and ns.owner is not self:
+                if ns.owner is not None:
+                    ns.refused += 1
+                    raise _busy(ns.name, f"configurator {id(ns.owner):#x}")
+                ns.owner = self
             mtu = settings.effective_mtu(self.physical_mtu)
             if self._device is None:
                 self._device = self._factory(self.device_name, mtu)
@@ -316,6 +375,8 @@ class MemoryNetworkConfigurator:
 
     def close(self) -> None:
         self._applied = None
+        if self.namespace is not None and self.namespace.owner is self:
+            self.namespace.owner = None
         if self._device is not None:
             self._device.close()
             self._device = None
@@ -361,6 +422,7 @@ class KernelNetworkConfigurator:
         table / rule_priority / bypass_fwmark: the policy-routing knobs above.
         device_name: TUN name; ``%d`` picks the lowest free number, like utun.
         resolv_conf: override the resolver file (tests).
+        lock_dir: where the namespace's ownership lock lives (module docstring, Ownership).
     """
 
     def __init__(
@@ -375,6 +437,7 @@ class KernelNetworkConfigurator:
         duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
         enforce_routes: bool = False,
         resolv_conf: Path | None = None,
+        lock_dir: Path = TUNNEL_LOCK_DIR,
     ) -> None:
         if not netns.startswith("netsim-"):
             raise LabError(f"refusing to configure namespace {netns!r}: netsim only touches 'netsim-*' namespaces")
@@ -387,6 +450,9 @@ class KernelNetworkConfigurator:
         self.duplicate_policy = duplicate_policy
         self.enforce_routes = enforce_routes
         self.resolv_conf = resolv_conf or Path("/etc/netns") / netns / "resolv.conf"
+        self.lock_path = lock_dir / f"{netns}.lock"
+        self._lock_fd: int | None = None  # held: this configurator owns the namespace's tunnel state
+        self._installed_rules: set[tuple[int, int, int, str | None]] = set()  # (family, priority, table, uids)
         self._saved_resolv: str | bool | None = False  # False: nothing saved yet; None: file did not exist
         self._device: Any = None
         self._applied: AppliedSettings | None = None
@@ -418,6 +484,55 @@ class KernelNetworkConfigurator:
         change is refused while settings are applied (Apple, too, fixes the protocol for a session).
         """
         self.enforce_routes = _enforce_routes_change(self.enforce_routes, enforce_routes, self._applied)
+
+    # -- ownership ------------------------------------------------------------------------------------------
+    @property
+    def owns_namespace(self) -> bool:
+        """True while this configurator holds the namespace's tunnel claim (module docstring, Ownership)."""
+        return self._lock_fd is not None
+
+    def _claim(self) -> None:
+        """Take the namespace's exclusive lock before any change, or raise ``NETWORK_SETTINGS_FAILED``.
+
+        ``flock(2)`` locks die with their process, so a SIGKILLed owner never blocks the next tunnel. The file is
+        unlinked on release; an fd locked on an already-unlinked file is detected by comparing inodes and retried.
+        """
+        if self._lock_fd is not None:
+            return
+        self.lock_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for _ in range(8):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise _busy(self.netns, f"pid {owner}") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._lock_fd = fd
+                return
+            os.close(fd)  # the previous owner unlinked it between our open and flock: take the new file
+        raise _failed(f"could not claim {self.lock_path} (it keeps being replaced)")
+
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        try:
+            if os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino:
+                os.unlink(self.lock_path)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
 
     # -- plumbing -------------------------------------------------------------------------------------------
     def _iproute(self) -> Any:
@@ -476,6 +591,7 @@ class KernelNetworkConfigurator:
     def _apply(self, settings: PacketTunnelNetworkSettings) -> None:
         from netsim.transports.tun import TunDevice
 
+        self._claim()  # before anything changes: a second tunnel in this namespace stops here
         ipr = self._iproute()
         phys_name, phys_mtu, gateways, oifs = self._physical()
         mtu = settings.effective_mtu(phys_mtu)
@@ -595,10 +711,14 @@ class KernelNetworkConfigurator:
         for key, spec in wanted.items():
             if key not in present:
                 ipr.rule("add", **spec)
+        self._installed_rules = set(wanted)
 
     def _delete_rules(self) -> None:
+        """Delete the rules this configurator installed (and only those: the ownership rule)."""
         for family, rule in self._our_rules():
-            self._delete_rule(family, rule)
+            if (family, rule.get("priority"), rule.get("table"), rule.get("uid_range")) in self._installed_rules:
+                self._delete_rule(family, rule)
+        self._installed_rules = set()
 
     # -- DNS ------------------------------------------------------------------------------------------------
     def _write_resolv(self, text: str) -> None:
@@ -625,6 +745,10 @@ class KernelNetworkConfigurator:
 
     # -- teardown -------------------------------------------------------------------------------------------
     def _clear(self, *, keep_device: bool) -> None:
+        if not self.owns_namespace:
+            # Never claimed (e.g. refused as a second tunnel): nothing here is ours to remove.
+            self._applied = None
+            return
         if self._ipr is None and self._device is None:
             self._restore_resolv()
             return
@@ -659,3 +783,4 @@ class KernelNetworkConfigurator:
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            self._release()

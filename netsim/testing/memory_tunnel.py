@@ -11,6 +11,10 @@ Under `trio.testing.MockClock(autojump_threshold=0)` everything is deterministic
 provider's reconnect backoff and network delays all run on virtual time. ``netsim demo`` uses this when it cannot
 use the lab (no root).
 
+Any provider runs here with the arguments `netsim.lab.tunnel.netsim_tunnel` takes (``provider=``,
+``provider_configuration=``, ``policy=``; docs/lab.md), validated the same way before anything starts. The
+simulated Mac is one namespace: a second provider (`MemoryTunnel.another_manager`) is refused as in the lab.
+
 Example::
 
     async with memory_tunnel() as t:
@@ -19,13 +23,15 @@ Example::
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface, ip_network
 from typing import Any
 
@@ -37,6 +43,7 @@ from netsim.core import ipc
 from netsim.core.checksum import fill_checksums
 from netsim.core.ledger import Ledger
 from netsim.core.packet import PacketView
+from netsim.core.policy import PolicyEngine
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.device import WireGuardDevice
 from netsim.core.wireguard.keys import PrivateKey
@@ -48,6 +55,9 @@ from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, 
 from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
+from netsim.runtime.netconfig import MemoryNamespace
+from netsim.runtime.provider import PacketTunnelProvider
+from netsim.runtime.tunnelspec import resolve_inputs
 from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tun import MemoryTun
 
@@ -263,7 +273,12 @@ class MemoryVpnServer:
 # ------------------------------------------------------------------------------------------------ tunnel
 @dataclass
 class MemoryTunnel:
-    """A running in-memory tunnel (from `memory_tunnel`)."""
+    """A running in-memory tunnel (from `memory_tunnel`).
+
+    ``session``, ``provider_configuration``, ``provider_spec`` and the methods ``send_provider_message``,
+    ``provider_stats``, ``helper_stats`` and ``another_manager`` mean what they mean on `netsim.lab.tunnel.LabTunnel`
+    (docs/lab.md, "Your own provider"); ``namespace`` is the simulated Mac's tunnel ownership (`MemoryNamespace`).
+    """
 
     network: FakeNetwork
     server: MemoryVpnServer
@@ -278,6 +293,10 @@ class MemoryTunnel:
     _nursery: trio.Nursery
     timers: Timers | None = None
     helpers_started: int = 1
+    provider_configuration: dict[str, Any] = field(default_factory=dict)
+    provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
+    namespace: MemoryNamespace = field(default_factory=MemoryNamespace)
+    policy: PolicyEngine | None = None
 
     @property
     def tun(self) -> MemoryTun:
@@ -289,16 +308,50 @@ class MemoryTunnel:
 
     @property
     def provider(self) -> HelperForwardingProvider:
-        """The running provider instance."""
-        provider = self.launcher.hosts[-1].provider
-        assert isinstance(provider, HelperForwardingProvider)
+        """The running provider instance, when it is a `HelperForwardingProvider` (see `provider_instance`)."""
+        provider = self.provider_instance
+        if not isinstance(provider, HelperForwardingProvider):
+            raise LabError(f"the provider is a {type(provider).__name__}; use provider_instance")
         return provider
 
+    @property
+    def provider_instance(self) -> PacketTunnelProvider:
+        """The running provider instance, whatever its class."""
+        return self.launcher.hosts[-1].provider
+
+    async def send_provider_message(self, data: bytes) -> bytes | None:
+        """Send an app message to the provider (``sendProviderMessage``); its ``handle_app_message`` answer."""
+        return await self.session.send_provider_message(data)
+
     async def provider_stats(self) -> dict[str, Any]:
-        return self.provider.statistics().to_json()
+        """The provider's answer to the app message ``b"stats"`` as a JSON object, as in the lab (``{}`` when it
+        has none); the built-in provider answers with its statistics and flow counters."""
+        reply = await self.session.send_provider_message(b"stats")
+        try:
+            value = json.loads(reply or b"{}")
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
 
     async def helper_stats(self) -> dict[str, Any]:
+        """The helper's own statistics (`HelperStatistics.to_json`), read from the helper itself."""
         return self.helper.stats_json()
+
+    def another_manager(self, provider: type[PacketTunnelProvider] | str | None = None) -> TunnelProviderManager:
+        """A `TunnelProviderManager` for a second provider on this simulated Mac with the same configuration.
+
+        As in the lab its start is refused (the helper answers BUSY; the namespace refuses its settings) and the
+        running tunnel is left alone.
+        """
+        return TunnelProviderManager(
+            provider or self.provider_spec,
+            # its own launcher (so `tun` and `provider` stay this tunnel's), on the same simulated Mac
+            memory_launcher(_memory_utun, namespace=self.namespace),
+            TunnelProviderProtocol(
+                server_address=SERVER_ADDR[0], provider_configuration=dict(self.provider_configuration)
+            ),
+            start_timeout=15.0,
+        )
 
     async def exchange(
         self, packets: Iterable[bytes], *, expect: int | None = None, timeout: float = 10.0
@@ -325,7 +378,7 @@ class MemoryTunnel:
 
     async def start_helper(self) -> None:
         """Start a fresh helper (new WireGuard session) and make it reachable again."""
-        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers)
+        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers, policy=self.policy)
         self._helper_scope = await self._nursery.start(_run_helper, self.helper)
         register_memory_helper(self.name, _connector(self))
         self.helpers_started += 1
@@ -341,8 +394,11 @@ class MemoryTunnel:
     async def wait_connected(self, *, after_connects: int = 0, timeout: float = 30.0) -> None:
         with trio.fail_after(timeout):
             while True:
-                provider = self.provider
-                if provider.connects > after_connects and not provider.reasserting:
+                provider = self.provider_instance
+                if isinstance(provider, HelperForwardingProvider):
+                    if provider.connects > after_connects and not provider.reasserting:
+                        return
+                elif self.helper.sessions > after_connects and self.helper.connected:
                     return
                 await trio.sleep(0.01)
 
@@ -385,9 +441,16 @@ def _connector(t: MemoryTunnel) -> Any:
     return connect
 
 
+def _memory_utun(name: str, mtu: int) -> MemoryTun:
+    return MemoryTun(name=name, mtu=mtu, capacity=1024)
+
+
 @asynccontextmanager
 async def memory_tunnel(
     *,
+    provider: type[PacketTunnelProvider] | str = HelperForwardingProvider,
+    provider_configuration: Mapping[str, Any] | None = None,
+    policy: str | os.PathLike[str] | None = None,
     loss: float = 0.0,
     seed: int = 0,
     mtu: int = 1420,
@@ -397,11 +460,17 @@ async def memory_tunnel(
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
     Args:
+        provider / provider_configuration / policy: as for `netsim.lab.tunnel.netsim_tunnel` (validated before
+            anything starts; netsim adds ``helper_socket``, ``reconnect_for`` and ``backoff_max``). The policy's
+            route exclusions reach the provider in SETTINGS; with the NAT mechanism BYPASS verdicts have no
+            physical link here and are counted by the helper.
         loss: datagram loss on the fake network (seeded by ``seed``).
         mtu: tunnel MTU.
         timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).
         reconnect_for: seconds the provider reasserts before giving up.
     """
+    inputs = resolve_inputs(provider, provider_configuration, policy)
+    engine = PolicyEngine(inputs.policy) if inputs.policy is not None else None
     rng = random.Random(seed)
     server_key = PrivateKey.generate(rng.randbytes)
     client_key = PrivateKey.generate(rng.randbytes)
@@ -428,22 +497,19 @@ async def memory_tunnel(
     )
     server = MemoryVpnServer(server_key, server_peer, network.attach(SERVER_ADDR), mtu)
     name = f"tunnel-{secrets.token_hex(4)}"
-    launcher = memory_launcher(lambda dev_name, dev_mtu: MemoryTun(name=dev_name, mtu=dev_mtu, capacity=1024))
+    namespace = MemoryNamespace(name)
+    launcher = memory_launcher(_memory_utun, namespace=namespace)
+    configuration = inputs.provider_configuration(
+        {"helper_socket": f"memory:{name}", "reconnect_for": reconnect_for, "backoff_max": 0.5}
+    )
     manager = TunnelProviderManager(
-        HelperForwardingProvider,
+        inputs.spec,
         launcher,
-        TunnelProviderProtocol(
-            server_address=SERVER_ADDR[0],
-            provider_configuration={
-                "helper_socket": f"memory:{name}",
-                "reconnect_for": reconnect_for,
-                "backoff_max": 0.5,
-            },
-        ),
+        TunnelProviderProtocol(server_address=SERVER_ADDR[0], provider_configuration=configuration),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers)
+        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, policy=engine)
         scope = await nursery.start(_run_helper, helper)
         try:
             async with manager.open_session() as session:
@@ -460,6 +526,10 @@ async def memory_tunnel(
                     _helper_scope=scope,
                     _nursery=nursery,
                     timers=timers,
+                    provider_configuration=configuration,
+                    provider_spec=inputs.spec,
+                    namespace=namespace,
+                    policy=engine,
                 )
                 register_memory_helper(name, _connector(tunnel))
                 await session.start_vpn_tunnel()

@@ -31,7 +31,7 @@ from netsim.apple import (
 )
 from netsim.core.routes import RouteTable
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
-from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_TABLE, open_iproute, tunnel_route_table
+from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_LOCK_DIR, TUNNEL_TABLE, open_iproute, tunnel_route_table
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -374,3 +374,75 @@ def test_enforce_routes_from_the_protocol_reaches_the_kernel(lab: Any, kernel: K
 
     run_with_tunnel(lab, body, enforce_routes=enforce)
     assert kernel.rules() == set()
+
+
+def test_second_tunnel_in_the_namespace_is_refused_and_leaves_the_first_alone(lab: Any, kernel: Kernel) -> None:
+    """Issue 13: a second provider in a namespace with a tunnel must not take over or remove the first's state.
+
+    Before the ownership claim the second provider's settings replaced the first's table entries, and its
+    teardown deleted the first tunnel's rules at 6100/6101 and table 28275: the first session still said CONNECTED
+    while its traffic left en0 (the leak, shown with a capture in tests/lab/test_tunnel_backends.py).
+    """
+    first_spec = {"v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"], "included": [["0.0.0.0", "0.0.0.0"]]}}
+    second_spec = {
+        "v4": {"addresses": ["10.9.0.2"], "masks": ["255.255.255.255"], "included": [["10.0.0.0", "255.0.0.0"]]}
+    }
+
+    async def body(session: TunnelProviderSession) -> None:
+        assert await apply(session, first_spec) == {}
+        utun = session.applied_settings["device"] if session.applied_settings else ""
+        table, rules = kernel.table(), kernel.rules()
+        assert ("0.0.0.0/0", utun, None) in table and len(rules) == 4
+        second = TunnelProviderManager(
+            f"{__file__}:SettingsProvider",
+            SubprocessLauncher(lab.netns("mac")),
+            TunnelProviderProtocol(server_address=SERVER4),
+        )
+        async with second.open_session() as other:
+            await other.start_vpn_tunnel()
+            with trio.fail_after(30):
+                await other.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            reply = await apply(other, second_spec)
+            assert reply.get("code") == 3, reply  # NETWORK_SETTINGS_FAILED, before anything changed
+            assert "already has a tunnel" in reply["error"] and "pid" in reply["error"]
+            assert kernel.table() == table and kernel.rules() == rules
+            await other.stop_vpn_tunnel()
+            with trio.fail_after(30):
+                await other.wait_status(VPNStatus.DISCONNECTED)
+        # The refused provider's teardown removed nothing of the first tunnel's.
+        assert kernel.table() == table and kernel.rules() == rules
+        assert kernel.route_get("203.0.113.10")[0] == utun
+
+    run_with_tunnel(lab, body)
+    assert kernel.table() == set() and kernel.rules() == set()
+
+
+def test_a_killed_owners_claim_does_not_block_the_next_tunnel(lab: Any, kernel: Kernel) -> None:
+    """The ownership claim is an flock: it dies with a SIGKILLed provider, whose rules the next owner replaces."""
+    spec = {"v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"], "included": [["0.0.0.0", "0.0.0.0"]]}}
+    launcher = SubprocessLauncher(lab.netns("mac"))
+    manager = TunnelProviderManager(
+        f"{__file__}:SettingsProvider", launcher, TunnelProviderProtocol(server_address=SERVER4)
+    )
+    lock = TUNNEL_LOCK_DIR / f"{lab.netns('mac')}.lock"
+
+    async def main() -> None:
+        async with manager.open_session() as session:
+            await session.start_vpn_tunnel()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            assert await apply(session, spec) == {}
+            assert lock.read_text().strip() == str(launcher.processes[-1].pid)
+            launcher.processes[-1].kill()
+            with trio.fail_after(30):
+                await session.wait_status(VPNStatus.DISCONNECTED)
+
+    trio.run(main)
+    assert lock.exists() and len(kernel.rules()) == 4  # what the dead owner left behind
+
+    async def body(session: TunnelProviderSession) -> None:
+        assert await apply(session, spec) == {}  # the claim was free: the next tunnel takes over
+        assert len(kernel.rules()) == 4
+
+    run_with_tunnel(lab, body)
+    assert kernel.rules() == set() and kernel.table() == set() and not lock.exists()
