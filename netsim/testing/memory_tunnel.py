@@ -19,11 +19,12 @@ Example::
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
@@ -37,6 +38,7 @@ from netsim.core import ipc
 from netsim.core.checksum import fill_checksums
 from netsim.core.ledger import Ledger
 from netsim.core.packet import PacketView
+from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.device import WireGuardDevice
 from netsim.core.wireguard.keys import PrivateKey
@@ -48,6 +50,8 @@ from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, 
 from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
+from netsim.runtime.policy_file import load_policy_file
+from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tun import MemoryTun
 
@@ -278,6 +282,7 @@ class MemoryTunnel:
     _nursery: trio.Nursery
     timers: Timers | None = None
     helpers_started: int = 1
+    policy: PolicyEngine | None = None
 
     @property
     def tun(self) -> MemoryTun:
@@ -299,6 +304,10 @@ class MemoryTunnel:
 
     async def helper_stats(self) -> dict[str, Any]:
         return self.helper.stats_json()
+
+    async def send_provider_message(self, data: bytes) -> bytes | None:
+        """Send an app message to the provider (Apple's ``sendProviderMessage``) and return its answer."""
+        return await self.session.send_provider_message(data)
 
     async def exchange(
         self, packets: Iterable[bytes], *, expect: int | None = None, timeout: float = 10.0
@@ -325,7 +334,7 @@ class MemoryTunnel:
 
     async def start_helper(self) -> None:
         """Start a fresh helper (new WireGuard session) and make it reachable again."""
-        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers)
+        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers, policy=self.policy)
         self._helper_scope = await self._nursery.start(_run_helper, self.helper)
         register_memory_helper(self.name, _connector(self))
         self.helpers_started += 1
@@ -393,15 +402,28 @@ async def memory_tunnel(
     mtu: int = 1420,
     timers: Timers | None = None,
     reconnect_for: float = 60.0,
+    provider: type[PacketTunnelProvider] | str = HelperForwardingProvider,
+    provider_configuration: Mapping[str, Any] | None = None,
+    policy: str | os.PathLike[str] | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
     Args:
+        provider: the provider class or its ``"module:Class"`` spec (it must read ``helper_socket`` like
+            `HelperForwardingProvider`).
+        provider_configuration: Apple's ``providerConfiguration``, merged over netsim's own keys.
+        policy: the helper's bypass policy: TOML text, or a path (`os.PathLike`) to a .toml/.yaml file.
         loss: datagram loss on the fake network (seeded by ``seed``).
         mtu: tunnel MTU.
         timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).
         reconnect_for: seconds the provider reasserts before giving up.
     """
+    if policy is None:
+        engine = None
+    elif isinstance(policy, os.PathLike):
+        engine = PolicyEngine(load_policy_file(os.fspath(policy)))
+    else:
+        engine = PolicyEngine(parse_policy(policy, fmt="toml"))
     rng = random.Random(seed)
     server_key = PrivateKey.generate(rng.randbytes)
     client_key = PrivateKey.generate(rng.randbytes)
@@ -430,20 +452,21 @@ async def memory_tunnel(
     name = f"tunnel-{secrets.token_hex(4)}"
     launcher = memory_launcher(lambda dev_name, dev_mtu: MemoryTun(name=dev_name, mtu=dev_mtu, capacity=1024))
     manager = TunnelProviderManager(
-        HelperForwardingProvider,
+        provider,
         launcher,
         TunnelProviderProtocol(
             server_address=SERVER_ADDR[0],
             provider_configuration={
-                "helper_socket": f"memory:{name}",
                 "reconnect_for": reconnect_for,
                 "backoff_max": 0.5,
+                **(provider_configuration or {}),
+                "helper_socket": f"memory:{name}",
             },
         ),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers)
+        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, policy=engine)
         scope = await nursery.start(_run_helper, helper)
         try:
             async with manager.open_session() as session:
@@ -460,6 +483,7 @@ async def memory_tunnel(
                     _helper_scope=scope,
                     _nursery=nursery,
                     timers=timers,
+                    policy=engine,
                 )
                 register_memory_helper(name, _connector(tunnel))
                 await session.start_vpn_tunnel()
