@@ -23,7 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -191,6 +191,10 @@ class LabTunnel:
         reply = await self.session.send_provider_message(b"helper-stats")
         return json.loads(reply or b"{}")  # type: ignore[no-any-return]
 
+    async def send_provider_message(self, data: bytes) -> bytes | None:
+        """Send an app message to the provider (Apple's ``sendProviderMessage``) and return its answer."""
+        return await self.session.send_provider_message(data)
+
     async def kill_helper(self) -> int:
         """SIGKILL the helper process (by its pid) and reap it; returns its exit status."""
         self.helper.send_signal(signal.SIGKILL)
@@ -326,6 +330,7 @@ async def netsim_tunnel(
     *,
     plan: TunnelPlan | None = None,
     provider: type[HelperForwardingProvider] | str = HelperForwardingProvider,
+    provider_configuration: Mapping[str, Any] | None = None,
     group_access: bool = False,
     policy: str | os.PathLike[str] | None = None,
     start_timeout: float = 30.0,
@@ -337,6 +342,8 @@ async def netsim_tunnel(
         lab: a running `Lab` (with services, for the probes).
         plan: addresses, port, MTU (defaults: `TunnelPlan`).
         provider: the provider class or spec; it must read ``helper_socket`` like `HelperForwardingProvider`.
+        provider_configuration: Apple's ``providerConfiguration`` for the provider, merged with netsim's keys
+            (``helper_socket`` and ``token_file`` are always netsim's).
         group_access: socket directory 0750 (root group may reach it, SO_PEERCRED still decides).
         policy: the helper's bypass policy (``netsim helper --policy``; docs/policy.md): TOML or YAML text, or a
             path (`os.PathLike`) to such a file. Validated here, before anything starts.
@@ -402,10 +409,11 @@ async def netsim_tunnel(
             TunnelProviderProtocol(
                 server_address=str(lab.addr.vpn_wan_v4),
                 provider_configuration={
-                    "helper_socket": str(socket_path),
                     "connect_timeout": min(start_timeout, 20.0),
                     "reconnect_for": reconnect_for,
                     "backoff_max": 0.5,
+                    **(provider_configuration or {}),
+                    "helper_socket": str(socket_path),
                     "token_file": str(token_path),
                 },
             ),

@@ -3,10 +3,10 @@
 ``pip install netsim`` registers this module as a pytest plugin (entry point group ``pytest11``, name
 ``netsim``), so a user's test suite gets these fixtures without a conftest line:
 
-* ``netsim_provider``, ``netsim_provider_configuration``, ``netsim_policy``: what the tunnels run. Defaults come
-  from the closest ``@pytest.mark.netsim(provider=..., provider_configuration=..., policy=...)`` marker, else
-  netsim's `HelperForwardingProvider`, no configuration and no policy. Override a fixture in a conftest to set a
-  suite-wide default (pytest's usual override-by-name).
+* ``netsim_provider``, ``netsim_provider_configuration``, ``netsim_policy``: what the tunnels run (defaults:
+  netsim's `HelperForwardingProvider`, no configuration, no policy). Override one in a conftest for a suite-wide
+  choice (pytest's override-by-name); the closest ``@pytest.mark.netsim(provider=..., provider_configuration=...,
+  policy=...)`` marker wins over the fixtures, per key.
 * ``netsim_memory_tunnel`` (async, no root): `netsim.testing.memory_tunnel.memory_tunnel` with those three.
 * ``netsim_lab`` (root tier): a fresh `netsim.lab.Lab` recording pcaps per link; its pcap directory is kept and
   named in the report when the test failed, removed when it passed.
@@ -113,35 +113,42 @@ def _marker(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 @pytest.fixture
-def netsim_provider(request: pytest.FixtureRequest) -> Any:
-    """The provider the tunnel fixtures run: a `PacketTunnelProvider` subclass or its ``"module:Class"`` spec."""
+def netsim_provider() -> Any:
+    """The provider the tunnel fixtures run: a `PacketTunnelProvider` subclass or its ``"module:Class"`` spec.
+
+    Override in a conftest for a suite-wide default; ``@pytest.mark.netsim(provider=...)`` wins over it.
+    """
     from netsim.runtime.forwarding import HelperForwardingProvider
 
-    return _marker(request).get("provider", HelperForwardingProvider)
+    return HelperForwardingProvider
 
 
 @pytest.fixture
-def netsim_provider_configuration(request: pytest.FixtureRequest) -> Mapping[str, Any] | None:
+def netsim_provider_configuration() -> Mapping[str, Any] | None:
     """Apple's ``providerConfiguration`` for the provider (netsim adds its own ``helper_socket``)."""
-    value: Mapping[str, Any] | None = _marker(request).get("provider_configuration")
-    return value
+    return None
 
 
 @pytest.fixture
-def netsim_policy(request: pytest.FixtureRequest) -> str | os.PathLike[str] | None:
-    """The helper's bypass policy: the marker's file (relative to the test file), else None (tunnel all).
+def netsim_policy() -> str | os.PathLike[str] | None:
+    """The helper's bypass policy: TOML text (a `str`) or a file (`os.PathLike`); None tunnels everything."""
+    return None
 
-    An overriding fixture may return TOML text (a `str`) or a path (`os.PathLike`), as `netsim_tunnel` takes.
+
+def _backend_kwargs(
+    request: pytest.FixtureRequest, provider: Any, configuration: Mapping[str, Any] | None, policy: Any
+) -> dict[str, Any]:
+    """The shared backend parameters (docs/lab.md): the fixtures' values, overridden by the closest marker.
+
+    Only parameters that are set are passed, so either backend's own defaults apply. A marker's ``policy`` is a
+    file path, relative to the test file (marker arguments are written next to the test, like a fixture file).
     """
-    policy = _marker(request).get("policy")
-    if isinstance(policy, str | os.PathLike):
-        path = Path(policy)
-        return path if path.is_absolute() else Path(request.node.path).parent / path
-    return policy
-
-
-def _backend_kwargs(provider: Any, configuration: Mapping[str, Any] | None, policy: Any) -> dict[str, Any]:
-    """The shared backend parameters (docs/lab.md): only those set, so either backend's defaults apply."""
+    mark = _marker(request)
+    provider = mark.get("provider", provider)
+    configuration = mark.get("provider_configuration", configuration)
+    if "policy" in mark:
+        path = Path(mark["policy"])
+        policy = path if path.is_absolute() else Path(request.node.path).parent / path
     kwargs: dict[str, Any] = {"provider": provider}
     if configuration is not None:
         kwargs["provider_configuration"] = configuration
@@ -165,6 +172,7 @@ def _trio_leaks(before: set[trio.lowlevel.Task]) -> list[str]:
 
 @pytest.fixture
 async def netsim_memory_tunnel(
+    request: pytest.FixtureRequest,
     netsim_provider: Any,
     netsim_provider_configuration: Mapping[str, Any] | None,
     netsim_policy: str | os.PathLike[str] | None,
@@ -176,7 +184,9 @@ async def netsim_memory_tunnel(
     from netsim.testing.memory_tunnel import memory_tunnel
 
     leaks, tasks = LeakCheck(), _system_tasks()
-    async with memory_tunnel(**_backend_kwargs(netsim_provider, netsim_provider_configuration, netsim_policy)) as t:
+    async with memory_tunnel(
+        **_backend_kwargs(request, netsim_provider, netsim_provider_configuration, netsim_policy)
+    ) as t:
         yield t
     await trio.testing.wait_all_tasks_blocked()  # let cancelled system tasks finish before counting them
     problems = leaks.problems() + _trio_leaks(tasks)
@@ -221,6 +231,7 @@ def netsim_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 @pytest.fixture
 async def netsim_lab_tunnel(
+    request: pytest.FixtureRequest,
     netsim_lab: Any,
     netsim_provider: Any,
     netsim_provider_configuration: Mapping[str, Any] | None,
@@ -235,7 +246,7 @@ async def netsim_lab_tunnel(
 
     require_binary(*TUNNEL_BINARIES)
     tasks = _system_tasks()
-    kwargs = _backend_kwargs(netsim_provider, netsim_provider_configuration, netsim_policy)
+    kwargs = _backend_kwargs(request, netsim_provider, netsim_provider_configuration, netsim_policy)
     async with netsim_tunnel(netsim_lab, **kwargs) as t:
         yield t
     await trio.testing.wait_all_tasks_blocked()
