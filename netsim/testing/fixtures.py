@@ -100,22 +100,26 @@ def _children() -> set[int]:
     return kids
 
 
+def _open_fds() -> set[str]:
+    """This process's open fds, less the one ``os.listdir`` used to read /proc/self/fd (closed by now).
+
+    That fd has the lowest free number, the one the next ``open`` gets: left in a snapshot, it hid the first fd
+    leaked after it.
+    """
+    return {fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
 class LeakCheck:
     """Record fds and child processes now; `check` asserts nothing was leaked by the given lab runs."""
 
     def __init__(self) -> None:
-        self.fds = set(os.listdir("/proc/self/fd"))
+        self.fds = _open_fds()
         self.children = _children()
 
     def problems(self, run_ids: list[str] = []) -> list[str]:  # noqa: B006 - read only
         """Everything left behind (empty list when clean)."""
         out = []
-        fds = set(os.listdir("/proc/self/fd"))
-        leaked_fds = fds - self.fds
-        # os.listdir itself opened one fd that is already closed; stale entries vanish on readlink.
-        leaked = [
-            f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in leaked_fds if Path(f"/proc/self/fd/{fd}").exists()
-        ]
+        leaked = [f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in sorted(_open_fds() - self.fds, key=int)]
         if leaked:
             out.append(f"leaked fds: {leaked}")
         kids = _children() - self.children
