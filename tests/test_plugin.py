@@ -109,6 +109,7 @@ def _pytest(root: Path, *args: str, timeout: float, env: dict[str, str] | None =
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", *args],
         cwd=root,
+        check=False,
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,

@@ -8,6 +8,10 @@ Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import
 * `RootSnapshot` / `assert_root_unchanged`: the root namespace's links, addresses, routes and nftables ruleset, so
   a test can prove the lab never touched the host.
 * `LeakCheck`: this process's fds and children, plus a run's namespaces, run file and /etc/netns dirs.
+* `run_lab_scenario`: the scaffolding of a module-scoped lab scenario (gate, snapshot, lab, trio, leak check)
+  whose record many tests assert on.
+
+Users' suites get the same checks through the pytest plugin's ``netsim_*`` fixtures (`netsim.testing.plugin`).
 """
 
 from __future__ import annotations
@@ -16,19 +20,29 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
 from netsim.lab.lab import Lab
 from netsim.lab.netns import create_netns, delete_netns, list_netns
 from netsim.testing.require import require_binary, require_root
 
-__all__ = ["LeakCheck", "RootSnapshot", "assert_root_unchanged", "lab", "netns", "root_snapshot"]
+__all__ = [
+    "LeakCheck",
+    "RootSnapshot",
+    "assert_root_unchanged",
+    "lab",
+    "netns",
+    "root_snapshot",
+    "run_lab_scenario",
+]
 
 _LINK_KEYS = ("ifindex", "ifname", "flags", "mtu", "link_type", "address", "master")
 
@@ -138,6 +152,40 @@ class LeakCheck:
         """Assert `problems` is empty."""
         problems = self.problems(run_ids)
         assert not problems, "; ".join(problems)
+
+
+def run_lab_scenario(
+    scenario: Callable[[Lab, dict[str, Any]], Awaitable[None]], *binaries: str, **lab_options: Any
+) -> dict[str, Any]:
+    """Run ``await scenario(lab, rec)`` in a fresh `Lab` under ``trio.run`` and return the record ``rec``.
+
+    For a module-scoped fixture whose tests each assert one part of an expensive scenario: a failure is recorded,
+    not raised, so every test reports the cause instead of an opaque fixture error. Gates first (root and
+    ``binaries``, `netsim.testing.require`), then snapshots the root namespace and this process (`LeakCheck`).
+
+    Besides what ``scenario`` records, ``rec`` gets ``run_id``; ``error`` (the traceback, then ``rec["logs"]``)
+    if it raised; ``leaks`` (`LeakCheck.problems` for the run, empty when clean); ``root_changed`` (None, or what
+    changed in the root namespace).
+    """
+    require_root()
+    require_binary(*binaries)
+    rec: dict[str, Any] = {}
+    before = root_snapshot()
+    leaks = LeakCheck()
+
+    async def main() -> None:
+        async with Lab(**lab_options) as the_lab:
+            rec["run_id"] = the_lab.run_id
+            await scenario(the_lab, rec)
+
+    try:
+        trio.run(main)
+    except Exception as exc:  # trio's ExceptionGroup included
+        rec["error"] = "".join(traceback.format_exception(exc)) + "\n" + rec.get("logs", "")
+    rec["leaks"] = leaks.problems([rec["run_id"]] if "run_id" in rec else [])
+    diff = before.diff(root_snapshot())
+    rec["root_changed"] = "root namespace changed:\n" + "\n".join(diff) if diff else None
+    return rec
 
 
 @pytest.fixture
