@@ -181,3 +181,25 @@ def test_leak_check_sees_the_first_fd_opened_after_it() -> None:
     with open(os.devnull, "rb") as f:
         assert f"leaked fds: ['{f.fileno()}->/dev/null']" in leaks.problems()
     assert leaks.problems() == []
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_the_lab_tunnel_gate_skips_with_its_reason_or_fails_when_required(tmp_path: Path, required: bool) -> None:
+    """The root tier's gate as a user sees it: wireguard-go missing from PATH (stand-ins for the other binaries,
+    which the gate only looks up), so the docs' lab test is skipped saying what is missing, or fails under
+    ``NETSIM_REQUIRE_PRIVILEGED=1``. The gate runs before any lab exists."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("ip", "nft", "iperf3", "tcpdump", "wg"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    root = _suite(tmp_path)
+    env = {"PATH": str(bin_dir), "NETSIM_REQUIRE_PRIVILEGED": "1" if required else "0", "CI": ""}
+    counts, out = _pytest(root, "-k", "lab", timeout=120, env=env)
+    reason = "needs 'wireguard-go' on PATH"
+    if required:
+        assert counts == {"error": 1, "deselected": 3}, out  # a failing fixture: a setup error
+        assert f"NETSIM_REQUIRE_PRIVILEGED is set: {reason}" in out, out
+    else:
+        assert counts == {"skipped": 1, "deselected": 3}, out
+        assert reason in out, out

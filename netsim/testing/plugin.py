@@ -44,6 +44,7 @@ __all__ = [
     "netsim_policy",
     "netsim_provider",
     "netsim_provider_configuration",
+    "netsim_tunnel_gate",
 ]
 
 #: The marker's keyword arguments (anything else is a usage error: a typo must not silently run the default).
@@ -230,8 +231,18 @@ def netsim_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture
-async def netsim_lab_tunnel(
+def netsim_tunnel_gate() -> None:
+    """The lab tunnel's gate (wireguard-go and wg on PATH), in a sync fixture so a skip keeps its reason.
+
+    Under pytest-trio a skip raised in an async fixture is reported without its reason.
+    """
+    require_binary(*TUNNEL_BINARIES)
+
+
+@pytest.fixture
+async def netsim_lab_tunnel(  # noqa: PLR0917 - pytest passes fixtures by name
     request: pytest.FixtureRequest,
+    netsim_tunnel_gate: None,
     netsim_lab: Any,
     netsim_provider: Any,
     netsim_provider_configuration: Mapping[str, Any] | None,
@@ -244,7 +255,6 @@ async def netsim_lab_tunnel(
     """
     from netsim.lab.tunnel import netsim_tunnel
 
-    require_binary(*TUNNEL_BINARIES)
     tasks = _system_tasks()
     kwargs = _backend_kwargs(request, netsim_provider, netsim_provider_configuration, netsim_policy)
     async with netsim_tunnel(netsim_lab, **kwargs) as t:
