@@ -9,7 +9,7 @@ Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import
   a test can prove the lab never touched the host.
 * `LeakCheck`: this process's fds and children, plus a run's namespaces, run file and /etc/netns dirs.
 * `run_lab_scenario`: the scaffolding of a module-scoped lab scenario (gate, snapshot, lab, trio, leak check)
-  whose record many tests assert on.
+  whose record many tests assert on; `run_captured_tunnel`: one tunnel of such a scenario, en0 captured.
 
 Users' suites get the same checks through the pytest plugin's ``netsim_*`` fixtures (`netsim.testing.plugin`).
 """
@@ -23,6 +23,7 @@ import subprocess
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "lab",
     "netns",
     "root_snapshot",
+    "run_captured_tunnel",
     "run_lab_scenario",
 ]
 
@@ -186,6 +188,36 @@ def run_lab_scenario(
     diff = before.diff(root_snapshot())
     rec["root_changed"] = "root namespace changed:\n" + "\n".join(diff) if diff else None
     return rec
+
+
+async def run_captured_tunnel(
+    lab: Lab,
+    rec: dict[str, Any],
+    key: str,
+    flows: Callable[[Lab, Any], Awaitable[Any]],
+    *,
+    pcap: Path,
+    policy: str | os.PathLike[str] | None = None,
+) -> None:
+    """Record ``rec[key] = await flows(lab, t)`` in a fresh `netsim_tunnel` with a capture of mac/en0 around it.
+
+    The capture starts before the tunnel and stops after it (so its pcap, ``rec[key + "_pcap"]``, holds every
+    packet the tunnel's bring-up and teardown sent on en0: what a leak check must see). When ``flows`` raises,
+    the tunnel's logs go to ``rec["logs"]`` (`run_lab_scenario` appends them to the error).
+    """
+    from netsim.lab.tunnel import netsim_tunnel
+
+    cap = await trio.to_thread.run_sync(partial(lab.capture, "mac", "en0", name=f"en0-{key}", path=pcap))
+    try:
+        async with netsim_tunnel(lab, policy=policy) as t:
+            try:
+                rec[key] = await flows(lab, t)
+            except BaseException:
+                rec["logs"] = t.logs()
+                raise
+    finally:
+        await trio.to_thread.run_sync(cap.stop_sync)
+    rec[f"{key}_pcap"] = pcap
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ tunnelled traffic, en0's own address for traffic that stayed in the home.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 from ipaddress import ip_address
@@ -23,8 +22,7 @@ import trio
 from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
-from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.fixtures import run_lab_scenario
+from netsim.testing.fixtures import run_captured_tunnel, run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -49,20 +47,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         await trio.to_thread.run_sync(example.prepare_lab, lab)
         for mech in MECHANISMS:
             text, _ = example.load_policy(example.POLICY, mech)
-            path = pcap_dir / f"{mech}-en0.pcap"
-            cap = await trio.to_thread.run_sync(
-                functools.partial(lab.capture, "mac", "en0", name=f"en0-{mech}", path=path)
-            )
-            try:
-                async with netsim_tunnel(lab, policy=text) as t:
-                    try:
-                        rec[mech] = await example.run_flows(lab, t)
-                    except BaseException:
-                        rec["logs"] = t.logs()
-                        raise
-            finally:
-                await trio.to_thread.run_sync(cap.stop_sync)
-            rec[f"{mech}_pcap"] = path
+            pcap = pcap_dir / f"{mech}-en0.pcap"
+            await run_captured_tunnel(lab, rec, mech, example.run_flows, pcap=pcap, policy=text)
             # what the helper's NAT set up in the Mac's namespace must be gone once it stopped
             tables = await lab.run("mac", ["nft", "list", "tables"], check=False)
             ports = await lab.run("mac", ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"], check=False)

@@ -25,7 +25,6 @@ Positive control: ``isp.lab.test`` resolved for real does leave by en0 (its flow
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -37,8 +36,7 @@ import trio
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.scenarios import BYPASS_DOMAIN, BYPASS_POLICY_TOML, add_bypass_hosts
-from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.fixtures import run_lab_scenario
+from netsim.testing.fixtures import run_captured_tunnel, run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -168,20 +166,7 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         await trio.to_thread.run_sync(_add_targets, lab)
         for mech in MECHANISMS:
             text = BYPASS_POLICY_TOML.replace('mechanism = "nat"', f'mechanism = "{mech}"')
-            path = pcap_dir / f"{mech}-en0.pcap"
-            cap = await trio.to_thread.run_sync(
-                functools.partial(lab.capture, "mac", "en0", name=f"en0-dns-{mech}", path=path)
-            )
-            try:
-                async with netsim_tunnel(lab, policy=text) as t:
-                    try:
-                        rec[mech] = await _attack(lab, t)
-                    except BaseException:
-                        rec["logs"] = t.logs()
-                        raise
-            finally:
-                await trio.to_thread.run_sync(cap.stop_sync)
-            rec[f"{mech}_pcap"] = path
+            await run_captured_tunnel(lab, rec, mech, _attack, pcap=pcap_dir / f"{mech}-en0.pcap", policy=text)
 
     rec = run_lab_scenario(main, "wireguard-go", "wg", "ip", "nft", "tcpdump", "curl", "dig")
     for mech in MECHANISMS:  # the attack figures (docs/helper.md), visible with -s
