@@ -203,3 +203,13 @@ def test_the_lab_tunnel_gate_skips_with_its_reason_or_fails_when_required(tmp_pa
     else:
         assert counts == {"skipped": 1, "deselected": 3}, out
         assert reason in out, out
+
+
+def test_a_repeated_test_name_gets_its_own_pcap_dir_and_a_kept_one_stays(tmp_path: Path) -> None:
+    from netsim.testing.plugin import _new_dir
+
+    kept = _new_dir(tmp_path, "test_x[v4 nat]")
+    (kept / "mac-en0.pcap").write_bytes(b"kept")
+    again = _new_dir(tmp_path, "test_x[v4 nat]")
+    assert (kept.name, again.name) == ("test_x_v4_nat_", "test_x_v4_nat_-2")
+    assert (kept / "mac-en0.pcap").read_bytes() == b"kept"

@@ -201,6 +201,19 @@ def _pcap_root(config: pytest.Config, factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def _new_dir(root: Path, name: str) -> Path:
+    """A new directory ``root/<name>`` (``<name>-2``, ... when taken: a kept one from another module stays)."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:80]
+    for n in range(1, 1000):
+        path = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free pcap directory for {name!r} under {root}")
+
+
 @pytest.fixture
 def netsim_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A fresh `Lab` with services and per-link pcaps (root tier), torn down and leak-checked after the test.
@@ -212,10 +225,7 @@ def netsim_lab(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
     require_root()
     require_binary(*LAB_BINARIES)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:60]
-    pcap_dir = Path(os.path.realpath(_pcap_root(request.config, tmp_path_factory))) / name
-    shutil.rmtree(pcap_dir, ignore_errors=True)
-    pcap_dir.mkdir(parents=True)
+    pcap_dir = _new_dir(Path(os.path.realpath(_pcap_root(request.config, tmp_path_factory))), request.node.name)
     request.node.stash[_PCAP_DIR] = pcap_dir
     before, leaks = root_snapshot(), LeakCheck()
     the_lab = Lab(pcap_dir=pcap_dir)
