@@ -78,17 +78,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_KEPT] = []
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Remember the call phase's report (fixture teardown decides on it) and name kept pcaps in a failure."""
-    report = yield
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    """Remember the call phase's report (fixture teardown decides on it) and name kept pcaps in a failure.
+
+    An old-style hook wrapper: pytest-trio lets pytest 7 in, whose pluggy may predate ``wrapper=True``.
+    """
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
     if report.when == "call":
         item.stash[_CALL_REPORT] = report
         if report.failed and (pcaps := item.stash.get(_PCAP_DIR, None)) is not None:
             report.sections.append(("netsim pcaps", f"pcaps kept in {pcaps}"))
-    return report
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
