@@ -1,4 +1,9 @@
-"""Shared test configuration: hypothesis profiles and the netsim pytest fixtures."""
+"""Shared test configuration: hypothesis profiles and the netsim pytest fixtures.
+
+The installed netsim pytest plugin (`netsim.testing.plugin`, entry point ``pytest11``) loads here too, with
+pytest-trio; its fixtures all start with ``netsim_``, so they do not clash with the ``lab``/``netns`` fixtures
+that test modules import from `netsim.testing.fixtures`.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,10 @@ Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import
 * `RootSnapshot` / `assert_root_unchanged`: the root namespace's links, addresses, routes and nftables ruleset, so
   a test can prove the lab never touched the host.
 * `LeakCheck`: this process's fds and children, plus a run's namespaces, run file and /etc/netns dirs.
+* `run_lab_scenario`: the scaffolding of a module-scoped lab scenario (gate, snapshot, lab, trio, leak check)
+  whose record many tests assert on; `run_captured_tunnel`: one tunnel of such a scenario, en0 captured.
+
+Users' suites get the same checks through the pytest plugin's ``netsim_*`` fixtures (`netsim.testing.plugin`).
 """
 
 from __future__ import annotations
@@ -16,19 +20,31 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
 from netsim.lab.lab import Lab
 from netsim.lab.netns import create_netns, delete_netns, list_netns
 from netsim.testing.require import require_binary, require_root
 
-__all__ = ["LeakCheck", "RootSnapshot", "assert_root_unchanged", "lab", "netns", "root_snapshot"]
+__all__ = [
+    "LeakCheck",
+    "RootSnapshot",
+    "assert_root_unchanged",
+    "lab",
+    "netns",
+    "root_snapshot",
+    "run_captured_tunnel",
+    "run_lab_scenario",
+]
 
 _LINK_KEYS = ("ifindex", "ifname", "flags", "mtu", "link_type", "address", "master")
 
@@ -100,22 +116,26 @@ def _children() -> set[int]:
     return kids
 
 
+def _open_fds() -> set[str]:
+    """This process's open fds, less the one ``os.listdir`` used to read /proc/self/fd (closed by now).
+
+    That fd has the lowest free number, the one the next ``open`` gets: left in a snapshot, it hid the first fd
+    leaked after it.
+    """
+    return {fd for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
 class LeakCheck:
     """Record fds and child processes now; `check` asserts nothing was leaked by the given lab runs."""
 
     def __init__(self) -> None:
-        self.fds = set(os.listdir("/proc/self/fd"))
+        self.fds = _open_fds()
         self.children = _children()
 
     def problems(self, run_ids: list[str] = []) -> list[str]:  # noqa: B006 - read only
         """Everything left behind (empty list when clean)."""
         out = []
-        fds = set(os.listdir("/proc/self/fd"))
-        leaked_fds = fds - self.fds
-        # os.listdir itself opened one fd that is already closed; stale entries vanish on readlink.
-        leaked = [
-            f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in leaked_fds if Path(f"/proc/self/fd/{fd}").exists()
-        ]
+        leaked = [f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}" for fd in sorted(_open_fds() - self.fds, key=int)]
         if leaked:
             out.append(f"leaked fds: {leaked}")
         kids = _children() - self.children
@@ -134,6 +154,70 @@ class LeakCheck:
         """Assert `problems` is empty."""
         problems = self.problems(run_ids)
         assert not problems, "; ".join(problems)
+
+
+def run_lab_scenario(
+    scenario: Callable[[Lab, dict[str, Any]], Awaitable[None]], *binaries: str, **lab_options: Any
+) -> dict[str, Any]:
+    """Run ``await scenario(lab, rec)`` in a fresh `Lab` under ``trio.run`` and return the record ``rec``.
+
+    For a module-scoped fixture whose tests each assert one part of an expensive scenario: a failure is recorded,
+    not raised, so every test reports the cause instead of an opaque fixture error. Gates first (root and
+    ``binaries``, `netsim.testing.require`), then snapshots the root namespace and this process (`LeakCheck`).
+
+    Besides what ``scenario`` records, ``rec`` gets ``run_id``; ``error`` (the traceback, then ``rec["logs"]``)
+    if it raised; ``leaks`` (`LeakCheck.problems` for the run, empty when clean); ``root_changed`` (None, or what
+    changed in the root namespace).
+    """
+    require_root()
+    require_binary(*binaries)
+    rec: dict[str, Any] = {}
+    before = root_snapshot()
+    leaks = LeakCheck()
+
+    async def main() -> None:
+        async with Lab(**lab_options) as the_lab:
+            rec["run_id"] = the_lab.run_id
+            await scenario(the_lab, rec)
+
+    try:
+        trio.run(main)
+    except Exception as exc:  # trio's ExceptionGroup included
+        rec["error"] = "".join(traceback.format_exception(exc)) + "\n" + rec.get("logs", "")
+    rec["leaks"] = leaks.problems([rec["run_id"]] if "run_id" in rec else [])
+    diff = before.diff(root_snapshot())
+    rec["root_changed"] = "root namespace changed:\n" + "\n".join(diff) if diff else None
+    return rec
+
+
+async def run_captured_tunnel(
+    lab: Lab,
+    rec: dict[str, Any],
+    key: str,
+    flows: Callable[[Lab, Any], Awaitable[Any]],
+    *,
+    pcap: Path,
+    policy: str | os.PathLike[str] | None = None,
+) -> None:
+    """Record ``rec[key] = await flows(lab, t)`` in a fresh `netsim_tunnel` with a capture of mac/en0 around it.
+
+    The capture starts before the tunnel and stops after it (so its pcap, ``rec[key + "_pcap"]``, holds every
+    packet the tunnel's bring-up and teardown sent on en0: what a leak check must see). When ``flows`` raises,
+    the tunnel's logs go to ``rec["logs"]`` (`run_lab_scenario` appends them to the error).
+    """
+    from netsim.lab.tunnel import netsim_tunnel
+
+    cap = await trio.to_thread.run_sync(partial(lab.capture, "mac", "en0", name=f"en0-{key}", path=pcap))
+    try:
+        async with netsim_tunnel(lab, policy=policy) as t:
+            try:
+                rec[key] = await flows(lab, t)
+            except BaseException:
+                rec["logs"] = t.logs()
+                raise
+    finally:
+        await trio.to_thread.run_sync(cap.stop_sync)
+    rec[f"{key}_pcap"] = pcap
 
 
 @pytest.fixture

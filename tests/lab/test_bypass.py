@@ -10,10 +10,8 @@ tunnelled traffic, en0's own address for traffic that stayed in the home.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
-import traceback
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -24,9 +22,7 @@ import trio
 from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
-from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
-from netsim.testing.require import require_binary, require_root
+from netsim.testing.fixtures import run_captured_tunnel, run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -45,48 +41,21 @@ NAT_PORTS = range(61000, 62000)
 
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft", "tcpdump", "curl", "ping")
     pcap_dir = tmp_path_factory.mktemp("bypass-pcap")
-    rec: dict[str, Any] = {"pcap_dir": pcap_dir}
-    before = root_snapshot()
-    leaks = LeakCheck()
 
-    async def main() -> None:
-        async with Lab() as lab:
-            rec["run_id"] = lab.run_id
-            await trio.to_thread.run_sync(example.prepare_lab, lab)
-            for mech in MECHANISMS:
-                text, _ = example.load_policy(example.POLICY, mech)
-                path = pcap_dir / f"{mech}-en0.pcap"
-                cap = await trio.to_thread.run_sync(
-                    functools.partial(lab.capture, "mac", "en0", name=f"en0-{mech}", path=path)
-                )
-                try:
-                    async with netsim_tunnel(lab, policy=text) as t:
-                        try:
-                            rec[mech] = await example.run_flows(lab, t)
-                        except BaseException:
-                            rec["logs"] = t.logs()
-                            raise
-                finally:
-                    await trio.to_thread.run_sync(cap.stop_sync)
-                rec[f"{mech}_pcap"] = path
-                # what the helper's NAT set up in the Mac's namespace must be gone once it stopped
-                tables = await lab.run("mac", ["nft", "list", "tables"], check=False)
-                ports = await lab.run("mac", ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"], check=False)
-                rec[f"{mech}_after"] = (tables.stdout.decode(), ports.stdout.decode().strip())
+    async def main(lab: Lab, rec: dict[str, Any]) -> None:
+        await trio.to_thread.run_sync(example.prepare_lab, lab)
+        for mech in MECHANISMS:
+            text, _ = example.load_policy(example.POLICY, mech)
+            pcap = pcap_dir / f"{mech}-en0.pcap"
+            await run_captured_tunnel(lab, rec, mech, example.run_flows, pcap=pcap, policy=text)
+            # what the helper's NAT set up in the Mac's namespace must be gone once it stopped
+            tables = await lab.run("mac", ["nft", "list", "tables"], check=False)
+            ports = await lab.run("mac", ["sysctl", "-n", "net.ipv4.ip_local_reserved_ports"], check=False)
+            rec[f"{mech}_after"] = (tables.stdout.decode(), ports.stdout.decode().strip())
 
-    try:
-        trio.run(main)
-    except Exception as exc:  # recorded so every test reports the cause instead of an opaque fixture error
-        rec["error"] = "".join(traceback.format_exception(exc)) + "\n" + rec.get("logs", "")
-    rec["leaks"] = leaks.problems([rec["run_id"]] if "run_id" in rec else [])
-    try:
-        assert_root_unchanged(before)
-        rec["root_changed"] = None
-    except AssertionError as exc:
-        rec["root_changed"] = str(exc)
+    rec = run_lab_scenario(main, "wireguard-go", "wg", "ip", "nft", "tcpdump", "curl", "ping")
+    rec["pcap_dir"] = pcap_dir
     for mech in MECHANISMS:  # the measured comparison (docs/bypass.md), visible with -s
         if mech in rec:
             r = rec[mech]

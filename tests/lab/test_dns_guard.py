@@ -25,10 +25,8 @@ Positive control: ``isp.lab.test`` resolved for real does leave by en0 (its flow
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +36,7 @@ import trio
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.scenarios import BYPASS_DOMAIN, BYPASS_POLICY_TOML, add_bypass_hosts
-from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
-from netsim.testing.require import require_binary, require_root
+from netsim.testing.fixtures import run_captured_tunnel, run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -163,45 +159,16 @@ def _add_targets(lab: Lab) -> None:
 
 @pytest.fixture(scope="module")
 def attack(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft", "tcpdump", "curl", "dig")
     pcap_dir = tmp_path_factory.mktemp("dnsguard-pcap")
-    rec: dict[str, Any] = {}
-    before = root_snapshot()
-    leaks = LeakCheck()
 
-    async def main() -> None:
-        async with Lab() as lab:
-            rec["run_id"] = lab.run_id
-            await trio.to_thread.run_sync(add_bypass_hosts, lab)
-            await trio.to_thread.run_sync(_add_targets, lab)
-            for mech in MECHANISMS:
-                text = BYPASS_POLICY_TOML.replace('mechanism = "nat"', f'mechanism = "{mech}"')
-                path = pcap_dir / f"{mech}-en0.pcap"
-                cap = await trio.to_thread.run_sync(
-                    functools.partial(lab.capture, "mac", "en0", name=f"en0-dns-{mech}", path=path)
-                )
-                try:
-                    async with netsim_tunnel(lab, policy=text) as t:
-                        try:
-                            rec[mech] = await _attack(lab, t)
-                        except BaseException:
-                            rec["logs"] = t.logs()
-                            raise
-                finally:
-                    await trio.to_thread.run_sync(cap.stop_sync)
-                rec[f"{mech}_pcap"] = path
+    async def main(lab: Lab, rec: dict[str, Any]) -> None:
+        await trio.to_thread.run_sync(add_bypass_hosts, lab)
+        await trio.to_thread.run_sync(_add_targets, lab)
+        for mech in MECHANISMS:
+            text = BYPASS_POLICY_TOML.replace('mechanism = "nat"', f'mechanism = "{mech}"')
+            await run_captured_tunnel(lab, rec, mech, _attack, pcap=pcap_dir / f"{mech}-en0.pcap", policy=text)
 
-    try:
-        trio.run(main)
-    except Exception as exc:
-        rec["error"] = "".join(traceback.format_exception(exc)) + "\n" + rec.get("logs", "")
-    rec["leaks"] = leaks.problems([rec["run_id"]] if "run_id" in rec else [])
-    try:
-        assert_root_unchanged(before)
-        rec["root_changed"] = None
-    except AssertionError as exc:
-        rec["root_changed"] = str(exc)
+    rec = run_lab_scenario(main, "wireguard-go", "wg", "ip", "nft", "tcpdump", "curl", "dig")
     for mech in MECHANISMS:  # the attack figures (docs/helper.md), visible with -s
         if mech in rec:
             r = rec[mech]

@@ -30,7 +30,7 @@ from netsim.core.wireguard.device import DEFAULT_LOAD_THRESHOLD
 from netsim.core.wireguard.ratelimiter import PACKETS_BURSTABLE, PACKETS_PER_SECOND
 from netsim.lab.lab import Lab
 from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.require import require_binary, require_root
+from netsim.testing.fixtures import run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -136,12 +136,8 @@ async def _settled_stats(t: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def flood() -> dict[str, Any]:
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft", "ping")
-    rec: dict[str, Any] = {}
-
-    async def main() -> None:
-        async with Lab() as lab, netsim_tunnel(lab) as t:
+    async def main(lab: Lab, rec: dict[str, Any]) -> None:
+        async with netsim_tunnel(lab) as t:
             ready = re.search(r"READY \S+ (\d+)", t.helper.stdout())
             assert ready is not None, t.helper.stdout()
             port = int(ready.group(1))
@@ -173,10 +169,9 @@ def flood() -> dict[str, Any]:
             rc = (await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", www], check=False)).returncode
             rec["ping_after_rc"] = rc
 
-    try:
-        trio.run(main)
-    except Exception as exc:  # trio's ExceptionGroup included; the cause and the logs go in the failure
-        pytest.fail(f"the flood scenario failed: {exc!r}\n{rec.get('logs', '')}")
+    rec = run_lab_scenario(main, "wireguard-go", "wg", "ip", "nft", "ping")
+    if "error" in rec:  # the cause and the logs go in the failure
+        pytest.fail(f"the flood scenario failed: {rec['error']}")
     b, a = _device(rec["before"]), _device(rec["after"])
     transmitted, received = map(int, _PING_SUMMARY.search(rec["ping"]).groups())  # type: ignore[union-attr]
     rtt = _PING_RTT.search(rec["ping"])
@@ -228,3 +223,8 @@ def test_flood_dh_work_bounded_by_cookies_and_rate_limiter(flood: dict[str, Any]
 def test_helper_ledger_balances_after_the_flood(flood: dict[str, Any]) -> None:
     ledger = LedgerSnapshot.from_json_untrusted(flood["after"]["ledger"])
     assert [str(i) for i in ledger.check()] == []
+
+
+def test_lab_left_nothing_behind(flood: dict[str, Any]) -> None:
+    assert flood["leaks"] == []
+    assert flood["root_changed"] is None

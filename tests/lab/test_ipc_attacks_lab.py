@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import traceback
 from typing import Any
 
 import pytest
@@ -23,8 +22,7 @@ import trio
 from netsim.core import ipc
 from netsim.lab.lab import Lab
 from netsim.lab.tunnel import LabTunnel, netsim_tunnel
-from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
-from netsim.testing.require import require_binary, require_root
+from netsim.testing.fixtures import run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(300)]
 DEADLINE = ipc.DEFAULT_PING_INTERVAL + ipc.DEFAULT_PING_TIMEOUT
@@ -139,40 +137,23 @@ async def _stop_helper(lab: Lab, t: LabTunnel, rec: dict[str, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def scenario() -> dict[str, Any]:
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft", "ping")
-    rec: dict[str, Any] = {}
-    before = root_snapshot()
-    leaks = LeakCheck()
+    async def main(lab: Lab, rec: dict[str, Any]) -> None:
+        async with netsim_tunnel(lab) as t:
+            try:
+                rec["ping_before"] = await _ping(lab)
+                await _slot_race(lab, t, rec)
+                await _stop_helper(lab, t, rec)
+            except BaseException:
+                rec.setdefault("statuses_during_stop", None)
+                provider_log = t.helper.stderr_path.parent / "provider.log"
+                tail = provider_log.read_text(errors="replace")[-4000:] if provider_log.exists() else ""
+                rec["logs"] = (
+                    f"{rec['statuses_during_stop']}\n{t.logs()}\n--- provider ({t.session.status.name}, "
+                    f"{t.session.last_disconnect_error!r}) ---\n{tail}"
+                )
+                raise
 
-    async def main() -> None:
-        async with Lab() as lab:
-            rec["run_id"] = lab.run_id
-            async with netsim_tunnel(lab) as t:
-                try:
-                    rec["ping_before"] = await _ping(lab)
-                    await _slot_race(lab, t, rec)
-                    await _stop_helper(lab, t, rec)
-                except BaseException:
-                    rec.setdefault("statuses_during_stop", None)
-                    provider_log = t.helper.stderr_path.parent / "provider.log"
-                    tail = provider_log.read_text(errors="replace")[-4000:] if provider_log.exists() else ""
-                    rec["logs"] = (
-                        f"{rec['statuses_during_stop']}\n{t.logs()}\n--- provider ({t.session.status.name}, "
-                        f"{t.session.last_disconnect_error!r}) ---\n{tail}"
-                    )
-                    raise
-
-    try:
-        trio.run(main)
-    except Exception as exc:  # recorded so every test reports the cause instead of an opaque fixture error
-        rec["error"] = "".join(traceback.format_exception(exc)) + "\n" + rec.get("logs", "")
-    rec["leaks"] = leaks.problems([rec["run_id"]] if "run_id" in rec else [])
-    try:
-        assert_root_unchanged(before)
-        rec["root_changed"] = None
-    except AssertionError as exc:
-        rec["root_changed"] = str(exc)
+    rec = run_lab_scenario(main, "wireguard-go", "wg", "ip", "nft", "ping")
     print(f"[ipc attacks] { ({k: v for k, v in rec.items() if k.endswith('_after')}) }")
     return rec
 

@@ -4,7 +4,8 @@
   was ``forwarded``: 301 in the issue's run). One UDP probe stream, 10 probes/s for 25 s, across a restart.
 * an en0 flap: sends while en0 is down are ``udp_no_route``; packets blackholed after it are ``sent_unconfirmed``.
 
-Each test brings up its own lab and tunnel; under a minute each.
+Each test brings up its own lab and tunnel (the pytest plugin's ``netsim_lab_tunnel``, leak-checked on
+teardown); under a minute each.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import pytest
 import trio
 
 from netsim.core.ledger import LedgerSnapshot
-from netsim.lab.lab import Lab
-from netsim.lab.tunnel import netsim_tunnel
-from netsim.testing.require import require_binary, require_root
+from netsim.lab.tunnel import LabTunnel
+from netsim.testing.require import require_binary
 
 # numbered UDP echo probes from `mac`, one every `interval` seconds; prints what came back (bounded)
 UDP_STREAM = r"""
@@ -59,40 +59,36 @@ def _enc(stats: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.reliability("F5")
 @pytest.mark.timeout(240)
-def test_probes_lost_in_a_wireguard_go_restart_are_sent_unconfirmed() -> None:
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft")
+@pytest.mark.trio
+async def test_probes_lost_in_a_wireguard_go_restart_are_sent_unconfirmed(netsim_lab_tunnel: LabTunnel) -> None:
+    t, lab = netsim_lab_tunnel, netsim_lab_tunnel.lab
     rec: dict[str, Any] = {}
+    target = str(lab.addr.www_v4)
+    rc = (await lab.run("mac", ["ping", "-c", "2", "-W", "3", target], check=False)).returncode
+    assert rc == 0, "the tunnel works before the restart (positive control)"
+    await t.wait_quiet()
+    before = await t.helper_stats()
+    token = f"NSLEDGER{secrets.token_hex(3)}"
+    argv = [sys.executable, "-c", UDP_STREAM, token, target, "250", "0.1", "3"]
+    proc = lab.spawn("mac", argv, name="ledger-stream")
+    restarted = False
+    start = trio.current_time()
+    while proc.returncode is None or trio.current_time() < start + 2.5:
+        await trio.sleep(0.3)
+        if not restarted and trio.current_time() >= start + 2.0:
+            await t.restart_server()
+            restarted = True
+        assert trio.current_time() < start + 60, "the probe stream did not finish"
+    assert proc.returncode == 0, proc.stderr()
+    rec["stream"] = json.loads(proc.stdout())
+    # every probe is decided once KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s) passed after it was sent
+    await trio.sleep(16)
+    if t.session.status.name != "CONNECTED":
+        why = f"{t.session.stop_reason!r} {t.session.last_disconnect_error!r}"
+        raise AssertionError(f"tunnel {t.session.status}: {why}\n{t.logs()[-6000:]}")
+    rec["before"], rec["after"] = before, await t.helper_stats()
+    rec["logs"] = t.logs()
 
-    async def main() -> None:
-        async with Lab() as lab, netsim_tunnel(lab) as t:
-            target = str(lab.addr.www_v4)
-            rc = (await lab.run("mac", ["ping", "-c", "2", "-W", "3", target], check=False)).returncode
-            assert rc == 0, "the tunnel works before the restart (positive control)"
-            await t.wait_quiet()
-            before = await t.helper_stats()
-            token = f"NSLEDGER{secrets.token_hex(3)}"
-            argv = [sys.executable, "-c", UDP_STREAM, token, target, "250", "0.1", "3"]
-            proc = lab.spawn("mac", argv, name="ledger-stream")
-            restarted = False
-            start = trio.current_time()
-            while proc.returncode is None or trio.current_time() < start + 2.5:
-                await trio.sleep(0.3)
-                if not restarted and trio.current_time() >= start + 2.0:
-                    await t.restart_server()
-                    restarted = True
-                assert trio.current_time() < start + 60, "the probe stream did not finish"
-            assert proc.returncode == 0, proc.stderr()
-            rec["stream"] = json.loads(proc.stdout())
-            # every probe is decided once KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s) passed after it was sent
-            await trio.sleep(16)
-            if t.session.status.name != "CONNECTED":
-                why = f"{t.session.stop_reason!r} {t.session.last_disconnect_error!r}"
-                raise AssertionError(f"tunnel {t.session.status}: {why}\n{t.logs()[-6000:]}")
-            rec["before"], rec["after"] = before, await t.helper_stats()
-            rec["logs"] = t.logs()
-
-    trio.run(main)
     stream, before, after = rec["stream"], rec["before"], rec["after"]
     lost = stream["sent"] - len(stream["received"])
     assert 0 < lost < stream["sent"], f"the restart should lose some probes, not all: {lost}"
@@ -109,30 +105,29 @@ def test_probes_lost_in_a_wireguard_go_restart_are_sent_unconfirmed() -> None:
 
 
 @pytest.mark.timeout(240)
-def test_en0_flap_sends_are_udp_no_route_then_blackholed_ones_sent_unconfirmed() -> None:
+@pytest.mark.trio
+async def test_en0_flap_sends_are_udp_no_route_then_blackholed_ones_sent_unconfirmed(
+    netsim_lab_tunnel: LabTunnel,
+) -> None:
     """en0 down: the kernel refuses the helper's sendto (no route), a named drop. en0 up again without its default
     route (the kernel removed it with the link): sendto succeeds but nothing comes back, and 15 s later those
     packets are ``sent_unconfirmed``; before the fix they were ``forwarded`` / ``udp_error``."""
-    require_root()
-    require_binary("wireguard-go", "wg", "ip", "nft", "ping")
+    require_binary("ping")
+    t, lab = netsim_lab_tunnel, netsim_lab_tunnel.lab
     rec: dict[str, Any] = {}
+    target = str(lab.addr.www_v4)
+    assert (await lab.run("mac", ["ping", "-c", "1", "-W", "3", target], check=False)).returncode == 0
+    await t.wait_quiet()
+    rec["before"] = await t.helper_stats()
+    await lab.run("mac", ["ip", "link", "set", "en0", "down"])  # the lab's own namespace
+    await lab.run("mac", ["ping", "-c", "5", "-i", "0.2", "-W", "1", target], check=False)
+    rec["down"] = await t.helper_stats()
+    await lab.run("mac", ["ip", "link", "set", "en0", "up"])
+    r = await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False)
+    rec["ping_after_up"] = r.returncode
+    await trio.sleep(16)  # every send decided (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, see the test above)
+    rec["after"] = await t.helper_stats()
 
-    async def main() -> None:
-        async with Lab() as lab, netsim_tunnel(lab) as t:
-            target = str(lab.addr.www_v4)
-            assert (await lab.run("mac", ["ping", "-c", "1", "-W", "3", target], check=False)).returncode == 0
-            await t.wait_quiet()
-            rec["before"] = await t.helper_stats()
-            await lab.run("mac", ["ip", "link", "set", "en0", "down"])  # the lab's own namespace
-            await lab.run("mac", ["ping", "-c", "5", "-i", "0.2", "-W", "1", target], check=False)
-            rec["down"] = await t.helper_stats()
-            await lab.run("mac", ["ip", "link", "set", "en0", "up"])
-            r = await lab.run("mac", ["ping", "-c", "3", "-i", "0.2", "-W", "2", target], check=False)
-            rec["ping_after_up"] = r.returncode
-            await trio.sleep(16)  # every send decided (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, see the test above)
-            rec["after"] = await t.helper_stats()
-
-    trio.run(main)
     before, down, after = rec["before"], rec["down"], rec["after"]
 
     def delta(s: dict[str, Any], stage: str, key: str) -> int:
