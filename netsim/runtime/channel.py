@@ -24,6 +24,7 @@ this layer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections import deque
@@ -83,6 +84,8 @@ class IpcChannelStatistics:
     """Batches written by the caller's own non-blocking ``sendmsg``, without waking the writer task."""
     writer_wakeups: int = 0
     """Times the writer task was woken to write something (a control message, a batch the socket refused)."""
+    borrowed_copies: int = 0
+    """Borrowed batches (``send_packets_nowait(..., borrowed=True)``) copied because they had to be queued."""
 
 
 @dataclass(slots=True)
@@ -141,6 +144,7 @@ class IpcChannel:
         self._partial_sends = 0
         self._inline_sends = 0
         self._writer_wakeups = 0
+        self._borrowed_copies = 0
         self._packets_received = 0
         self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
 
@@ -168,19 +172,26 @@ class IpcChannel:
             ipc_out=self._out.snapshot(),
             inline_sends=self._inline_sends,
             writer_wakeups=self._writer_wakeups,
+            borrowed_copies=self._borrowed_copies,
         )
 
     # --- sending ----------------------------------------------------------------------------------------------------
-    def send_packets_nowait(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> bool:
+    def send_packets_nowait(
+        self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int, *, borrowed: bool = False
+    ) -> bool:
         """Send a batch now if the socket takes it, else queue it for the writer; never blocks. False (and
         counted) if dropped.
 
         When nothing is queued or being written, the batch goes out at once with one non-blocking scatter-gather
         ``sendmsg`` from the caller's task (almost always the whole of it: the peer reads promptly); only what the
         socket refuses (EAGAIN, or the rest of a partial send) is handed to the writer task, behind anything it
-        already holds, so the order on the wire is the order of the calls. The channel owns the packet buffers
-        until they are written: do not mutate them afterwards (pass ``bytes``, or use `send_packets`, which
-        returns only once they are on the socket).
+        already holds, so the order on the wire is the order of the calls.
+
+        Buffer ownership: by default the channel owns the packet buffers until they are written, so do not
+        mutate them afterwards (pass ``bytes``, or use `send_packets`, which returns only once they are on the
+        socket). With ``borrowed=True`` the caller keeps them: they need to stay valid only during this call
+        (views into a receive buffer or decrypt arena the caller's next receive overwrites), and the part of the
+        batch that has to be queued is copied first -- the rare path; counted in ``borrowed_copies``.
         """
         n = len(packets)
         out = self._out
@@ -205,7 +216,11 @@ class IpcChannel:
         if self.is_broken:  # the inline send found the socket broken
             out.count_dropped("ipc_closed", n)
             return False
-        self._enqueue(_Item(rest, n, nbytes, None, started=rest is not bufs))
+        started = rest is not bufs
+        if borrowed:  # the caller reuses these buffers after we return: the queue keeps its own copy
+            rest = [b"".join(rest)]
+            self._borrowed_copies += 1
+        self._enqueue(_Item(rest, n, nbytes, None, started=started))
         return True
 
     def _send_inline(self, bufs: list[ipc.Buffer], packets: int, nbytes: int) -> list[ipc.Buffer] | None:
@@ -548,41 +563,23 @@ async def open_ipc_channel(stream: IpcStream, connection: ipc.Connection, **opti
 
 
 # --- the server and connect, with channels --------------------------------------------------------------------------
+_CHANNEL_OPTIONS = frozenset(inspect.signature(IpcChannel).parameters) - {"stream", "connection"}
+
+
 class UnixIpcServer(uds.UnixIpcServer):
     """`netsim.transports.uds.UnixIpcServer` handing each admitted session to a handler as an `IpcChannel`.
 
     The transport accepts, checks SO_PEERCRED, reads and checks HELLO (the per-tunnel token) and takes the session
-    slot; here the session gets its channel, the HELLO_ACK is sent and liveness starts. Arguments are the
-    transport's, plus ``channel_options`` for `IpcChannel` (e.g. ``ledger``, ``max_queued_batches``).
+    slot; here the session gets its channel, the HELLO_ACK is sent and liveness starts. Keyword arguments are
+    the transport server's (``allowed_uids``, ``max_clients``, ``connection_factory``...) and `IpcChannel`'s
+    (``ledger``, ``max_queued_batches``...): each goes to the one that declares it (kept in ``channel_options``).
     """
 
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str],
-        *,
-        allowed_uids: Collection[int] | None = None,
-        max_clients: int = 1,
-        connection_factory: Callable[[], ipc.Connection] | None = None,
-        handshake_timeout: float = 5.0,
-        dir_mode: int = 0o700,
-        backlog: int = 8,
-        max_pending: int = 8,
-        log_burst: int = 10,
-        log_interval: float = 10.0,
-        **channel_options: Any,
-    ) -> None:
-        super().__init__(
-            socket_path,
-            allowed_uids=allowed_uids,
-            max_clients=max_clients,
-            connection_factory=connection_factory,
-            handshake_timeout=handshake_timeout,
-            dir_mode=dir_mode,
-            backlog=backlog,
-            max_pending=max_pending,
-            log_burst=log_burst,
-            log_interval=log_interval,
-        )
+    def __init__(self, socket_path: str | os.PathLike[str], **options: Any) -> None:
+        # One definition of each parameter set: the names `IpcChannel` takes go to every session's channel, the
+        # rest to the transport server, whose own signature checks them (an unknown name is a TypeError there).
+        channel_options = {k: options.pop(k) for k in _CHANNEL_OPTIONS.intersection(options)}
+        super().__init__(socket_path, **options)
         self.channel_options = channel_options
 
     async def serve(

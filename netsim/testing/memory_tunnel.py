@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address, ip_interface, ip_network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -48,6 +48,9 @@ from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, 
 from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
+
+if TYPE_CHECKING:
+    from netsim.runtime.helper import NatBypassFactory
 from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tun import MemoryTun
 
@@ -278,6 +281,7 @@ class MemoryTunnel:
     _nursery: trio.Nursery
     timers: Timers | None = None
     helpers_started: int = 1
+    nat_bypass: NatBypassFactory | None = None
 
     @property
     def tun(self) -> MemoryTun:
@@ -325,7 +329,9 @@ class MemoryTunnel:
 
     async def start_helper(self) -> None:
         """Start a fresh helper (new WireGuard session) and make it reachable again."""
-        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers)
+        self.helper = Helper(
+            self.config, self.network.attach(HELPER_ADDR), timers=self.timers, nat_bypass=self.nat_bypass
+        )
         self._helper_scope = await self._nursery.start(_run_helper, self.helper)
         register_memory_helper(self.name, _connector(self))
         self.helpers_started += 1
@@ -393,6 +399,7 @@ async def memory_tunnel(
     mtu: int = 1420,
     timers: Timers | None = None,
     reconnect_for: float = 60.0,
+    nat_bypass: NatBypassFactory | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
@@ -401,6 +408,8 @@ async def memory_tunnel(
         mtu: tunnel MTU.
         timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).
         reconnect_for: seconds the provider reasserts before giving up.
+        nat_bypass: the helper's NAT bypass factory (`netsim.runtime.helper.Helper`'s ``nat_bypass``), e.g. a
+            `netsim.runtime.bypass.NatBypass` over a `netsim.testing.memory_bypass.MemoryBypassTransport`.
     """
     rng = random.Random(seed)
     server_key = PrivateKey.generate(rng.randbytes)
@@ -443,7 +452,7 @@ async def memory_tunnel(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers)
+        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, nat_bypass=nat_bypass)
         scope = await nursery.start(_run_helper, helper)
         try:
             async with manager.open_session() as session:
@@ -460,6 +469,7 @@ async def memory_tunnel(
                     _helper_scope=scope,
                     _nursery=nursery,
                     timers=timers,
+                    nat_bypass=nat_bypass,
                 )
                 register_memory_helper(name, _connector(tunnel))
                 await session.start_vpn_tunnel()
