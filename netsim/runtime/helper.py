@@ -170,7 +170,11 @@ class Helper:
         self.batch = batch
         self.clock = clock
         mtu = config.interface.mtu or 1420
-        self.device = WireGuardDevice(config.interface.private_key, timers=timers, rng=rng, mtu=mtu)
+        # decrypt into one reused arena (a batch of MTU-sized packets); `_deliver` hands them over the same
+        # wakeup, and the channel copies only what it must queue (`_send_to_provider`)
+        self.device = WireGuardDevice(
+            config.interface.private_key, timers=timers, rng=rng, mtu=mtu, receive_arena=batch * (mtu + 32)
+        )
         self.device.wall_offset = time.time() - clock()
         endpoints = dict(endpoints or {})
         server: str | None = None
