@@ -170,11 +170,7 @@ class Helper:
         self.batch = batch
         self.clock = clock
         mtu = config.interface.mtu or 1420
-        # decrypt into one reused arena (a batch of MTU-sized packets); `_deliver` hands them over the same
-        # wakeup, and the channel copies only what it must queue (`_send_to_provider`)
-        self.device = WireGuardDevice(
-            config.interface.private_key, timers=timers, rng=rng, mtu=mtu, receive_arena=batch * (mtu + 32)
-        )
+        self.device = WireGuardDevice(config.interface.private_key, timers=timers, rng=rng, mtu=mtu)
         self.device.wall_offset = time.time() - clock()
         endpoints = dict(endpoints or {})
         server: str | None = None
@@ -280,7 +276,7 @@ class Helper:
         ch = self._channel
         if ch is None or ch.is_broken:
             return "no_provider"
-        self._send_to_provider(ch, packets)
+        self._send_to_provider(ch, packets, borrowed=True)
         return None
 
     def bypass_dns_reply(self, view: PacketView, now: float) -> None:
@@ -503,8 +499,7 @@ class Helper:
             settings = self._settings_payload()
             if settings != self.settings:
                 self.settings = settings
-                # held past this wakeup, while the next receive reuses the device's arena: own copies
-                self._held.extend(bytes(p) for p in packets)
+                self._held.extend(packets)  # the device's own bytes: safe to hold
                 return
         ch = self._channel
         if ch is None or ch.is_broken:
@@ -528,11 +523,12 @@ class Helper:
             return
         self._send_to_provider(ch, held)
 
-    def _send_to_provider(self, ch: IpcChannel, packets: Sequence[ipc.Buffer]) -> None:
+    def _send_to_provider(self, ch: IpcChannel, packets: Sequence[ipc.Buffer], *, borrowed: bool = False) -> None:
         """Send ``packets`` on the channel in as few frames as fit (the channel counts ``ipc_out``).
 
-        They are borrowed: views into the device's decrypt arena or the NAT's receive buffers, reused by the next
-        receive. The channel writes them at once and copies only what the socket refuses (``borrowed=True``).
+        ``borrowed``: they are views into buffers the caller's next receive reuses (the NAT's capture buffers), so
+        the channel writes them at once and copies only what the socket refuses; the device's decrypted packets
+        are ``bytes`` of their own and are not copied.
         """
         start = 0
         total = len(packets)
@@ -545,7 +541,7 @@ class Helper:
             chunk = packets[start:end]
             try:
                 ch.send_packets_nowait(
-                    chunk, [DARWIN_FAMILY_BY_NIBBLE[p[0] >> 4] or DARWIN_AF_INET for p in chunk], borrowed=True
+                    chunk, [DARWIN_FAMILY_BY_NIBBLE[p[0] >> 4] or DARWIN_AF_INET for p in chunk], borrowed=borrowed
                 )
             except LocalProtocolError:
                 pass  # counted by the channel as ipc_local_error (e.g. the session is closing)

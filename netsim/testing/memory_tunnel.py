@@ -247,7 +247,7 @@ class MemoryVpnServer:
         dev = self.device
         replies = []
         for _, pkt in dev.take_received():
-            reply = echo_response(bytes(pkt))  # bytes already (no arena): the same object
+            reply = echo_response(pkt)
             if reply is None:
                 self.ignored += 1
             else:

@@ -26,7 +26,7 @@ def packet(src: bytes, dst: bytes, seq: int) -> bytes:
     return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0, 0, 64, 17, 0, src, dst) + payload
 
 
-def seq_of(pkt: bytes | bytearray | memoryview) -> int:
+def seq_of(pkt: bytes) -> int:
     return int.from_bytes(pkt[20:24], "big")
 
 

@@ -65,7 +65,7 @@ from netsim.core.wireguard.ratelimiter import RateLimiter
 from netsim.core.wireguard.replay import RING_MASK
 from netsim.core.wireguard.session import NONCE, Keypair
 from netsim.core.wireguard.timers import PADDING_MULTIPLE, Timers
-from netsim.errors import ConfigError, LocalProtocolError
+from netsim.errors import LocalProtocolError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -175,7 +175,6 @@ _U16BE_UNPACK = _U16BE.unpack_from
 _V4_DST_UNPACK = struct.Struct(">B15x4s").unpack_from
 _V6_DST_UNPACK = struct.Struct(">24x16s").unpack_from
 _V4_INNER_UNPACK = struct.Struct(">BxH8x4s").unpack_from
-_V6_SRC_UNPACK = struct.Struct(">8x16s").unpack_from
 _TOO_SHORT = (0, b"")  # stands in for _V4_DST_UNPACK's result when there are not 20 bytes (version 0: malformed)
 _MISS: Any = object()
 _PAD = bytes(PADDING_MULTIPLE)
@@ -244,12 +243,6 @@ class WireGuardDevice:
             §5.4.7, wireguard-go ``receive.go``). Default `DEFAULT_LOAD_THRESHOLD`; None disables the automatic
             trigger (``under_load`` can still be forced).
         ratelimiter: the per-source limiter used under load (a fresh `RateLimiter` by default).
-        receive_arena: bytes of one reused buffer that inbound data is decrypted into (``decrypt_into``, as
-            `encapsulate` encrypts into the caller's buffers); 0 (the default) gives each packet a ``bytes`` of
-            its own. With an arena, `take_received` hands out memoryviews into it that stay valid only until the
-            next ``receive_datagram(s)_untrusted`` call, which reuses the space: a caller that keeps packets
-            longer copies them. A batch that does not fit falls back to allocating, so nothing is ever lost.
-            The helper sizes it ``batch * (mtu + 32)``.
     """
 
     def __init__(
@@ -264,10 +257,7 @@ class WireGuardDevice:
         mtu: int = 1420,
         load_threshold: int | None = DEFAULT_LOAD_THRESHOLD,
         ratelimiter: RateLimiter | None = None,
-        receive_arena: int = 0,
     ) -> None:
-        if receive_arena < 0:
-            raise ConfigError(f"receive_arena must be >= 0 bytes, got {receive_arena}")
         raw = raw_key(private_key, "private_key")
         self._private = X25519PrivateKey.from_private_bytes(raw)
         self.public_key = private_to_public(self._private)
@@ -304,9 +294,7 @@ class WireGuardDevice:
         self._pending: dict[int, Peer] = {}  # sender index of an in-flight handshake -> peer
         self._by_index: dict[int, tuple[Keypair, Peer]] = {}  # keypair local index -> keypair, peer
         self._outbox: list[tuple[bytes, Endpoint]] = []
-        self._received: list[tuple[Peer, Buffer]] = []
-        self._arena = memoryview(bytearray(receive_arena))
-        self._arena_used = 0  # bytes of the arena holding packets not yet handed over by `take_received`
+        self._received: list[tuple[Peer, bytes]] = []
         self._events: deque[Event] = deque()
         self._drops = dict.fromkeys(DROP_REASONS, 0)
         # ledger stages the caller hands us (`count_into`); None: the device's own counters only
@@ -461,15 +449,10 @@ class WireGuardDevice:
         if self._tx_stage is not None:
             self._tx_stage.count_dropped(reason, n)
 
-    def take_received(self) -> list[tuple[Peer, Buffer]]:
-        """Take the decrypted inner packets received since the last call, in arrival order.
-
-        With a ``receive_arena`` they are memoryviews into it, valid until the next receive call (which reuses
-        the space handed over here); otherwise ``bytes``.
-        """
+    def take_received(self) -> list[tuple[Peer, bytes]]:
+        """Take the decrypted inner packets received since the last call, in arrival order."""
         out = self._received
         self._received = []
-        self._arena_used = 0
         return out
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Endpoint]]:
@@ -844,10 +827,6 @@ class WireGuardDevice:
         window: Any = None
         ring = bytearray()
         decrypt: Any = None
-        decrypt_into: Any = None
-        arena = self._arena
-        used = self._arena_used
-        room = len(arena) - used  # arena bytes still free
         highest = limit = run_bytes = 0
         expired = uncommon = run_auth = False  # run_auth: authenticated bytes already applied in this run
         run_addr: Endpoint = ()
@@ -880,7 +859,6 @@ class WireGuardDevice:
                     created = kp.created
                     expired = now - created >= reject_time
                     decrypt = kp.recv.decrypt
-                    decrypt_into = kp.recv.decrypt_into
                     window = kp.replay
                     ring = window.ring
                     highest = window.highest
@@ -900,13 +878,8 @@ class WireGuardDevice:
                     self._drop_in("expired_keypair")
                     continue
                 _NONCE_PACK(nonce, 0, counter)
-                pn = n - 32  # plaintext: the datagram less its 16-byte header and 16-byte tag (§5.4.6)
                 try:
-                    if pn <= room:  # into the arena: no allocation (space is taken below, once delivered)
-                        plain = arena[used : used + pn]
-                        decrypt_into(nonce, mv[16:], None, plain)
-                    else:
-                        plain = decrypt(nonce, mv[16:], None)
+                    plain = decrypt(nonce, mv[16:], None)
                 except InvalidTag:
                     self._drop_in("decrypt_failed")
                     continue
@@ -932,6 +905,7 @@ class WireGuardDevice:
                     run_index = -1  # the peer's keypair slots change: reload them on the next datagram
                     uncommon = False
                     self._uncommon_receive(kp, peer, now)
+                pn = len(plain)
                 # inner packet: bounds-checked version/length/source (RFC 791 §3.1, RFC 8200 §3); one unpack reads
                 # the IPv4 fields, which an IPv6 packet then overrides
                 if pn < 20:
@@ -950,7 +924,7 @@ class WireGuardDevice:
                     if inner_len > pn:
                         self._drop_in("inner_malformed")
                         continue
-                    src = _V6_SRC_UNPACK(plain)[0]
+                    src = plain[8:24]
                 else:
                     self._drop_in("inner_malformed")
                     continue
@@ -959,11 +933,7 @@ class WireGuardDevice:
                     self._drop_in("inner_src_not_allowed")
                     continue
                 received.append((peer, plain if inner_len == pn else plain[:inner_len]))
-                if pn <= room:  # it was decrypted into the arena: it stays there until `take_received`
-                    used += pn
-                    room -= pn
         finally:
-            self._arena_used = used
             # also if the loop raised (mismatched lengths): the replay window must know what it accepted
             if kp is not None:
                 self._end_rx_run(kp, peer, highest, run_bytes, run_addr, run_auth, len(received) - mark, now)

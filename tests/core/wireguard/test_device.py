@@ -21,7 +21,6 @@ from netsim.core.wireguard import (
 )
 from netsim.core.wireguard.config import Endpoint
 from netsim.core.wireguard.messages import INITIATION_SIZE, MSG_COOKIE_REPLY, RESPONSE_SIZE
-from netsim.errors import ConfigError
 
 A_ADDR = ("192.0.2.10", 40000)
 B_ADDR = ("192.0.2.20", 51820)
@@ -382,43 +381,3 @@ def test_low_order_ephemeral_with_valid_mac1_is_dropped() -> None:
     p.deliver("a", [body[:116] + mac1 + bytes(16)], 0.0)
     assert p.b.statistics().drops["handshake_failed"] == 1
     assert p.b.datagrams_to_send(0.0) == []
-
-
-def _receive_batch(p: Pair, packets: list[bytes], now: float) -> list[object]:
-    datagrams = p.send("a", packets, now)
-    p.b.receive_datagrams_untrusted(datagrams, [A_ADDR] * len(datagrams), now)
-    return [x for _, x in p.b.take_received()]
-
-
-def test_receive_arena_decrypts_into_one_reused_buffer() -> None:
-    """``receive_arena``: the same packets as the allocating path, as views into one buffer that the next receive
-    reuses from its start (so a caller must be done with them, or copy them, before it receives again)."""
-    plain, arena = Pair(), Pair(receive_arena=8 * 1500)
-    plain.connect(0.0)
-    arena.connect(0.0)
-    packets = [ipv4(A_TUN, B_TUN, bytes([i]) * (i * 50 + 1)) for i in range(8)]  # padded, trimmed on receive
-    want = _receive_batch(plain, packets, 0.1)
-    got = _receive_batch(arena, packets, 0.1)
-    assert want == packets and [bytes(x) for x in got] == packets  # type: ignore[call-overload]
-    assert all(isinstance(x, memoryview) for x in got) and all(isinstance(x, bytes) for x in want)
-    assert arena.b.statistics() == plain.b.statistics()
-    first = got[0]
-    assert isinstance(first, memoryview)
-    again = [ipv4(A_TUN, B_TUN, b"\xee" * 60)]
-    assert [bytes(x) for x in _receive_batch(arena, again, 0.2)] == again  # type: ignore[call-overload]
-    assert bytes(first) == again[0][: len(first)]  # the space handed over was reused: no allocation
-
-
-def test_receive_arena_that_is_full_falls_back_to_allocating() -> None:
-    p = Pair(receive_arena=300)
-    p.connect(0.0)
-    packets = [ipv4(A_TUN, B_TUN, bytes([i]) * 100) for i in range(6)]  # 128 bytes each padded: 2 fit
-    got = _receive_batch(p, packets, 0.1)
-    assert [bytes(x) for x in got] == packets  # type: ignore[call-overload]
-    assert [type(x) for x in got] == [memoryview, memoryview, bytes, bytes, bytes, bytes]
-    assert p.b.statistics().rx_packets == 1 + len(packets)
-
-
-def test_receive_arena_must_not_be_negative() -> None:
-    with pytest.raises(ConfigError, match="receive_arena"):
-        WireGuardDevice(PrivateKey.generate(), receive_arena=-1)

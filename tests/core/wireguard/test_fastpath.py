@@ -257,7 +257,7 @@ def test_receive_batches_equal_per_datagram_and_replay_reference(seed: int) -> N
         i += k
         batch1 = [p for _, p in b1.take_received()]
         assert batch1 == [p for _, p in b2.take_received()]
-        got1 += map(bytes, batch1)
+        got1 += batch1
         assert _device_state(b1) == _device_state(b2)
         # B answers now and then (timersDataSent resets the keepalive timer, so timersDataReceived runs again)
         if b1.peers[0].current is not None and rng.random() < 0.5:
