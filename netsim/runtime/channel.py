@@ -28,8 +28,8 @@ import inspect
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,8 @@ class IpcChannelStatistics:
     """Times the writer task was woken to write something (a control message, a batch the socket refused)."""
     borrowed_copies: int = 0
     """Borrowed batches (``send_packets_nowait(..., borrowed=True)``) copied because they had to be queued."""
+    corked_frames: int = 0
+    """PACKETS frames held by `IpcChannel.corked` and written together when the block ended."""
 
 
 @dataclass(slots=True)
@@ -145,6 +147,10 @@ class IpcChannel:
         self._inline_sends = 0
         self._writer_wakeups = 0
         self._borrowed_copies = 0
+        self._cork: list[tuple[list[ipc.Buffer], int, int, bool]] | None = None  # frames held by `corked`
+        self._cork_iovs = 0
+        self._corked_frames = 0
+        self._pending_error: RemoteProtocolError | None = None  # met by receive_event_nowait, raised by receive_event
         self._packets_received = 0
         self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
 
@@ -173,6 +179,7 @@ class IpcChannel:
             inline_sends=self._inline_sends,
             writer_wakeups=self._writer_wakeups,
             borrowed_copies=self._borrowed_copies,
+            corked_frames=self._corked_frames,
         )
 
     # --- sending ----------------------------------------------------------------------------------------------------
@@ -210,6 +217,20 @@ class IpcChannel:
         except LocalProtocolError:
             out.count_dropped("ipc_local_error", n)
             raise
+        cork = self._cork
+        if cork is not None:  # inside `corked`: written with the others when the block ends
+            cork.append((bufs, n, nbytes, borrowed))
+            out.count_queued(n)  # held in the cork: the ledger balances inside the block too
+            self._cork_iovs += len(bufs)
+            if self._cork_iovs >= IOV_MAX:  # one sendmsg's worth: write it now
+                self._uncork()
+                self._cork = []
+            return True
+        return self._send_or_queue(bufs, n, nbytes, borrowed)
+
+    def _send_or_queue(self, bufs: list[ipc.Buffer], n: int, nbytes: int, borrowed: bool) -> bool:
+        """Write ``bufs`` (whole frames of ``n`` packets, ``nbytes`` of them) inline, queue what is left."""
+        out = self._out
         rest = self._send_inline(bufs, n, nbytes)
         if rest is None:
             return True
@@ -230,6 +251,7 @@ class IpcChannel:
         if self._control or self._batches or self._final is not None or self._write_lock.locked():
             return bufs
         chunk = bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs
+        total = len(bufs[0]) + nbytes if len(bufs) == packets + 1 else sum(map(len, bufs))  # one frame, or several
         try:
             sent = self.stream.send_nowait(chunk)
         except BlockingIOError:
@@ -240,12 +262,48 @@ class IpcChannel:
         self._sendmsg_calls += 1
         self._inline_sends += 1
         self._bytes_sent += sent
-        if sent >= len(bufs[0]) + nbytes:  # header and descriptors, then the packets
+        if sent >= total:  # headers and descriptors, then the packets
             self._out.count_forwarded(packets)
             return None
         if sent < sum(map(len, chunk)):
             self._partial_sends += 1
         return _unsent(bufs, sent)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold the PACKETS frames `send_packets_nowait` makes inside the block; write them with one ``sendmsg``
+        when it ends (TCP_CORK's idea, for a caller that sends many small frames in one tick).
+
+        One-packet frames sent back to back otherwise cost one ``sendmsg`` each (the inline send); corked, a
+        burst costs one, as when the writer task coalesced them, without waking it. Use it around a loop that
+        answers every event already buffered (`receive_event_nowait`). Do not await inside the block: nothing
+        corked is written until it ends. Frames keep their order; a block reaching ``IOV_MAX`` buffers is
+        written early. Nested blocks join the outer one.
+        """
+        if self._cork is not None:
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        self._cork_iovs = 0
+        if not cork:
+            return
+        self._corked_frames += len(cork)
+        self._out.count_queued(-sum(frame[1] for frame in cork))
+        if len(cork) == 1:
+            bufs, n, nbytes, borrowed = cork[0]
+        else:
+            bufs = [b for frame in cork for b in frame[0]]
+            n = sum(frame[1] for frame in cork)
+            nbytes = sum(frame[2] for frame in cork)
+            borrowed = any(frame[3] for frame in cork)
+        self._send_or_queue(bufs, n, nbytes, borrowed)
 
     async def send_packets(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> None:
         """Send a batch, waiting for queue room and for the write (backpressure instead of drops).
@@ -415,6 +473,10 @@ class IpcChannel:
         self._receiving = True
         conn = self.connection
         try:
+            if self._pending_error is not None:
+                exc, self._pending_error = self._pending_error, None
+                await self._fail_remote(exc)
+                raise exc
             while True:
                 try:
                     ev = conn.next_event()
@@ -436,6 +498,34 @@ class IpcChannel:
                 conn.receive_commit(n)
         finally:
             self._receiving = False
+
+    def receive_event_nowait(self) -> ipc.Event | None:
+        """The next event if its bytes are already received, else None (no I/O; never blocks).
+
+        With `corked`, answer every frame one ``recv`` brought with one ``sendmsg``::
+
+            ev = await channel.receive_event()
+            with channel.corked():
+                while ev is not None:
+                    handle(ev)
+                    ev = channel.receive_event_nowait()
+
+        A protocol violation found here is raised by the next `receive_event` (which closes the channel).
+        """
+        if self._receiving:
+            raise LocalProtocolError("another task is already in receive_event on this channel")
+        if self._pending_error is not None:
+            return None
+        try:
+            ev = self.connection.next_event()
+        except RemoteProtocolError as exc:
+            self._pending_error = exc
+            return None
+        if isinstance(ev, ipc.NeedData):
+            return None
+        if isinstance(ev, ipc.PacketBatch):
+            self._packets_received += len(ev)
+        return ev
 
     async def _fail_remote(self, exc: RemoteProtocolError) -> None:
         log.log(self._level(logging.WARNING), "IPC peer %s violated the protocol: %s; closing", self.peer, exc)

@@ -13,6 +13,7 @@ import trio.testing
 
 from netsim.core import ipc
 from netsim.core.ledger import Ledger
+from netsim.errors import RemoteProtocolError
 from netsim.runtime.channel import IpcChannel, UnixIpcServer, open_ipc_channel
 from netsim.transports.uds import SocketStream, peer_credentials
 
@@ -81,3 +82,50 @@ def test_unix_ipc_server_gives_each_option_to_the_side_that_declares_it(tmp_path
     assert server.channel_options == {"ledger": ledger, "max_queued_batches": 7}
     with pytest.raises(TypeError, match="no_such_option"):
         UnixIpcServer(tmp_path / "s" / "h.sock", no_such_option=1)
+
+
+def test_corked_frames_go_out_in_one_sendmsg_in_order() -> None:
+    """`corked` + `receive_event_nowait`: a burst of one-packet frames costs one ``sendmsg``, not one each (the
+    ``loop/uds b1`` case), in the order of the calls, with the ledger balanced inside and after the block."""
+
+    async def main() -> None:
+        async with _socketpair(1 << 20) as (provider, helper):
+            calls = helper.statistics().sendmsg_calls
+            with helper.corked():
+                for i in range(64):
+                    assert helper.send_packets_nowait([_packet(i, 100)], ipc.AF_INET)
+                st = helper.statistics()
+                assert st.sendmsg_calls == calls and st.ipc_out.queued == 64  # held, and counted as held
+            st = helper.statistics()
+            assert st.sendmsg_calls == calls + 1 and st.corked_frames == 64
+            assert st.ipc_out.forwarded == 64 and st.ipc_out.queued == 0
+            # the reader side: one receive_event, the rest of what that recv brought without I/O
+            got: list[bytes] = []
+            with trio.fail_after(10):
+                while len(got) < 64:
+                    ev: ipc.Event | None = await provider.receive_event()
+                    while ev is not None:
+                        if isinstance(ev, ipc.PacketBatch):
+                            got += [bytes(p) for p in ev.packets()]
+                        ev = provider.receive_event_nowait()
+            assert got == [_packet(i, 100) for i in range(64)]
+            assert provider.receive_event_nowait() is None  # nothing buffered: no I/O, no wait
+
+    trio.run(main)
+
+
+def test_receive_event_nowait_leaves_a_protocol_error_to_receive_event() -> None:
+    async def main() -> None:
+        async with _socketpair(1 << 16) as (provider, helper):
+            await helper.stream.send_some([b"\xde\xad" + bytes(30)])  # bad magic
+            view = provider.connection.receive_buffer(4096)  # the bytes arrive as a receive_event would read them
+            with trio.fail_after(5):
+                n = await provider.stream.receive_into(view)
+            view.release()
+            provider.connection.receive_commit(n)
+            assert provider.receive_event_nowait() is None
+            with pytest.raises(RemoteProtocolError) as info:
+                await provider.receive_event()
+            assert info.value.reason == "bad_magic" and provider.is_broken
+
+    trio.run(main)
