@@ -215,7 +215,7 @@ class NatBypass:
 
     # -- outbound (tunnel -> en0) --------------------------------------------------------------------------
     def send_view(self, view: PacketView, now: float) -> None:
-        """NAT and send one packet the caller already parsed into ``view``; call `flush` after the batch.
+        """NAT and send one packet the caller already parsed into ``view``; call `rearm` after the batch.
 
         The helper's path: its classification parsed the packet (``view`` is loaded over a slice of the helper's
         own IPC receive buffer, consumed when the batch is done), so the NAT rewrites it in place there and sends
