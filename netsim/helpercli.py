@@ -95,15 +95,24 @@ async def run_helper(
     endpoints, family = resolve_endpoints(config)
     transport = UdpTransport.open(family, interface=interface, fwmark=fwmark, port=config.interface.listen_port or 0)
     engine = PolicyEngine(policy) if policy is not None else None
-    helper = Helper(config, transport, endpoints=endpoints, batch=batch, policy=engine)
     nat_host = None
     if policy is not None and policy.mechanism is Mechanism.NAT and interface:
         from netsim.runtime.bypass import NatBypassHost
 
-        nat_host = NatBypassHost.open(
-            interface, sink=helper, fwmark=fwmark, ledger=helper.ledger, max_packet=config.interface.mtu or 1420
+        nat_host = NatBypassHost.open(interface, fwmark=fwmark, max_packet=config.interface.mtu or 1420)
+    try:
+        helper = Helper(
+            config,
+            transport,
+            endpoints=endpoints,
+            batch=batch,
+            policy=engine,
+            nat_bypass=nat_host.make_bypass if nat_host is not None else None,  # the helper runs its loop
         )
-        helper.attach_bypass(nat_host.bypass)
+    except BaseException:
+        if nat_host is not None:
+            nat_host.close()
+        raise
     if token is None:
         log.warning("no IPC token: any process of an allowed uid may become the provider", extra={"event": "no_token"})
 
@@ -136,8 +145,6 @@ async def run_helper(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(helper.run)
-            if nat_host is not None:
-                await nursery.start(nat_host.bypass.run)
             await nursery.start(server.serve, helper.serve_session)
             if observers is not None:
                 await nursery.start(observers.serve, helper.serve_observer)

@@ -21,17 +21,23 @@ Modules by layer: the capture socket's BPF program is `netsim.core.bpf`, super-p
 nftables/sysctl host setup `netsim.runtime.bypass_host`, the in-memory transport
 `netsim.testing.memory_bypass`. This module is the pump (`NatBypass`) and its wiring (`NatBypassHost`).
 
-Wiring: the helper constructs first (the NAT's ledger stages live in the helper's ledger), then the NAT bypass
-with the helper as its `BypassSink` (passed at construction; no attribute is set on it later), then
-``Helper.attach_bypass`` tells the helper which NAT carries its BYPASS verdicts. The helper hands each BYPASS
-packet over with the `PacketView` it already parsed (`NatBypass.send_view`), and the NAT rewrites it in place
-in the helper's own IPC receive buffer: one parse, no copy. Replies are parsed once too: a DNS answer among
-them goes to `BypassSink.bypass_dns_reply` with the NAT's view before the batch is delivered.
+Wiring: the helper builds its NAT bypass itself, from a factory it is given at construction
+(``Helper(..., nat_bypass=factory)``, ``factory(sink, ledger) -> NatBypass``), once its ledger exists: the NAT's
+stages join the helper's ledger, the helper is its `BypassSink`, and nothing is assigned on either object
+afterwards (`NatBypassHost.make_bypass` is such a factory). The helper hands each BYPASS packet over with the
+`PacketView` it already parsed (`NatBypass.send_view`), and the NAT rewrites it in place in the helper's own IPC
+receive buffer: one parse, no copy. Replies are parsed once too: a DNS answer among them goes to
+`BypassSink.bypass_dns_reply` with the NAT's view before the batch is delivered.
 
 Batching: the helper hands BYPASS packets over one by one from its classification loop (`NatBypass.send_view`;
-one ``sendto`` each, Python has no ``sendmmsg``) and ends the batch with `NatBypass.flush`; the capture loop
-wakes once per readiness, drains up to ``batch`` frames, translates them all and hands them to the provider as
-one IPC frame. The NAT's expiry timer (`NatTable.get_timer` / `handle_timer`) is the same loop's deadline.
+one ``sendto`` each, Python has no ``sendmmsg``) and ends the batch with `NatBypass.rearm`. The capture side is
+a `netsim.runtime.driver.DatagramCore` run by the one driver (`DatagramDriver`): one wakeup per readiness of the
+packet socket or due NAT expiry (`NatTable.get_timer` / `handle_timer`) drains up to ``batch`` frames into the
+driver's reused buffers (the third list carries each frame's offload flags), translates them all, hands them to
+the provider as one IPC frame, then fires the expiries that are due -- in the same wakeup, as for every core. The
+NAT never sends through the driver (``datagrams_to_send`` is empty): it sends on its own, from `send_view`.
+Replies are handed to the sink as views into the driver's buffers, valid only during the call: the helper's IPC
+channel copies only what it must queue (``borrowed=True``), a sink that keeps them copies them.
 
 Ledger stages (added to the helper's ledger): ``nat_out`` (BYPASS packets -> sent on en0; dropped: the NAT's
 ``nat_*`` reasons, ``malformed``, ``raw_eagain``, ``raw_error``) and ``nat_in`` (captured frames -> handed to the
@@ -42,7 +48,6 @@ a super-packet are counted in ``segments_out``, not as extra packets.
 from __future__ import annotations
 
 import logging
-import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +62,7 @@ from netsim.core.packet import PROTO_TCP, Buffer, PacketView
 from netsim.core.segment import segment_tcp
 from netsim.errors import BadPacket, ConfigError
 from netsim.runtime.bypass_host import HostSetup
+from netsim.runtime.driver import DatagramDriver
 from netsim.transports.raw import FLAG_CSUM_NOT_READY, BypassTransport, RawBypassTransport, interface_addresses
 
 __all__ = [
@@ -80,8 +86,11 @@ class BypassSink(Protocol):
     app's very first packet to a learned address and the reply is not parsed a second time.
     """
 
-    def bypass_deliver(self, packets: list[bytes]) -> str | None:
-        """Hand de-NATed packets to the provider (one call per batch): None, or a drop reason (``no_provider``)."""
+    def bypass_deliver(self, packets: list[Buffer]) -> str | None:
+        """Hand de-NATed packets to the provider (one call per batch): None, or a drop reason (``no_provider``).
+
+        ``packets`` may be views into the NAT's receive buffers, valid only during the call: copy what you keep.
+        """
         ...
 
     def bypass_dns_reply(self, view: PacketView, now: float) -> None:
@@ -152,6 +161,8 @@ class NatBypass:
         clock: the time source the NAT's timeouts use.
         max_packet: the largest packet the provider's utun takes (its MTU); longer TCP replies are segmented.
         batch: frames drained per wakeup.
+
+    It is the `netsim.runtime.driver.DatagramCore` of its own capture loop (`run`, a `DatagramDriver`).
     """
 
     def __init__(
@@ -181,22 +192,30 @@ class NatBypass:
         self._in = ledger.stage("nat_in")
         self._tx = bytearray(_MAX_FRAME)
         self._tx_view = memoryview(self._tx)
-        self._rx_slab = bytearray(batch * _MAX_FRAME)
-        slab = memoryview(self._rx_slab)
-        self._rx = [slab[i * _MAX_FRAME : (i + 1) * _MAX_FRAME] for i in range(batch)]
-        self._rx_sizes = [0] * batch
-        self._rx_flags = [0] * batch
+        # the capture loop is the one driver; its receive buffers are the NAT's (the third list: offload flags)
+        self._driver = DatagramDriver(
+            self, transport, batch=batch, clock=self._now, send=_no_send, max_datagram=_MAX_FRAME
+        )
+        self._rx = self._driver.views
+        self._rx_sizes = self._driver.sizes
+        self._rx_flags: list[Any] = self._driver.addrs
         self._view = PacketView()
-        self._scope: trio.CancelScope | None = None
         self.checksums_completed = 0
         self.superpackets = 0
         self.segments_out = 0
-        self.wakeups = 0
         self.batches_delivered = 0
+
+    def _now(self) -> float:
+        return self.clock()  # read at each wakeup: ``clock`` may be replaced after construction
+
+    @property
+    def wakeups(self) -> int:
+        """Capture-loop wakeups so far (the driver's)."""
+        return self._driver.wakeups
 
     # -- outbound (tunnel -> en0) --------------------------------------------------------------------------
     def send_view(self, view: PacketView, now: float) -> None:
-        """NAT and send one packet the caller already parsed into ``view``; call `flush` after the batch.
+        """NAT and send one packet the caller already parsed into ``view``; call `rearm` after the batch.
 
         The helper's path: its classification parsed the packet (``view`` is loaded over a slice of the helper's
         own IPC receive buffer, consumed when the batch is done), so the NAT rewrites it in place there and sends
@@ -224,12 +243,9 @@ class NatBypass:
         else:
             st.count_dropped(reason)
 
-    def flush(self) -> None:
-        """End of an outbound batch: pull the capture loop's deadline in to the NAT's next expiry."""
-        scope = self._scope
-        deadline = self.nat.get_timer()
-        if scope is not None and deadline is not None and deadline < scope.deadline:
-            scope.deadline = deadline
+    def rearm(self) -> None:
+        """End of an outbound batch: pull the capture loop's wakeup in to the NAT's next expiry (a new mapping)."""
+        self._driver.rearm()
 
     def send_batch(self, packets: Sequence[Buffer]) -> None:
         """NAT and send packets nobody parsed yet (copied: the caller's buffers are not changed)."""
@@ -260,48 +276,50 @@ class NatBypass:
                 st.count_forwarded()
             else:
                 st.count_dropped(reason)
-        self.flush()
+        self.rearm()
 
-    # -- inbound (en0 -> tunnel) ---------------------------------------------------------------------------
+    # -- inbound (en0 -> tunnel): the DatagramCore the capture loop drives -------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The capture loop: one wakeup drains a batch, translates it and delivers it in one call; expires NAT
-        mappings at their deadlines (`NatTable.get_timer` / `handle_timer`). Run it in a nursery for the
-        helper's lifetime."""
-        task_status.started()
-        transport = self.transport
-        nat = self.nat
-        while True:
-            deadline = nat.get_timer()
-            with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
-                self._scope = scope
-                await transport.wait_readable()
-            self._scope = None
-            self.wakeups += 1
-            now = self.clock()
-            if scope.cancelled_caught:
-                nat.handle_timer(now)
-                continue
-            n = transport.recv_batch(self._rx, self._rx_sizes, self._rx_flags)
-            if n:
-                self.receive(n, now)
+        """The capture loop (`DatagramDriver.run` over this core): one wakeup drains a batch, translates it and
+        delivers it in one call, then expires the NAT mappings that are due. The helper runs it in its nursery
+        (`netsim.runtime.helper.Helper.run`)."""
+        await self._driver.run(task_status=task_status)
+
+    def get_timer(self) -> float | None:
+        """`DatagramCore`: the NAT table's next expiry."""
+        return self.nat.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        """`DatagramCore`: expire the mappings due at ``now``."""
+        self.nat.handle_timer(now)
+
+    def datagrams_to_send(self, now: float) -> tuple[()]:
+        """`DatagramCore`: nothing; the NAT sends on its own (`send_view`, `send_batch`)."""
+        return ()
 
     def receive(self, n: int, now: float) -> None:
-        """Translate ``n`` captured frames from the receive buffers and deliver them (one sink call).
+        """`receive_batch` over this object's (the driver's) receive buffers."""
+        self.receive_batch(self._rx, self._rx_sizes, self._rx_flags, n, now)
 
-        Each frame is parsed once: the NAT's view serves the translation, the checksum completion, the
-        segmentation and the DNS learning (`BypassSink.bypass_dns_reply`).
+    def receive_batch(self, bufs: Sequence[memoryview], sizes: list[int], flags: list[Any], n: int, now: float) -> None:
+        """`DatagramCore`: translate ``n`` captured frames ``bufs[i][:sizes[i]]`` and deliver them (one sink call).
+
+        ``flags[i]`` are the frame's offload flags (`netsim.transports.raw.FLAG_CSUM_NOT_READY`). Each frame is
+        parsed once: the NAT's view serves the translation, the checksum completion, the segmentation and the
+        DNS learning (`BypassSink.bypass_dns_reply`). The delivered packets are views into ``bufs`` (no copy):
+        the sink copies what it keeps past the call.
         """
         st = self._in
         st.count_read(n)
         nat = self.nat
         view = self._view
         sink = self.sink
-        out: list[bytes] = []
+        out: list[Buffer] = []
         frames = 0
         max_packet = self.max_packet
         for i in range(n):
-            frame = self._rx[i][: self._rx_sizes[i]]
-            flags = self._rx_flags[i]
+            frame = bufs[i][: sizes[i]]
+            flag = flags[i]
             try:
                 view.load_untrusted(frame)
             except BadPacket:
@@ -311,7 +329,7 @@ class NatBypass:
             if reason is not None:
                 st.count_dropped(reason)
                 continue
-            if flags & FLAG_CSUM_NOT_READY:
+            if flag & FLAG_CSUM_NOT_READY:
                 # The transport checksum held only the pseudo-header sum (offload), so the NAT's incremental
                 # update of it means nothing: compute it in full now that the addresses are final.
                 off = checksum_offset(view)
@@ -323,11 +341,11 @@ class NatBypass:
                 segs = segment_tcp(view, max_packet)
                 self.superpackets += 1
                 self.segments_out += len(segs)
-                out.extend(bytes(s) for s in segs)
+                out.extend(segs)  # new buffers of their own
                 continue
             if view.sport == 53 and view.protocol == 17 and sink is not None and not view.is_fragment:
                 sink.bypass_dns_reply(view, now)  # before delivery: the app's next packet sees the binding
-            out.append(bytes(frame[: view.total_length]))  # the IPC owns it until written: copy
+            out.append(frame[: view.total_length])  # a view: valid during the sink call (it copies what it keeps)
         if not out:
             return
         reason = "no_provider" if sink is None else sink.bypass_deliver(out)
@@ -365,29 +383,38 @@ class NatBypass:
 class NatBypassHost:
     """Everything the helper needs for the NAT mechanism on ``interface``, opened together, closed together.
 
-    `open` reads the interface's addresses, installs `HostSetup`, opens `RawBypassTransport` and builds the
-    `NatBypass` with ``sink`` (the helper) as its reply sink; `close` undoes it in reverse. Tell the helper which
-    NAT carries its BYPASS verdicts (``Helper.attach_bypass(host.bypass)``) and run ``host.bypass.run`` in the
-    helper's nursery.
+    `open` reads the interface's addresses, installs `HostSetup` and opens `RawBypassTransport`; `make_bypass` is
+    the helper's NAT factory (``Helper(..., nat_bypass=host.make_bypass)``): the helper calls it once its ledger
+    exists and runs the pump in its own nursery. `close` undoes it all in reverse.
     """
 
-    def __init__(self, setup: HostSetup, bypass: NatBypass) -> None:
+    def __init__(
+        self,
+        setup: HostSetup,
+        transport: BypassTransport,
+        config: NatConfig,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+        max_packet: int = 1420,
+    ) -> None:
         self.setup = setup
-        self.bypass = bypass
+        self.transport = transport
+        self.config = config
+        self.clock = clock
+        self.max_packet = max_packet
+        self.bypass: NatBypass | None = None
 
     @classmethod
     def open(
         cls,
         interface: str,
         *,
-        sink: BypassSink | None = None,
         fwmark: int | None = None,
         port_range: tuple[int, int] = (61000, 61999),
-        ledger: Ledger | None = None,
         clock: Callable[[], float] = trio.current_time,
         max_packet: int = 1420,
     ) -> NatBypassHost:
-        """Open the NAT bypass on ``interface`` (root; run inside the simulated Mac's namespace).
+        """Open the NAT bypass's host side on ``interface`` (root; run inside the simulated Mac's namespace).
 
         Raises:
             ConfigError: the interface has no address, or a socket/rule could not be set up.
@@ -404,14 +431,36 @@ class NatBypassHost:
         except BaseException:
             setup.remove()
             raise
-        bypass = NatBypass(NatTable(config), transport, sink=sink, ledger=ledger, clock=clock, max_packet=max_packet)
         log.info(
             "nat bypass ready",
             extra={"event": "bypass_ready", "interface": interface, "v4": v4, "v6": v6, "ports": list(port_range)},
         )
-        return cls(setup, bypass)
+        return cls(setup, transport, config, clock=clock, max_packet=max_packet)
+
+    def make_bypass(self, sink: BypassSink, ledger: Ledger) -> NatBypass:
+        """The helper's NAT factory: the pump over this host's sockets, replying to ``sink``, counting in
+        ``ledger``. Called once.
+
+        Raises:
+            ConfigError: called a second time (one pump per capture socket).
+        """
+        if self.bypass is not None:
+            raise ConfigError("this NatBypassHost already made its NatBypass (one pump per capture socket)")
+        self.bypass = NatBypass(
+            NatTable(self.config),
+            self.transport,
+            sink=sink,
+            ledger=ledger,
+            clock=self.clock,
+            max_packet=self.max_packet,
+        )
+        return self.bypass
 
     def close(self) -> None:
         """Close the sockets and remove the host rules (idempotent)."""
-        self.bypass.close()
+        self.transport.close()
         self.setup.remove()
+
+
+def _no_send(data: Buffer, addr: Any) -> None:
+    """The driver's send for the NAT: never called (`NatBypass.datagrams_to_send` is empty)."""

@@ -24,11 +24,12 @@ this layer.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,10 @@ class IpcChannelStatistics:
     """Batches written by the caller's own non-blocking ``sendmsg``, without waking the writer task."""
     writer_wakeups: int = 0
     """Times the writer task was woken to write something (a control message, a batch the socket refused)."""
+    borrowed_copies: int = 0
+    """Borrowed batches (``send_packets_nowait(..., borrowed=True)``) copied because they had to be queued."""
+    corked_frames: int = 0
+    """PACKETS frames held by `IpcChannel.corked` and written together when the block ended."""
 
 
 @dataclass(slots=True)
@@ -141,6 +146,11 @@ class IpcChannel:
         self._partial_sends = 0
         self._inline_sends = 0
         self._writer_wakeups = 0
+        self._borrowed_copies = 0
+        self._cork: list[tuple[list[ipc.Buffer], int, int, bool]] | None = None  # frames held by `corked`
+        self._cork_iovs = 0
+        self._corked_frames = 0
+        self._pending_error: RemoteProtocolError | None = None  # met by receive_event_nowait, raised by receive_event
         self._packets_received = 0
         self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
 
@@ -168,19 +178,27 @@ class IpcChannel:
             ipc_out=self._out.snapshot(),
             inline_sends=self._inline_sends,
             writer_wakeups=self._writer_wakeups,
+            borrowed_copies=self._borrowed_copies,
+            corked_frames=self._corked_frames,
         )
 
     # --- sending ----------------------------------------------------------------------------------------------------
-    def send_packets_nowait(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> bool:
+    def send_packets_nowait(
+        self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int, *, borrowed: bool = False
+    ) -> bool:
         """Send a batch now if the socket takes it, else queue it for the writer; never blocks. False (and
         counted) if dropped.
 
         When nothing is queued or being written, the batch goes out at once with one non-blocking scatter-gather
         ``sendmsg`` from the caller's task (almost always the whole of it: the peer reads promptly); only what the
         socket refuses (EAGAIN, or the rest of a partial send) is handed to the writer task, behind anything it
-        already holds, so the order on the wire is the order of the calls. The channel owns the packet buffers
-        until they are written: do not mutate them afterwards (pass ``bytes``, or use `send_packets`, which
-        returns only once they are on the socket).
+        already holds, so the order on the wire is the order of the calls.
+
+        Buffer ownership: by default the channel owns the packet buffers until they are written, so do not
+        mutate them afterwards (pass ``bytes``, or use `send_packets`, which returns only once they are on the
+        socket). With ``borrowed=True`` the caller keeps them: they need to stay valid only during this call
+        (views into a receive buffer or decrypt arena the caller's next receive overwrites), and the part of the
+        batch that has to be queued is copied first -- the rare path; counted in ``borrowed_copies``.
         """
         n = len(packets)
         out = self._out
@@ -199,13 +217,31 @@ class IpcChannel:
         except LocalProtocolError:
             out.count_dropped("ipc_local_error", n)
             raise
+        cork = self._cork
+        if cork is not None:  # inside `corked`: written with the others when the block ends
+            cork.append((bufs, n, nbytes, borrowed))
+            out.count_queued(n)  # held in the cork: the ledger balances inside the block too
+            self._cork_iovs += len(bufs)
+            if self._cork_iovs >= IOV_MAX:  # one sendmsg's worth: write it now
+                self._uncork()
+                self._cork = []
+            return True
+        return self._send_or_queue(bufs, n, nbytes, borrowed)
+
+    def _send_or_queue(self, bufs: list[ipc.Buffer], n: int, nbytes: int, borrowed: bool) -> bool:
+        """Write ``bufs`` (whole frames of ``n`` packets, ``nbytes`` of them) inline, queue what is left."""
+        out = self._out
         rest = self._send_inline(bufs, n, nbytes)
         if rest is None:
             return True
         if self.is_broken:  # the inline send found the socket broken
             out.count_dropped("ipc_closed", n)
             return False
-        self._enqueue(_Item(rest, n, nbytes, None, started=rest is not bufs))
+        started = rest is not bufs
+        if borrowed:  # the caller reuses these buffers after we return: the queue keeps its own copy
+            rest = [b"".join(rest)]
+            self._borrowed_copies += 1
+        self._enqueue(_Item(rest, n, nbytes, None, started=started))
         return True
 
     def _send_inline(self, bufs: list[ipc.Buffer], packets: int, nbytes: int) -> list[ipc.Buffer] | None:
@@ -215,6 +251,7 @@ class IpcChannel:
         if self._control or self._batches or self._final is not None or self._write_lock.locked():
             return bufs
         chunk = bufs[:IOV_MAX] if len(bufs) > IOV_MAX else bufs
+        total = len(bufs[0]) + nbytes if len(bufs) == packets + 1 else sum(map(len, bufs))  # one frame, or several
         try:
             sent = self.stream.send_nowait(chunk)
         except BlockingIOError:
@@ -225,12 +262,48 @@ class IpcChannel:
         self._sendmsg_calls += 1
         self._inline_sends += 1
         self._bytes_sent += sent
-        if sent >= len(bufs[0]) + nbytes:  # header and descriptors, then the packets
+        if sent >= total:  # headers and descriptors, then the packets
             self._out.count_forwarded(packets)
             return None
         if sent < sum(map(len, chunk)):
             self._partial_sends += 1
         return _unsent(bufs, sent)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Hold the PACKETS frames `send_packets_nowait` makes inside the block; write them with one ``sendmsg``
+        when it ends (TCP_CORK's idea, for a caller that sends many small frames in one tick).
+
+        One-packet frames sent back to back otherwise cost one ``sendmsg`` each (the inline send); corked, a
+        burst costs one, as when the writer task coalesced them, without waking it. Use it around a loop that
+        answers every event already buffered (`receive_event_nowait`). Do not await inside the block: nothing
+        corked is written until it ends. Frames keep their order; a block reaching ``IOV_MAX`` buffers is
+        written early. Nested blocks join the outer one.
+        """
+        if self._cork is not None:
+            yield
+            return
+        self._cork = []
+        try:
+            yield
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        cork, self._cork = self._cork, None
+        self._cork_iovs = 0
+        if not cork:
+            return
+        self._corked_frames += len(cork)
+        self._out.count_queued(-sum(frame[1] for frame in cork))
+        if len(cork) == 1:
+            bufs, n, nbytes, borrowed = cork[0]
+        else:
+            bufs = [b for frame in cork for b in frame[0]]
+            n = sum(frame[1] for frame in cork)
+            nbytes = sum(frame[2] for frame in cork)
+            borrowed = any(frame[3] for frame in cork)
+        self._send_or_queue(bufs, n, nbytes, borrowed)
 
     async def send_packets(self, packets: Sequence[ipc.Buffer], families: Sequence[int] | int) -> None:
         """Send a batch, waiting for queue room and for the write (backpressure instead of drops).
@@ -400,6 +473,10 @@ class IpcChannel:
         self._receiving = True
         conn = self.connection
         try:
+            if self._pending_error is not None:
+                exc, self._pending_error = self._pending_error, None
+                await self._fail_remote(exc)
+                raise exc
             while True:
                 try:
                     ev = conn.next_event()
@@ -421,6 +498,34 @@ class IpcChannel:
                 conn.receive_commit(n)
         finally:
             self._receiving = False
+
+    def receive_event_nowait(self) -> ipc.Event | None:
+        """The next event if its bytes are already received, else None (no I/O; never blocks).
+
+        With `corked`, answer every frame one ``recv`` brought with one ``sendmsg``::
+
+            ev = await channel.receive_event()
+            with channel.corked():
+                while ev is not None:
+                    handle(ev)
+                    ev = channel.receive_event_nowait()
+
+        A protocol violation found here is raised by the next `receive_event` (which closes the channel).
+        """
+        if self._receiving:
+            raise LocalProtocolError("another task is already in receive_event on this channel")
+        if self._pending_error is not None:
+            return None
+        try:
+            ev = self.connection.next_event()
+        except RemoteProtocolError as exc:
+            self._pending_error = exc
+            return None
+        if isinstance(ev, ipc.NeedData):
+            return None
+        if isinstance(ev, ipc.PacketBatch):
+            self._packets_received += len(ev)
+        return ev
 
     async def _fail_remote(self, exc: RemoteProtocolError) -> None:
         log.log(self._level(logging.WARNING), "IPC peer %s violated the protocol: %s; closing", self.peer, exc)
@@ -548,41 +653,23 @@ async def open_ipc_channel(stream: IpcStream, connection: ipc.Connection, **opti
 
 
 # --- the server and connect, with channels --------------------------------------------------------------------------
+_CHANNEL_OPTIONS = frozenset(inspect.signature(IpcChannel).parameters) - {"stream", "connection"}
+
+
 class UnixIpcServer(uds.UnixIpcServer):
     """`netsim.transports.uds.UnixIpcServer` handing each admitted session to a handler as an `IpcChannel`.
 
     The transport accepts, checks SO_PEERCRED, reads and checks HELLO (the per-tunnel token) and takes the session
-    slot; here the session gets its channel, the HELLO_ACK is sent and liveness starts. Arguments are the
-    transport's, plus ``channel_options`` for `IpcChannel` (e.g. ``ledger``, ``max_queued_batches``).
+    slot; here the session gets its channel, the HELLO_ACK is sent and liveness starts. Keyword arguments are
+    the transport server's (``allowed_uids``, ``max_clients``, ``connection_factory``...) and `IpcChannel`'s
+    (``ledger``, ``max_queued_batches``...): each goes to the one that declares it (kept in ``channel_options``).
     """
 
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str],
-        *,
-        allowed_uids: Collection[int] | None = None,
-        max_clients: int = 1,
-        connection_factory: Callable[[], ipc.Connection] | None = None,
-        handshake_timeout: float = 5.0,
-        dir_mode: int = 0o700,
-        backlog: int = 8,
-        max_pending: int = 8,
-        log_burst: int = 10,
-        log_interval: float = 10.0,
-        **channel_options: Any,
-    ) -> None:
-        super().__init__(
-            socket_path,
-            allowed_uids=allowed_uids,
-            max_clients=max_clients,
-            connection_factory=connection_factory,
-            handshake_timeout=handshake_timeout,
-            dir_mode=dir_mode,
-            backlog=backlog,
-            max_pending=max_pending,
-            log_burst=log_burst,
-            log_interval=log_interval,
-        )
+    def __init__(self, socket_path: str | os.PathLike[str], **options: Any) -> None:
+        # One definition of each parameter set: the names `IpcChannel` takes go to every session's channel, the
+        # rest to the transport server, whose own signature checks them (an unknown name is a TypeError there).
+        channel_options = {k: options.pop(k) for k in _CHANNEL_OPTIONS.intersection(options)}
+        super().__init__(socket_path, **options)
         self.channel_options = channel_options
 
     async def serve(

@@ -8,8 +8,10 @@ when due, sends what ``datagrams_to_send(now)`` yields, then runs the caller's `
 decrypted packets, push settings, ...). Calls from outside the loop (an IPC send that queued a handshake) call
 `DatagramDriver.flush`, which also moves the wakeup earlier when the core's timer did.
 
-The helper (`netsim.runtime.helper.Helper`), `netsim.runtime.wgsocket.WireGuardSocket` and the in-memory VPN
-server (`netsim.testing.memory_tunnel`) run on it; the clock is ``trio.current_time`` in the runtime and
+The helper (`netsim.runtime.helper.Helper`), `netsim.runtime.wgsocket.WireGuardSocket`, the NAT bypass's
+capture loop (`netsim.runtime.bypass.NatBypass`, whose core sends nothing through it: ``datagrams_to_send`` is
+empty and the third list carries offload flags) and the in-memory VPN server (`netsim.testing.memory_tunnel`)
+run on it; the clock is ``trio.current_time`` in the runtime and
 whatever the test injects (trio's ``MockClock`` under ``autojump``).
 """
 

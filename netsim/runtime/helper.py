@@ -87,7 +87,9 @@ from netsim.transports.udp import UdpTransport
 
 if TYPE_CHECKING:
     from netsim.core.nat import NatTable
-    from netsim.runtime.bypass import NatBypass
+    from netsim.runtime.bypass import BypassSink, NatBypass
+
+    NatBypassFactory = Callable[[BypassSink, Ledger], NatBypass]
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -132,8 +134,12 @@ class Helper:
         endpoints: resolved ``(host, port)`` per peer public key (base64) for peers whose Endpoint is a name;
             peers with an IP literal endpoint need no entry.
         policy: classifies each (validated) packet from the provider; None tunnels every valid packet.
-        bypass: receives the packets the policy marks BYPASS (the NAT bypass plugs in here); without it they
-            are dropped as ``bypass_unavailable``.
+        bypass: receives the packets the policy marks BYPASS when there is no ``nat_bypass``; without either
+            they are dropped as ``bypass_unavailable``.
+        nat_bypass: the NAT mechanism's factory, ``factory(sink, ledger) -> NatBypass``, called once here when
+            the helper's ledger exists, with the helper as the sink and its ledger (so the NAT's ``nat_out`` /
+            ``nat_in`` stages join it); e.g. `netsim.runtime.bypass.NatBypassHost.make_bypass`. The helper
+            carries its BYPASS verdicts with it and runs its capture loop in `run`.
         batch: datagrams read per wakeup and packets encrypted per ``encapsulate`` call.
         timers / rng: passed to the `WireGuardDevice` (tests shorten timers).
         clock: the time source (``trio.current_time``; the device never reads a clock itself).
@@ -147,6 +153,7 @@ class Helper:
         endpoints: Mapping[str, Endpoint] | None = None,
         policy: PolicyEngine | None = None,
         bypass: Callable[[list[memoryview]], None] | None = None,
+        nat_bypass: NatBypassFactory | None = None,
         batch: int = DEFAULT_BATCH,
         timers: Timers | None = None,
         rng: Any = None,
@@ -228,6 +235,18 @@ class Helper:
         self.dns_guard = self._make_dns_guard()  # answers are learned only for queries it saw (_learn_dns)
         self._channel: IpcChannel | None = None
         self._connected = trio.Event()
+        self.nat_bypass = self._make_nat_bypass(nat_bypass) if nat_bypass is not None else None
+
+    def _make_nat_bypass(self, factory: NatBypassFactory) -> NatBypass:
+        """Build the NAT bypass with this helper as its sink and its stages in this ledger (checked: a NAT that
+        delivers or counts elsewhere would leave BYPASS replies unaccounted in this helper's ledger)."""
+        nat_bypass = factory(self, self.ledger)
+        if nat_bypass.sink is not self or nat_bypass.ledger is not self.ledger:
+            raise ConfigError(
+                "the nat_bypass factory must build the NatBypass with the sink and ledger it is given "
+                "(NatBypass(..., sink=sink, ledger=ledger))"
+            )
+        return nat_bypass
 
     def _settings_payload(self) -> dict[str, Any]:
         """SETTINGS for the provider: the tunnel config plus the policy's route exclusions (route mechanism)."""
@@ -242,19 +261,7 @@ class Helper:
         return out
 
     # -- bypass ---------------------------------------------------------------------------------------------
-    def attach_bypass(self, nat_bypass: NatBypass) -> None:
-        """Carry out BYPASS verdicts with ``nat_bypass`` (the NAT mechanism), built with this helper as its sink
-        (``NatBypass(..., sink=helper, ledger=helper.ledger)``: its ledger stages join this ledger). Run
-        ``nat_bypass.run`` in the helper's nursery.
-
-        Raises:
-            ConfigError: ``nat_bypass`` delivers its replies somewhere else.
-        """
-        if nat_bypass.sink is not self:
-            raise ConfigError("build the NatBypass with sink=<this helper> before attaching it")
-        self.nat_bypass = nat_bypass
-
-    def deliver_bypass(self, packets: list[bytes]) -> str | None:
+    def deliver_bypass(self, packets: list[ipc.Buffer]) -> str | None:
         """Hand de-NATed bypass replies to the provider in one IPC frame; learn DNS answers first.
 
         Returns None when handed over (the channel's ``ipc_out`` stage counts what happens next), or
@@ -265,12 +272,13 @@ class Helper:
             self._learn_dns(packets, self.clock())
         return self.bypass_deliver(packets)
 
-    def bypass_deliver(self, packets: list[bytes]) -> str | None:
-        """`BypassSink`: hand replies to the provider (their DNS answers were learned already)."""
+    def bypass_deliver(self, packets: list[ipc.Buffer]) -> str | None:
+        """`BypassSink`: hand replies to the provider (their DNS answers were learned already); they may be views
+        into the NAT's buffers, so the channel copies whatever it has to queue (`_send_to_provider`)."""
         ch = self._channel
         if ch is None or ch.is_broken:
             return "no_provider"
-        self._send_to_provider(ch, packets)
+        self._send_to_provider(ch, packets, borrowed=True)
         return None
 
     def bypass_dns_reply(self, view: PacketView, now: float) -> None:
@@ -452,7 +460,12 @@ class Helper:
             if peer.endpoint is not None:
                 dev.initiate(peer, self.clock())
         self._flush(self.clock())
-        await self._driver.run(task_status=task_status)
+        if self.nat_bypass is None:
+            await self._driver.run(task_status=task_status)
+            return
+        async with trio.open_nursery() as nursery:  # the NAT's capture loop lives as long as the helper's
+            await nursery.start(self.nat_bypass.run)
+            await self._driver.run(task_status=task_status)
 
     def _receive(self, n: int, now: float) -> None:
         """Feed one batch to the device, which books every datagram's single outcome in ``wg_decrypt``.
@@ -488,7 +501,7 @@ class Helper:
             settings = self._settings_payload()
             if settings != self.settings:
                 self.settings = settings
-                self._held.extend(packets)
+                self._held.extend(packets)  # the device's own bytes: safe to hold
                 return
         ch = self._channel
         if ch is None or ch.is_broken:
@@ -512,8 +525,13 @@ class Helper:
             return
         self._send_to_provider(ch, held)
 
-    def _send_to_provider(self, ch: IpcChannel, packets: list[bytes]) -> None:
-        """Queue ``packets`` on the channel in as few frames as fit (the channel counts ``ipc_out``)."""
+    def _send_to_provider(self, ch: IpcChannel, packets: Sequence[ipc.Buffer], *, borrowed: bool = False) -> None:
+        """Send ``packets`` on the channel in as few frames as fit (the channel counts ``ipc_out``).
+
+        ``borrowed``: they are views into buffers the caller's next receive reuses (the NAT's capture buffers), so
+        the channel writes them at once and copies only what the socket refuses; the device's decrypted packets
+        are ``bytes`` of their own and are not copied.
+        """
         start = 0
         total = len(packets)
         while start < total:
@@ -524,7 +542,9 @@ class Helper:
                 nbytes -= len(packets[end])
             chunk = packets[start:end]
             try:
-                ch.send_packets_nowait(chunk, [DARWIN_FAMILY_BY_NIBBLE[p[0] >> 4] or DARWIN_AF_INET for p in chunk])
+                ch.send_packets_nowait(
+                    chunk, [DARWIN_FAMILY_BY_NIBBLE[p[0] >> 4] or DARWIN_AF_INET for p in chunk], borrowed=borrowed
+                )
             except LocalProtocolError:
                 pass  # counted by the channel as ipc_local_error (e.g. the session is closing)
             start = end
@@ -764,7 +784,7 @@ class Helper:
         self._count_invalid(malformed, spoofed)
         if nat_sent:
             assert nat_bypass is not None
-            nat_bypass.flush()
+            nat_bypass.rearm()
             self._ipc_in.count_forwarded(nat_sent)
             self._bypass.count_read(nat_sent)
             self._bypass.count_forwarded(nat_sent)

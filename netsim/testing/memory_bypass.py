@@ -72,8 +72,8 @@ class RecordingSink:
         self.batches: list[int] = []
         self.dns_replies = 0
 
-    def bypass_deliver(self, packets: list[bytes]) -> str | None:
-        self.delivered.extend(packets)
+    def bypass_deliver(self, packets: list[Buffer]) -> str | None:
+        self.delivered.extend(bytes(p) for p in packets)  # views into the NAT's buffers: valid during the call
         self.batches.append(len(packets))
         return self.forward.bypass_deliver(packets) if self.forward is not None else self.reply
 

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface, ip_network
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -58,6 +58,9 @@ from netsim.runtime.helper import Helper
 from netsim.runtime.netconfig import MemoryNamespace
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.runtime.tunnelspec import resolve_inputs
+
+if TYPE_CHECKING:
+    from netsim.runtime.helper import NatBypassFactory
 from netsim.testing.ipc_pair import memory_stream_pair
 from netsim.testing.memory_tun import MemoryTun
 
@@ -297,6 +300,7 @@ class MemoryTunnel:
     provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
     namespace: MemoryNamespace = field(default_factory=MemoryNamespace)
     policy: PolicyEngine | None = None
+    nat_bypass: NatBypassFactory | None = None
 
     @property
     def tun(self) -> MemoryTun:
@@ -378,7 +382,13 @@ class MemoryTunnel:
 
     async def start_helper(self) -> None:
         """Start a fresh helper (new WireGuard session) and make it reachable again."""
-        self.helper = Helper(self.config, self.network.attach(HELPER_ADDR), timers=self.timers, policy=self.policy)
+        self.helper = Helper(
+            self.config,
+            self.network.attach(HELPER_ADDR),
+            timers=self.timers,
+            policy=self.policy,
+            nat_bypass=self.nat_bypass,
+        )
         self._helper_scope = await self._nursery.start(_run_helper, self.helper)
         register_memory_helper(self.name, _connector(self))
         self.helpers_started += 1
@@ -456,6 +466,7 @@ async def memory_tunnel(
     mtu: int = 1420,
     timers: Timers | None = None,
     reconnect_for: float = 60.0,
+    nat_bypass: NatBypassFactory | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
@@ -468,6 +479,8 @@ async def memory_tunnel(
         mtu: tunnel MTU.
         timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).
         reconnect_for: seconds the provider reasserts before giving up.
+        nat_bypass: the helper's NAT bypass factory (`netsim.runtime.helper.Helper`'s ``nat_bypass``), e.g. a
+            `netsim.runtime.bypass.NatBypass` over a `netsim.testing.memory_bypass.MemoryBypassTransport`.
     """
     inputs = resolve_inputs(provider, provider_configuration, policy)
     engine = PolicyEngine(inputs.policy) if inputs.policy is not None else None
@@ -509,7 +522,7 @@ async def memory_tunnel(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, policy=engine)
+        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, policy=engine, nat_bypass=nat_bypass)
         scope = await nursery.start(_run_helper, helper)
         try:
             async with manager.open_session() as session:
@@ -530,6 +543,7 @@ async def memory_tunnel(
                     provider_spec=inputs.spec,
                     namespace=namespace,
                     policy=engine,
+                    nat_bypass=nat_bypass,
                 )
                 register_memory_helper(name, _connector(tunnel))
                 await session.start_vpn_tunnel()

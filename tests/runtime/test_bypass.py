@@ -17,7 +17,7 @@ from scapy.packet import NoPayload, Raw
 from netsim.core.bpf import capture_filter
 from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatTable
-from netsim.core.packet import PacketView
+from netsim.core.packet import Buffer, PacketView
 from netsim.core.policy import Mechanism, parse_policy, route_exclusions_payload
 from netsim.core.segment import segment_tcp
 from netsim.runtime.bypass import NatBypass
@@ -104,7 +104,7 @@ def test_send_view_rewrites_the_parsed_packet_in_place() -> None:
     for buf in bufs:
         view.load_untrusted(memoryview(buf))
         nb.send_view(view, 100.0)
-    nb.flush()
+    nb.rearm()
     assert tr.sent == ref_tr.sent
     assert [bytes(b) for b in bufs] == tr.sent  # rewritten where it lay: no copy
     assert all(_valid(p) for p in tr.sent)
@@ -124,7 +124,7 @@ def test_dns_replies_reach_the_sink_with_the_nats_parse_before_delivery() -> Non
     order: list[str] = []
 
     class Sink(RecordingSink):
-        def bypass_deliver(self, packets: list[bytes]) -> str | None:
+        def bypass_deliver(self, packets: list[Buffer]) -> str | None:
             order.append("deliver")
             return super().bypass_deliver(packets)
 
@@ -296,6 +296,37 @@ def test_capture_loop_batches_and_expires_mappings() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_capture_loop_receives_then_fires_due_expiries_in_the_same_wakeup() -> None:
+    """The one behaviour the shared driver changed: the NAT's hand-written loop either expired mappings (its
+    deadline passed) or received frames (readable) per wakeup; `DatagramDriver` always drains what is ready, with
+    ``now``, then fires the timers that are due, in that one wakeup. A reply for a live mapping that is ready when
+    another mapping's expiry falls due is delivered, and the expiry happens, in one wakeup."""
+    nb, tr, got = _bypass()
+    nb.clock = trio.current_time
+    clock = trio.testing.MockClock()
+    udp_a, _, _, udp_b, _ = _out_packets()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(nb.run)
+            nb.send_batch([udp_a])  # mapping A: UDP, 120 s (RFC 4787 REQ-5)
+            clock.jump(100)
+            nb.send_batch([udp_b])  # mapping B: due at 220 s
+            await trio.testing.wait_all_tasks_blocked()
+            before = nb.statistics().wakeups
+            clock.jump(21)  # A is due now ...
+            tr.inject(_reply_for(tr.sent[1]))  # ... and B's reply is ready: one wakeup sees both
+            await trio.testing.wait_all_tasks_blocked()
+            st_ = nb.statistics()
+            assert st_.wakeups == before + 1
+            assert len(got) == 1 and st_.delivered == 1  # received first, with the wakeup's `now` ...
+            assert st_.nat.expired == 1 and len(nb.nat) == 1  # ... then the due expiry, same wakeup
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+    assert nb.ledger.check() == []
 
 
 # ------------------------------------------------------------------------------------------------ BPF oracle

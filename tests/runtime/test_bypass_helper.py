@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ipaddress import ip_address, ip_interface, ip_network
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
+from netsim.core.ledger import Ledger
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
@@ -27,7 +29,7 @@ POLICY = (Path(__file__).resolve().parents[2] / "examples" / "policy.toml").read
 CLIENT, EN0 = "10.66.0.2", "192.168.1.10"
 
 
-def _helper(mechanism: str) -> Helper:
+def _helper(mechanism: str, nat_bypass: Any = None) -> Helper:
     text = POLICY.replace('mechanism = "nat"', f'mechanism = "{mechanism}"')
     config = TunnelConfig(
         InterfaceConfig(private_key=PrivateKey.generate(), addresses=(ip_interface(f"{CLIENT}/32"),), mtu=1420),
@@ -44,6 +46,7 @@ def _helper(mechanism: str) -> Helper:
         FakeNetwork().attach(("192.168.1.10", 40000)),
         policy=PolicyEngine(parse_policy(text)),
         clock=lambda: 10.0,
+        nat_bypass=nat_bypass,
     )
 
 
@@ -58,10 +61,14 @@ def _pkts() -> list[memoryview]:
 
 
 def _nat_helper() -> tuple[Helper, MemoryBypassTransport]:
-    helper = _helper("nat")
     tr = MemoryBypassTransport()
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), tr, sink=helper, ledger=helper.ledger, clock=lambda: 10.0)
-    helper.attach_bypass(nb)
+    helper = _helper(
+        "nat",
+        lambda sink, ledger: NatBypass(
+            NatTable(NatConfig(external_v4=EN0)), tr, sink=sink, ledger=ledger, clock=lambda: 10.0
+        ),
+    )
+    assert helper.nat_bypass is not None and helper.nat_bypass.ledger is helper.ledger
     return helper, tr
 
 
@@ -112,12 +119,21 @@ def test_helper_hands_its_parsed_packets_to_the_nat_in_its_own_buffer() -> None:
     assert helper.statistics().ledger["bypass"].forwarded == 2
 
 
-def test_attach_bypass_refuses_a_nat_that_delivers_elsewhere() -> None:
-    helper = _helper("nat")
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), MemoryBypassTransport(), sink=RecordingSink())
-    with pytest.raises(ConfigError, match="sink"):
-        helper.attach_bypass(nb)
-    assert helper.nat_bypass is None
+@pytest.mark.parametrize("wrong", ["sink", "ledger"])
+def test_nat_bypass_factory_must_use_the_helpers_sink_and_ledger(wrong: str) -> None:
+    """The misuse check of ``Helper(nat_bypass=factory)``: a NAT built to deliver or count elsewhere is refused at
+    construction (its replies would bypass the helper's ledger)."""
+
+    def factory(sink: Any, ledger: Any) -> NatBypass:
+        return NatBypass(
+            NatTable(NatConfig(external_v4=EN0)),
+            MemoryBypassTransport(),
+            sink=RecordingSink() if wrong == "sink" else sink,
+            ledger=Ledger("elsewhere") if wrong == "ledger" else ledger,
+        )
+
+    with pytest.raises(ConfigError, match="sink and ledger"):
+        _helper("nat", factory)
 
 
 def _dns_reply(name: str, addr: str) -> bytes:

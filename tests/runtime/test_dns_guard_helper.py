@@ -20,13 +20,13 @@ import trio.testing
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
 
-from netsim.core.ledger import LedgerSnapshot
+from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.core.nat import NatConfig, NatTable
 from netsim.core.policy import PolicyEngine, parse_policy
 from netsim.core.routes import RouteKind
 from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
 from netsim.core.wireguard.keys import PrivateKey
-from netsim.runtime.bypass import NatBypass
+from netsim.runtime.bypass import BypassSink, NatBypass
 from netsim.runtime.helper import Helper
 from netsim.testing.memory_bypass import MemoryBypassTransport, RecordingSink
 from netsim.testing.memory_tunnel import FakeNetwork, MemoryTunnel, icmp_echo, memory_tunnel
@@ -89,14 +89,13 @@ def _run(mech: str, case: str) -> dict[str, Any]:
     rec: dict[str, Any] = {}
 
     async def main() -> None:
-        async with memory_tunnel() as t:
+        en0 = MemoryBypassTransport()
+
+        def nat_bypass(sink: BypassSink, ledger: Ledger) -> NatBypass:
+            return NatBypass(NatTable(NatConfig(external_v4=EN0)), en0, sink=sink, ledger=ledger)
+
+        async with memory_tunnel(nat_bypass=nat_bypass if mech == "nat" else None) as t:
             t.helper.policy = PolicyEngine(parse_policy(POLICY.replace('mechanism = "nat"', f'mechanism = "{mech}"')))
-            en0 = MemoryBypassTransport()
-            if mech == "nat":
-                nat = NatTable(NatConfig(external_v4=EN0))
-                t.helper.attach_bypass(
-                    NatBypass(nat, en0, sink=t.helper, ledger=t.helper.ledger, clock=trio.current_time)
-                )
             if query is not None:
                 await _send(t, [query], reach_server=1)  # the app asks; the in-memory internet has no resolver
             _server_push(t, answer)
@@ -185,12 +184,18 @@ def test_nat_bypassed_resolver_answers_only_teach_when_asked() -> None:
             ),
         ),
     )
-    helper = Helper(
-        config, FakeNetwork().attach((EN0, 40000)), policy=PolicyEngine(parse_policy(text)), clock=lambda: 10.0
-    )
     en0 = MemoryBypassTransport()
-    nb = NatBypass(NatTable(NatConfig(external_v4=EN0)), en0, sink=helper, ledger=helper.ledger, clock=lambda: 10.0)
-    helper.attach_bypass(nb)
+    helper = Helper(
+        config,
+        FakeNetwork().attach((EN0, 40000)),
+        policy=PolicyEngine(parse_policy(text)),
+        clock=lambda: 10.0,
+        nat_bypass=lambda sink, ledger: NatBypass(
+            NatTable(NatConfig(external_v4=EN0)), en0, sink=sink, ledger=ledger, clock=lambda: 10.0
+        ),
+    )
+    nb = helper.nat_bypass
+    assert nb is not None
     spy = RecordingSink(forward=helper)  # records, then the helper learns and delivers as before
     nb.sink = spy
     delivered = spy.delivered
