@@ -9,6 +9,7 @@ type through tables (`TypeTable`): a value of a type with no entry is refused wi
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import tomllib
 from collections.abc import Callable, Mapping
@@ -87,17 +88,33 @@ _RULE_KEYS = frozenset({"name", "action", "dst", "domain", "proto", "ports"})
 _TOP_KEYS = frozenset({"default", "mechanism", "rule"})
 
 
+def _unknown_keys(keys: Any, allowed: frozenset[str], what: str) -> str | None:
+    """The error text for keys outside ``allowed`` (with a did-you-mean per key), or None when all are known.
+
+    docs/policy.md: "unknown fields are errors" -- a misspelt key (``[[rules]]``, ``port``) silently ignored
+    would change what the policy does, so every level refuses them.
+    """
+    unknown = sorted(set(keys) - allowed)
+    if not unknown:
+        return None
+    parts = []
+    for key in unknown[:5]:  # bounded: an untrusted document may hold thousands of unknown (and long) keys
+        close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6) if len(key) <= 40 else []
+        parts.append(f"{short(key)} (did you mean {close[0]!r}?)" if close else short(key))
+    if len(unknown) > 5:
+        parts.append(f"and {len(unknown) - 5} more")
+    plural = "s" if len(unknown) > 1 else ""
+    return f"unknown {what}{plural} {', '.join(parts)}; allowed: {', '.join(sorted(allowed))}"
+
+
 def _parse_rule(i: int, raw: Any, source: str | None) -> Rule:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"rule #{i}: must be a table/mapping, got {type(raw).__name__}", source=source)
     name = raw.get("name", f"rule{i}")
     where = f"rule #{i} {short(name)}"
-    unknown = sorted(set(raw) - _RULE_KEYS)
+    unknown = _unknown_keys(raw, _RULE_KEYS, "field")
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_RULE_KEYS))}",
-            source=source,
-        )
+        raise ConfigError(f"{where}: {unknown}", source=source)
     if "action" not in raw:
         raise ConfigError(f"{where}: missing 'action' (tunnel, bypass or drop)", source=source)
     try:
@@ -173,18 +190,16 @@ def _parse_policy(text_or_mapping: Any, fmt: str | None, source: str | None) -> 
     _check_shape(data, source)
     if not isinstance(data, Mapping):
         raise ConfigError("a policy must be a table/mapping with 'default', 'mechanism' and 'rule'", source=source)
-    unknown = sorted(set(data) - _TOP_KEYS - {"rules"})
+    unknown = _unknown_keys(data, _TOP_KEYS, "top-level field")
     if unknown:
-        raise ConfigError(
-            f"unknown top-level field(s) {', '.join(unknown)}; allowed: default, mechanism, rule", source=source
-        )
+        raise ConfigError(unknown, source=source)
     default = _parse_action(data.get("default", "tunnel"), "default")
     mech_raw = data.get("mechanism", "nat")
     try:
         mechanism = Mechanism(str(mech_raw).strip().lower())
     except ValueError:
         raise ConfigError(f"mechanism must be 'route' or 'nat', got {short(mech_raw)}", source=source) from None
-    raw_rules = data.get("rule", data.get("rules", []))
+    raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
         raise ConfigError("'rule' must be a list of rules ([[rule]] in TOML, 'rule:' list in YAML)", source=source)
     if len(raw_rules) > MAX_POLICY_RULES:
