@@ -14,7 +14,7 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from netsim.apple.enums import DNSProtocol, TunnelProviderErrorCode
 from netsim.apple.errors import TunnelProviderError
@@ -43,6 +43,7 @@ MAX_MTU = 65535  # IPv4 total length / IPv6 payload length are 16-bit fields
 # RFC 1035 §2.3.4 / RFC 1123 §2.1: 253 characters, labels of 1..63 letters, digits, hyphens; underscores are
 # tolerated because real search domains (e.g. _msdcs) use them.
 _LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
+_Net = TypeVar("_Net", ipaddress.IPv4Network, ipaddress.IPv6Network)
 
 
 def _invalid(path: str, value: object, why: str) -> TunnelProviderError:
@@ -99,13 +100,28 @@ def _domain(path: str, value: str, *, allow_empty: bool = False) -> None:
         raise _invalid(path, value, "is not a valid DNS domain name")
 
 
+def _route_network(path: str, network: _Net, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> _Net:
+    """``network`` if ``address`` is its network address; a route with host bits set is refused (issue 13)."""
+    if network.network_address != address:
+        raise _invalid(
+            f"{path}.destination_address",
+            str(address),
+            f"has host bits set for prefix length {network.prefixlen}; use {str(network.network_address)!r} "
+            f"(the network {network}) or a longer prefix",
+        )
+    return network
+
+
 @dataclass
 class IPv4Route:
     """Mirrors NEIPv4Route: a destination network for included or excluded routes (Apple: NEIPv4Settings.h).
 
     Differences from Apple: ``gateway_address`` is validated and kept, but a TUN is point-to-point, so netsim
-    never installs it as a next hop (Apple: "If gatewayAddress is nil, the next hop is the TUN"). Host bits in
-    ``destination_address`` are masked off when the route is installed.
+    never installs it as a next hop (Apple: "If gatewayAddress is nil, the next hop is the TUN").
+    ``destination_address`` must be the network address of ``subnet_mask`` (no host bits set): ``10.1.2.3`` with
+    ``255.255.0.0`` is refused naming ``10.1.0.0``, where a silent widening would exclude (or include) a whole
+    network the provider did not name (Apple, NEIPv4Route: "destinationAddress: The IPv4 address of the route's
+    destination network"; https://developer.apple.com/documentation/networkextension/neipv4route).
     """
 
     destination_address: str
@@ -126,14 +142,15 @@ class IPv4Route:
         length = _netmask(f"{path}.subnet_mask", self.subnet_mask)
         if self.gateway_address is not None:
             _ipv4(f"{path}.gateway_address", self.gateway_address)
-        return ipaddress.IPv4Network((address, length), strict=False)
+        return _route_network(path, ipaddress.IPv4Network((address, length), strict=False), address)
 
 
 @dataclass
 class IPv6Route:
     """Mirrors NEIPv6Route (Apple: NEIPv6Settings.h).
 
-    Differences from Apple: as `IPv4Route` (gateway kept but never used as a next hop; host bits masked off).
+    Differences from Apple: as `IPv4Route` (gateway kept but never used as a next hop; a destination with host
+    bits set is refused; https://developer.apple.com/documentation/networkextension/neipv6route).
     """
 
     destination_address: str
@@ -154,7 +171,7 @@ class IPv6Route:
         length = _prefix_length(f"{path}.network_prefix_length", self.network_prefix_length, 128)
         if self.gateway_address is not None:
             _ipv6(f"{path}.gateway_address", self.gateway_address)
-        return ipaddress.IPv6Network((address, length), strict=False)
+        return _route_network(path, ipaddress.IPv6Network((address, length), strict=False), address)
 
 
 def _routes(path: str, routes: object, kind: type[IPv4Route] | type[IPv6Route]) -> list[Any]:

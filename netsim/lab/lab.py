@@ -18,6 +18,7 @@ condition (carrier, READY line, "listening on"), never a fixed sleep.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -388,6 +389,7 @@ class Lab:
             ],
             routes=[],
         )
+        self._prefer_source("inet", [("isp", a.inet_isp_v4, a.inet_isp_v6), ("vpn", a.inet_vpn_v4, a.inet_vpn_v6)])
         self.nft("isp", _nat_ruleset(self.nat))
         for role in ("mac", "lan"):
             etc = ETC_NETNS / ns(role)
@@ -450,6 +452,31 @@ class Lab:
                     ipr.addr("add", index=index(name), address=address, prefixlen=plen, flags=_IFA_F_NODAD)
                 for dst, gateway in routes:
                     ipr.route("add", dst=dst, gateway=gateway)
+
+        run_in_netns(self.netns(role), body)
+
+    def _prefer_source(self, role: str, links: list[tuple[str, object, object]]) -> None:
+        """Make what ``role`` (inet) originates on ``links`` leave from www's address, as an internet server's does.
+
+        inet is both the internet's router and the host of www/dns. A server on an unbound socket (``iperf3 -s``
+        for UDP: it ``connect()``s its socket to the client) gets the source address of the route back, which was
+        the link's own (198.51.100.1): the home NAT had no conntrack entry for that source and dropped the replies,
+        so ``iperf3 -u`` hung (issue 13). The connected routes keep their prefix and device and gain ``src``
+        (Linux: RTA_PREFSRC), so replies leave from 203.0.113.10 / 2001:db8:113::10, the address clients reached.
+        """
+        a = self.addr
+
+        def body() -> None:
+            from pyroute2 import IPRoute
+
+            with IPRoute() as ipr:
+                for link, v4, v6 in links:
+                    index = ipr.link_lookup(ifname=link)[0]
+                    for address, plen, src, metric in ((v4, 24, a.www_v4, 0), (v6, 64, a.www_v6, 256)):
+                        net = ipaddress.ip_interface(f"{address}/{plen}").network
+                        ipr.route(
+                            "replace", dst=str(net), oif=index, prefsrc=str(src), scope=253, priority=metric, proto=2
+                        )  # scope link, proto kernel: the connected route itself, one source preferred
 
         run_in_netns(self.netns(role), body)
 

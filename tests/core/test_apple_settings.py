@@ -122,9 +122,31 @@ def test_effective_mtu_prefers_mtu_then_overhead() -> None:
         s.effective_mtu(1500)
 
 
-def test_host_bits_are_masked_like_a_route() -> None:
-    assert IPv4Route("10.1.2.3", "255.0.0.0").network() == ipaddress.ip_network("10.0.0.0/8")
-    assert IPv6Route("fd00::1", 8).network() == ipaddress.ip_network("fd00::/8")
+@pytest.mark.parametrize(
+    ("path", "route", "named", "hint"),
+    [
+        ("ipv4_settings.excluded_routes", IPv4Route("10.1.2.3", "255.255.0.0"), "excluded_routes[0]", "10.1.0.0"),
+        ("ipv4_settings.included_routes", IPv4Route("10.0.0.1", "255.0.0.0"), "included_routes[0]", "10.0.0.0"),
+        ("ipv6_settings.excluded_routes", IPv6Route("fd00::1", 8), "excluded_routes[0]", "fd00::"),
+        ("ipv6_settings.included_routes", IPv6Route("2001:db8::1", 32), "included_routes[0]", "2001:db8::"),
+    ],
+)
+def test_route_with_host_bits_is_rejected(path: str, route: IPv4Route | IPv6Route, named: str, hint: str) -> None:
+    # Issue 13: 10.1.2.3/16 was silently widened to 10.1.0.0/16. Rejected instead (docs/apple-mapping.md, routes).
+    s = mutate(path, [route])
+    with pytest.raises(TunnelProviderError, match="host bits") as info:
+        s.validate()
+    assert info.value.code is TunnelProviderErrorCode.NETWORK_SETTINGS_INVALID
+    assert named in str(info.value) and repr(route.destination_address) in str(info.value)
+    assert f"use {hint!r}" in str(info.value)
+    with pytest.raises(TunnelProviderError, match="host bits"):
+        route.network()
+
+
+def test_routes_without_host_bits_convert() -> None:
+    assert IPv4Route("10.0.0.0", "255.0.0.0").network() == ipaddress.ip_network("10.0.0.0/8")
+    assert IPv4Route("10.1.2.3", "255.255.255.255").network() == ipaddress.ip_network("10.1.2.3/32")
+    assert IPv6Route("fd00::", 8).network() == ipaddress.ip_network("fd00::/8")
 
 
 def test_to_dict_is_a_deep_copy() -> None:

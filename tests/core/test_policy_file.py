@@ -79,7 +79,10 @@ def test_toml_and_yaml_give_the_same_policy(tmp_path: Path) -> None:
         ({"name": "x", "action": "bypass", "proto": "icmp", "ports": "1"}, r"rule #0 'x': 'ports' needs proto tcp"),
         ({"name": "x", "action": "bypass", "proto": "gre"}, r"rule #0 'x': proto: unknown protocol 'gre'"),
         ({"name": "x", "action": "bypass", "domain": "*bad*"}, r"rule #0 'x': domain '\*bad\*'"),
-        ({"name": "x", "action": "bypass", "dport": 1}, r"rule #0 'x': unknown field 'dport' \(did you mean 'ports'\?\)"),
+        (
+            {"name": "x", "action": "bypass", "dport": 1},
+            r"rule #0 'x': unknown field 'dport' \(did you mean 'ports'\?\)",
+        ),
         ({"name": "x", "action": "bypass", "dst": {"a": 1}}, r"rule #0 'x': 'dst' must be a string or a list"),
     ],
 )

@@ -149,6 +149,25 @@ def test_iperf3(world: Lab) -> None:
         assert received["bits_per_second"] > 1e6, (reverse, received)  # a working link, not a speed target
 
 
+@pytest.mark.parametrize("target", [ADDR.www_v4, ADDR.www_v6])
+def test_iperf3_udp_completes_with_reports_on_both_sides(world: Lab, target: object) -> None:
+    """``iperf3 -u`` finishes and both ends report (issue 13: it hung, even without a tunnel).
+
+    The server's UDP socket is unbound, so its replies took the source address of inet's link towards the
+    client (198.51.100.1) instead of www's: the home NAT had no conntrack entry for that source and dropped
+    them. inet's links now prefer www's address as the source of what inet originates.
+    """
+    argv = ["iperf3", "-u", "-c", str(target), "-t", "1", "-b", "1M", "--json", "--get-server-output"]
+    res = world.run_sync("mac", [*argv, "--connect-timeout", "3000"], timeout=15, check=False)
+    assert res.returncode == 0, (res.stdout[-500:], res.stderr[-500:])
+    report = json.loads(res.stdout)
+    sent, received = report["end"]["sum_sent"], report["end"]["sum_received"]  # received: the server's results
+    assert sent["packets"] > 10 and sent["bytes"] > 50_000, sent  # ~125 kB at 1 Mbit/s for 1 s
+    assert received["packets"] > 0 and received["lost_percent"] < 50, received
+    server_text = report["server_output_text"]  # the server's own report, fetched over the control connection
+    assert f"local {target} port 5201" in server_text and "receiver" in server_text, server_text
+
+
 # ---------------------------------------------------------------- on-the-wire proofs
 def test_nat_rewrites_source_on_isp_wan(tmp_path: Path) -> None:
     _gate()

@@ -51,13 +51,13 @@ def test_resolv_conf_rendering_caps_servers_at_three() -> None:
 def test_route_plan_mixes_families_and_adds_the_server() -> None:
     s = PacketTunnelNetworkSettings("2001:db8::1")
     s.ipv4_settings = IPv4Settings(
-        ["10.8.0.2"], ["255.255.255.0"], included_routes=[IPv4Route("10.1.2.3", "255.0.0.0")]
+        ["10.8.0.2"], ["255.255.255.0"], included_routes=[IPv4Route("10.0.0.0", "255.0.0.0")]
     )
     s.ipv6_settings = IPv6Settings(["fd00::2"], [64], included_routes=[IPv6Route.default()],
                                    excluded_routes=[IPv6Route("2001:db8:5::", 48)])  # fmt: skip
     routes = [(str(r.network), r.kind) for r in tunnel_route_table(s).tunnel_routes()]
     assert routes == [
-        ("10.0.0.0/8", RouteKind.INCLUDED),  # host bits masked
+        ("10.0.0.0/8", RouteKind.INCLUDED),  # host bits are refused (tests/core/test_apple_settings.py)
         ("::/0", RouteKind.INCLUDED),
         ("2001:db8::1/128", RouteKind.SERVER),
         ("2001:db8:5::/48", RouteKind.EXCLUDED),
