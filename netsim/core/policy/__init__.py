@@ -28,6 +28,7 @@ Layout (import from this package; the modules are private):
 * ``_compile``: a policy -> the range tables ``classify`` reads.
 * ``_engine``: `PolicyEngine` (classify, explain, atomic replace, statistics).
 * ``_dns``: `DnsBindings`, the learned name -> address table, and learning it from (guarded) DNS answers.
+* ``_path``: `explain_path`: the verdict carried out by a mechanism, after the tunnel's routes (``netsim explain``).
 * ``_routes``: the route mechanism: `excluded_routes_for`, `RouteExclusion`, `route_exclusions_payload`.
 * ``_parse``: `parse_policy` for TOML/YAML/mappings (bounded; only `ConfigError` escapes).
 * ``_table``: `TypeTable`, the per-type dispatch the decoders use.
@@ -54,6 +55,7 @@ from netsim.core.policy._parse import (
     MAX_POLICY_RULES,
     parse_policy,
 )
+from netsim.core.policy._path import PathExplanation, explain_path
 from netsim.core.policy._routes import RouteExclusion, excluded_routes_for, route_exclusions_payload
 
 __all__ = [
@@ -69,6 +71,7 @@ __all__ = [
     "FlowFields",
     "Mechanism",
     "Network",
+    "PathExplanation",
     "Policy",
     "PolicyEngine",
     "PolicyStatistics",
@@ -76,6 +79,7 @@ __all__ = [
     "Rule",
     "Verdict",
     "excluded_routes_for",
+    "explain_path",
     "parse_policy",
     "route_exclusions_payload",
 ]
