@@ -25,12 +25,15 @@ action = "bypass"
 dst = "192.168.1.0/24"
 """
 
-NAT_POLICY = ROUTE_POLICY.replace('mechanism = "route"', 'mechanism = "nat"') + """
+NAT_POLICY = (
+    ROUTE_POLICY.replace('mechanism = "route"', 'mechanism = "nat"')
+    + """
 [[rule]]
 name = "no-telnet"
 action = "drop"
 dst = "203.0.113.0/24"
 """
+)
 
 
 def explain(tmp_path: Path, text: str, *args: str) -> tuple[int, str]:
@@ -81,7 +84,8 @@ def test_provider_excluded_route_takes_a_host_off_the_policy(tmp_path: Path) -> 
 
 
 def test_not_in_included_routes_goes_direct(tmp_path: Path) -> None:
-    code, out = explain(tmp_path, NAT_POLICY, "--dst", "198.51.100.7", "--dport", "80", "--included-route", "10.0.0.0/8")
+    args = ("--dst", "198.51.100.7", "--dport", "80", "--included-route", "10.0.0.0/8")
+    code, out = explain(tmp_path, NAT_POLICY, *args)
     assert code == 0, out
     assert out.startswith("BYPASS: no included route")
 

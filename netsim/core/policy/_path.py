@@ -154,4 +154,3 @@ class _Answer:
             "(counted bypass_tunnelled)"
         )
         return self._make(Action.TUNNEL, "tunnel", why, reaches=True)
-
