@@ -37,6 +37,7 @@ __all__ = [
     "clean",
     "find_runs",
     "helper_dir",
+    "invoking_uid",
     "owner_alive",
     "remove_run",
     "tunnel_dir_prefix",
@@ -85,6 +86,7 @@ class RunRecord:
     processes: list[ProcessInfo] = field(default_factory=list)
     pcap_dir: str | None = None
     cli: bool = False
+    owner_uid: int | None = None  # `invoking_uid` of the owner; None in run files of older versions
 
     @property
     def path(self) -> Path:
@@ -106,6 +108,16 @@ class RunRecord:
         data: dict[str, Any] = json.loads(path.read_text())
         procs = [ProcessInfo(**{**p, "argv": tuple(p["argv"])}) for p in data.pop("processes", [])]
         return cls(**data, processes=procs)
+
+
+def invoking_uid() -> int:
+    """The user a lab belongs to: the user behind ``sudo`` (``SUDO_UID``) when set, else the real uid.
+
+    Only used to pick "your" lab when ``netsim lab exec/down`` get no ``--run``; not an access control (every
+    lab command runs as root).
+    """
+    sudo = os.environ.get("SUDO_UID", "")
+    return int(sudo) if sudo.isdigit() else os.getuid()
 
 
 def owner_alive(record: RunRecord) -> bool:

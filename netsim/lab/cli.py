@@ -1,25 +1,46 @@
 """``netsim lab up|status|exec|down`` and ``netsim clean``.
 
 Register in netsim/cli.py with ``main.add_command(lab_group)`` and ``main.add_command(clean_command)``.
+
+Scriptable (docs/lab.md, "Scripting the lab"): ``lab up --detach`` prints only the run id on stdout and returns
+once the lab (and ``--tunnel``) is up, leaving a background owner process; progress goes to stderr; ``lab status
+--json`` is machine-readable; exit codes follow shell conventions (0 ok, 1 failed, 2 usage error such as a bad or
+ambiguous ``--run``, 126/127 a command under ``lab exec`` not executable / not found, else the command's own).
+``--run`` completes live run ids (click's ``shell_complete``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import click
 import trio
+from click.shell_completion import CompletionItem
 
 from netsim.errors import LabError
 from netsim.lab.addressing import ADDR, ROLES
-from netsim.lab.cleanup import RunRecord, clean, find_runs, owner_alive
+from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
 from netsim.lab.netns import list_netns
 
-__all__ = ["clean_command", "demo_lab", "lab_group"]
+__all__ = ["clean_command", "complete_run_ids", "demo_lab", "lab_group", "run_status"]
+
+#: exit codes (shell conventions: bash(1) "EXIT STATUS"; click uses 2 for usage errors)
+EXIT_USAGE = 2
+EXIT_NOT_EXECUTABLE = 126
+EXIT_NOT_FOUND = 127
+
+_STATUS_FILE = "cli.json"  # in the run's log dir (removed with the run): what the owner knows (tunnel, detach)
+_READY = "\x00netsim-ready "  # detach: the owner's "lab is up" line on the pipe to the parent
 
 
 def _need_root() -> None:
@@ -31,24 +52,137 @@ def _live_runs() -> list[RunRecord]:
     return [r for r in find_runs() if owner_alive(r)]
 
 
+def complete_run_ids(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+    """``shell_complete`` for ``--run``: the ids of live labs starting with ``incomplete`` (run files are readable
+    without root, so completion works before ``sudo``)."""
+    items = []
+    for run in _live_runs():
+        if run.run_id.startswith(incomplete):
+            who = f"uid {run.owner_uid}" if run.owner_uid is not None else "uid ?"
+            how = "netsim lab up" if run.cli else "a program/test"
+            items.append(CompletionItem(run.run_id, help=f"owner pid {run.owner_pid}, {who}, {how}"))
+    return items
+
+
+def _describe(runs: list[RunRecord]) -> str:
+    parts = []
+    for r in runs:
+        how = "`netsim lab up`" if r.cli else "a program"
+        parts.append(f"{r.run_id} (uid {r.owner_uid if r.owner_uid is not None else '?'}, {how})")
+    return ", ".join(parts)
+
+
+def _valid_run_id(run_id: str) -> bool:
+    return run_id.isascii() and run_id.isalnum() and run_id.islower() and 1 <= len(run_id) <= 6
+
+
 def _pick_run(run_id: str | None) -> RunRecord:
+    """The lab to act on: ``--run`` if given (it must be live), else the one live lab this user started with
+    ``netsim lab up`` (named on stderr). Never another user's or a program's lab without ``--run`` (issue 13)."""
     runs = _live_runs()
     if run_id is not None:
-        runs = [r for r in runs if r.run_id == run_id]
-    elif len(cli_runs := [r for r in runs if r.cli]) == 1:
-        runs = cli_runs  # labs started by tests/other tools are only picked with --run
-    if not runs:
-        stale = [r.run_id for r in find_runs() if not owner_alive(r)]
-        hint = f" (stale runs {stale}: run `netsim clean`)" if stale else " (start one with `netsim lab up`)"
-        raise click.ClickException(f"no running lab{f' {run_id!r}' if run_id else ''}{hint}")
-    if len(runs) > 1:
-        raise click.ClickException(f"several labs are running ({[r.run_id for r in runs]}): pass --run ID")
-    return runs[0]
+        match = [r for r in runs if r.run_id == run_id]
+        if match:
+            return match[0]
+        if any(r.run_id == run_id for r in find_runs()):
+            why = f"its owner is gone: run `netsim clean --run {run_id}`"
+        else:
+            why = f"running: {_describe(runs)}" if runs else "no lab is running; start one with `netsim lab up`"
+        raise click.BadParameter(f"no running lab {run_id!r} ({why})", param_hint="--run")
+    me = invoking_uid()
+    mine = [r for r in runs if r.cli and r.owner_uid == me]
+    if len(mine) == 1:
+        click.echo(f"using lab {mine[0].run_id} (the one you started with `netsim lab up`)", err=True)
+        return mine[0]
+    if len(mine) > 1:
+        raise click.UsageError(f"several of your labs are running ({_describe(mine)}): pass --run ID")
+    if runs:
+        raise click.UsageError(
+            f"no lab started by you (uid {me}) with `netsim lab up` is running; other labs: {_describe(runs)}. "
+            "Pass --run ID to use one of them"
+        )
+    stale = [r.run_id for r in find_runs()]
+    hint = f" (stale runs {stale}: run `netsim clean`)" if stale else " (start one with `netsim lab up`)"
+    raise click.ClickException(f"no running lab{hint}")
+
+
+def _write_owner_status(run_id: str, data: dict[str, Any]) -> None:
+    """The owner's own view (tunnel state, detached) next to the run file, written atomically."""
+    path = RUN_DIR / run_id / _STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _read_owner_status(run_id: str) -> dict[str, Any]:
+    try:
+        data = json.loads((RUN_DIR / run_id / _STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @click.group("lab")
 def lab_group() -> None:
     """The simulated Mac / home router / VPN server / internet / LAN world."""
+
+
+class _Progress:
+    """``lab up`` progress: one line per bring-up step on stderr (stdout stays for results and the run id)."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.t0 = time.monotonic()
+        self._write = write
+
+    def __call__(self, what: str) -> None:
+        self._write(f"  - [{time.monotonic() - self.t0:5.2f} s] {what}")
+
+
+def _run_lab(
+    *,
+    run_id: str | None,
+    pcap_dir: str | None,
+    nat: str,
+    services: bool,
+    tunnel: bool,
+    progress: _Progress,
+    on_up: Callable[[Any, Any], None],
+    detached: bool,
+) -> int:
+    """Bring the lab up, call ``on_up(lab, tunnel_or_None)``, keep it up until SIGTERM/SIGHUP/Ctrl-C, tear down."""
+    from netsim.lab.lab import Lab
+
+    async def main() -> None:
+        # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            lab = Lab(run_id, pcap_dir, services=services, nat=nat, cli=True, progress=progress)  # type: ignore[arg-type]
+            async with lab, contextlib.AsyncExitStack() as stack:
+                t = None
+                state: dict[str, Any] = {"detached": detached, "tunnel": None}
+                if tunnel:
+                    from netsim.lab.tunnel import netsim_tunnel
+
+                    progress("tunnel: wireguard-go in vpn, the helper and the provider in mac")
+                    t = await stack.enter_async_context(netsim_tunnel(lab))
+                    state["tunnel"] = {"state": "connected", "client_config": str(t.config_path)}
+                _write_owner_status(lab.run_id, state)
+                on_up(lab, t)
+                async for signum in signals:
+                    click.echo(f"lab {lab.run_id}: {signal.Signals(signum).name}, tearing down")
+                    break
+                if state["tunnel"] is not None:
+                    state["tunnel"]["state"] = "stopping"
+                    _write_owner_status(lab.run_id, state)
+        click.echo("lab down")
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        click.echo("lab down (interrupted)")
+    except LabError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+    return 0
 
 
 @lab_group.command("up")
@@ -57,46 +191,112 @@ def lab_group() -> None:
 @click.option("--nat", type=click.Choice(["cone", "symmetric"]), default="cone", show_default=True)
 @click.option("--no-services", is_flag=True, help="skip HTTP/DNS/echo/iperf3 servers")
 @click.option("--tunnel", is_flag=True, help="also bring up the tunnel (wireguard-go, helper, provider) in mac")
-def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tunnel: bool) -> None:
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="return once the lab is up, print only its run id; a background owner keeps it until `netsim lab down`",
+)
+def up(*, pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tunnel: bool, detach: bool) -> None:
     """Bring the lab up and keep it up until Ctrl-C, SIGTERM, SIGHUP or `netsim lab down`.
 
     Every one of those tears the lab down in order (tunnel, processes, namespaces, run file, key material),
     whether the command runs in the foreground or in the background (``&``, ``setsid``, a service manager).
+    With ``--detach`` the command returns once the lab (and ``--tunnel``) is up and prints the run id alone on
+    stdout (``RUN=$(netsim lab up --detach)``); progress goes to stderr in both modes.
     """
     _need_root()
-    from netsim.lab.lab import Lab
+    if run_id is not None and not _valid_run_id(run_id):
+        raise click.BadParameter(f"{run_id!r} must be 1-6 lowercase letters/digits", param_hint="--run")
+    live = [r for r in _live_runs() if r.run_id == run_id]
+    if live:  # refuse before anything is touched (issue 13: the lab was destroyed)
+        raise click.ClickException(
+            f"lab {run_id} is already running (owner pid {live[0].owner_pid}): choose another --run, or stop it "
+            f"with `netsim lab down --run {run_id}`"
+        )
+    options = {"run_id": run_id, "pcap_dir": pcap_dir, "nat": nat, "services": not no_services, "tunnel": tunnel}
+    if detach:
+        sys.exit(_detach(options))
 
-    async def main() -> None:
-        # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-            lab = Lab(run_id, pcap_dir, services=not no_services, nat=nat, cli=True)  # type: ignore[arg-type]
-            t0 = time.monotonic()
-            async with lab, contextlib.AsyncExitStack() as stack:
-                if tunnel:
-                    from netsim.lab.tunnel import netsim_tunnel
+    def on_up(lab: Any, t: Any) -> None:
+        took = time.monotonic() - progress.t0
+        click.echo(f"lab {lab.run_id} up in {took:.2f} s: namespaces {lab.prefix}{{{','.join(ROLES)}}}")
+        if t is not None:
+            click.echo(f"  tunnel CONNECTED; client config {t.config_path}")
+        click.echo("  try: netsim lab exec mac -- curl -s http://www.lab.test/whoami")
+        click.echo("  stop with Ctrl-C or `netsim lab down`")
 
-                    t = await stack.enter_async_context(netsim_tunnel(lab))
-                took = time.monotonic() - t0
-                click.echo(f"lab {lab.run_id} up in {took:.2f} s: namespaces {lab.prefix}{{{','.join(ROLES)}}}")
-                if tunnel:
-                    click.echo(f"  tunnel CONNECTED; client config {t.config_path}")
-                click.echo("  try: netsim lab exec mac -- curl -s http://www.lab.test/whoami")
-                click.echo("  stop with Ctrl-C or `netsim lab down`")
-                async for signum in signals:
-                    click.echo(f"lab {lab.run_id}: {signal.Signals(signum).name}, tearing down")
-                    break
-        click.echo("lab down")
+    progress = _Progress(lambda line: click.echo(line, err=True))
+    code = _run_lab(**options, progress=progress, on_up=on_up, detached=False)  # type: ignore[arg-type]
+    if code:
+        sys.exit(code)
 
-    try:
-        trio.run(main)
-    except KeyboardInterrupt:
-        click.echo("lab down (interrupted)")
-    except LabError as exc:
-        raise click.ClickException(str(exc)) from exc
+
+def _detach(options: dict[str, Any]) -> int:
+    """Fork a background owner (own session, no terminal), relay its progress, print the run id once it is up.
+
+    The owner writes its progress lines and, once up, a ready line with the run id to a pipe; then it points
+    its stdout/stderr at ``/run/netsim/<run>/owner.log`` and lives on until SIGTERM (``netsim lab down``).
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the owner
+        code = 1
+        try:
+            os.close(read_fd)
+            os.setsid()  # no controlling terminal: the shell's Ctrl-C and hang-up are not ours
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(write_fd, 1)
+            os.dup2(write_fd, 2)  # until up, everything (progress, errors, tracebacks) reaches the parent
+            pipe = os.fdopen(write_fd, "w", buffering=1)
+
+            def on_up(lab: Any, t: Any) -> None:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                log = os.open(RUN_DIR / lab.run_id / "owner.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(log, 1)
+                os.dup2(log, 2)
+                os.close(log)
+                pipe.write(f"{_READY}{lab.run_id} {os.getpid()}\n")
+                pipe.close()
+
+            progress = _Progress(lambda line: print(line, file=sys.stderr, flush=True))
+            code = _run_lab(**options, progress=progress, on_up=on_up, detached=True)
+        except BaseException:  # the owner must never return into the parent's click
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    t0 = time.monotonic()
+    with os.fdopen(read_fd, "r") as pipe:
+        try:
+            for line in pipe:
+                if line.startswith(_READY):
+                    run_id, owner = line[len(_READY) :].split()
+                    click.echo(
+                        f"lab {run_id} up in {time.monotonic() - t0:.2f} s (owner pid {owner}, log "
+                        f"{RUN_DIR / run_id / 'owner.log'}); stop it with `netsim lab down --run {run_id}`",
+                        err=True,
+                    )
+                    click.echo(run_id)
+                    return 0
+                click.echo(line.rstrip("\n"), err=True)
+        except KeyboardInterrupt:  # Ctrl-C while waiting: the owner (in its own session) is told to tear down
+            os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    click.echo(f"Error: the lab did not come up (owner exited with {code})", err=True)
+    return code if code > 0 else 1
 
 
 @lab_group.command("down")
-@click.option("--run", "run_id", help="which lab, if several are up")
+@click.option("--run", "run_id", help="which lab (default: the one you started)", shell_complete=complete_run_ids)
 @click.option("--timeout", default=30.0, show_default=True)
 def down(run_id: str | None, timeout: float) -> None:
     """Stop a lab started with `netsim lab up` (signals its owner, which tears it down)."""
@@ -113,28 +313,70 @@ def down(run_id: str | None, timeout: float) -> None:
     click.echo(f"lab {run.run_id} down")
 
 
+def run_status(run: RunRecord) -> dict[str, Any]:
+    """One run as `netsim lab status --json` shows it (see docs/lab.md for the fields)."""
+    alive = owner_alive(run)
+    owner = _read_owner_status(run.run_id) if alive else {}
+    present = set(list_netns(f"netsim-{run.run_id}-"))
+    pcaps: list[str] = []
+    if run.pcap_dir:
+        with contextlib.suppress(OSError):
+            pcaps = sorted(str(p) for p in Path(run.pcap_dir).glob("*.pcap"))
+    return {
+        "run_id": run.run_id,
+        "alive": alive,
+        "owner_pid": run.owner_pid,
+        "owner_uid": run.owner_uid,
+        "cli": run.cli,
+        "detached": owner.get("detached"),
+        "created": run.created,
+        "namespaces": [{"name": n, "present": n in present} for n in run.namespaces],
+        "processes": [
+            {**asdict(p), "argv": list(p.argv), "running": os.path.exists(f"/proc/{p.pid}")} for p in run.processes
+        ],
+        "tunnel": owner.get("tunnel"),
+        "pcap_dir": run.pcap_dir,
+        "pcaps": pcaps,
+    }
+
+
 @lab_group.command("status")
-def status() -> None:
+@click.option("--run", "run_id", help="only this lab", shell_complete=complete_run_ids)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (docs/lab.md)")
+def status(run_id: str | None, as_json: bool) -> None:
     """Show labs: namespaces, addresses, services and processes."""
+    runs = [r for r in find_runs() if run_id is None or r.run_id == run_id]
+    if run_id is not None and not runs:
+        raise click.BadParameter(f"no lab run {run_id!r}", param_hint="--run")
+    orphans = [n for n in list_netns("netsim-") if n.split("-")[1] not in {r.run_id for r in find_runs()}]
+    if as_json:
+        doc = {"runs": [run_status(r) for r in runs], "orphan_namespaces": orphans if run_id is None else []}
+        click.echo(json.dumps(doc, indent=1))
+        return
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    runs = find_runs()
     if not runs:
         console.print("no lab runs (start one with `netsim lab up`)")
     for run in runs:
-        alive = owner_alive(run)
-        state = "[green]up[/]" if alive else "[red]stale: owner gone, run `netsim clean`[/]"
-        console.print(f"lab [bold]{run.run_id}[/] owner pid {run.owner_pid} {state}; pcap {run.pcap_dir or '-'}")
+        info = run_status(run)
+        state = "[green]up[/]" if info["alive"] else "[red]stale: owner gone, run `netsim clean`[/]"
+        tunnel = info["tunnel"]
+        extra = f"; tunnel {tunnel['state']}" if tunnel else ""
+        console.print(
+            f"lab [bold]{run.run_id}[/] owner pid {run.owner_pid} uid {run.owner_uid} {state}; "
+            f"pcap {run.pcap_dir or '-'}{extra}"
+        )
         ns = Table("namespace", "present")
-        for name in run.namespaces:
-            ns.add_row(name, "yes" if name in list_netns(name) else "[red]missing[/]")
+        for item in info["namespaces"]:
+            ns.add_row(item["name"], "yes" if item["present"] else "[red]missing[/]")
         console.print(ns)
         procs = Table("process", "role", "pid", "running", "command")
-        for p in run.processes:
-            running = os.path.exists(f"/proc/{p.pid}")
-            procs.add_row(p.name, p.role, str(p.pid), "yes" if running else "no", " ".join(p.argv)[:60])
+        for p in info["processes"]:
+            procs.add_row(
+                p["name"], p["role"], str(p["pid"]), "yes" if p["running"] else "no", " ".join(p["argv"])[:60]
+            )
         console.print(procs)
     addrs = Table("role", "interface", "IPv4", "IPv6", title="addressing (same for every run)")
     for row in ADDR.table():
@@ -148,26 +390,59 @@ def status() -> None:
         "services: inet www HTTP :80 / UDP echo :7 / iperf3 :5201, inet dns :53, isp router DNS :53, "
         "lan printer HTTP :80 / UDP echo :7"
     )
-    orphans = [n for n in list_netns("netsim-") if n.split("-")[1] not in {r.run_id for r in runs}]
-    if orphans:
+    if orphans and run_id is None:
         console.print(f"[yellow]namespaces without a run file: {orphans} (`netsim clean --orphans`)[/]")
 
 
+def _resolve_command(prog: str) -> tuple[str | None, int, str]:
+    """Find ``prog`` as the shell would: ``(path, 0, "")``, or ``(None, 127|126, why)`` (bash(1), EXIT STATUS).
+
+    The lab's namespaces share the root mount namespace (``ip netns exec`` only bind-mounts /etc/netns files),
+    so what is found here is what runs there.
+    """
+    if "/" in prog:
+        candidates = [prog]
+    else:
+        found = shutil.which(prog)
+        if found is not None:
+            return found, 0, ""
+        dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+        candidates = [os.path.join(d or ".", prog) for d in dirs if os.path.isfile(os.path.join(d or ".", prog))]
+        if not candidates:
+            return None, EXIT_NOT_FOUND, "command not found"
+    path = candidates[0]
+    if not os.path.exists(path):
+        return None, EXIT_NOT_FOUND, "No such file or directory"
+    if os.path.isdir(path):
+        return None, EXIT_NOT_EXECUTABLE, "Is a directory"
+    if not os.access(path, os.X_OK):
+        return None, EXIT_NOT_EXECUTABLE, "Permission denied"
+    return path, 0, ""
+
+
 @lab_group.command("exec", context_settings={"ignore_unknown_options": True})
-@click.option("--run", "run_id", help="which lab, if several are up")
+@click.option("--run", "run_id", help="which lab (default: the one you started)", shell_complete=complete_run_ids)
 @click.argument("role", type=click.Choice(ROLES))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(run_id: str | None, role: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND in ROLE's namespace, e.g. `netsim lab exec mac -- ping www.lab.test`."""
+@click.pass_context
+def exec_(ctx: click.Context, run_id: str | None, role: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in ROLE's namespace, e.g. `netsim lab exec mac -- ping www.lab.test`.
+
+    Exit status: the command's own; 127 if it is not found, 126 if it is not executable, 2 for a usage error.
+    """
     _need_root()
     run = _pick_run(run_id)
-    argv = ["ip", "netns", "exec", f"netsim-{run.run_id}-{role}", *command]
+    path, code, why = _resolve_command(command[0])
+    if path is None:
+        click.echo(f"netsim lab exec: {command[0]}: {why}", err=True)
+        ctx.exit(code)
+    argv = ["ip", "netns", "exec", f"netsim-{run.run_id}-{role}", path, *command[1:]]
     sys.stdout.flush()
     os.execvp("ip", argv)
 
 
 @click.command("clean")
-@click.option("--run", "run_id", help="only this run")
+@click.option("--run", "run_id", help="only this run", shell_complete=complete_run_ids)
 @click.option("--force", is_flag=True, help="also remove runs whose owner is still alive")
 @click.option("--orphans", is_flag=True, help="also remove netsim-* namespaces that have no run file")
 def clean_command(run_id: str | None, force: bool, orphans: bool) -> None:

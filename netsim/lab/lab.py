@@ -37,7 +37,7 @@ import trio
 
 from netsim.errors import LabError, MissingDependency, PrivilegeError
 from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
-from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, remove_run
+from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
 from netsim.lab.pcap import Capture
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
@@ -90,6 +90,8 @@ class Lab:
         services: start the HTTP/DNS/echo/iperf3 services (turn off for the fastest bare topology).
         nat: ``"cone"`` (default) or ``"symmetric"`` NAT behaviour of the home router.
         cli: mark the run as owned by ``netsim lab up`` (so ``netsim lab down`` can find it).
+        progress: called with a short text as each bring-up step begins (``netsim lab up`` prints them on
+            stderr); it runs in the bring-up thread and must not block.
 
     Attributes:
         addr: the addressing plan (`netsim.lab.addressing.Addressing`), e.g. ``lab.addr.mac_en0_v4``.
@@ -105,6 +107,7 @@ class Lab:
         services: bool = True,
         nat: NatMode = "cone",
         cli: bool = False,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         if run_id is not None and not (run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6):
             raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
@@ -115,6 +118,7 @@ class Lab:
         self.services = services
         self.nat: NatMode = nat
         self.cli = cli
+        self._progress = progress
         self.addr: Addressing = ADDR
         self.domain = LAB_DOMAIN
         self.processes: list[LabProcess] = []
@@ -327,6 +331,7 @@ class Lab:
             namespaces=[self.netns(r) for r in ROLES],
             pcap_dir=str(self.pcap_dir) if self.pcap_dir else None,
             cli=self.cli,
+            owner_uid=invoking_uid(),
         )
         self._record.save()
         self._record.log_dir.mkdir(parents=True, exist_ok=True)
@@ -337,7 +342,12 @@ class Lab:
                 self._record.processes = [p.info() for p in self.processes]
                 self._record.save()
 
+    def _step(self, what: str) -> None:
+        if self._progress is not None:
+            self._progress(what)
+
     def _build(self) -> None:
+        self._step(f"namespaces {self.prefix}{{{','.join(ROLES)}}}, links, addresses, routes, NAT")
         for role in ROLES:
             create_netns(self.netns(role))
         for role in ROLES:
@@ -401,12 +411,14 @@ class Lab:
         for role in ROLES:
             self._wait_links_up(role)
         if self.pcap_dir is not None:
+            self._step(f"captures into {self.pcap_dir}")
             self.pcap_dir.mkdir(parents=True, exist_ok=True)
             for role, ifname in (("mac", "en0"), ("isp", "wan"), ("vpn", "wan")):
                 self.capture(role, ifname, wait=False)
             for cap in self.captures.values():
                 cap.wait_ready_sync()
         if self.services:
+            self._step("services: HTTP, DNS, UDP echo, iperf3")
             self._start_services()
 
     def _veth(self, role: str, ifname: str, peer_role: str, peer_ifname: str) -> None:
@@ -577,7 +589,8 @@ class Lab:
                 proc.stop_sync(grace=3.0)
             except Exception as exc:
                 errors.append(f"process {proc.name}: {exc}")
-        if self.run_id:
+        if self.run_id and self._record is not None:  # only a run this lab claimed (issue 13: a refused
+            # `lab up --run ID` of a live lab removed that lab's namespaces and run file)
             infos = [p.info() for p in self.processes]
             try:
                 remove_run(self.run_id, [self.netns(r) for r in ROLES], infos)
@@ -585,6 +598,7 @@ class Lab:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
         self.captures.clear()
+        self._record = None
         self._up = False
         if errors:
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from netsim.lab import ADDR
+from netsim.errors import LabError
+from netsim.lab import ADDR, Lab
+from netsim.lab.cleanup import RUN_DIR
 from netsim.lab.cli import clean_command, lab_group
 from netsim.lab.netns import list_netns
 from netsim.testing.require import require_binary, require_root
@@ -24,15 +27,24 @@ _CLI = (
 )
 
 
-def netsim(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _env(uid: int | None) -> dict[str, str] | None:
+    # The "user" a lab belongs to is SUDO_UID when set (the user behind sudo), else the uid: a made-up SUDO_UID
+    # keeps these tests apart from labs other people run on the same machine.
+    return None if uid is None else {**os.environ, "SUDO_UID": str(uid)}
+
+
+def netsim(*args: str, timeout: float = 60, uid: int | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", _CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-c", _CLI, *args], capture_output=True, text=True, timeout=timeout, check=False, env=_env(uid)
     )
 
 
-def start_up(run_id: str) -> subprocess.Popen[str]:
+def start_up(run_id: str, uid: int | None = None, *, services: bool = False) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CLI, "lab", "up", "--run", run_id], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _CLI, "lab", "up", "--run", run_id, *(() if services else ("--no-services",))],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(uid),
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
@@ -44,7 +56,7 @@ def test_up_exec_status_down() -> None:
     require_root()
     require_binary("ip", "nft", "iperf3", "curl")
     run_id = "c" + secrets.token_hex(2)
-    proc = start_up(run_id)
+    proc = start_up(run_id, services=True)
     try:
         res = netsim("lab", "exec", "--run", run_id, "mac", "--", "curl", "-4", "-sS", "http://www.lab.test/whoami")
         assert res.returncode == 0, res.stderr
@@ -92,3 +104,65 @@ def test_errors_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     assert res.exit_code != 0 and "sudo" in res.output
     res = runner.invoke(clean_command, [])
     assert res.exit_code != 0 and "root" in res.output
+
+
+def _stop(proc: subprocess.Popen[str], run_id: str) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+        netsim("clean", "--run", run_id, "--force")
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_up_with_a_live_run_id_refuses_and_changes_nothing() -> None:
+    """Issue 13: a second `lab up --run ID` said "already exists", then destroyed the running lab."""
+    require_root()
+    require_binary("ip", "nft")
+    run_id = "d" + secrets.token_hex(2)
+    proc = start_up(run_id)
+    try:
+        again = netsim("lab", "up", "--run", run_id, "--no-services")
+        assert again.returncode == 1, (again.stdout, again.stderr)
+        assert f"lab {run_id} is already running" in again.stderr
+        assert proc.poll() is None  # the first owner still runs ...
+        assert len(list_netns(f"netsim-{run_id}-")) == 5  # ... with all its namespaces
+        assert (RUN_DIR / f"{run_id}.json").exists()  # ... and its run file
+        assert netsim("lab", "exec", "--run", run_id, "mac", "--", "true").returncode == 0
+        assert netsim("lab", "down", "--run", run_id).returncode == 0
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _stop(proc, run_id)
+
+
+def test_a_second_lab_with_the_same_id_leaves_the_first_alone() -> None:
+    """The library half of the same defect: a failed claim must not tear down what it did not create."""
+    require_root()
+    require_binary("ip", "nft")
+    run_id = "e" + secrets.token_hex(2)
+    with Lab(run_id, services=False) as first:
+        with pytest.raises(LabError, match="already exists"):
+            Lab(run_id, services=False).start()
+        assert len(list_netns(first.prefix)) == 5 and (RUN_DIR / f"{run_id}.json").exists()
+        first.run_sync("mac", ["true"])
+    assert not list_netns(f"netsim-{run_id}-")
+
+
+def test_exec_and_down_without_run_pick_only_this_users_lab_and_name_it() -> None:
+    require_root()
+    require_binary("ip", "nft")
+    mine, theirs = 60000 + secrets.randbelow(5000), 65100 + secrets.randbelow(300)
+    run_id = "f" + secrets.token_hex(2)
+    proc = start_up(run_id, uid=mine)
+    try:
+        res = netsim("lab", "exec", "mac", "--", "true", uid=mine)
+        assert res.returncode == 0, res.stderr
+        assert f"lab {run_id}" in res.stderr  # the lab used is named (stderr: stdout is the command's)
+        other = netsim("lab", "exec", "mac", "--", "true", uid=theirs)
+        assert other.returncode == 2, other.stderr  # never another user's lab: --run is required
+        assert "--run" in other.stderr and run_id in other.stderr
+        down = netsim("lab", "down", uid=mine)
+        assert down.returncode == 0 and f"lab {run_id} down" in down.stdout, down.stderr
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _stop(proc, run_id)
