@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -43,6 +45,7 @@ def start_up(run_id: str, uid: int | None = None, *, services: bool = False) -> 
     proc = subprocess.Popen(
         [sys.executable, "-c", _CLI, "lab", "up", "--run", run_id, *(() if services else ("--no-services",))],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=_env(uid),
     )
@@ -68,13 +71,11 @@ def test_up_exec_status_down() -> None:
         assert proc.wait(timeout=30) == 0
         assert proc.stdout is not None and "lab down" in proc.stdout.read()
         assert not list_netns(f"netsim-{run_id}-")
+        assert proc.stderr is not None
+        progress = proc.stderr.read()  # bring-up steps on stderr, one line each, stdout untouched
+        assert f"] namespaces netsim-{run_id}-" in progress and "] services:" in progress, progress
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            netsim("clean", "--run", run_id, "--force")
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _stop(proc, run_id)
 
 
 @pytest.mark.reliability("R1")
@@ -85,8 +86,7 @@ def test_clean_after_sigkill_reports_and_removes() -> None:
     proc = start_up(run_id)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
+    _stop(proc, run_id)
     status = netsim("lab", "status")
     assert "stale" in status.stdout
     exec_stale = netsim("lab", "exec", "--run", run_id, "mac", "--", "true")
@@ -111,8 +111,9 @@ def _stop(proc: subprocess.Popen[str], run_id: str) -> None:
         proc.kill()
         proc.wait()
         netsim("clean", "--run", run_id, "--force")
-    if proc.stdout is not None:
-        proc.stdout.close()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
 
 
 def test_up_with_a_live_run_id_refuses_and_changes_nothing() -> None:
@@ -163,6 +164,91 @@ def test_exec_and_down_without_run_pick_only_this_users_lab_and_name_it() -> Non
         assert "--run" in other.stderr and run_id in other.stderr
         down = netsim("lab", "down", uid=mine)
         assert down.returncode == 0 and f"lab {run_id} down" in down.stdout, down.stderr
+        assert proc.wait(timeout=30) == 0
+    finally:
+        _stop(proc, run_id)
+
+
+def test_detach_status_json_exit_codes_and_down(tmp_path: Path) -> None:
+    """Issue 14: `RUN=$(netsim lab up --detach)`, `lab status --json`, shell exit codes under `lab exec`."""
+    require_root()
+    require_binary("ip", "nft")
+    uid = 60000 + secrets.randbelow(5000)
+    up = netsim("lab", "up", "--detach", "--no-services", uid=uid)
+    assert up.returncode == 0, up.stderr
+    run_id = up.stdout.strip()
+    try:
+        assert up.stdout == f"{run_id}\n"  # stdout is the run id alone
+        assert f"] namespaces netsim-{run_id}-" in up.stderr and f"lab {run_id} up in" in up.stderr
+        doc = json.loads(netsim("lab", "status", "--json", "--run", run_id).stdout)
+        (run,) = doc["runs"]
+        assert run["run_id"] == run_id and run["alive"] and run["detached"] and run["cli"]
+        assert run["owner_uid"] == uid and os.path.exists(f"/proc/{run['owner_pid']}")
+        assert all(ns["present"] for ns in run["namespaces"]) and len(run["namespaces"]) == 5
+        assert run["tunnel"] is None and run["pcaps"] == []
+
+        def code(*argv: str) -> int:
+            return netsim("lab", "exec", "--run", run_id, *argv, uid=uid).returncode
+
+        assert code("mac", "--", "sh", "-c", "exit 7") == 7  # the command's own status passes through
+        assert code("mac", "--", "no-such-command-netsim") == 127
+        assert code("mac", "--", "/no/such/file") == 127
+        plain = tmp_path / "not-executable.sh"
+        plain.write_text("#!/bin/sh\nexit 0\n")
+        plain.chmod(0o644)
+        assert code("mac", "--", str(plain)) == 126  # exists, not executable
+        assert code("mac", "--", str(tmp_path)) == 126  # a directory
+        assert netsim("lab", "exec", "--run", "Bad!", "mac", "--", "true").returncode == 2
+        assert netsim("lab", "exec", "--run", "zz9zz9", "mac", "--", "true").returncode == 2
+        assert netsim("lab", "exec", "--run", run_id, "nope", "--", "true").returncode == 2  # unknown role
+        assert netsim("lab", "up", "--run", "TOO-LONG").returncode == 2
+        # the owner is in its own session: it outlives the shell that started it, until `lab down`
+        down = netsim("lab", "down", uid=uid)  # no --run: the one lab this user started
+        assert down.returncode == 0 and f"lab {run_id} down" in down.stdout, down.stderr
+        assert not list_netns(f"netsim-{run_id}-") and not (RUN_DIR / f"{run_id}.json").exists()
+    finally:
+        if (RUN_DIR / f"{run_id}.json").exists():
+            netsim("lab", "down", "--run", run_id)
+            netsim("clean", "--run", run_id, "--force")
+
+
+def test_detach_with_tunnel_reports_tunnel_state(tmp_path: Path) -> None:
+    require_root()
+    require_binary("ip", "nft", "wireguard-go", "wg", "tcpdump")
+    run_id = "t" + secrets.token_hex(2)
+    up = netsim(
+        "lab", "up", "--detach", "--tunnel", "--no-services", "--run", run_id, "--pcap", str(tmp_path), timeout=120
+    )
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout == f"{run_id}\n" and "] tunnel: wireguard-go" in up.stderr
+        (run,) = json.loads(netsim("lab", "status", "--json", "--run", run_id).stdout)["runs"]
+        assert run["tunnel"]["state"] == "connected" and Path(run["tunnel"]["client_config"]).exists()
+        assert str(tmp_path / "mac-en0.pcap") in run["pcaps"]
+        web = netsim(
+            "lab", "exec", "--run", run_id, "mac", "--", "curl", "-4", "-sS", "-m", "5", "http://203.0.113.10/"
+        )
+        assert web.returncode == 7 or web.returncode == 28, web  # no services: refused/timeout, but not "no route"
+        assert netsim("lab", "down", "--run", run_id, timeout=90).returncode == 0
+        assert not list_netns(f"netsim-{run_id}-")
+    finally:
+        if (RUN_DIR / f"{run_id}.json").exists():
+            netsim("lab", "down", "--run", run_id)
+            netsim("clean", "--run", run_id, "--force")
+
+
+def test_run_ids_complete_for_a_live_lab() -> None:
+    require_root()
+    require_binary("ip", "nft")
+    run_id = "g" + secrets.token_hex(2)
+    proc = start_up(run_id)
+    try:
+        env = {**os.environ, "_NETSIM_COMPLETE": "bash_complete", "COMP_WORDS": f"netsim lab down --run {run_id[:3]}"}
+        env["COMP_CWORD"] = "4"
+        netsim_bin = Path(sys.executable).parent / "netsim"
+        res = subprocess.run([str(netsim_bin)], env=env, capture_output=True, text=True, timeout=30, check=False)
+        assert f"plain,{run_id}" in res.stdout.splitlines(), (res.stdout, res.stderr)
+        assert netsim("lab", "down", "--run", run_id).returncode == 0
         assert proc.wait(timeout=30) == 0
     finally:
         _stop(proc, run_id)
