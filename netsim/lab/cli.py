@@ -156,14 +156,21 @@ def _run_lab(
         # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
             lab = Lab(run_id, pcap_dir, services=services, nat=nat, cli=True, progress=progress)  # type: ignore[arg-type]
-            async with lab, contextlib.AsyncExitStack() as stack:
+            # the nursery is outside the stack, so the tunnel's own scopes nest inside it
+            async with lab, trio.open_nursery() as nursery, contextlib.AsyncExitStack() as stack:
                 t = None
                 state: dict[str, Any] = {"detached": detached, "tunnel": None}
                 if tunnel:
                     from netsim.lab.tunnel import netsim_tunnel
 
-                    progress("tunnel: wireguard-go in vpn, the helper and the provider in mac")
-                    t = await stack.enter_async_context(netsim_tunnel(lab))
+                    progress("tunnel: starting (WireGuard server, helper, provider)")
+                    watch = trio.CancelScope()
+                    nursery.start_soon(_watch_tunnel_steps, lab, progress, watch)
+                    try:
+                        t = await stack.enter_async_context(netsim_tunnel(lab))
+                    finally:
+                        watch.cancel()
+                    progress("tunnel: CONNECTED")
                     state["tunnel"] = {"state": "connected", "client_config": str(t.config_path)}
                 _write_owner_status(lab.run_id, state)
                 on_up(lab, t)
@@ -183,6 +190,22 @@ def _run_lab(
         click.echo(f"Error: {exc}", err=True)
         return 1
     return 0
+
+
+# what `netsim_tunnel` starts, in order, recognised by the names of the processes it spawns through the lab
+_TUNNEL_STEPS = (("wireguard-go", "tunnel: wireguard-go started in vpn"), ("helper", "tunnel: helper started in mac"))
+
+
+async def _watch_tunnel_steps(lab: Any, progress: _Progress, scope: trio.CancelScope) -> None:
+    """Report the tunnel's bring-up steps as their processes appear (polled: `netsim_tunnel` has no hook)."""
+    with scope:
+        pending = list(_TUNNEL_STEPS)
+        while pending:
+            names = [p.name for p in list(lab.processes)]
+            while pending and any(n.startswith(pending[0][0]) for n in names):
+                progress(pending.pop(0)[1])
+            await trio.sleep(0.05)
+        progress("tunnel: provider connecting")
 
 
 @lab_group.command("up")

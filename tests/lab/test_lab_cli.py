@@ -221,7 +221,8 @@ def test_detach_with_tunnel_reports_tunnel_state(tmp_path: Path) -> None:
     )
     try:
         assert up.returncode == 0, up.stderr
-        assert up.stdout == f"{run_id}\n" and "] tunnel: wireguard-go" in up.stderr
+        assert up.stdout == f"{run_id}\n" and "] tunnel: wireguard-go started in vpn" in up.stderr, up.stderr
+        assert "] tunnel: helper started in mac" in up.stderr and "] tunnel: CONNECTED" in up.stderr
         (run,) = json.loads(netsim("lab", "status", "--json", "--run", run_id).stdout)["runs"]
         assert run["tunnel"]["state"] == "connected" and Path(run["tunnel"]["client_config"]).exists()
         assert str(tmp_path / "mac-en0.pcap") in run["pcaps"]
