@@ -20,11 +20,13 @@ from netsim.core.policy import Mechanism, Policy, Rule, parse_policy, route_excl
 from netsim.core.policy._table import TypeTable
 from netsim.errors import ConfigError
 
-# Everything `from netsim.core.policy import X` offered before the package split (plus the route payload).
+# Everything `from netsim.core.policy import X` offered before the package split (plus the route payload, and
+# explain_path/PathExplanation of issue 13).
 PUBLIC = (
     "MAX_POLICY_BYTES MAX_POLICY_DEPTH MAX_POLICY_NODES MAX_POLICY_RULES PROTOCOLS Action DnsBindings "
-    "DnsBindingsStatistics Explanation FlowFields Mechanism Network Policy PolicyEngine PolicyStatistics "
-    "RouteExclusion Rule Verdict excluded_routes_for parse_policy route_exclusions_payload"
+    "DnsBindingsStatistics Explanation FlowFields Mechanism Network PathExplanation Policy PolicyEngine "
+    "PolicyStatistics RouteExclusion Rule Verdict excluded_routes_for explain_path parse_policy "
+    "route_exclusions_payload"
 ).split()
 
 
