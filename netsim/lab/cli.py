@@ -27,7 +27,7 @@ import click
 import trio
 from click.shell_completion import CompletionItem
 
-from netsim.errors import LabError
+from netsim.errors import NetsimError
 from netsim.lab.addressing import ADDR, ROLES
 from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
 from netsim.lab.netns import list_netns
@@ -186,7 +186,7 @@ def _run_lab(
         trio.run(main)
     except KeyboardInterrupt:
         click.echo("lab down (interrupted)")
-    except LabError as exc:
+    except NetsimError as exc:  # LabError, MissingDependency, a tunnel's ConfigError: a message, no traceback
         click.echo(f"Error: {exc}", err=True)
         return 1
     return 0
