@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_policy import ADDRESSES, V4_PREFIXES, V6_PREFIXES, policies
 
+from netsim.core.policy import (
+    Action,
+    FlowFields,
+    Mechanism,
+    Policy,
+    PolicyEngine,
+    Rule,
+    excluded_routes_for,
+    explain_path,
+    parse_policy,
+)
 from netsim.runtime.policy_file import explain_command
 
 ROUTE_POLICY = """
@@ -107,10 +122,6 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str], named: str) -> Non
 
 
 def test_explain_path_api_per_mechanism() -> None:
-    import ipaddress
-
-    from netsim.core.policy import Action, FlowFields, Mechanism, PolicyEngine, explain_path, parse_policy
-
     engine = PolicyEngine(parse_policy(ROUTE_POLICY))
     web = FlowFields.parse("198.51.100.7", "tcp", 443)
     as_route = explain_path(engine, web, 0.0)
@@ -125,3 +136,60 @@ def test_explain_path_api_per_mechanism() -> None:
     # an included route only for 10/8: everything else never reaches the provider
     direct = explain_path(engine, web, 0.0, included_routes=[ipaddress.ip_network("10.0.0.0/8")])
     assert direct.how == "provider-route" and direct.settings_given
+
+
+# --- explain_path against a brute-force model ---------------------------------------------------------------------
+ROUTE_PREFIXES = [p for p in V4_PREFIXES + V6_PREFIXES if not p.endswith("/0")] + ["203.0.113.0/24"]
+
+
+def _reaches_tun(policy_routes: list[str], included: list[str] | None, excluded: list[str], dst: str) -> bool:
+    """Longest prefix over included and excluded routes (an exact duplicate: excluded wins); none: the default."""
+    addr = ipaddress.ip_address(dst)
+    best: tuple[int, bool] | None = None  # (prefix length, excluded?)
+    inc = ["0.0.0.0/0", "::/0"] if included is None else included
+    for is_excluded, prefixes in ((False, inc), (True, excluded + policy_routes)):
+        for net in map(ipaddress.ip_network, prefixes):
+            if net.version == addr.version and addr in net and (best is None or (net.prefixlen, is_excluded) > best):
+                best = (net.prefixlen, is_excluded)
+    return best is not None and not best[1]
+
+
+@st.composite
+def prefix_policies(draw: st.DrawFn) -> Policy:
+    """Destination-only rules: the ones the route mechanism compiles to excluded routes."""
+    rules = [
+        Rule(
+            f"p{i}", draw(st.sampled_from(list(Action))), (ipaddress.ip_network(draw(st.sampled_from(ROUTE_PREFIXES))),)
+        )
+        for i in range(draw(st.integers(0, 4)))
+    ]
+    return Policy(tuple(rules), draw(st.sampled_from([Action.TUNNEL, Action.DROP])))
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    policy=st.one_of(policies(), prefix_policies()),
+    mech=st.sampled_from(list(Mechanism)),
+    dst=st.sampled_from(ADDRESSES),
+    proto=st.sampled_from(["tcp", "udp", "icmp"]),
+    port=st.integers(0, 140),
+    included=st.one_of(st.none(), st.lists(st.sampled_from(ROUTE_PREFIXES), max_size=2)),
+    excluded=st.lists(st.sampled_from(ROUTE_PREFIXES), max_size=2),
+)
+def test_explain_path_matches_a_brute_force_model(
+    policy: Policy, mech: Mechanism, dst: str, proto: str, port: int, included: list[str] | None, excluded: list[str]
+) -> None:
+    engine = PolicyEngine(policy)
+    fields = FlowFields.parse(dst, proto, None if proto == "icmp" else port)
+    inc = None if included is None else [ipaddress.ip_network(p) for p in included]
+    exc = [ipaddress.ip_network(p) for p in excluded]
+    got = explain_path(engine, fields, 0.0, mechanism=mech, included_routes=inc, excluded_routes=exc)
+    policy_routes = [str(n) for n in excluded_routes_for(policy).routes] if mech is Mechanism.ROUTE else []
+    # the hot path's verdict, not explain's: the model shares nothing with explain_path but the policy
+    verdict = engine.classify_fields(fields.dst.packed, fields.proto, fields.dport, 0.0).action
+    if not _reaches_tun(policy_routes, included, excluded, dst):
+        assert (got.outcome, got.reaches_provider) == (Action.BYPASS, False), got
+    elif verdict is Action.BYPASS and mech is Mechanism.ROUTE:
+        assert (got.outcome, got.how) == (Action.TUNNEL, "tunnel"), got  # what routes cannot express is tunnelled
+    else:
+        assert (got.outcome, got.reaches_provider) == (verdict, True), got
