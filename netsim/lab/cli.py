@@ -236,7 +236,13 @@ def up(*, pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool,
             f"lab {run_id} is already running (owner pid {live[0].owner_pid}): choose another --run, or stop it "
             f"with `netsim lab down --run {run_id}`"
         )
-    options = {"run_id": run_id, "pcap_dir": pcap_dir, "nat": nat, "services": not no_services, "tunnel": tunnel}
+    options: dict[str, Any] = {
+        "run_id": run_id,
+        "pcap_dir": pcap_dir,
+        "nat": nat,
+        "services": not no_services,
+        "tunnel": tunnel,
+    }
     if detach:
         sys.exit(_detach(options))
 
@@ -249,7 +255,7 @@ def up(*, pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool,
         click.echo("  stop with Ctrl-C or `netsim lab down`")
 
     progress = _Progress(lambda line: click.echo(line, err=True))
-    code = _run_lab(**options, progress=progress, on_up=on_up, detached=False)  # type: ignore[arg-type]
+    code = _run_lab(**options, progress=progress, on_up=on_up, detached=False)
     if code:
         sys.exit(code)
 
@@ -271,6 +277,7 @@ def _detach(options: dict[str, Any]) -> int:
             os.setsid()  # no controlling terminal: the shell's Ctrl-C and hang-up are not ours
             null = os.open(os.devnull, os.O_RDWR)
             os.dup2(null, 0)
+            os.close(null)
             os.dup2(write_fd, 1)
             os.dup2(write_fd, 2)  # until up, everything (progress, errors, tracebacks) reaches the parent
             pipe = os.fdopen(write_fd, "w", buffering=1)
