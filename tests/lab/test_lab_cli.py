@@ -90,7 +90,12 @@ def test_clean_after_sigkill_reports_and_removes() -> None:
     status = netsim("lab", "status")
     assert "stale" in status.stdout
     exec_stale = netsim("lab", "exec", "--run", run_id, "mac", "--", "true")
-    assert exec_stale.returncode != 0 and "netsim clean" in exec_stale.stderr
+    assert exec_stale.returncode == 2 and "netsim clean" in exec_stale.stderr
+    # a detached bring-up that fails (the id is held by the stale run) reports the owner's error, changes nothing
+    again = netsim("lab", "up", "--detach", "--no-services", "--run", run_id)
+    assert again.returncode == 1 and again.stdout == "", again
+    assert "already exists" in again.stderr and "did not come up" in again.stderr, again.stderr
+    assert len(list_netns(f"netsim-{run_id}-")) == 5
     res = netsim("clean", "--run", run_id)
     assert f"removed netns netsim-{run_id}-mac" in res.stdout
     assert not list_netns(f"netsim-{run_id}-")
