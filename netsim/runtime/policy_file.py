@@ -19,7 +19,6 @@ from netsim.core.policy import (
     PathExplanation,
     Policy,
     PolicyEngine,
-    excluded_routes_for,
     explain_path,
     parse_policy,
 )
@@ -168,7 +167,7 @@ def explain_command(
     if (alt.outcome, alt.how) != (answer.outcome, answer.how):
         click.echo(f"with mechanism {other.value}: {alt.outcome.name} ({alt.how})")
     if routes:
-        exclusion = excluded_routes_for(policy)
+        exclusion = engine.route_exclusion(0.0)  # as the helper computes it, with the --bind names
         click.echo("excluded routes: " + (", ".join(str(n) for n in exclusion.routes) or "(none)"))
         for index, name, why in exclusion.unsupported:
             click.echo(f"  not expressible as a route: #{index} {name!r}: {why}")
