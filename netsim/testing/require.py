@@ -1,8 +1,9 @@
 """Skip-or-fail gates for tests that need privileges, devices or binaries.
 
-Outside CI a test that cannot run here is skipped with a reason that says what is missing. With
-``NETSIM_REQUIRE_PRIVILEGED=1`` (set by ``.ci/run``, also implied by ``CI=true``) the same gate *fails* the test,
-so CI never passes by skipping the root tier.
+A test that cannot run here is skipped with a reason that says what is missing. With
+``NETSIM_REQUIRE_PRIVILEGED=1`` (set by netsim's own ``.ci/run``) the same gate *fails* the test, so netsim's CI
+never passes by skipping the root tier. Only that variable decides: ``CI=true`` does not, so a user's CI, which
+may not run as root, skips netsim's root-tier fixtures as a laptop does.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ __all__ = ["privileged_required", "require", "require_binary", "require_root", "
 
 def privileged_required() -> bool:
     """True when missing privileges must fail tests instead of skipping them."""
-    flag = os.environ.get("NETSIM_REQUIRE_PRIVILEGED")
-    if flag is not None:
-        return flag not in ("", "0", "false", "no")
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    flag = os.environ.get("NETSIM_REQUIRE_PRIVILEGED", "")
+    return flag.lower() not in ("", "0", "false", "no")
 
 
 def require(condition: bool, reason: str) -> None:
