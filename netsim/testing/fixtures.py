@@ -27,7 +27,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pytest
+try:
+    import pytest
+except ModuleNotFoundError as exc:  # pytest comes with the testing extra, not with netsim itself
+    if exc.name != "pytest":
+        raise
+    raise ModuleNotFoundError(
+        f"{__name__} needs pytest, which netsim installs only with its testing extra: pip install 'netsim[testing]'",
+        name="pytest",
+    ) from exc
 import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR

@@ -11,7 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
+try:
+    import pytest
+except ModuleNotFoundError as exc:  # pytest comes with the testing extra, not with netsim itself
+    if exc.name != "pytest":
+        raise
+    raise ModuleNotFoundError(
+        f"{__name__} needs pytest, which netsim installs only with its testing extra: pip install 'netsim[testing]'",
+        name="pytest",
+    ) from exc
 
 __all__ = ["privileged_required", "require", "require_binary", "require_root", "require_tun"]
 
