@@ -27,21 +27,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-try:
-    import pytest
-except ModuleNotFoundError as exc:  # pytest comes with the testing extra, not with netsim itself
-    if exc.name != "pytest":
-        raise
-    raise ModuleNotFoundError(
-        f"{__name__} needs pytest, which netsim installs only with its testing extra: pip install 'netsim[testing]'",
-        name="pytest",
-    ) from exc
+# First: without pytest, netsim.testing.require's import error names the extra to install (netsim[testing]).
+from netsim.testing.require import require_binary, require_root
+
+# isort: split
+import pytest
 import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
 from netsim.lab.lab import Lab
 from netsim.lab.netns import create_netns, delete_netns, list_netns
-from netsim.testing.require import require_binary, require_root
 
 __all__ = [
     "LeakCheck",

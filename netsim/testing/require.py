@@ -17,7 +17,8 @@ except ModuleNotFoundError as exc:  # pytest comes with the testing extra, not w
     if exc.name != "pytest":
         raise
     raise ModuleNotFoundError(
-        f"{__name__} needs pytest, which netsim installs only with its testing extra: pip install 'netsim[testing]'",
+        "netsim's pytest helpers (netsim.testing.require, netsim.testing.fixtures) need pytest, which netsim "
+        "installs only with its testing extra: pip install 'netsim[testing]'",
         name="pytest",
     ) from exc
 
