@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -55,8 +56,12 @@ def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
     # No PYTHONPATH, no editable install, no checkout on the path: only what the wheel ships.
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
     dist = tmp_path / "dist"
-    _run([str(UV), "build", "-q", "--wheel", "-o", str(dist), str(ROOT)], tmp_path, env)
+    # sdist first, then the wheel from the sdist (what `uv build` and `python -m build` do, what an index serves)
+    _run([str(UV), "build", "-q", "-o", str(dist), str(ROOT)], tmp_path, env)
     (wheel,) = dist.glob("netsim-*.whl")
+    (sdist,) = dist.glob("netsim-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        assert f"netsim-{netsim.__version__}/LICENSE" in tar.getnames()
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"netsim/py.typed", "netsim/bench/c/floor.c", "netsim/bench/c/udpload.c", "netsim/bench/runner.py"} <= names
     _check_wheel_files(wheel)
