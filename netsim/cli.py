@@ -46,7 +46,7 @@ def _logging_option(ctx: click.Context, param: click.Parameter, value: Any) -> N
             state["log_format"] = value
     else:
         state[param.name or ""] += value
-    # The group's records also reach the root logger's handlers (pytest's capture), which a CLI process has none of.
+    # propagate: records also reach the root logger's handlers (pytest's capture); a CLI process has none of them.
     configure_logging(verbosity_level(state["verbose"], state["quiet"]), state["log_format"], propagate=True)
 
 
