@@ -86,7 +86,6 @@ def use(lab: Lab, view: PacketView, provider: PacketTunnelProvider, timers: Wire
 
 
 def test_mypy_reveals_the_real_types_in_a_users_file(tmp_path: Path) -> None:
-    pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(USER_FILE)
     (tmp_path / "mypy.ini").write_text("[mypy]\nstrict = true\n")
     proc = subprocess.run(
