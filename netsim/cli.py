@@ -4,7 +4,8 @@ Every command takes ``-v/--verbose`` (repeatable), ``-q/--quiet`` (repeatable) a
 before the command name (``netsim -v lab up``) or after it (``netsim lab up -v``); the counts add up. They set
 the standard `logging` level of the ``netsim`` loggers (WARNING by default, ``-v`` INFO, ``-vv`` DEBUG, ``-q``
 errors only) and the format of their lines on stderr (`netsim.runtime.logs.configure_logging`). A command's
-own output (tables, explanations) stays on stdout.
+own output (tables, explanations) stays on stdout. Two commands take them only before their name: ``lab exec``
+(whose COMMAND keeps its own ``-v``) and ``helper`` (JSON lines at its ``--log-level``).
 """
 
 from __future__ import annotations
@@ -67,13 +68,15 @@ def logging_options() -> list[click.Option]:
 
 
 def _add_logging_options(command: click.Command) -> None:
-    """Give ``command`` and every subcommand the logging options, unless they would change its parsing.
+    """Give ``command`` and every subcommand the logging options, unless they would change its parsing or lie.
 
     A command that passes unknown options through (``lab exec``'s COMMAND) must not start eating ``-v``/``-q``
-    meant for the program it runs; the group's options (``netsim -v lab exec ...``) still apply there.
+    meant for the program it runs; the group's options (``netsim -v lab exec ...``) still apply there. A command
+    with its own ``--log-level`` (``helper``: JSON lines at that level, the format the lab reads) configures its
+    logging itself, so ``-v`` there would be ignored: it does not offer it.
     """
-    if not command.context_settings.get("ignore_unknown_options"):
-        taken = {opt for p in command.params for opt in p.opts}
+    taken = {opt for p in command.params for opt in p.opts}
+    if not command.context_settings.get("ignore_unknown_options") and "--log-level" not in taken:
         command.params += [o for o in logging_options() if not taken & set(o.opts)]
     if isinstance(command, click.Group):
         for sub in command.commands.values():

@@ -87,7 +87,7 @@ def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[tupl
     return out
 
 
-def test_every_command_takes_the_logging_options_except_a_pass_through_one() -> None:
+def test_every_command_takes_the_logging_options_except_pass_through_and_helper() -> None:
     def opts(command: click.Command) -> set[str]:
         return {o for p in command.params for o in p.opts}
 
@@ -100,6 +100,8 @@ def test_every_command_takes_the_logging_options_except_a_pass_through_one() -> 
     for path, command in commands:
         if path == ("lab", "exec"):  # `netsim lab exec mac ping -q host`: -q is ping's (group options still work)
             assert not logging_opts & opts(command)
+        elif path == ("helper",):  # JSON lines at its own --log-level (the lab reads them)
+            assert "--log-level" in opts(command) and not logging_opts & opts(command)
         else:
             assert logging_opts <= opts(command), path
 
