@@ -118,14 +118,23 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
             console.print(f"  {mark} {label} ({r.path}, {seconds * 1000:.1f} ms)")
         provider = await t.provider_stats()
         helper = await t.helper_stats()
-        pcaps = sorted(str(p) for p in t.pcaps.values())
         console.print("stopping provider, helper, wireguard-go and the lab")
     console.print()
     console.print(_rows_table("Probes from the simulated Mac", rows))
     console.print(_ledger_table("Provider ledger (read = forwarded + dropped + queued)", provider.get("ledger", {})))
     console.print(_ledger_table("Helper ledger", helper.get("ledger", {})))
-    if pcaps:
-        console.print(f"pcaps (open with Wireshark): {', '.join(pcaps)}")
+    if lab.capture_history:  # stopped at teardown, so tcpdump's drop counts are known
+        partial = [s for s in lab.capture_history if not s.complete]
+        console.print("pcaps (open with Wireshark):", highlight=False)
+        for stats in lab.capture_history:  # "PARTIAL: N dropped" for a capture tcpdump could not keep up with
+            console.print(
+                f"  {stats.describe()}", markup=False, highlight=False, style=None if stats.complete else "red"
+            )
+        if partial:
+            console.print(
+                f"[red]{len(partial)} capture(s) PARTIAL[/]: tcpdump could not keep up; raise the buffer "
+                "(Lab(capture_buffer_kib=...)) or lower the snap length (docs/lab.md, Captures)"
+            )
     return _verdict(console, rows, "the lab is gone (nothing left in the root namespace)")
 
 
