@@ -340,7 +340,7 @@ class Lab:
             owner_start=process_start_time(os.getpid()),
             created=time.time(),
             namespaces=[self.netns(r) for r in ROLES],
-            pcap_dir=str(self.pcap_dir) if self.pcap_dir else None,
+            pcap_dir=str(self.pcap_dir.resolve()) if self.pcap_dir else None,
             cli=self.cli,
         )
         self._record.save()

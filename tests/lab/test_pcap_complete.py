@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +23,7 @@ import trio
 from scapy.layers.inet import UDP
 
 from netsim.lab import Lab, read_pcap
+from netsim.lab.netns import list_netns
 from netsim.lab.pcap import CAPTURE_SUMMARY, CaptureStats, read_capture_summary
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
@@ -190,3 +194,47 @@ def test_forced_drop_is_reported_and_marked(tmp_path: Path, warnings_of_lab: lis
     assert body["run_id"] == run_id
     by_name = {c["name"]: CaptureStats.from_json(c) for c in body["captures"]}
     assert by_name["tiny"] == stats and not by_name["tiny"].complete
+
+
+_CLI = (
+    "import sys, click; from netsim.lab.cli import lab_group; g = click.Group('netsim'); "
+    "g.add_command(lab_group); g(sys.argv[1:])"
+)
+
+
+def test_cli_lists_captures_with_their_status(tmp_path: Path) -> None:
+    """`netsim lab up --pcap` (at exit) and `netsim lab down` list every capture file with its count and status."""
+    _gate()
+    run_id = "p" + secrets.token_hex(2)
+    pcap = tmp_path / "pcap"
+    up = subprocess.Popen(
+        [sys.executable, "-c", _CLI, "lab", "up", "--run", run_id, "--no-services", "--pcap", str(pcap)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert up.stdout is not None
+        assert f"lab {run_id} up" in up.stdout.readline()
+        down = subprocess.run(
+            [sys.executable, "-c", _CLI, "lab", "down", "--run", run_id],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert down.returncode == 0, down.stderr
+        assert up.wait(timeout=30) == 0
+        up_out = up.stdout.read()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+    assert not list_netns(f"netsim-{run_id}-")
+    for out in (down.stdout, up_out):
+        assert "captures:" in out, out
+        for name in ("mac-en0", "isp-wan", "vpn-wan"):
+            line = next(ln for ln in out.splitlines() if f" {name}: " in ln)
+            assert str(pcap / f"{name}.pcap") in line and "complete)" in line and "!!" not in line, line
