@@ -13,11 +13,14 @@ import re
 import shutil
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from netsim.lab.pcap import CaptureStats
 
 __all__ = ["DemoRow", "real_backend_missing", "run_demo"]
 
@@ -123,19 +126,24 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
     console.print(_rows_table("Probes from the simulated Mac", rows))
     console.print(_ledger_table("Provider ledger (read = forwarded + dropped + queued)", provider.get("ledger", {})))
     console.print(_ledger_table("Helper ledger", helper.get("ledger", {})))
-    if lab.capture_history:  # stopped at teardown, so tcpdump's drop counts are known
-        partial = [s for s in lab.capture_history if not s.complete]
-        console.print("pcaps (open with Wireshark):", highlight=False)
-        for stats in lab.capture_history:  # "PARTIAL: N dropped" for a capture tcpdump could not keep up with
-            console.print(
-                f"  {stats.describe()}", markup=False, highlight=False, style=None if stats.complete else "red"
-            )
-        if partial:
-            console.print(
-                f"[red]{len(partial)} capture(s) PARTIAL[/]: tcpdump could not keep up; raise the buffer "
-                "(Lab(capture_buffer_kib=...)) or lower the snap length (docs/lab.md, Captures)"
-            )
+    print_captures(console, lab.capture_history)  # stopped at teardown, so tcpdump's drop counts are known
     return _verdict(console, rows, "the lab is gone (nothing left in the root namespace)")
+
+
+def print_captures(console: Console, history: list[CaptureStats]) -> None:
+    """One line per pcap with its packet count; a capture tcpdump could not keep up with says ``PARTIAL: N
+    dropped`` (docs/lab.md, Captures), in red, with what to change."""
+    if not history:
+        return
+    console.print("pcaps (open with Wireshark):", highlight=False)
+    for stats in history:
+        console.print(f"  {stats.describe()}", markup=False, highlight=False, style=None if stats.complete else "red")
+    partial = [s for s in history if not s.complete]
+    if partial:
+        console.print(
+            f"[red]{len(partial)} capture(s) not complete[/]: tcpdump could not keep up; raise the buffer "
+            "(Lab(capture_buffer_kib=...)) or lower the snap length (docs/lab.md, Captures)"
+        )
 
 
 def demo_probes(lan_host: str) -> list[tuple[str, tuple[str, ...]]]:

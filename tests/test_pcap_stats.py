@@ -135,3 +135,19 @@ def test_every_role_gets_a_lab_resolver(role: str) -> None:
     lab_resolvers = {str(lab.addr.isp_lan_v4), str(lab.addr.isp_lan_v6), str(lab.addr.dns_v4), str(lab.addr.dns_v6)}
     assert servers and set(servers) <= lab_resolvers
     assert f"search {lab.domain}" in text
+
+
+def test_demo_marks_partial_captures() -> None:
+    from rich.console import Console
+
+    from netsim.demo import print_captures
+
+    console = Console(record=True, width=200, color_system=None)
+    print_captures(console, [_stats("mac-en0", CLEAN), _stats("mac-utun0", DROPPED)])
+    out = console.export_text()
+    assert "mac-en0: /tmp/mac-en0.pcap (10 packets, complete)" in out
+    assert "mac-utun0: /tmp/mac-utun0.pcap (3792 packets, PARTIAL: 12824 dropped)" in out
+    assert "1 capture(s) not complete" in out
+    console = Console(record=True, width=200, color_system=None)
+    print_captures(console, [_stats("mac-en0", CLEAN)])
+    assert "not complete" not in console.export_text()
