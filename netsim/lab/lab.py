@@ -547,17 +547,19 @@ class Lab:
 
     def _teardown(self) -> None:
         errors: list[str] = []
+        # Captures first, while every device they watch still exists: tcpdump drains, closes the file and
+        # reports its drop counts (a TUN closed under it makes it exit with an error instead).
+        for name in list(self.captures):
+            try:
+                self.stop_capture(name)
+            except Exception as exc:
+                errors.append(f"capture {name}: {exc}")
         for closer in reversed(self._closeables):
             try:
                 closer()
             except Exception as exc:
                 errors.append(f"close: {exc}")
         self._closeables.clear()
-        for name in list(self.captures):
-            try:
-                self.stop_capture(name)
-            except Exception as exc:
-                errors.append(f"capture {name}: {exc}")
         for proc in self.processes:
             proc.send_signal(signal.SIGTERM)
         for proc in self.processes:

@@ -155,6 +155,7 @@ def test_forced_drop_is_reported_and_marked(tmp_path: Path, warnings_of_lab: lis
     pcap = tmp_path / "pcap"
     with Lab(pcap_dir=pcap, services=False) as lab:
         run_id = lab.run_id
+        lab.open_tun("mac")  # captured as mac-utun0 until teardown
         tiny = lab.capture("mac", "en0", name="tiny", path=tmp_path / "tiny.pcap", buffer_kib=1)
         tiny.process.send_signal(signal.SIGSTOP)
         try:
@@ -185,7 +186,9 @@ def test_forced_drop_is_reported_and_marked(tmp_path: Path, warnings_of_lab: lis
 
     # The lab's own mac-en0 capture (default buffer) saw the same burst on the same link, in full.
     history = lab.capture_history
-    assert len(history) == history_before_teardown + 3  # teardown stopped mac-en0, isp-wan, vpn-wan
+    assert len(history) == history_before_teardown + 4  # teardown stopped mac-en0, isp-wan, vpn-wan, mac-utun0
+    utun = next(s for s in history if s.name == "mac-utun0")
+    assert utun.complete and utun.returncode == 0, utun  # stopped before its TUN was closed, so tcpdump exits 0
     en0 = next(s for s in history if s.name == "mac-en0")
     assert en0.complete, en0.describe()
     _check_consistent(en0)
