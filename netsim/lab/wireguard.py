@@ -350,13 +350,13 @@ class WireGuardGo:
         """Run wireguard-go, wait for its UAPI socket, apply the key, port, peers, addresses and bring it up.
 
         Raises:
-            MissingDependency: wireguard-go or wg is not installed.
+            MissingDependency: wireguard-go, wg or ip (``ip netns exec`` runs them in the namespace) is missing.
             LabError: the process exited or the socket did not appear (the message carries its logs), or a
                 configuration command failed.
         """
         if self.running:
             raise LabError(f"wireguard-go {self.ifname} is already running (pid {self.pid})")
-        for binary, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools")):
+        for binary, package in (("wireguard-go", "wireguard-go"), ("wg", "wireguard-tools"), ("ip", "iproute2")):
             if shutil.which(binary) is None:
                 raise MissingDependency(binary, package)
         if self._process is not None:
