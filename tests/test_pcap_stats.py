@@ -119,6 +119,10 @@ def test_argv_sets_buffer_and_snaplen() -> None:
     for bad in ({"buffer_kib": 0}, {"snaplen": 0}, {"snaplen": 262145}):
         with pytest.raises(LabError):
             Capture.argv("utun0", Path("/tmp/x.pcap"), **bad)
+    with pytest.raises(LabError, match="buffer_kib"):
+        Lab(capture_buffer_kib=0)  # refused before anything starts
+    with pytest.raises(LabError, match="snaplen"):
+        Lab(capture_snaplen=10**6)
 
 
 def test_defaults_leave_tun_captures_room() -> None:

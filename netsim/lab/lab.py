@@ -40,7 +40,14 @@ from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, remove_run
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
-from netsim.lab.pcap import DEFAULT_BUFFER_KIB, DEFAULT_SNAPLEN, Capture, CaptureStats, write_capture_summary
+from netsim.lab.pcap import (
+    DEFAULT_BUFFER_KIB,
+    DEFAULT_SNAPLEN,
+    Capture,
+    CaptureStats,
+    check_capture_options,
+    write_capture_summary,
+)
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
 
 if TYPE_CHECKING:
@@ -121,6 +128,7 @@ class Lab:
             raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
         if nat not in ("cone", "symmetric"):
             raise LabError(f"nat={nat!r}: choose 'cone' or 'symmetric'")
+        check_capture_options(capture_buffer_kib, capture_snaplen)
         self.run_id = run_id or ""
         self.pcap_dir = Path(pcap_dir) if pcap_dir is not None else None
         self.services = services

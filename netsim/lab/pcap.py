@@ -36,6 +36,7 @@ __all__ = [
     "CaptureStats",
     "TcpdumpStats",
     "capture_report_lines",
+    "check_capture_options",
     "parse_tcpdump_stats",
     "read_capture_summary",
     "read_pcap",
@@ -184,6 +185,15 @@ def read_capture_summary(directory: str | Path, run_id: str | None = None) -> li
     return [CaptureStats.from_json(item) for item in body.get("captures", [])]
 
 
+def check_capture_options(buffer_kib: int, snaplen: int) -> None:
+    """Raise `LabError` unless ``buffer_kib`` (1 KiB..4 GiB) and ``snaplen`` (1..262144, tcpdump's maximum) are
+    usable."""
+    if not (isinstance(buffer_kib, int) and 0 < buffer_kib <= 4 * 1024 * 1024):
+        raise LabError(f"capture buffer_kib={buffer_kib!r}: choose 1..4194304 KiB")
+    if not (isinstance(snaplen, int) and 0 < snaplen <= 262144):
+        raise LabError(f"capture snaplen={snaplen!r}: choose 1..262144 bytes")
+
+
 class Capture:
     """A running tcpdump on ``role``/``ifname`` writing ``path``. Create with `netsim.lab.Lab.capture`."""
 
@@ -216,10 +226,7 @@ class Capture:
     ) -> list[str]:
         """tcpdump command line: no promiscuous mode needed on veth, explicit buffer and snap length, no name
         lookups."""
-        if not 0 < buffer_kib <= 4 * 1024 * 1024:
-            raise LabError(f"capture buffer_kib={buffer_kib}: choose 1..4194304 KiB")
-        if not 0 < snaplen <= 262144:
-            raise LabError(f"capture snaplen={snaplen}: choose 1..262144 bytes")
+        check_capture_options(buffer_kib, snaplen)
         # --immediate-mode: hand each packet to tcpdump at once. Without it packets wait in the kernel's ring
         # buffer for a block timeout and those still there when SIGTERM arrives never reach the file.
         return [
