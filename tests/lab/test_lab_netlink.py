@@ -14,6 +14,7 @@ import pytest
 
 from netsim.errors import LabError
 from netsim.lab import Lab
+from netsim.lab.netns import run_in_netns
 from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root
 
@@ -70,3 +71,22 @@ def test_set_link_and_links(bare_lab: Lab) -> None:
     assert "lo" in bare_lab.links("isp") and bare_lab.links("mac", "tun") == []
     tun = bare_lab.open_tun("mac")
     assert bare_lab.links("mac", "tun") == [tun.name]
+
+
+def test_snapshot_over_netlink_sees_what_ip_sees(bare_lab: Lab) -> None:
+    """`root_snapshot` (pyroute2) taken inside a lab namespace: it matches ``ip -j`` and sees every change."""
+    ns = bare_lab.netns("lan")
+    before = run_in_netns(ns, root_snapshot)
+    by_ip = {
+        f"{link['ifname']} {a['local']}/{a['prefixlen']}"
+        for link in _ip_json(bare_lab, "lan", "addr", "show")
+        for a in link["addr_info"]
+    }
+    assert set(before.addresses) == by_ip
+    assert {json.loads(x)["ifname"] for x in before.links} == {"lo", "eth0"}
+    bare_lab.add_address("lan", "10.123.0.1/24", "eth0")
+    bare_lab.add_route("lan", "10.124.0.0/16", via="10.123.0.2")
+    diff = before.diff(run_in_netns(ns, root_snapshot))
+    assert "addresses added: eth0 10.123.0.1/24" in diff
+    assert any(d.startswith("routes added: ") and '"RTA_DST": "10.124.0.0"' in d for d in diff), diff
+    bare_lab.del_route("lan", "10.124.0.0/16")
