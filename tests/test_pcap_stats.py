@@ -108,6 +108,9 @@ def test_summary_round_trip(tmp_path: Path) -> None:
     assert read_capture_summary(tmp_path / "missing") == []
     path.write_text("{not json")
     assert read_capture_summary(tmp_path) == []
+    for body in ('{"captures": [{"name": "a"}]}', '{"captures": [1]}', '{"captures": 5}', "[]"):
+        path.write_text(body)
+        assert read_capture_summary(tmp_path) == [], body
 
 
 def test_argv_sets_buffer_and_snaplen() -> None:

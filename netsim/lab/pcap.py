@@ -182,7 +182,10 @@ def read_capture_summary(directory: str | Path, run_id: str | None = None) -> li
         return []
     if not isinstance(body, dict) or (run_id is not None and body.get("run_id") != run_id):
         return []
-    return [CaptureStats.from_json(item) for item in body.get("captures", [])]
+    try:
+        return [CaptureStats.from_json(item) for item in body.get("captures", [])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return []  # not a summary this version wrote
 
 
 def check_capture_options(buffer_kib: int, snaplen: int) -> None:
