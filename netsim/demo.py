@@ -14,13 +14,16 @@ import re
 import shutil
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from rich.console import Console
 from rich.table import Table
 
 from netsim.console import make_console
+
+if TYPE_CHECKING:
+    from netsim.lab.pcap import CaptureStats
 
 __all__ = ["DemoRow", "real_backend_missing", "run_demo"]
 
@@ -128,16 +131,30 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
             console.print(f"  {mark} {label} ({r.path}, {seconds * 1000:.1f} ms)")
         provider = await t.provider_stats()
         helper = await t.helper_stats()
-        pcaps = sorted(str(p) for p in t.pcaps.values())
         console.print("stopping provider, helper, wireguard-go and the lab")
         log.info("probes done, stopping the tunnel and the lab")
     console.print()
     console.print(_rows_table("Probes from the simulated Mac", rows))
     console.print(_ledger_table("Provider ledger (read = forwarded + dropped + queued)", provider.get("ledger", {})))
     console.print(_ledger_table("Helper ledger", helper.get("ledger", {})))
-    if pcaps:
-        console.print(f"pcaps (open with Wireshark): {', '.join(pcaps)}")
+    print_captures(console, lab.capture_history)  # stopped at teardown, so tcpdump's drop counts are known
     return _verdict(console, rows, "the lab is gone (nothing left in the root namespace)")
+
+
+def print_captures(console: Console, history: list[CaptureStats]) -> None:
+    """One line per pcap with its packet count; a capture tcpdump could not keep up with says ``PARTIAL: N
+    dropped`` (docs/lab.md, Captures), in red, with what to change."""
+    if not history:
+        return
+    console.print("pcaps (open with Wireshark):", highlight=False)
+    for stats in history:
+        console.print(f"  {stats.describe()}", markup=False, highlight=False, style=None if stats.complete else "red")
+    partial = [s for s in history if not s.complete]
+    if partial:
+        console.print(
+            f"[red]{len(partial)} capture(s) not complete[/]: tcpdump could not keep up; raise the buffer "
+            "(Lab(capture_buffer_kib=...)) or lower the snap length (docs/lab.md, Captures)"
+        )
 
 
 def demo_probes(lan_host: str) -> list[tuple[str, tuple[str, ...]]]:

@@ -18,6 +18,7 @@ from netsim.errors import LabError
 from netsim.lab.addressing import ADDR, ROLES
 from netsim.lab.cleanup import RunRecord, clean, find_runs, owner_alive
 from netsim.lab.netns import list_netns
+from netsim.lab.pcap import CaptureStats, capture_report_lines, read_capture_summary
 
 __all__ = ["clean_command", "demo_lab", "lab_group"]
 
@@ -66,10 +67,14 @@ def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tu
     _need_root()
     from netsim.lab.lab import Lab
 
+    try:
+        lab = Lab(run_id, pcap_dir, services=not no_services, nat=nat, cli=True)  # type: ignore[arg-type]
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from exc
+
     async def main() -> None:
         # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-            lab = Lab(run_id, pcap_dir, services=not no_services, nat=nat, cli=True)  # type: ignore[arg-type]
             t0 = time.monotonic()
             async with lab, contextlib.AsyncExitStack() as stack:
                 if tunnel:
@@ -93,6 +98,8 @@ def up(pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tu
         click.echo("lab down (interrupted)")
     except LabError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        _echo_captures(lab.capture_history)  # after teardown: tcpdump's drop counts per file
 
 
 @lab_group.command("down")
@@ -111,6 +118,16 @@ def down(run_id: str | None, timeout: float) -> None:
             )
         time.sleep(0.05)
     click.echo(f"lab {run.run_id} down")
+    if run.pcap_dir:
+        _echo_captures(read_capture_summary(run.pcap_dir, run.run_id))
+
+
+def _echo_captures(history: list[CaptureStats]) -> None:
+    """One line per capture file with its packet count; a partial one is marked (docs/lab.md, Captures)."""
+    if history:
+        click.echo("captures:")
+        for line in capture_report_lines(history):
+            click.echo(line)
 
 
 @lab_group.command("status")
