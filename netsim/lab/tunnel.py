@@ -247,7 +247,7 @@ class LabTunnel:
 
     @property
     def pcaps(self) -> dict[str, Path]:
-        """Capture files by name (``mac-en0``, ``isp-wan``, ``vpn-wan``, ``vpn-wg``) when the lab has a pcap_dir."""
+        """Capture files by name (``mac-en0``, ``isp-wan``, ``vpn-wan``, ``vpn-wg``, ``mac-utun0``) with a pcap_dir."""
         return {name: cap.path for name, cap in self.lab.captures.items()}
 
     async def send_provider_message(self, data: bytes) -> bytes | None:

@@ -535,7 +535,8 @@ class TunnelProviderManager:
         protocol_configuration: the `TunnelProviderProtocol` handed to the provider.
         launcher: where the provider runs: `SubprocessLauncher` (a process in the lab's ``mac``) or
             `InProcessLauncher` (in-memory backend).
-        start_timeout / stop_timeout: the system's limits (60 s / 20 s as on Apple).
+        start_timeout: the system's limit on starting (60 s as on Apple).
+        stop_timeout: the system's limit on stopping (20 s as on Apple).
         exit_grace: how long a host may take to exit once its tunnel is DISCONNECTED before it is killed
             (`HOST_EXIT_GRACE`); a new start does not wait for it.
 
