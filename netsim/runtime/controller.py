@@ -162,10 +162,10 @@ class SubprocessLauncher:
 
     The control socket's host end is inherited as ``--control-fd``; stdout/stderr go to ``log_path`` (or are
     inherited). The process is started through `netsim.runtime.spawn`, so it dies with this process (even on
-    SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider (reliability.md
-    F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects. The provider spec
-    must be importable in the child: ``"package.module:Class"`` or ``"/abs/path/file.py:Class"`` (a class
-    object is converted to ``module:qualname``).
+    SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider
+    (docs/reliability.md F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects.
+    The provider spec must be importable in the child: ``"package.module:Class"`` or
+    ``"/abs/path/file.py:Class"`` (a class object is converted to ``module:qualname``).
     """
 
     def __init__(
