@@ -5,8 +5,8 @@ The line right before a fence names what the block is (an HTML comment, invisibl
 * ``<!-- doc-test: run -->``: Python, run as a script in a fresh interpreter, no root, in an empty directory but
   for ``examples/`` (a link to the repository's: the docs name ``examples/policy.toml`` as a checkout has it);
 * ``<!-- doc-test: lab -->``: Python that needs root and the lab (run in the root tier: marked ``lab``, gated);
-* ``<!-- doc-test: cli -->``: shell commands run with ``bash -eu`` from the repository root, the venv's ``netsim``
-  first on PATH; only safe, quick commands that need no root;
+* ``<!-- doc-test: cli -->``: shell commands run with ``bash -euo pipefail`` from the repository root, the venv's
+  ``netsim`` first on PATH; only safe, quick commands that need no root;
 * ``<!-- doc-test: policy -->``: a policy file (the fence says toml or yaml) that `parse_policy` must accept;
 * ``<!-- doc-test: excerpt -->``: not runnable on its own (a fragment, output, a diagram, a root-namespace command);
 * ``<!-- file: NAME -->``: one file of the example project of docs/testing.md, which tests/test_plugin.py builds and
