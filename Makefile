@@ -9,7 +9,7 @@ LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps demo test lint typecheck pytest pytest-lowest pytest-pythons bench bench-quick clean
+.PHONY: all setup sysdeps demo test lint typecheck docs pytest pytest-lowest pytest-pythons bench bench-quick clean
 
 all: test
 
@@ -38,6 +38,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/mypy --no-warn-unreachable --disable-error-code comparison-overlap tests
 
+# The docs site (mkdocs.yml, strict: a broken link, a missing anchor or a docstring mkdocstrings cannot read fails).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir site
+
 pytest: setup
 	$(BIN)/pytest $(PYTEST_ARGS)
 
@@ -64,7 +68,7 @@ pytest-pythons: $(STAMP)
 	    --ignore=tests/test_wheel.py $(PYTEST_ARGS) || exit 1; \
 	done
 
-test: setup lint typecheck pytest pytest-lowest pytest-pythons
+test: setup lint typecheck docs pytest pytest-lowest pytest-pythons
 
 bench-quick: setup
 	$(BIN)/netsim bench --quick
@@ -74,4 +78,4 @@ bench: setup
 
 clean:
 	$(BIN)/netsim clean || true
-	rm -rf $(VENV) $(LOWEST) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOWEST) site .mypy_cache .ruff_cache .pytest_cache .hypothesis

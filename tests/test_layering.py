@@ -1,4 +1,4 @@
-"""The sans-IO rule: netsim.core imports no I/O machinery (architecture.md section 1)."""
+"""The sans-IO rule: netsim.core imports no I/O machinery (docs/design.md, Layers)."""
 
 from __future__ import annotations
 

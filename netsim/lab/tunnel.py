@@ -548,7 +548,7 @@ async def _netsim_tunnel(
     )
     await server.add_peer(client_key.public_key(), allowed_ips=[f"{plan.client_v4}/32", f"{plan.client_v6}/128"])
     # Both directories are named after the run in RUN_DIR (/run: tmpfs on most systems), so
-    # `netsim clean` finds them by run id after a SIGKILLed owner (reliability.md R3).
+    # `netsim clean` finds them by run id after a SIGKILLed owner (docs/reliability.md R3).
     RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     conf_dir = Path(tempfile.mkdtemp(prefix=tunnel_dir_prefix(lab.run_id), dir=RUN_DIR))  # 0700: holds the key
     sock_dir = helper_dir(lab.run_id)

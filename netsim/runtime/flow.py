@@ -1,12 +1,12 @@
 """PacketTunnelFlow: the NEPacketTunnelFlow mirror over any `PacketDevice` (TUN or MemoryTun).
 
-Theory of operation. Apple's ``readPacketObjects`` calls its completion handler exactly once with a batch of
-whatever the utun has queued; the provider re-arms the read to get more (R31, R32). Here one
-``await read_packet_objects()`` is one completion: it drains every packet that is ready, up to ``batch_limit``,
-and parks in ``device.wait_readable()`` only when nothing is queued, so a busy provider pays one trio wakeup per
-batch, not per packet (architecture.md §3). Backpressure is Apple's too: a provider that stops reading leaves the
-packets in the device queue, and once that queue is full the kernel (or MemoryTun) drops; those drops are the
-device's, and `FlowStatistics.device` reports them when the device exposes statistics.
+Theory of operation. Apple's ``readPacketObjects`` calls its completion handler exactly once with a batch of whatever
+the utun has queued; the provider re-arms the read to get more (R31, R32). Here one ``await read_packet_objects()`` is
+one completion: it drains every packet that is ready, up to ``batch_limit``, and parks in ``device.wait_readable()``
+only when nothing is queued, so a busy provider pays one trio wakeup per batch, not per packet (docs/design.md, The
+data path). Backpressure is Apple's too: a provider that stops reading leaves the packets in the device queue, and
+once that queue is full the kernel (or MemoryTun) drops; those drops are the device's, and `FlowStatistics.device`
+reports them when the device exposes statistics.
 
 Writes never block (Apple: "writePackets doesn't support flow control", F15). The returned bool, which Apple
 leaves undocumented (R33, R34), means here: True when *every* packet of the call was accepted by the device;
@@ -28,7 +28,7 @@ explicitly named `PacketTunnelFlow.kernel_statistics`, and `statistics` then sho
 Ledger. A packet the read path drops (empty, or an IP version nibble other than 4/6) never reaches the provider,
 so the provider cannot count it. `PacketTunnelFlow.count_reads_in` names a ledger stage (the forwarding
 provider's ``tun_read``) in which each such packet is counted as read and dropped ``malformed``, so the stage's
-``read`` is every packet taken from the utun and the books balance across the flow (reliability.md C1, L0).
+``read`` is every packet taken from the utun and the books balance across the flow (docs/reliability.md C1, L0).
 
 Per-app metadata. Apple fills ``NEPacket.metadata`` only in per-app VPN mode (``routingMethod ==
 sourceApplication``, R3). After `PacketTunnelFlow.set_routing_method` with ``SOURCE_APPLICATION``,

@@ -3,7 +3,7 @@
 Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import the helpers directly.
 
 * ``lab``: a fresh `netsim.lab.Lab` per test (sync-managed, so plain tests and ``trio.run`` bodies can both use
-  it), with the L4 cleanliness assertion (reliability.md C1) after teardown.
+  it), with the L4 cleanliness assertion (docs/reliability.md C1) after teardown.
 * ``netns``: a fresh bare namespace (``netsim-<run>-t``), always removed.
 * `RootSnapshot` / `assert_root_unchanged`: the root namespace's links, addresses, routes and nftables ruleset, so
   a test can prove the lab never touched the host.
