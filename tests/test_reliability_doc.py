@@ -26,10 +26,10 @@ packet decoder, sshuttle, Mininet). Each row below lists the tests that carry `@
 or why no test covers it yet. The rows themselves live in `tests/reliability_rows.py`; a marker naming an unknown
 row is a collection error.
 
-What "nothing lost" means in the *measure* column:
+<a id="c1"></a>What "nothing lost" means in the *measure* column (C1):
 
-- **L0 ledger**: for every component, `read = forwarded + dropped[reason] + queued`; every drop has a name and
-  nothing is unattributed.
+- <a id="l0"></a>**L0 ledger**: for every component, `read = forwarded + dropped[reason] + queued`; every drop
+  has a name and nothing is unattributed.
 - **L1 exact**: with no fault, every UDP probe arrives exactly once, bytes identical, TCP streams' sha256 equal.
 - **L2 bounded loss**: during a fault, loss only inside the fault window, each loss accounted in L0, no duplicates.
 - **L3 no leak**: no probe packet from the device's physical address to a non-bypass destination on a physical
@@ -38,6 +38,34 @@ What "nothing lost" means in the *measure* column:
 
 | ID | area | scenario | expected | measure | tests, or why none |
 |---|---|---|---|---|---|
+"""
+
+
+LESSONS = """
+## Lessons the rows come from
+
+Code and docs cite these as "docs/reliability.md, lesson B8".
+
+<a id="b8"></a>**B8. Authenticating the helper's IPC client.** Linux's `SO_PEERCRED` gives the peer's pid, uid and
+gid as of `connect()`, on `AF_UNIX` stream sockets and socketpairs. A filesystem socket gets access control from
+its directory (0700, or 0750 with a group; a tight umask before `bind()`); an abstract socket (`"\\0name"`) has none
+and is scoped per network namespace, so any process in the Mac's namespace could reach it. A pid is not an
+identity (Apple's XPC guidance validates the audit token, as pids wrap): decide on the uid at accept time. The
+helper therefore refuses a peer before reading a single frame, counts and rate-limits the log of refusals, caps
+the frame size and serves one provider at a time (docs/ipc.md).
+
+<a id="b9"></a>**B9. Malformed packets.** Reference behaviour: Tailscale's `net/packet` decoder drops IPv4 shorter
+than 20 bytes, cut off before the total length, or with `IHL*4 > total_length`, transport headers below their
+minimum size (ICMP 8, TCP 20, UDP 8), and tiny first or low-offset later fragments (RFC 1858's overlapping-fragment
+attack). netsim also rejects `IHL < 5` and `total_length < IHL*4`, and bounds the IPv6 extension-header walk
+(RFC 8200 §4.5). Missing bounds checks have crashed real tunnels (goProbe #279, Nebula #1107, awl PR #258's
+zero-length reads spinning forever).
+
+<a id="b10"></a>**B10. Resource cleanup after crashes.** Leftovers make the next run fail (`File exists`) and cleanup
+that matches too broadly deletes other people's objects (Mininet #1174, #877; minimega #943 left a host offline).
+WireGuard's `netns.sh` pre-deletes by deterministic name and kills the processes in each namespace. A Linux TUN
+device disappears with its last fd unless made persistent, so netsim never sets `TUNSETPERSIST`: a SIGKILLed
+owner's utun stand-in vanishes by itself, and `netsim clean` removes the rest by run id only.
 """
 
 
@@ -85,11 +113,12 @@ def render() -> str:
     for row_id, row in ROWS.items():
         tests = markers.get(row_id)
         cover = "<br>".join(f"`{t}`" for t in tests) if tests else f"*none:* {UNCOVERED[row_id]}"
-        lines.append(
-            f"| {row_id} | {row.area} | {_cell(row.scenario)} | {_cell(row.expected)} | {row.measure} | {cover} |\n"
-        )
+        anchor = f'<a id="{row_id.lower()}"></a>'  # for links such as reliability.md#f15
+        cells = (f"{anchor}{row_id}", row.area, _cell(row.scenario), _cell(row.expected), row.measure, cover)
+        lines.append("| " + " | ".join(cells) + " |\n")
     covered = sum(1 for r in ROWS if r in markers)
     lines.append(f"\n{covered} of {len(ROWS)} rows have tests.\n")
+    lines.append(LESSONS)
     return "".join(lines)
 
 

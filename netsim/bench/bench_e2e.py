@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +274,7 @@ class E2E:
         """A C UDP echo in inet on ``address`` (added to inet's loopback if it is not there yet)."""
         if address not in self.echo_pids:
             if address != str(self.lab.addr.www_v4):
-                await self.lab.run("inet", ["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+                await trio.to_thread.run_sync(self.lab.add_address, "inet", f"{address}/32", "lo")
             proc = self.lab.spawn(
                 "inet", [str(self.tools["udpload"]), "echo", address, str(ECHO_PORT)], name=f"bench-echo-{address}"
             )
@@ -302,7 +303,7 @@ class E2E:
             await client.add_peer(
                 server.public_key, allowed_ips=["0.0.0.0/0"], endpoint=f"{a.vpn_wan_v4}:51820", persistent_keepalive=25
             )
-            await lab.run("mac", ["ip", "route", "add", f"{dst}/32", "dev", client.ifname])
+            await trio.to_thread.run_sync(partial(lab.add_route, "mac", f"{dst}/32", dev=client.ifname))
             await lab.run("mac", ["ping", "-c", "1", "-W", "2", dst], timeout=10)
             await server.wait_handshake(client.public_key, timeout=10)
             assert client.pid is not None and server.pid is not None
@@ -310,7 +311,7 @@ class E2E:
             try:
                 yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
             finally:
-                await lab.run("mac", ["ip", "route", "del", f"{dst}/32"], check=False)
+                await trio.to_thread.run_sync(partial(lab.del_route, "mac", f"{dst}/32", missing_ok=True))
         lab.nft("vpn", "delete table ip netsim_bench_nat\n")
 
     @asynccontextmanager
@@ -338,8 +339,8 @@ class E2E:
             provider = lab.spawn("mac", provider_argv, name=f"bench-{kind}-provider", env=env)
             try:
                 await provider.wait_output(r"^READY", timeout=20)
-                await lab.run("mac", ["ip", "addr", "add", f"{net}.2/24", "dev", tun])
-                await lab.run("mac", ["ip", "link", "set", tun, "txqueuelen", "1000"])
+                await trio.to_thread.run_sync(lab.add_address, "mac", f"{net}.2/24", tun)
+                await trio.to_thread.run_sync(partial(lab.set_link, "mac", tun, txqueuelen=1000))
                 yield PathSetup((f"{net}.9", 9), {"provider": provider.pid, "helper": helper.pid})
             finally:
                 await provider.stop(grace=2.0)

@@ -1,6 +1,6 @@
 """Per-stage packet ledgers: every packet a stage reads is forwarded, dropped for a named reason, or still queued.
 
-The invariant, per stage (reliability.md C1, "L0 Ledger")::
+The invariant, per stage (docs/reliability.md C1, "L0 ledger")::
 
     read == forwarded + sum(dropped.values()) + queued
 

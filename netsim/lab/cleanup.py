@@ -1,14 +1,14 @@
 """Run files and `netsim clean`: find labs whose owner died and remove exactly what they created.
 
-Lessons followed (reliability.md B10): cleanup that matches too broadly deletes other people's objects (Mininet
-#877/#1174), so everything is found through a run file written *before* the first object is created, and only
-names carrying ``netsim-<run>-`` are touched; pids are checked against their recorded start time so a reused pid
-is never signalled; processes in a namespace are killed before the namespace is deleted (WireGuard netns.sh).
+Lessons followed (docs/reliability.md, lesson B10): cleanup that matches too broadly deletes other people's objects
+(Mininet #877/#1174), so everything is found through a run file written *before* the first object is created, and only
+names carrying ``netsim-<run>-`` are touched; pids are checked against their recorded start time so a reused pid is
+never signalled; processes in a namespace are killed before the namespace is deleted (WireGuard netns.sh).
 
 What a run may leave on disk, all named after the run so it is found without broad matching: the run file
 ``/run/netsim/<run>.json`` and log dir ``/run/netsim/<run>/``; a tunnel's helper socket dir
 ``/run/netsim/helper-<run>/`` and config dir ``/run/netsim/tunnel-<run>-*/`` (``client.conf``: the WireGuard
-private key, reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; a SIGKILLed
+private key, docs/reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; a SIGKILLed
 provider's tunnel claim ``/run/netsim/tunnels/netsim-<run>-*.lock`` (`netsim.runtime.netconfig`); and, from
 versions that kept the tunnel config in the temp dir, ``$TMPDIR/netsim-<run>-tunnel-*``.
 """

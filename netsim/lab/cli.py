@@ -31,6 +31,7 @@ from netsim.errors import NetsimError
 from netsim.lab.addressing import ADDR, ROLES
 from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
 from netsim.lab.netns import list_netns
+from netsim.lab.pcap import CaptureStats, capture_report_lines, read_capture_summary
 
 __all__ = ["clean_command", "complete_run_ids", "demo_lab", "lab_group", "run_status"]
 
@@ -152,10 +153,15 @@ def _run_lab(
     """Bring the lab up, call ``on_up(lab, tunnel_or_None)``, keep it up until SIGTERM/SIGHUP/Ctrl-C, tear down."""
     from netsim.lab.lab import Lab
 
+    try:  # bad options (capture buffer, run id) are refused before anything starts
+        lab = Lab(run_id, pcap_dir, services=services, nat=nat, cli=True, progress=progress)  # type: ignore[arg-type]
+    except NetsimError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        return 1
+
     async def main() -> None:
         # Signals are taken before anything exists, so one arriving during bring-up is acted on right after it.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-            lab = Lab(run_id, pcap_dir, services=services, nat=nat, cli=True, progress=progress)  # type: ignore[arg-type]
             # the nursery is outside the stack, so the tunnel's own scopes nest inside it
             async with lab, trio.open_nursery() as nursery, contextlib.AsyncExitStack() as stack:
                 t = None
@@ -189,6 +195,8 @@ def _run_lab(
     except NetsimError as exc:  # LabError, MissingDependency, a tunnel's ConfigError: a message, no traceback
         click.echo(f"Error: {exc}", err=True)
         return 1
+    finally:
+        _echo_captures(lab.capture_history)  # after teardown: tcpdump's drop counts per file
     return 0
 
 
@@ -341,6 +349,16 @@ def down(run_id: str | None, timeout: float) -> None:
             )
         time.sleep(0.05)
     click.echo(f"lab {run.run_id} down")
+    if run.pcap_dir:
+        _echo_captures(read_capture_summary(run.pcap_dir, run.run_id))
+
+
+def _echo_captures(history: list[CaptureStats]) -> None:
+    """One line per capture file with its packet count; a partial one is marked (docs/lab.md, Captures)."""
+    if history:
+        click.echo("captures:")
+        for line in capture_report_lines(history):
+            click.echo(line)
 
 
 def run_status(run: RunRecord) -> dict[str, Any]:
@@ -383,10 +401,11 @@ def status(run_id: str | None, as_json: bool) -> None:
         doc = {"runs": [run_status(r) for r in runs], "orphan_namespaces": orphans if run_id is None else []}
         click.echo(json.dumps(doc, indent=1))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from netsim.console import make_console
+
+    console = make_console()  # no wrapping in a pipe or a CI log
     if not runs:
         console.print("no lab runs (start one with `netsim lab up`)")
     for run in runs:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 import secrets
 import shutil
@@ -36,10 +37,18 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import trio
 
 from netsim.errors import LabError, MissingDependency, PrivilegeError
+from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
-from netsim.lab.pcap import Capture
+from netsim.lab.pcap import (
+    DEFAULT_BUFFER_KIB,
+    DEFAULT_SNAPLEN,
+    Capture,
+    CaptureStats,
+    check_capture_options,
+    write_capture_summary,
+)
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
 
 if TYPE_CHECKING:
@@ -47,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Lab", "NatMode"]
 
+log = logging.getLogger("netsim.lab")
 T = TypeVar("T")
 NatMode = Literal["cone", "symmetric"]
 
@@ -92,11 +102,17 @@ class Lab:
         cli: mark the run as owned by ``netsim lab up`` (so ``netsim lab down`` can find it).
         progress: called with a short text as each bring-up step begins (``netsim lab up`` prints them on
             stderr); it runs in the bring-up thread and must not block.
+        capture_buffer_kib: kernel buffer of every capture this lab starts (``tcpdump -B``, KiB), unless
+            `capture` is given another.
+        capture_snaplen: bytes kept per packet by every capture this lab starts (``tcpdump -s``).
 
     Attributes:
         addr: the addressing plan (`netsim.lab.addressing.Addressing`), e.g. ``lab.addr.mac_en0_v4``.
         processes: every process the lab started and has not yet reaped.
         captures: running captures by name (``"mac-en0"`` ...).
+        capture_history: the `netsim.lab.pcap.CaptureStats` of every capture stopped so far (at teardown, all
+            of them), in stop order; kept after the lab is down. A capture that dropped packets is logged at
+            WARNING and its stats say ``PARTIAL``; with a pcap_dir they are also written to ``captures.json``.
     """
 
     def __init__(
@@ -108,11 +124,14 @@ class Lab:
         nat: NatMode = "cone",
         cli: bool = False,
         progress: Callable[[str], None] | None = None,
+        capture_buffer_kib: int = DEFAULT_BUFFER_KIB,
+        capture_snaplen: int = DEFAULT_SNAPLEN,
     ) -> None:
         if run_id is not None and not (run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6):
             raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
         if nat not in ("cone", "symmetric"):
             raise LabError(f"nat={nat!r}: choose 'cone' or 'symmetric'")
+        check_capture_options(capture_buffer_kib, capture_snaplen)
         self.run_id = run_id or ""
         self.pcap_dir = Path(pcap_dir) if pcap_dir is not None else None
         self.services = services
@@ -123,6 +142,9 @@ class Lab:
         self.domain = LAB_DOMAIN
         self.processes: list[LabProcess] = []
         self.captures: dict[str, Capture] = {}
+        self.capture_history: list[CaptureStats] = []
+        self.capture_buffer_kib = capture_buffer_kib
+        self.capture_snaplen = capture_snaplen
         self._closeables: list[Callable[[], object]] = []
         self._record: RunRecord | None = None
         self._lock = threading.Lock()
@@ -282,13 +304,16 @@ class Lab:
             if self._up:
                 raise LabError("lab is already up")
             self._check_environment()
+            self.capture_history = []
             self._up = True
             try:
                 self._claim_run_id()
+                log.info("lab %s: bringing up namespaces %s{%s}", self.run_id, self.prefix, ",".join(ROLES))
                 self._build()
             except BaseException:
                 self._stop_locked()
                 raise
+            log.info("lab %s: up", self.run_id)
 
     def _check_environment(self) -> None:
         if os.geteuid() != 0:
@@ -329,7 +354,7 @@ class Lab:
             owner_start=process_start_time(os.getpid()),
             created=time.time(),
             namespaces=[self.netns(r) for r in ROLES],
-            pcap_dir=str(self.pcap_dir) if self.pcap_dir else None,
+            pcap_dir=str(self.pcap_dir.resolve()) if self.pcap_dir else None,
             cli=self.cli,
             owner_uid=invoking_uid(),
         )
@@ -350,6 +375,7 @@ class Lab:
         self._step(f"namespaces {self.prefix}{{{','.join(ROLES)}}}, links, addresses, routes, NAT")
         for role in ROLES:
             create_netns(self.netns(role))
+        log.debug("lab %s: namespaces created", self.run_id)
         for role in ROLES:
             set_sysctl(self.netns(role), {**_BASE_SYSCTLS, **(_ROUTER_SYSCTLS if role in _ROUTERS else {})})
         ns = self.netns
@@ -401,15 +427,15 @@ class Lab:
         )
         self._prefer_source("inet", [("isp", a.inet_isp_v4, a.inet_isp_v6), ("vpn", a.inet_vpn_v4, a.inet_vpn_v6)])
         self.nft("isp", _nat_ruleset(self.nat))
-        for role in ("mac", "lan"):
+        # Every namespace gets the lab's resolver, not only the clients: the servers' own lookups (the HTTP
+        # servers' PTR queries for a client address) must stay in the lab rather than go to the host's resolver.
+        for role in ROLES:
             etc = ETC_NETNS / ns(role)
             etc.mkdir(parents=True, exist_ok=True)
-            (etc / "resolv.conf").write_text(
-                f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n"
-                f"nameserver {a.isp_lan_v4}\nnameserver {a.isp_lan_v6}\noptions timeout:1 attempts:2\n"
-            )
+            (etc / "resolv.conf").write_text(self.resolv_conf(role))
         for role in ROLES:
             self._wait_links_up(role)
+        log.debug("lab %s: links, addresses, routes and NAT configured; links up", self.run_id)
         if self.pcap_dir is not None:
             self._step(f"captures into {self.pcap_dir}")
             self.pcap_dir.mkdir(parents=True, exist_ok=True)
@@ -417,9 +443,11 @@ class Lab:
                 self.capture(role, ifname, wait=False)
             for cap in self.captures.values():
                 cap.wait_ready_sync()
+            log.debug("lab %s: capturing %s into %s", self.run_id, ", ".join(self.captures), self.pcap_dir)
         if self.services:
             self._step("services: HTTP, DNS, UDP echo, iperf3")
             self._start_services()
+            log.debug("lab %s: services listening (HTTP, DNS, UDP echo, iperf3)", self.run_id)
 
     def _veth(self, role: str, ifname: str, peer_role: str, peer_ifname: str) -> None:
         peer_ns = self.netns(peer_role)
@@ -570,18 +598,21 @@ class Lab:
             self._tearing_down = False
 
     def _teardown(self) -> None:
+        log.info("lab %s: tearing down", self.run_id)
         errors: list[str] = []
+        # Captures first, while every device they watch still exists: tcpdump drains, closes the file and
+        # reports its drop counts (a TUN closed under it makes it exit with an error instead).
+        for name in list(self.captures):
+            try:
+                self.stop_capture(name)
+            except Exception as exc:
+                errors.append(f"capture {name}: {exc}")
         for closer in reversed(self._closeables):
             try:
                 closer()
             except Exception as exc:
                 errors.append(f"close: {exc}")
         self._closeables.clear()
-        for cap in list(self.captures.values()):
-            try:
-                cap.stop_sync()
-            except Exception as exc:
-                errors.append(f"capture {cap.name}: {exc}")
         for proc in self.processes:
             proc.send_signal(signal.SIGTERM)
         for proc in self.processes:
@@ -601,7 +632,9 @@ class Lab:
         self._record = None
         self._up = False
         if errors:
+            log.warning("lab %s: teardown incomplete: %s", self.run_id, "; ".join(errors))
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
+        log.info("lab %s: down", self.run_id)
 
     # ------------------------------------------------------------------ processes
     def spawn(
@@ -718,6 +751,46 @@ class Lab:
             self.capture(role, dev.name)
         return dev
 
+    def resolv_conf(self, role: str) -> str:
+        """The /etc/resolv.conf programs in ``role`` see (``/etc/netns/<ns>/resolv.conf``, bind-mounted by
+        ``ip netns exec``): the home router's resolver for ``mac``, ``lan`` and ``isp`` itself, the internet's
+        (``dns.lab.test``) for ``inet`` and ``vpn``. Never the host's."""
+        a = self.addr
+        self.netns(role)  # validates the role
+        servers = (a.isp_lan_v4, a.isp_lan_v6) if role in ("mac", "lan", "isp") else (a.dns_v4, a.dns_v6)
+        return (
+            f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n"
+            f"nameserver {servers[0]}\nnameserver {servers[1]}\noptions timeout:1 attempts:2\n"
+        )
+
+    # ------------------------------------------------------------------ netlink (pyroute2, never the ip CLI)
+    def add_address(self, role: str, address: str, dev: str) -> None:
+        """Add ``address`` (``addr/prefixlen``; bare: a host address) to ``dev`` in ``role`` (pyroute2)."""
+        self._require_up()
+        netlink.add_address(self.netns(role), address, dev)
+
+    def add_route(self, role: str, dst: str, *, dev: str | None = None, via: str | None = None) -> None:
+        """Add a route to ``dst`` in ``role``, out of ``dev`` and/or through gateway ``via`` (pyroute2)."""
+        self._require_up()
+        netlink.add_route(self.netns(role), dst, ifname=dev, gateway=via)
+
+    def del_route(self, role: str, dst: str, *, missing_ok: bool = False) -> bool:
+        """Delete the route to ``dst`` in ``role``; False if absent and ``missing_ok`` (pyroute2)."""
+        self._require_up()
+        return netlink.del_route(self.netns(role), dst, missing_ok=missing_ok)
+
+    def set_link(
+        self, role: str, dev: str, *, up: bool | None = None, mtu: int | None = None, txqueuelen: int | None = None
+    ) -> None:
+        """Set ``dev``'s MTU, queue length and/or state in ``role`` (pyroute2)."""
+        self._require_up()
+        netlink.set_link(self.netns(role), dev, up=up, mtu=mtu, txqueuelen=txqueuelen)
+
+    def links(self, role: str, kind: str | None = None) -> list[str]:
+        """Interface names in ``role``, optionally only those of netlink kind ``kind`` (``"tun"``, ``"veth"``)."""
+        self._require_up()
+        return netlink.link_names(self.netns(role), kind)
+
     def nft(self, role: str, ruleset: str) -> None:
         """Load an nftables ruleset (``nft -f -`` syntax) in ``role``'s namespace."""
 
@@ -731,10 +804,22 @@ class Lab:
 
     # ------------------------------------------------------------------ capture
     def capture(
-        self, role: str, ifname: str, *, name: str | None = None, path: Path | None = None, wait: bool = True
+        self,
+        role: str,
+        ifname: str,
+        *,
+        name: str | None = None,
+        path: Path | None = None,
+        wait: bool = True,
+        buffer_kib: int | None = None,
+        snaplen: int | None = None,
     ) -> Capture:
         """Start tcpdump on ``role``/``ifname`` writing ``path`` (default ``<pcap_dir>/<role>-<ifname>.pcap``);
-        returns once the capture is active. Stopped and flushed at teardown (or call ``capture.stop_sync()``)."""
+        returns once the capture is active. Stopped and flushed at teardown (or call `stop_capture`).
+
+        ``buffer_kib`` (``tcpdump -B``) and ``snaplen`` (``-s``) default to the lab's ``capture_buffer_kib``
+        and ``capture_snaplen``. Whether the file is complete is known at stop (`stop_capture`).
+        """
         self._require_up()
         label = name or f"{role}-{ifname}"
         if path is None:
@@ -743,12 +828,39 @@ class Lab:
             path = self.pcap_dir / f"{label}.pcap"
         if shutil.which("tcpdump") is None:
             raise MissingDependency("tcpdump")
-        proc = self.spawn(role, Capture.argv(ifname, path), name=f"tcpdump-{label}")
-        cap = Capture(label, role, ifname, path, proc)
+        buffer_kib = self.capture_buffer_kib if buffer_kib is None else buffer_kib
+        snaplen = self.capture_snaplen if snaplen is None else snaplen
+        argv = Capture.argv(ifname, path, buffer_kib=buffer_kib, snaplen=snaplen)
+        proc = self.spawn(role, argv, name=f"tcpdump-{label}")
+        cap = Capture(label, role, ifname, path, proc, buffer_kib=buffer_kib, snaplen=snaplen)
         self.captures[label] = cap
         if wait:
             cap.wait_ready_sync()
         return cap
+
+    def stop_capture(self, name: str) -> CaptureStats:
+        """Stop the capture ``name``, record its stats in `capture_history` and return them.
+
+        A capture with drops (or whose tcpdump died before reporting) is logged at WARNING. With a pcap_dir,
+        ``<pcap_dir>/captures.json`` is rewritten with the whole history (what ``netsim lab down`` prints).
+        """
+        cap = self.captures.pop(name, None)
+        if cap is None:
+            raise LabError(f"no running capture {name!r}; running: {', '.join(self.captures) or 'none'}")
+        stats = cap.stop_sync()
+        self.capture_history.append(stats)
+        if not stats.complete:
+            log.warning(
+                "capture %s is not complete: %s (buffer %d KiB, snaplen %d)",
+                stats.name,
+                stats.status,
+                stats.buffer_kib,
+                stats.snaplen,
+                extra={"capture": stats.name, "path": str(stats.path), "dropped": stats.dropped},
+            )
+        if self.pcap_dir is not None:
+            write_capture_summary(self.pcap_dir, self.run_id, self.capture_history)
+        return stats
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:

@@ -65,7 +65,7 @@ ports = ["{DROP_PORT}"]
 def add_bypass_hosts(lab: Lab) -> None:
     """Add the bypass scenario's hosts and services to a running lab (blocking; waits for each READY)."""
     for addr in (f"{DIRECT_V4}/32", f"{DIRECT_V6}/128"):
-        lab.run_sync("inet", ["ip", "addr", "add", addr, "dev", "lo"])
+        lab.add_address("inet", addr, "lo")
     a = lab.addr
     mod = [sys.executable, "-m", "netsim.lab.services"]
     procs = [

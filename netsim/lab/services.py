@@ -142,16 +142,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _Handler.label = args.label
     drops = [0]
     threads: list[threading.Thread] = []
-    for spec in args.http:
-        server = _http_server(*parse_endpoint(spec))
-        threads.append(threading.Thread(target=server.serve_forever, daemon=True))
-    for spec in args.echo:
-        threads.append(threading.Thread(target=_serve_echo, args=(_udp_socket(*parse_endpoint(spec)),), daemon=True))
+    # DNS first: binding an HTTP server looks its address up (http.server's server_bind calls getfqdn, a PTR
+    # query to the namespace's resolv.conf, the lab's own resolver), and in inet that resolver is this process.
     for spec in args.dns:
         sock = _udp_socket(*parse_endpoint(spec))
         threads.append(threading.Thread(target=_serve_dns, args=(sock, drops), daemon=True))
-    for thread in threads:
-        thread.start()
+        threads[-1].start()
+    for spec in args.http:
+        server = _http_server(*parse_endpoint(spec))
+        threads.append(threading.Thread(target=server.serve_forever, daemon=True))
+        threads[-1].start()
+    for spec in args.echo:
+        threads.append(threading.Thread(target=_serve_echo, args=(_udp_socket(*parse_endpoint(spec)),), daemon=True))
+        threads[-1].start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -25,6 +25,7 @@ fd00:66::1/64; DNS is the lab's internet resolver (203.0.113.53, 2001:db8:113::5
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -49,6 +50,7 @@ from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, 
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.errors import ConfigError, LabError
 from netsim.lab.cleanup import RUN_DIR, helper_dir, tunnel_dir_prefix
+from netsim.lab.pcap import CaptureStats
 from netsim.lab.wireguard import WireGuardGo
 from netsim.runtime.channel import connect_ipc_unix
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
@@ -74,6 +76,7 @@ __all__ = [
 ]
 
 _HELPER_READY = r"^READY "
+log = logging.getLogger("netsim.lab.tunnel")
 
 
 @dataclass(frozen=True)
@@ -247,8 +250,19 @@ class LabTunnel:
 
     @property
     def pcaps(self) -> dict[str, Path]:
-        """Capture files by name (``mac-en0``, ``isp-wan``, ``vpn-wan``, ``vpn-wg``) when the lab has a pcap_dir."""
-        return {name: cap.path for name, cap in self.lab.captures.items()}
+        """Capture files by name when the lab has a pcap_dir: the lab's ``mac-en0``, ``isp-wan``, ``vpn-wan``,
+        and the tunnel's ``vpn-wg`` (wireguard-go's TUN: inner packets at the server) and ``mac-utun0`` (the
+        provider's utun: inner packets as apps send them). Running and stopped captures alike; whether each
+        file is complete is in `capture_stats` once it is stopped."""
+        files = {s.name: s.path for s in self.lab.capture_history}
+        files.update((name, cap.path) for name, cap in self.lab.captures.items())
+        return files
+
+    @property
+    def capture_stats(self) -> dict[str, CaptureStats]:
+        """`CaptureStats` by name for every capture stopped so far (the tunnel's own when it closes, all of them
+        at lab teardown): ``stats.complete``, ``stats.dropped``, ``stats.status`` (``PARTIAL: N dropped``)."""
+        return {s.name: s for s in self.lab.capture_history}
 
     async def send_provider_message(self, data: bytes) -> bytes | None:
         """Send an app message to the provider (``sendProviderMessage``); its ``handle_app_message`` answer."""
@@ -495,6 +509,23 @@ async def netsim_tunnel(
         _ACTIVE.discard(mac)
 
 
+async def _stop_captures(lab: Lab, names: list[str]) -> None:
+    """Stop these captures (those still running) so tcpdump drains and reports before its device goes away."""
+    for name in names:
+        if name in lab.captures:
+            await trio.to_thread.run_sync(lab.stop_capture, name)
+
+
+@asynccontextmanager
+async def _stopping_captures(lab: Lab, names: list[str]) -> AsyncIterator[None]:
+    """On exit (before the enclosing session closes the provider's utun), stop the captures named in ``names``."""
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop_captures(lab, names)
+
+
 @asynccontextmanager
 async def _netsim_tunnel(
     lab: Lab,
@@ -517,13 +548,14 @@ async def _netsim_tunnel(
     )
     await server.add_peer(client_key.public_key(), allowed_ips=[f"{plan.client_v4}/32", f"{plan.client_v6}/128"])
     # Both directories are named after the run in RUN_DIR (/run: tmpfs on most systems), so
-    # `netsim clean` finds them by run id after a SIGKILLed owner (reliability.md R3).
+    # `netsim clean` finds them by run id after a SIGKILLed owner (docs/reliability.md R3).
     RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
     conf_dir = Path(tempfile.mkdtemp(prefix=tunnel_dir_prefix(lab.run_id), dir=RUN_DIR))  # 0700: holds the key
     sock_dir = helper_dir(lab.run_id)
     socket_path = sock_dir / "helper.sock"
     stats_socket = sock_dir / "helper-stats.sock"
     helpers: list[LabProcess] = []
+    server_captures: list[str] = []
     try:
         if group_access:
             # UnixIpcServer accepts an existing directory with the right owner and mode; creating it here keeps
@@ -531,8 +563,10 @@ async def _netsim_tunnel(
             sock_dir.mkdir(mode=0o750, exist_ok=True)
             os.chmod(sock_dir, 0o750)
         await server.start()
+        log.info("lab %s: wireguard-go up in vpn (pid %s, port %d)", lab.run_id, server.pid, plan.port)
         if lab.pcap_dir is not None:
             await trio.to_thread.run_sync(lambda: lab.capture("vpn", server.ifname, name="vpn-wg"))
+            server_captures.append("vpn-wg")
         config_path = conf_dir / "client.conf"
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -556,6 +590,7 @@ async def _netsim_tunnel(
         helper = _spawn_helper(lab, argv)
         helpers.append(helper)
         await helper.wait_output(_HELPER_READY, timeout=20.0)
+        log.info("lab %s: helper ready in mac (pid %s, socket %s)", lab.run_id, helper.pid, socket_path)
         log_path = helper.stderr_path.parent / "provider.log"
         configuration = inputs.provider_configuration(
             {
@@ -573,11 +608,14 @@ async def _netsim_tunnel(
             start_timeout=start_timeout,
             stop_timeout=10.0,
         )
-        async with manager.open_session() as session:
+        utun_captures: list[str] = []
+        async with manager.open_session() as session, _stopping_captures(lab, utun_captures):
+            log.debug("lab %s: starting provider %s", lab.run_id, inputs.spec)
             await session.start_vpn_tunnel()
             with trio.move_on_after(start_timeout + 5):
                 await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
             if session.status is not VPNStatus.CONNECTED:
+                log.warning("lab %s: the tunnel did not connect (status %s)", lab.run_id, session.status.name)
                 provider_log = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
                 raise LabError(
                     f"the tunnel did not connect (status {session.status.name}, "
@@ -586,10 +624,9 @@ async def _netsim_tunnel(
                 )
             if lab.pcap_dir is not None:
                 # mac-utun0: the inner packets as the provider sees them (the utun exists once CONNECTED).
-                links = await lab.run("mac", ["ip", "-o", "link", "show", "type", "tun"], check=False)
-                for line in links.stdout.decode().splitlines():
-                    ifname = line.split(":")[1].strip().split("@")[0]
+                for ifname in await trio.to_thread.run_sync(lab.links, "mac", "tun"):
                     await trio.to_thread.run_sync(partial(lab.capture, "mac", ifname, name=f"mac-{ifname}"))
+                    utun_captures.append(f"mac-{ifname}")
             tunnel = LabTunnel(
                 lab=lab,
                 plan=plan,
@@ -606,12 +643,15 @@ async def _netsim_tunnel(
                 provider_configuration=configuration,
                 provider_spec=inputs.spec,
             )
+            log.info("lab %s: tunnel CONNECTED (provider %s)", lab.run_id, inputs.spec)
             yield tunnel
     finally:
+        log.info("lab %s: stopping the tunnel (helper, wireguard-go)", lab.run_id)
         with trio.CancelScope(shield=True):
             for proc in helpers:
                 if proc.returncode is None:
                     await proc.stop(grace=5.0)
+            await _stop_captures(lab, server_captures)  # while wireguard-go's TUN still exists
             await server.stop()
             shutil.rmtree(conf_dir, ignore_errors=True)
             shutil.rmtree(sock_dir, ignore_errors=True)

@@ -9,9 +9,10 @@ lab: `wg_ifname` derives them from the run id within the kernel's 15-character l
 
 Configuration goes through ``wg`` (wireguard-tools) run inside the namespace, with secrets on stdin so no
 private key is ever written to disk or shown in a process list; addresses and the link state through
-``ip -n <ns>``. `WireGuardGo.show` parses ``wg show <if> dump`` (wg(8): tab-separated; the interface line is
-private-key, public-key, listen-port, fwmark; each peer line is public-key, preshared-key, endpoint,
-allowed-ips, latest-handshake, transfer-rx, transfer-tx, persistent-keepalive).
+netlink (pyroute2, `netsim.lab.netlink`). `WireGuardGo.show` parses ``wg show <if> dump`` (wg(8):
+tab-separated; the interface line is private-key, public-key, listen-port, fwmark; each peer line is
+public-key, preshared-key, endpoint, allowed-ips, latest-handshake, transfer-rx, transfer-tx,
+persistent-keepalive).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from ipaddress import IPv4Interface, IPv6Interface, ip_interface, ip_network
 from pathlib import Path
 from types import TracebackType
@@ -42,6 +44,7 @@ from netsim.core.wireguard.config import (
 )
 from netsim.core.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from netsim.errors import ConfigError, LabError, MissingDependency
+from netsim.lab import netlink
 from netsim.lab.process import LabProcess, netns_exec_argv
 
 if TYPE_CHECKING:
@@ -347,7 +350,7 @@ class WireGuardGo:
         """Run wireguard-go, wait for its UAPI socket, apply the key, port, peers, addresses and bring it up.
 
         Raises:
-            MissingDependency: wireguard-go, wg or ip is not installed.
+            MissingDependency: wireguard-go, wg or ip (``ip netns exec`` runs them in the namespace) is missing.
             LabError: the process exited or the socket did not appear (the message carries its logs), or a
                 configuration command failed.
         """
@@ -412,11 +415,8 @@ class WireGuardGo:
     async def _apply(self) -> None:
         await self._run(["wg", "setconf", self.ifname, "/dev/stdin"], stdin=to_wg_setconf(self.config()))
         for addr in self.addresses:
-            await self._ip(["address", "add", str(addr), "dev", self.ifname])
-        link = ["link", "set", "dev", self.ifname]
-        if self.mtu is not None:
-            link += ["mtu", str(self.mtu)]
-        await self._ip([*link, "up"])
+            await trio.to_thread.run_sync(netlink.add_address, self.netns, str(addr), self.ifname)
+        await trio.to_thread.run_sync(partial(netlink.set_link, self.netns, self.ifname, mtu=self.mtu, up=True))
 
     async def stop(self) -> None:
         """Stop wireguard-go by pid (SIGTERM, then SIGKILL) and remove its socket. Idempotent.
@@ -537,17 +537,12 @@ class WireGuardGo:
 
     # --- commands ------------------------------------------------------------------------------------------
 
-    async def _ip(self, args: Sequence[str]) -> None:
-        await self._run(["ip", "-n", self.netns, *args], in_netns=False)
-
-    async def _run(
-        self, argv: Sequence[str], *, stdin: str | None = None, check: bool = True, in_netns: bool = True
-    ) -> tuple[int, str, str]:
-        """Run a short command (inside the namespace unless ``in_netns`` is False); (status, stdout, stderr).
+    async def _run(self, argv: Sequence[str], *, stdin: str | None = None, check: bool = True) -> tuple[int, str, str]:
+        """Run a short command inside the namespace; (status, stdout, stderr).
 
         Secrets travel on ``stdin`` (wg reads key files from /dev/stdin), never in argv.
         """
-        full = netns_exec_argv(self.netns, argv) if in_netns else list(argv)
+        full = netns_exec_argv(self.netns, argv)
         try:
             with trio.fail_after(_COMMAND_TIMEOUT):
                 result = await trio.run_process(

@@ -162,10 +162,10 @@ class SubprocessLauncher:
 
     The control socket's host end is inherited as ``--control-fd``; stdout/stderr go to ``log_path`` (or are
     inherited). The process is started through `netsim.runtime.spawn`, so it dies with this process (even on
-    SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider (reliability.md
-    F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects. The provider spec
-    must be importable in the child: ``"package.module:Class"`` or ``"/abs/path/file.py:Class"`` (a class
-    object is converted to ``module:qualname``).
+    SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider
+    (docs/reliability.md F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects.
+    The provider spec must be importable in the child: ``"package.module:Class"`` or
+    ``"/abs/path/file.py:Class"`` (a class object is converted to ``module:qualname``).
     """
 
     def __init__(
@@ -535,7 +535,8 @@ class TunnelProviderManager:
         protocol_configuration: the `TunnelProviderProtocol` handed to the provider.
         launcher: where the provider runs: `SubprocessLauncher` (a process in the lab's ``mac``) or
             `InProcessLauncher` (in-memory backend).
-        start_timeout / stop_timeout: the system's limits (60 s / 20 s as on Apple).
+        start_timeout: the system's limit on starting (60 s as on Apple).
+        stop_timeout: the system's limit on stopping (20 s as on Apple).
         exit_grace: how long a host may take to exit once its tunnel is DISCONNECTED before it is killed
             (`HOST_EXIT_GRACE`); a new start does not wait for it.
 

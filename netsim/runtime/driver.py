@@ -1,6 +1,6 @@
 """THE sans-IO driver loop: one datagram transport, one core, timers pulled, the clock injected.
 
-Theory of operation (aioquic's ``asyncio/protocol.py`` shape, architecture.md §1): a sans-IO core never blocks
+Theory of operation (aioquic's ``asyncio/protocol.py`` shape, docs/design.md): a sans-IO core never blocks
 and never reads a clock. `DatagramDriver.run` waits until the transport is readable or the core's next timer
 (`get_timer`) is due -- one wakeup per batch --, drains up to ``batch`` datagrams into reused buffers
 (`DatagramTransport.recv_batch`), hands the whole batch to the core with ``now``, fires ``handle_timer(now)``

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-This is the stand-in for a macOS privileged helper tool (architecture.md §2). It holds what a sandboxed
+This is the stand-in for a macOS privileged helper tool (docs/design.md, Processes). It holds what a sandboxed
 extension should not: the tunnel's private key, the WireGuard session state and a UDP socket on the physical
 interface. The provider sends it batches of inner packets over the IPC (`netsim.core.ipc`) and receives the
 decrypted replies the same way. Two loops share one `WireGuardDevice`:
@@ -24,7 +24,7 @@ with the bypass fwmark (`netsim.runtime.netconfig.BYPASS_FWMARK`), so the helper
 the utun even when the tunnel claims the default route (the Linux analogue of Apple exempting a provider's own
 traffic, F1).
 
-Ledger (reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
+Ledger (docs/reliability.md C1, L0): every stage keeps ``read = forwarded + dropped[reason] + queued``::
 
     ipc_in      packets from the provider        -> wg_encrypt | bypass; dropped: malformed, inner_src_not_allowed,
                                                     policy_drop:<rule> (one validation with or without a policy)

@@ -7,7 +7,7 @@ Theory of operation. A child must not outlive its owner, even when the owner is 
 code runs): ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` in the child between fork and exec asks the kernel for that.
 But prctl(2) defines "the parent" as the *thread* that forked, not the process: the signal fires when that
 thread exits. A child forked from a pooled worker thread therefore dies when the pool retires the thread --
-trio retires an idle worker after 10 s, which killed an idle tunnel's provider (reliability.md F15). So all
+trio retires an idle worker after 10 s, which killed an idle tunnel's provider (docs/reliability.md F15). So all
 forks happen on one dedicated thread per process, ``netsim-spawner``, started on first use and never retired:
 it ends only when the process ends, which is exactly when the children should die. The caller's thread (a
 trio worker, a namespace thread, the main thread) no longer matters.

@@ -3,7 +3,7 @@
 Use from a conftest: ``pytest_plugins = ["netsim.testing.fixtures"]``, or import the helpers directly.
 
 * ``lab``: a fresh `netsim.lab.Lab` per test (sync-managed, so plain tests and ``trio.run`` bodies can both use
-  it), with the L4 cleanliness assertion (reliability.md C1) after teardown.
+  it), with the L4 cleanliness assertion (docs/reliability.md C1) after teardown.
 * ``netns``: a fresh bare namespace (``netsim-<run>-t``), always removed.
 * `RootSnapshot` / `assert_root_unchanged`: the root namespace's links, addresses, routes and nftables ruleset, so
   a test can prove the lab never touched the host.
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,13 +28,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+# First: without pytest, netsim.testing.require's import error names the extra to install (netsim[testing]).
+from netsim.testing.require import require_binary, require_root
+
+# isort: split
 import pytest
 import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
 from netsim.lab.lab import Lab
 from netsim.lab.netns import create_netns, delete_netns, list_netns
-from netsim.testing.require import require_binary, require_root
 
 __all__ = [
     "LeakCheck",
@@ -46,12 +50,16 @@ __all__ = [
     "run_lab_scenario",
 ]
 
-_LINK_KEYS = ("ifindex", "ifname", "flags", "mtu", "link_type", "address", "master")
+_ROUTE_ATTRS = ("RTA_TABLE", "RTA_DST", "RTA_GATEWAY", "RTA_OIF", "RTA_PRIORITY", "RTA_PREFSRC", "RTA_MULTIPATH")
+_RTPROT_KERNEL, _RTN_MULTICAST = 2, 5  # <linux/rtnetlink.h>
 
 
-def _ip_json(*args: str) -> Any:
-    out = subprocess.run(["ip", "-j", *args], capture_output=True, text=True, check=True).stdout
-    return json.loads(out or "[]")
+def _netlink_dump() -> tuple[list[Any], list[Any], list[Any]]:
+    """Links, addresses and routes (every table, both families) of the calling thread's namespace (pyroute2)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return list(ipr.get_links()), list(ipr.get_addr()), list(ipr.get_routes(family=socket.AF_UNSPEC))
 
 
 @dataclass(frozen=True)
@@ -76,21 +84,43 @@ class RootSnapshot:
 
 
 def root_snapshot() -> RootSnapshot:
-    """Snapshot the root namespace (``ip -j link/addr/route`` and ``nft list ruleset``)."""
-    links = tuple(json.dumps({k: link.get(k) for k in _LINK_KEYS}, sort_keys=True) for link in _ip_json("link", "show"))
+    """Snapshot the root namespace (links, addresses and routes of every table over netlink, and
+    ``nft list ruleset``). Call it from a thread in the root namespace (any test's own thread)."""
+    link_msgs, addr_msgs, route_msgs = _netlink_dump()
+    names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in link_msgs}
+    links = tuple(
+        json.dumps(
+            {
+                "ifindex": link["index"],
+                "ifname": link.get_attr("IFLA_IFNAME"),
+                "flags": link["flags"],
+                "mtu": link.get_attr("IFLA_MTU"),
+                "link_type": link["ifi_type"],
+                "address": link.get_attr("IFLA_ADDRESS"),
+                "master": link.get_attr("IFLA_MASTER"),
+            },
+            sort_keys=True,
+        )
+        for link in link_msgs
+    )
     addrs = tuple(
-        f"{a['ifname']} {i['local']}/{i['prefixlen']}" for a in _ip_json("addr", "show") for i in a.get("addr_info", [])
+        f"{names.get(a['index'], a['index'])} {a.get_attr('IFA_LOCAL') or a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+        for a in addr_msgs
     )
     routes = tuple(
-        json.dumps(r, sort_keys=True)
-        for fam in ("-4", "-6")
-        for r in json.loads(
-            subprocess.run(
-                ["ip", "-j", fam, "route", "show", "table", "all"], capture_output=True, text=True, check=True
-            ).stdout
-            or "[]"
+        json.dumps(
+            {
+                "family": r["family"],
+                "type": r["type"],
+                "proto": r["proto"],
+                "scope": r["scope"],
+                "dst_len": r["dst_len"],
+                **{k: str(r.get_attr(k)) for k in _ROUTE_ATTRS if r.get_attr(k) is not None},
+            },
+            sort_keys=True,
         )
-        if r.get("protocol") != "kernel" or r.get("type") != "multicast"
+        for r in route_msgs
+        if r["proto"] != _RTPROT_KERNEL or r["type"] != _RTN_MULTICAST
     )
     nft = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, check=True).stdout
     return RootSnapshot(links, addrs, routes, nft)

@@ -471,10 +471,11 @@ async def memory_tunnel(
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
     Args:
-        provider / provider_configuration / policy: as for `netsim.lab.tunnel.netsim_tunnel` (validated before
-            anything starts; netsim adds ``helper_socket``, ``reconnect_for`` and ``backoff_max``). The policy's
-            route exclusions reach the provider in SETTINGS; with the NAT mechanism BYPASS verdicts have no
-            physical link here and are counted by the helper.
+        provider: as for `netsim.lab.tunnel.netsim_tunnel` (validated, with the next two, before anything starts).
+        provider_configuration: as for `netsim.lab.tunnel.netsim_tunnel`; netsim adds ``helper_socket``,
+            ``reconnect_for`` and ``backoff_max``.
+        policy: as for `netsim.lab.tunnel.netsim_tunnel`. The policy's route exclusions reach the provider in
+            SETTINGS; with the NAT mechanism BYPASS verdicts have no physical link here and are counted by the helper.
         loss: datagram loss on the fake network (seeded by ``seed``).
         mtu: tunnel MTU.
         timers: WireGuard timers for the helper (tests shorten them to see rekeys quickly).

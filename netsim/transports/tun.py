@@ -2,13 +2,13 @@
 
 Created with ``IFF_TUN | IFF_NO_PI`` so the fd carries bare IP packets (no ``struct tun_pi``), and never made
 persistent (no ``TUNSETPERSIST``), so the interface disappears when the last fd closes -- a SIGKILLed owner leaves
-nothing behind (reliability.md B10). The device is opened in a thread that has ``setns``'d into the target
+nothing behind (docs/reliability.md, lesson B10). The device is opened in a thread that has ``setns``'d into the target
 namespace; the fd keeps that namespace for life.
 
-Optional *utun framing* reproduces what a macOS utun control socket does: every packet carries a 4-byte,
-big-endian address-family word in front (``AF_INET`` = 2, Darwin ``AF_INET6`` = 30; apple-reference §2, as
-wireguard-go's ``tun_darwin.go`` writes it; the numbers and header bytes come from `netsim.core.family`). In that
-mode `read_packets` prepends the header and `write_packets` expects it and strips it.
+Optional *utun framing* reproduces what a macOS utun control socket does: every packet carries a 4-byte, big-endian
+address-family word in front (``AF_INET`` = 2, Darwin ``AF_INET6`` = 30; Apple R2, docs/apple-mapping.md; as
+wireguard-go's ``tun_darwin.go`` writes it; the numbers and header bytes come from `netsim.core.family`). In that mode
+`read_packets` prepends the header and `write_packets` expects it and strips it.
 
 Reads return owned ``bytes`` (`read_packets`): measured faster than a wireguard-go style ``read_into`` over reused
 buffers with headroom (``micro/tun-read``: about 1.0 us/packet against 1.3 us for ``readinto`` plus the bookkeeping

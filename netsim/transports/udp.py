@@ -1,6 +1,6 @@
 """`UdpTransport`: the helper's UDP socket on the physical interface, as a datagram transport.
 
-Thin I/O adapter (architecture.md §1): open/bind with SO_BINDTODEVICE and SO_MARK, a batch receive into the
+Thin I/O adapter (docs/design.md, Layers): open/bind with SO_BINDTODEVICE and SO_MARK, a batch receive into the
 caller's buffers (``recvfrom_into`` until EAGAIN: Python has no ``recvmmsg``), and sends that report a named
 drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
 """

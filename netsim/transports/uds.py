@@ -19,7 +19,8 @@ liveness) is `netsim.runtime.channel.IpcChannel`. This module only deals with so
 
 Abstract sockets (``"\\0name"``) are deliberately not offered: they have no filesystem permissions, and they are
 scoped per network namespace, so any process in the simulated Mac's namespace could reach the helper
-(reliability.md B8). A path in a 0700 directory gives two independent gates: the directory mode and SO_PEERCRED.
+(docs/reliability.md, lesson B8). A path in a 0700 directory gives two independent gates: the directory mode
+and SO_PEERCRED.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`netsim clean` removes a dead run's helper and tunnel directories, found by run id only (reliability.md R3).
+"""`netsim clean` removes a dead run's helper and tunnel directories, found by run id only (docs/reliability.md R3).
 
 No root needed: the run directory and the temp dir are pointed at ``tmp_path``. The run ids are random, so the
 real namespaces and wireguard sockets `remove_run` also looks at can only be this test's (there are none).

@@ -4,7 +4,7 @@ One lab and one tunnel serve the whole module (2-core CI): the module fixture ru
 security checks, then the faults -- and records what it saw; each test asserts one property of that record.
 Probe payloads carry a per-run token so the captures can be searched for them: zero matches on ``mac/en0``
 (nothing in clear leaves the Mac), and matches on the server's decrypted side (the positive control that makes
-the zero meaningful, reliability.md K1/K2, S7).
+the zero meaningful, docs/reliability.md K1/K2, S7).
 """
 
 from __future__ import annotations

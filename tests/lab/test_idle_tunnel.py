@@ -1,4 +1,4 @@
-"""An idle lab tunnel stays up (reliability.md F15, found by attack: PR_SET_PDEATHSIG and trio's thread cache).
+"""An idle lab tunnel stays up (docs/reliability.md F15, found by attack: PR_SET_PDEATHSIG and trio's thread cache).
 
 The defect: the provider host was forked from a trio worker thread with ``PR_SET_PDEATHSIG``; the kernel sends
 that signal when the *forking thread* exits, and trio retires a worker thread after 10 s without work. So a

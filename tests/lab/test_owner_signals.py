@@ -1,4 +1,4 @@
-"""A lab owner stopped by a signal leaves nothing behind (reliability.md R1, R3; found by attack).
+"""A lab owner stopped by a signal leaves nothing behind (docs/reliability.md R1, R3; found by attack).
 
 The defects: a background owner (SIGINT ignored, as ``cmd &`` does in a non-interactive shell) got SIGTERM, and
 `Lab` raised KeyboardInterrupt from inside trio's run loop ("guest run abandoned"): no teardown, the namespaces,

@@ -112,7 +112,9 @@ class PolicyEngine:
 
     Args:
         policy: initial policy (default: no rules, tunnel everything).
-        max_bindings, min_ttl, max_ttl: see :class:`DnsBindings`.
+        max_bindings: see :class:`DnsBindings`.
+        min_ttl: see :class:`DnsBindings`.
+        max_ttl: see :class:`DnsBindings`.
     """
 
     def __init__(
