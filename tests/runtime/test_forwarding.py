@@ -256,3 +256,22 @@ def test_refused_writes_are_booked_without_statistics_or_kernel_io(monkeypatch: 
     assert _KernelCountingTun.kernel_reads == 0
     device = host.flow.device
     assert isinstance(device, MemoryTun) and len(device.take_written()) == 3
+
+
+def test_a_start_refused_busy_says_the_helper_is_busy() -> None:
+    """Issue 13: a second built-in provider refused BUSY used to fail with ``'TooSlowError: '`` (no message)."""
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            async with t.another_manager().open_session() as other:
+                await other.start_vpn_tunnel()
+                with trio.fail_after(60):
+                    await other.wait_status(VPNStatus.DISCONNECTED)
+                error = other.last_disconnect_error or ""
+                assert other.stop_reason is ProviderStopReason.PROVIDER_FAILED
+                assert "TooSlowError" not in error, error
+                assert "BUSY" in error and "another provider" in error, error
+                assert "10 s" in error, error  # how long it tried (connect_timeout)
+            assert t.session.status is VPNStatus.CONNECTED
+
+    run_memory(main)
