@@ -45,6 +45,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ProviderMessageError": ("netsim.runtime.controller", "ProviderMessageError"),
     "WireGuardSocket": ("netsim.runtime.wgsocket", "WireGuardSocket"),
     "load_policy_file": ("netsim.runtime.policy_file", "load_policy_file"),
+    # the provider's side of the helper (docs/helper.md, "Your own provider and the helper")
+    **{
+        n: ("netsim.runtime.helper_client", n)
+        for n in ("HelperBusy", "HelperClient", "HelperClientConfig", "open_helper_client", "start_helper_client")
+    },
     # sans-IO core
     "PacketView": ("netsim.core.packet", "PacketView"),
     "PrefixTable": ("netsim.core.prefix", "PrefixTable"),

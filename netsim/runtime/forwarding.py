@@ -207,7 +207,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             last = self._last_error
             why = f"; the last attempt: {type(last).__name__}: {last}" if last is not None else ""
             if isinstance(last, HelperBusy) or (isinstance(last, RemoteProtocolError) and last.reason == "peer_busy"):
-                why = f"; the helper refused it with BUSY: another provider is connected ({last})"
+                why = "; the helper refused it with BUSY: it already serves another provider"
             raise TunnelDown(f"no helper session within connect_timeout ({timeout:g} s){why}")
         if self._start_error is not None:
             raise self._start_error

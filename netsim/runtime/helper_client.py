@@ -57,7 +57,7 @@ from netsim.apple.settings import (
 )
 from netsim.core import ipc
 from netsim.core.ledger import Ledger
-from netsim.errors import ConfigError, RemoteProtocolError, TunnelDown
+from netsim.errors import ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.channel import IpcChannel, connect_ipc_unix
 from netsim.transports.uds import read_token_file
 
@@ -332,9 +332,12 @@ class HelperClient:
 
         Never blocks: the batch is written at once if the socket takes it, else queued (bounded). Returns False
         when it was dropped (queue full, connection closed); the channel's ``ipc_out`` ledger stage counts it.
-        Buffers must not be changed until written (``bytes`` and the flow's read buffers are fine).
+        Buffers must not be changed until written (``bytes`` and the flow's read buffers are fine). Never raises.
         """
-        return self.channel.send_packets_nowait(packets, families)
+        try:
+            return self.channel.send_packets_nowait(packets, families)
+        except LocalProtocolError:  # the connection is closing (GOODBYE sent): counted as ipc_local_error
+            return False
 
     async def receive_packets(self) -> tuple[list[memoryview], Sequence[int]]:
         """Wait for the next inbound batch: ``(packets, families)``, as ``packet_flow.write_packets`` takes.
