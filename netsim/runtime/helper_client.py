@@ -485,6 +485,21 @@ async def open_helper_client(
         if exc.reason != "peer_busy":
             raise
         raise HelperBusy(f"the helper at {config.helper_socket} refused the connection with BUSY") from None
+    except BaseExceptionGroup as group:  # a connector's nursery wrapped our own error: hand it back bare
+        leaf = _single_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+def _single_leaf(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The one `Exception` a chain of one-member groups holds, else None (Cancelled and the like stay grouped)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        if len(leaf.exceptions) != 1:
+            return None
+        leaf = leaf.exceptions[0]
+    return leaf if isinstance(leaf, Exception) else None
 
 
 async def start_helper_client(
