@@ -440,3 +440,24 @@ def test_helper_client_is_usable_directly_over_a_channel() -> None:
                 assert not client.is_connected
 
     run_memory(main)
+
+
+def test_the_counting_provider_in_docs_helper_md_runs() -> None:
+    """docs/helper.md's CountingProvider listing is code that works (extracted, run in the memory tunnel)."""
+    import re
+    import types
+
+    doc = (Path(__file__).parents[2] / "docs" / "helper.md").read_text()
+    section = doc[doc.index("### Your own provider: the counting provider end to end") :]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+    module = types.ModuleType("helper_md_listing")
+    exec(compile(code, "docs/helper.md", "exec"), module.__dict__)  # our own doc's listing
+
+    async def main() -> None:
+        async with memory_tunnel(provider=module.CountingProvider) as t:
+            sent = [icmp_echo(t.client_v4, WWW4, 1), udp_packet(t.client_v4, WWW4, 40000, 7, b"doc")]
+            assert len(await t.exchange(sent)) == 2
+            counts = json.loads(await t.send_provider_message(b"counts") or b"")
+            assert counts["out"] == counts["in"] == {"icmp": 1, "tcp": 0, "udp": 1, "other": 0}
+
+    run_memory(main)
