@@ -204,11 +204,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         with trio.move_on_after(timeout):
             await self._ready.wait()
         if not self._ready.is_set():
-            last = self._last_error
-            why = f"; the last attempt: {type(last).__name__}: {last}" if last is not None else ""
-            if isinstance(last, HelperBusy) or (isinstance(last, RemoteProtocolError) and last.reason == "peer_busy"):
-                why = "; the helper refused it with BUSY: it already serves another provider"
-            raise TunnelDown(f"no helper session within connect_timeout ({timeout:g} s){why}")
+            raise TunnelDown(f"no helper session within connect_timeout ({timeout:g} s){_why(self._last_error)}")
         if self._start_error is not None:
             raise self._start_error
 
@@ -250,7 +246,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             elif down_since is None:
                 down_since = now
             if now - down_since > reconnect_for:
-                error = TunnelDown(f"the helper stayed unreachable for {reconnect_for:g} s")
+                error = TunnelDown(f"the helper stayed unreachable for {reconnect_for:g} s{_why(exc)}")
                 if not self._ready.is_set():
                     self._start_error = error
                     self._ready.set()
@@ -392,6 +388,15 @@ class HelperForwardingProvider(PacketTunnelProvider):
         if data == b"helper-stats":
             return json.dumps(await self.helper_statistics()).encode()
         return None
+
+
+def _why(last: BaseException | None) -> str:
+    """What the last connection attempt ended with, for a start or give-up message (BUSY said in words)."""
+    if last is None:
+        return ""
+    if isinstance(last, HelperBusy) or (isinstance(last, RemoteProtocolError) and last.reason == "peer_busy"):
+        return "; the helper refused it with BUSY: it already serves another provider"
+    return f"; the last attempt: {type(last).__name__}: {last}"
 
 
 def _overrides(obj: object, name: str) -> bool:

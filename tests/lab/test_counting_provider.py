@@ -20,10 +20,12 @@ import pytest
 import trio
 
 from examples.counting_provider import CountingProvider
-from netsim.apple import VPNStatus
+from netsim.apple import TunnelProviderProtocol, VPNStatus
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.tunnel import netsim_tunnel
+from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
+from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -92,3 +94,47 @@ def test_counting_provider_through_wireguard_counts_and_leaks_nothing(lab: Lab) 
     en0 = b"".join(bytes(p) for p in read_pcap(lab.pcap_dir / "mac-en0.pcap"))
     assert rec["control"] == (0, control) and control.encode() in en0  # positive control: the capture sees it
     assert token.encode() not in en0  # through the tunnel: never in clear on en0
+
+
+@pytest.mark.parametrize("second", ["counting", "builtin"])
+def test_a_second_provider_is_refused_busy_saying_so(lab: Lab, second: str) -> None:
+    """While a CountingProvider tunnel runs, a second provider in ``mac`` (another CountingProvider, or the
+    built-in one) is refused by the helper: its start fails naming BUSY (the built-in one used to record
+    ``'TooSlowError: '``), and the first tunnel keeps working."""
+    token = f"NSBUSY{secrets.token_hex(6)}"
+    rec: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with netsim_tunnel(lab, provider=CountingProvider) as t:
+            provider = CountingProvider if second == "counting" else HelperForwardingProvider
+            manager = TunnelProviderManager(
+                provider,
+                SubprocessLauncher(lab.netns("mac")),
+                TunnelProviderProtocol(
+                    server_address=str(lab.addr.vpn_wan_v4),
+                    provider_configuration={
+                        "helper_socket": str(t.socket_path),
+                        "token_file": str(t.token_path),
+                        "connect_timeout": 5.0,
+                        "reconnect_for": 30.0,
+                        "backoff_max": 0.5,
+                    },
+                ),
+                start_timeout=20.0,
+                stop_timeout=10.0,
+            )
+            async with manager.open_session() as other:
+                await other.start_vpn_tunnel()
+                with trio.fail_after(60):
+                    await other.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+                rec["second"] = (other.status, other.last_disconnect_error)
+            rec["first"] = t.session.status
+            rec["echo"] = await _token_echo(lab, token)
+            rec["helper"] = await t.helper_stats()
+
+    trio.run(main)
+    status, error = rec["second"]
+    assert status is VPNStatus.DISCONNECTED, rec
+    assert "BUSY" in (error or "") and "TooSlowError" not in (error or ""), error
+    assert rec["first"] is VPNStatus.CONNECTED and rec["echo"] == (0, token), rec
+    assert rec["helper"]["sessions"] == 1
