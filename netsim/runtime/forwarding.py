@@ -311,6 +311,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
                 if accepted != n:
                     ipc_in.count_dropped("tun_refused", n - accepted)
         finally:
+            client._end(TunnelDown("the helper session ended"))  # wakes statistics waiters (first reason wins)
             if self._channel is ch:
                 self._channel = None
                 self._client = None

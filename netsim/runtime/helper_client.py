@@ -58,7 +58,7 @@ from netsim.apple.settings import (
 from netsim.core import ipc
 from netsim.core.ledger import Ledger
 from netsim.errors import ConfigError, LocalProtocolError, RemoteProtocolError, TunnelDown
-from netsim.runtime.channel import IpcChannel, connect_ipc_unix
+from netsim.runtime.channel import IpcChannel, IpcChannelStatistics, connect_ipc_unix
 from netsim.transports.uds import read_token_file
 
 if TYPE_CHECKING:
@@ -269,6 +269,11 @@ class HelperClient:
     def is_connected(self) -> bool:
         """False once the connection ended (packets sent then are dropped and counted as ``ipc_closed``)."""
         return self._closed is None and not self.channel.is_broken
+
+    def statistics(self) -> IpcChannelStatistics:
+        """The connection's counters: frames and bytes each way, and the ``ipc_out`` ledger stage (what was
+        written, dropped ``ipc_queue_full`` / ``ipc_closed`` / ``ipc_local_error``, queued)."""
+        return self.channel.statistics()
 
     async def wait_closed(self) -> None:
         """Return once the connection ended (`receive_packets` saw its end, or `aclose` ran)."""

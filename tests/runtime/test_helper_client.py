@@ -158,6 +158,8 @@ def test_settings_packets_ping_and_statistics_through_the_client() -> None:
             assert [bytes(p) for p in packets] == [b"\x45one", b"\x60two"]
             assert list(families) == [ipc.AF_INET, ipc.AF_INET6]
             assert client.send_packets([b"\x45out"], [ipc.AF_INET]) is True
+            out = client.statistics().ipc_out
+            assert (out.read, out.forwarded) == (1, 1)
 
             async with trio.open_nursery() as nursery:  # answers come through the inbound loop
                 nursery.start_soon(client.receive_packets)
