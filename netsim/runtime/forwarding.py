@@ -2,21 +2,25 @@
 
 Theory of operation
 -------------------
-``start_tunnel`` connects to the helper's Unix socket (``provider_configuration["helper_socket"]``), receives the
-helper's SETTINGS frame (addresses, DNS, AllowedIPs, MTU and server address from the WireGuard config: the keys
-stay in the helper) and applies them with ``set_tunnel_network_settings``. Two loops then run for the life of
-the tunnel:
+Each helper connection is one `netsim.runtime.helper_client.HelperClient` (the public API a user's own provider
+uses too: one code path). ``start_tunnel`` connects to the helper's Unix socket
+(``provider_configuration["helper_socket"]``), receives the helper's SETTINGS (addresses, DNS, AllowedIPs, MTU
+and server address from the WireGuard config: the keys stay in the helper) and applies them, through the
+`HelperForwardingProvider.merge_settings` hook, with ``set_tunnel_network_settings``. Two loops then run for the
+life of the tunnel:
 
 * **outbound**: ``await packet_flow.read_packets()`` (Apple: ``readPackets``; one trio wakeup returns every queued
   packet as parallel lists of packets and Darwin families) -> one IPC PACKETS frame with those same lists
-  (`IpcChannel.send_packets_nowait`: scatter-gather ``sendmsg``, the payload bytes are never copied into a frame).
+  (`HelperClient.send_packets`: scatter-gather ``sendmsg``, the payload bytes are never copied into a frame).
   While the helper is away the batch is dropped and counted as ``helper_down``: reading on keeps the utun queue
   from filling with stale packets, and the count says exactly what was lost.
-* **inbound**: each IPC PACKETS frame -> ``packet_flow.write_packets(batch.packets(), batch.families)`` (Apple:
+* **inbound**: each IPC PACKETS frame (`HelperClient.receive_packets`, which also answers PING and delivers
+  statistics answers) -> ``packet_flow.write_packets(packets, families)`` (Apple:
   ``writePackets(_:withProtocols:)``): memoryview slices of the IPC receive buffer (zero copy until the TUN write)
   and the frame's families as they came.
 
-No `Packet` object is made on either path (they are Apple's per-packet objects, for providers that want them);
+The optional ``on_outbound_batch`` / ``on_inbound_batch`` hooks see each batch (only when a subclass overrides
+them). No `Packet` object is made on either path (they are Apple's per-packet objects, for providers that want them);
 the families travel end to end as the parallel lists both APIs already use. When a write is refused, the
 provider reads the flow's plain ``packets_written`` counter to book what was taken: no statistics snapshot and
 no I/O on the event loop under load.
