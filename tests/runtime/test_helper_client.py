@@ -463,3 +463,28 @@ def test_the_counting_provider_in_docs_helper_md_runs() -> None:
             assert counts["out"] == counts["in"] == {"icmp": 1, "tcp": 0, "udp": 1, "other": 0}
 
     run_memory(main)
+
+
+class _MtuProvider(CountingProvider):
+    """start_helper_client with an ``on_settings`` of its own: change the helper's settings, then apply them."""
+
+    async def start_tunnel(self, options: dict[str, Any] | None) -> None:
+        async def apply(settings: PacketTunnelNetworkSettings) -> None:
+            settings.mtu = 1280
+            await self.set_tunnel_network_settings(settings)
+
+        from netsim.runtime.helper_client import start_helper_client
+
+        self.helper = await start_helper_client(self, on_settings=apply)
+        assert self.helper.settings is not None and self.helper.settings.mtu == 1420  # the helper's own, unchanged
+        self.start_soon(self._outbound, self.helper)
+        self.start_soon(self._inbound, self.helper)
+
+
+def test_start_helper_client_hands_the_settings_to_on_settings_to_change_and_apply() -> None:
+    async def main() -> None:
+        async with memory_tunnel(provider=_MtuProvider) as t:
+            assert t.session.applied_settings is not None and t.session.applied_settings["mtu"] == 1280
+            assert len(await t.exchange([icmp_echo(t.client_v4, WWW4, 1)])) == 1
+
+    run_memory(main)
