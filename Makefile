@@ -9,7 +9,7 @@ LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps demo test lint typecheck pytest pytest-lowest bench bench-quick clean
+.PHONY: all setup sysdeps demo test lint typecheck pytest pytest-lowest pytest-pythons bench bench-quick clean
 
 all: test
 
@@ -51,7 +51,20 @@ $(LOWEST_STAMP): pyproject.toml $(STAMP)
 pytest-lowest: $(LOWEST_STAMP)
 	env -u NETSIM_REQUIRE_PRIVILEGED $(LOWEST)/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" $(PYTEST_ARGS)
 
-test: setup lint typecheck pytest pytest-lowest
+# The unprivileged tests again on every other Python the package says it supports (classifiers in pyproject.toml),
+# each in its own venv (.venv-3.12, ...); scripts/find-python.sh finds the interpreter or has uv install one.
+PYTHONS ?= 3.12 3.13
+pytest-pythons: $(STAMP)
+	@for v in $(PYTHONS); do \
+	  py=$$(scripts/find-python.sh $$v $(BIN)/uv) || exit 1; \
+	  echo "== Python $$v ($$py)"; \
+	  $(BIN)/uv venv -q --allow-existing -p $$py .venv-$$v || exit 1; \
+	  VIRTUAL_ENV=.venv-$$v $(BIN)/uv pip install -q -e '.[dev]' || exit 1; \
+	  env -u NETSIM_REQUIRE_PRIVILEGED .venv-$$v/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" \
+	    --ignore=tests/test_wheel.py $(PYTEST_ARGS) || exit 1; \
+	done
+
+test: setup lint typecheck pytest pytest-lowest pytest-pythons
 
 bench-quick: setup
 	$(BIN)/netsim bench --quick

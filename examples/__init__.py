@@ -1,1 +1,2 @@
-"""Runnable examples of netsim providers (importable as ``examples.<name>``)."""
+"""Runnable examples of netsim providers: ``netsim.examples.<name>`` when installed (``netsim examples`` lists them),
+``examples.<name>`` in a checkout (netsim/examples links here)."""

@@ -93,6 +93,77 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from netsim.apple import *  # noqa: F403
-    from netsim.errors import *  # noqa: F403
+if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type checkers and IDEs
+    # One import per `_EXPORTS` entry, from the same module and attribute (tests/test_typed_exports.py checks
+    # that they agree). ``X as X`` is an explicit re-export; a renamed export is an alias assignment.
+    from netsim.apple import AF_INET as AF_INET
+    from netsim.apple import AF_INET6 as AF_INET6
+    from netsim.apple import TUNNEL_PROVIDER_ERROR_DOMAIN as TUNNEL_PROVIDER_ERROR_DOMAIN
+    from netsim.apple import AppRule as AppRule
+    from netsim.apple import DNSOverHTTPSSettings as DNSOverHTTPSSettings
+    from netsim.apple import DNSOverTLSSettings as DNSOverTLSSettings
+    from netsim.apple import DNSProtocol as DNSProtocol
+    from netsim.apple import DNSSettings as DNSSettings
+    from netsim.apple import FlowMetaData as FlowMetaData
+    from netsim.apple import IPv4Route as IPv4Route
+    from netsim.apple import IPv4Settings as IPv4Settings
+    from netsim.apple import IPv6Route as IPv6Route
+    from netsim.apple import IPv6Settings as IPv6Settings
+    from netsim.apple import Packet as Packet
+    from netsim.apple import PacketTunnelNetworkSettings as PacketTunnelNetworkSettings
+    from netsim.apple import ProviderStopReason as ProviderStopReason
+    from netsim.apple import ProxyServer as ProxyServer
+    from netsim.apple import ProxySettings as ProxySettings
+    from netsim.apple import RoutingMethod as RoutingMethod
+    from netsim.apple import TrafficDirection as TrafficDirection
+    from netsim.apple import TunnelNetworkSettings as TunnelNetworkSettings
+    from netsim.apple import TunnelProviderError as TunnelProviderError
+    from netsim.apple import TunnelProviderErrorCode as TunnelProviderErrorCode
+    from netsim.apple import TunnelProviderProtocol as TunnelProviderProtocol
+    from netsim.apple import VPNStatus as VPNStatus
+    from netsim.core.nat import NatConfig as NatConfig
+    from netsim.core.nat import NatTable as NatTable
+    from netsim.core.packet import PacketView as PacketView
+    from netsim.core.policy import Action as Action
+    from netsim.core.policy import Mechanism as Mechanism
+    from netsim.core.policy import Policy as Policy
+    from netsim.core.policy import PolicyEngine as PolicyEngine
+    from netsim.core.policy import Rule as Rule
+    from netsim.core.policy import Verdict as Verdict
+    from netsim.core.policy import excluded_routes_for as excluded_routes_for
+    from netsim.core.policy import parse_policy as parse_policy
+    from netsim.core.prefix import PrefixTable as PrefixTable
+    from netsim.core.routes import DuplicatePolicy as DuplicatePolicy
+    from netsim.core.routes import RouteTable as RouteTable
+    from netsim.core.wireguard import Timers as _WireGuardTimers
+    from netsim.core.wireguard import TunnelConfig as TunnelConfig
+    from netsim.core.wireguard import WireGuardDevice as WireGuardDevice
+    from netsim.core.wireguard import parse_config as _parse_wireguard_config
+    from netsim.errors import BadPacket as BadPacket
+    from netsim.errors import ConfigError as ConfigError
+    from netsim.errors import LabError as LabError
+    from netsim.errors import LocalProtocolError as LocalProtocolError
+    from netsim.errors import MissingDependency as MissingDependency
+    from netsim.errors import NetsimError as NetsimError
+    from netsim.errors import PrivilegeError as PrivilegeError
+    from netsim.errors import RemoteProtocolError as RemoteProtocolError
+    from netsim.errors import TunnelDown as TunnelDown
+    from netsim.lab import Lab as Lab
+    from netsim.lab.wireguard import WireGuardGo as WireGuardGo
+    from netsim.runtime.controller import InProcessLauncher as InProcessLauncher
+    from netsim.runtime.controller import ProviderMessageError as ProviderMessageError
+    from netsim.runtime.controller import StatusChange as StatusChange
+    from netsim.runtime.controller import SubprocessLauncher as SubprocessLauncher
+    from netsim.runtime.controller import TunnelProviderManager as TunnelProviderManager
+    from netsim.runtime.controller import TunnelProviderSession as TunnelProviderSession
+    from netsim.runtime.controller import memory_launcher as memory_launcher
+    from netsim.runtime.flow import FlowStatistics as FlowStatistics
+    from netsim.runtime.flow import PacketTunnelFlow as PacketTunnelFlow
+    from netsim.runtime.policy_file import load_policy_file as load_policy_file
+    from netsim.runtime.provider import PacketTunnelProvider as PacketTunnelProvider
+    from netsim.runtime.wgsocket import WireGuardSocket as WireGuardSocket
+    from netsim.testing.memory_tun import MemoryTun as MemoryTun
+    from netsim.transports.tun import TunDevice as TunDevice
+
+    WireGuardTimers = _WireGuardTimers
+    parse_wireguard_config = _parse_wireguard_config

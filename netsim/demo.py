@@ -8,6 +8,7 @@ then both ledgers. Without those it says why and runs the in-memory backend of t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -19,7 +20,11 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from netsim.console import make_console
+
 __all__ = ["DemoRow", "real_backend_missing", "run_demo"]
+
+log = logging.getLogger("netsim.demo")
 
 _RTT = re.compile(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/")
 _BINARIES = ("wireguard-go", "wg", "nft", "iperf3", "tcpdump", "curl", "dig", "ping")
@@ -50,10 +55,12 @@ def real_backend_missing() -> str | None:
 
 def run_demo(*, pcap_dir: str | None = None, force_memory: bool = False) -> int:
     """Run the demo; returns the process exit code (0 when every probe succeeded)."""
-    console = Console(highlight=False)
+    console = make_console()
     why = "--memory was given" if force_memory else real_backend_missing()
     if why is None:
+        log.info("the real backend (lab, wireguard-go, helper and provider processes)")
         return trio.run(_real_demo, console, pcap_dir)
+    log.info("the in-memory backend (%s)", why)
     console.print(f"[yellow]Using the in-memory backend:[/] {why}.")
     console.print("Same provider, helper and WireGuard code; MemoryTun and a fake network instead of the lab.\n")
     return trio.run(_memory_demo, console)
@@ -101,9 +108,11 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
             await trio.to_thread.run_sync(add_bypass_hosts, lab)
         roles = ", ".join(lab.netns(r) for r in ("mac", "isp", "vpn", "inet", "lan"))
         console.print(f"lab [bold]{lab.run_id}[/] up: {roles}")
+        log.info("lab %s up, starting the tunnel", lab.run_id)
         with console.status("starting wireguard-go (vpn), the helper and the provider (mac)"):
             t = await stack.enter_async_context(netsim_tunnel(lab, policy=BYPASS_POLICY_TOML))
         console.print("tunnel connected: utun → provider → UDS → helper → WireGuard → wireguard-go → inet")
+        log.info("tunnel connected, %d probes", len(demo_probes(str(lab.addr.lan_eth0_v4))))
         console.print("bypass policy (mechanism nat): 203.0.113.20, TCP 8080, isp.lab.test bypass; UDP 9 dropped\n")
         for label, argv in demo_probes(str(lab.addr.lan_eth0_v4)):
             with console.status(f"probe: {label}"):
@@ -114,12 +123,14 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
             ok = (not r.ok) if expect_fail else r.ok
             detail = f"dropped by policy ({r.policy_dropped} packets)" if expect_fail else _detail(r.output)
             rows.append(DemoRow(label, r.path, seconds, ok, detail))
+            log.debug("probe %r path %s ok %s (%.1f ms)", label, r.path, ok, seconds * 1000)
             mark = "[green]ok[/]" if ok else "[red]FAIL[/]"
             console.print(f"  {mark} {label} ({r.path}, {seconds * 1000:.1f} ms)")
         provider = await t.provider_stats()
         helper = await t.helper_stats()
         pcaps = sorted(str(p) for p in t.pcaps.values())
         console.print("stopping provider, helper, wireguard-go and the lab")
+        log.info("probes done, stopping the tunnel and the lab")
     console.print()
     console.print(_rows_table("Probes from the simulated Mac", rows))
     console.print(_ledger_table("Provider ledger (read = forwarded + dropped + queued)", provider.get("ledger", {})))
@@ -151,6 +162,7 @@ def demo_probes(lan_host: str) -> list[tuple[str, tuple[str, ...]]]:
 
 def _verdict(console: Console, rows: list[DemoRow], tail: str) -> int:
     failed = [r.probe for r in rows if not r.ok]
+    log.info("%d of %d probes succeeded", len(rows) - len(failed), len(rows))
     if failed:
         console.print(f"[red]{len(failed)} probe(s) failed:[/] {', '.join(failed)}")
         return 1
@@ -166,6 +178,7 @@ async def _memory_demo(console: Console) -> int:
     async with AsyncExitStack() as stack:
         with console.status("starting provider, helper and a WireGuard server peer in memory"):
             t = await stack.enter_async_context(memory_tunnel())
+        log.info("in-memory tunnel connected")
         probes = [
             ("ping v4 203.0.113.10", icmp_echo(t.client_v4, "203.0.113.10", 1)),
             ("ping v6 2001:db8:113::10", icmp_echo(t.client_v6, "2001:db8:113::10", 1)),
@@ -186,6 +199,7 @@ async def _memory_demo(console: Console) -> int:
                 ok = view.src == PacketView.parse_untrusted(pkt).dst
                 detail = f"reply from {view.src_address}, {len(replies[0])} bytes"
             rows.append(DemoRow(label, "tunnel" if after > before else "direct", seconds, ok, detail))
+            log.debug("probe %r ok %s (%.1f ms)", label, ok, seconds * 1000)
         provider = await t.provider_stats()
         helper = await t.helper_stats()
     console.print(_rows_table("Probes through the in-memory tunnel", rows))

@@ -1,14 +1,24 @@
-"""netsim works as users install it: from a wheel, in a fresh venv, run from outside the source tree."""
+"""netsim works as users install it: from a wheel, in a fresh venv, run from outside the source tree.
+
+One test (one build, one venv), in steps: the wheel's files and metadata; the commands and the shipped examples
+with the base install (no pytest: the test kit says which extra to install); then the ``testing`` extra (the
+pytest plugin loads from its entry point) and mypy (users' type checkers see netsim's real types).
+"""
 
 from __future__ import annotations
 
+import email
 import os
+import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+
+import netsim
 
 ROOT = Path(__file__).resolve().parent.parent
 UV = Path(sys.executable).parent / "uv"
@@ -16,20 +26,45 @@ UV = Path(sys.executable).parent / "uv"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def _run(argv: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], cwd: Path, env: dict[str, str], rc: int = 0) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == rc, f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def _check_wheel_files(wheel: Path) -> None:
+    """LICENSE in the dist-info, the version from netsim/__init__.py, every example of the repo shipped."""
+    z = zipfile.ZipFile(wheel)
+    names = set(z.namelist())
+    dist_info = f"netsim-{netsim.__version__}.dist-info"
+    assert f"{dist_info}/licenses/LICENSE" in names, sorted(n for n in names if ".dist-info/" in n)
+    assert z.read(f"{dist_info}/licenses/LICENSE") == (ROOT / "LICENSE").read_bytes()
+    meta = email.message_from_bytes(z.read(f"{dist_info}/METADATA"))
+    assert meta["Version"] == netsim.__version__ and meta["License"] == "MIT"
+    assert "License :: OSI Approved :: MIT License" in meta.get_all("Classifier", [])
+    assert "Provides-Extra: testing" in z.read(f"{dist_info}/METADATA").decode()
+    examples = {
+        p.name for p in (ROOT / "examples").iterdir() if p.is_file() and p.suffix in {".py", ".toml", ".yaml", ".yml"}
+    }
+    shipped = {n.removeprefix("netsim/examples/") for n in names if n.startswith("netsim/examples/")}
+    assert examples <= shipped, examples - shipped
+    for name in examples:
+        assert z.read(f"netsim/examples/{name}") == (ROOT / "examples" / name).read_bytes(), name
 
 
 def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
     # No PYTHONPATH, no editable install, no checkout on the path: only what the wheel ships.
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
     dist = tmp_path / "dist"
-    _run([str(UV), "build", "-q", "--wheel", "-o", str(dist), str(ROOT)], tmp_path, env)
+    # sdist first, then the wheel from the sdist (what `uv build` and `python -m build` do, what an index serves)
+    _run([str(UV), "build", "-q", "-o", str(dist), str(ROOT)], tmp_path, env)
     (wheel,) = dist.glob("netsim-*.whl")
+    (sdist,) = dist.glob("netsim-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        assert f"netsim-{netsim.__version__}/LICENSE" in tar.getnames()
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"netsim/py.typed", "netsim/bench/c/floor.c", "netsim/bench/c/udpload.c", "netsim/bench/runner.py"} <= names
+    _check_wheel_files(wheel)
     venv = tmp_path / "venv"
     _run([str(UV), "venv", "-q", "-p", sys.executable, str(venv)], tmp_path, env)
     _run([str(UV), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(wheel)], tmp_path, env)
@@ -38,9 +73,50 @@ def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
     where.mkdir()
     origin = _run([str(venv / "bin" / "python"), "-c", "import netsim; print(netsim.__file__)"], where, env)
     assert origin.stdout.strip().startswith(str(venv)), origin.stdout
-    netsim = str(venv / "bin" / "netsim")
-    assert "Usage: netsim" in _run([netsim, "--help"], where, env).stdout
-    demo = _run([netsim, "demo", "--memory"], where, env)
+    python, netsim_cmd = str(venv / "bin" / "python"), str(venv / "bin" / "netsim")
+    assert "Usage: netsim" in _run([netsim_cmd, "--help"], where, env).stdout
+    assert _run([python, "-m", "netsim", "--help"], where, env).stdout.startswith("Usage: netsim ")
+    demo = _run([netsim_cmd, "demo", "--memory"], where, env)
     assert "probes succeeded" in demo.stdout, demo.stdout
-    bench = _run([netsim, "bench", "--quick", "--only", "micro/*"], where, env)
+    bench = _run([netsim_cmd, "bench", "--quick", "--only", "micro/*"], where, env)
     assert "micro/ipc" in bench.stdout and "micro/wireguard" in bench.stdout, bench.stdout
+
+    # the examples, from the package: listed, a path to pass on, a provider example run as a module
+    assert "policy.toml" in _run([netsim_cmd, "examples"], where, env).stdout
+    policy = _run([netsim_cmd, "examples", "--path", "policy.toml"], where, env).stdout.strip()
+    assert policy.startswith(str(venv)) and policy.endswith("netsim/examples/policy.toml"), policy
+    explain = _run(
+        [netsim_cmd, "-v", "explain", "--policy", policy, "--dst", "203.0.113.20", "--dport", "80"], where, env
+    )
+    assert "BYPASS: rule #0 'direct-host'" in explain.stdout and "INFO netsim.policy" in explain.stderr, explain
+    example = _run([python, "-m", "netsim.examples.helper_tunnel", "--memory"], where, env)
+    assert "in-memory tunnel: 7 probes, 7 replies" in example.stdout, example.stdout
+
+    # no pytest in a base install: the test kit names the extra to install
+    for module in ("netsim.testing.require", "netsim.testing.fixtures"):
+        missing = _run([python, "-c", f"import {module}"], where, env, rc=1)
+        assert "pip install 'netsim[testing]'" in missing.stderr.strip().splitlines()[-1], missing.stderr
+    _check_testing_extra_and_types(wheel, venv, where, env)
+
+
+USES_THE_PLUGIN = """
+def test_the_plugin_loaded_from_its_entry_point(netsim_provider):
+    assert netsim_provider.__name__ == "HelperForwardingProvider"
+"""
+
+
+def _check_testing_extra_and_types(wheel: Path, venv: Path, where: Path, env: dict[str, str]) -> None:
+    """``pip install netsim[testing]``: pytest and the plugin's fixtures; mypy on a user's file sees real types."""
+    from test_typed_exports import USER_FILE
+
+    python = str(venv / "bin" / "python")
+    _run(
+        [str(UV), "pip", "install", "-q", "--python", python, f"netsim[testing] @ {wheel.as_uri()}", "mypy"], where, env
+    )
+    (where / "test_user.py").write_text(USES_THE_PLUGIN)
+    tests = _run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user.py"], where, env)
+    assert "1 passed" in tests.stdout, tests.stdout
+    (where / "user.py").write_text(USER_FILE)
+    typed = _run([python, "-m", "mypy", "--strict", "--no-incremental", "user.py"], where, env, rc=1)
+    revealed = re.findall(r'Revealed type is "(.*)"', typed.stdout)
+    assert revealed[:2] == ["netsim.lab.lab.Lab", "netsim.core.packet.PacketView"], typed.stdout

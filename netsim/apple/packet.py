@@ -51,8 +51,11 @@ class FlowMetaData:
 class Packet:
     """Mirrors NEPacket: one bare IP packet plus its protocol family (Apple: NEPacket.h).
 
-    Kept deliberately light (``__slots__``, no validation in ``__init__``) because the flow creates one per packet
-    on the hot path; the flow checks family against the IP version when the packet is written.
+    Kept light (``__slots__``, two ``isinstance`` checks) because the flow creates one per packet on the hot path:
+    ``__init__`` refuses a ``data`` that is not bytes-like and a ``protocol_family`` that is not an int with a
+    `TypeError` at once (Apple's initializer is typed the same way: ``init(data: Data, protocolFamily:
+    sa_family_t)``); the flow checks the family against the IP version, and the length against the smallest IP
+    header, when the packet is written.
 
     Differences from Apple: ``data`` may be any bytes-like object (the flow hands out ``bytes``); ``direction`` is
     available on every platform netsim runs on (Apple: macOS 10.15+ only); ``protocol_family`` uses Darwin values
@@ -68,6 +71,12 @@ class Packet:
         direction: TrafficDirection = TrafficDirection.ANY,
         metadata: FlowMetaData | None = None,
     ) -> None:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise TypeError(f"Packet data must be bytes, bytearray or memoryview, not {type(data).__name__}")
+        if not isinstance(protocol_family, int):
+            raise TypeError(
+                f"Packet protocol_family must be an int (AF_INET=2 / AF_INET6=30), not {type(protocol_family).__name__}"
+            )
         self.data = data
         self.protocol_family = protocol_family
         self.direction = direction

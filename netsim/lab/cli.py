@@ -116,10 +116,11 @@ def down(run_id: str | None, timeout: float) -> None:
 @lab_group.command("status")
 def status() -> None:
     """Show labs: namespaces, addresses, services and processes."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from netsim.console import make_console
+
+    console = make_console()  # no wrapping in a pipe or a CI log
     runs = find_runs()
     if not runs:
         console.print("no lab runs (start one with `netsim lab up`)")

@@ -18,6 +18,7 @@ condition (carrier, READY line, "listening on"), never a fixed sleep.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Lab", "NatMode"]
 
+log = logging.getLogger("netsim.lab")
 T = TypeVar("T")
 NatMode = Literal["cone", "symmetric"]
 
@@ -280,10 +282,12 @@ class Lab:
             self._up = True
             try:
                 self._claim_run_id()
+                log.info("lab %s: bringing up namespaces %s{%s}", self.run_id, self.prefix, ",".join(ROLES))
                 self._build()
             except BaseException:
                 self._stop_locked()
                 raise
+            log.info("lab %s: up", self.run_id)
 
     def _check_environment(self) -> None:
         if os.geteuid() != 0:
@@ -339,6 +343,7 @@ class Lab:
     def _build(self) -> None:
         for role in ROLES:
             create_netns(self.netns(role))
+        log.debug("lab %s: namespaces created", self.run_id)
         for role in ROLES:
             set_sysctl(self.netns(role), {**_BASE_SYSCTLS, **(_ROUTER_SYSCTLS if role in _ROUTERS else {})})
         ns = self.netns
@@ -398,14 +403,17 @@ class Lab:
             )
         for role in ROLES:
             self._wait_links_up(role)
+        log.debug("lab %s: links, addresses, routes and NAT configured; links up", self.run_id)
         if self.pcap_dir is not None:
             self.pcap_dir.mkdir(parents=True, exist_ok=True)
             for role, ifname in (("mac", "en0"), ("isp", "wan"), ("vpn", "wan")):
                 self.capture(role, ifname, wait=False)
             for cap in self.captures.values():
                 cap.wait_ready_sync()
+            log.debug("lab %s: capturing %s into %s", self.run_id, ", ".join(self.captures), self.pcap_dir)
         if self.services:
             self._start_services()
+            log.debug("lab %s: services listening (HTTP, DNS, UDP echo, iperf3)", self.run_id)
 
     def _veth(self, role: str, ifname: str, peer_role: str, peer_ifname: str) -> None:
         peer_ns = self.netns(peer_role)
@@ -531,6 +539,7 @@ class Lab:
             self._tearing_down = False
 
     def _teardown(self) -> None:
+        log.info("lab %s: tearing down", self.run_id)
         errors: list[str] = []
         for closer in reversed(self._closeables):
             try:
@@ -560,7 +569,9 @@ class Lab:
         self.captures.clear()
         self._up = False
         if errors:
+            log.warning("lab %s: teardown incomplete: %s", self.run_id, "; ".join(errors))
             raise LabError("lab teardown incomplete (run `netsim clean`): " + "; ".join(errors))
+        log.info("lab %s: down", self.run_id)
 
     # ------------------------------------------------------------------ processes
     def spawn(

@@ -25,6 +25,7 @@ fd00:66::1/64; DNS is the lab's internet resolver (203.0.113.53, 2001:db8:113::5
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 _HELPER_READY = r"^READY "
+log = logging.getLogger("netsim.lab.tunnel")
 
 
 @dataclass(frozen=True)
@@ -531,6 +533,7 @@ async def _netsim_tunnel(
             sock_dir.mkdir(mode=0o750, exist_ok=True)
             os.chmod(sock_dir, 0o750)
         await server.start()
+        log.info("lab %s: wireguard-go up in vpn (pid %s, port %d)", lab.run_id, server.pid, plan.port)
         if lab.pcap_dir is not None:
             await trio.to_thread.run_sync(lambda: lab.capture("vpn", server.ifname, name="vpn-wg"))
         config_path = conf_dir / "client.conf"
@@ -556,6 +559,7 @@ async def _netsim_tunnel(
         helper = _spawn_helper(lab, argv)
         helpers.append(helper)
         await helper.wait_output(_HELPER_READY, timeout=20.0)
+        log.info("lab %s: helper ready in mac (pid %s, socket %s)", lab.run_id, helper.pid, socket_path)
         log_path = helper.stderr_path.parent / "provider.log"
         configuration = inputs.provider_configuration(
             {
@@ -574,10 +578,12 @@ async def _netsim_tunnel(
             stop_timeout=10.0,
         )
         async with manager.open_session() as session:
+            log.debug("lab %s: starting provider %s", lab.run_id, inputs.spec)
             await session.start_vpn_tunnel()
             with trio.move_on_after(start_timeout + 5):
                 await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
             if session.status is not VPNStatus.CONNECTED:
+                log.warning("lab %s: the tunnel did not connect (status %s)", lab.run_id, session.status.name)
                 provider_log = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
                 raise LabError(
                     f"the tunnel did not connect (status {session.status.name}, "
@@ -606,8 +612,10 @@ async def _netsim_tunnel(
                 provider_configuration=configuration,
                 provider_spec=inputs.spec,
             )
+            log.info("lab %s: tunnel CONNECTED (provider %s)", lab.run_id, inputs.spec)
             yield tunnel
     finally:
+        log.info("lab %s: stopping the tunnel (helper, wireguard-go)", lab.run_id)
         with trio.CancelScope(shield=True):
             for proc in helpers:
                 if proc.returncode is None:

@@ -52,7 +52,7 @@ import trio
 from netsim.apple.enums import RoutingMethod, TrafficDirection
 from netsim.apple.packet import FlowMetaData, Packet
 from netsim.apple.protocol import AppRule
-from netsim.core.family import DARWIN_FAMILY_BY_NIBBLE
+from netsim.core.family import DARWIN_AF_INET, DARWIN_FAMILY_BY_NIBBLE
 from netsim.core.ledger import Stage
 from netsim.errors import LocalProtocolError, TunnelDown
 from netsim.runtime.appid import OwnerLookup, ProcNetOwnerLookup, app_rules_by_uid
@@ -116,6 +116,7 @@ def flow_key(data: bytes) -> FlowKey | None:
 
 # IP version nibble -> Darwin family (0: not IP), indexed by data[0] >> 4; defined once in netsim.core.family.
 _FAMILY_BY_NIBBLE = DARWIN_FAMILY_BY_NIBBLE
+_MIN_HEADER_V4, _MIN_HEADER_V6 = 20, 40  # a write shorter than its version's fixed header is not an IP packet
 _OUTBOUND = TrafficDirection.OUTBOUND
 
 
@@ -130,7 +131,7 @@ class FlowStatistics:
         write_calls: ``write_packet_objects``/``write_packets`` calls.
         packets_written / bytes_written: packets the device accepted.
         write_dropped_family: family not 2/30 or not matching the packet's IP version.
-        write_dropped_malformed: empty packets.
+        write_dropped_malformed: packets shorter than their IP version's fixed header (20 B v4, 40 B v6), or empty.
         write_dropped_too_big: packets longer than the utun's MTU.
         write_dropped_refused: packets the device refused otherwise (queue full, kernel said no).
         write_dropped_no_device: packets written before the utun existed or after it went away.
@@ -384,7 +385,15 @@ class PacketTunnelFlow:
             True if every packet was accepted by the device, False if any was dropped (see the module docstring;
             the reason is counted in `statistics`).
         """
-        return self._write([p.data for p in packets], [p.protocol_family for p in packets])
+        try:
+            datas = [p.data for p in packets]
+        except AttributeError:
+            bad = next(p for p in packets if not isinstance(p, Packet))
+            raise TypeError(
+                f"write_packet_objects takes Packet objects, got {type(bad).__name__}; for raw bytes call "
+                "write_packets(packets, protocols) with one Darwin family per packet"
+            ) from None
+        return self._write(datas, [p.protocol_family for p in packets])
 
     def write_packets(self, packets: Sequence[bytes | bytearray | memoryview], protocols: Sequence[int]) -> bool:
         """Write parallel lists of packets and Darwin families (Apple: writePackets(_:withProtocols:)).
@@ -408,12 +417,20 @@ class PacketTunnelFlow:
         ok = True
         batch = []
         size = 0
+        if not all(isinstance(d, bytes | bytearray | memoryview) for d in datas):
+            i, bad = next((i, d) for i, d in enumerate(datas) if not isinstance(d, bytes | bytearray | memoryview))
+            raise TypeError(
+                f"write_packets: packet {i} is {type(bad).__name__}, expected bytes, bytearray or memoryview"
+            )
         for data, family in zip(datas, families, strict=True):
             if not data:
                 self._write_malformed += 1
                 ok = False
             elif _FAMILY_BY_NIBBLE[data[0] >> 4] != family or not family:
                 self._write_family += 1
+                ok = False
+            elif len(data) < (_MIN_HEADER_V4 if family == DARWIN_AF_INET else _MIN_HEADER_V6):
+                self._write_malformed += 1  # too short to be an IP packet at all: never reaches the utun
                 ok = False
             elif device is not None and len(data) > mtu:
                 self._write_too_big += 1

@@ -7,6 +7,7 @@ picks the format from the extension and attaches the file name to errors. The fo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from netsim.errors import ConfigError
 __all__ = ["explain_command", "load_policy_file"]
 
 _FORMATS = {".toml": "toml", ".yaml": "yaml", ".yml": "yaml"}
+log = logging.getLogger("netsim.policy")
 
 
 def load_policy_file(path: str | Path) -> Policy:
@@ -36,7 +38,10 @@ def load_policy_file(path: str | Path) -> Policy:
         raise ConfigError(f"cannot read policy file: {exc.strerror or exc}", source=str(p)) from None
     except UnicodeDecodeError:
         raise ConfigError("policy file is not UTF-8 text", source=str(p)) from None
-    return parse_policy(text, fmt=fmt, source=str(p))
+    policy = parse_policy(text, fmt=fmt, source=str(p))
+    mechanism = policy.mechanism.value
+    log.info("policy %s: %d rules, default %s, mechanism %s", p, len(policy.rules), policy.default.name, mechanism)
+    return policy
 
 
 def _bind(engine: PolicyEngine, item: str) -> None:

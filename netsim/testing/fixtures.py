@@ -27,13 +27,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+# First: without pytest, netsim.testing.require's import error names the extra to install (netsim[testing]).
+from netsim.testing.require import require_binary, require_root
+
+# isort: split
 import pytest
 import trio
 
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR
 from netsim.lab.lab import Lab
 from netsim.lab.netns import create_netns, delete_netns, list_netns
-from netsim.testing.require import require_binary, require_root
 
 __all__ = [
     "LeakCheck",

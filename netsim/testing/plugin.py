@@ -12,9 +12,10 @@
   named in the report when the test failed, removed when it passed.
 * ``netsim_lab_tunnel`` (async, root tier): `netsim.lab.tunnel.netsim_tunnel` in ``netsim_lab``.
 
-Async fixtures and ``async def`` tests run under pytest-trio (a dependency of netsim): mark tests
-``@pytest.mark.trio`` or set ``trio_mode = true`` in the pytest configuration. The root tier is gated by
-`netsim.testing.require`: skipped with the reason, or failed when ``NETSIM_REQUIRE_PRIVILEGED=1`` (or ``CI``).
+Async fixtures and ``async def`` tests run under pytest-trio (``pip install netsim[testing]`` brings pytest and
+pytest-trio): mark tests ``@pytest.mark.trio`` or set ``trio_mode = true`` in the pytest configuration. The root
+tier is gated by `netsim.testing.require`: skipped with the reason, or failed when ``NETSIM_REQUIRE_PRIVILEGED=1``
+(only that variable decides; ``CI=true`` does not).
 
 Every tunnel fixture checks on teardown that the test left nothing running: this process's fds and child
 processes (`LeakCheck`), the lab's namespaces, run file and /etc/netns entries, trio system tasks

@@ -1,8 +1,9 @@
 """Skip-or-fail gates for tests that need privileges, devices or binaries.
 
-Outside CI a test that cannot run here is skipped with a reason that says what is missing. With
-``NETSIM_REQUIRE_PRIVILEGED=1`` (set by ``.ci/run``, also implied by ``CI=true``) the same gate *fails* the test,
-so CI never passes by skipping the root tier.
+A test that cannot run here is skipped with a reason that says what is missing. With
+``NETSIM_REQUIRE_PRIVILEGED=1`` (set by netsim's own ``.ci/run``) the same gate *fails* the test, so netsim's CI
+never passes by skipping the root tier. Only that variable decides: ``CI=true`` does not, so a user's CI, which
+may not run as root, skips netsim's root-tier fixtures as a laptop does.
 """
 
 from __future__ import annotations
@@ -10,17 +11,24 @@ from __future__ import annotations
 import os
 import shutil
 
-import pytest
+try:
+    import pytest
+except ModuleNotFoundError as exc:  # pytest comes with the testing extra, not with netsim itself
+    if exc.name != "pytest":
+        raise
+    raise ModuleNotFoundError(
+        "netsim's pytest helpers (netsim.testing.require, netsim.testing.fixtures) need pytest, which netsim "
+        "installs only with its testing extra: pip install 'netsim[testing]'",
+        name="pytest",
+    ) from exc
 
 __all__ = ["privileged_required", "require", "require_binary", "require_root", "require_tun"]
 
 
 def privileged_required() -> bool:
     """True when missing privileges must fail tests instead of skipping them."""
-    flag = os.environ.get("NETSIM_REQUIRE_PRIVILEGED")
-    if flag is not None:
-        return flag not in ("", "0", "false", "no")
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+    flag = os.environ.get("NETSIM_REQUIRE_PRIVILEGED", "")
+    return flag.lower() not in ("", "0", "false", "no")
 
 
 def require(condition: bool, reason: str) -> None:

@@ -231,6 +231,41 @@ async def test_family_not_matching_version_is_rejected_and_counted(backend: Any)
 
 
 @trio.testing.trio_test
+async def test_packet_too_short_to_be_ip_is_a_counted_drop(backend: Any) -> None:
+    """Regression (issue 13): a 1-byte b"\\x45" passed the family check and was written to the utun."""
+    flow = PacketTunnelFlow(backend.device)
+    good = inbound4(0, backend.port)
+    short6 = outbound6(1)[:39]  # version nibble 6, one byte short of an IPv6 header
+    batch = [Packet(b"\x45", AF_INET), Packet(good[:19], AF_INET), Packet(short6, AF_INET6), Packet(good, AF_INET)]
+    assert flow.write_packet_objects(batch) is False
+    assert backend.delivered(1) == [b"i0"]
+    stats = flow.statistics()
+    assert (stats.write_dropped_malformed, stats.write_dropped_family, stats.packets_written) == (3, 0, 1)
+
+
+@trio.testing.trio_test
+async def test_write_api_misuse_raises_a_clear_error_at_once(backend: Any) -> None:
+    """Regression (issue 13): raw bytes to write_packet_objects gave AttributeError ... 'data'."""
+    flow = PacketTunnelFlow(backend.device)
+    good = inbound4(0, backend.port)
+    with pytest.raises(TypeError, match=r"write_packet_objects takes Packet objects.*write_packets"):
+        flow.write_packet_objects([good])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match=r"packet 1 is str"):
+        flow.write_packets([good, "45000014"], [AF_INET, AF_INET])  # type: ignore[list-item]
+    assert flow.statistics().packets_written == 0  # nothing of a refused call went in
+    backend.delivered(0)
+
+
+def test_packet_checks_its_arguments() -> None:
+    """Regression (issue 13): Packet("str", 2) failed later with a TypeError from a shift."""
+    with pytest.raises(TypeError, match="Packet data must be bytes, bytearray or memoryview, not str"):
+        Packet("4500", AF_INET)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="protocol_family must be an int"):
+        Packet(b"\x45" * 20, "AF_INET")  # type: ignore[arg-type]
+    assert Packet(memoryview(b"\x45" * 20), AF_INET).protocol_family == AF_INET
+
+
+@trio.testing.trio_test
 async def test_count_mismatch_raises(backend: Any) -> None:
     flow = PacketTunnelFlow(backend.device)
     with pytest.raises(LocalProtocolError, match="2 packets but 1 protocols"):
