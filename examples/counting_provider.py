@@ -20,8 +20,9 @@ Run it without root, in memory::
         print(await t.send_provider_message(b"counts"))
 
 in the lab (root): ``async with Lab() as lab, netsim_tunnel(lab, provider=CountingProvider) as t: ...``, as a
-spec ``"examples.counting_provider:CountingProvider"`` (pytest plugin, ``netsim bench --provider``), or
-``python -m examples.counting_provider`` (the in-memory run above).
+spec ``"netsim.examples.counting_provider:CountingProvider"`` (pytest plugin, ``netsim bench --provider``; in a
+checkout also ``examples.counting_provider``), or ``python -m netsim.examples.counting_provider`` (the in-memory
+run above).
 """
 
 from __future__ import annotations

@@ -159,6 +159,11 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.runtime.controller import memory_launcher as memory_launcher
     from netsim.runtime.flow import FlowStatistics as FlowStatistics
     from netsim.runtime.flow import PacketTunnelFlow as PacketTunnelFlow
+    from netsim.runtime.helper_client import HelperBusy as HelperBusy
+    from netsim.runtime.helper_client import HelperClient as HelperClient
+    from netsim.runtime.helper_client import HelperClientConfig as HelperClientConfig
+    from netsim.runtime.helper_client import open_helper_client as open_helper_client
+    from netsim.runtime.helper_client import start_helper_client as start_helper_client
     from netsim.runtime.policy_file import load_policy_file as load_policy_file
     from netsim.runtime.provider import PacketTunnelProvider as PacketTunnelProvider
     from netsim.runtime.wgsocket import WireGuardSocket as WireGuardSocket
