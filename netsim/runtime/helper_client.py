@@ -521,8 +521,8 @@ async def start_helper_client(
     When the connection ends, `HelperClient.receive_packets` raises; a provider that lets that escape its
     ``start_soon`` task stops the tunnel with that error (no reconnect: `HelperForwardingProvider` has one).
 
-    Raises:
-        what `open_helper_client` raises, for the first connection.
+    The first connection raises what `open_helper_client` raises (`HelperBusy`, `TunnelDown`, `ConfigError`,
+    `RemoteProtocolError`).
     """
     apply = on_settings or provider.set_tunnel_network_settings
     conf = provider.protocol_configuration.provider_configuration
