@@ -11,6 +11,10 @@ once (each with its own destination), and they are measured interleaved after a 
   wireguard-go in ``vpn``, which NATs to inet.
 * ``netsim``: utun -> `HelperForwardingProvider` -> UDS -> `netsim.runtime.helper.Helper` (WireGuard) ->
   wireguard-go in ``vpn`` (see `_netsim_path`; skipped with the reason when that stack cannot run).
+* ``provider:<Class>`` (``--provider module:Class``, repeatable): path 3 with the user's provider in place of
+  `HelperForwardingProvider`, everything else the same (`netsim.bench.bench_netsim.netsim_path`). One namespace
+  holds one tunnel, so each such path runs in its own phase after the others, not interleaved with ``netsim``.
+  ``--policy FILE`` is given to the helper of ``netsim`` and of every ``provider:`` path.
 * ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
   the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop`, ``netsim/bench/c/floor.c`` and
   netsim's loop (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
@@ -44,7 +48,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["PATHS", "SIZES", "build_tools", "run_e2e"]
+__all__ = ["PATHS", "SIZES", "build_tools", "case_names", "run_e2e"]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
@@ -57,6 +61,21 @@ WINDOW = 64
 MAX_PACKETS = 5_000_000
 ECHO_PORT = 9000
 WG_NET = "10.66.0"
+
+
+#: Paths that hold the ``mac`` namespace's one tunnel: never up at the same time.
+TUNNEL_PATHS = ("netsim",)
+
+
+def case_names(quick: bool = False, extra_paths: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every end-to-end case name (``extra_paths``: the ``provider:<Class>`` paths of ``--provider``)."""
+    sizes = (64,) if quick else SIZES
+    out: list[str] = []
+    for path in (*PATHS, *extra_paths):
+        out += [f"e2e/{path}/udp{s}" for s in sizes]
+        if path not in LOOP_PATHS:
+            out.append(f"e2e/{path}/tcp")
+    return out
 
 
 def build_tools() -> dict[str, Path]:
@@ -127,8 +146,18 @@ class E2E:
     path happened to run during a busy spell, so ratios between paths are fair even when absolute numbers move.
     """
 
-    def __init__(self, lab: Any, tools: dict[str, Path], quick: bool, workdir: Path) -> None:
+    def __init__(
+        self,
+        lab: Any,
+        tools: dict[str, Path],
+        quick: bool,
+        workdir: Path,
+        providers: dict[str, str] | None = None,
+        policy: str | None = None,
+    ) -> None:
         self.lab = lab
+        self.providers = dict(providers or {})  # path name ("provider:<Class>") -> spec
+        self.policy = policy
         self.tools = tools
         self.quick = quick
         self.workdir = workdir
@@ -352,12 +381,24 @@ class E2E:
         if path == "wireguard-go":
             return self.path_wireguard_go()
         if path == "netsim":
-            return _netsim_path(self, DESTINATIONS["netsim"])
+            return _netsim_path(self, DESTINATIONS["netsim"], "netsim")
+        if path in self.providers:
+            index = list(self.providers).index(path)
+            return _netsim_path(self, f"203.0.113.{20 + index}", path, self.providers[path])
         return self.path_loop(path)
 
     # ------------------------------------------------------------------ driver
     async def run_all(self, paths: list[str], selected: Callable[[str], bool]) -> None:
-        """Bring every selected path up, measure them interleaved, tear them down."""
+        """Bring the selected paths up, measure them interleaved, tear them down.
+
+        The ``provider:`` paths each get a phase of their own afterwards: the ``mac`` namespace holds one tunnel
+        (a second provider is refused), so they cannot be up beside ``netsim``.
+        """
+        shared = [p for p in paths if p not in self.providers]
+        for phase in (shared, *([p] for p in paths if p in self.providers)):
+            await self._run_phase(phase, selected)
+
+    async def _run_phase(self, paths: list[str], selected: Callable[[str], bool]) -> None:
         sizes = (64,) if self.quick else SIZES
         async with AsyncExitStack() as stack:
             setups: dict[str, PathSetup] = {}
@@ -397,7 +438,7 @@ class E2E:
                 import scapy  # noqa: F401
             except ImportError as exc:
                 return f"needs python-pytun and scapy ({exc})"
-        if path == "netsim":
+        if path == "netsim" or path in self.providers:
             return _netsim_unavailable()
         return None
 
@@ -427,17 +468,23 @@ def _netsim_unavailable() -> str | None:
     return None
 
 
-def _netsim_path(run: E2E, dst: str) -> Any:
+def _netsim_path(run: E2E, dst: str, name: str, provider: str | None = None) -> Any:
     from netsim.bench import bench_netsim
 
-    return bench_netsim.netsim_path(run, dst)
+    return bench_netsim.netsim_path(run, dst, name=name, provider=provider, policy=run.policy)
 
 
-async def _run(quick: bool, only: str | None) -> dict[str, Any]:
+async def _run(
+    quick: bool, only: str | None, providers: tuple[str, ...] = (), policy: str | None = None
+) -> dict[str, Any]:
+    from netsim.bench.bench_loop import provider_label
     from netsim.bench.runner import selector
 
     selected = selector(only)
-    wanted = [p for p in PATHS if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))]
+    extra = {f"provider:{provider_label(spec)}": spec for spec in providers}
+    wanted = [
+        p for p in (*PATHS, *extra) if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))
+    ]
     out: dict[str, Any] = {"results": [], "skipped": []}
     if not wanted:
         return out
@@ -460,7 +507,7 @@ async def _run(quick: bool, only: str | None) -> dict[str, Any]:
     try:
         async with Lab() as lab:
             print(f"lab {lab.run_id} up", flush=True)
-            run = E2E(lab, tools, quick, workdir)
+            run = E2E(lab, tools, quick, workdir, providers=extra, policy=policy)
             await run.run_all(wanted, selected)
             out["results"], out["skipped"] = run.results, run.skipped
     except NetsimError as exc:
@@ -470,9 +517,15 @@ async def _run(quick: bool, only: str | None) -> dict[str, Any]:
     return out
 
 
-def run_e2e(quick: bool = False, only: str | None = None) -> dict[str, Any]:
-    """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``."""
-    return trio.run(_run, quick, only)
+def run_e2e(
+    quick: bool = False, only: str | None = None, providers: tuple[str, ...] = (), policy: str | None = None
+) -> dict[str, Any]:
+    """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``.
+
+    ``providers``: ``module:Class`` specs run as ``provider:<Class>`` paths; ``policy``: a policy file for the
+    helper of the tunnel paths (both checked by `netsim.bench.runner.check_inputs` first).
+    """
+    return trio.run(_run, quick, only, providers, policy)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,8 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--only", metavar="PATTERN", help="glob(s) over case names, comma separated")
+    parser.add_argument("--provider", action="append", default=[], metavar="MODULE:CLASS")
+    parser.add_argument("--policy", metavar="FILE")
     args = parser.parse_args(argv)
-    out = run_e2e(args.quick, args.only)
+    out = run_e2e(args.quick, args.only, tuple(args.provider), args.policy)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     for s in out["skipped"]:

@@ -34,7 +34,7 @@ import trio
 from netsim.bench._common import parse_args, report, run_isolated, write_json
 from netsim.bench.bench_micro import result_from_samples, udp_corpus
 
-__all__ = ["BATCHES", "INFLIGHT", "helper_main", "provider_main", "reflect"]
+__all__ = ["BATCHES", "BUILTIN_PROVIDER", "INFLIGHT", "helper_main", "provider_label", "provider_main", "reflect"]
 
 BATCHES = (1, 8, 32, 64, 128)
 INFLIGHT = 64
@@ -249,7 +249,7 @@ class _ReflectingServer:
         self.lot.unpark_all()
 
 
-def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> dict[str, Any]:
+def case_helper(batch: int, size: int, packets: int, reps: int, seed: int, policy: str | None = None) -> dict[str, Any]:
     """The loop over the real `netsim.runtime.helper.Helper`: IPC in, WireGuard out and back, IPC to the provider.
 
     Provider side: a channel of `open_ipc_pair` (as `HelperForwardingProvider` uses in memory) keeping
@@ -280,7 +280,13 @@ def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> di
     out: dict[str, Any] = {}
 
     async def main() -> None:
-        helper = Helper(config, transport, batch=max(64, batch))
+        engine = None
+        if policy is not None:  # --policy: the helper decides per packet as the user's helper would
+            from netsim.core.policy import PolicyEngine
+            from netsim.runtime.policy_file import load_policy_file
+
+            engine = PolicyEngine(load_policy_file(policy))
+        helper = Helper(config, transport, batch=max(64, batch), policy=engine)
         opts: dict[str, Any] = {"max_queued_batches": 1024, "max_queued_bytes": 64 << 20}
         async with open_ipc_pair(capacity=1 << 20, **opts) as (prov, hch), trio.open_nursery() as nursery:
             await nursery.start(helper.run)
@@ -301,6 +307,89 @@ def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> di
     out["without_server_cpu_ns_per_pkt"] = statistics.median(cpu) - out["server_cpu_ns_per_pkt"]
     params = {"transport": "helper", "batch": batch, "size": size, "inflight": inflight, **out}
     return result_from_samples(f"loop/helper b{batch} {size}B", total, cpu, wall, params)
+
+
+#: The built-in provider, as the provider cases name it; a user's ``--provider`` runs beside it.
+BUILTIN_PROVIDER = "netsim.runtime.forwarding:HelperForwardingProvider"
+_ECHO_DST = "203.0.113.10"  # any inet address: the in-memory VPN server answers UDP port 7 for every destination
+
+
+def provider_label(spec: str) -> str:
+    """The name a provider spec gets in case names: its class (``pkg.mod:Class`` -> ``Class``)."""
+    return spec.rpartition(":")[2]
+
+
+def case_provider(
+    spec: str, batch: int, size: int, packets: int, reps: int, seed: int, policy: str | None = None
+) -> dict[str, Any]:
+    """The whole in-memory tunnel with the provider ``spec``: MemoryTun -> provider -> IPC -> real `Helper` ->
+    WireGuard -> in-memory VPN server (UDP echo) and back, ``batch`` packets in flight per round.
+
+    This is `netsim.testing.memory_tunnel.memory_tunnel` unchanged (``provider=``, ``policy=``), so any
+    `PacketTunnelProvider` that reaches the helper through ``provider_configuration["helper_socket"]`` runs here
+    as the built-in one does. ``ns_*`` are CPU ns per round-trip packet of the whole process (provider, helper
+    and the in-memory server share it); ``params["lost"]`` counts packets that never came back (a policy that
+    bypasses the echo destination, or a provider that drops), rounds wait at most 1 s for them.
+    """
+    from netsim.testing.memory_tunnel import memory_tunnel, udp_packet
+
+    rounds = max(1, packets // batch)
+    r = __import__("random").Random(seed)
+    out: dict[str, Any] = {"lost": 0}
+
+    async def main() -> None:
+        async with memory_tunnel(provider=spec, policy=policy, seed=seed) as t:
+            tun = t.tun
+            written = trio.lowlevel.ParkingLot()
+            device_write = tun.write_packets
+
+            def write(pkts: Any, offset: int = 0, *, validated: bool = False) -> int:
+                n = device_write(pkts, offset, validated=validated)
+                written.unpark_all()  # the harness waits for replies without polling
+                return n
+
+            tun.write_packets = write  # type: ignore[method-assign,assignment]
+            payload = bytes(max(0, size - 28))
+            corpus = [udp_packet(t.client_v4, _ECHO_DST, r.randrange(1024, 65536), 7, payload) for _ in range(batch)]
+
+            async def pump(n_rounds: int) -> int:
+                back = 0
+                for _ in range(n_rounds):
+                    tun.inject(corpus)
+                    got = 0
+                    with trio.move_on_after(1.0):
+                        while got < batch:
+                            got += len(tun.take_written())
+                            if got < batch:
+                                await written.park()
+                    got += len(tun.take_written())
+                    out["lost"] += max(0, batch - got)
+                    back += got
+                return back
+
+            if await pump(2) == 0:  # warm-up; also proves the path carries the probe traffic
+                raise RuntimeError(
+                    f"provider {spec!r}: no UDP echo came back from {_ECHO_DST}:7 through the in-memory tunnel"
+                    + (f" with policy {policy}" if policy else "")
+                )
+            out["lost"] = 0
+            cpu: list[float] = []
+            wall: list[float] = []
+            for _ in range(reps):
+                w0, c0 = time.perf_counter_ns(), time.process_time_ns()
+                await pump(rounds)
+                c1, w1 = time.process_time_ns(), time.perf_counter_ns()
+                cpu.append((c1 - c0) / (rounds * batch))
+                wall.append((w1 - w0) / (rounds * batch))
+            out["cpu"], out["wall"] = cpu, wall
+            out["provider_stats"] = await t.provider_stats()
+
+    trio.run(main)
+    cpu, wall = out.pop("cpu"), out.pop("wall")
+    series = "builtin-provider" if spec == BUILTIN_PROVIDER else f"provider:{provider_label(spec)}"
+    params = {"transport": series, "provider": spec, "policy": policy, "batch": batch, "size": size, **out}
+    name = f"loop/provider:{provider_label(spec)} b{batch} {size}B"
+    return result_from_samples(name, rounds * batch, cpu, wall, params)
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -348,8 +437,15 @@ async def provider_main(tun_name: str, path: str, batch: str = "64") -> None:
 
 
 # --------------------------------------------------------------------------------------------------- plan
-def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(case name, function, kwargs)`` of every loop case."""
+def plan(
+    quick: bool, seed: int = 1, providers: tuple[str, ...] = (), policy: str | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(case name, function, kwargs)`` of every loop case.
+
+    With ``providers`` (``--provider`` specs), each runs the provider cases beside the built-in provider
+    (``loop/builtin-provider/b64``, ``loop/provider:<Class>/b64``); ``policy`` (a file) goes to every case that
+    runs netsim's `Helper`.
+    """
     packets = 4096 if quick else 16384
     reps = 5 if quick else 7
     out: list[tuple[str, str, dict[str, Any]]] = []
@@ -361,7 +457,18 @@ def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
             out.append((f"loop/{transport}/b{batch}", "case_loop", kw))
     for batch in (64,) if quick else (8, 64, 128):
         kw = {"batch": batch, "size": 64, "packets": packets // 2, "reps": reps, "seed": seed}
+        if policy is not None:
+            kw["policy"] = policy
         out.append((f"loop/helper/b{batch}", "case_helper", kw))
+    if providers:
+        for label, spec in (
+            ("builtin-provider", BUILTIN_PROVIDER),
+            *((f"provider:{provider_label(p)}", p) for p in providers),
+        ):
+            kw = {"spec": spec, "batch": 64, "size": 64, "packets": packets // 4, "reps": reps, "seed": seed}
+            if policy is not None:
+                kw["policy"] = policy
+            out.append((f"loop/{label}/b64", "case_provider", kw))
     if not quick:
         for transport in ("memory", "uds"):
             kw = {"transport": transport, "batch": 64, "size": 1400, "packets": packets, "reps": reps, "seed": seed}

@@ -23,28 +23,54 @@ NET = "10.66.1"
 PORT = 51821
 
 
-async def helper_main(config_path: str, sock_path: str) -> None:
-    """The helper process: WireGuard to the server, IPC server for the provider."""
+async def helper_main(config_path: str, sock_path: str, policy_path: str | None = None) -> None:
+    """The helper process: WireGuard to the server, IPC server for the provider.
+
+    With ``policy_path`` (``netsim bench --policy``) the helper applies that bypass policy as ``netsim helper
+    --policy`` does: per-packet verdicts, and with the NAT mechanism BYPASS packets leave ``en0`` NATed.
+    """
+    from netsim.core.policy import Mechanism, PolicyEngine
     from netsim.lab.wireguard import load_config
     from netsim.runtime.channel import UnixIpcServer
     from netsim.runtime.helper import Helper, UdpTransport
     from netsim.runtime.netconfig import BYPASS_FWMARK
+    from netsim.runtime.policy_file import load_policy_file
 
     config = load_config(config_path)
-    helper = Helper(config, UdpTransport.open(interface="en0", fwmark=BYPASS_FWMARK))
+    policy = load_policy_file(policy_path) if policy_path else None
+    nat_host = None
+    if policy is not None and policy.mechanism is Mechanism.NAT:
+        from netsim.runtime.bypass import NatBypassHost
+
+        nat_host = NatBypassHost.open("en0", fwmark=BYPASS_FWMARK, max_packet=config.interface.mtu or 1420)
+    helper = Helper(
+        config,
+        UdpTransport.open(interface="en0", fwmark=BYPASS_FWMARK),
+        policy=PolicyEngine(policy) if policy is not None else None,
+        nat_bypass=nat_host.make_bypass if nat_host is not None else None,
+    )
     server = UnixIpcServer(sock_path, max_queued_batches=1024, max_queued_bytes=64 << 20)
     helper.server = server
-    async with trio.open_nursery() as nursery:
-        await nursery.start(helper.run)
-        await nursery.start(server.serve, helper.serve_session)
-        print(f"READY helper {sock_path}", flush=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(helper.run)
+            await nursery.start(server.serve, helper.serve_session)
+            print(f"READY helper {sock_path}", flush=True)
+    finally:
+        if nat_host is not None:
+            nat_host.close()
 
 
 @asynccontextmanager
-async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
+async def netsim_path(
+    run: Any, dst: str, *, name: str = "netsim", provider: str | None = None, policy: str | None = None
+) -> AsyncIterator[Any]:
     """Bring path 3 up in ``run.lab`` and yield a `netsim.bench.bench_e2e.PathSetup`; tear it down after.
 
-    Only ``dst`` (an inet address with its own echo server) is routed into the tunnel.
+    Only ``dst`` (an inet address with its own echo server) is routed into the tunnel. ``provider``: a
+    ``module:Class`` spec hosted instead of `HelperForwardingProvider` (``--provider``; it reaches the helper
+    through ``provider_configuration["helper_socket"]``); ``policy``: a policy file for the helper. ``name``
+    keeps the path's files apart.
     """
     from netsim.apple import TunnelProviderProtocol, VPNStatus
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
@@ -67,24 +93,33 @@ async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
             ),
         ),
     )
-    cfg_path = run.workdir / "netsim-client.conf"
+    safe = name.replace(":", "-").replace("/", "-")
+    cfg_path = run.workdir / f"{safe}-client.conf"
     cfg_path.write_text(render_wg_quick(config))
     cfg_path.chmod(0o600)
-    sock = str(run.workdir / "netsim" / "helper.sock")
+    sock = str(run.workdir / safe / "helper.sock")
     lab.nft("vpn", _vpn_nat(NET).replace("netsim_bench_nat", "netsim_bench_nat3"))
     async with server:
         await server.add_peer(client_key.public_key(), allowed_ips=[f"{NET}.2/32"])
         helper = lab.spawn(
             "mac",
-            [sys.executable, "-m", "netsim.bench.bench_netsim", "helper", str(cfg_path), sock],
-            name="bench-netsim-helper",
+            [
+                sys.executable,
+                "-m",
+                "netsim.bench.bench_netsim",
+                "helper",
+                str(cfg_path),
+                sock,
+                *([policy] if policy else []),
+            ],
+            name=f"bench-{safe}-helper",
             env={"PYTHONPATH": str(ROOT)},
         )
         try:
             await helper.wait_output(r"^READY", timeout=20)
-            launcher = SubprocessLauncher(lab.netns("mac"), log_path=run.workdir / "netsim-provider.log")
+            launcher = SubprocessLauncher(lab.netns("mac"), log_path=run.workdir / f"{safe}-provider.log")
             manager = TunnelProviderManager(
-                "netsim.runtime.forwarding:HelperForwardingProvider",
+                provider or "netsim.runtime.forwarding:HelperForwardingProvider",
                 launcher,
                 TunnelProviderProtocol(
                     server_address=str(a.vpn_wan_v4), provider_configuration={"helper_socket": sock}
@@ -95,7 +130,7 @@ async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
                 with trio.fail_after(30):
                     await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
                 if session.status is not VPNStatus.CONNECTED:
-                    raise RuntimeError(f"netsim tunnel did not connect: {session.last_disconnect_error}")
+                    raise RuntimeError(f"{name} tunnel did not connect: {session.last_disconnect_error}")
                 await lab.run("mac", ["ping", "-c", "1", "-W", "3", dst], timeout=15)
                 assert server.pid is not None
                 procs = {
@@ -114,8 +149,10 @@ async def netsim_path(run: Any, dst: str) -> AsyncIterator[Any]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["helper"]:
         try:
-            trio.run(helper_main, sys.argv[2], sys.argv[3])
+            trio.run(helper_main, sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
         except KeyboardInterrupt:
             pass
     else:
-        raise SystemExit("usage: python -m netsim.bench.bench_netsim helper <wg-quick.conf> <socket path>")
+        raise SystemExit(
+            "usage: python -m netsim.bench.bench_netsim helper <wg-quick.conf> <socket path> [policy file]"
+        )

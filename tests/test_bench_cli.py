@@ -1,0 +1,192 @@
+"""``netsim bench`` options for the user's own code: ``--list``, ``--only`` that matches nothing, ``--provider``,
+``--policy`` (docs/benchmarks.md, "Your own provider, policy and helper").
+
+The provider cases run with the real harness and tiny counts; nothing here asserts on speed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from netsim.bench import runner
+from netsim.benchcli import bench_command
+from netsim.testing.require import require_binary, require_root, require_tun
+
+SPEC = "bench_provider:TaggingProvider"
+
+
+def _invoke(*argv: str) -> Any:
+    return CliRunner().invoke(bench_command, list(argv))
+
+
+def test_list_prints_every_case_name_one_per_line_and_respects_quick() -> None:
+    quick = _invoke("--list", "--quick")
+    assert quick.exit_code == 0, quick.output
+    names = quick.output.splitlines()
+    assert names == runner.case_names(quick=True)
+    assert {"micro/ipc-encode/64", "loop/uds/b64", "loop/helper/b64", "e2e/netsim/udp64", "e2e/netsim/tcp"} <= set(
+        names
+    )
+    assert "e2e/netsim/udp1400" not in names and "e2e/c-floor/tcp" not in names
+    full = _invoke("--list")
+    assert full.exit_code == 0
+    assert {"e2e/netsim/udp1400", "loop/uds/b128", "micro/parse/1400"} <= set(full.output.splitlines())
+
+
+def test_only_that_matches_nothing_fails_and_lists_the_case_names() -> None:
+    result = _invoke("--quick", "--only", "no-such-case")
+    assert result.exit_code == 2
+    assert "--only 'no-such-case' matches no benchmark case" in result.output
+    for name in ("micro/ipc-encode/64", "loop/uds/b64", "e2e/netsim/udp64"):
+        assert f"  {name}\n" in result.output
+
+
+def test_list_with_a_provider_names_its_cases_beside_the_built_in_ones() -> None:
+    result = _invoke("--list", "--quick", "--provider", SPEC)
+    assert result.exit_code == 0, result.output
+    names = result.output.splitlines()
+    assert names.index("loop/builtin-provider/b64") < names.index("loop/provider:TaggingProvider/b64")
+    assert {"e2e/provider:TaggingProvider/udp64", "e2e/provider:TaggingProvider/tcp", "e2e/netsim/udp64"} <= set(names)
+    assert "loop/builtin-provider/b64" not in _invoke("--list", "--quick").output  # only beside a user's
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("nomodule_for_netsim_bench:X", "does not import: ModuleNotFoundError"),
+        ("bench_provider:Missing", "is not a PacketTunnelProvider subclass"),
+        ("bench_provider:NotAProvider", "is not a PacketTunnelProvider subclass"),
+        ("bench_provider", "must look like 'package.module:Class'"),
+        ("bench_provider:NeedsArguments", "must be constructible with no arguments"),
+    ],
+)
+def test_a_bad_provider_spec_is_a_usage_error_before_anything_runs(
+    spec: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(**_: Any) -> None:
+        raise AssertionError("run_bench must not start with a bad --provider")
+
+    monkeypatch.setattr(runner, "run_bench", forbidden)
+    result = _invoke("--quick", "--provider", spec)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert _invoke("--list", "--provider", spec).exit_code == 2
+
+
+def test_two_providers_with_one_class_name_are_refused() -> None:
+    same_class = f"{Path(__file__).parent / 'bench_provider.py'}:TaggingProvider"  # the file form of SPEC
+    result = _invoke("--list", "--provider", SPEC, "--provider", same_class)
+    assert result.exit_code == 2
+    assert "same class name 'TaggingProvider'" in result.output
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix", "message"),
+    [
+        (None, ".toml", "no such policy file"),
+        ('default = "tunnel"\n[[rule]]\naction = "bypass"\ncolour = "red"\n', ".toml", "colour"),
+        ('default = "tunnel"\n', ".txt", "unknown policy file extension"),
+        ('default = "sideways"\n', ".toml", "default"),
+    ],
+)
+def test_a_bad_policy_file_is_a_usage_error_before_anything_runs(
+    text: str | None, suffix: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(**_: Any) -> None:
+        raise AssertionError("run_bench must not start with a bad --policy")
+
+    monkeypatch.setattr(runner, "run_bench", forbidden)
+    path = tmp_path / f"policy{suffix}"
+    if text is not None:
+        path.write_text(text)
+    result = _invoke("--quick", "--policy", str(path))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_the_user_provider_runs_beside_the_built_in_one_with_ratios(tmp_path: Path) -> None:
+    """The loop provider cases over the in-memory tunnel, both providers, one report, ratio user/built-in."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text('default = "tunnel"\nmechanism = "nat"\n\n[[rule]]\nname = "lan"\naction = "bypass"\n'
+                      'dst = ["192.168.0.0/16"]\n')  # fmt: skip
+    out, png = tmp_path / "report.json", tmp_path / "report.png"
+    argv = ["--quick", "--only", "loop/*provider*", "--provider", SPEC, "--policy", str(policy)]
+    result = _invoke(*argv, "--json", str(out), "--plot", str(png))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["skipped"] == []
+    assert doc["providers"] == [SPEC] and doc["policy"] == str(policy.resolve())
+    by_case = {r["case"]: r for r in doc["results"]}
+    assert sorted(by_case) == ["loop/builtin-provider/b64", "loop/provider:TaggingProvider/b64"]
+    mine, builtin = by_case["loop/provider:TaggingProvider/b64"], by_case["loop/builtin-provider/b64"]
+    assert mine["params"]["provider"] == SPEC
+    assert builtin["params"]["provider"] == "netsim.runtime.forwarding:HelperForwardingProvider"
+    for rec in (mine, builtin):
+        assert rec["reps"] >= 5 and rec["params"]["lost"] == 0
+        assert rec["params"]["policy"] == str(policy.resolve())
+        ledger = rec["params"]["provider_stats"]["ledger"]["stages"]["tun_read"]
+        assert ledger["forwarded"] >= rec["items"]  # the packets really went through that provider
+    ratio = doc["ratios"]["provider:TaggingProvider / built-in (loop b64 pkt/s)"]
+    assert ratio["value"] == pytest.approx(mine["items_per_s"] / builtin["items_per_s"])
+    assert "provider:TaggingProvider / built-in (loop b64 pkt/s)" in result.output
+    assert "loop/provider:TaggingProvider b64 64B" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_provider_that_carries_nothing_is_reported_as_failed_not_hung() -> None:
+    doc = runner.run_bench(
+        quick=True,
+        only="loop/provider:*",
+        inputs=runner.check_inputs(("bench_provider:BlackHoleProvider",)),
+        log=lambda line: None,
+    )
+    assert doc["results"] == []
+    [skip] = doc["skipped"]
+    assert skip["name"] == "loop/provider:BlackHoleProvider/b64"
+    assert "no UDP echo came back" in skip["reason"]
+
+
+def _e2e(path: str, kind: str, value: float) -> dict[str, Any]:
+    rec: dict[str, Any] = {"name": f"e2e/{path}/{kind}", "group": "e2e", "path": path}
+    if kind == "tcp":
+        return {**rec, "proto": "tcp", "gbps": {"median": value, "min": value, "max": value}}
+    return {**rec, "proto": "udp", "pps": {"median": value}, "cpu_s_per_packet": {}}
+
+
+def test_provider_ratios_are_user_over_built_in_for_every_measured_case() -> None:
+    results = [
+        _e2e("netsim", "udp64", 20000.0),
+        _e2e("provider:Mine", "udp64", 10000.0),
+        _e2e("netsim", "tcp", 1.0),
+        _e2e("provider:Mine", "tcp", 0.5),
+        _e2e("provider:Other", "udp512", 1.0),  # no built-in at 512 in this run: no ratio invented
+    ]
+    ratios = runner.compute_ratios(results)
+    assert ratios["provider:Mine / built-in (e2e udp64 pkt/s)"]["value"] == pytest.approx(0.5)
+    assert ratios["provider:Mine / built-in (e2e tcp Gbit/s)"]["value"] == pytest.approx(0.5)
+    assert not any("Other" in k for k in ratios)
+
+
+@pytest.mark.lab
+@pytest.mark.tun
+@pytest.mark.slow
+def test_e2e_runs_the_user_provider_beside_the_built_in_one_in_the_lab() -> None:
+    require_root()
+    require_tun()
+    require_binary("cc", "ip", "nft", "wireguard-go", "wg", "ping")
+    from netsim.bench import bench_e2e
+
+    cases = ["e2e/netsim/udp64", "e2e/provider:TaggingProvider/udp64"]
+    out = bench_e2e.run_e2e(quick=True, only=",".join(cases), providers=(SPEC,))
+    assert out["skipped"] == []
+    by_name = {r["name"]: r for r in out["results"]}
+    assert sorted(by_name) == sorted(cases)
+    for r in by_name.values():
+        assert all(run["received"] > 0 for run in r["runs"]), r["runs"]
+        assert r["cpu_s_per_packet"]["provider"] > 0
+    assert "provider:TaggingProvider / built-in (e2e udp64 pkt/s)" in runner.compute_ratios(out["results"])
