@@ -43,6 +43,14 @@ def _import_runner() -> ModuleType:
     type=click.Path(dir_okay=False),
     help="bypass policy file (.toml/.yaml, docs/policy.md) for the helper of the loop and e2e cases",
 )
+@click.option(
+    "--helper",
+    "helper_cmd",
+    metavar="CMD",
+    help="your helper executable speaking docs/ipc.md, as a command with {socket} (and {config}, {token_file}, "
+    "{policy}); runs e2e/user-helper/* beside netsim's helper",
+)
+@click.option("--conformance", is_flag=True, help="check the --helper with netsim.testing.conformance first")
 @click.option("--seed", type=int, default=1, show_default=True, help="corpus seed")
 def bench_command(
     *,
@@ -54,6 +62,8 @@ def bench_command(
     list_cases: bool,
     providers: tuple[str, ...],
     policy_path: str | None,
+    helper_cmd: str | None,
+    conformance: bool,
     seed: int,
 ) -> None:
     """Measure per-packet cost: micro steps, the provider<->helper loop, and end to end in the lab.
@@ -68,7 +78,7 @@ def bench_command(
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: a --provider module in the current directory
     try:
-        inputs = runner.check_inputs(providers, policy_path)
+        inputs = runner.check_inputs(providers, policy_path, helper_cmd, conformance)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if list_cases:

@@ -7,6 +7,7 @@ The provider cases run with the real harness and tiny counts; nothing here asser
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,84 @@ def test_e2e_runs_the_user_provider_beside_the_built_in_one_in_the_lab() -> None
         assert all(run["received"] > 0 for run in r["runs"]), r["runs"]
         assert r["cpu_s_per_packet"]["provider"] > 0
     assert "provider:TaggingProvider / built-in (e2e udp64 pkt/s)" in runner.compute_ratios(out["results"])
+
+
+# ------------------------------------------------------------------------------------------------ --helper
+NETSIM_HELPER_CMD = (
+    f"{sys.executable} -m netsim.helpercli --config {{config}} --socket {{socket}} --token-file {{token_file}}"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--helper", "/bin/true --socket /tmp/x"], "must contain {socket}"),
+        (["--helper", "/bin/true {socket} {colour}"], "placeholder {colour} is unknown"),
+        (["--helper", "/bin/true {socket} --policy {policy}"], "placeholder {policy} has no value here"),
+        (["--helper", "/no/such/helper-binary {socket}"], "'/no/such/helper-binary' is not an executable"),
+        (["--helper", "/bin/true '{socket}"], "cannot split the command"),
+        (["--conformance"], "give it with --helper CMD"),
+    ],
+)
+def test_a_bad_helper_command_is_a_usage_error_before_anything_runs(
+    argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(**_: Any) -> None:
+        raise AssertionError("run_bench must not start with a bad --helper")
+
+    monkeypatch.setattr(runner, "run_bench", forbidden)
+    result = _invoke("--quick", *argv)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_list_with_a_helper_names_the_user_helper_cases() -> None:
+    result = _invoke("--list", "--quick", "--helper", NETSIM_HELPER_CMD)
+    assert result.exit_code == 0, result.output
+    names = result.output.splitlines()
+    assert names[-2:] == ["e2e/user-helper/udp64", "e2e/user-helper/tcp"]
+
+
+def test_helper_argv_fills_the_placeholders_word_by_word() -> None:
+    from netsim.bench.bench_netsim import helper_argv
+
+    argv = helper_argv("my-helper --listen={socket} -c '{config}' --token {token_file}", socket="/s p", config="/c",
+                       token_file="/t")  # fmt: skip
+    assert argv == ["my-helper", "--listen=/s p", "-c", "/c", "--token", "/t"]
+
+
+def test_conformance_results_are_rendered_in_the_report() -> None:
+    doc = {
+        "machine": {"timestamp": "t", "cpu_model": "cpu", "cpu_count": 2, "kernel": "k", "python": "3.11",
+                    "load_average": [1.0, 1.0, 1.0], "git_commit": None},
+        "quick": True, "wall_seconds": 1.0, "results": [], "ratios": {}, "skipped": [],
+        "conformance": [{"path": "user-helper", "name": "ping_pong", "status": "fail", "detail": "no PONG"}],
+    }  # fmt: skip
+    assert "FAIL ping_pong" in runner.render_text(doc) and "no PONG" in runner.render_text(doc)
+    assert "| ping_pong | fail | no PONG |" in runner.render_markdown(doc)
+
+
+@pytest.mark.lab
+@pytest.mark.tun
+@pytest.mark.slow
+def test_e2e_runs_a_user_helper_command_after_checking_its_conformance() -> None:
+    """netsim's own helper CLI given as a user's ``--helper`` command: it is checked, then measured."""
+    require_root()
+    require_tun()
+    require_binary("cc", "ip", "nft", "wireguard-go", "wg", "ping")
+    from netsim.bench import bench_e2e
+
+    out = bench_e2e.run_e2e(quick=True, only="e2e/user-helper/udp64", helper_cmd=NETSIM_HELPER_CMD, conformance=True)
+    assert out["skipped"] == []
+    [rec] = out["results"]
+    assert rec["name"] == "e2e/user-helper/udp64"
+    assert all(run["received"] > 0 for run in rec["runs"]), rec["runs"]
+    statuses = {c["name"]: c["status"] for c in out["conformance"]}
+    assert set(statuses) == set(conformance_checks())
+    assert {n for n, s in statuses.items() if s != "pass"} == {"packets_echo"}, out["conformance"]
+
+
+def conformance_checks() -> list[str]:
+    from netsim.testing.conformance import CHECKS
+
+    return list(CHECKS)

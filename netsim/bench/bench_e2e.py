@@ -15,6 +15,10 @@ once (each with its own destination), and they are measured interleaved after a 
   `HelperForwardingProvider`, everything else the same (`netsim.bench.bench_netsim.netsim_path`). One namespace
   holds one tunnel, so each such path runs in its own phase after the others, not interleaved with ``netsim``.
   ``--policy FILE`` is given to the helper of ``netsim`` and of every ``provider:`` path.
+* ``user-helper`` (``--helper CMD``): path 3 with the user's helper executable in place of netsim's
+  (`netsim.bench.bench_netsim.helper_argv` fills in ``{socket}``, ``{config}``, ``{token_file}``, ``{policy}``),
+  the built-in provider connecting to it with the token; also a phase of its own. ``--conformance`` runs
+  `netsim.testing.conformance` against it first.
 * ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
   the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop`, ``netsim/bench/c/floor.c`` and
   netsim's loop (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
@@ -154,10 +158,17 @@ class E2E:
         workdir: Path,
         providers: dict[str, str] | None = None,
         policy: str | None = None,
+        helper_cmd: str | None = None,
+        conformance: bool = False,
     ) -> None:
         self.lab = lab
         self.providers = dict(providers or {})  # path name ("provider:<Class>") -> spec
         self.policy = policy
+        self.helper_cmd = helper_cmd
+        self.conformance_wanted = conformance
+        self.conformance: list[dict[str, Any]] = []  # `netsim.testing.conformance` results of the user's helper
+        #: the paths that take the mac namespace's one tunnel, each in a phase of its own
+        self.exclusive = [*self.providers, *(["user-helper"] if helper_cmd else [])]
         self.tools = tools
         self.quick = quick
         self.workdir = workdir
@@ -385,6 +396,17 @@ class E2E:
         if path in self.providers:
             index = list(self.providers).index(path)
             return _netsim_path(self, f"203.0.113.{20 + index}", path, self.providers[path])
+        if path == "user-helper":
+            from netsim.bench import bench_netsim
+
+            return bench_netsim.netsim_path(
+                self,
+                "203.0.113.40",
+                name=path,
+                policy=self.policy,
+                helper_cmd=self.helper_cmd,
+                conformance=self.conformance_wanted,
+            )
         return self.path_loop(path)
 
     # ------------------------------------------------------------------ driver
@@ -394,8 +416,8 @@ class E2E:
         The ``provider:`` paths each get a phase of their own afterwards: the ``mac`` namespace holds one tunnel
         (a second provider is refused), so they cannot be up beside ``netsim``.
         """
-        shared = [p for p in paths if p not in self.providers]
-        for phase in (shared, *([p] for p in paths if p in self.providers)):
+        shared = [p for p in paths if p not in self.exclusive]
+        for phase in (shared, *([p] for p in paths if p in self.exclusive)):
             await self._run_phase(phase, selected)
 
     async def _run_phase(self, paths: list[str], selected: Callable[[str], bool]) -> None:
@@ -438,7 +460,7 @@ class E2E:
                 import scapy  # noqa: F401
             except ImportError as exc:
                 return f"needs python-pytun and scapy ({exc})"
-        if path == "netsim" or path in self.providers:
+        if path == "netsim" or path in self.exclusive:
             return _netsim_unavailable()
         return None
 
@@ -475,15 +497,23 @@ def _netsim_path(run: E2E, dst: str, name: str, provider: str | None = None) -> 
 
 
 async def _run(
-    quick: bool, only: str | None, providers: tuple[str, ...] = (), policy: str | None = None
+    quick: bool,
+    only: str | None,
+    providers: tuple[str, ...] = (),
+    policy: str | None = None,
+    helper_cmd: str | None = None,
+    conformance: bool = False,
 ) -> dict[str, Any]:
     from netsim.bench.bench_loop import provider_label
     from netsim.bench.runner import selector
 
     selected = selector(only)
     extra = {f"provider:{provider_label(spec)}": spec for spec in providers}
+    user = ["user-helper"] if helper_cmd else []
     wanted = [
-        p for p in (*PATHS, *extra) if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))
+        p
+        for p in (*PATHS, *extra, *user)
+        if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))
     ]
     out: dict[str, Any] = {"results": [], "skipped": []}
     if not wanted:
@@ -507,9 +537,19 @@ async def _run(
     try:
         async with Lab() as lab:
             print(f"lab {lab.run_id} up", flush=True)
-            run = E2E(lab, tools, quick, workdir, providers=extra, policy=policy)
+            run = E2E(
+                lab,
+                tools,
+                quick,
+                workdir,
+                providers=extra,
+                policy=policy,
+                helper_cmd=helper_cmd,
+                conformance=conformance,
+            )
             await run.run_all(wanted, selected)
             out["results"], out["skipped"] = run.results, run.skipped
+            out["conformance"] = run.conformance
     except NetsimError as exc:
         return skip_all(f"lab unavailable: {exc}")
     finally:
@@ -518,14 +558,21 @@ async def _run(
 
 
 def run_e2e(
-    quick: bool = False, only: str | None = None, providers: tuple[str, ...] = (), policy: str | None = None
+    quick: bool = False,
+    only: str | None = None,
+    providers: tuple[str, ...] = (),
+    policy: str | None = None,
+    helper_cmd: str | None = None,
+    conformance: bool = False,
 ) -> dict[str, Any]:
     """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``.
 
     ``providers``: ``module:Class`` specs run as ``provider:<Class>`` paths; ``policy``: a policy file for the
-    helper of the tunnel paths (both checked by `netsim.bench.runner.check_inputs` first).
+    helper of the tunnel paths; ``helper_cmd``: a user's helper for the ``user-helper`` path, checked with
+    `netsim.testing.conformance` first when ``conformance`` (``"conformance"`` in the answer). All are checked by
+    `netsim.bench.runner.check_inputs` first.
     """
-    return trio.run(_run, quick, only, providers, policy)
+    return trio.run(_run, quick, only, providers, policy, helper_cmd, conformance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,8 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", metavar="PATTERN", help="glob(s) over case names, comma separated")
     parser.add_argument("--provider", action="append", default=[], metavar="MODULE:CLASS")
     parser.add_argument("--policy", metavar="FILE")
+    parser.add_argument("--helper", metavar="CMD")
+    parser.add_argument("--conformance", action="store_true")
     args = parser.parse_args(argv)
-    out = run_e2e(args.quick, args.only, tuple(args.provider), args.policy)
+    out = run_e2e(args.quick, args.only, tuple(args.provider), args.policy, args.helper, args.conformance)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     for s in out["skipped"]:

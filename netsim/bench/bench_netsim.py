@@ -13,14 +13,72 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ipaddress import ip_interface, ip_network
+from pathlib import Path
 from typing import Any
 
 import trio
 
-__all__ = ["helper_main", "netsim_path"]
+__all__ = ["HELPER_PLACEHOLDERS", "helper_argv", "helper_main", "netsim_path"]
+
+#: What a ``--helper`` command may name (``{socket}`` is required); docs/benchmarks.md.
+HELPER_PLACEHOLDERS = ("socket", "config", "token_file", "policy")
 
 NET = "10.66.1"
 PORT = 51821
+
+
+def helper_argv(command: str, **values: str) -> list[str]:
+    """The argv of a user's ``--helper`` command: split like a shell would (no shell runs), then each
+    ``{socket}``, ``{config}`` (the helper's wg-quick file), ``{token_file}`` (0600, the per-tunnel IPC secret)
+    and ``{policy}`` (the ``--policy`` file) replaced.
+
+    Raises:
+        ConfigError: no ``{socket}``, an unknown placeholder, a placeholder with no value, or a malformed command.
+    """
+    import shlex
+
+    from netsim.errors import ConfigError
+
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ConfigError(f"cannot split the command {command!r}: {exc}", source="--helper") from None
+    if not words:
+        raise ConfigError("the helper command is empty", source="--helper")
+    if not any("{socket}" in w for w in words):
+        raise ConfigError(
+            "the helper command must contain {socket} (where the bench's provider connects)", source="--helper"
+        )
+    out = []
+    for word in words:
+        try:
+            out.append(word.format(**values))
+        except KeyError as exc:
+            known = ", ".join(f"{{{k}}}" for k in HELPER_PLACEHOLDERS)
+            why = "has no value here (--policy not given?)" if exc.args[0] in HELPER_PLACEHOLDERS else "is unknown"
+            msg = f"placeholder {{{exc.args[0]}}} {why}; the placeholders are {known}"
+            raise ConfigError(msg, source="--helper") from None
+        except (ValueError, IndexError) as exc:
+            raise ConfigError(f"bad placeholder in {word!r}: {exc}", source="--helper") from None
+    return out
+
+
+async def _wait_listening(proc: Any, path: str, timeout: float) -> None:
+    """Until something accepts on ``path`` (a user's helper need not print anything when ready)."""
+    import socket
+
+    with trio.fail_after(timeout):
+        while True:
+            if proc.returncode is not None:
+                raise RuntimeError(f"the helper exited with status {proc.returncode}: {proc.stderr()[-2000:]}")
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(path)
+                return
+            except OSError:
+                await trio.sleep(0.05)
+            finally:
+                sock.close()
 
 
 async def helper_main(config_path: str, sock_path: str, policy_path: str | None = None) -> None:
@@ -63,14 +121,23 @@ async def helper_main(config_path: str, sock_path: str, policy_path: str | None 
 
 @asynccontextmanager
 async def netsim_path(
-    run: Any, dst: str, *, name: str = "netsim", provider: str | None = None, policy: str | None = None
+    run: Any,
+    dst: str,
+    *,
+    name: str = "netsim",
+    provider: str | None = None,
+    policy: str | None = None,
+    helper_cmd: str | None = None,
+    conformance: bool = False,
 ) -> AsyncIterator[Any]:
     """Bring path 3 up in ``run.lab`` and yield a `netsim.bench.bench_e2e.PathSetup`; tear it down after.
 
     Only ``dst`` (an inet address with its own echo server) is routed into the tunnel. ``provider``: a
     ``module:Class`` spec hosted instead of `HelperForwardingProvider` (``--provider``; it reaches the helper
     through ``provider_configuration["helper_socket"]``); ``policy``: a policy file for the helper. ``name``
-    keeps the path's files apart.
+    keeps the path's files apart. ``helper_cmd``: a user's helper command (`helper_argv`) run in ``mac``
+    instead of netsim's, with a per-tunnel token; with ``conformance`` the checks of
+    `netsim.testing.conformance` run against it before the provider connects (``run.conformance``).
     """
     from netsim.apple import TunnelProviderProtocol, VPNStatus
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
@@ -99,31 +166,45 @@ async def netsim_path(
     cfg_path.chmod(0o600)
     sock = str(run.workdir / safe / "helper.sock")
     lab.nft("vpn", _vpn_nat(NET).replace("netsim_bench_nat", "netsim_bench_nat3"))
+    conf: dict[str, Any] = {"helper_socket": sock}
     async with server:
         await server.add_peer(client_key.public_key(), allowed_ips=[f"{NET}.2/32"])
-        helper = lab.spawn(
-            "mac",
-            [
-                sys.executable,
-                "-m",
-                "netsim.bench.bench_netsim",
-                "helper",
-                str(cfg_path),
-                sock,
-                *([policy] if policy else []),
-            ],
-            name=f"bench-{safe}-helper",
-            env={"PYTHONPATH": str(ROOT)},
-        )
+        if helper_cmd is None:
+            argv = [sys.executable, "-m", "netsim.bench.bench_netsim", "helper", str(cfg_path), sock]
+            helper = lab.spawn(
+                "mac", argv + [policy] * bool(policy), name=f"bench-{safe}-helper", env={"PYTHONPATH": str(ROOT)}
+            )
+        else:
+            import secrets
+
+            from netsim.bench._common import child_env
+            from netsim.transports.uds import write_token_file
+
+            token = secrets.token_bytes(32)
+            token_path = run.workdir / f"{safe}.token"
+            write_token_file(token_path, token)
+            Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            values = {"socket": sock, "config": str(cfg_path), "token_file": str(token_path)}
+            argv = helper_argv(helper_cmd, **values, **({"policy": policy} if policy else {}))
+            env = {"PYTHONPATH": child_env()["PYTHONPATH"]}
+            helper = lab.spawn("mac", argv, name=f"bench-{safe}", env=env)
+            conf["token_file"] = str(token_path)
         try:
-            await helper.wait_output(r"^READY", timeout=20)
+            if helper_cmd is None:
+                await helper.wait_output(r"^READY", timeout=20)
+            else:
+                await _wait_listening(helper, sock, 20)
+                if conformance:
+                    from netsim.testing.conformance import check_helper
+
+                    report = await check_helper(sock, token=token)
+                    run.conformance.extend({"path": name, **r.__dict__} for r in report.results)
+                    print(report.render(), flush=True)
             launcher = SubprocessLauncher(lab.netns("mac"), log_path=run.workdir / f"{safe}-provider.log")
             manager = TunnelProviderManager(
                 provider or "netsim.runtime.forwarding:HelperForwardingProvider",
                 launcher,
-                TunnelProviderProtocol(
-                    server_address=str(a.vpn_wan_v4), provider_configuration={"helper_socket": sock}
-                ),
+                TunnelProviderProtocol(server_address=str(a.vpn_wan_v4), provider_configuration=conf),
             )
             async with manager.open_session() as session:
                 await session.start_vpn_tunnel()

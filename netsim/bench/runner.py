@@ -89,14 +89,23 @@ class BenchInputs:
 
     providers: tuple[str, ...] = ()
     policy: str | None = None
+    helper: str | None = None
+    conformance: bool = False
 
 
-def check_inputs(providers: tuple[str, ...] = (), policy: str | os.PathLike[str] | None = None) -> BenchInputs:
-    """Check ``--provider`` specs and the ``--policy`` file before anything starts.
+def check_inputs(
+    providers: tuple[str, ...] = (),
+    policy: str | os.PathLike[str] | None = None,
+    helper: str | None = None,
+    conformance: bool = False,
+) -> BenchInputs:
+    """Check ``--provider`` specs, the ``--policy`` file and the ``--helper`` command before anything starts.
 
     A provider spec must import here, name a `netsim.runtime.provider.PacketTunnelProvider` subclass and be
     constructible with no arguments (how a provider host makes it); two specs may not share a class name (the
-    case names would collide). The policy file must exist and parse (docs/policy.md).
+    case names would collide). The policy file must exist and parse (docs/policy.md). The helper command must
+    name ``{socket}``, use only known placeholders and start with an executable that exists;
+    ``conformance`` needs a helper.
 
     Raises:
         ConfigError: what is wrong and what to fix.
@@ -126,7 +135,18 @@ def check_inputs(providers: tuple[str, ...] = (), policy: str | os.PathLike[str]
     if policy is not None:
         _, path, _ = resolve_policy(Path(policy))
         policy_path = str(path)
-    return BenchInputs(tuple(providers), policy_path)
+    if helper is not None:
+        import shutil
+
+        from netsim.bench.bench_netsim import helper_argv
+
+        values = {"socket": "S", "config": "C", "token_file": "T", **({"policy": "P"} if policy_path else {})}
+        exe = helper_argv(helper, **values)[0]
+        if shutil.which(exe) is None:
+            raise ConfigError(f"{exe!r} is not an executable (on PATH or as a path)", source="--helper")
+    elif conformance:
+        raise ConfigError("--conformance checks a helper of yours: give it with --helper CMD", source="--conformance")
+    return BenchInputs(tuple(providers), policy_path, helper, conformance)
 
 
 def _plans(quick: bool, seed: int, inputs: BenchInputs) -> list[tuple[str, str, list[tuple[str, str, dict[str, Any]]]]]:
@@ -150,7 +170,7 @@ def case_names(quick: bool = False, seed: int = 1, inputs: BenchInputs | None = 
 def _e2e_extra_paths(inputs: BenchInputs) -> list[str]:
     from netsim.bench.bench_loop import provider_label
 
-    return [f"provider:{provider_label(p)}" for p in inputs.providers]
+    return [f"provider:{provider_label(p)}" for p in inputs.providers] + ["user-helper"] * bool(inputs.helper)
 
 
 def _isolated(module: str, case: str, group: str, fn: str, kw: dict[str, Any]) -> dict[str, Any]:
@@ -191,9 +211,11 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     add("netsim / wireguard-go (tcp Gbit/s)", "e2e/netsim/tcp", "e2e/wireguard-go/tcp")
     for name in sorted(e2e):  # the user's provider against the built-in one, same run (docs/benchmarks.md)
         path, _, kind = name[len("e2e/") :].rpartition("/")
+        unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"
         if path.startswith("provider:"):
-            unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"
             add(f"{path} / built-in (e2e {unit})", name, f"e2e/netsim/{kind}")
+        elif path == "user-helper":
+            add(f"user-helper / netsim helper (e2e {unit})", name, f"e2e/netsim/{kind}")
     loops = {r.get("case", r["name"]): r for r in results if r.get("group") == "loop"}
     for case in sorted(loops):
         if case.startswith("loop/provider:"):
@@ -235,6 +257,8 @@ def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None], inputs: 
             argv += ["--provider", spec]
         if inputs.policy:
             argv += ["--policy", inputs.policy]
+        if inputs.helper:
+            argv += ["--helper", inputs.helper] + ["--conformance"] * inputs.conformance
         proc = subprocess.run(
             argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, check=False, timeout=3600
         )
@@ -282,6 +306,7 @@ def run_bench(
         raise NoCaseSelected(only, names)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    conformance: list[dict[str, Any]] = []
     root = os.geteuid() == 0
     for module, group, plan in _plans(quick, seed, inputs):
         for case, fn, kw in plan:
@@ -300,6 +325,7 @@ def run_bench(
         e2e = _run_e2e(quick, only, log, inputs)
         results += e2e["results"]
         skipped += e2e["skipped"]
+        conformance += e2e.get("conformance", [])
     doc = {
         "machine": machine_info(),
         "quick": quick,
@@ -307,6 +333,8 @@ def run_bench(
         "seed": seed,
         "providers": list(inputs.providers),
         "policy": inputs.policy,
+        "helper": inputs.helper,
+        "conformance": conformance,
         "wall_seconds": round(time.monotonic() - t0, 1),
         "results": results,
         "skipped": skipped,
@@ -410,6 +438,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             met = ("yes" if r["met"] else "**no**") if "met" in r else ""
             lines.append(f"| {name} | {r['value']:.3f} | {target} | {met} |")
         lines.append("")
+    if doc.get("conformance"):
+        lines += ["**IPC conformance of the --helper**", "", "| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status']} | {c['detail']} |" for c in doc["conformance"]] + [""]
     if doc["skipped"]:
         lines += ["**skipped**", ""] + [f"- `{s['name']}`: {s['reason']}" for s in doc["skipped"]] + [""]
     return "\n".join(lines)
@@ -431,6 +462,10 @@ def render_text(doc: dict[str, Any]) -> str:
             if "met" in r:
                 verdict = f"  target >= {r['target']:g}: {'met' if r['met'] else 'MISSED'}"
             out.append(f"  {name:<58} {r['value']:8.3f}{verdict}")
+    checks = doc.get("conformance") or []
+    if checks:
+        out += ["", "IPC conformance of the --helper (netsim.testing.conformance)"]
+        out += [f"  {c['status'].upper():<4} {c['name']:<22} {c['detail']}".rstrip() for c in checks]
     for s in doc["skipped"]:
         out.append(f"skipped {s['name']}: {s['reason']}")
     out.append(f"\n{doc['wall_seconds']} s; load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
