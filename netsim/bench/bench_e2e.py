@@ -300,8 +300,19 @@ class E2E:
     async def _iperf(self, setup: PathSetup, seconds: int) -> dict[str, Any]:
         assert setup.tcp_dst is not None
         argv = ["iperf3", "-c", setup.tcp_dst, "-J", "-t", str(seconds)]
-        res = await self.lab.run("mac", argv, timeout=seconds + 30)
-        return dict(json.loads(res.stdout)["end"])
+        res = await self.lab.run("mac", argv, timeout=seconds + 30, check=False)
+        doc: Any = None
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError:
+            pass
+        end = doc.get("end") if isinstance(doc, dict) else None
+        got = end.get("sum_received") if isinstance(end, dict) else None
+        if not (isinstance(got, dict) and "bits_per_second" in got and "bytes" in got):
+            # iperf3 -J reports its failures (a refused connection, a busy server) as {"error": ...}
+            why = doc.get("error") if isinstance(doc, dict) else None
+            raise RuntimeError(f"iperf3 gave no result (status {res.returncode}): {why or res.stdout[-500:]!r}")
+        return dict(end)  # type: ignore[arg-type]  # checked just above
 
     def _fail(self, path: str, names: list[str], exc: BaseException) -> None:
         detail = f"{type(exc).__name__}: {exc}"[:2000]
@@ -406,6 +417,7 @@ class E2E:
                 policy=self.policy,
                 helper_cmd=self.helper_cmd,
                 conformance=self.conformance_wanted,
+                slot=1 + self.exclusive.index(path),
             )
         return self.path_loop(path)
 
@@ -493,7 +505,8 @@ def _netsim_unavailable() -> str | None:
 def _netsim_path(run: E2E, dst: str, name: str, provider: str | None = None) -> Any:
     from netsim.bench import bench_netsim
 
-    return bench_netsim.netsim_path(run, dst, name=name, provider=provider, policy=run.policy)
+    slot = 0 if name == "netsim" else 1 + run.exclusive.index(name)
+    return bench_netsim.netsim_path(run, dst, name=name, provider=provider, policy=run.policy, slot=slot)
 
 
 async def _run(

@@ -388,7 +388,7 @@ def case_provider(
     cpu, wall = out.pop("cpu"), out.pop("wall")
     series = "builtin-provider" if spec == BUILTIN_PROVIDER else f"provider:{provider_label(spec)}"
     params = {"transport": series, "provider": spec, "policy": policy, "batch": batch, "size": size, **out}
-    name = f"loop/provider:{provider_label(spec)} b{batch} {size}B"
+    name = f"loop/{series} b{batch} {size}B"
     return result_from_samples(name, rounds * batch, cpu, wall, params)
 
 

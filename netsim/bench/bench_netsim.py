@@ -23,8 +23,7 @@ __all__ = ["HELPER_PLACEHOLDERS", "helper_argv", "helper_main", "netsim_path"]
 #: What a ``--helper`` command may name (``{socket}`` is required); docs/benchmarks.md.
 HELPER_PLACEHOLDERS = ("socket", "config", "token_file", "policy")
 
-NET = "10.66.1"
-PORT = 51821
+PORT = 51821  # + the path's slot; its tunnel net is 10.66.(1 + slot).0/24
 
 
 def helper_argv(command: str, **values: str) -> list[str]:
@@ -129,6 +128,7 @@ async def netsim_path(
     policy: str | None = None,
     helper_cmd: str | None = None,
     conformance: bool = False,
+    slot: int = 0,
 ) -> AsyncIterator[Any]:
     """Bring path 3 up in ``run.lab`` and yield a `netsim.bench.bench_e2e.PathSetup`; tear it down after.
 
@@ -137,7 +137,8 @@ async def netsim_path(
     through ``provider_configuration["helper_socket"]``); ``policy``: a policy file for the helper. ``name``
     keeps the path's files apart. ``helper_cmd``: a user's helper command (`helper_argv`) run in ``mac``
     instead of netsim's, with a per-tunnel token; with ``conformance`` the checks of
-    `netsim.testing.conformance` run against it before the provider connects (``run.conformance``).
+    `netsim.testing.conformance` run against it before the provider connects (``run.conformance``). ``slot``
+    gives the path its own tunnel net, server port, interface and NAT table (paths of one run never share them).
     """
     from netsim.apple import TunnelProviderProtocol, VPNStatus
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
@@ -148,14 +149,15 @@ async def netsim_path(
 
     lab, a = run.lab, run.lab.addr
     echo = await run.start_echo(dst)
-    server = WireGuardGo.in_lab(lab, "vpn", stem="bns", listen_port=PORT, addresses=[f"{NET}.1/24"])
+    net, port, table = f"10.66.{1 + slot}", PORT + slot, f"netsim_bench_nat{3 + slot}"
+    server = WireGuardGo.in_lab(lab, "vpn", stem=f"bns{slot}", listen_port=port, addresses=[f"{net}.1/24"])
     client_key = PrivateKey.generate()
     config = TunnelConfig(
-        InterfaceConfig(client_key, addresses=(ip_interface(f"{NET}.2/24"),), mtu=1420),
+        InterfaceConfig(client_key, addresses=(ip_interface(f"{net}.2/24"),), mtu=1420),
         (
             PeerConfig(
                 server.public_key,
-                endpoint=Endpoint(str(a.vpn_wan_v4), PORT),
+                endpoint=Endpoint(str(a.vpn_wan_v4), port),
                 allowed_ips=(ip_network(f"{dst}/32"),),
             ),
         ),
@@ -165,10 +167,10 @@ async def netsim_path(
     cfg_path.write_text(render_wg_quick(config))
     cfg_path.chmod(0o600)
     sock = str(run.workdir / safe / "helper.sock")
-    lab.nft("vpn", _vpn_nat(NET).replace("netsim_bench_nat", "netsim_bench_nat3"))
+    lab.nft("vpn", _vpn_nat(net).replace("netsim_bench_nat", table))
     conf: dict[str, Any] = {"helper_socket": sock}
     async with server:
-        await server.add_peer(client_key.public_key(), allowed_ips=[f"{NET}.2/32"])
+        await server.add_peer(client_key.public_key(), allowed_ips=[f"{net}.2/32"])
         if helper_cmd is None:
             argv = [sys.executable, "-m", "netsim.bench.bench_netsim", "helper", str(cfg_path), sock]
             helper = lab.spawn(
@@ -224,7 +226,7 @@ async def netsim_path(
                 await session.stop_vpn_tunnel()
         finally:
             await helper.stop(grace=2.0)
-    lab.nft("vpn", "delete table ip netsim_bench_nat3\n")
+    lab.nft("vpn", f"delete table ip {table}\n")
 
 
 if __name__ == "__main__":
