@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import trio
 from click.testing import CliRunner
 
 from netsim.bench import runner
@@ -189,15 +190,27 @@ def test_provider_ratios_are_user_over_built_in_for_every_measured_case() -> Non
 def test_e2e_runs_the_user_provider_beside_the_built_in_one_in_the_lab() -> None:
     bench_e2e = _lab_gate()
 
-    cases = ["e2e/netsim/udp64", "e2e/provider:TaggingProvider/udp64"]
+    # TCP too: the provider's phase comes after netsim's, and once reused its tunnel net, port and NAT table
+    cases = [
+        "e2e/netsim/udp64",
+        "e2e/provider:TaggingProvider/udp64",
+        "e2e/netsim/tcp",
+        "e2e/provider:TaggingProvider/tcp",
+    ]
     out = bench_e2e.run_e2e(quick=True, only=",".join(cases), providers=(SPEC,))
     assert out["skipped"] == []
     by_name = {r["name"]: r for r in out["results"]}
     assert sorted(by_name) == sorted(cases)
-    for r in by_name.values():
-        assert all(run["received"] > 0 for run in r["runs"]), r["runs"]
-        assert r["cpu_s_per_packet"]["provider"] > 0
-    assert "provider:TaggingProvider / built-in (e2e udp64 pkt/s)" in runner.compute_ratios(out["results"])
+    for name in cases[:2]:
+        assert all(run["received"] > 0 for run in by_name[name]["runs"]), by_name[name]["runs"]
+        assert by_name[name]["cpu_s_per_packet"]["provider"] > 0
+    for name in cases[2:]:
+        assert by_name[name]["gbps"]["min"] > 0
+    ratios = runner.compute_ratios(out["results"])
+    assert {
+        "provider:TaggingProvider / built-in (e2e udp64 pkt/s)",
+        "provider:TaggingProvider / built-in (e2e tcp Gbit/s)",
+    } <= set(ratios)
 
 
 # ------------------------------------------------------------------------------------------------ --helper
@@ -276,3 +289,27 @@ def conformance_checks() -> list[str]:
     from netsim.testing.conformance import CHECKS
 
     return list(CHECKS)
+
+
+class _IperfFailsLab:
+    """Just enough of a `Lab` for `E2E.measure_tcp`: every iperf3 run answers with iperf3's JSON error."""
+
+    processes: ClassVar[list[Any]] = []
+
+    async def run(self, ns: str, argv: list[str], timeout: float = 0, check: bool = True) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            stdout=b'{"start": {}, "intervals": [], "end": {}, "error": "server busy"}', returncode=1
+        )
+
+
+def test_an_iperf3_error_fails_that_tcp_case_with_iperfs_reason_instead_of_the_run(tmp_path: Path) -> None:
+    from netsim.bench.bench_e2e import E2E, PathSetup
+
+    run = E2E(_IperfFailsLab(), {}, True, tmp_path)
+    trio.run(run.measure_tcp, {"netsim": PathSetup(("192.0.2.1", 9), {}, tcp_dst="192.0.2.1")})
+    assert run.results == []
+    [skip] = run.skipped
+    assert skip["name"] == "e2e/netsim/tcp"
+    assert "iperf3 gave no result" in skip["reason"] and "server busy" in skip["reason"]
