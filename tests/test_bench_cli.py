@@ -20,6 +20,7 @@ from netsim.benchcli import bench_command
 from netsim.testing.require import require_binary, require_root, require_tun
 
 SPEC = "bench_provider:TaggingProvider"
+RAW = "bench_provider:SocketProvider"  # written from scratch on the IPC pieces, not on HelperForwardingProvider
 
 
 def _lab_gate() -> Any:
@@ -127,14 +128,21 @@ def test_the_user_provider_runs_beside_the_built_in_one_with_ratios(tmp_path: Pa
     policy.write_text('default = "tunnel"\nmechanism = "nat"\n\n[[rule]]\nname = "lan"\naction = "bypass"\n'
                       'dst = ["192.168.0.0/16"]\n')  # fmt: skip
     out, png = tmp_path / "report.json", tmp_path / "report.png"
-    argv = ["--quick", "--only", "loop/*provider*", "--provider", SPEC, "--policy", str(policy)]
+    argv = ["--quick", "--only", "loop/*provider*", "--provider", SPEC, "--provider", RAW, "--policy", str(policy)]
     result = _invoke(*argv, "--json", str(out), "--plot", str(png))
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert doc["skipped"] == []
-    assert doc["providers"] == [SPEC] and doc["policy"] == str(policy.resolve())
+    assert doc["providers"] == [SPEC, RAW] and doc["policy"] == str(policy.resolve())
     by_case = {r["case"]: r for r in doc["results"]}
-    assert sorted(by_case) == ["loop/builtin-provider/b64", "loop/provider:TaggingProvider/b64"]
+    assert sorted(by_case) == [
+        "loop/builtin-provider/b64",
+        "loop/provider:SocketProvider/b64",
+        "loop/provider:TaggingProvider/b64",
+    ]
+    raw = by_case["loop/provider:SocketProvider/b64"]  # not a HelperForwardingProvider: its own counters
+    assert raw["params"]["lost"] == 0 and raw["params"]["provider_stats"]["forwarded"] >= raw["items"]
+    assert "provider:SocketProvider / built-in (loop b64 pkt/s)" in doc["ratios"]
     mine, builtin = by_case["loop/provider:TaggingProvider/b64"], by_case["loop/builtin-provider/b64"]
     assert mine["params"]["provider"] == SPEC
     assert builtin["params"]["provider"] == "netsim.runtime.forwarding:HelperForwardingProvider"

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["HELPER_PLACEHOLDERS", "helper_argv", "helper_main", "netsim_path"]
+__all__ = ["HELPER_PLACEHOLDERS", "connected_session", "helper_argv", "helper_main", "netsim_path"]
 
 #: What a ``--helper`` command may name (``{socket}`` is required); docs/benchmarks.md.
 HELPER_PLACEHOLDERS = ("socket", "config", "token_file", "policy")
@@ -119,6 +119,22 @@ async def helper_main(config_path: str, sock_path: str, policy_path: str | None 
 
 
 @asynccontextmanager
+async def connected_session(manager: Any, what: str) -> AsyncIterator[Any]:
+    """A session of ``manager`` whose tunnel was started and is CONNECTED (else `RuntimeError` with the
+    provider's reason); the tunnel is stopped again after the block."""
+    from netsim.apple import VPNStatus
+
+    async with manager.open_session() as session:
+        await session.start_vpn_tunnel()
+        with trio.fail_after(30):
+            await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+        if session.status is not VPNStatus.CONNECTED:
+            raise RuntimeError(f"{what} did not connect: {session.last_disconnect_error}")
+        yield session
+        await session.stop_vpn_tunnel()
+
+
+@asynccontextmanager
 async def netsim_path(
     run: Any,
     dst: str,
@@ -140,7 +156,7 @@ async def netsim_path(
     `netsim.testing.conformance` run against it before the provider connects (``run.conformance``). ``slot``
     gives the path its own tunnel net, server port, interface and NAT table (paths of one run never share them).
     """
-    from netsim.apple import TunnelProviderProtocol, VPNStatus
+    from netsim.apple import TunnelProviderProtocol
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
     from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig, render_wg_quick
     from netsim.core.wireguard.keys import PrivateKey
@@ -208,12 +224,7 @@ async def netsim_path(
                 launcher,
                 TunnelProviderProtocol(server_address=str(a.vpn_wan_v4), provider_configuration=conf),
             )
-            async with manager.open_session() as session:
-                await session.start_vpn_tunnel()
-                with trio.fail_after(30):
-                    await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
-                if session.status is not VPNStatus.CONNECTED:
-                    raise RuntimeError(f"{name} tunnel did not connect: {session.last_disconnect_error}")
+            async with connected_session(manager, f"{name} tunnel"):
                 await lab.run("mac", ["ping", "-c", "1", "-W", "3", dst], timeout=15)
                 assert server.pid is not None
                 procs = {
@@ -223,7 +234,6 @@ async def netsim_path(
                     "echo": echo,
                 }
                 yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
-                await session.stop_vpn_tunnel()
         finally:
             await helper.stop(grace=2.0)
     lab.nft("vpn", f"delete table ip {table}\n")
