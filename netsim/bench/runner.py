@@ -492,14 +492,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             Path(args.markdown).write_text(render_markdown(doc))
     else:
-        doc = run_bench(
-            quick=args.quick,
-            only=args.only,
-            json_path=args.json,
-            plot_path=args.plot,
-            markdown_path=args.markdown,
-            seed=args.seed,
-        )
+        try:
+            doc = run_bench(
+                quick=args.quick,
+                only=args.only,
+                json_path=args.json,
+                plot_path=args.plot,
+                markdown_path=args.markdown,
+                seed=args.seed,
+            )
+        except NoCaseSelected as exc:
+            parser.error(str(exc))  # exit 2, as `netsim bench` (which also has --list, --provider, --policy)
     print(render_text(doc))
     return 0
 
