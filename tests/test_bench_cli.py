@@ -7,6 +7,7 @@ The provider cases run with the real harness and tiny counts; nothing here asser
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -321,3 +322,29 @@ def test_an_iperf3_error_fails_that_tcp_case_with_iperfs_reason_instead_of_the_r
     [skip] = run.skipped
     assert skip["name"] == "e2e/netsim/tcp"
     assert "iperf3 gave no result" in skip["reason"] and "server busy" in skip["reason"]
+
+
+def test_the_documented_provider_example_runs_from_its_directory(tmp_path: Path) -> None:
+    """docs/benchmarks.md's example, as a user runs it: the file from the doc, the `netsim` command (a console
+    script, whose sys.path does not hold the current directory) in that directory, in a fresh process."""
+    import re
+    import subprocess
+
+    doc = (Path(__file__).parents[1] / "docs" / "benchmarks.md").read_text()
+    match = re.search(r"cat > my_provider.py <<'PY'\n(.*?)\nPY\n", doc, re.S)
+    assert match, "docs/benchmarks.md lost its provider example"
+    (tmp_path / "my_provider.py").write_text(match.group(1) + "\n")
+    netsim = Path(sys.executable).parent / "netsim"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    listed = subprocess.run(
+        [str(netsim), "bench", "--list", "--quick", "--provider", "my_provider:MyProvider"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "loop/provider:MyProvider/b64" in listed.stdout.splitlines()
+    ran = subprocess.run(
+        [str(netsim), "bench", "--quick", "--only", "loop/provider:*", "--provider", "my_provider:MyProvider"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "loop/provider:MyProvider b64 64B" in ran.stdout
