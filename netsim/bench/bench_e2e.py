@@ -52,7 +52,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["PATHS", "SIZES", "build_tools", "case_names", "run_e2e"]
+__all__ = ["PATHS", "SIZES", "build_tools", "case_names", "run_e2e", "tunnel_destination"]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
@@ -67,8 +67,13 @@ ECHO_PORT = 9000
 WG_NET = "10.66.0"
 
 
-#: Paths that hold the ``mac`` namespace's one tunnel: never up at the same time.
-TUNNEL_PATHS = ("netsim",)
+def tunnel_destination(path: str, exclusive: list[str]) -> str:
+    """The inet address a tunnel path's traffic goes to (``exclusive``: the run's ``provider:``/``user-helper``
+    paths, in order). Kept clear of addresses policies name (examples/policy.toml bypasses 203.0.113.20, the
+    lab's direct scenario host), so a ``--policy`` does not silently take a path's traffic off its tunnel."""
+    if path in DESTINATIONS:
+        return DESTINATIONS[path]
+    return f"203.0.113.{50 + exclusive.index(path)}"
 
 
 def case_names(quick: bool = False, extra_paths: list[str] | tuple[str, ...] = ()) -> list[str]:
@@ -405,14 +410,13 @@ class E2E:
         if path == "netsim":
             return _netsim_path(self, DESTINATIONS["netsim"], "netsim")
         if path in self.providers:
-            index = list(self.providers).index(path)
-            return _netsim_path(self, f"203.0.113.{20 + index}", path, self.providers[path])
+            return _netsim_path(self, tunnel_destination(path, self.exclusive), path, self.providers[path])
         if path == "user-helper":
             from netsim.bench import bench_netsim
 
             return bench_netsim.netsim_path(
                 self,
-                "203.0.113.40",
+                tunnel_destination(path, self.exclusive),
                 name=path,
                 policy=self.policy,
                 helper_cmd=self.helper_cmd,
