@@ -159,6 +159,21 @@ def test_the_user_provider_runs_beside_the_built_in_one_with_ratios(tmp_path: Pa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_counting_provider_example_benchmarks_beside_the_built_in_one(tmp_path: Path) -> None:
+    """Issue 13's "done when": examples/counting_provider.py (not a HelperForwardingProvider) through --provider."""
+    spec = "netsim.examples.counting_provider:CountingProvider"
+    out = tmp_path / "report.json"
+    result = _invoke("--quick", "--only", "loop/*provider*", "--provider", spec, "--json", str(out))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(out.read_text())
+    assert doc["skipped"] == [] and doc["providers"] == [spec]
+    by_case = {r["case"]: r for r in doc["results"]}
+    mine = by_case["loop/provider:CountingProvider/b64"]
+    assert mine["params"]["provider"] == spec and mine["params"]["lost"] == 0 and mine["items"] > 0
+    assert "loop/builtin-provider/b64" in by_case
+    assert "provider:CountingProvider / built-in (loop b64 pkt/s)" in doc["ratios"]
+
+
 def test_a_provider_that_carries_nothing_is_reported_as_failed_not_hung() -> None:
     doc = runner.run_bench(
         quick=True,
