@@ -45,6 +45,11 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "ProviderMessageError": ("netsim.runtime.controller", "ProviderMessageError"),
     "WireGuardSocket": ("netsim.runtime.wgsocket", "WireGuardSocket"),
     "load_policy_file": ("netsim.runtime.policy_file", "load_policy_file"),
+    # the provider's side of the helper (docs/helper.md, "Your own provider and the helper")
+    **{
+        n: ("netsim.runtime.helper_client", n)
+        for n in ("HelperBusy", "HelperClient", "HelperClientConfig", "open_helper_client", "start_helper_client")
+    },
     # sans-IO core
     "PacketView": ("netsim.core.packet", "PacketView"),
     "PrefixTable": ("netsim.core.prefix", "PrefixTable"),
@@ -154,6 +159,11 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.runtime.controller import memory_launcher as memory_launcher
     from netsim.runtime.flow import FlowStatistics as FlowStatistics
     from netsim.runtime.flow import PacketTunnelFlow as PacketTunnelFlow
+    from netsim.runtime.helper_client import HelperBusy as HelperBusy
+    from netsim.runtime.helper_client import HelperClient as HelperClient
+    from netsim.runtime.helper_client import HelperClientConfig as HelperClientConfig
+    from netsim.runtime.helper_client import open_helper_client as open_helper_client
+    from netsim.runtime.helper_client import start_helper_client as start_helper_client
     from netsim.runtime.policy_file import load_policy_file as load_policy_file
     from netsim.runtime.provider import PacketTunnelProvider as PacketTunnelProvider
     from netsim.runtime.wgsocket import WireGuardSocket as WireGuardSocket

@@ -52,10 +52,12 @@ def test_bench_quick_tiny_case_writes_a_complete_report(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bench_with_nothing_selected_fails_clearly() -> None:
-    result = CliRunner().invoke(bench_command, ["--quick", "--only", "no-such-case"])
-    assert result.exit_code != 0
-    assert "no benchmark case ran" in result.output
+def test_bench_where_every_selected_case_is_skipped_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = CliRunner().invoke(bench_command, ["--quick", "--only", "micro/tun-read/64"])
+    assert result.exit_code == 1
+    assert "skipped micro/tun-read/64: needs root" in result.output
+    assert "no benchmark case ran (each selected case was skipped; the reasons are above)" in result.output
 
 
 def test_selector_globs_substrings_and_alternatives() -> None:

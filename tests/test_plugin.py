@@ -31,10 +31,10 @@ import subprocess
 import pytest
 import trio
 
-from my_provider import GreetingProvider
+from my_provider import CountingProvider
 
 
-class SystemTaskProvider(GreetingProvider):
+class SystemTaskProvider(CountingProvider):
     """Starts a task no nursery owns: it keeps running after the tunnel stopped."""
 
     async def start_tunnel(self, options):
@@ -45,7 +45,7 @@ class SystemTaskProvider(GreetingProvider):
         await super().start_tunnel(options)
 
 
-class ChildProvider(GreetingProvider):
+class ChildProvider(CountingProvider):
     """Starts a child process and never waits for it."""
 
     async def start_tunnel(self, options):
@@ -58,7 +58,7 @@ class ChildProvider(GreetingProvider):
 OPENED = []
 
 
-class FdProvider(GreetingProvider):
+class FdProvider(CountingProvider):
     """Opens a file and never closes it (a module-level cache keeps it open after the provider is gone)."""
 
     async def start_tunnel(self, options):

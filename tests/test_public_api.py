@@ -26,3 +26,13 @@ def test_unknown_name_raises_attribute_error() -> None:
         assert "DoesNotExist" in str(exc)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_the_helper_client_api_is_exported() -> None:
+    """Issue 13: a user's provider talks to the helper through top-level names only (docs/helper.md)."""
+    from netsim.runtime import helper_client
+
+    for name in ("HelperBusy", "HelperClient", "HelperClientConfig", "open_helper_client", "start_helper_client"):
+        assert name in netsim.__all__
+        assert getattr(netsim, name) is getattr(helper_client, name)
+    assert issubclass(netsim.HelperBusy, netsim.TunnelDown)

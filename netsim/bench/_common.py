@@ -43,7 +43,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Result", "machine_info", "measure", "parse_args", "report", "rng", "run_isolated", "write_json"]
+__all__ = [
+    "Result",
+    "child_env",
+    "machine_info",
+    "measure",
+    "parse_args",
+    "report",
+    "rng",
+    "run_isolated",
+    "write_json",
+]
 
 MIN_REPS = 5
 _ROOT = Path(__file__).resolve().parents[2]  # the directory netsim is imported from
@@ -120,6 +130,12 @@ def measure(
     )
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a benchmark's child process: this interpreter's ``sys.path`` as ``PYTHONPATH``, so a
+    user's ``--provider`` module importable here (e.g. from the current directory) imports there too."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+
 def run_isolated(module: str, function: str, **kwargs: Any) -> Result:
     """Run ``module.function(**kwargs)`` in a fresh interpreter; it must return `Result.as_dict()`."""
     code = (
@@ -130,6 +146,7 @@ def run_isolated(module: str, function: str, **kwargs: Any) -> Result:
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)],
         cwd=_ROOT,
+        env=child_env(),
         capture_output=True,
         text=True,
         check=False,

@@ -11,6 +11,14 @@ once (each with its own destination), and they are measured interleaved after a 
   wireguard-go in ``vpn``, which NATs to inet.
 * ``netsim``: utun -> `HelperForwardingProvider` -> UDS -> `netsim.runtime.helper.Helper` (WireGuard) ->
   wireguard-go in ``vpn`` (see `_netsim_path`; skipped with the reason when that stack cannot run).
+* ``provider:<Class>`` (``--provider module:Class``, repeatable): path 3 with the user's provider in place of
+  `HelperForwardingProvider`, everything else the same (`netsim.bench.bench_netsim.netsim_path`). One namespace
+  holds one tunnel, so each such path runs in its own phase after the others, not interleaved with ``netsim``.
+  ``--policy FILE`` is given to the helper of ``netsim`` and of every ``provider:`` path.
+* ``user-helper`` (``--helper CMD``): path 3 with the user's helper executable in place of netsim's
+  (`netsim.bench.bench_netsim.helper_argv` fills in ``{socket}``, ``{config}``, ``{token_file}``, ``{policy}``),
+  the built-in provider connecting to it with the token; also a phase of its own. ``--conformance`` runs
+  `netsim.testing.conformance` against it first.
 * ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
   the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop`, ``netsim/bench/c/floor.c`` and
   netsim's loop (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
@@ -45,7 +53,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["PATHS", "SIZES", "build_tools", "run_e2e"]
+__all__ = ["PATHS", "SIZES", "build_tools", "case_names", "run_e2e", "tunnel_destination"]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
@@ -58,6 +66,26 @@ WINDOW = 64
 MAX_PACKETS = 5_000_000
 ECHO_PORT = 9000
 WG_NET = "10.66.0"
+
+
+def tunnel_destination(path: str, exclusive: list[str]) -> str:
+    """The inet address a tunnel path's traffic goes to (``exclusive``: the run's ``provider:``/``user-helper``
+    paths, in order). Kept clear of addresses policies name (examples/policy.toml bypasses 203.0.113.20, the
+    lab's direct scenario host), so a ``--policy`` does not silently take a path's traffic off its tunnel."""
+    if path in DESTINATIONS:
+        return DESTINATIONS[path]
+    return f"203.0.113.{50 + exclusive.index(path)}"
+
+
+def case_names(quick: bool = False, extra_paths: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Every end-to-end case name (``extra_paths``: the ``provider:<Class>`` paths of ``--provider``)."""
+    sizes = (64,) if quick else SIZES
+    out: list[str] = []
+    for path in (*PATHS, *extra_paths):
+        out += [f"e2e/{path}/udp{s}" for s in sizes]
+        if path not in LOOP_PATHS:
+            out.append(f"e2e/{path}/tcp")
+    return out
 
 
 def build_tools() -> dict[str, Path]:
@@ -128,8 +156,25 @@ class E2E:
     path happened to run during a busy spell, so ratios between paths are fair even when absolute numbers move.
     """
 
-    def __init__(self, lab: Any, tools: dict[str, Path], quick: bool, workdir: Path) -> None:
+    def __init__(
+        self,
+        lab: Any,
+        tools: dict[str, Path],
+        quick: bool,
+        workdir: Path,
+        providers: dict[str, str] | None = None,
+        policy: str | None = None,
+        helper_cmd: str | None = None,
+        conformance: bool = False,
+    ) -> None:
         self.lab = lab
+        self.providers = dict(providers or {})  # path name ("provider:<Class>") -> spec
+        self.policy = policy
+        self.helper_cmd = helper_cmd
+        self.conformance_wanted = conformance
+        self.conformance: list[dict[str, Any]] = []  # `netsim.testing.conformance` results of the user's helper
+        #: the paths that take the mac namespace's one tunnel, each in a phase of its own
+        self.exclusive = [*self.providers, *(["user-helper"] if helper_cmd else [])]
         self.tools = tools
         self.quick = quick
         self.workdir = workdir
@@ -261,8 +306,19 @@ class E2E:
     async def _iperf(self, setup: PathSetup, seconds: int) -> dict[str, Any]:
         assert setup.tcp_dst is not None
         argv = ["iperf3", "-c", setup.tcp_dst, "-J", "-t", str(seconds)]
-        res = await self.lab.run("mac", argv, timeout=seconds + 30)
-        return dict(json.loads(res.stdout)["end"])
+        res = await self.lab.run("mac", argv, timeout=seconds + 30, check=False)
+        doc: Any = None
+        try:
+            doc = json.loads(res.stdout)
+        except ValueError:
+            pass
+        end = doc.get("end") if isinstance(doc, dict) else None
+        got = end.get("sum_received") if isinstance(end, dict) else None
+        if not (isinstance(got, dict) and "bits_per_second" in got and "bytes" in got):
+            # iperf3 -J reports its failures (a refused connection, a busy server) as {"error": ...}
+            why = doc.get("error") if isinstance(doc, dict) else None
+            raise RuntimeError(f"iperf3 gave no result (status {res.returncode}): {why or res.stdout[-500:]!r}")
+        return dict(end)  # type: ignore[arg-type]  # checked just above
 
     def _fail(self, path: str, names: list[str], exc: BaseException) -> None:
         detail = f"{type(exc).__name__}: {exc}"[:2000]
@@ -353,12 +409,35 @@ class E2E:
         if path == "wireguard-go":
             return self.path_wireguard_go()
         if path == "netsim":
-            return _netsim_path(self, DESTINATIONS["netsim"])
+            return _netsim_path(self, DESTINATIONS["netsim"], "netsim")
+        if path in self.providers:
+            return _netsim_path(self, tunnel_destination(path, self.exclusive), path, self.providers[path])
+        if path == "user-helper":
+            from netsim.bench import bench_netsim
+
+            return bench_netsim.netsim_path(
+                self,
+                tunnel_destination(path, self.exclusive),
+                name=path,
+                policy=self.policy,
+                helper_cmd=self.helper_cmd,
+                conformance=self.conformance_wanted,
+                slot=1 + self.exclusive.index(path),
+            )
         return self.path_loop(path)
 
     # ------------------------------------------------------------------ driver
     async def run_all(self, paths: list[str], selected: Callable[[str], bool]) -> None:
-        """Bring every selected path up, measure them interleaved, tear them down."""
+        """Bring the selected paths up, measure them interleaved, tear them down.
+
+        The ``provider:`` paths each get a phase of their own afterwards: the ``mac`` namespace holds one tunnel
+        (a second provider is refused), so they cannot be up beside ``netsim``.
+        """
+        shared = [p for p in paths if p not in self.exclusive]
+        for phase in (shared, *([p] for p in paths if p in self.exclusive)):
+            await self._run_phase(phase, selected)
+
+    async def _run_phase(self, paths: list[str], selected: Callable[[str], bool]) -> None:
         sizes = (64,) if self.quick else SIZES
         async with AsyncExitStack() as stack:
             setups: dict[str, PathSetup] = {}
@@ -398,7 +477,7 @@ class E2E:
                 import scapy  # noqa: F401
             except ImportError as exc:
                 return f"needs python-pytun and scapy ({exc})"
-        if path == "netsim":
+        if path == "netsim" or path in self.exclusive:
             return _netsim_unavailable()
         return None
 
@@ -428,17 +507,32 @@ def _netsim_unavailable() -> str | None:
     return None
 
 
-def _netsim_path(run: E2E, dst: str) -> Any:
+def _netsim_path(run: E2E, dst: str, name: str, provider: str | None = None) -> Any:
     from netsim.bench import bench_netsim
 
-    return bench_netsim.netsim_path(run, dst)
+    slot = 0 if name == "netsim" else 1 + run.exclusive.index(name)
+    return bench_netsim.netsim_path(run, dst, name=name, provider=provider, policy=run.policy, slot=slot)
 
 
-async def _run(quick: bool, only: str | None) -> dict[str, Any]:
+async def _run(
+    quick: bool,
+    only: str | None,
+    providers: tuple[str, ...] = (),
+    policy: str | None = None,
+    helper_cmd: str | None = None,
+    conformance: bool = False,
+) -> dict[str, Any]:
+    from netsim.bench.bench_loop import provider_label
     from netsim.bench.runner import selector
 
     selected = selector(only)
-    wanted = [p for p in PATHS if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))]
+    extra = {f"provider:{provider_label(spec)}": spec for spec in providers}
+    user = ["user-helper"] if helper_cmd else []
+    wanted = [
+        p
+        for p in (*PATHS, *extra, *user)
+        if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))
+    ]
     out: dict[str, Any] = {"results": [], "skipped": []}
     if not wanted:
         return out
@@ -461,9 +555,19 @@ async def _run(quick: bool, only: str | None) -> dict[str, Any]:
     try:
         async with Lab() as lab:
             print(f"lab {lab.run_id} up", flush=True)
-            run = E2E(lab, tools, quick, workdir)
+            run = E2E(
+                lab,
+                tools,
+                quick,
+                workdir,
+                providers=extra,
+                policy=policy,
+                helper_cmd=helper_cmd,
+                conformance=conformance,
+            )
             await run.run_all(wanted, selected)
             out["results"], out["skipped"] = run.results, run.skipped
+            out["conformance"] = run.conformance
     except NetsimError as exc:
         return skip_all(f"lab unavailable: {exc}")
     finally:
@@ -471,9 +575,22 @@ async def _run(quick: bool, only: str | None) -> dict[str, Any]:
     return out
 
 
-def run_e2e(quick: bool = False, only: str | None = None) -> dict[str, Any]:
-    """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``."""
-    return trio.run(_run, quick, only)
+def run_e2e(
+    quick: bool = False,
+    only: str | None = None,
+    providers: tuple[str, ...] = (),
+    policy: str | None = None,
+    helper_cmd: str | None = None,
+    conformance: bool = False,
+) -> dict[str, Any]:
+    """Run the selected end-to-end cases; ``{"results": [...], "skipped": [{"name", "reason"}]}``.
+
+    ``providers``: ``module:Class`` specs run as ``provider:<Class>`` paths; ``policy``: a policy file for the
+    helper of the tunnel paths; ``helper_cmd``: a user's helper for the ``user-helper`` path, checked with
+    `netsim.testing.conformance` first when ``conformance`` (``"conformance"`` in the answer). All are checked by
+    `netsim.bench.runner.check_inputs` first.
+    """
+    return trio.run(_run, quick, only, providers, policy, helper_cmd, conformance)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -481,8 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--only", metavar="PATTERN", help="glob(s) over case names, comma separated")
+    parser.add_argument("--provider", action="append", default=[], metavar="MODULE:CLASS")
+    parser.add_argument("--policy", metavar="FILE")
+    parser.add_argument("--helper", metavar="CMD")
+    parser.add_argument("--conformance", action="store_true")
     args = parser.parse_args(argv)
-    out = run_e2e(args.quick, args.only)
+    out = run_e2e(args.quick, args.only, tuple(args.provider), args.policy, args.helper, args.conformance)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     for s in out["skipped"]:

@@ -22,11 +22,14 @@ the naive loop doing the same job.
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 import struct
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
@@ -34,7 +37,7 @@ import trio
 from netsim.bench._common import parse_args, report, run_isolated, write_json
 from netsim.bench.bench_micro import result_from_samples, udp_corpus
 
-__all__ = ["BATCHES", "INFLIGHT", "helper_main", "provider_main", "reflect"]
+__all__ = ["BATCHES", "BUILTIN_PROVIDER", "INFLIGHT", "helper_main", "provider_label", "provider_main", "reflect"]
 
 BATCHES = (1, 8, 32, 64, 128)
 INFLIGHT = 64
@@ -249,7 +252,7 @@ class _ReflectingServer:
         self.lot.unpark_all()
 
 
-def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> dict[str, Any]:
+def case_helper(batch: int, size: int, packets: int, reps: int, seed: int, policy: str | None = None) -> dict[str, Any]:
     """The loop over the real `netsim.runtime.helper.Helper`: IPC in, WireGuard out and back, IPC to the provider.
 
     Provider side: a channel of `open_ipc_pair` (as `HelperForwardingProvider` uses in memory) keeping
@@ -280,7 +283,13 @@ def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> di
     out: dict[str, Any] = {}
 
     async def main() -> None:
-        helper = Helper(config, transport, batch=max(64, batch))
+        engine = None
+        if policy is not None:  # --policy: the helper decides per packet as the user's helper would
+            from netsim.core.policy import PolicyEngine
+            from netsim.runtime.policy_file import load_policy_file
+
+            engine = PolicyEngine(load_policy_file(policy))
+        helper = Helper(config, transport, batch=max(64, batch), policy=engine)
         opts: dict[str, Any] = {"max_queued_batches": 1024, "max_queued_bytes": 64 << 20}
         async with open_ipc_pair(capacity=1 << 20, **opts) as (prov, hch), trio.open_nursery() as nursery:
             await nursery.start(helper.run)
@@ -301,6 +310,161 @@ def case_helper(batch: int, size: int, packets: int, reps: int, seed: int) -> di
     out["without_server_cpu_ns_per_pkt"] = statistics.median(cpu) - out["server_cpu_ns_per_pkt"]
     params = {"transport": "helper", "batch": batch, "size": size, "inflight": inflight, **out}
     return result_from_samples(f"loop/helper b{batch} {size}B", total, cpu, wall, params)
+
+
+#: The built-in provider, as the provider cases name it; a user's ``--provider`` runs beside it.
+BUILTIN_PROVIDER = "netsim.runtime.forwarding:HelperForwardingProvider"
+_ECHO_DST = "203.0.113.10"  # any inet address: the in-memory VPN server answers UDP port 7 for every destination
+
+
+def provider_label(spec: str) -> str:
+    """The name a provider spec gets in case names: its class (``pkg.mod:Class`` -> ``Class``)."""
+    return spec.rpartition(":")[2]
+
+
+@asynccontextmanager
+async def _socket_tunnel(spec: str, policy: str | None, seed: int) -> AsyncIterator[tuple[Any, str, Any]]:
+    """The in-memory tunnel of `netsim.testing.memory_tunnel`, but the provider reaches the helper as it would
+    in the lab: ``provider_configuration = {"helper_socket": <a Unix socket>, "token_file": <0600 file>}``, a
+    real `UnixIpcServer` checking the token. Yields ``(utun, client IPv4 address, session)`` once CONNECTED."""
+    import random
+    import secrets
+    import tempfile
+    from ipaddress import ip_interface, ip_network
+    from pathlib import Path
+
+    from netsim.apple import TunnelProviderProtocol
+    from netsim.bench.bench_netsim import connected_session
+    from netsim.core import ipc
+    from netsim.core.wireguard import PrivateKey
+    from netsim.core.wireguard.config import Endpoint, InterfaceConfig, PeerConfig, TunnelConfig
+    from netsim.runtime.channel import UnixIpcServer
+    from netsim.runtime.controller import TunnelProviderManager, memory_launcher
+    from netsim.runtime.helper import Helper
+    from netsim.runtime.netconfig import MemoryNamespace
+    from netsim.testing.memory_tun import MemoryTun
+    from netsim.testing.memory_tunnel import HELPER_ADDR, SERVER_ADDR, FakeNetwork, MemoryVpnServer
+    from netsim.transports.uds import write_token_file
+
+    engine = None
+    if policy is not None:
+        from netsim.core.policy import PolicyEngine
+        from netsim.runtime.policy_file import load_policy_file
+
+        engine = PolicyEngine(load_policy_file(policy))
+    rng = random.Random(seed)
+    ck, sk = PrivateKey.generate(rng.randbytes), PrivateKey.generate(rng.randbytes)
+    client_v4 = "10.66.0.2"
+    config = TunnelConfig(
+        InterfaceConfig(ck, addresses=(ip_interface(f"{client_v4}/32"), ip_interface("fd00:66::2/128")), mtu=1420),
+        (PeerConfig(sk.public_key(), endpoint=Endpoint(*SERVER_ADDR), allowed_ips=(ip_network("0.0.0.0/0"),)),),
+    )
+    network = FakeNetwork(capacity=8192)
+    server_peer = PeerConfig(ck.public_key(), allowed_ips=(ip_network(f"{client_v4}/32"), ip_network("fd00:66::2/128")))
+    server = MemoryVpnServer(sk, server_peer, network.attach(SERVER_ADDR), 1420)
+    helper = Helper(config, network.attach(HELPER_ADDR), policy=engine)
+    token = secrets.token_bytes(32)
+
+    def connection() -> ipc.Connection:
+        caps = ipc.Capability.STATS | ipc.Capability.POLICY | ipc.Capability.PING | ipc.Capability.POLICY_RESULT
+        return ipc.Connection(ipc.Role.HELPER, capabilities=caps, expected_token=token)
+
+    with tempfile.TemporaryDirectory(prefix="netsim-bench-loop-") as tmp:
+        sock, token_file = str(Path(tmp) / "helper" / "helper.sock"), Path(tmp) / "token"
+        write_token_file(token_file, token)
+        ipc_server = UnixIpcServer(
+            sock, connection_factory=connection, max_queued_batches=1024, max_queued_bytes=64 << 20
+        )
+        helper.server = ipc_server
+        launcher = memory_launcher(
+            lambda name, mtu: MemoryTun(name=name, mtu=mtu, capacity=1024), namespace=MemoryNamespace("bench-mac")
+        )
+        conf = {"helper_socket": sock, "token_file": str(token_file)}
+        manager = TunnelProviderManager(
+            spec, launcher, TunnelProviderProtocol(server_address=SERVER_ADDR[0], provider_configuration=conf)
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            await nursery.start(helper.run)
+            await nursery.start(ipc_server.serve, helper.serve_session)
+            async with connected_session(manager, f"provider {spec!r}") as session:
+                yield launcher.hosts[-1].flow.device, client_v4, session
+            nursery.cancel_scope.cancel()
+
+
+def case_provider(
+    spec: str, batch: int, size: int, packets: int, reps: int, seed: int, policy: str | None = None
+) -> dict[str, Any]:
+    """The whole tunnel in one process with the provider ``spec``: MemoryTun -> provider -> Unix-socket IPC (token
+    checked) -> real `Helper` -> WireGuard -> in-memory VPN server (UDP echo) and back, ``batch`` packets per
+    round (`_socket_tunnel`).
+
+    Any `PacketTunnelProvider` that reaches the helper through ``provider_configuration["helper_socket"]`` (and
+    ``token_file``) runs here as the built-in one does. ``ns_*`` are CPU ns per round-trip packet of the whole
+    process (provider, helper and the in-memory server share it); ``params["lost"]`` counts packets that never came
+    back (a policy that bypasses the echo destination, a provider that drops); a round waits at most 1 s.
+    """
+    from netsim.testing.memory_tunnel import udp_packet
+
+    rounds = max(1, packets // batch)
+    r = __import__("random").Random(seed)
+    out: dict[str, Any] = {"lost": 0}
+
+    async def main() -> None:
+        async with _socket_tunnel(spec, policy, seed) as (tun, client_v4, session):
+            written = trio.lowlevel.ParkingLot()
+            device_write = tun.write_packets
+
+            def write(pkts: Any, offset: int = 0, *, validated: bool = False) -> int:
+                n = device_write(pkts, offset, validated=validated)
+                written.unpark_all()  # the harness waits for replies without polling
+                return int(n)
+
+            tun.write_packets = write
+            payload = bytes(max(0, size - 28))
+            corpus = [udp_packet(client_v4, _ECHO_DST, r.randrange(1024, 65536), 7, payload) for _ in range(batch)]
+
+            async def pump(n_rounds: int) -> int:
+                back = 0
+                for _ in range(n_rounds):
+                    tun.inject(corpus)
+                    got = 0
+                    with trio.move_on_after(1.0):
+                        while got < batch:
+                            got += len(tun.take_written())
+                            if got < batch:
+                                await written.park()
+                    got += len(tun.take_written())
+                    out["lost"] += max(0, batch - got)
+                    back += got
+                return back
+
+            if await pump(2) == 0:  # warm-up; also proves the path carries the probe traffic
+                raise RuntimeError(
+                    f"provider {spec!r}: no UDP echo came back from {_ECHO_DST}:7 through the in-memory tunnel"
+                    + (f" with policy {policy}" if policy else "")
+                )
+            out["lost"] = 0
+            cpu: list[float] = []
+            wall: list[float] = []
+            for _ in range(reps):
+                w0, c0 = time.perf_counter_ns(), time.process_time_ns()
+                await pump(rounds)
+                c1, w1 = time.process_time_ns(), time.perf_counter_ns()
+                cpu.append((c1 - c0) / (rounds * batch))
+                wall.append((w1 - w0) / (rounds * batch))
+            out["cpu"], out["wall"] = cpu, wall
+            try:  # the provider's own account, when it answers the app message b"stats" as the built-in does
+                out["provider_stats"] = json.loads(await session.send_provider_message(b"stats") or b"{}")
+            except ValueError:
+                out["provider_stats"] = {}
+
+    trio.run(main)
+    cpu, wall = out.pop("cpu"), out.pop("wall")
+    series = "builtin-provider" if spec == BUILTIN_PROVIDER else f"provider:{provider_label(spec)}"
+    params = {"transport": series, "provider": spec, "policy": policy, "batch": batch, "size": size, **out}
+    name = f"loop/{series} b{batch} {size}B"
+    return result_from_samples(name, rounds * batch, cpu, wall, params)
 
 
 # --------------------------------------------------------------------------------------------------- processes
@@ -348,8 +512,15 @@ async def provider_main(tun_name: str, path: str, batch: str = "64") -> None:
 
 
 # --------------------------------------------------------------------------------------------------- plan
-def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(case name, function, kwargs)`` of every loop case."""
+def plan(
+    quick: bool, seed: int = 1, providers: tuple[str, ...] = (), policy: str | None = None
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(case name, function, kwargs)`` of every loop case.
+
+    With ``providers`` (``--provider`` specs), each runs the provider cases beside the built-in provider
+    (``loop/builtin-provider/b64``, ``loop/provider:<Class>/b64``); ``policy`` (a file) goes to every case that
+    runs netsim's `Helper`.
+    """
     packets = 4096 if quick else 16384
     reps = 5 if quick else 7
     out: list[tuple[str, str, dict[str, Any]]] = []
@@ -361,7 +532,18 @@ def plan(quick: bool, seed: int = 1) -> list[tuple[str, str, dict[str, Any]]]:
             out.append((f"loop/{transport}/b{batch}", "case_loop", kw))
     for batch in (64,) if quick else (8, 64, 128):
         kw = {"batch": batch, "size": 64, "packets": packets // 2, "reps": reps, "seed": seed}
+        if policy is not None:
+            kw["policy"] = policy
         out.append((f"loop/helper/b{batch}", "case_helper", kw))
+    if providers:
+        for label, spec in (
+            ("builtin-provider", BUILTIN_PROVIDER),
+            *((f"provider:{provider_label(p)}", p) for p in providers),
+        ):
+            kw = {"spec": spec, "batch": 64, "size": 64, "packets": packets // 4, "reps": reps, "seed": seed}
+            if policy is not None:
+                kw["policy"] = policy
+            out.append((f"loop/{label}/b64", "case_provider", kw))
     if not quick:
         for transport in ("memory", "uds"):
             kw = {"transport": transport, "batch": 64, "size": 1400, "packets": packets, "reps": reps, "seed": seed}

@@ -1,13 +1,21 @@
 """The orchestrator behind ``netsim bench``: micro, loop and end-to-end cases, ratios, JSON, plot, tables.
 
-    netsim bench [--quick] [--json FILE] [--plot FILE] [--only PATTERN] [--markdown FILE]
+    netsim bench [--quick] [--json FILE] [--plot FILE] [--only PATTERN] [--markdown FILE] [--list]
+                 [--provider module:Class]... [--policy FILE]
     python -m netsim.bench.runner ...            (the same, without the netsim CLI)
 
 Every micro and loop case runs in a fresh interpreter (`netsim.bench._common.run_isolated`); the end-to-end cases
 run in one child process that brings up one lab and starts fresh provider/helper processes per path
 (`netsim.bench.bench_e2e`). Cases that cannot run here (no root, no wireguard-go, no compiler) are listed under
 ``skipped`` with the reason -- never silently left out. ``--only`` takes globs over case names (``micro/*``,
-``loop/uds/*``, ``e2e/c-floor/*``; a bare word matches as a substring; commas separate alternatives).
+``loop/uds/*``, ``e2e/c-floor/*``; a bare word matches as a substring; commas separate alternatives); a pattern
+that matches no case is an error naming the cases (`case_names`, also ``--list``).
+
+``--provider module:Class`` runs the user's provider beside the built-in one: ``loop/provider:<Class>/b64`` next to
+``loop/builtin-provider/b64`` (the in-memory tunnel, `netsim.bench.bench_loop.case_provider`) and
+``e2e/provider:<Class>/...`` next to ``e2e/netsim/...`` (the lab tunnel), with ``provider:<Class> / built-in``
+ratios. ``--policy FILE`` goes to the helper of those cases. Both are checked by `check_inputs` before anything
+runs.
 
 The JSON holds ``machine`` (Python, kernel, CPU, cores, load), ``results`` (one record per case, see
 `netsim.bench._common.Result` and `netsim.bench.bench_e2e`), ``skipped``, and ``ratios`` measured in the same run
@@ -25,12 +33,24 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netsim.bench._common import machine_info, run_isolated
+from netsim.bench._common import child_env, machine_info, run_isolated
 
-__all__ = ["TARGETS", "compute_ratios", "render_markdown", "render_text", "run_bench", "selector"]
+__all__ = [
+    "TARGETS",
+    "BenchInputs",
+    "NoCaseSelected",
+    "case_names",
+    "check_inputs",
+    "compute_ratios",
+    "render_markdown",
+    "render_text",
+    "run_bench",
+    "selector",
+]
 
 ROOT = Path(__file__).resolve().parents[2]  # the directory netsim is imported from
 
@@ -56,6 +76,101 @@ def selector(pattern: str | None) -> Callable[[str], bool]:
         return lambda name: True
     pats = [p if any(c in p for c in "*?[") else f"*{p}*" for p in pattern.split(",") if p]
     return lambda name: any(fnmatch.fnmatchcase(name, p) for p in pats)
+
+
+@dataclass(frozen=True)
+class BenchInputs:
+    """The user's code under test, checked by `check_inputs`.
+
+    Attributes:
+        providers: ``module:Class`` specs of `PacketTunnelProvider` subclasses, run beside the built-in one.
+        policy: a bypass policy file (absolute path) for the helper of the loop and end-to-end cases.
+    """
+
+    providers: tuple[str, ...] = ()
+    policy: str | None = None
+    helper: str | None = None
+    conformance: bool = False
+
+
+def check_inputs(
+    providers: tuple[str, ...] = (),
+    policy: str | os.PathLike[str] | None = None,
+    helper: str | None = None,
+    conformance: bool = False,
+) -> BenchInputs:
+    """Check ``--provider`` specs, the ``--policy`` file and the ``--helper`` command before anything starts.
+
+    A provider spec must import here, name a `netsim.runtime.provider.PacketTunnelProvider` subclass and be
+    constructible with no arguments (how a provider host makes it); two specs may not share a class name (the
+    case names would collide). The policy file must exist and parse (docs/policy.md). The helper command must
+    name ``{socket}``, use only known placeholders and start with an executable that exists;
+    ``conformance`` needs a helper.
+
+    Raises:
+        ConfigError: what is wrong and what to fix.
+    """
+    import inspect
+
+    from netsim.bench.bench_loop import provider_label
+    from netsim.errors import ConfigError
+    from netsim.runtime.tunnelspec import resolve_policy, resolve_provider
+
+    seen: dict[str, str] = {}
+    for spec in providers:
+        cls = resolve_provider(spec)
+        try:
+            inspect.signature(cls).bind()
+        except TypeError as exc:
+            raise ConfigError(
+                f"{spec!r} must be constructible with no arguments ({exc})", source="--provider"
+            ) from None
+        except ValueError:  # no signature to inspect (a C type): let the provider host find out
+            pass
+        label = provider_label(spec)
+        if label in seen:
+            raise ConfigError(f"{spec!r} and {seen[label]!r} have the same class name {label!r}", source="--provider")
+        seen[label] = spec
+    policy_path: str | None = None
+    if policy is not None:
+        _, path, _ = resolve_policy(Path(policy))
+        policy_path = str(path)
+    if helper is not None:
+        import shutil
+
+        from netsim.bench.bench_netsim import helper_argv
+
+        values = {"socket": "S", "config": "C", "token_file": "T", **({"policy": "P"} if policy_path else {})}
+        exe = helper_argv(helper, **values)[0]
+        if shutil.which(exe) is None:
+            raise ConfigError(f"{exe!r} is not an executable (on PATH or as a path)", source="--helper")
+    elif conformance:
+        raise ConfigError("--conformance checks a helper of yours: give it with --helper CMD", source="--conformance")
+    return BenchInputs(tuple(providers), policy_path, helper, conformance)
+
+
+def _plans(quick: bool, seed: int, inputs: BenchInputs) -> list[tuple[str, str, list[tuple[str, str, dict[str, Any]]]]]:
+    from netsim.bench import bench_loop, bench_micro
+
+    return [
+        ("netsim.bench.bench_micro", "micro", bench_micro.plan(quick, seed)),
+        ("netsim.bench.bench_loop", "loop", bench_loop.plan(quick, seed, inputs.providers, inputs.policy)),
+    ]
+
+
+def case_names(quick: bool = False, seed: int = 1, inputs: BenchInputs | None = None) -> list[str]:
+    """Every case name ``netsim bench`` would run with these options, in run order (``--list``)."""
+    from netsim.bench import bench_e2e
+
+    inputs = inputs or BenchInputs()
+    names = [case for _, _, plan in _plans(quick, seed, inputs) for case, _, _ in plan]
+    return names + bench_e2e.case_names(quick, _e2e_extra_paths(inputs))
+
+
+def _e2e_extra_paths(inputs: BenchInputs) -> list[str]:
+    from netsim.bench.bench_loop import provider_label
+
+    return [f"provider:{provider_label(p)}" for p in inputs.providers] + ["user-helper"] * bool(inputs.helper)
 
 
 def _isolated(module: str, case: str, group: str, fn: str, kw: dict[str, Any]) -> dict[str, Any]:
@@ -94,6 +209,26 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         add(f"netsim-loop / naive ({unit})", f"e2e/netsim-loop/udp{size}", f"e2e/naive/udp{size}")
         add(f"wireguard-go / direct ({unit})", f"e2e/wireguard-go/udp{size}", f"e2e/direct/udp{size}")
     add("netsim / wireguard-go (tcp Gbit/s)", "e2e/netsim/tcp", "e2e/wireguard-go/tcp")
+    for name in sorted(e2e):  # the user's provider against the built-in one, same run (docs/benchmarks.md)
+        path, _, kind = name[len("e2e/") :].rpartition("/")
+        unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"
+        if path.startswith("provider:"):
+            add(f"{path} / built-in (e2e {unit})", name, f"e2e/netsim/{kind}")
+        elif path == "user-helper":
+            add(f"user-helper / netsim helper (e2e {unit})", name, f"e2e/netsim/{kind}")
+    loops = {r.get("case", r["name"]): r for r in results if r.get("group") == "loop"}
+    for case in sorted(loops):
+        if case.startswith("loop/provider:"):
+            base = loops.get(case.replace(case.split("/")[1], "builtin-provider", 1))
+            if base is not None:
+                label = f"{case.split('/')[1]} / built-in (loop {case.split('/')[2]} pkt/s)"
+                mine, theirs = loops[case]["items_per_s"], base["items_per_s"]
+                out[label] = {
+                    "value": mine / theirs if theirs else float("inf"),
+                    "numerator": case,
+                    "denominator": base.get("case", base["name"]),
+                    "target": None,
+                }
     for stem, other, other_procs, ours, our_procs in _CPU_RATIOS:
         for size in (64, 512, 1400):
             a, b = e2e.get(f"e2e/{other}/udp{size}"), e2e.get(f"e2e/{ours}/udp{size}")
@@ -110,7 +245,7 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None], inputs: BenchInputs) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="netsim-bench-") as tmp:
         out_path = Path(tmp) / "e2e.json"
         argv = [sys.executable, "-m", "netsim.bench.bench_e2e", "--json", str(out_path)]
@@ -118,7 +253,15 @@ def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None]) -> dict[
             argv.append("--quick")
         if only:
             argv += ["--only", only]
-        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False, timeout=3600)
+        for spec in inputs.providers:
+            argv += ["--provider", spec]
+        if inputs.policy:
+            argv += ["--policy", inputs.policy]
+        if inputs.helper:
+            argv += ["--helper", inputs.helper] + ["--conformance"] * inputs.conformance
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, check=False, timeout=3600
+        )
         for line in proc.stdout.splitlines():
             if not line.startswith("skipped "):
                 log(line)
@@ -126,6 +269,15 @@ def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None]) -> dict[
             tail = (proc.stderr or proc.stdout)[-3000:]
             return {"results": [], "skipped": [{"name": "e2e/*", "reason": f"bench_e2e failed: {tail}"}]}
         return dict(json.loads(out_path.read_text()))
+
+
+class NoCaseSelected(ValueError):
+    """``--only`` matched no case; ``names`` are the cases there are."""
+
+    def __init__(self, pattern: str | None, names: list[str]) -> None:
+        super().__init__(f"--only {pattern!r} matches no benchmark case; the cases are:\n  " + "\n  ".join(names))
+        self.pattern = pattern
+        self.names = names
 
 
 def run_bench(
@@ -137,19 +289,26 @@ def run_bench(
     markdown_path: str | os.PathLike[str] | None = None,
     seed: int = 1,
     log: Callable[[str], None] = print,
+    inputs: BenchInputs | None = None,
 ) -> dict[str, Any]:
-    """Run the selected cases and return the report document (also written as JSON/PNG/Markdown if asked)."""
-    from netsim.bench import bench_e2e, bench_loop, bench_micro
+    """Run the selected cases and return the report document (also written as JSON/PNG/Markdown if asked).
 
+    ``inputs`` (from `check_inputs`): the user's providers and policy. A pattern ``only`` that matches no case
+    is a `NoCaseSelected` error that lists the case names.
+    """
+    from netsim.bench import bench_e2e, bench_micro
+
+    inputs = inputs or BenchInputs()
     t0 = time.monotonic()
     selected = selector(only)
+    names = case_names(quick, seed, inputs)
+    if not any(selected(n) for n in names):
+        raise NoCaseSelected(only, names)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    conformance: list[dict[str, Any]] = []
     root = os.geteuid() == 0
-    for module, group, plan in (
-        ("netsim.bench.bench_micro", "micro", bench_micro.plan(quick, seed)),
-        ("netsim.bench.bench_loop", "loop", bench_loop.plan(quick, seed)),
-    ):
+    for module, group, plan in _plans(quick, seed, inputs):
         for case, fn, kw in plan:
             if not selected(case):
                 continue
@@ -161,17 +320,21 @@ def run_bench(
                 results.append(_isolated(module, case, group, fn, kw))
             except RuntimeError as exc:
                 skipped.append({"name": case, "reason": f"failed: {str(exc)[-1500:]}"})
-    e2e_names = [f"e2e/{p}/{k}" for p in bench_e2e.PATHS for k in ("udp64", "udp512", "udp1400", "tcp")]
-    if any(selected(n) for n in e2e_names):
+    if any(selected(n) for n in bench_e2e.case_names(quick, _e2e_extra_paths(inputs))):
         log("e2e (lab) ...")
-        e2e = _run_e2e(quick, only, log)
+        e2e = _run_e2e(quick, only, log, inputs)
         results += e2e["results"]
         skipped += e2e["skipped"]
+        conformance += e2e.get("conformance", [])
     doc = {
         "machine": machine_info(),
         "quick": quick,
         "only": only,
         "seed": seed,
+        "providers": list(inputs.providers),
+        "policy": inputs.policy,
+        "helper": inputs.helper,
+        "conformance": conformance,
         "wall_seconds": round(time.monotonic() - t0, 1),
         "results": results,
         "skipped": skipped,
@@ -275,6 +438,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             met = ("yes" if r["met"] else "**no**") if "met" in r else ""
             lines.append(f"| {name} | {r['value']:.3f} | {target} | {met} |")
         lines.append("")
+    if doc.get("conformance"):
+        lines += ["**IPC conformance of the --helper**", "", "| check | result | detail |", "|---|---|---|"]
+        lines += [f"| {c['name']} | {c['status']} | {c['detail']} |" for c in doc["conformance"]] + [""]
     if doc["skipped"]:
         lines += ["**skipped**", ""] + [f"- `{s['name']}`: {s['reason']}" for s in doc["skipped"]] + [""]
     return "\n".join(lines)
@@ -296,6 +462,10 @@ def render_text(doc: dict[str, Any]) -> str:
             if "met" in r:
                 verdict = f"  target >= {r['target']:g}: {'met' if r['met'] else 'MISSED'}"
             out.append(f"  {name:<58} {r['value']:8.3f}{verdict}")
+    checks = doc.get("conformance") or []
+    if checks:
+        out += ["", "IPC conformance of the --helper (netsim.testing.conformance)"]
+        out += [f"  {c['status'].upper():<4} {c['name']:<22} {c['detail']}".rstrip() for c in checks]
     for s in doc["skipped"]:
         out.append(f"skipped {s['name']}: {s['reason']}")
     out.append(f"\n{doc['wall_seconds']} s; load average now {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
@@ -322,14 +492,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown:
             Path(args.markdown).write_text(render_markdown(doc))
     else:
-        doc = run_bench(
-            quick=args.quick,
-            only=args.only,
-            json_path=args.json,
-            plot_path=args.plot,
-            markdown_path=args.markdown,
-            seed=args.seed,
-        )
+        try:
+            doc = run_bench(
+                quick=args.quick,
+                only=args.only,
+                json_path=args.json,
+                plot_path=args.plot,
+                markdown_path=args.markdown,
+                seed=args.seed,
+            )
+        except NoCaseSelected as exc:
+            parser.error(str(exc))  # exit 2, as `netsim bench` (which also has --list, --provider, --policy)
     print(render_text(doc))
     return 0
 

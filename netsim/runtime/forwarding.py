@@ -2,21 +2,25 @@
 
 Theory of operation
 -------------------
-``start_tunnel`` connects to the helper's Unix socket (``provider_configuration["helper_socket"]``), receives the
-helper's SETTINGS frame (addresses, DNS, AllowedIPs, MTU and server address from the WireGuard config: the keys
-stay in the helper) and applies them with ``set_tunnel_network_settings``. Two loops then run for the life of
-the tunnel:
+Each helper connection is one `netsim.runtime.helper_client.HelperClient` (the public API a user's own provider
+uses too: one code path). ``start_tunnel`` connects to the helper's Unix socket
+(``provider_configuration["helper_socket"]``), receives the helper's SETTINGS (addresses, DNS, AllowedIPs, MTU
+and server address from the WireGuard config: the keys stay in the helper) and applies them, through the
+`HelperForwardingProvider.merge_settings` hook, with ``set_tunnel_network_settings``. Two loops then run for the
+life of the tunnel:
 
 * **outbound**: ``await packet_flow.read_packets()`` (Apple: ``readPackets``; one trio wakeup returns every queued
   packet as parallel lists of packets and Darwin families) -> one IPC PACKETS frame with those same lists
-  (`IpcChannel.send_packets_nowait`: scatter-gather ``sendmsg``, the payload bytes are never copied into a frame).
+  (`HelperClient.send_packets`: scatter-gather ``sendmsg``, the payload bytes are never copied into a frame).
   While the helper is away the batch is dropped and counted as ``helper_down``: reading on keeps the utun queue
   from filling with stale packets, and the count says exactly what was lost.
-* **inbound**: each IPC PACKETS frame -> ``packet_flow.write_packets(batch.packets(), batch.families)`` (Apple:
+* **inbound**: each IPC PACKETS frame (`HelperClient.receive_packets`, which also answers PING and delivers
+  statistics answers) -> ``packet_flow.write_packets(packets, families)`` (Apple:
   ``writePackets(_:withProtocols:)``): memoryview slices of the IPC receive buffer (zero copy until the TUN write)
   and the frame's families as they came.
 
-No `Packet` object is made on either path (they are Apple's per-packet objects, for providers that want them);
+The optional ``on_outbound_batch`` / ``on_inbound_batch`` hooks see each batch (only when a subclass overrides
+them). No `Packet` object is made on either path (they are Apple's per-packet objects, for providers that want them);
 the families travel end to end as the parallel lists both APIs already use. When a write is refused, the
 provider reads the flow's plain ``packets_written`` counter to book what was taken: no statistics snapshot and
 no I/O on the event loop under load.
@@ -36,31 +40,33 @@ App messages (``session.send_provider_message``): ``b"stats"`` returns the provi
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_interface, ip_network
 from typing import Any
 
 import trio
 
 from netsim.apple.enums import ProviderStopReason
-from netsim.apple.settings import (
-    DNSSettings,
-    IPv4Route,
-    IPv4Settings,
-    IPv6Route,
-    IPv6Settings,
-    PacketTunnelNetworkSettings,
-)
+from netsim.apple.settings import PacketTunnelNetworkSettings
 from netsim.core import ipc
 from netsim.core.ledger import Ledger, LedgerSnapshot
 from netsim.errors import ConfigError, LabError, LocalProtocolError, RemoteProtocolError, TunnelDown
-from netsim.runtime.channel import IpcChannel, connect_ipc_unix
+from netsim.runtime.channel import IpcChannel
+from netsim.runtime.helper_client import (
+    MEMORY_SCHEME,
+    HelperBusy,
+    HelperClient,
+    HelperClientConfig,
+    open_helper_channel,
+    register_memory_helper,
+    settings_from_payload,
+    unregister_memory_helper,
+)
 from netsim.runtime.provider import PacketTunnelProvider
-from netsim.transports.uds import read_token_file
 
 __all__ = [
     "MEMORY_SCHEME",
@@ -73,10 +79,6 @@ __all__ = [
 
 log = logging.getLogger("netsim.forwarding")
 
-#: ``helper_socket`` values starting with this name an in-process helper (`register_memory_helper`).
-MEMORY_SCHEME = "memory:"
-Connector = Callable[[Ledger], AbstractAsyncContextManager[IpcChannel]]
-_MEMORY_HELPERS: dict[str, Connector] = {}
 _CONNECTION_ERRORS = (
     TunnelDown,
     RemoteProtocolError,
@@ -86,66 +88,6 @@ _CONNECTION_ERRORS = (
     trio.BrokenResourceError,
     trio.ClosedResourceError,
 )
-
-
-def register_memory_helper(name: str, connector: Connector) -> None:
-    """Make ``helper_socket = "memory:<name>"`` connect through ``connector(ledger)`` (the in-memory backend).
-
-    The connector yields a handshaken provider-side `IpcChannel` whose ``ipc_out`` stage lives in ``ledger``.
-    """
-    _MEMORY_HELPERS[name] = connector
-
-
-def unregister_memory_helper(name: str) -> None:
-    """Forget an in-memory helper; providers connecting to it then see it as down."""
-    _MEMORY_HELPERS.pop(name, None)
-
-
-def settings_from_payload(payload: dict[str, Any]) -> PacketTunnelNetworkSettings:
-    """Build ``PacketTunnelNetworkSettings`` from the helper's SETTINGS payload (`tunnel_settings_payload`).
-
-    AllowedIPs become included routes (0.0.0.0/0 and ::/0 claim the default route, as wg-quick does); the server
-    is the ``tunnel_remote_address``, which the route table excludes from the tunnel automatically; the policy's
-    ``excluded_routes`` (route mechanism) become excluded routes of their family.
-
-    Raises:
-        ConfigError: the payload is not what a netsim helper sends (names the field).
-    """
-    try:
-        if payload.get("v") != 1:
-            raise ConfigError(f"helper settings version {payload.get('v')!r} is not 1")
-        server = payload.get("server")
-        if not isinstance(server, str):
-            raise ConfigError("helper settings have no server address (the peer has no resolved Endpoint)")
-        addrs = [ip_interface(a) for a in payload.get("addresses", [])]
-        routes = [ip_network(r) for r in payload.get("routes", [])]
-        dns = [str(s) for s in payload.get("dns", [])]
-        search = [str(s) for s in payload.get("dns_search", [])]
-        mtu = payload.get("mtu")
-        excluded = [ip_network(r) for r in payload.get("excluded_routes", [])]
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"bad helper settings: {exc}") from None
-    settings = PacketTunnelNetworkSettings(tunnel_remote_address=server, mtu=mtu if isinstance(mtu, int) else None)
-    v4 = [a for a in addrs if a.version == 4]
-    v6 = [a for a in addrs if a.version == 6]
-    r4 = [r for r in routes if isinstance(r, IPv4Network)]
-    r6 = [r for r in routes if isinstance(r, IPv6Network)]
-    x4 = [r for r in excluded if isinstance(r, IPv4Network)]
-    x6 = [r for r in excluded if isinstance(r, IPv6Network)]
-    if v4:
-        settings.ipv4_settings = IPv4Settings([str(a.ip) for a in v4], [str(a.netmask) for a in v4])
-        settings.ipv4_settings.included_routes = [IPv4Route(str(r.network_address), str(r.netmask)) for r in r4]
-        if x4:  # the policy's route mechanism: these never enter the utun (Apple: excludedRoutes)
-            settings.ipv4_settings.excluded_routes = [IPv4Route(str(r.network_address), str(r.netmask)) for r in x4]
-    if v6:
-        settings.ipv6_settings = IPv6Settings([str(a.ip) for a in v6], [a.network.prefixlen for a in v6])
-        settings.ipv6_settings.included_routes = [IPv6Route(str(r.network_address), r.prefixlen) for r in r6]
-        if x6:
-            settings.ipv6_settings.excluded_routes = [IPv6Route(str(r.network_address), r.prefixlen) for r in x6]
-    if dns:
-        # The tunnel's resolvers answer everything ([""]: Apple's "all domains"), so DNS never leaks.
-        settings.dns_settings = DNSSettings(dns, search_domains=search or None, match_domains=[""])
-    return settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,14 +124,20 @@ class ForwardingStatistics:
 
 
 class HelperForwardingProvider(PacketTunnelProvider):
-    """Forwards every utun packet to the netsim helper and writes its replies back (use as is, or copy it).
+    """Forwards every utun packet to the netsim helper and writes its replies back (use as is, or subclass it).
 
-    ``provider_configuration`` keys: ``helper_socket`` (path, or ``memory:<name>``), ``connect_timeout``
-    (seconds to reach the helper at start, default 10), ``reconnect_for`` (seconds of reasserting before the
-    tunnel gives up and stops with an error, default 300), ``backoff_max`` (default 1.0), ``token_file`` (a
-    0600 file holding the per-tunnel secret the helper checks in HELLO; `netsim_tunnel` writes one),
-    ``ping_interval`` / ``ping_timeout`` (liveness, seconds, defaults 5 and 10; ``ping_interval = 0`` turns it
-    off): a helper that does not answer a PING within the deadline is treated as dead and the provider reasserts.
+    Built on `netsim.runtime.helper_client.HelperClient` (one connection per session), adding reconnects,
+    reasserting and the ledger. ``provider_configuration`` keys: those of `HelperClientConfig` (``helper_socket``,
+    ``token_file``, ``connect_timeout`` (seconds to reach the helper at start, default 10), ``backoff_max``
+    (default 1.0), ``ping_interval`` / ``ping_timeout`` (liveness, defaults 5 and 10; ``ping_interval = 0``
+    turns it off): a helper that does not answer a PING within the deadline is treated as dead and the
+    provider reasserts), plus ``reconnect_for`` (seconds of reasserting before the tunnel gives up and stops
+    with an error, default 300).
+
+    Hooks for subclasses (docs/helper.md, "Hooks"): `on_outbound_batch` and `on_inbound_batch` see every batch
+    (called only when overridden), `merge_settings` adjusts the helper's settings before they are applied, and
+    `handle_app_message` answers ``b"stats"`` / ``b"helper-stats"`` and returns None for anything else, so a
+    subclass answers its own messages and passes the rest on with ``await super().handle_app_message(data)``.
     """
 
     def __init__(self) -> None:
@@ -198,75 +146,77 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._tun_read = self.ledger.stage("tun_read")
         self._ipc_in = self.ledger.stage("ipc_in")
         self._channel: IpcChannel | None = None
-        self._settings_json: bytes | None = None
+        self._client: HelperClient | None = None
+        self._applied: PacketTunnelNetworkSettings | None = None  # the helper's settings last applied
         self._ready = trio.Event()
-        self._stats_waiters: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
-        self._next_request = 0
         self.connects = 0
         self.disconnects = 0
         self.settings_applied = 0
         self.read_batches = 0
         self.write_batches = 0
         self._start_error: BaseException | None = None
+        self._last_error: BaseException | None = None  # why the latest connection attempt ended
         self._session_ok = False
         self._stopping = False
         self._written_seen = 0  # flow.packets_written as of our last write
 
+    # -- hooks (override) ----------------------------------------------------------------------------------
+    def on_outbound_batch(self, packets: Sequence[bytes], families: Sequence[int]) -> None:
+        """Called with each batch read from the utun, before it goes to the helper (only when overridden).
+
+        Runs on the hot path once per batch: count or inspect, do not block or copy. Changing the lists is not
+        supported (they are the flow's reused buffers).
+        """
+
+    def on_inbound_batch(self, packets: Sequence[memoryview], families: Sequence[int]) -> None:
+        """Called with each batch from the helper, before it is written to the utun (only when overridden).
+
+        The packets are views into the IPC receive buffer, valid only during the call.
+        """
+
+    def merge_settings(self, settings: PacketTunnelNetworkSettings) -> PacketTunnelNetworkSettings:
+        """Return the settings to apply, given the helper's (a fresh copy each time: change it in place or not).
+
+        E.g. add excluded routes or DNS match domains of your own. Called on every change of the helper's
+        settings; the result goes to ``set_tunnel_network_settings``.
+        """
+        return settings
+
     # -- configuration -------------------------------------------------------------------------------------
     def _conf(self) -> dict[str, Any]:
         conf = dict(self.protocol_configuration.provider_configuration or {})
-        if not isinstance(conf.get("helper_socket"), str):
-            raise ConfigError("provider_configuration['helper_socket'] must name the helper's socket path")
+        HelperClientConfig.from_provider_configuration(conf)  # validate (names the bad key)
         return conf
+
+    def _client_config(self) -> HelperClientConfig:
+        return HelperClientConfig.from_provider_configuration(self.protocol_configuration.provider_configuration)
 
     def connect_helper(self, retry_for: float) -> AbstractAsyncContextManager[IpcChannel]:
         """Open an IPC channel to the helper (override to use another transport)."""
-        path = self._conf()["helper_socket"]
-        if path.startswith(MEMORY_SCHEME):
-            connector = _MEMORY_HELPERS.get(path[len(MEMORY_SCHEME) :])
-            if connector is None:
-                return _Unreachable(path)
-            return connector(self.ledger)
-        return connect_ipc_unix(
-            path,
-            connection=self._ipc_connection(),
-            retry_for=retry_for,
-            backoff_max=float(self._conf().get("backoff_max", 1.0)),
-            ledger=self.ledger,
-        )
+        return open_helper_channel(self._client_config(), retry_for=retry_for, ledger=self.ledger)
 
     def _ipc_connection(self) -> ipc.Connection:
         """The provider end of the IPC: the per-tunnel token (read from ``token_file``) and liveness PINGs."""
-        conf = self._conf()
-        token = read_token_file(conf["token_file"]) if conf.get("token_file") else None
-        interval = float(conf.get("ping_interval", ipc.DEFAULT_PING_INTERVAL))
-        return ipc.Connection(
-            ipc.Role.PROVIDER,
-            capabilities=ipc.Capability.STATS
-            | ipc.Capability.POLICY
-            | ipc.Capability.PING
-            | ipc.Capability.POLICY_RESULT,
-            token=token,
-            ping_interval=interval if interval > 0 else None,
-            ping_timeout=float(conf.get("ping_timeout", ipc.DEFAULT_PING_TIMEOUT)),
-        )
+        return self._client_config().connection()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start_tunnel(self, options: dict[str, Any] | None) -> None:
         conf = self._conf()
+        timeout = float(conf.get("connect_timeout", 10.0))
         self.start_soon(self._outbound)
         self.start_soon(self._maintain)
-        with trio.fail_after(float(conf.get("connect_timeout", 10.0))):
+        with trio.move_on_after(timeout):
             await self._ready.wait()
+        if not self._ready.is_set():
+            raise TunnelDown(f"no helper session within connect_timeout ({timeout:g} s){_why(self._last_error)}")
         if self._start_error is not None:
             raise self._start_error
 
     async def stop_tunnel(self, reason: ProviderStopReason) -> None:
         self._stopping = True
-        ch = self._channel
-        if ch is not None:
-            with trio.move_on_after(1.0):
-                await ch.aclose(ipc.Goodbye(ipc.GoodbyeReason.SHUTDOWN, "tunnel stopping"))
+        client = self._client
+        if client is not None:
+            await client.aclose()
 
     async def _maintain(self) -> None:
         """Keep one helper connection up; reassert and reconnect with backoff whenever it breaks."""
@@ -280,6 +230,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             exc = await self._attempt(attempt_for)
             if self._stopping:
                 return
+            self._last_error = exc
             if isinstance(exc, ConfigError):
                 if self._ready.is_set():
                     raise exc
@@ -288,7 +239,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
                 return
             log.info("helper connection ended: %s", exc)
             self._channel = None
-            self._fail_waiters()
+            self._client = None
             now = trio.current_time()
             if self._session_ok:
                 # a working session just broke: the tunnel is re-establishing (Apple: reasserting, R24)
@@ -299,7 +250,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             elif down_since is None:
                 down_since = now
             if now - down_since > reconnect_for:
-                error = TunnelDown(f"the helper stayed unreachable for {reconnect_for:g} s")
+                error = TunnelDown(f"the helper stayed unreachable for {reconnect_for:g} s{_why(exc)}")
                 if not self._ready.is_set():
                     self._start_error = error
                     self._ready.set()
@@ -331,63 +282,54 @@ class HelperForwardingProvider(PacketTunnelProvider):
 
     async def _session(self, ch: IpcChannel) -> None:
         """One helper connection: wait for its SETTINGS, apply them, then move inbound frames to the utun."""
-        ev = await ch.receive_event()
-        if not isinstance(ev, ipc.Settings):
-            raise RemoteProtocolError("no_settings", f"the helper sent {type(ev).__name__} before SETTINGS")
-        await self._apply_settings(ev)
+        client = HelperClient(ch, on_settings=self._apply_settings)
+        await client.wait_settings(float(self._conf().get("connect_timeout", 10.0)))
         self.connects += 1
         self._session_ok = True
         self._channel = ch
+        self._client = client
         if self.reasserting:
             self.reasserting = False
         self._ready.set()
         log.info("connected to the helper (connection %d)", self.connects)
         flow = self.packet_flow
         write = flow.write_packets
+        receive = client.receive_packets
         ipc_in = self._ipc_in
+        hook = self.on_inbound_batch if _overrides(self, "on_inbound_batch") else None
         try:
             while True:
-                ev = await ch.receive_event()
-                if isinstance(ev, ipc.PacketBatch):
-                    n = len(ev)
-                    ipc_in.count_read(n)
-                    if write(ev.packets(), ev.families):
-                        accepted = n
-                        self._written_seen += n
-                    else:  # rare: the flow's plain counter says how many it took (only this loop writes to it)
-                        total = flow.packets_written
-                        accepted, self._written_seen = total - self._written_seen, total
-                    self.write_batches += 1
-                    ipc_in.count_forwarded(accepted)
-                    if accepted != n:
-                        ipc_in.count_dropped("tun_refused", n - accepted)
-                elif isinstance(ev, ipc.Settings):
-                    await self._apply_settings(ev)  # the helper's policy changed its route exclusions
-                elif isinstance(ev, ipc.StatsResponse):
-                    waiter = self._stats_waiters.pop(ev.request_id, None)
-                    if waiter is not None:
-                        waiter[1].append(ev.stats)
-                        waiter[0].set()
-                elif isinstance(ev, ipc.Ping):
-                    await ch.send(ipc.Pong(ev.nonce))
-                elif isinstance(ev, ipc.Goodbye | ipc.Error | ipc.ConnectionClosed):
-                    raise TunnelDown(f"the helper closed the connection: {ev!r}")
+                packets, families = await receive()
+                n = len(packets)
+                ipc_in.count_read(n)
+                if hook is not None:
+                    hook(packets, families)
+                if write(packets, families):
+                    accepted = n
+                    self._written_seen += n
+                else:  # rare: the flow's plain counter says how many it took (only this loop writes to it)
+                    total = flow.packets_written
+                    accepted, self._written_seen = total - self._written_seen, total
+                self.write_batches += 1
+                ipc_in.count_forwarded(accepted)
+                if accepted != n:
+                    ipc_in.count_dropped("tun_refused", n - accepted)
         finally:
+            client._end(TunnelDown("the helper session ended"))  # wakes statistics waiters (first reason wins)
             if self._channel is ch:
                 self._channel = None
+                self._client = None
 
-    async def _apply_settings(self, ev: ipc.Settings) -> None:
-        """Apply the helper's SETTINGS unless they equal what is already applied."""
-        if ev.payload == self._settings_json:
+    async def _apply_settings(self, settings: PacketTunnelNetworkSettings) -> None:
+        """Apply the helper's settings (through `merge_settings`) unless they equal what is already applied."""
+        if settings == self._applied:
             return
+        self._applied = copy.deepcopy(settings)
         try:
-            payload = json.loads(ev.payload)
-        except ValueError as exc:
-            raise RemoteProtocolError("bad_settings", str(exc)) from None
-        if not isinstance(payload, dict):
-            raise RemoteProtocolError("bad_settings", "SETTINGS must be a JSON object")
-        await self.set_tunnel_network_settings(settings_from_payload(payload))
-        self._settings_json = ev.payload
+            await self.set_tunnel_network_settings(self.merge_settings(settings))
+        except BaseException:
+            self._applied = None
+            raise
         self.settings_applied += 1
 
     async def _outbound(self) -> None:
@@ -396,25 +338,23 @@ class HelperForwardingProvider(PacketTunnelProvider):
         read = flow.read_packets
         st = self._tun_read
         flow.count_reads_in(st)  # packets the flow drops as malformed are booked here too
+        hook = self.on_outbound_batch if _overrides(self, "on_outbound_batch") else None
         while True:
             packets, families = await read()  # Apple: readPackets; families stay with their packets to the IPC
             n = len(packets)
             st.count_read(n)
             self.read_batches += 1
-            ch = self._channel
-            if ch is None or ch.is_broken:
+            if hook is not None:
+                hook(packets, families)
+            client = self._client
+            if client is None or not client.is_connected:
                 st.count_dropped("helper_down", n)
                 continue
             st.count_forwarded(n)
             try:
-                ch.send_packets_nowait(packets, families)
+                client.send_packets(packets, families)
             except LocalProtocolError:
                 pass  # counted by the channel's ipc_out stage (ipc_local_error): the session is closing
-
-    def _fail_waiters(self) -> None:
-        for done, _ in self._stats_waiters.values():
-            done.set()
-        self._stats_waiters.clear()
 
     # -- statistics ----------------------------------------------------------------------------------------
     def statistics(self) -> ForwardingStatistics:
@@ -435,25 +375,17 @@ class HelperForwardingProvider(PacketTunnelProvider):
         Raises:
             TunnelDown: no helper connection, or it broke or did not answer within ``timeout``.
         """
-        ch = self._channel
-        if ch is None:
+        client = self._client
+        if client is None:
             raise TunnelDown("not connected to the helper")
-        self._next_request = (self._next_request + 1) & 0xFFFFFFFF
-        ident = self._next_request
-        done = trio.Event()
-        box: list[dict[str, Any]] = []
-        self._stats_waiters[ident] = (done, box)
-        try:
-            await ch.send(ipc.StatsRequest(ident))
-            with trio.move_on_after(timeout):
-                await done.wait()
-        finally:
-            self._stats_waiters.pop(ident, None)
-        if not box:
-            raise TunnelDown("the helper did not answer the statistics request")
-        return box[0]
+        return await client.helper_statistics(timeout)
 
     async def handle_app_message(self, data: bytes) -> bytes | None:
+        """``b"stats"``: this provider's statistics and flow counters; ``b"helper-stats"``: the helper's.
+
+        Anything else returns None: override, answer your own messages and ``return await
+        super().handle_app_message(data)`` for the rest.
+        """
         if data == b"stats":
             out = self.statistics().to_json()
             out["flow"] = _flow_json(self.packet_flow.statistics())
@@ -461,6 +393,20 @@ class HelperForwardingProvider(PacketTunnelProvider):
         if data == b"helper-stats":
             return json.dumps(await self.helper_statistics()).encode()
         return None
+
+
+def _why(last: BaseException | None) -> str:
+    """What the last connection attempt ended with, for a start or give-up message (BUSY said in words)."""
+    if last is None:
+        return ""
+    if isinstance(last, HelperBusy) or (isinstance(last, RemoteProtocolError) and last.reason == "peer_busy"):
+        return "; the helper refused it with BUSY: it already serves another provider"
+    return f"; the last attempt: {type(last).__name__}: {last}"
+
+
+def _overrides(obj: object, name: str) -> bool:
+    """Whether ``obj``'s class overrides the hook ``name`` (a hook left alone costs nothing per batch)."""
+    return getattr(type(obj), name) is not getattr(HelperForwardingProvider, name)
 
 
 def _flow_json(s: Any) -> dict[str, Any]:
@@ -479,16 +425,3 @@ def _flow_json(s: Any) -> dict[str, Any]:
             "write_dropped_no_device",
         )
     }
-
-
-class _Unreachable(AbstractAsyncContextManager[IpcChannel]):
-    """A connector for a memory helper that is not registered: entering it fails like a dead socket."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    async def __aenter__(self) -> IpcChannel:
-        raise TunnelDown(f"no in-memory helper is registered as {self.path!r}")
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ import trio.testing
 
 from netsim.apple.enums import ProviderStopReason, VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
-from netsim.apple.settings import IPv4Route, IPv6Route
+from netsim.apple.settings import IPv4Route, IPv6Route, PacketTunnelNetworkSettings
 from netsim.core import ipc
 from netsim.core.ledger import LedgerSnapshot
 from netsim.errors import ConfigError, TunnelDown
@@ -256,3 +256,73 @@ def test_refused_writes_are_booked_without_statistics_or_kernel_io(monkeypatch: 
     assert _KernelCountingTun.kernel_reads == 0
     device = host.flow.device
     assert isinstance(device, MemoryTun) and len(device.take_written()) == 3
+
+
+def test_a_start_refused_busy_says_the_helper_is_busy() -> None:
+    """Issue 13: a second built-in provider refused BUSY used to fail with ``'TooSlowError: '`` (no message)."""
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            async with t.another_manager().open_session() as other:
+                await other.start_vpn_tunnel()
+                with trio.fail_after(60):
+                    await other.wait_status(VPNStatus.DISCONNECTED)
+                error = other.last_disconnect_error or ""
+                assert other.stop_reason is ProviderStopReason.PROVIDER_FAILED
+                assert "TooSlowError" not in error, error
+                assert "BUSY" in error and "another provider" in error, error
+                assert "10 s" in error, error  # how long it tried (connect_timeout)
+            assert t.session.status is VPNStatus.CONNECTED
+
+    run_memory(main)
+
+
+class _Hooked(HelperForwardingProvider):
+    """docs/helper.md's subclass: batch hooks, a settings merge and an app message of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = self.received = 0
+        self.batches: list[tuple[str, int]] = []
+
+    def on_outbound_batch(self, packets: Sequence[bytes], families: Sequence[int]) -> None:
+        self.sent += len(packets)
+        self.batches.append(("out", len(packets)))
+
+    def on_inbound_batch(self, packets: Sequence[memoryview], families: Sequence[int]) -> None:
+        self.received += len(packets)
+        self.batches.append(("in", len(packets)))
+
+    def merge_settings(self, settings: PacketTunnelNetworkSettings) -> PacketTunnelNetworkSettings:
+        assert settings.ipv4_settings is not None
+        settings.ipv4_settings.excluded_routes = [IPv4Route("198.51.100.0", "255.255.255.0")]
+        return settings
+
+    async def handle_app_message(self, data: bytes) -> bytes | None:
+        if data == b"sent":
+            return str(self.sent).encode()
+        return await super().handle_app_message(data)
+
+
+def test_subclass_hooks_see_every_batch_merge_settings_and_pass_app_messages_on() -> None:
+    async def main() -> None:
+        async with memory_tunnel(provider=_Hooked) as t:
+            p = t.provider
+            assert isinstance(p, _Hooked)
+            burst = [icmp_echo(t.client_v4, WWW4, i) for i in range(100)]
+            assert len(await t.exchange(burst)) == 100
+            assert (p.sent, p.received) == (100, 100)
+            assert len([b for b in p.batches if b[0] == "out"]) == p.statistics().read_batches  # once per batch
+            assert len([b for b in p.batches if b[0] == "in"]) == p.statistics().write_batches
+            assert await t.send_provider_message(b"sent") == b"100"
+            assert json.loads(await t.send_provider_message(b"stats") or b"")["connects"] == 1  # passed on
+            assert await t.send_provider_message(b"nobody's") is None
+            # the merged settings are what the host applied; the helper's own are kept apart (for the re-apply check)
+            applied = t.session.applied_settings
+            assert applied is not None
+            assert {"network": "198.51.100.0/24", "kind": "excluded"} in applied["routes"]
+            assert p._applied is not None and p._applied.ipv4_settings is not None
+            assert p._applied.ipv4_settings.excluded_routes is None
+            assert p.settings_applied == 1
+
+    run_memory(main)
