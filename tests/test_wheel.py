@@ -8,17 +8,20 @@ pytest plugin loads from its entry point) and mypy (users' type checkers see net
 from __future__ import annotations
 
 import email
+import json
 import os
 import re
 import subprocess
 import sys
 import tarfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import netsim
+from netsim.testing.require import require_binary, require_root, require_tun
 
 ROOT = Path(__file__).resolve().parent.parent
 UV = Path(sys.executable).parent / "uv"
@@ -52,7 +55,22 @@ def _check_wheel_files(wheel: Path) -> None:
         assert z.read(f"netsim/examples/{name}") == (ROOT / "examples" / name).read_bytes(), name
 
 
-def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class Installed:
+    wheel: Path
+    venv: Path
+    where: Path  # a directory outside the checkout
+    env: dict[str, str]
+
+    @property
+    def netsim(self) -> str:
+        return str(self.venv / "bin" / "netsim")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """The wheel (built from the sdist) installed into a fresh venv: one build for the tests of this module."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     # No PYTHONPATH, no editable install, no checkout on the path: only what the wheel ships.
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME"}}
     dist = tmp_path / "dist"
@@ -71,6 +89,11 @@ def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
 
     where = tmp_path / "elsewhere"
     where.mkdir()
+    return Installed(wheel, venv, where, env)
+
+
+def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(installed: Installed) -> None:
+    wheel, venv, where, env = installed.wheel, installed.venv, installed.where, installed.env
     origin = _run([str(venv / "bin" / "python"), "-c", "import netsim; print(netsim.__file__)"], where, env)
     assert origin.stdout.strip().startswith(str(venv)), origin.stdout
     python, netsim_cmd = str(venv / "bin" / "python"), str(venv / "bin" / "netsim")
@@ -89,6 +112,8 @@ def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(tmp_path: Path) -> None:
         [netsim_cmd, "-v", "explain", "--policy", policy, "--dst", "203.0.113.20", "--dport", "80"], where, env
     )
     assert "BYPASS: rule #0 'direct-host'" in explain.stdout and "INFO netsim.policy" in explain.stderr, explain
+    bad_dst = _run([netsim_cmd, "explain", "--policy", policy, "--dst", "not-an-address"], where, env, rc=2)
+    assert "not-an-address" in bad_dst.stderr, bad_dst  # a usage error: exit 2, saying what is wrong
     example = _run([python, "-m", "netsim.examples.helper_tunnel", "--memory"], where, env)
     assert "in-memory tunnel: 7 probes, 7 replies" in example.stdout, example.stdout
 
@@ -120,3 +145,29 @@ def _check_testing_extra_and_types(wheel: Path, venv: Path, where: Path, env: di
     typed = _run([python, "-m", "mypy", "--strict", "--no-incremental", "user.py"], where, env, rc=1)
     revealed = re.findall(r'Revealed type is "(.*)"', typed.stdout)
     assert revealed[:2] == ["netsim.lab.lab.Lab", "netsim.core.packet.PacketView"], typed.stdout
+
+
+@pytest.mark.lab
+@pytest.mark.tun
+def test_the_lab_from_the_wheel_detached_status_json_exec_and_down(installed: Installed) -> None:
+    """README's lab commands from the installed wheel, outside the checkout: the scripted form (docs/lab.md)."""
+    require_root()
+    require_tun()
+    require_binary("ip", "nft", "tcpdump", "iperf3", "curl")
+    up = _run([installed.netsim, "lab", "up", "--detach"], installed.where, installed.env)
+    run_id = up.stdout.strip()
+    assert re.fullmatch(r"[a-z0-9]{1,6}", run_id), up.stdout
+    try:
+        status = _run([installed.netsim, "lab", "status", "--json", "--run", run_id], installed.where, installed.env)
+        [run] = [r for r in json.loads(status.stdout)["runs"] if r["run_id"] == run_id]
+        assert run["alive"] and all(ns["present"] for ns in run["namespaces"]), run
+        exec_ = [installed.netsim, "lab", "exec", "--run", run_id, "mac", "--"]
+        whoami = _run([*exec_, "curl", "-s", "--max-time", "5", "http://www.lab.test/whoami"], installed.where,
+                      installed.env)  # fmt: skip
+        assert whoami.stdout.strip(), whoami
+        _run([*exec_, "no-such-command-netsim"], installed.where, installed.env, rc=127)
+        _run([*exec_, "sh", "-c", "exit 3"], installed.where, installed.env, rc=3)
+    finally:
+        _run([installed.netsim, "lab", "down", "--run", run_id], installed.where, installed.env)
+    status = _run([installed.netsim, "lab", "status", "--json"], installed.where, installed.env)
+    assert run_id not in [r["run_id"] for r in json.loads(status.stdout)["runs"]]
