@@ -34,6 +34,7 @@ from netsim.core import ipc
 from netsim.core.checksum import fill_checksums
 from netsim.core.wireguard import PeerConfig, PrivateKey, WireGuardDevice
 from netsim.core.wireguard.config import Endpoint
+from netsim.lab import netlink
 from netsim.lab.netns import create_netns, delete_netns, run_in_netns
 from netsim.runtime.flow import PacketTunnelFlow
 from netsim.transports.tun import TunDevice
@@ -139,8 +140,10 @@ def measure_all(size: int, rounds: int, iters: int, ns: str) -> dict[str, tuple[
     tun = TunDevice.create(ns, "utun%d", mtu=1500)
     try:
 
+        netlink.add_address(ns, "10.66.0.2/32", tun.name)
+        netlink.add_route(ns, "203.0.113.0/24", ifname=tun.name)
+
         def setup() -> socket.socket:
-            os.system(f"ip addr add 10.66.0.2/32 dev {tun.name} && ip route add 203.0.113.0/24 dev {tun.name}")
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.bind(("10.66.0.2", 40000))
             return s
@@ -221,8 +224,9 @@ def measure_all(size: int, rounds: int, iters: int, ns: str) -> dict[str, tuple[
     out["7 WireGuard decrypt (receive_datagrams_untrusted)"] = (statistics.median(per), min(per))
 
     # --- UDP on the namespace's loopback
+    netlink.set_link(ns, "lo", up=True)
+
     def udp_pair() -> tuple[socket.socket, socket.socket]:
-        os.system("ip link set lo up")
         s1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s2.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
