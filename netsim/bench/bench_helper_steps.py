@@ -139,7 +139,6 @@ def measure_all(size: int, rounds: int, iters: int, ns: str) -> dict[str, tuple[
     # --- flow read: the kernel routes 64 datagrams into the TUN (untimed); one read_packet_objects takes them
     tun = TunDevice.create(ns, "utun%d", mtu=1500)
     try:
-
         netlink.add_address(ns, "10.66.0.2/32", tun.name)
         netlink.add_route(ns, "203.0.113.0/24", ifname=tun.name)
 

@@ -328,7 +328,6 @@ async def _socket_tunnel(spec: str, policy: str | None, seed: int) -> AsyncItera
     in the lab: ``provider_configuration = {"helper_socket": <a Unix socket>, "token_file": <0600 file>}``, a
     real `UnixIpcServer` checking the token. Yields ``(utun, client IPv4 address, session)`` once CONNECTED."""
     import random
-    import secrets
     import tempfile
     from ipaddress import ip_interface, ip_network
     from pathlib import Path
@@ -344,7 +343,7 @@ async def _socket_tunnel(spec: str, policy: str | None, seed: int) -> AsyncItera
     from netsim.runtime.netconfig import MemoryNamespace
     from netsim.testing.memory_tun import MemoryTun
     from netsim.testing.memory_tunnel import HELPER_ADDR, SERVER_ADDR, FakeNetwork, MemoryVpnServer
-    from netsim.transports.uds import write_token_file
+    from netsim.transports.uds import new_token, write_token_file
 
     engine = None
     if policy is not None:
@@ -363,7 +362,7 @@ async def _socket_tunnel(spec: str, policy: str | None, seed: int) -> AsyncItera
     server_peer = PeerConfig(ck.public_key(), allowed_ips=(ip_network(f"{client_v4}/32"), ip_network("fd00:66::2/128")))
     server = MemoryVpnServer(sk, server_peer, network.attach(SERVER_ADDR), 1420)
     helper = Helper(config, network.attach(HELPER_ADDR), policy=engine)
-    token = secrets.token_bytes(32)
+    token = new_token()
 
     def connection() -> ipc.Connection:
         caps = ipc.Capability.STATS | ipc.Capability.POLICY | ipc.Capability.PING | ipc.Capability.POLICY_RESULT

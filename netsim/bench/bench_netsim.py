@@ -193,12 +193,10 @@ async def netsim_path(
                 "mac", argv + [policy] * bool(policy), name=f"bench-{safe}-helper", env={"PYTHONPATH": str(ROOT)}
             )
         else:
-            import secrets
-
             from netsim.bench._common import child_env
-            from netsim.transports.uds import write_token_file
+            from netsim.transports.uds import new_token, write_token_file
 
-            token = secrets.token_bytes(32)
+            token = new_token()
             token_path = run.workdir / f"{safe}.token"
             write_token_file(token_path, token)
             Path(sock).parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -58,7 +57,7 @@ from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.runtime.netconfig import tunnel_owner
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.runtime.tunnelspec import TunnelInputs, resolve_inputs
-from netsim.transports.uds import read_token_file, write_token_file
+from netsim.transports.uds import new_token, read_token_file, write_token_file
 
 if TYPE_CHECKING:
     from netsim.lab.lab import Lab
@@ -574,7 +573,7 @@ async def _netsim_tunnel(
         # The per-tunnel IPC secret (docs/ipc.md, Authentication): a 0600 file in the private conf dir, read by
         # both ends; only its path is in argv. Without it any same-uid process could take the provider's slot.
         token_path = conf_dir / "ipc.token"
-        write_token_file(token_path, secrets.token_hex(32).encode())
+        write_token_file(token_path, new_token())
         argv = [
             sys.executable, "-m", "netsim.helpercli",
             "--config", str(config_path), "--socket", str(socket_path),

@@ -28,6 +28,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -86,11 +87,19 @@ def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCreden
 _MAX_TOKEN_FILE = 256
 
 
+def new_token() -> bytes:
+    """A fresh per-tunnel IPC secret: 32 random bytes as 64 hex digits, which a token file carries unchanged."""
+    return secrets.token_hex(32).encode()
+
+
 def write_token_file(path: str | os.PathLike[str], token: bytes) -> None:
     """Create ``path`` (must not exist) mode 0600 holding ``token``: the per-tunnel IPC secret, handed to both
     ends out of band (a file in a private directory, not argv, which every user can read in /proc)."""
     if not 0 < len(token) <= _MAX_TOKEN_FILE:
         raise ConfigError(f"an IPC token is 1..{_MAX_TOKEN_FILE} bytes")
+    if token != token.strip():
+        # read_token_file strips (a file written with `echo` ends in a newline): such a token would not survive
+        raise ConfigError("an IPC token must not start or end with whitespace (read_token_file strips it); new_token()")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(token)

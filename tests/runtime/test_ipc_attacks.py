@@ -31,7 +31,7 @@ from netsim.runtime.channel import UnixIpcServer, connect_ipc_unix
 from netsim.runtime.helper import Helper
 from netsim.testing.ipc_pair import open_ipc_pair
 from netsim.testing.memory_tunnel import HELPER_ADDR, FakeNetwork, icmp_echo, memory_tunnel
-from netsim.transports.uds import read_token_file, write_token_file
+from netsim.transports.uds import new_token, read_token_file, write_token_file
 
 WWW4 = "203.0.113.10"
 TOKEN = b"0123456789abcdef" * 4
@@ -188,6 +188,19 @@ def test_token_files_are_private(tmp_path: Path) -> None:
     os.chmod(path, 0o644)
     with pytest.raises(ConfigError, match="0600"):
         read_token_file(path)
+
+
+def test_a_token_the_file_cannot_carry_is_refused_and_new_tokens_round_trip(tmp_path: Path) -> None:
+    """Regression: the bench wrote secrets.token_bytes(32) while read_token_file strips whitespace, so a token
+    starting or ending with one of 6 of 256 byte values (~4.7% of tokens) failed auth (flaky bench tests in CI)."""
+    for i, bad in enumerate((b"\n" + TOKEN, TOKEN + b" ", b"\x0b" + TOKEN + b"\r")):
+        with pytest.raises(ConfigError, match="whitespace"):
+            write_token_file(tmp_path / f"bad{i}", bad)
+        assert not (tmp_path / f"bad{i}").exists()
+    for i in range(200):  # every token new_token makes survives the file
+        token = new_token()
+        write_token_file(tmp_path / f"t{i}", token)
+        assert read_token_file(tmp_path / f"t{i}") == token and len(token) == 64
 
 
 # ----------------------------------------------------------------------------------------------------------- F4
