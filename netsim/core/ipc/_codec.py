@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Final
 
@@ -140,7 +140,7 @@ ENCODERS: Final[dict[type, tuple[MessageType, Callable[[Any], bytes]]]] = {
     Ping: (MessageType.PING, lambda ev: _U64.pack(ev.nonce)),
     Pong: (MessageType.PONG, lambda ev: _U64.pack(ev.nonce)),
 }
-"""Event class -> (its frame type, payload encoder). PACKETS is encoded by `encode_batch_head` (zero copy)."""
+"""Event class -> (its frame type, payload encoder). PACKETS is encoded by `Connection.send_packets` (zero copy)."""
 
 
 def encode_payload(ev: Event) -> tuple[MessageType, bytes]:
@@ -160,7 +160,7 @@ def encode_header(version: int, mtype: MessageType, length: int) -> bytes:
 
 
 @lru_cache(maxsize=512)
-def _batch_struct(count: int) -> struct.Struct:
+def batch_struct(count: int) -> struct.Struct:
     """Header + batch head + families + lengths for ``count`` packets, as one precompiled struct."""
     return struct.Struct(f"!HBBHHIHH{count}H{count}H")
 
@@ -168,12 +168,6 @@ def _batch_struct(count: int) -> struct.Struct:
 @lru_cache(maxsize=512)
 def _desc_struct(count: int) -> struct.Struct:
     return struct.Struct(f"!{count}H{count}H")
-
-
-def encode_batch_head(version: int, families: Sequence[int], lengths: Sequence[int], size: int) -> bytes:
-    """Header and descriptors of a PACKETS frame of ``size`` payload bytes; the packets follow as their own buffers."""
-    n = len(lengths)
-    return _batch_struct(n).pack(MAGIC, version, MessageType.PACKETS, 0, 0, size, n, 0, *families, *lengths)
 
 
 def batch_size(count: int, nbytes: int) -> int:
