@@ -119,10 +119,7 @@ async def run_helper(
     def connection() -> ipc.Connection:
         return ipc.Connection(
             ipc.Role.HELPER,
-            capabilities=ipc.Capability.STATS
-            | ipc.Capability.POLICY
-            | ipc.Capability.PING
-            | ipc.Capability.POLICY_RESULT,
+            capabilities=ipc.ALL_CAPABILITIES,
             expected_token=token,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,

@@ -365,8 +365,7 @@ async def _socket_tunnel(spec: str, policy: str | None, seed: int) -> AsyncItera
     token = new_token()
 
     def connection() -> ipc.Connection:
-        caps = ipc.Capability.STATS | ipc.Capability.POLICY | ipc.Capability.PING | ipc.Capability.POLICY_RESULT
-        return ipc.Connection(ipc.Role.HELPER, capabilities=caps, expected_token=token)
+        return ipc.Connection(ipc.Role.HELPER, capabilities=ipc.ALL_CAPABILITIES, expected_token=token)
 
     with tempfile.TemporaryDirectory(prefix="netsim-bench-loop-") as tmp:
         sock, token_file = str(Path(tmp) / "helper" / "helper.sock"), Path(tmp) / "token"

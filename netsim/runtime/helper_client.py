@@ -206,10 +206,7 @@ class HelperClientConfig:
         """The provider end of the IPC: the token (read from ``token_file`` now) and liveness PINGs."""
         return ipc.Connection(
             ipc.Role.PROVIDER,
-            capabilities=ipc.Capability.STATS
-            | ipc.Capability.POLICY
-            | ipc.Capability.PING
-            | ipc.Capability.POLICY_RESULT,
+            capabilities=ipc.ALL_CAPABILITIES,
             token=read_token_file(self.token_file) if self.token_file else None,
             ping_interval=self.ping_interval if self.ping_interval > 0 else None,
             ping_timeout=self.ping_timeout,

@@ -26,6 +26,7 @@ from netsim.core.ipc._codec import (
 )
 from netsim.core.ipc._connection import DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, Connection
 from netsim.core.ipc._events import (
+    ALL_CAPABILITIES,
     NEED_DATA,
     Buffer,
     Capability,
@@ -54,6 +55,7 @@ from netsim.core.ipc._state import SideState
 __all__ = [
     "AF_INET",
     "AF_INET6",
+    "ALL_CAPABILITIES",
     "DEFAULT_MAX_FRAME_SIZE",
     "DEFAULT_PING_INTERVAL",
     "DEFAULT_PING_TIMEOUT",

@@ -53,6 +53,10 @@ class Capability(enum.IntFlag):
     POLICY_RESULT = 8
 
 
+ALL_CAPABILITIES: Final = Capability.STATS | Capability.POLICY | Capability.PING | Capability.POLICY_RESULT
+"""Every capability this version of netsim implements: what its provider and helper offer in HELLO."""
+
+
 class ErrorCode(enum.IntEnum):
     """Codes carried by an ERROR frame (the sender closes after it)."""
 
