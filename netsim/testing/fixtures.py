@@ -23,6 +23,7 @@ import socket
 import subprocess
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = [
     "LeakCheck",
     "RootSnapshot",
     "assert_root_unchanged",
+    "checked_lab",
     "lab",
     "netns",
     "root_snapshot",
@@ -250,21 +252,29 @@ async def run_captured_tunnel(
     rec[f"{key}_pcap"] = pcap
 
 
+@contextmanager
+def checked_lab(**options: Any) -> Iterator[Lab]:
+    """``Lab(**options)``, then, after teardown, the leak check (namespaces, fds, tasks, children of this run) and
+    the root namespace compared with its state before. The caller gates on root and binaries first."""
+    before = root_snapshot()
+    leaks = LeakCheck()
+    with Lab(**options) as the_lab:
+        yield the_lab
+    leaks.check([the_lab.run_id])
+    assert_root_unchanged(before)
+
+
 @pytest.fixture
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """A fresh lab with services, torn down and leak-checked after the test.
 
-    ``@pytest.mark.parametrize`` is not needed for options: use ``Lab(...)`` directly for custom labs.
+    ``@pytest.mark.parametrize`` is not needed for options: use ``Lab(...)`` directly for custom labs, or
+    `checked_lab` for one with the same checks.
     """
     require_root()
     require_binary("ip", "nft", "iperf3", "tcpdump")
-    before = root_snapshot()
-    leaks = LeakCheck()
-    the_lab = Lab()
-    with the_lab:
+    with checked_lab() as the_lab:
         yield the_lab
-    leaks.check([the_lab.run_id])
-    assert_root_unchanged(before)
 
 
 @pytest.fixture

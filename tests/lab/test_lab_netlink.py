@@ -15,7 +15,7 @@ import pytest
 from netsim.errors import LabError
 from netsim.lab import Lab
 from netsim.lab.netns import run_in_netns
-from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
+from netsim.testing.fixtures import checked_lab, root_snapshot
 from netsim.testing.require import require_binary, require_root
 
 pytestmark = pytest.mark.lab
@@ -25,12 +25,8 @@ pytestmark = pytest.mark.lab
 def bare_lab() -> Iterator[Lab]:
     require_root()
     require_binary("ip", "nft")
-    before = root_snapshot()
-    leaks = LeakCheck()
-    with Lab(services=False) as lab:
+    with checked_lab(services=False) as lab:
         yield lab
-    leaks.check([lab.run_id])
-    assert_root_unchanged(before)
 
 
 def _ip_json(lab: Lab, role: str, *args: str) -> Any:

@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
 from netsim.lab import ROLES, Lab, read_pcap
-from netsim.testing.fixtures import LeakCheck, assert_root_unchanged, root_snapshot
+from netsim.testing.fixtures import checked_lab
 from netsim.testing.require import require_binary, require_root
 
 pytestmark = pytest.mark.lab
@@ -35,12 +35,8 @@ def _gate() -> None:
 @pytest.fixture(scope="module")
 def bare_lab() -> Iterator[Lab]:
     _gate()
-    before = root_snapshot()
-    leaks = LeakCheck()
-    with Lab(services=False) as lab:
+    with checked_lab(services=False) as lab:
         yield lab
-    leaks.check([lab.run_id])
-    assert_root_unchanged(before)
 
 
 def _server_address(lab: Lab, role: str) -> str:
