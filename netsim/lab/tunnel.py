@@ -282,8 +282,11 @@ class LabTunnel:
             raise LabError("this tunnel's helper has no observer socket (it was not started by netsim_tunnel)")
         return await fetch_helper_stats(self.stats_socket, token_file=self.token_path)
 
-    def another_manager(self, provider: type[PacketTunnelProvider] | str | None = None) -> TunnelProviderManager:
-        """A `TunnelProviderManager` for a second provider in this tunnel's ``mac`` with the same configuration.
+    def another_manager(
+        self, provider: type[PacketTunnelProvider] | str | None = None, **configuration: Any
+    ) -> TunnelProviderManager:
+        """A `TunnelProviderManager` for a second provider in this tunnel's ``mac`` with the same configuration
+        (``configuration`` keywords override its keys, e.g. ``connect_timeout=5.0``).
 
         netsim allows one tunnel per namespace: its start is refused (the helper answers BUSY, its settings are
         refused by the ownership claim) and the running tunnel's state is left alone (docs/lab.md).
@@ -293,7 +296,7 @@ class LabTunnel:
             SubprocessLauncher(self.lab.netns("mac")),
             TunnelProviderProtocol(
                 server_address=str(self.lab.addr.vpn_wan_v4),
-                provider_configuration=dict(self.provider_configuration),
+                provider_configuration={**self.provider_configuration, **configuration},
             ),
             start_timeout=15.0,
             stop_timeout=10.0,

@@ -341,8 +341,11 @@ class MemoryTunnel:
         """The helper's own statistics (`HelperStatistics.to_json`), read from the helper itself."""
         return self.helper.stats_json()
 
-    def another_manager(self, provider: type[PacketTunnelProvider] | str | None = None) -> TunnelProviderManager:
-        """A `TunnelProviderManager` for a second provider on this simulated Mac with the same configuration.
+    def another_manager(
+        self, provider: type[PacketTunnelProvider] | str | None = None, **configuration: Any
+    ) -> TunnelProviderManager:
+        """A `TunnelProviderManager` for a second provider on this simulated Mac with the same configuration
+        (``configuration`` keywords override its keys, e.g. ``connect_timeout=5.0``).
 
         As in the lab its start is refused (the helper answers BUSY; the namespace refuses its settings) and the
         running tunnel is left alone.
@@ -352,7 +355,7 @@ class MemoryTunnel:
             # its own launcher (so `tun` and `provider` stay this tunnel's), on the same simulated Mac
             memory_launcher(_memory_utun, namespace=self.namespace),
             TunnelProviderProtocol(
-                server_address=SERVER_ADDR[0], provider_configuration=dict(self.provider_configuration)
+                server_address=SERVER_ADDR[0], provider_configuration={**self.provider_configuration, **configuration}
             ),
             start_timeout=15.0,
         )

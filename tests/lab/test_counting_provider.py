@@ -20,11 +20,10 @@ import pytest
 import trio
 
 from examples.counting_provider import CountingProvider
-from netsim.apple import TunnelProviderProtocol, VPNStatus
+from netsim.apple import VPNStatus
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.tunnel import netsim_tunnel
-from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
 from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root, require_tun
@@ -107,22 +106,7 @@ def test_a_second_provider_is_refused_busy_saying_so(lab: Lab, second: str) -> N
     async def main() -> None:
         async with netsim_tunnel(lab, provider=CountingProvider) as t:
             provider = CountingProvider if second == "counting" else HelperForwardingProvider
-            manager = TunnelProviderManager(
-                provider,
-                SubprocessLauncher(lab.netns("mac")),
-                TunnelProviderProtocol(
-                    server_address=str(lab.addr.vpn_wan_v4),
-                    provider_configuration={
-                        "helper_socket": str(t.socket_path),
-                        "token_file": str(t.token_path),
-                        "connect_timeout": 5.0,
-                        "reconnect_for": 30.0,
-                        "backoff_max": 0.5,
-                    },
-                ),
-                start_timeout=20.0,
-                stop_timeout=10.0,
-            )
+            manager = t.another_manager(provider, connect_timeout=5.0, reconnect_for=30.0, backoff_max=0.5)
             async with manager.open_session() as other:
                 await other.start_vpn_tunnel()
                 with trio.fail_after(60):

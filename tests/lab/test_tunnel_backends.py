@@ -24,12 +24,11 @@ import pytest
 import trio
 from tunnel_scenario import SPEC, TAG, scenario
 
-from netsim.apple import TunnelProviderProtocol, VPNStatus
+from netsim.apple import VPNStatus
 from netsim.errors import RemoteProtocolError
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.lab.tunnel import LabTunnel, fetch_helper_stats, netsim_tunnel, udp_echo_argv
-from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager
 from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.runtime.netconfig import TUNNEL_LOCK_DIR
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
@@ -134,22 +133,7 @@ def test_a_refused_second_provider_does_not_open_a_leak(lab: Lab, second: str) -
 
 async def _second_provider(lab: Lab, t: LabTunnel, rec: dict[str, Any], provider: Any) -> None:
     """Start ``provider`` as a second tunnel in ``mac`` (configured for the same helper), as a second app would."""
-    manager = TunnelProviderManager(
-        provider,
-        SubprocessLauncher(lab.netns("mac")),
-        TunnelProviderProtocol(
-            server_address=str(lab.addr.vpn_wan_v4),
-            provider_configuration={
-                "helper_socket": str(t.socket_path),
-                "token_file": str(t.token_path),
-                "connect_timeout": 5.0,
-                "reconnect_for": 5.0,
-                "backoff_max": 0.5,
-            },
-        ),
-        start_timeout=15.0,
-        stop_timeout=10.0,
-    )
+    manager = t.another_manager(provider, connect_timeout=5.0, reconnect_for=5.0, backoff_max=0.5)
     async with manager.open_session() as other:
         await other.start_vpn_tunnel()
         with trio.fail_after(60):
