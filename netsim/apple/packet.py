@@ -15,6 +15,8 @@ __all__ = ["AF_INET", "AF_INET6", "FlowMetaData", "Packet", "family_for_version"
 # The numbers live in netsim.core.family (their one home); these are Apple's names for them.
 AF_INET = DARWIN_AF_INET
 AF_INET6 = DARWIN_AF_INET6
+# What a packet's data may be; a tuple built once (a ``bytes | ...`` union in isinstance is rebuilt per call).
+BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
 def family_for_version(version: int) -> int | None:
@@ -71,7 +73,7 @@ class Packet:
         direction: TrafficDirection = TrafficDirection.ANY,
         metadata: FlowMetaData | None = None,
     ) -> None:
-        if not isinstance(data, bytes | bytearray | memoryview):
+        if not isinstance(data, BYTES_LIKE):
             raise TypeError(f"Packet data must be bytes, bytearray or memoryview, not {type(data).__name__}")
         if not isinstance(protocol_family, int):
             raise TypeError(

@@ -50,7 +50,7 @@ from typing import Any
 import trio
 
 from netsim.apple.enums import RoutingMethod, TrafficDirection
-from netsim.apple.packet import FlowMetaData, Packet
+from netsim.apple.packet import BYTES_LIKE, FlowMetaData, Packet
 from netsim.apple.protocol import AppRule
 from netsim.core.family import DARWIN_AF_INET, DARWIN_FAMILY_BY_NIBBLE
 from netsim.core.ledger import Stage
@@ -417,8 +417,8 @@ class PacketTunnelFlow:
         ok = True
         batch = []
         size = 0
-        if not all(isinstance(d, bytes | bytearray | memoryview) for d in datas):
-            i, bad = next((i, d) for i, d in enumerate(datas) if not isinstance(d, bytes | bytearray | memoryview))
+        if not all(isinstance(d, BYTES_LIKE) for d in datas):
+            i, bad = next((i, d) for i, d in enumerate(datas) if not isinstance(d, BYTES_LIKE))
             raise TypeError(
                 f"write_packets: packet {i} is {type(bad).__name__}, expected bytes, bytearray or memoryview"
             )
