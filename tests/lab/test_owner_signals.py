@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -84,7 +85,8 @@ def _ignore_sigint() -> None:
     os.setsid()
 
 
-def _start(argv: list[str], *, background: bool) -> tuple[subprocess.Popen[str], Path]:
+def _start(argv: list[str], *, background: bool) -> tuple[subprocess.Popen[str], Path, float]:
+    since = time.time() - 2  # file timestamps are coarser than time.time()
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
@@ -99,7 +101,7 @@ def _start(argv: list[str], *, background: bool) -> tuple[subprocess.Popen[str],
         if not line:
             break
         if match := re.search(r"(?:UP|client config) (\S+client\.conf)", line):
-            return proc, Path(match[1])
+            return proc, Path(match[1]), since
     proc.kill()
     _, err = proc.communicate()
     pytest.fail(f"the owner did not bring the tunnel up: {err[-3000:]}")
@@ -111,15 +113,22 @@ def _key_of(config: Path) -> str:
     return match[1]
 
 
-def _holders_of(needle: str) -> list[str]:
-    """Files under the places netsim writes to that contain ``needle`` (small files only: configs, logs)."""
+def _holders_of(needle: str, since: float) -> list[str]:
+    """Files under the places netsim writes to that contain ``needle``.
+
+    Bounded: only directories and files changed at or after ``since`` (the owner's start) are read, small files only
+    (configs, logs). A key file the owner wrote is new, and so is every directory it created. Walking all of a
+    busy /tmp (other checkouts, virtualenvs, old pytest runs) took longer than the test's timeout in CI.
+    """
     found = []
     for root in (Path(tempfile.gettempdir()), RUN_DIR, ETC_NETNS, WG_SOCK_DIR):
-        for dirpath, _, files in os.walk(root):
+        for dirpath, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if _changed_since(Path(dirpath, d), since)]
             for name in files:
                 path = Path(dirpath, name)
                 try:
-                    if path.is_symlink() or not path.is_file() or path.stat().st_size > 4_000_000:
+                    st = path.lstat()
+                    if not stat.S_ISREG(st.st_mode) or st.st_size > 4_000_000 or st.st_mtime < since:
                         continue
                     if needle.encode() in path.read_bytes():
                         found.append(str(path))
@@ -128,13 +137,21 @@ def _holders_of(needle: str) -> list[str]:
     return found
 
 
-def _leftovers(run_id: str, needle: str) -> list[str]:
+def _changed_since(path: Path, since: float) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and max(st.st_mtime, st.st_ctime) >= since
+
+
+def _leftovers(run_id: str, needle: str, since: float) -> list[str]:
     out = [f"netns {ns}" for ns in list_netns(f"netsim-{run_id}-")]
     out += [f"run entry {p}" for p in RUN_DIR.glob("*") if p.name.split(".")[0] == run_id]
     out += [f"dir {p}" for p in (*RUN_DIR.glob(f"helper-{run_id}*"), *RUN_DIR.glob(f"tunnel-{run_id}-*"))]
     out += [f"tmp dir {p}" for p in Path(tempfile.gettempdir()).glob(f"netsim-{run_id}-*")]
     out += [f"wg socket {p}" for p in WG_SOCK_DIR.glob(f"ns{run_id}*")] if WG_SOCK_DIR.exists() else []
-    out += [f"key in {p}" for p in _holders_of(needle)]
+    out += [f"key in {p}" for p in _holders_of(needle, since)]
     return out
 
 
@@ -162,7 +179,7 @@ def _need() -> None:
     require_binary("wireguard-go", "wg", "ip", "nft")
 
 
-def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int) -> tuple[int, str]:
+def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int, since: float) -> tuple[int, str]:
     pids = _run_pids(run_id)
     assert pids, "the run file lists no processes"
     proc.send_signal(sig)
@@ -173,7 +190,7 @@ def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int
         out, err = proc.communicate()
         _netsim("clean", "--run", run_id, "--force")
         pytest.fail(f"the owner did not exit within 60 s of signal {sig}: {err[-2000:]}")
-    left = _leftovers(run_id, key)
+    left = _leftovers(run_id, key, since)
     alive = _children_gone(pids)
     if left or alive:
         _netsim("clean", "--run", run_id, "--force")
@@ -191,9 +208,9 @@ def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int
 def test_script_owner_torn_down_by_signal(sig: int, background: bool) -> None:
     _need()
     run_id = "s" + secrets.token_hex(2)
-    proc, config = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=background)
+    proc, config, since = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=background)
     key = _key_of(config)
-    _, output = _stop_and_check(proc, run_id, key, sig)
+    _, output = _stop_and_check(proc, run_id, key, sig, since)
     assert "INTERRUPTED" in output  # torn down, then interrupted like Ctrl-C
 
 
@@ -201,9 +218,9 @@ def test_script_owner_torn_down_by_signal(sig: int, background: bool) -> None:
 def test_background_sync_owner_running_trio_torn_down_by_sigterm() -> None:
     _need()
     run_id = "y" + secrets.token_hex(2)
-    proc, config = _start([sys.executable, "-c", _SYNC_OWNER, run_id], background=True)
+    proc, config, since = _start([sys.executable, "-c", _SYNC_OWNER, run_id], background=True)
     key = _key_of(config)
-    _, output = _stop_and_check(proc, run_id, key, signal.SIGTERM)
+    _, output = _stop_and_check(proc, run_id, key, signal.SIGTERM, since)
     assert "INTERRUPTED" in output
 
 
@@ -212,11 +229,11 @@ def test_background_sync_owner_running_trio_torn_down_by_sigterm() -> None:
 def test_cli_owner_with_tunnel_torn_down_by_sigterm(background: bool) -> None:
     _need()
     run_id = "t" + secrets.token_hex(2)
-    proc, config = _start(
+    proc, config, since = _start(
         [sys.executable, "-c", _CLI, "lab", "up", "--run", run_id, "--tunnel", "--no-services"], background=background
     )
     key = _key_of(config)
-    rc, output = _stop_and_check(proc, run_id, key, signal.SIGTERM)
+    rc, output = _stop_and_check(proc, run_id, key, signal.SIGTERM, since)
     assert rc == 0 and "lab down" in output
 
 
@@ -224,14 +241,14 @@ def test_cli_owner_with_tunnel_torn_down_by_sigterm(background: bool) -> None:
 def test_clean_after_sigkill_removes_key_config_and_socket_dirs() -> None:
     _need()
     run_id = "r" + secrets.token_hex(2)
-    proc, config = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=True)
+    proc, config, since = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=True)
     key = _key_of(config)
-    assert _holders_of(key) == [str(config)]  # the positive control: the search finds the key while it exists
+    assert _holders_of(key, since) == [str(config)]  # the positive control: the search finds the key while it exists
     assert (RUN_DIR / f"helper-{run_id}").is_dir()
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    assert any(str(config) in item for item in _leftovers(run_id, key))  # SIGKILL: no teardown ran
+    assert any(str(config) in item for item in _leftovers(run_id, key, since))  # SIGKILL: no teardown ran
     res = _netsim("clean", "--run", run_id)
     assert res.returncode == 0, res.stderr
     assert f"removed netns netsim-{run_id}-mac" in res.stdout
-    assert _leftovers(run_id, key) == []
+    assert _leftovers(run_id, key, since) == []
