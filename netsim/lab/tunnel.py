@@ -246,6 +246,29 @@ class LabTunnel:
     stats_socket: Path | None = None
     provider_configuration: dict[str, Any] = field(default_factory=dict)
     provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
+    launcher: SubprocessLauncher | None = None
+
+    @property
+    def provider_pid(self) -> int | None:
+        """The pid of the running provider host process (the extension), or None if it has exited.
+
+        ``ip netns exec`` execs the host, so this is the Python process that runs your provider.
+        """
+        if self.launcher is None or not self.launcher.processes:
+            return None
+        child = self.launcher.processes[-1]
+        return child.pid if child.returncode is None else None
+
+    def signal_provider(self, sig: int) -> None:
+        """Send ``sig`` to the running provider host process (by its pidfd; a no-op once it has exited).
+
+        For fault tests: ``SIGSTOP`` freezes the extension as a debugger or a hung extension would, ``SIGCONT``
+        resumes it, ``SIGKILL`` crashes it (the session goes DISCONNECTED with the host's exit status; the
+        system's watchdog also kills a host stuck in CONNECTING or DISCONNECTING).
+        """
+        if self.launcher is None or not self.launcher.processes:
+            raise LabError("this tunnel has no provider host process")
+        self.launcher.processes[-1].send_signal(sig)
 
     @property
     def pcaps(self) -> dict[str, Path]:
@@ -603,9 +626,10 @@ async def _netsim_tunnel(
                 "token_file": str(token_path),
             }
         )
+        launcher = SubprocessLauncher(lab.netns("mac"), log_path=log_path)
         manager = TunnelProviderManager(
             inputs.spec,
-            SubprocessLauncher(lab.netns("mac"), log_path=log_path),
+            launcher,
             TunnelProviderProtocol(server_address=str(lab.addr.vpn_wan_v4), provider_configuration=configuration),
             start_timeout=start_timeout,
             stop_timeout=10.0,
@@ -644,6 +668,7 @@ async def _netsim_tunnel(
                 stats_socket=stats_socket,
                 provider_configuration=configuration,
                 provider_spec=inputs.spec,
+                launcher=launcher,
             )
             log.info("lab %s: tunnel CONNECTED (provider %s)", lab.run_id, inputs.spec)
             yield tunnel

@@ -2,8 +2,9 @@
 
 One lab and one tunnel for the module: the fixture runs the scenario once and records what it saw.
 
-* S8: the helper is killed; while it restarts, a same-uid impostor connects to the socket in a tight loop and
-  says HELLO without the tunnel's secret, and a second one connects and stays silent. The impostor must never
+* S8: the provider is frozen (SIGSTOP) and the helper killed; while it restarts, a same-uid impostor connects to
+  the socket in a tight loop and says HELLO without the tunnel's secret, and a second one connects and stays
+  silent. The first answer must be ERROR AUTH; then the provider is resumed and races the impostors. The impostor must never
   see SETTINGS, the new helper must serve exactly one session (the real provider's), and traffic must flow.
 * F4: the helper is SIGSTOPped: the provider must notice within ping_interval + ping_timeout (5 + 10 s by
   default) and go reasserting; after SIGCONT it must reconnect and traffic must flow again.
@@ -92,17 +93,29 @@ async def _slot_race(lab: Lab, t: LabTunnel, rec: dict[str, Any]) -> None:
         cmdline = f.read()
     rec["token_in_argv"] = token in cmdline
     before = await t.provider_stats()
-    await t.kill_helper()
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_impostor_silent, str(t.socket_path), rec, stop)
-        nursery.start_soon(_impostor_hello, str(t.socket_path), rec, stop)
-        await trio.sleep(0.2)  # the impostors are polling for the socket before the helper exists
-        await t.start_helper()
-        await t.wait_connected(after_connects=before["connects"], timeout=60)
-        rec["ping_after_race"] = await _ping(lab)
-        rec["helper_after_race"] = await t.helper_stats()
-        stop.set()
+    # The provider is frozen while the helper restarts, so the impostors meet the new helper with its session
+    # slot free: a tokenless HELLO must get ERROR AUTH, not the slot. Without the freeze the outcome was a race:
+    # when the provider reconnected first, every impostor was told BUSY before its HELLO was read (stop 22's CI).
+    t.signal_provider(signal.SIGSTOP)
+    try:
+        await t.kill_helper()
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_impostor_silent, str(t.socket_path), rec, stop)
+            nursery.start_soon(_impostor_hello, str(t.socket_path), rec, stop)
+            await trio.sleep(0.2)  # the impostors are polling for the socket before the helper exists
+            await t.start_helper()
+            with trio.move_on_after(10):
+                while not (rec.get("silent_connected") and rec["impostor_answers"]):
+                    await trio.sleep(0.01)
+            rec["answers_while_slot_free"] = list(rec["impostor_answers"])
+            t.signal_provider(signal.SIGCONT)  # now the real provider races the impostors, who keep going
+            await t.wait_connected(after_connects=before["connects"], timeout=60)
+            rec["ping_after_race"] = await _ping(lab)
+            rec["helper_after_race"] = await t.helper_stats()
+            stop.set()
+    finally:
+        t.signal_provider(signal.SIGCONT)
 
 
 async def _stop_helper(lab: Lab, t: LabTunnel, rec: dict[str, Any]) -> None:
@@ -177,7 +190,7 @@ def test_impostor_after_helper_restart_is_refused_and_the_provider_reconnects(sc
     answers = scenario["impostor_answers"]
     assert answers, "the impostor never reached the helper"
     assert "Settings" not in answers and "HelloAck" not in answers, answers
-    assert f"Error{int(ipc.ErrorCode.AUTH)}" in answers
+    assert scenario["answers_while_slot_free"][:1] == [f"Error{int(ipc.ErrorCode.AUTH)}"], answers
     assert scenario.get("silent_connected") is True
     h = scenario["helper_after_race"]
     assert h["sessions"] == 1  # the new helper served exactly one session: the real provider's
