@@ -56,7 +56,7 @@ from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager,
 from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.runtime.netconfig import tunnel_owner
 from netsim.runtime.provider import PacketTunnelProvider
-from netsim.runtime.tunnelspec import TunnelInputs, resolve_inputs
+from netsim.runtime.tunnelspec import TunnelInputs, resolve_inputs, resolve_protocol_fields
 from netsim.transports.uds import new_token, read_token_file, write_token_file
 
 if TYPE_CHECKING:
@@ -247,6 +247,7 @@ class LabTunnel:
     provider_configuration: dict[str, Any] = field(default_factory=dict)
     provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
     launcher: SubprocessLauncher | None = None
+    manager: TunnelProviderManager | None = None
 
     @property
     def provider_pid(self) -> int | None:
@@ -486,6 +487,8 @@ async def netsim_tunnel(
     policy: str | os.PathLike[str] | None = None,
     start_timeout: float = 30.0,
     reconnect_for: float = 120.0,
+    protocol: Mapping[str, Any] | None = None,
+    wait_connected: bool = True,
 ) -> AsyncIterator[LabTunnel]:
     """Bring up server, helper and provider in ``lab`` and yield the connected `LabTunnel`.
 
@@ -504,13 +507,19 @@ async def netsim_tunnel(
             before anything starts.
         start_timeout: seconds for the session to become CONNECTED.
         reconnect_for: seconds the provider keeps reasserting before giving up.
+        protocol: NEVPNProtocol fields for the `TunnelProviderProtocol`, by their Python names, e.g.
+            ``{"include_all_networks": True, "exclude_local_networks": True}`` (an unknown name, or
+            ``server_address`` / ``provider_configuration``, which netsim sets, is a `ConfigError`).
+        wait_connected: False yields as soon as ``start_vpn_tunnel`` returned (status CONNECTING, or whatever the
+            provider reached): for tests of the bring-up window and of tunnels that never connect.
 
     Raises:
-        ConfigError: a bad provider, provider_configuration or policy (nothing was started).
+        ConfigError: a bad provider, provider_configuration, protocol field or policy (nothing was started).
         LabError: a second tunnel in this lab (nothing was started), or a part did not come up (the message
             carries the helper's and wireguard-go's logs).
     """
     inputs = resolve_inputs(provider, provider_configuration, policy)
+    protocol_fields = resolve_protocol_fields(protocol)
     mac = lab.netns("mac")
     owner = tunnel_owner(mac)
     if mac in _ACTIVE or owner is not None:
@@ -528,6 +537,8 @@ async def netsim_tunnel(
             group_access=group_access,
             start_timeout=start_timeout,
             reconnect_for=reconnect_for,
+            protocol_fields=protocol_fields,
+            wait_connected=wait_connected,
         ) as t:
             yield t
     finally:
@@ -560,6 +571,8 @@ async def _netsim_tunnel(
     group_access: bool,
     start_timeout: float,
     reconnect_for: float,
+    protocol_fields: Mapping[str, Any],
+    wait_connected: bool,
 ) -> AsyncIterator[LabTunnel]:
     server_key, client_key = PrivateKey.generate(), PrivateKey.generate()
     lab.nft("vpn", vpn_nat_ruleset())
@@ -630,7 +643,9 @@ async def _netsim_tunnel(
         manager = TunnelProviderManager(
             inputs.spec,
             launcher,
-            TunnelProviderProtocol(server_address=str(lab.addr.vpn_wan_v4), provider_configuration=configuration),
+            TunnelProviderProtocol(
+                server_address=str(lab.addr.vpn_wan_v4), provider_configuration=configuration, **protocol_fields
+            ),
             start_timeout=start_timeout,
             stop_timeout=10.0,
         )
@@ -638,9 +653,10 @@ async def _netsim_tunnel(
         async with manager.open_session() as session, _stopping_captures(lab, utun_captures):
             log.debug("lab %s: starting provider %s", lab.run_id, inputs.spec)
             await session.start_vpn_tunnel()
-            with trio.move_on_after(start_timeout + 5):
-                await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
-            if session.status is not VPNStatus.CONNECTED:
+            if wait_connected:
+                with trio.move_on_after(start_timeout + 5):
+                    await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+            if wait_connected and session.status is not VPNStatus.CONNECTED:
                 log.warning("lab %s: the tunnel did not connect (status %s)", lab.run_id, session.status.name)
                 provider_log = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
                 raise LabError(
@@ -648,7 +664,7 @@ async def _netsim_tunnel(
                     f"error {session.last_disconnect_error!r})\n--- provider ---\n{provider_log}\n"
                     f"--- helper ---\n{helper.stderr()[-3000:]}\n{server.logs()}"
                 )
-            if lab.pcap_dir is not None:
+            if lab.pcap_dir is not None and session.status is VPNStatus.CONNECTED:
                 # mac-utun0: the inner packets as the provider sees them (the utun exists once CONNECTED).
                 for ifname in await trio.to_thread.run_sync(lab.links, "mac", "tun"):
                     await trio.to_thread.run_sync(partial(lab.capture, "mac", ifname, name=f"mac-{ifname}"))
@@ -669,6 +685,7 @@ async def _netsim_tunnel(
                 provider_configuration=configuration,
                 provider_spec=inputs.spec,
                 launcher=launcher,
+                manager=manager,
             )
             log.info("lab %s: tunnel CONNECTED (provider %s)", lab.run_id, inputs.spec)
             yield tunnel

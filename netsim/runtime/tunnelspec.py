@@ -1,13 +1,14 @@
 """The inputs both tunnel backends share, validated before anything starts: provider, its configuration, policy.
 
 `netsim.lab.tunnel.netsim_tunnel` and `netsim.testing.memory_tunnel.memory_tunnel` take the same ``provider``,
-``provider_configuration`` and ``policy`` arguments (docs/lab.md, "Your own provider"); both call `resolve_inputs`
-first, so a typo in a spec, a non-JSON configuration or a bad policy file is a `ConfigError` that says what to
-fix, and no wireguard-go, helper or provider has been started yet.
+``provider_configuration``, ``policy`` and ``protocol`` arguments (docs/lab.md, "Your own provider"); both call
+`resolve_inputs` and `resolve_protocol_fields` first, so a typo in a spec, a non-JSON configuration, a bad policy
+file or an unknown protocol field is a `ConfigError` that says what to fix, and nothing has been started yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -15,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.core.policy import Policy, parse_policy
 from netsim.errors import ConfigError, NetsimError
 from netsim.runtime.provider import PacketTunnelProvider, load_provider_class
 
-__all__ = ["NETSIM_CONFIGURATION_KEYS", "TunnelInputs", "resolve_inputs", "resolve_policy", "resolve_provider"]
+__all__ = [
+    "BACKEND_PROTOCOL_FIELDS",
+    "NETSIM_CONFIGURATION_KEYS",
+    "TunnelInputs",
+    "resolve_inputs",
+    "resolve_policy",
+    "resolve_protocol_fields",
+    "resolve_provider",
+]
 
 #: Keys of ``providerConfiguration`` that netsim sets for its backends (the helper socket and how the built-in
 #: provider reaches it); a user key with one of these names is an error, never silently overwritten.
@@ -159,3 +169,29 @@ def resolve_inputs(
     conf = _configuration(provider_configuration)
     parsed, path, text = resolve_policy(policy)
     return TunnelInputs(cls, provider, conf, parsed, path, text)
+
+
+#: `TunnelProviderProtocol` fields both tunnel backends set themselves.
+BACKEND_PROTOCOL_FIELDS = frozenset({"server_address", "provider_configuration"})
+
+
+def resolve_protocol_fields(protocol: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``protocol`` (NEVPNProtocol fields by their Python names) checked against `TunnelProviderProtocol`.
+
+    Raises:
+        ConfigError: an unknown name, one the backend sets (`BACKEND_PROTOCOL_FIELDS`), or a value the
+            protocol refuses; the message lists the names you may set.
+    """
+    fields = dict(protocol or {})
+    known = {f.name for f in dataclasses.fields(TunnelProviderProtocol)} - BACKEND_PROTOCOL_FIELDS
+    bad = sorted(set(fields) - known)
+    if bad:
+        raise ConfigError(
+            f"protocol fields {bad} are not NEVPNProtocol fields you may set here; known: {sorted(known)}",
+            source="protocol",
+        )
+    try:
+        TunnelProviderProtocol(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"protocol: {exc}", source="protocol") from None
+    return fields

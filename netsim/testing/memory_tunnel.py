@@ -57,7 +57,7 @@ from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_
 from netsim.runtime.helper import Helper
 from netsim.runtime.netconfig import MemoryNamespace
 from netsim.runtime.provider import PacketTunnelProvider
-from netsim.runtime.tunnelspec import resolve_inputs
+from netsim.runtime.tunnelspec import resolve_inputs, resolve_protocol_fields
 
 if TYPE_CHECKING:
     from netsim.runtime.helper import NatBypassFactory
@@ -470,6 +470,8 @@ async def memory_tunnel(
     timers: Timers | None = None,
     reconnect_for: float = 60.0,
     nat_bypass: NatBypassFactory | None = None,
+    protocol: Mapping[str, Any] | None = None,
+    wait_connected: bool = True,
 ) -> AsyncIterator[MemoryTunnel]:
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
@@ -485,8 +487,11 @@ async def memory_tunnel(
         reconnect_for: seconds the provider reasserts before giving up.
         nat_bypass: the helper's NAT bypass factory (`netsim.runtime.helper.Helper`'s ``nat_bypass``), e.g. a
             `netsim.runtime.bypass.NatBypass` over a `netsim.testing.memory_bypass.MemoryBypassTransport`.
+        protocol: NEVPNProtocol fields, as for `netsim.lab.tunnel.netsim_tunnel`.
+        wait_connected: as for `netsim.lab.tunnel.netsim_tunnel`: False yields once ``start_vpn_tunnel`` returned.
     """
     inputs = resolve_inputs(provider, provider_configuration, policy)
+    protocol_fields = resolve_protocol_fields(protocol)
     engine = PolicyEngine(inputs.policy) if inputs.policy is not None else None
     rng = random.Random(seed)
     server_key = PrivateKey.generate(rng.randbytes)
@@ -522,7 +527,7 @@ async def memory_tunnel(
     manager = TunnelProviderManager(
         inputs.spec,
         launcher,
-        TunnelProviderProtocol(server_address=SERVER_ADDR[0], provider_configuration=configuration),
+        TunnelProviderProtocol(server_address=SERVER_ADDR[0], provider_configuration=configuration, **protocol_fields),
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
@@ -551,9 +556,10 @@ async def memory_tunnel(
                 )
                 register_memory_helper(name, _connector(tunnel))
                 await session.start_vpn_tunnel()
-                with trio.fail_after(30):
-                    await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
-                if session.status is not VPNStatus.CONNECTED:
+                if wait_connected:
+                    with trio.fail_after(30):
+                        await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)
+                if wait_connected and session.status is not VPNStatus.CONNECTED:
                     raise LabError(f"the in-memory tunnel did not connect: {session.last_disconnect_error}")
                 yield tunnel
         finally:

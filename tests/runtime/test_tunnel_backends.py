@@ -70,10 +70,12 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[dict[str, Any], str]]:
         ({"provider": "missing-colon"}, "must look like"),
         ({"provider_configuration": {"tag": object()}}, "must be JSON-able"),
         ({"provider_configuration": {"helper_socket": "/tmp/x"}}, "netsim's own"),
+        ({"protocol": {"include_all_network": True}}, "['include_all_network'] are not NEVPNProtocol fields"),
+        ({"protocol": {"server_address": "1.2.3.4"}}, "['server_address'] are not NEVPNProtocol fields"),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_netsim_tunnel_validates_every_input_before_anything_starts(tmp_path: Path, case: int) -> None:
     kwargs, message = _bad_inputs(tmp_path)[case]
     lab = RecordingLab()
@@ -88,7 +90,7 @@ def test_netsim_tunnel_validates_every_input_before_anything_starts(tmp_path: Pa
     assert lab.asked == []  # nothing was spawned: the lab was never touched
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_memory_tunnel_validates_the_same_inputs(tmp_path: Path, case: int) -> None:
     kwargs, message = _bad_inputs(tmp_path)[case]
 
@@ -220,3 +222,17 @@ def test_the_helper_observer_answers_stats_and_closes_on_anything_else() -> None
     assert isinstance(good[1], ipc.Pong) and good[1].nonce == 9
     assert isinstance(bad[0], ipc.Error) and bad[0].code == ipc.ErrorCode.PROTOCOL
     assert observers == 2 and rejected == 1 and still_tunnelling
+
+
+def test_protocol_fields_reach_the_session_and_wait_connected_false_yields_while_connecting() -> None:
+    """``protocol`` sets NEVPNProtocol fields on the session's protocol; ``wait_connected=False`` yields at once."""
+
+    async def main() -> tuple[TunnelProviderProtocol, VPNStatus, VPNStatus]:
+        async with memory_tunnel(protocol={"include_all_networks": True}, wait_connected=False) as t:
+            first = t.session.status
+            await t.session.wait_status(VPNStatus.CONNECTED)
+            return t.session.manager.protocol_configuration, first, t.session.status
+
+    proto, first, later = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert proto.include_all_networks is True and proto.exclude_local_networks is False
+    assert first is VPNStatus.CONNECTING and later is VPNStatus.CONNECTED
