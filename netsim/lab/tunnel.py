@@ -91,6 +91,13 @@ class TunnelPlan:
     keepalive: int | None = 25
     allowed_ips: tuple[str, ...] = ("0.0.0.0/0", "::/0")
     dns_search: tuple[str, ...] = ("lab.test",)
+    #: False: an IPv4-only tunnel (no v6 address, no v6 allowed IPs, v4 DNS only), as a provider whose
+    #: settings have no ``ipv6_settings`` (reliability row K4: what happens to the Mac's IPv6 traffic then)
+    ipv6: bool = True
+
+    def tunnel_allowed_ips(self) -> tuple[str, ...]:
+        """``allowed_ips`` without the IPv6 prefixes when ``ipv6`` is False."""
+        return self.allowed_ips if self.ipv6 else tuple(n for n in self.allowed_ips if ":" not in n)
 
 
 def vpn_nat_ruleset(wan: str = "wan") -> str:
@@ -444,17 +451,18 @@ def _spawn_helper(lab: Lab, argv: list[str]) -> LabProcess:
 
 def client_config(lab: Lab, plan: TunnelPlan, client_key: PrivateKey, server_key: PrivateKey) -> TunnelConfig:
     """The helper's wg-quick config for ``plan`` (DNS: the lab's internet resolvers, through the tunnel)."""
+    v6 = plan.ipv6
     iface = InterfaceConfig(
         private_key=client_key,
-        addresses=(ip_interface(f"{plan.client_v4}/32"), ip_interface(f"{plan.client_v6}/128")),
-        dns_servers=(lab.addr.dns_v4, lab.addr.dns_v6),
+        addresses=(ip_interface(f"{plan.client_v4}/32"),) + ((ip_interface(f"{plan.client_v6}/128"),) if v6 else ()),
+        dns_servers=(lab.addr.dns_v4, lab.addr.dns_v6) if v6 else (lab.addr.dns_v4,),
         dns_search=plan.dns_search,
         mtu=plan.mtu,
     )
     peer = PeerConfig(
         public_key=server_key.public_key(),
         endpoint=Endpoint(str(lab.addr.vpn_wan_v4), plan.port),
-        allowed_ips=tuple(ip_network(n) for n in plan.allowed_ips),
+        allowed_ips=tuple(ip_network(n) for n in plan.tunnel_allowed_ips()),
         persistent_keepalive=plan.keepalive,
     )
     return TunnelConfig(iface, (peer,))
@@ -584,7 +592,8 @@ async def _netsim_tunnel(
         addresses=[f"{plan.server_v4}/24", f"{plan.server_v6}/64"],
         mtu=plan.mtu,
     )
-    await server.add_peer(client_key.public_key(), allowed_ips=[f"{plan.client_v4}/32", f"{plan.client_v6}/128"])
+    peer_ips = [f"{plan.client_v4}/32"] + ([f"{plan.client_v6}/128"] if plan.ipv6 else [])
+    await server.add_peer(client_key.public_key(), allowed_ips=peer_ips)
     # Both directories are named after the run in RUN_DIR (/run: tmpfs on most systems), so
     # `netsim clean` finds them by run id after a SIGKILLed owner (docs/reliability.md R3).
     RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
