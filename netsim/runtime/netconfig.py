@@ -41,6 +41,14 @@ it touches anything, and its teardown removes nothing, because a configurator re
 while holding the claim. Rules a dead owner left behind are replaced by the next owner. `MemoryNetworkConfigurator`
 models the same rule with a shared `MemoryNamespace`.
 
+The utun's addresses are reachable only through the utun (CVE-2019-14899, reliability row K8). Linux, like the
+BSDs the CVE was found on, accepts a packet for any local address on any interface, so an attacker on the LAN
+could send a SYN/ACK to the tunnel address through en0 and learn from the RST whether a connection exists. Apple's
+stack scopes the tunnel's addresses to the utun; netsim installs the same scoping as its own nftables table
+(`UTUN_GUARD_TABLE`, ``inet``, hook prerouting at raw priority): a packet addressed to one of the utun's addresses
+that arrived on any interface but the utun or ``lo`` is counted and dropped. It is replaced with every address
+change and removed with the addresses; `utun_guard_ruleset` renders it.
+
 DNS goes to ``/etc/netns/<ns>/resolv.conf``, which ``ip netns exec`` bind-mounts over /etc/resolv.conf for
 processes started in the namespace (written in place, so the bind mounts of running processes see it too). glibc
 resolv.conf has no per-domain servers, so match domains cannot send one domain to the tunnel resolver and the
@@ -57,6 +65,7 @@ import fcntl
 import ipaddress
 import os
 import socket
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +86,7 @@ __all__ = [
     "RULE_PRIORITY",
     "TUNNEL_LOCK_DIR",
     "TUNNEL_TABLE",
+    "UTUN_GUARD_TABLE",
     "AppliedSettings",
     "KernelNetworkConfigurator",
     "MemoryNamespace",
@@ -87,11 +97,13 @@ __all__ = [
     "resolver_config",
     "tunnel_owner",
     "tunnel_route_table",
+    "utun_guard_ruleset",
 ]
 
 TUNNEL_TABLE = 0x6E73  # 28275 ("ns"); one table per namespace, so a fixed id is safe
 RULE_PRIORITY = 6100  # below the kernel's main (32766) and local (0) rules; P and P+1 are used
 BYPASS_FWMARK = 0x6E73
+UTUN_GUARD_TABLE = "netsim_utun_guard"  # inet; one per namespace, owned with the namespace's tunnel claim
 DEFAULT_PHYSICAL_MTU = 1500
 GLIBC_MAXNS = 3  # resolv.conf(5): at most three nameserver lines are used
 TUNNEL_LOCK_DIR = Path("/run/netsim/tunnels")  # <ns>.lock: who owns a namespace's tunnel state (module docstring)
@@ -167,6 +179,33 @@ def tunnel_route_table(
     table = RouteTable(duplicate_policy=duplicate_policy, enforce_routes=enforce_routes)
     table.set_tunnel_routes(included, excluded, settings.tunnel_remote_address)
     return table
+
+
+def utun_guard_ruleset(device: str, addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> str:
+    """The nft script that scopes ``device``'s ``addresses`` to it (module docstring; CVE-2019-14899).
+
+    It replaces the table atomically (``add`` + ``delete`` + the new table in one transaction), so re-applying
+    settings never leaves a window without the guard. No addresses: the script only deletes the table.
+    """
+    if not device or any(c in device for c in '"\\ \n'):
+        raise LocalProtocolError(f"bad device name {device!r}")
+    head = f"add table inet {UTUN_GUARD_TABLE}\ndelete table inet {UTUN_GUARD_TABLE}\n"
+    v4 = sorted({str(a.ip) for a in addresses if a.version == 4})
+    v6 = sorted({str(a.ip) for a in addresses if a.version == 6 and not a.ip.is_link_local})
+    if not v4 and not v6:
+        return head
+    lines = [
+        f"table inet {UTUN_GUARD_TABLE} {{",
+        "  chain prerouting {",
+        "    type filter hook prerouting priority raw; policy accept;",
+        f'    iifname {{ "lo", "{device}" }} accept',
+    ]
+    if v4:
+        lines.append(f'    ip daddr {{ {", ".join(v4)} }} counter drop comment "utun address off the utun"')
+    if v6:
+        lines.append(f'    ip6 daddr {{ {", ".join(v6)} }} counter drop comment "utun address off the utun"')
+    lines += ["  }", "}"]
+    return head + "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -459,6 +498,7 @@ class KernelNetworkConfigurator:
         self._ipr: Any = None
         self.routing_method = RoutingMethod.DESTINATION_IP
         self._uids: tuple[int, ...] | None = None
+        self._guard: str | None = None  # the utun guard script last installed (None: no table of ours)
 
     def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
         """See `NetworkConfigurator.set_routing_method`; takes effect at once when settings are applied.
@@ -614,6 +654,7 @@ class KernelNetworkConfigurator:
         for key, iface in present.items():
             if key not in wanted:
                 ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        self._sync_guard(utun_guard_ruleset(self._device.name, list(wanted.values())))
 
         model = tunnel_route_table(settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes)
         routes = model.tunnel_routes()
@@ -720,6 +761,23 @@ class KernelNetworkConfigurator:
                 self._delete_rule(family, rule)
         self._installed_rules = set()
 
+    # -- CVE-2019-14899 guard --------------------------------------------------------------------------------
+    def _nft(self, script: str) -> None:
+        argv = ["nft", "-f", "-"] if self.inside else ["ip", "netns", "exec", self.netns, "nft", "-f", "-"]
+        done = subprocess.run(argv, input=script.encode(), capture_output=True, timeout=10, check=False)
+        if done.returncode != 0:
+            raise _failed(f"nft refused the utun guard in {self.netns}: {done.stderr.decode(errors='replace')[:300]}")
+
+    def _sync_guard(self, script: str) -> None:
+        if script != self._guard:
+            self._nft(script)
+            self._guard = script
+
+    def _remove_guard(self) -> None:
+        if self._guard is not None:
+            self._nft(utun_guard_ruleset("utun", []))
+            self._guard = None
+
     # -- DNS ------------------------------------------------------------------------------------------------
     def _write_resolv(self, text: str) -> None:
         path = self.resolv_conf
@@ -754,6 +812,7 @@ class KernelNetworkConfigurator:
             return
         ipr = self._iproute()
         self._delete_rules()
+        self._remove_guard()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")

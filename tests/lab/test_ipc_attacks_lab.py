@@ -4,8 +4,9 @@ One lab and one tunnel for the module: the fixture runs the scenario once and re
 
 * S8: the provider is frozen (SIGSTOP) and the helper killed; while it restarts, a same-uid impostor connects to
   the socket in a tight loop and says HELLO without the tunnel's secret, and a second one connects and stays
-  silent. The first answer must be ERROR AUTH; then the provider is resumed and races the impostors. The impostor must never
-  see SETTINGS, the new helper must serve exactly one session (the real provider's), and traffic must flow.
+  silent. The first answer must be ERROR AUTH; then the provider is resumed and races the impostors. The
+  impostor must never see SETTINGS, the new helper must serve exactly one session (the real provider's), and
+  traffic must flow.
 * F4: the helper is SIGSTOPped: the provider must notice within ping_interval + ping_timeout (5 + 10 s by
   default) and go reasserting; after SIGCONT it must reconnect and traffic must flow again.
 """
