@@ -31,11 +31,16 @@ settings.load_profile("ci" if os.environ.get("CI") else "netsim")
 
 
 def pytest_collection_modifyitems(config: object, items: list[object]) -> None:
-    """Reject a ``reliability`` marker that names no row of the matrix (a typo would hide a row's coverage)."""
+    """Reject a ``reliability`` marker that names no row of the matrix (a typo would hide a row's coverage), and a
+    test under tests/lab/ without the ``lab`` marker."""
     import pytest
     from reliability_rows import ROWS
 
     for item in items:
+        path = str(getattr(item, "path", ""))
+        if "/tests/lab/" in path and item.get_closest_marker("lab") is None:  # type: ignore[attr-defined]
+            # the unprivileged tiers deselect by this marker: a lab test without it would run (and skip) there
+            raise pytest.UsageError(f"{item.nodeid}: a test in tests/lab/ needs the lab marker (pytestmark)")  # type: ignore[attr-defined]
         for mark in item.iter_markers("reliability"):  # type: ignore[attr-defined]
             unknown = [i for i in mark.args if i not in ROWS]
             if unknown or not mark.args:

@@ -22,6 +22,8 @@ from netsim.core.ledger import LedgerSnapshot
 from netsim.lab.tunnel import LabTunnel
 from netsim.testing.require import require_binary
 
+pytestmark = [pytest.mark.lab]
+
 # numbered UDP echo probes from `mac`, one every `interval` seconds; prints what came back (bounded)
 UDP_STREAM = r"""
 import json, socket, sys, time
