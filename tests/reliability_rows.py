@@ -447,7 +447,6 @@ UNCOVERED: dict[str, str] = {
     "K2": "not yet: the positive control per probe comes with `netsim check leaks` (issue #15)",
     "K3": "not yet: DNS leak checks come with `netsim check leaks` (issue #15)",
     "K4": "not yet: IPv6 with a v4-only tunnel comes with issue #15",
-    "K5": "not yet: local-network abuse comes with exclude_local_networks enforcement (issue #15)",
     "K7": "not yet: forwarded traffic from a second namespace comes with issue #15",
     "K9": "not yet: bring-up and teardown windows under include-all-networks are issue #15",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",

@@ -14,7 +14,11 @@ P+1        ``not fwmark M lookup T``                       included (dev utun) /
 32766      ``lookup main``                                 default route: the physical interface
 =========  ==============================================  ===========================================
 
-With ``enforce_routes`` the two netsim rules swap, so tunnel routes beat the system table (R47). Sockets marked
+With ``enforce_routes`` the two netsim rules swap, so tunnel routes beat the system table (R47); then the LAN, too,
+goes into the tunnel unless ``exclude_local_networks`` is set, which adds the physical interfaces' connected
+*private* prefixes (`LOCAL_NETWORK_RANGES`: RFC 1918, 169.254/16, ULA) to table T as on-link excluded routes
+(Apple: excludeLocalNetworks applies only with includeAllNetworks or enforceRoutes, R43). A public prefix the
+network puts on-link is not excluded: that is TunnelCrack's LocalNet attack (reliability row K5). Sockets marked
 with ``bypass_fwmark`` (e.g. a helper's own UDP socket) skip the tunnel table, the Linux analogue of a provider's
 own traffic bypassing its tunnel (F1). Table T holds exactly one route per prefix: the exact-duplicate winner
 chosen by `DuplicatePolicy`. Excluded routes use the physical default route's gateway; with no gateway known they
@@ -83,6 +87,7 @@ from netsim.transports.base import PacketDevice
 __all__ = [
     "BYPASS_FWMARK",
     "DEFAULT_PHYSICAL_MTU",
+    "LOCAL_NETWORK_RANGES",
     "RULE_PRIORITY",
     "TUNNEL_LOCK_DIR",
     "TUNNEL_TABLE",
@@ -93,6 +98,7 @@ __all__ = [
     "MemoryNetworkConfigurator",
     "NetworkConfigurator",
     "ResolverConfig",
+    "local_network_exclusions",
     "open_iproute",
     "resolver_config",
     "tunnel_owner",
@@ -103,6 +109,14 @@ __all__ = [
 TUNNEL_TABLE = 0x6E73  # 28275 ("ns"); one table per namespace, so a fixed id is safe
 RULE_PRIORITY = 6100  # below the kernel's main (32766) and local (0) rules; P and P+1 are used
 BYPASS_FWMARK = 0x6E73
+#: Connected prefixes inside these count as the local network for ``exclude_local_networks`` (module docstring).
+LOCAL_NETWORK_RANGES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    ipaddress.IPv4Network("10.0.0.0/8"),
+    ipaddress.IPv4Network("172.16.0.0/12"),
+    ipaddress.IPv4Network("192.168.0.0/16"),
+    ipaddress.IPv4Network("169.254.0.0/16"),
+    ipaddress.IPv6Network("fc00::/7"),
+)
 UTUN_GUARD_TABLE = "netsim_utun_guard"  # inet; one per namespace, owned with the namespace's tunnel claim
 DEFAULT_PHYSICAL_MTU = 1500
 GLIBC_MAXNS = 3  # resolv.conf(5): at most three nameserver lines are used
@@ -112,6 +126,7 @@ _FIB_RULE_INVERT = 0x2  # <linux/fib_rules.h>
 _RTN_UNICAST = 1
 _RTN_THROW = 9
 _RTPROT_STATIC = 4
+_RT_SCOPE_LINK = 253
 
 
 @dataclass(frozen=True)
@@ -167,8 +182,12 @@ def tunnel_route_table(
     *,
     duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
     enforce_routes: bool = False,
+    local_networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
 ) -> RouteTable:
-    """The `RouteTable` model of ``settings`` (tunnel routes only; add system routes to resolve against)."""
+    """The `RouteTable` model of ``settings`` (tunnel routes only; add system routes to resolve against).
+
+    ``local_networks`` (from `local_network_exclusions`) become excluded routes too.
+    """
     included: list[Any] = []
     excluded: list[Any] = []
     for family in (settings.ipv4_settings, settings.ipv6_settings):
@@ -176,9 +195,29 @@ def tunnel_route_table(
             _, inc, exc = family._validate("settings")
             included += inc
             excluded += exc
+    excluded += [n for n in local_networks if n not in excluded]
     table = RouteTable(duplicate_policy=duplicate_policy, enforce_routes=enforce_routes)
     table.set_tunnel_routes(included, excluded, settings.tunnel_remote_address)
     return table
+
+
+def local_network_exclusions(
+    connected: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """The connected prefixes ``exclude_local_networks`` keeps off the tunnel: those inside `LOCAL_NETWORK_RANGES`.
+
+    ``connected`` are the physical interfaces' addresses. IPv6 link-local is left out (the kernel scopes it to
+    its link already), and so is any public prefix, however on-link (TunnelCrack LocalNet, row K5).
+    """
+    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for iface in connected:
+        net = iface.network
+        if net.version == 6 and net.is_link_local:
+            continue
+        private = any(net.version == r.version and net.subnet_of(r) for r in LOCAL_NETWORK_RANGES)  # type: ignore[arg-type]
+        if private and net not in out:
+            out.append(net)
+    return tuple(out)
 
 
 def utun_guard_ruleset(device: str, addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> str:
@@ -222,6 +261,7 @@ class AppliedSettings:
     routing_method: RoutingMethod = RoutingMethod.DESTINATION_IP
     app_uids: tuple[int, ...] = ()  # SOURCE_APPLICATION: the uids routed into the tunnel (sorted)
     enforce_routes: bool = False  # tunnel routes beat the system table (NEVPNProtocol.enforceRoutes, R47)
+    local_networks: tuple[str, ...] = ()  # exclude_local_networks: the connected private prefixes kept direct
 
 
 def _app_uids(routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None) -> tuple[int, ...] | None:
@@ -271,13 +311,26 @@ class NetworkConfigurator(Protocol):
         """
         ...
 
+    def set_exclude_local_networks(self, exclude_local_networks: bool) -> None:
+        """Keep the connected private networks direct when routes are enforced (Apple:
+        ``NEVPNProtocol.excludeLocalNetworks``, which applies only with ``enforceRoutes`` or
+        ``includeAllNetworks``); set by the provider host before the provider starts, like `set_enforce_routes`.
 
-def _enforce_routes_change(current: bool, wanted: bool, applied: AppliedSettings | None) -> bool:
-    """The new ``enforce_routes`` value, or `LocalProtocolError` when it would change under applied settings."""
+        Raises:
+            LocalProtocolError: a different value while settings are applied.
+        """
+        ...
+
+
+def _enforce_routes_change(
+    current: bool, wanted: bool, applied: AppliedSettings | None, name: str = "enforce_routes"
+) -> bool:
+    """The new value of a per-session routing flag, or `LocalProtocolError` when it would change under applied
+    settings."""
     wanted = bool(wanted)
     if wanted != current and applied is not None:
         raise LocalProtocolError(
-            f"enforce_routes cannot change to {wanted} while settings are applied; "
+            f"{name} cannot change to {wanted} while settings are applied; "
             "set it on the TunnelProviderProtocol before starting the tunnel"
         )
     return wanted
@@ -349,6 +402,7 @@ class MemoryNetworkConfigurator:
         duplicate_policy: DuplicatePolicy = DuplicatePolicy.EXCLUDED_WINS,
         enforce_routes: bool = False,
         namespace: MemoryNamespace | None = None,
+        connected: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = (),
     ) -> None:
         self._factory = device_factory
         self.namespace = namespace
@@ -356,6 +410,8 @@ class MemoryNetworkConfigurator:
         self.device_name = device_name
         self.duplicate_policy = duplicate_policy
         self.enforce_routes = enforce_routes
+        self.exclude_local_networks = False
+        self.connected = tuple(connected)  # the simulated physical interface's addresses (exclude_local_networks)
         self._device: PacketDevice | None = None
         self._applied: AppliedSettings | None = None
         self.routing_method = RoutingMethod.DESTINATION_IP
@@ -372,6 +428,12 @@ class MemoryNetworkConfigurator:
     def set_enforce_routes(self, enforce_routes: bool) -> None:
         """See `NetworkConfigurator.set_enforce_routes`."""
         self.enforce_routes = _enforce_routes_change(self.enforce_routes, enforce_routes, self._applied)
+
+    def set_exclude_local_networks(self, exclude_local_networks: bool) -> None:
+        """See `NetworkConfigurator.set_exclude_local_networks` (recorded: the memory Mac has no physical LAN)."""
+        self.exclude_local_networks = _enforce_routes_change(
+            self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
+        )
 
     @property
     def device(self) -> PacketDevice | None:
@@ -394,8 +456,14 @@ class MemoryNetworkConfigurator:
             mtu = settings.effective_mtu(self.physical_mtu)
             if self._device is None:
                 self._device = self._factory(self.device_name, mtu)
+            local = (
+                local_network_exclusions(self.connected) if self.exclude_local_networks and self.enforce_routes else ()
+            )
             table = tunnel_route_table(
-                settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes
+                settings,
+                duplicate_policy=self.duplicate_policy,
+                enforce_routes=self.enforce_routes,
+                local_networks=local,
             )
             routes = tuple(table.tunnel_routes())
             dns = settings.dns_settings
@@ -408,6 +476,7 @@ class MemoryNetworkConfigurator:
                 routing_method=self.routing_method,
                 app_uids=self._uids or (),
                 enforce_routes=self.enforce_routes,
+                local_networks=tuple(str(n) for n in local),
             )
         self.history.append(self._applied)
         return self._device
@@ -488,6 +557,7 @@ class KernelNetworkConfigurator:
         self.device_name = device_name
         self.duplicate_policy = duplicate_policy
         self.enforce_routes = enforce_routes
+        self.exclude_local_networks = False
         self.resolv_conf = resolv_conf or Path("/etc/netns") / netns / "resolv.conf"
         self.lock_path = lock_dir / f"{netns}.lock"
         self._lock_fd: int | None = None  # held: this configurator owns the namespace's tunnel state
@@ -524,6 +594,30 @@ class KernelNetworkConfigurator:
         change is refused while settings are applied (Apple, too, fixes the protocol for a session).
         """
         self.enforce_routes = _enforce_routes_change(self.enforce_routes, enforce_routes, self._applied)
+
+    def set_exclude_local_networks(self, exclude_local_networks: bool) -> None:
+        """See `NetworkConfigurator.set_exclude_local_networks`; the exclusions are read when settings are
+        applied (module docstring)."""
+        self.exclude_local_networks = _enforce_routes_change(
+            self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
+        )
+
+    def _local_networks(self) -> dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int]:
+        """``exclude_local_networks``'s prefixes (only with enforced routes), each with its link's index."""
+        if not (self.exclude_local_networks and self.enforce_routes):
+            return {}
+        ipr = self._iproute()
+        names = {link["index"]: link.get("ifname") or "" for link in ipr.get_links()}
+        own = self._device.name if self._device is not None else None
+        found: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
+        for msg in ipr.get_addr():
+            name = names.get(msg["index"], "")
+            if name in ("lo", own) or name.startswith("utun"):
+                continue
+            iface = ipaddress.ip_interface(f"{msg.get('address')}/{msg.get('prefixlen')}")
+            for net in local_network_exclusions([iface]):
+                found.setdefault(net, msg["index"])
+        return found
 
     # -- ownership ------------------------------------------------------------------------------------------
     @property
@@ -656,7 +750,13 @@ class KernelNetworkConfigurator:
                 ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         self._sync_guard(utun_guard_ruleset(self._device.name, list(wanted.values())))
 
-        model = tunnel_route_table(settings, duplicate_policy=self.duplicate_policy, enforce_routes=self.enforce_routes)
+        local = self._local_networks()
+        model = tunnel_route_table(
+            settings,
+            duplicate_policy=self.duplicate_policy,
+            enforce_routes=self.enforce_routes,
+            local_networks=tuple(local),
+        )
         routes = model.tunnel_routes()
         self._sync_rules()
         desired: set[tuple[int, str]] = set()
@@ -666,6 +766,8 @@ class KernelNetworkConfigurator:
             spec: dict[str, Any] = {"dst": str(net), "table": self.table, "family": family, "proto": _RTPROT_STATIC}
             if route.kind is RouteKind.INCLUDED:
                 spec["oif"] = index
+            elif net in local:  # a connected private network: on-link, as the main table has it
+                spec.update(oif=local[net], scope=_RT_SCOPE_LINK)
             elif net.version in gateways and net.version in oifs:
                 spec.update(gateway=gateways[net.version], oif=oifs[net.version])
             else:
@@ -677,7 +779,14 @@ class KernelNetworkConfigurator:
                 dst = msg.get("dst") or ("0.0.0.0" if version == 4 else "::")
                 stale = (version, f"{dst}/{msg.get('dst_len')}")
                 if stale not in desired:
-                    ipr.route("del", dst=stale[1], table=self.table, family=family, type=msg.get("type"))
+                    ipr.route(
+                        "del",
+                        dst=stale[1],
+                        table=self.table,
+                        family=family,
+                        type=msg.get("type"),
+                        scope=msg.get("scope"),  # an on-link local-network route is scope link
+                    )
 
         resolver = None
         if settings.dns_settings is not None:
@@ -696,6 +805,7 @@ class KernelNetworkConfigurator:
             routing_method=self.routing_method,
             app_uids=self._uids or (),
             enforce_routes=self.enforce_routes,
+            local_networks=tuple(str(n) for n in local),
         )
 
     def _rule_specs(self) -> list[dict[str, Any]]:
@@ -817,7 +927,12 @@ class KernelNetworkConfigurator:
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
                 ipr.route(
-                    "del", dst=f"{dst}/{msg.get('dst_len')}", table=self.table, family=family, type=msg.get("type")
+                    "del",
+                    dst=f"{dst}/{msg.get('dst_len')}",
+                    table=self.table,
+                    family=family,
+                    type=msg.get("type"),
+                    scope=msg.get("scope"),
                 )
         if self._device is not None:
             links = ipr.link_lookup(ifname=self._device.name)

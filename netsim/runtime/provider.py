@@ -453,6 +453,9 @@ class ProviderHost:
                 proto = self.protocol_configuration
                 # NEVPNProtocol.enforceRoutes (R47): included/excluded routes win over the system table.
                 self.configurator.set_enforce_routes(proto.enforce_routes)
+                # NEVPNProtocol.excludeLocalNetworks (R43): the connected private networks stay direct, which
+                # matters only when routes are enforced (else the system table keeps them direct anyway).
+                self.configurator.set_exclude_local_networks(proto.exclude_local_networks)
                 self.configurator.set_routing_method(proto.routing_method, proto.app_rules)
                 self.flow.set_routing_method(proto.routing_method, proto.app_rules)
                 await self.provider.start_tunnel(self._start_options)
@@ -538,6 +541,7 @@ def _applied_to_json(applied: Any) -> dict[str, Any]:
         "physical_interface": applied.physical_interface,
         "gateways": {str(k): v for k, v in applied.gateways.items()},
         "enforce_routes": applied.enforce_routes,
+        "local_networks": list(applied.local_networks),
     }
 
 
