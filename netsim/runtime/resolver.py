@@ -8,8 +8,8 @@ that (resolv.conf has no per-domain servers), so in the lab the ``mac`` namespac
 * the state is two JSON files in ``/run/netsim/dns/<netns>/`` (`DNS_STATE_DIR`): ``system.json``, the Mac's own
   resolvers (written by the lab when it starts the daemon), and ``tunnel.json``, the running tunnel's DNS settings
   (written by `netsim.runtime.netconfig.KernelNetworkConfigurator` when it applies them, removed when it clears
-  them). The daemon polls both (stat every ``poll_interval``; no inotify) and re-reads a file whose mtime, size or
-  inode changed. Both files are untrusted input (`netsim.core.resolver` parses them, bounded).
+  them). The daemon stats both before every query and every ``poll_interval`` (no inotify) and re-reads a file
+  whose mtime, size or inode changed, so a query sent after a change already follows it. Both files are untrusted input (`netsim.core.resolver` parses them, bounded).
 * a query for the tunnel's servers goes out of a socket bound to the tunnel's utun (``SO_BINDTODEVICE``), so it
   can only leave through the tunnel. Before each such query the daemon checks the tunnel is alive: the utun
   exists and the provider named by ``owner_pid`` runs. A crashed provider leaves its ``tunnel.json`` behind; the
@@ -240,6 +240,9 @@ class MacResolver:
             self.stats[f"drop_{exc.reason}"] += 1
             return None
         self.stats["queries"] += 1
+        # Re-check the state files on every query (two stat calls): a query sent right after the configurator
+        # wrote or removed tunnel.json already follows it, as Apple's settings are in force once applied.
+        self.reload()
         tunnel = self.state.tunnel
         alive = tunnel is None or self.tunnel_alive(tunnel)
         if tunnel is not None and not alive:
