@@ -9,7 +9,8 @@ that (resolv.conf has no per-domain servers), so in the lab the ``mac`` namespac
   resolvers (written by the lab when it starts the daemon), and ``tunnel.json``, the running tunnel's DNS settings
   (written by `netsim.runtime.netconfig.KernelNetworkConfigurator` when it applies them, removed when it clears
   them). The daemon stats both before every query and every ``poll_interval`` (no inotify) and re-reads a file
-  whose mtime, size or inode changed, so a query sent after a change already follows it. Both files are untrusted input (`netsim.core.resolver` parses them, bounded).
+  whose mtime, size or inode changed, so a query sent after a change already follows it. Both files are
+  untrusted input (`netsim.core.resolver` parses them, bounded).
 * a query for the tunnel's servers goes out of a socket bound to the tunnel's utun (``SO_BINDTODEVICE``), so it
   can only leave through the tunnel. Before each such query the daemon checks the tunnel is alive: the utun
   exists and the provider named by ``owner_pid`` runs. A crashed provider leaves its ``tunnel.json`` behind; the
@@ -97,7 +98,7 @@ class ResolverLimits:
     max_inflight: int = 64
     max_tcp_clients: int = 16
     max_message: int = 4096
-    upstream_timeout: float = 1.5
+    upstream_timeout: float = 0.8
     tcp_idle_timeout: float = 5.0
     poll_interval: float = 0.1
 

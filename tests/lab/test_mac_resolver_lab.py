@@ -38,7 +38,7 @@ from netsim.runtime.resolver import TUNNEL_FILE, read_stats
 from netsim.testing.fixtures import assert_root_unchanged, root_snapshot
 from netsim.testing.require import require_binary, require_root, require_tun
 
-pytestmark = [pytest.mark.lab, pytest.mark.tun, pytest.mark.timeout(300), pytest.mark.reliability("K3")]
+pytestmark = [pytest.mark.lab, pytest.mark.tun, pytest.mark.timeout(300)]
 
 SPLIT_PROVIDER = f"{Path(__file__).parent}/split_dns_provider.py:SplitDnsProvider"
 TAG = secrets.token_hex(3)
@@ -140,6 +140,7 @@ def test_control_without_tunnel_goes_to_the_isp_resolver_on_en0(scenario: dict[s
     assert _to(scenario["en0"], _name("control")) == {str(scenario["addr"].isp_lan_v4)}
 
 
+@pytest.mark.reliability("K3")
 def test_connected_tunnel_lookups_go_through_the_tunnel_only(scenario: dict[str, Any]) -> None:
     assert '"interface": "utun' in scenario["tunnel_file"] and '"claims_default_route": true' in scenario["tunnel_file"]
     assert scenario["connected"] == "NXDOMAIN"  # answered by the tunnel's resolver (the lab's internet DNS)
@@ -147,6 +148,7 @@ def test_connected_tunnel_lookups_go_through_the_tunnel_only(scenario: dict[str,
     assert _to(scenario["en0"], _name("connected")) == set()  # not on en0 as DNS (only inside WireGuard)
 
 
+@pytest.mark.reliability("K3")
 def test_after_a_provider_crash_no_query_goes_to_the_tunnel_resolver_on_en0(scenario: dict[str, Any]) -> None:
     addr = scenario["addr"]
     assert scenario["provider_gone"] and scenario["utun_gone"], scenario
@@ -163,6 +165,7 @@ def test_after_a_provider_crash_no_query_goes_to_the_tunnel_resolver_on_en0(scen
     assert leaked == []
 
 
+@pytest.mark.reliability("K3")
 def test_split_dns_sends_only_match_domains_into_the_tunnel(scenario: dict[str, Any]) -> None:
     addr = scenario["addr"]
     assert '"match_domains": ["corp.lab.test"]' in scenario["split_file"]
