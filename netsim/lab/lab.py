@@ -780,8 +780,7 @@ class Lab:
             servers = (a.isp_lan_v4, a.isp_lan_v6) if role in ("mac", "lan", "isp") else (a.dns_v4, a.dns_v6)
             nameservers = f"nameserver {servers[0]}\nnameserver {servers[1]}\n"
         return (
-            f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n"
-            f"{nameservers}options timeout:1 attempts:2\n"
+            f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n{nameservers}options timeout:1 attempts:2\n"
         )
 
     # ------------------------------------------------------------------ netlink (pyroute2, never the ip CLI)
