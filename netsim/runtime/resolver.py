@@ -231,7 +231,15 @@ class MacResolver:
 
     # -- one query ------------------------------------------------------------------------------------------
     async def resolve(self, query: bytes) -> bytes | None:
-        """The answer to one client query (None: dropped, counted)."""
+        """The answer to one client query (None: dropped, counted). Never raises (but for cancellation)."""
+        try:
+            return await self._resolve(query)
+        except Exception:  # a bug or resource exhaustion (EMFILE) costs this query, never the daemon
+            self.stats["error_internal"] += 1
+            log.exception("resolver: query failed")
+            return None
+
+    async def _resolve(self, query: bytes) -> bytes | None:
         if len(query) > self.limits.max_message:
             self.stats["drop_too_big"] += 1
             return None

@@ -265,3 +265,50 @@ def test_servfail_keeps_id_and_question() -> None:
     assert raw is not None
     rec = dnslib.DNSRecord.parse(raw)
     assert rec.header.id == 7 and rec.header.rcode == dnslib.RCODE.SERVFAIL and str(rec.q.qname) == "x.lab.test."
+
+
+def test_configurator_hands_dns_settings_to_the_daemon(tmp_path: Path) -> None:
+    """KernelNetworkConfigurator's DNS half (no netlink needed): tunnel.json with the settings, the utun and its
+    own pid, resolv.conf untouched; removed on clear, and only by the configurator that wrote it."""
+    from netsim.apple.settings import DNSSettings
+    from netsim.runtime.netconfig import KernelNetworkConfigurator
+
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\n")
+    c = KernelNetworkConfigurator("netsim-unit-mac", dns_state_dir=tmp_path, resolv_conf=resolv)
+    dns = DNSSettings(["10.8.0.1"], search_domains=["Corp.Example"], match_domains=["Corp.Example.", ""])
+    c._write_tunnel_dns(dns, "utun7", False)
+    state = TunnelDns.from_json((tmp_path / TUNNEL_FILE).read_bytes())
+    assert state == TunnelDns(
+        servers=("10.8.0.1",),
+        interface="utun7",
+        owner_pid=os.getpid(),
+        match_domains=("corp.example", ""),
+        search_domains=("corp.example",),
+    )
+    assert resolv.read_text() == "nameserver 127.0.0.53\n"
+    other = KernelNetworkConfigurator("netsim-unit-mac", dns_state_dir=tmp_path, resolv_conf=resolv)
+    other._clear_dns()  # never wrote it: leaves it alone
+    assert (tmp_path / TUNNEL_FILE).exists()
+    c._clear_dns()
+    assert not (tmp_path / TUNNEL_FILE).exists()
+    assert resolv.read_text() == "nameserver 127.0.0.53\n"
+
+
+def test_an_internal_error_costs_one_query_not_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    real = MacResolver._exchange
+
+    async def flaky(self: MacResolver, *args: Any) -> bytes | None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(24, "Too many open files")  # e.g. EMFILE creating the upstream socket
+        return await real(self, *args)
+
+    monkeypatch.setattr(MacResolver, "_exchange", flaky)
+
+    async def body(r: MacResolver, addr: tuple[str, int], system: FakeUpstream, tun: FakeUpstream) -> None:
+        assert await _ask_udp(addr, _query("a.lab.test"), timeout=0.3) is None
+        assert _answer(await _ask_udp(addr, _query("b.lab.test"))) == SYSTEM_ANSWER
+
+    assert _run(tmp_path, body).stats["error_internal"] == 1
