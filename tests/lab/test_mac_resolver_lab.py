@@ -48,11 +48,13 @@ def _name(phase: str, domain: str = "lab.test") -> str:
     return f"k3-{phase}-{TAG}.{domain}"
 
 
-async def _dig(lab: Lab, name: str, server: str | None = None) -> str:
+async def _dig(lab: Lab, name: str, server: str | None = None, *, tcp: bool = False) -> str:
     """Look ``name`` up from mac (through resolv.conf = the Mac's resolver, or ``@server``); its DNS status."""
     argv = ["dig", "+tries=1", "+time=3", "+noall", "+comments", name, "A"]
     if server is not None:
         argv.insert(1, f"@{server}")
+    if tcp:
+        argv.insert(1, "+tcp")
     r = await lab.run("mac", argv, check=False, timeout=15)
     m = re.search(r"status: (\w+)", r.stdout.decode(errors="replace"))
     return m.group(1) if m else f"rc={r.returncode}"
@@ -96,9 +98,11 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 
         async def main() -> None:
             rec["control"] = await _dig(lab, _name("control"))
+            rec["control_v6_tcp"] = await _dig(lab, _name("control-v6-tcp"), "::1", tcp=True)  # [::1]:53, TCP
             async with netsim_tunnel(lab) as t:
                 rec["tunnel_file"] = (state / TUNNEL_FILE).read_text()
                 rec["connected"] = await _dig(lab, _name("connected"))
+                rec["connected_tcp"] = await _dig(lab, _name("connected-tcp"), tcp=True)
                 pid = t.provider_pid
                 t.signal_provider(signal.SIGKILL)
                 rec["provider_gone"] = await _wait(lambda: t.provider_pid != pid)
@@ -138,6 +142,8 @@ def _to(queries: list[tuple[str, str]], name: str) -> set[str]:
 def test_control_without_tunnel_goes_to_the_isp_resolver_on_en0(scenario: dict[str, Any]) -> None:
     assert scenario["control"] == "NXDOMAIN"
     assert _to(scenario["en0"], _name("control")) == {str(scenario["addr"].isp_lan_v4)}
+    assert scenario["control_v6_tcp"] == "NXDOMAIN"  # the daemon's other listener, over TCP
+    assert _to(scenario["en0"], _name("control-v6-tcp")) == {str(scenario["addr"].isp_lan_v4)}
 
 
 @pytest.mark.reliability("K3")
@@ -146,6 +152,9 @@ def test_connected_tunnel_lookups_go_through_the_tunnel_only(scenario: dict[str,
     assert scenario["connected"] == "NXDOMAIN"  # answered by the tunnel's resolver (the lab's internet DNS)
     assert _to(scenario["wg_default"], _name("connected")) == {str(scenario["addr"].dns_v4)}
     assert _to(scenario["en0"], _name("connected")) == set()  # not on en0 as DNS (only inside WireGuard)
+    assert scenario["connected_tcp"] == "NXDOMAIN"  # a TCP client: forwarded the same way
+    assert _to(scenario["wg_default"], _name("connected-tcp")) == {str(scenario["addr"].dns_v4)}
+    assert _to(scenario["en0"], _name("connected-tcp")) == set()
 
 
 @pytest.mark.reliability("K3")
