@@ -159,7 +159,14 @@ def _family(address: str) -> socket.AddressFamily:
 
 
 class MacResolver:
-    """The resolver daemon for one namespace (module docstring). ``stats`` holds the named counters."""
+    """The resolver daemon for one namespace (module docstring). ``stats`` holds the named counters.
+
+    Differences from Apple's system resolver (mDNSResponder; docs/dns.md, "What is modelled"): no cache, no
+    search list (the tunnel's ``searchDomains``/``domainName`` and appended match domains are recorded, not
+    applied), encrypted DNS settings are queried in cleartext, ``allowFailover`` is ignored, upstream exchanges
+    are UDP only, and a per-app tunnel's DNS applies to every app (the daemon cannot tell which app asked).
+    A stale split tunnel's match-domain names get SERVFAIL rather than the system resolver (`select_upstream`).
+    """
 
     def __init__(
         self,
