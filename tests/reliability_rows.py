@@ -445,7 +445,6 @@ UNCOVERED: dict[str, str] = {
     "F17": "not yet: sleep/wake is issue #16",
     "K1": "partly: the connected state's en0 capture is tested (S7, K6 rows); the other states come with `netsim check leaks` (issue #15)",
     "K2": "not yet: the positive control per probe comes with `netsim check leaks` (issue #15)",
-    "K3": "not yet: DNS leak checks come with `netsim check leaks` (issue #15)",
     "K4": "not yet: IPv6 with a v4-only tunnel comes with issue #15",
     "K7": "not yet: forwarded traffic from a second namespace comes with issue #15",
     "K9": "not yet: bring-up and teardown windows under include-all-networks are issue #15",

@@ -23,13 +23,16 @@ def _run_id(prefix: str) -> str:
     return prefix + secrets.token_hex(2)
 
 
-def _tunnel_dirs(run_dir: Path, run_id: str) -> tuple[Path, Path]:
+def _tunnel_dirs(run_dir: Path, run_id: str) -> tuple[Path, Path, Path]:
     helper = helper_dir(run_id)
     helper.mkdir(mode=0o700)
     (helper / "helper.sock").write_text("")
     conf = Path(tempfile.mkdtemp(prefix=tunnel_dir_prefix(run_id), dir=run_dir))
     (conf / "client.conf").write_text("[Interface]\nPrivateKey = secret\n")
-    return helper, conf
+    dns = cleanup.DNS_STATE_DIR / f"netsim-{run_id}-mac"  # the Mac resolver's state (a crashed provider's tunnel.json)
+    dns.mkdir(parents=True)
+    (dns / "tunnel.json").write_text("{}")
+    return helper, conf, dns
 
 
 @pytest.mark.reliability("R3")
@@ -38,6 +41,7 @@ def test_clean_removes_only_dead_runs_dirs(tmp_path: Path, monkeypatch: pytest.M
     run_dir.mkdir()
     tmp.mkdir()
     monkeypatch.setattr(cleanup, "RUN_DIR", run_dir)
+    monkeypatch.setattr(cleanup, "DNS_STATE_DIR", tmp_path / "dns")
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     dead, live, lost = _run_id("d"), _run_id("l"), _run_id("o")
     near = dead[:-1]  # a run id that is a prefix of another: its dirs must not be taken for the other's
@@ -55,6 +59,7 @@ def test_clean_removes_only_dead_runs_dirs(tmp_path: Path, monkeypatch: pytest.M
     report = clean(dead)
     assert all(not d.exists() for d in (*dead_dirs, legacy))
     assert f"dir {dead_dirs[1]}" in report.removed and f"dir {legacy}" in report.removed
+    assert f"dir {dead_dirs[2]}" in report.removed
     assert not (run_dir / f"{dead}.json").exists()
     assert all(d.exists() for d in (*live_dirs, *lost_dirs, *near_dirs, other))  # --run: that run only
 

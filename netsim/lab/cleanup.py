@@ -9,7 +9,9 @@ What a run may leave on disk, all named after the run so it is found without bro
 ``/run/netsim/<run>.json`` and log dir ``/run/netsim/<run>/``; a tunnel's helper socket dir
 ``/run/netsim/helper-<run>/`` and config dir ``/run/netsim/tunnel-<run>-*/`` (``client.conf``: the WireGuard
 private key, docs/reliability.md R3); ``/etc/netns/netsim-<run>-*``; wireguard-go sockets ``ns<run>*.sock``; a SIGKILLed
-provider's tunnel claim ``/run/netsim/tunnels/netsim-<run>-*.lock`` (`netsim.runtime.netconfig`); and, from
+provider's tunnel claim ``/run/netsim/tunnels/netsim-<run>-*.lock`` (`netsim.runtime.netconfig`); the Mac
+resolver's state ``/run/netsim/dns/netsim-<run>-*/`` (`netsim.runtime.resolver`: system.json, a crashed
+provider's tunnel.json, stats.json); and, from
 versions that kept the tunnel config in the temp dir, ``$TMPDIR/netsim-<run>-tunnel-*``.
 """
 
@@ -29,6 +31,7 @@ from netsim.errors import LabError
 from netsim.lab.netns import delete_netns, list_netns, pids_in_netns
 from netsim.lab.process import ProcessInfo, process_start_time
 from netsim.runtime.netconfig import TUNNEL_LOCK_DIR
+from netsim.runtime.resolver import DNS_STATE_DIR
 
 __all__ = [
     "RUN_DIR",
@@ -64,12 +67,15 @@ def _dir_run_ids() -> set[str]:
     names = [p.name.removeprefix("helper-") for p in RUN_DIR.glob("helper-*")]
     names += [p.name.split("-")[1] for p in RUN_DIR.glob("tunnel-*-*")]
     names += [p.name.split("-")[1] for p in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*-tunnel-*")]
+    names += [p.name.split("-")[1] for p in DNS_STATE_DIR.glob(f"{NS_PREFIX}*-*")]
     return {n for n in names if n.isascii() and n.isalnum() and n.islower() and len(n) <= 6}
 
 
 def _run_dirs(run_id: str) -> list[Path]:
-    """Directories of ``run_id`` besides its log dir: helper socket dir, tunnel config dirs (and legacy ones)."""
+    """Directories of ``run_id`` besides its log dir: helper socket dir, tunnel config dirs (and legacy ones), the
+    Mac resolver's state dirs."""
     dirs = [helper_dir(run_id), *RUN_DIR.glob(f"{tunnel_dir_prefix(run_id)}*")]
+    dirs += DNS_STATE_DIR.glob(f"{NS_PREFIX}{run_id}-*")
     dirs += Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}{run_id}-tunnel-*")  # before the config moved to RUN_DIR
     return [d for d in dirs if d.is_dir() and not d.is_symlink()]
 

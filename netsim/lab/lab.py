@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import trio
 
+from netsim.core.resolver import SystemDns
 from netsim.errors import LabError, MissingDependency, PrivilegeError
 from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
@@ -50,6 +51,7 @@ from netsim.lab.pcap import (
     write_capture_summary,
 )
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
+from netsim.runtime.resolver import DNS_STATE_DIR, RESOLVER_LISTEN, SYSTEM_FILE, write_state_file
 
 if TYPE_CHECKING:
     from netsim.transports.tun import TunDevice
@@ -167,6 +169,13 @@ class Lab:
         if role not in ROLES:
             raise LabError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
         return f"{self.prefix}{role}"
+
+    @property
+    def dns_state_dir(self) -> Path:
+        """The Mac resolver's state directory, ``/run/netsim/dns/<mac netns>/`` (docs/dns.md): ``system.json``
+        (written by the lab), ``tunnel.json`` (written by the provider's configurator while its DNS settings are
+        applied) and ``stats.json`` (the daemon's counters; read them with `netsim.runtime.resolver.read_stats`)."""
+        return DNS_STATE_DIR / self.netns("mac")
 
     def ifname(self, stem: str) -> str:
         """A name unique across concurrent labs, for objects in a global namespace (wireguard-go's UAPI socket
@@ -572,6 +581,12 @@ class Lab:
             self.spawn(role, [sys.executable, "-m", "netsim.lab.services", "--label", role, *args], name=f"svc-{role}")
             for role, args in specs.items()
         ]
+        # The Mac's own resolver (docs/dns.md): its system resolvers are the home router's; resolv.conf names it.
+        system = SystemDns((str(a.isp_lan_v4), str(a.isp_lan_v6)), (self.domain,))
+        write_state_file(self.dns_state_dir / SYSTEM_FILE, system.to_json())
+        listen = [arg for host, port in RESOLVER_LISTEN for arg in ("--listen", ep(host, port))]
+        argv = [sys.executable, "-m", "netsim.runtime.resolver", "--state-dir", str(self.dns_state_dir), *listen]
+        procs.append(self.spawn("mac", argv, name="resolver-mac"))
         iperf = self.spawn("inet", ["iperf3", "-s", "--forceflush"], name="iperf3")
         for proc in procs:
             proc.wait_output_sync(r"^READY$", timeout=20.0)
@@ -754,13 +769,18 @@ class Lab:
     def resolv_conf(self, role: str) -> str:
         """The /etc/resolv.conf programs in ``role`` see (``/etc/netns/<ns>/resolv.conf``, bind-mounted by
         ``ip netns exec``): the home router's resolver for ``mac``, ``lan`` and ``isp`` itself, the internet's
-        (``dns.lab.test``) for ``inet`` and ``vpn``. Never the host's."""
+        (``dns.lab.test``) for ``inet`` and ``vpn``. Never the host's. With services on, ``mac``'s names the
+        Mac's own resolver at 127.0.0.53 instead, which forwards to the router's or the tunnel's (docs/dns.md)."""
         a = self.addr
         self.netns(role)  # validates the role
-        servers = (a.isp_lan_v4, a.isp_lan_v6) if role in ("mac", "lan", "isp") else (a.dns_v4, a.dns_v6)
+        if role == "mac" and self.services:
+            # the Mac's own resolver (netsim.runtime.resolver), which picks the tunnel's or the router's servers
+            nameservers = f"nameserver {RESOLVER_LISTEN[0][0]}\n"
+        else:
+            servers = (a.isp_lan_v4, a.isp_lan_v6) if role in ("mac", "lan", "isp") else (a.dns_v4, a.dns_v6)
+            nameservers = f"nameserver {servers[0]}\nnameserver {servers[1]}\n"
         return (
-            f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n"
-            f"nameserver {servers[0]}\nnameserver {servers[1]}\noptions timeout:1 attempts:2\n"
+            f"# written by netsim lab {self.run_id}\nsearch {self.domain}\n{nameservers}options timeout:1 attempts:2\n"
         )
 
     # ------------------------------------------------------------------ netlink (pyroute2, never the ip CLI)

@@ -60,6 +60,13 @@ rest elsewhere: netsim always makes the tunnel servers the namespace's resolvers
 Apple's ``[""]`` and of "the VPN claims the default route"), appends match domains to ``search`` unless
 ``match_domains_no_search``, and records them in a comment. `ResolverConfig.servers_for` answers Apple's split
 DNS question in code for tools that can act on it.
+
+The Mac's own resolver (docs/dns.md). When the namespace runs netsim's resolver daemon (`netsim.runtime.resolver`:
+the lab starts one in ``mac`` and writes ``/run/netsim/dns/<ns>/system.json``), resolv.conf is left alone (it names
+the daemon, ``127.0.0.53``) and the DNS settings go to ``/run/netsim/dns/<ns>/tunnel.json`` instead (servers,
+match domains, the utun, this process's pid), removed when the settings are cleared or the configurator closes.
+The daemon then implements Apple's selection, split DNS included, and sends tunnel queries only through the utun;
+a tunnel.json left by a crashed provider is ignored by the daemon (its pid is dead, its utun gone).
 """
 
 from __future__ import annotations
@@ -79,9 +86,12 @@ from netsim.apple.enums import RoutingMethod, TunnelProviderErrorCode
 from netsim.apple.errors import TunnelProviderError
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
+from netsim.core.dns import normalize_name
+from netsim.core.resolver import TunnelDns
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
+from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, TUNNEL_FILE, write_state_file
 from netsim.transports.base import PacketDevice
 
 __all__ = [
@@ -530,6 +540,8 @@ class KernelNetworkConfigurator:
         table / rule_priority / bypass_fwmark: the policy-routing knobs above.
         device_name: TUN name; ``%d`` picks the lowest free number, like utun.
         resolv_conf: override the resolver file (tests).
+        dns_state_dir: the namespace's resolver-daemon state (default ``/run/netsim/dns/<netns>``); with a
+            ``system.json`` there, DNS settings go to its ``tunnel.json`` instead of resolv.conf (module docstring).
         lock_dir: where the namespace's ownership lock lives (module docstring, Ownership).
     """
 
@@ -546,6 +558,7 @@ class KernelNetworkConfigurator:
         enforce_routes: bool = False,
         resolv_conf: Path | None = None,
         lock_dir: Path = TUNNEL_LOCK_DIR,
+        dns_state_dir: Path | None = None,
     ) -> None:
         if not netns.startswith("netsim-"):
             raise LabError(f"refusing to configure namespace {netns!r}: netsim only touches 'netsim-*' namespaces")
@@ -563,6 +576,8 @@ class KernelNetworkConfigurator:
         self._lock_fd: int | None = None  # held: this configurator owns the namespace's tunnel state
         self._installed_rules: set[tuple[int, int, int, str | None]] = set()  # (family, priority, table, uids)
         self._saved_resolv: str | bool | None = False  # False: nothing saved yet; None: file did not exist
+        self.dns_state_dir = dns_state_dir or DNS_STATE_DIR / netns
+        self._wrote_tunnel_dns = False  # tunnel.json is ours to remove
         self._device: Any = None
         self._applied: AppliedSettings | None = None
         self._ipr: Any = None
@@ -791,9 +806,13 @@ class KernelNetworkConfigurator:
         resolver = None
         if settings.dns_settings is not None:
             resolver = resolver_config(settings.dns_settings, claims_default_route=_claims_default(routes))
-            self._write_resolv(resolver.render())
+            if (self.dns_state_dir / SYSTEM_FILE).exists():
+                self._write_tunnel_dns(settings.dns_settings, self._device.name, _claims_default(routes))
+            else:
+                self._remove_tunnel_dns()
+                self._write_resolv(resolver.render())
         else:
-            self._restore_resolv()
+            self._clear_dns()
         self._applied = AppliedSettings(
             device=self._device.name,
             mtu=mtu,
@@ -911,6 +930,36 @@ class KernelNetworkConfigurator:
             with open(path, "w") as f:
                 f.write(saved)
 
+    def _write_tunnel_dns(self, dns: DNSSettings, device: str, claims_default_route: bool) -> None:
+        """Hand the DNS settings to the namespace's resolver daemon (module docstring, the Mac's own resolver)."""
+        self._restore_resolv()  # resolv.conf names the daemon; undo an earlier write of ours, if any
+        search = [d for d in [dns.domain_name or "", *(dns.search_domains or ())] if d]
+        state = TunnelDns(
+            servers=tuple(dns.servers),
+            interface=device,
+            owner_pid=os.getpid(),
+            match_domains=tuple(normalize_name(d) for d in dns.match_domains or ()),
+            match_domains_no_search=bool(dns.match_domains_no_search),
+            search_domains=tuple(dict.fromkeys(normalize_name(d) for d in search)),
+            claims_default_route=claims_default_route,
+        )
+        TunnelDns.from_json(state.to_json())  # what the daemon would refuse, refuse here (ResolverStateError)
+        write_state_file(self.dns_state_dir / TUNNEL_FILE, state.to_json())
+        self._wrote_tunnel_dns = True
+
+    def _remove_tunnel_dns(self) -> None:
+        if not self._wrote_tunnel_dns:
+            return
+        self._wrote_tunnel_dns = False
+        try:
+            (self.dns_state_dir / TUNNEL_FILE).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _clear_dns(self) -> None:
+        self._remove_tunnel_dns()
+        self._restore_resolv()
+
     # -- teardown -------------------------------------------------------------------------------------------
     def _clear(self, *, keep_device: bool) -> None:
         if not self.owns_namespace:
@@ -918,7 +967,7 @@ class KernelNetworkConfigurator:
             self._applied = None
             return
         if self._ipr is None and self._device is None:
-            self._restore_resolv()
+            self._clear_dns()
             return
         ipr = self._iproute()
         self._delete_rules()
@@ -944,7 +993,7 @@ class KernelNetworkConfigurator:
             if not keep_device:
                 self._device.close()
                 self._device = None
-        self._restore_resolv()
+        self._clear_dns()
         self._applied = None
 
     def close(self) -> None:
