@@ -34,6 +34,7 @@ from netsim.runtime.netconfig import TUNNEL_LOCK_DIR
 from netsim.runtime.resolver import DNS_STATE_DIR
 
 __all__ = [
+    "DNS_STATE_DIR",
     "RUN_DIR",
     "CleanReport",
     "RunRecord",

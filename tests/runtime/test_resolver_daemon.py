@@ -91,7 +91,7 @@ async def _ask_tcp(addr: tuple[str, int], payload: bytes) -> dnslib.DNSRecord:
 def _answer(rec: dnslib.DNSRecord | None) -> str:
     assert rec is not None, "no reply"
     if rec.header.rcode:
-        return dnslib.RCODE.get(rec.header.rcode)
+        return str(dnslib.RCODE.get(rec.header.rcode))
     return str(rec.rr[0].rdata)
 
 
