@@ -971,7 +971,6 @@ class KernelNetworkConfigurator:
             return
         ipr = self._iproute()
         self._delete_rules()
-        self._remove_guard()
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
@@ -993,6 +992,9 @@ class KernelNetworkConfigurator:
             if not keep_device:
                 self._device.close()
                 self._device = None
+        # The guard goes last: the utun's addresses must be gone before they are reachable from en0 again (a
+        # forged SYN/ACK to 10.66.0.2 drew a RST out of en0 in that window when the guard went first).
+        self._remove_guard()
         self._clear_dns()
         self._applied = None
 
