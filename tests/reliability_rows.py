@@ -434,7 +434,6 @@ UNCOVERED: dict[str, str] = {
     "LD4": "not yet: max-MTU and PMTU cases come with the MTU faults of issue #16",
     "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
     "F2": "not yet: graceful helper restart with the kill switch holding needs include-all-networks enforcement (issue #15)",
-    "F3": "not yet: fail-closed after a provider crash needs the kill switch of issue #15; crash reporting itself is tested in tests/runtime/test_provider_restart.py",
     "F6": "not yet: blackholed server comes with the faults of issue #16",
     "F8": "not yet: link flap recovery is issue #16",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
@@ -444,10 +443,7 @@ UNCOVERED: dict[str, str] = {
     "F16": "not yet: path change is issue #16",
     "F17": "not yet: sleep/wake is issue #16",
     "K1": "partly: the connected state's en0 capture is tested (S7, K6 rows); the other states come with `netsim check leaks` (issue #15)",
-    "K2": "not yet: the positive control per probe comes with `netsim check leaks` (issue #15)",
     "K4": "not yet: IPv6 with a v4-only tunnel comes with issue #15",
-    "K7": "not yet: forwarded traffic from a second namespace comes with issue #15",
-    "K9": "not yet: bring-up and teardown windows under include-all-networks are issue #15",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
 }

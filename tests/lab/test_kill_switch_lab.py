@@ -109,6 +109,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 rec["crash_reason"] = s.stop_reason.name if s.stop_reason else None
                 await trio.sleep(0.5)  # the utun goes with the provider's fd
                 rec["crashed_engaged"] = s.kill_switch_engaged
+                links = (await lab.run("mac", ["ip", "-o", "link", "show"])).stdout.decode()
+                rec["crashed_utuns"] = [line.split(":")[1].strip() for line in links.splitlines() if "utun" in line]
                 await _probe(lab, "crashed", rec)
                 rec["crashed_drops"] = await _drops(t)
                 switch = t.launcher.kill_switch if t.launcher else None
@@ -179,6 +181,7 @@ def test_a_crashed_provider_leaves_the_block_in_place(scenario: dict[str, Any]) 
     _need(scenario, "seen", "crashed_drops")
     assert scenario["crash_reason"] == "PROVIDER_FAILED"
     assert scenario["crashed_engaged"] is True
+    assert scenario["crashed_utuns"] == [], "the crashed provider's utun must not linger"
     seen = scenario["seen"]
     assert (seen["crashed_udpv4"], seen["crashed_udpv6"], seen["crashed_ping"]) == (0, 0, 0), seen
     assert scenario["crashed_udpv4"] == "PermissionError", scenario
