@@ -44,6 +44,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "memory_launcher": ("netsim.runtime.controller", "memory_launcher"),
     "ProviderMessageError": ("netsim.runtime.controller", "ProviderMessageError"),
     "WireGuardSocket": ("netsim.runtime.wgsocket", "WireGuardSocket"),
+    # the includeAllNetworks kill switch (docs/kill-switch.md)
+    "KernelKillSwitch": ("netsim.runtime.killswitch", "KernelKillSwitch"),
+    "MemoryKillSwitch": ("netsim.runtime.killswitch", "MemoryKillSwitch"),
     "load_policy_file": ("netsim.runtime.policy_file", "load_policy_file"),
     # the provider's side of the helper (docs/helper.md, "Your own provider and the helper")
     **{

@@ -94,8 +94,9 @@ class TunnelProviderProtocol:
     does not, docs/reliability.md K5); with ``enforce_routes`` alone it is carried only. ``exclude_apns``,
     ``exclude_cellular_services`` and ``exclude_device_communication`` (R44-R46; Apple's default YES) are
     data only: the lab has no push service, cellular services or tethered devices to exempt.
-    ``disconnect_on_sleep`` makes a simulated sleep stop the tunnel with ``ProviderStopReason.SLEEP``. ``app_rules`` lives here rather than on a manager
-    (Apple keeps it on ``NETunnelProviderManager``, R5); with ``routing_method == SOURCE_APPLICATION`` only the
+    ``disconnect_on_sleep`` makes a simulated sleep stop the tunnel with ``ProviderStopReason.SLEEP``.
+    ``app_rules`` lives here rather than on a manager (Apple keeps it on ``NETunnelProviderManager``, R5); with
+    ``routing_method == SOURCE_APPLICATION`` only the
     listed apps' traffic (selected by uid, see `AppRule`) enters the tunnel and read packets carry
     `FlowMetaData`; with ``DESTINATION_IP`` the rules are ignored, as Apple ignores them.
     """

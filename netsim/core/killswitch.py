@@ -32,7 +32,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 __all__ = [
     "KILLSWITCH_COUNTERS",
@@ -201,11 +201,10 @@ def parse_counters(text: str | bytes, table: str = KILLSWITCH_TABLE) -> dict[str
         if not isinstance(counter, Mapping) or counter.get("table") != table:
             continue
         name, packets, nbytes = counter.get("name"), counter.get("packets"), counter.get("bytes")
-        if isinstance(name, str) and isinstance(packets, int) and isinstance(nbytes, int):
-            if _is_count(packets) and _is_count(nbytes):
-                result[name] = CounterValue(packets, nbytes)
+        if isinstance(name, str) and _is_count(packets) and _is_count(nbytes):
+            result[name] = CounterValue(packets, nbytes)
     return result
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -40,6 +41,8 @@ from netsim.runtime.provider import (
     memory_control_pair,
 )
 from netsim.runtime.spawn import Child, SpawnError, spawn_async
+
+log = logging.getLogger("netsim.controller")
 
 __all__ = [
     "HOST_EXIT_GRACE",
@@ -599,6 +602,8 @@ class TunnelProviderSession:
     async def _close(self) -> None:
         try:
             await self._stop_and_release()  # the kill switch goes with the session (docs/kill-switch.md)
+        except LabError as exc:  # nft failed: the lab's teardown deletes the namespace, and the table with it
+            log.warning("the kill switch could not be released at session close: %s", exc)
         finally:
             # Let stopped hosts exit by themselves (as after any stop), then kill what is left.
             with trio.move_on_after(self.manager.exit_grace):

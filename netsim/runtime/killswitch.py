@@ -42,7 +42,8 @@ class KillSwitch(Protocol):
         ...
 
     async def engage(self, *, exclude_local_networks: bool = False) -> None:
-        """Block everything but the tunnel and the exempt classes; a no-op when already engaged."""
+        """Block everything but the tunnel and the exempt classes; a no-op when already engaged with the same
+        flags (with others, the block is replaced without a gap)."""
         ...
 
     async def release(self) -> None:
@@ -80,7 +81,7 @@ class MemoryKillSwitch:
         return self._engaged
 
     async def engage(self, *, exclude_local_networks: bool = False) -> None:
-        if self._engaged:
+        if self._engaged and self.config is not None and self.config.exclude_local_networks == exclude_local_networks:
             return
         private, _refused = split_local_prefixes(self.local_prefixes)
         self.config = KillSwitchConfig(
@@ -185,8 +186,8 @@ class KernelKillSwitch:
         return bytes(done.stdout)
 
     async def engage(self, *, exclude_local_networks: bool = False) -> None:
-        if self._engaged:
-            return
+        if self._engaged and self.config is not None and self.config.exclude_local_networks == exclude_local_networks:
+            return  # engaged as asked; with other flags the table is replaced atomically below (no gap)
         private: tuple[str, ...] = ()
         if exclude_local_networks:
             raw = await self._run(["ip", "-j", "addr", "show"])

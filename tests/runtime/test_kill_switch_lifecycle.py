@@ -1,14 +1,21 @@
-"""When the session (the system) engages and releases the includeAllNetworks kill switch (no root, MockClock).
+"""When the session (the system) engages and releases the includeAllNetworks kill switch (MockClock).
 
 Apple semantics (docs/kill-switch.md): engaged before the provider starts, kept through CONNECTING, CONNECTED,
 REASSERTING, a crashed host, a provider that cancels itself and a failed start; released only by the user:
 stop (also after a crash), ``set_enabled(False)``, closing the session. The kernel side is in
-tests/lab/test_kill_switch_lab.py; here `MemoryKillSwitch` records what the session asked for.
+tests/lab/test_kill_switch_lab.py; here `MemoryKillSwitch` records what the session asked for. The last test
+loads `KernelKillSwitch` into a throwaway netsim-prefixed namespace (root only; skipped otherwise).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,9 +30,15 @@ from netsim.apple import (
     TunnelProviderProtocol,
     VPNStatus,
 )
-from netsim.errors import LocalProtocolError
-from netsim.runtime.controller import InProcessLauncher, LaunchedHost, TunnelProviderManager, memory_launcher
-from netsim.runtime.killswitch import KillSwitchEvent, MemoryKillSwitch
+from netsim.errors import LabError, LocalProtocolError
+from netsim.runtime.controller import (
+    InProcessLauncher,
+    LaunchedHost,
+    SubprocessLauncher,
+    TunnelProviderManager,
+    memory_launcher,
+)
+from netsim.runtime.killswitch import KernelKillSwitch, KillSwitchEvent, MemoryKillSwitch, connected_prefixes
 from netsim.runtime.netconfig import MemoryNetworkConfigurator
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.memory_tun import MemoryTun
@@ -305,3 +318,99 @@ def test_protocol_exclude_flags_default_to_apples_yes_and_round_trip() -> None:
     assert again == changed and again.exclude_device_communication is True
     legacy = {k: v for k, v in proto.to_dict().items() if not k.startswith("exclude_") or k == "exclude_local_networks"}
     assert TunnelProviderProtocol.from_dict(legacy).exclude_apns is True  # an older dict gets Apple's default
+
+
+# ------------------------------------------------------------------------------------------------ KernelKillSwitch
+def test_kernel_kill_switch_refuses_a_namespace_that_is_not_netsims() -> None:
+    for netns in ("", "default", "root", "mac"):
+        with pytest.raises(LabError, match="netsim-"):
+            KernelKillSwitch(netns)
+    with pytest.raises(LabError, match="netsim-"):
+        SubprocessLauncher("other-ns")
+
+
+def test_connected_prefixes_reads_ip_json_and_skips_lo_utun_and_junk() -> None:
+    doc = [
+        {"ifname": "lo", "addr_info": [{"local": "127.0.0.1", "prefixlen": 8}]},
+        {
+            "ifname": "en0",
+            "addr_info": [{"local": "192.168.1.10", "prefixlen": 24}, {"local": "fe80::1", "prefixlen": 64}],
+        },
+        {"ifname": "utun0", "addr_info": [{"local": "10.8.0.2", "prefixlen": 32}]},
+        {"ifname": "en1", "addr_info": [{"local": "nonsense", "prefixlen": 24}, {"prefixlen": "x"}, "junk"]},
+        "junk",
+        {"ifname": 5},
+    ]
+    assert connected_prefixes(json.dumps(doc)) == ["192.168.1.0/24", "fe80::/64"]
+    for bad in ("", "{", "{}", b"\xff"):
+        assert connected_prefixes(bad) == []
+
+
+@pytest.fixture
+def scratch_netns() -> Iterator[str]:
+    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, ip and nft")
+    name = f"netsim-ksrt-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_kernel_kill_switch_is_idempotent_counts_and_removes_only_its_table(scratch_netns: str) -> None:
+    ns = ["ip", "netns", "exec", scratch_netns]
+    subprocess.run([*ns, "ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run([*ns, "ip", "link", "add", "en0", "type", "veth", "peer", "name", "en0p"], check=True)
+    subprocess.run([*ns, "ip", "addr", "add", "192.168.7.2/24", "dev", "en0"], check=True)
+    subprocess.run([*ns, "ip", "addr", "add", "198.51.100.2/24", "dev", "en0"], check=True)  # public "on-link"
+    subprocess.run([*ns, "ip", "link", "set", "en0p", "up"], check=True)
+    subprocess.run([*ns, "ip", "link", "set", "en0", "up"], check=True)
+    subprocess.run([*ns, "nft", "add", "table", "inet", "someone_else"], check=True)
+    switch = KernelKillSwitch(scratch_netns)
+
+    def send(addr: str) -> str:
+        code = (
+            "import socket, sys\ntry:\n socket.socket(2, 2).sendto(b'x', (sys.argv[1], 9)); print('sent')\n"
+            "except OSError as e:\n print(type(e).__name__)"
+        )
+        done = subprocess.run([*ns, sys.executable, "-c", code, addr], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    async def main() -> None:
+        await switch.engage(exclude_local_networks=True)
+        await switch.engage(exclude_local_networks=True)  # idempotent: one table, one history entry
+        assert switch.engaged and switch.history == [KillSwitchEvent("engage", True)]
+        assert switch.config is not None and set(switch.config.local_prefixes) == {"192.168.7.0/24", "fe80::/64"}
+        assert switch.refused_prefixes == ("198.51.100.0/24",)
+        assert await trio.to_thread.run_sync(send, "198.51.100.9") == "PermissionError"
+        assert await trio.to_thread.run_sync(send, "192.168.7.9") == "sent"
+        counters = await switch.counters()
+        assert counters["out_drop"].packets == 1 and counters["out_local"].packets >= 1
+        await switch.release()
+        await switch.release()
+        assert not switch.engaged and switch.history == [KillSwitchEvent("engage", True), RELEASE]
+        assert (await switch.counters())["out_drop"].packets == 1  # the last values, read before the release
+        assert await trio.to_thread.run_sync(send, "198.51.100.9") == "sent"
+
+    trio.run(main)
+    tables = subprocess.run([*ns, "nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert "netsim_killswitch" not in tables and "someone_else" in tables
+
+
+def test_a_restart_with_other_local_network_flags_replaces_the_block_without_a_release() -> None:
+    m, _, switch = setup()
+
+    async def main() -> None:
+        async with m.open_session() as session:
+            await session.start_vpn_tunnel()
+            await session.wait_status(S.CONNECTED)
+            session._host.kill()  # type: ignore[union-attr]
+            await session.wait_status(S.DISCONNECTED)
+            m.protocol_configuration.exclude_local_networks = True
+            await session.start_vpn_tunnel()
+            await session.wait_status(S.CONNECTED)
+            assert session.kill_switch_engaged and switch.config is not None and switch.config.exclude_local_networks
+        assert switch.history == [ENGAGE, KillSwitchEvent("engage", True), RELEASE]
+
+    mock_run(main)
