@@ -7,8 +7,6 @@ namespace (never the root namespace).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ from netsim.core.killswitch import (
     render_release,
     split_local_prefixes,
 )
+from netsim.testing.require import require_binary, require_root
 
 
 def _chain(text: str, hook: str) -> list[str]:
@@ -149,8 +148,8 @@ def test_parse_counters_reads_nft_json_and_never_raises() -> None:
 # ------------------------------------------------------------------------------------------------ nft -c
 @pytest.fixture(scope="module")
 def scratch_netns() -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
-        pytest.skip("needs root, ip and nft")
+    require_root()
+    require_binary("ip", "nft")
     name = f"netsim-kscheck-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:

@@ -10,8 +10,6 @@ loads `KernelKillSwitch` into a throwaway netsim-prefixed namespace (root only; 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -42,6 +40,7 @@ from netsim.runtime.killswitch import KernelKillSwitch, KillSwitchEvent, MemoryK
 from netsim.runtime.netconfig import MemoryNetworkConfigurator
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.memory_tun import MemoryTun
+from netsim.testing.require import require_binary, require_root
 
 S = VPNStatus
 ENGAGE = KillSwitchEvent("engage")
@@ -273,24 +272,17 @@ def test_exclude_local_networks_reaches_the_kill_switch_with_only_private_prefix
 
 
 def test_a_launcher_without_a_kill_switch_cannot_start_an_ian_tunnel() -> None:
-    class Bare:
-        def __init__(self) -> None:
-            self.launched = 0
-
-        async def launch(self, nursery: trio.Nursery, provider: Any) -> LaunchedHost:
-            self.launched += 1
-            raise AssertionError("must not launch")
-
-    bare = Bare()
+    launcher = memory_launcher(MemoryTun, physical_mtu=1500)
+    del launcher.kill_switch  # a third-party launcher that has none
     proto = TunnelProviderProtocol(server_address="203.0.113.5", include_all_networks=True)
-    m = TunnelProviderManager(Provider, bare, proto)
+    m = TunnelProviderManager(Provider, launcher, proto)
 
     async def main() -> None:
         async with m.open_session() as session:
             with pytest.raises(LocalProtocolError, match="kill_switch"):
                 await session.start_vpn_tunnel()
             assert session.status is S.DISCONNECTED and not session.kill_switch_engaged
-        assert bare.launched == 0
+        assert launcher.hosts == [], "nothing may be launched without the block"
 
     mock_run(main)
 
@@ -348,8 +340,8 @@ def test_connected_prefixes_reads_ip_json_and_skips_lo_utun_and_junk() -> None:
 
 @pytest.fixture
 def scratch_netns() -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None:
-        pytest.skip("needs root, ip and nft")
+    require_root()
+    require_binary("ip", "nft")
     name = f"netsim-ksrt-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
