@@ -167,6 +167,8 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.runtime.helper_client import HelperClientConfig as HelperClientConfig
     from netsim.runtime.helper_client import open_helper_client as open_helper_client
     from netsim.runtime.helper_client import start_helper_client as start_helper_client
+    from netsim.runtime.killswitch import KernelKillSwitch as KernelKillSwitch
+    from netsim.runtime.killswitch import MemoryKillSwitch as MemoryKillSwitch
     from netsim.runtime.policy_file import load_policy_file as load_policy_file
     from netsim.runtime.provider import PacketTunnelProvider as PacketTunnelProvider
     from netsim.runtime.wgsocket import WireGuardSocket as WireGuardSocket
