@@ -89,9 +89,10 @@ class TunnelProviderProtocol:
     switch (an nftables table in the provider's namespace, docs/kill-switch.md) before the provider starts, so
     only the utun, the tunnel's own marked transport, loopback and the network control plane (DHCP, ICMPv6
     ND) get out until the user stops the tunnel, even across a provider crash; it also implies
-    ``enforce_routes``' rule order (IAN overrides enforceRoutes). ``exclude_local_networks`` (R43) is honoured
-    with ``include_all_networks`` (the private connected prefixes stay reachable; a public on-link prefix
-    does not, docs/reliability.md K5); with ``enforce_routes`` alone it is carried only. ``exclude_apns``,
+    ``enforce_routes``' rule order (IAN overrides enforceRoutes). ``exclude_local_networks`` (R43) counts only
+    with ``include_all_networks`` or ``enforce_routes``: the configurator then keeps the private connected
+    prefixes out of the tunnel and the kill switch lets them out (a public on-link prefix gets neither,
+    docs/reliability.md K5). ``exclude_apns``,
     ``exclude_cellular_services`` and ``exclude_device_communication`` (R44-R46; Apple's default YES) are
     data only: the lab has no push service, cellular services or tethered devices to exempt.
     ``disconnect_on_sleep`` makes a simulated sleep stop the tunnel with ``ProviderStopReason.SLEEP``.

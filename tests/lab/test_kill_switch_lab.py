@@ -222,6 +222,9 @@ def test_local_networks_stay_reachable_but_a_public_on_link_prefix_does_not(scen
     assert scenario["crashed_onlink"] == "PermissionError"
     assert scenario["crashed_drops"]["out_local"] >= 1
     assert seen["released_onlink"] >= 1, "positive control: without the block the on-link probe leaves en0"
+    # While connected the routes agree (IAN implies enforce-routes order, and with it the configurator keeps the
+    # private connected prefixes direct): the LAN probe leaves en0, the public on-link one goes into the tunnel.
+    assert seen["connected_lan"] >= 1 and seen["connected_onlink"] == 0, seen
 
 
 def test_no_leaks_and_root_namespace_untouched(scenario: dict[str, Any]) -> None:
