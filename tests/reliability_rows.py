@@ -433,7 +433,6 @@ UNCOVERED: dict[str, str] = {
     "LD2": "not yet: concurrent-flow fairness is planned with the performance work (issue #17)",
     "LD4": "not yet: max-MTU and PMTU cases come with the MTU faults of issue #16",
     "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
-    "F2": "not yet: graceful helper restart with the kill switch holding needs include-all-networks enforcement (issue #15)",
     "F6": "not yet: blackholed server comes with the faults of issue #16",
     "F8": "not yet: link flap recovery is issue #16",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
