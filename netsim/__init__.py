@@ -44,6 +44,9 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "memory_launcher": ("netsim.runtime.controller", "memory_launcher"),
     "ProviderMessageError": ("netsim.runtime.controller", "ProviderMessageError"),
     "WireGuardSocket": ("netsim.runtime.wgsocket", "WireGuardSocket"),
+    # the includeAllNetworks kill switch (docs/kill-switch.md)
+    "KernelKillSwitch": ("netsim.runtime.killswitch", "KernelKillSwitch"),
+    "MemoryKillSwitch": ("netsim.runtime.killswitch", "MemoryKillSwitch"),
     "load_policy_file": ("netsim.runtime.policy_file", "load_policy_file"),
     # the provider's side of the helper (docs/helper.md, "Your own provider and the helper")
     **{
@@ -164,6 +167,8 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.runtime.helper_client import HelperClientConfig as HelperClientConfig
     from netsim.runtime.helper_client import open_helper_client as open_helper_client
     from netsim.runtime.helper_client import start_helper_client as start_helper_client
+    from netsim.runtime.killswitch import KernelKillSwitch as KernelKillSwitch
+    from netsim.runtime.killswitch import MemoryKillSwitch as MemoryKillSwitch
     from netsim.runtime.policy_file import load_policy_file as load_policy_file
     from netsim.runtime.provider import PacketTunnelProvider as PacketTunnelProvider
     from netsim.runtime.wgsocket import WireGuardSocket as WireGuardSocket

@@ -82,13 +82,22 @@ class TunnelProviderProtocol:
     untouched); it must be JSON-serialisable because it crosses into the provider's process.
 
     Differences from Apple: no keychain references (``password_reference``, identity); ``provider_bundle_identifier``
-    is informational (the controller is given the provider class directly). ``include_all_networks``,
-    ``exclude_local_networks`` and ``enforce_routes`` are carried; of them only ``enforce_routes`` changes netsim's
-    routing: the provider host hands it to its network configurator before ``start_tunnel``, and included/excluded
-    routes then win over the system table (Apple: enforceRoutes, R47) for the whole session.
-    ``include_all_networks``, which on Apple overrides it, is not modelled. ``disconnect_on_sleep`` makes a simulated
-    sleep stop the tunnel with ``ProviderStopReason.SLEEP``. ``app_rules`` lives here rather than on a manager
-    (Apple keeps it on ``NETunnelProviderManager``, R5); with ``routing_method == SOURCE_APPLICATION`` only the
+    is informational (the controller is given the provider class directly). ``enforce_routes``: the provider
+    host hands it to its network configurator before ``start_tunnel``, and included/excluded routes then win
+    over the system table (Apple: enforceRoutes, R47) for the whole session. ``include_all_networks``
+    (includeAllNetworks, R11) is enforced by the system, not the provider: the session engages a kernel kill
+    switch (an nftables table in the provider's namespace, docs/kill-switch.md) before the provider starts, so
+    only the utun, the tunnel's own marked transport, loopback and the network control plane (DHCP, ICMPv6
+    ND) get out until the user stops the tunnel, even across a provider crash; it also implies
+    ``enforce_routes``' rule order (IAN overrides enforceRoutes). ``exclude_local_networks`` (R43) counts only
+    with ``include_all_networks`` or ``enforce_routes``: the configurator then keeps the private connected
+    prefixes out of the tunnel and the kill switch lets them out (a public on-link prefix gets neither,
+    docs/reliability.md K5). ``exclude_apns``,
+    ``exclude_cellular_services`` and ``exclude_device_communication`` (R44-R46; Apple's default YES) are
+    data only: the lab has no push service, cellular services or tethered devices to exempt.
+    ``disconnect_on_sleep`` makes a simulated sleep stop the tunnel with ``ProviderStopReason.SLEEP``.
+    ``app_rules`` lives here rather than on a manager (Apple keeps it on ``NETunnelProviderManager``, R5); with
+    ``routing_method == SOURCE_APPLICATION`` only the
     listed apps' traffic (selected by uid, see `AppRule`) enters the tunnel and read packets carry
     `FlowMetaData`; with ``DESTINATION_IP`` the rules are ignored, as Apple ignores them.
     """
@@ -100,6 +109,9 @@ class TunnelProviderProtocol:
     include_all_networks: bool = False
     exclude_local_networks: bool = False
     enforce_routes: bool = False
+    exclude_apns: bool = True
+    exclude_cellular_services: bool = True
+    exclude_device_communication: bool = True
     disconnect_on_sleep: bool = False
     routing_method: RoutingMethod = RoutingMethod.DESTINATION_IP
     app_rules: list[AppRule] | None = None
@@ -115,6 +127,9 @@ class TunnelProviderProtocol:
             "include_all_networks": self.include_all_networks,
             "exclude_local_networks": self.exclude_local_networks,
             "enforce_routes": self.enforce_routes,
+            "exclude_apns": self.exclude_apns,
+            "exclude_cellular_services": self.exclude_cellular_services,
+            "exclude_device_communication": self.exclude_device_communication,
             "disconnect_on_sleep": self.disconnect_on_sleep,
             "routing_method": int(self.routing_method),
             "app_rules": None if self.app_rules is None else [r.to_dict() for r in self.app_rules],

@@ -427,7 +427,9 @@ class PacketTunnelNetworkSettings(TunnelNetworkSettings):
     interface's MTU minus ``tunnel_overhead_bytes``.
 
     Differences from Apple: when neither is set netsim uses the physical interface's MTU (Apple's default is
-    undocumented). ``include_all_networks`` / ``exclude_local_networks`` (27 SDK) are not mirrored.
+    undocumented). ``include_all_networks`` / ``exclude_local_networks`` (27 SDK, typed
+    ``NEPacketTunnelNetworkSettings.IPFamily``) are not mirrored: the Xcode 27 beta 5 headers mark that enum
+    unavailable on every platform again; use the `TunnelProviderProtocol` flags (which take precedence anyway).
     """
 
     ipv4_settings: IPv4Settings | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import math
 import os
 import socket
@@ -26,7 +27,9 @@ import trio
 
 from netsim.apple.enums import ProviderStopReason, VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
+from netsim.core.killswitch import CounterValue
 from netsim.errors import LabError, LocalProtocolError, RemoteProtocolError
+from netsim.runtime.killswitch import KernelKillSwitch, KillSwitch, MemoryKillSwitch
 from netsim.runtime.netconfig import MemoryNetworkConfigurator, NetworkConfigurator
 from netsim.runtime.provider import (
     DEFAULT_START_TIMEOUT,
@@ -38,6 +41,8 @@ from netsim.runtime.provider import (
     memory_control_pair,
 )
 from netsim.runtime.spawn import Child, SpawnError, spawn_async
+
+log = logging.getLogger("netsim.controller")
 
 __all__ = [
     "HOST_EXIT_GRACE",
@@ -80,7 +85,12 @@ class LaunchedHost(Protocol):
 
 
 class Launcher(Protocol):
-    """Starts a provider host for one tunnel session."""
+    """Starts a provider host for one tunnel session.
+
+    A launcher may also carry a ``kill_switch`` attribute (`netsim.runtime.killswitch.KillSwitch`): the block
+    the session engages for ``include_all_networks`` (both netsim launchers do; a launcher without one cannot
+    start an includeAllNetworks tunnel).
+    """
 
     async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
         """Start the host; it then waits for the ``configure`` and ``start`` messages."""
@@ -110,9 +120,13 @@ class InProcessLauncher:
             ``lambda: MemoryNetworkConfigurator(lambda name, mtu: MemoryTun(name=name, mtu=mtu))``.
     """
 
-    def __init__(self, configurator_factory: Callable[[], NetworkConfigurator]) -> None:
+    def __init__(
+        self, configurator_factory: Callable[[], NetworkConfigurator], *, kill_switch: KillSwitch | None = None
+    ) -> None:
         self.configurator_factory = configurator_factory
         self.hosts: list[ProviderHost] = []
+        #: the includeAllNetworks block (a `MemoryKillSwitch` that records engage/release unless given)
+        self.kill_switch: KillSwitch = kill_switch if kill_switch is not None else MemoryKillSwitch()
 
     async def launch(self, nursery: trio.Nursery, provider: type[PacketTunnelProvider] | str) -> LaunchedHost:
         if isinstance(provider, str):
@@ -164,6 +178,7 @@ class SubprocessLauncher:
     inherited). The process is started through `netsim.runtime.spawn`, so it dies with this process (even on
     SIGKILL) and never with the thread that asked for it: an idle tunnel keeps its provider
     (docs/reliability.md F15). `processes` lists every host started, as `netsim.runtime.spawn.Child` objects.
+    `kill_switch` is the includeAllNetworks block for ``netns`` (a `KernelKillSwitch` unless given).
     The provider spec must be importable in the child: ``"package.module:Class"`` or
     ``"/abs/path/file.py:Class"`` (a class object is converted to ``module:qualname``).
     """
@@ -175,10 +190,12 @@ class SubprocessLauncher:
         python: str = sys.executable,
         log_path: str | os.PathLike[str] | None = None,
         batch_limit: int | None = None,
+        kill_switch: KillSwitch | None = None,
     ) -> None:
         if not netns.startswith("netsim-"):
             raise LabError(f"refusing to run a provider in namespace {netns!r}: use a netsim-* lab namespace")
         self.netns = netns
+        self.kill_switch: KillSwitch = kill_switch if kill_switch is not None else KernelKillSwitch(netns)
         self.python = python
         self.log_path = log_path
         self.batch_limit = batch_limit
@@ -265,9 +282,17 @@ class TunnelProviderSession:
 
     Differences from Apple: ``start_vpn_tunnel`` is ``async`` (it launches the host and returns once the start
     request is delivered; status is CONNECTING); ``stop_vpn_tunnel`` is ``async`` too and returns once the stop
-    request is sent; use `wait_status` for either to finish. ``stop_reason`` and ``last_disconnect_error``
+    request is sent; use `wait_status` for either to finish (with ``include_all_networks`` it returns once the
+    tunnel is down and the kill switch released). ``stop_reason`` and ``last_disconnect_error``
     together stand in for ``fetchLastDisconnectError``. ``send_provider_message`` returns the reply instead of
     calling a response handler.
+
+    Kill switch (``protocol_configuration.include_all_networks``, docs/kill-switch.md): the session, playing
+    the system, engages the launcher's ``kill_switch`` before it launches the host and keeps it through
+    CONNECTING, CONNECTED, REASSERTING, a crashed or killed host, a provider that cancels itself and a failed
+    start; only the user lifts it: `stop_vpn_tunnel` (also when the tunnel is already DISCONNECTED),
+    ``manager.set_enabled(False)``, or closing the session. `kill_switch_engaged` and `kill_switch_counters`
+    report it.
     """
 
     #: the current `VPNStatus` (Apple: ``NEVPNConnection.status``)
@@ -293,6 +318,7 @@ class TunnelProviderSession:
         self._live: set[_Tunnel] = set()  # tunnels whose host has not been reaped yet (current one included)
         self._next_id = 0
         self._launching = False
+        self._kill_switch: KillSwitch | None = None  # the kill switch this session engaged (until it releases it)
 
     @property
     def _host(self) -> LaunchedHost | None:
@@ -336,6 +362,50 @@ class TunnelProviderSession:
             await self._changed.wait()
         return self.status
 
+    # -- kill switch (includeAllNetworks) ---------------------------------------------------------------------
+    @property
+    def kill_switch_engaged(self) -> bool:
+        """True while this session's includeAllNetworks block is in force (all traffic but the tunnel dropped)."""
+        return self._kill_switch is not None and self._kill_switch.engaged
+
+    async def kill_switch_counters(self) -> dict[str, CounterValue]:
+        """The kill switch's named counters (``out_drop``, ``out_tunnel``, ... see `netsim.core.killswitch`).
+
+        Live while engaged; after a release, the values read just before it; empty if never engaged here
+        (and always for `MemoryKillSwitch`, which blocks nothing).
+        """
+        switch = self._kill_switch or getattr(self.manager.launcher, "kill_switch", None)
+        return {} if switch is None else await switch.counters()
+
+    async def _engage_kill_switch(self) -> None:
+        proto = self.manager.protocol_configuration
+        switch: KillSwitch | None = getattr(self.manager.launcher, "kill_switch", None)
+        if switch is None:
+            raise LocalProtocolError(
+                "cannot start: include_all_networks needs a launcher with a kill_switch "
+                "(SubprocessLauncher or InProcessLauncher)"
+            )
+        # excludeLocalNetworks only counts together with includeAllNetworks / enforceRoutes (apple-reference §4).
+        await switch.engage(exclude_local_networks=proto.exclude_local_networks)
+        self._kill_switch = switch
+
+    async def _release_kill_switch(self) -> None:
+        switch = self._kill_switch
+        if switch is not None:
+            await switch.release()  # on failure it stays ours (and engaged): a later stop or close retries
+            self._kill_switch = None
+
+    async def _stop_and_release(self) -> None:
+        """The user's Disconnect: stop the tunnel, wait for it to be down, then lift the kill switch."""
+        tunnel = self._tunnel
+        await self._send_stop(ProviderStopReason.USER_INITIATED)
+        if tunnel is not None:
+            with trio.move_on_after(self.manager.stop_timeout + 5.0):
+                await tunnel.wait_status(VPNStatus.DISCONNECTED)
+            if tunnel.status is not VPNStatus.DISCONNECTED:
+                tunnel.host.kill()  # the reader reports DISCONNECTED once the host is reaped
+        await self._release_kill_switch()
+
     # -- NETunnelProviderSession ----------------------------------------------------------------------------
     async def start_vpn_tunnel(self, options: dict[str, Any] | None = None) -> None:
         """Start the tunnel (Apple: ``startVPNTunnel(options:)``); ``options`` must be JSON-serialisable.
@@ -343,15 +413,28 @@ class TunnelProviderSession:
         A host that dies before it takes the request is reported like any crashed extension (DISCONNECTED,
         PROVIDER_FAILED, exit code), not raised.
 
+        With ``include_all_networks`` the kill switch is engaged first, before the host exists, so the tunnel's
+        whole bring-up is fail-closed; if it cannot be engaged nothing is launched. Without it, a kill switch
+        this session still holds (kept after a crash) is released: the saved configuration no longer asks for it.
+
         Raises:
-            LocalProtocolError: a tunnel is already running in this session.
+            LocalProtocolError: a tunnel is already running in this session; the configuration is disabled
+                (``manager.is_enabled`` is False: Apple's NEVPNError.configurationDisabled); or
+                include_all_networks with a launcher that has no kill switch.
+            LabError: the kernel kill switch could not be engaged (nothing was launched).
         """
         if self._launching or self._tunnel is not None:
             state = "starting" if self._launching else self.status.name.lower()
             raise LocalProtocolError(f"cannot start: the tunnel is {state}; stop it first")
         manager = self.manager
+        if not manager.is_enabled:
+            raise LocalProtocolError("cannot start: the configuration is disabled; await manager.set_enabled(True)")
         self._launching = True
         try:
+            if manager.protocol_configuration.include_all_networks:
+                await self._engage_kill_switch()
+            else:
+                await self._release_kill_switch()
             host = await manager.launcher.launch(self._nursery, manager.provider)
         finally:
             self._launching = False
@@ -376,7 +459,15 @@ class TunnelProviderSession:
             host.kill()  # _read_events reports the failure with the exit code
 
     async def stop_vpn_tunnel(self) -> None:
-        """Stop the tunnel (Apple: ``stopVPNTunnel()``, reason USER_INITIATED); no-op when not running."""
+        """Stop the tunnel (Apple: ``stopVPNTunnel()``, reason USER_INITIATED); no-op when not running.
+
+        With the kill switch engaged (include_all_networks) this is the user's Disconnect: it waits until the
+        tunnel is DISCONNECTED (killing a host that outlives stop_timeout + 5 s), then releases the block; after
+        a crash (already DISCONNECTED, block kept) it just releases it.
+        """
+        if self._kill_switch is not None:
+            await self._stop_and_release()
+            return
         await self._send_stop(ProviderStopReason.USER_INITIATED)
 
     async def _send_stop(self, reason: ProviderStopReason) -> None:
@@ -509,21 +600,19 @@ class TunnelProviderSession:
         tunnel.host.kill()
 
     async def _close(self) -> None:
-        tunnel = self._tunnel
-        if tunnel is not None:
-            await self._send_stop(ProviderStopReason.USER_INITIATED)
-            with trio.move_on_after(self.manager.stop_timeout + 5.0):
-                await tunnel.wait_status(VPNStatus.DISCONNECTED)
-            if tunnel.status is not VPNStatus.DISCONNECTED:
-                tunnel.host.kill()
-        # Let stopped hosts exit by themselves (as after any stop), then kill what is left.
-        with trio.move_on_after(self.manager.exit_grace):
+        try:
+            await self._stop_and_release()  # the kill switch goes with the session (docs/kill-switch.md)
+        except LabError as exc:  # nft failed: the lab's teardown deletes the namespace, and the table with it
+            log.warning("the kill switch could not be released at session close: %s", exc)
+        finally:
+            # Let stopped hosts exit by themselves (as after any stop), then kill what is left.
+            with trio.move_on_after(self.manager.exit_grace):
+                for live in list(self._live):
+                    await live.gone.wait()
             for live in list(self._live):
-                await live.gone.wait()
-        for live in list(self._live):
-            live.host.kill()
-        for subscriber in self._subscribers:
-            subscriber.close()
+                live.host.kill()
+            for subscriber in self._subscribers:
+                subscriber.close()
 
 
 class TunnelProviderManager:
@@ -559,11 +648,22 @@ class TunnelProviderManager:
         self.launcher = launcher
         self.protocol_configuration = protocol_configuration or TunnelProviderProtocol()
         self.localized_description = localized_description
+        #: NEVPNManager.isEnabled: a disabled configuration cannot start (`set_enabled`)
         self.is_enabled = True
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.exit_grace = exit_grace
         self.connection: TunnelProviderSession | None = None
+
+    async def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable the configuration (Apple: ``isEnabled`` + ``saveToPreferences``).
+
+        Disabling stops a running tunnel (as the user's Disconnect: waits until it is down) and releases the
+        kill switch; a disabled configuration cannot start until enabled again.
+        """
+        self.is_enabled = bool(enabled)
+        if not self.is_enabled and self.connection is not None:
+            await self.connection._stop_and_release()
 
     @asynccontextmanager
     async def open_session(self) -> AsyncIterator[TunnelProviderSession]:

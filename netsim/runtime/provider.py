@@ -451,8 +451,9 @@ class ProviderHost:
                 # Per-app VPN (routingMethod sourceApplication): route only the app rules' traffic into the utun
                 # and tag packets with FlowMetaData; a bad app rule fails the start like any provider error.
                 proto = self.protocol_configuration
-                # NEVPNProtocol.enforceRoutes (R47): included/excluded routes win over the system table.
-                self.configurator.set_enforce_routes(proto.enforce_routes)
+                # NEVPNProtocol.enforceRoutes (R47): included/excluded routes win over the system table;
+                # includeAllNetworks overrides enforceRoutes and implies its ordering (apple-reference §3 rule 5).
+                self.configurator.set_enforce_routes(proto.enforce_routes or proto.include_all_networks)
                 # NEVPNProtocol.excludeLocalNetworks (R43): the connected private networks stay direct, which
                 # matters only when routes are enforced (else the system table keeps them direct anyway).
                 self.configurator.set_exclude_local_networks(proto.exclude_local_networks)
