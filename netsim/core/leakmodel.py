@@ -233,7 +233,9 @@ _R_CVE = "CVE-2019-14899: the Mac must not answer packets to the tunnel address 
 _R_CVE_CONTROL = "positive control: the tunnel address on an unprotected Mac draws replies out of en0"
 
 
-def apple_allows(state: State, probe: Probe, config: LeakConfig, *, system_resolvers: Iterable[str] = ()) -> tuple[bool, str]:
+def apple_allows(
+    state: State, probe: Probe, config: LeakConfig, *, system_resolvers: Iterable[str] = ()
+) -> tuple[bool, str]:
     """Whether Apple's semantics let ``probe``'s packets leave a physical link in the clear in ``state``.
 
     Returns ``(allows, reason)``; the reason cites the Apple behaviour (apple-reference.md §3-4). For
@@ -386,9 +388,7 @@ def parse_states(names: str | Sequence[str] | None) -> tuple[State, ...]:
         try:
             wanted.add(State(item))
         except ValueError:
-            raise ConfigError(
-                f"unknown state {item!r}; states are {', '.join(s.value for s in STATES)}"
-            ) from None
+            raise ConfigError(f"unknown state {item!r}; states are {', '.join(s.value for s in STATES)}") from None
     return tuple(s for s in STATES if s in wanted)
 
 

@@ -61,7 +61,13 @@ class Targets:
             return ""
         if probe.kind == "cve":
             return self.tunnel_address_v4
-        key = {"inet": "inet", "lan": "lan", "tunnel_dns": "tunnel_dns", "isp_dns": "isp_dns", "public_dns": "public_dns"}
+        key = {
+            "inet": "inet",
+            "lan": "lan",
+            "tunnel_dns": "tunnel_dns",
+            "isp_dns": "isp_dns",
+            "public_dns": "public_dns",
+        }
         return str(getattr(self, f"{key[probe.target]}_v{probe.family}"))
 
 
@@ -158,7 +164,8 @@ def one(s):
     return "error: unknown kind"
 def run(s):
     try: out[s["name"]] = one(s)
-    except Exception as e: out[s["name"]] = "noreply" if isinstance(e, (socket.timeout, ConnectionError)) else "error: %s" % e
+    except (socket.timeout, ConnectionError): out[s["name"]] = "noreply"
+    except Exception as e: out[s["name"]] = "error: %s" % e
 ts = [threading.Thread(target=run, args=(s,), daemon=True) for s in specs]
 for t in ts: t.start()
 for t in ts: t.join(timeout + 1)
@@ -187,7 +194,8 @@ while time.monotonic() < end:
 # Ethernet frames straight to the Mac's en0; the Mac answering them (RST) out of en0 is the leak.
 CVE_SCRIPT = r"""
 import os, socket, struct, sys, time
-ifname, dmac, src, dst, dport = sys.argv[1], bytes.fromhex(sys.argv[2].replace(":", "")), sys.argv[3], sys.argv[4], int(sys.argv[5])
+ifname, src, dst, dport = sys.argv[1], sys.argv[3], sys.argv[4], int(sys.argv[5])
+dmac = bytes.fromhex(sys.argv[2].replace(":", ""))
 def csum(b):
     if len(b) % 2: b += b"\0"
     s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xFFFF); s += s >> 16

@@ -254,7 +254,8 @@ class LeakReport:
             f"{ian}; {len(self.leaked)} leaked, {len(self.unexpected)} unexpected, {len(self.blind)} blind"
         )
         for c in self.leaked:
-            lines.append(f"  LEAK {c.key}: {c.evidence.physical} packet(s) to {', '.join(sorted(c.evidence.physical_dsts))}: {c.reason}")
+            dsts = ", ".join(sorted(c.evidence.physical_dsts))
+            lines.append(f"  LEAK {c.key}: {c.evidence.physical} packet(s) to {dsts}: {c.reason}")
         for state, err in self.errors.items():
             lines.append(f"  ERROR driving {state}: {err.splitlines()[0] if err else ''}")
         return "\n".join(lines)
@@ -384,7 +385,13 @@ async def _flap_en0(lab: Any) -> None:
     for fam, *route in routes:
         if route and route[0] not in ("fe80::/64",) and "proto" not in route[:1]:
             clean = [w for w in route if w not in ("linkdown",)]
-            await lab.run("mac", ["ip", fam, "route", "replace", *clean, "dev", "en0"] if "dev" not in clean else ["ip", fam, "route", "replace", *clean], check=False)
+            await lab.run(
+                "mac",
+                ["ip", fam, "route", "replace", *clean, "dev", "en0"]
+                if "dev" not in clean
+                else ["ip", fam, "route", "replace", *clean],
+                check=False,
+            )
 
 
 def _rename_tunnel_pcaps(run: _Run, tag: str) -> None:
@@ -398,9 +405,7 @@ def _rename_tunnel_pcaps(run: _Run, tag: str) -> None:
             run.tunnel_pcaps.append(dest)
 
 
-async def _run_states(
-    run: _Run, states: tuple[State, ...], tunnel_kwargs: Mapping[str, Any], plan: Any
-) -> None:
+async def _run_states(run: _Run, states: tuple[State, ...], tunnel_kwargs: Mapping[str, Any], plan: Any) -> None:
     from netsim.lab.tunnel import netsim_tunnel
 
     lab = run.lab
@@ -543,9 +548,7 @@ def _judge(
             if cell.verdict is Verdict.LEAKED:
                 cut_dir.mkdir(exist_ok=True)
                 name, frames = next((n, v) for n, v in hits.items() if v)
-                pcaps[cell.key] = write_frames(
-                    cut_dir / f"{state.value}-{probe.name}.pcap", physical[name][0], frames
-                )
+                pcaps[cell.key] = write_frames(cut_dir / f"{state.value}-{probe.name}.pcap", physical[name][0], frames)
     return LeakReport(
         cells=cells,
         states=states,

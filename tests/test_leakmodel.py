@@ -1,0 +1,137 @@
+"""The leak matrix model: verdicts against Apple's semantics, the expect file, the state list (unit, no root)."""
+
+from __future__ import annotations
+
+import pytest
+
+from netsim.core.leakmodel import (
+    PROBES,
+    Evidence,
+    LeakConfig,
+    State,
+    Verdict,
+    blind_probes,
+    classify,
+    parse_expectation,
+    parse_states,
+)
+from netsim.errors import ConfigError
+
+P = {p.name: p for p in PROBES}
+IAN = LeakConfig(include_all_networks=True)
+OFF = LeakConfig()
+SEEN = Evidence(physical=2, physical_dsts=frozenset({"203.0.113.10"}))
+TUN = Evidence(tunnel=3)
+
+
+def verdict(state: State, probe: str, config: LeakConfig, ev: Evidence, **kw: object) -> Verdict:
+    return classify(state, P[probe], config, ev, **kw).verdict  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "state", [State.CONNECTING, State.REASSERTING_HELPER, State.REASSERTING_LINK, State.AFTER_CRASH]
+)
+def test_ian_fails_closed_while_the_tunnel_is_down(state: State) -> None:
+    assert verdict(state, "tcp4_inet", IAN, SEEN) is Verdict.LEAKED
+    assert verdict(state, "tcp4_inet", IAN, Evidence()) is Verdict.BLOCKED
+    assert verdict(state, "tcp4_inet", OFF, SEEN) is Verdict.ALLOWED  # without IAN: direct while down
+
+
+def test_connected_tunnel_routes_and_lan() -> None:
+    assert verdict(State.CONNECTED, "udp4_inet", OFF, TUN) is Verdict.TUNNELLED
+    assert verdict(State.CONNECTED, "udp4_inet", OFF, SEEN) is Verdict.LEAKED
+    assert verdict(State.CONNECTED, "tcp4_lan", OFF, SEEN) is Verdict.ALLOWED
+    assert verdict(State.CONNECTED, "tcp4_lan", IAN, SEEN) is Verdict.LEAKED
+    local = LeakConfig(include_all_networks=True, exclude_local_networks=True)
+    assert verdict(State.CONNECTED, "tcp4_lan", local, SEEN) is Verdict.ALLOWED
+    assert verdict(State.AFTER_CRASH, "dns_isp", local, SEEN) is Verdict.ALLOWED
+
+
+def test_ipv6_with_a_v4_only_tunnel() -> None:
+    v4only = LeakConfig(tunnel_ipv6=False)
+    assert verdict(State.CONNECTED, "tcp6_inet", v4only, SEEN) is Verdict.ALLOWED
+    assert (
+        verdict(State.CONNECTED, "tcp6_inet", LeakConfig(include_all_networks=True, tunnel_ipv6=False), SEEN)
+        is Verdict.LEAKED
+    )
+    assert verdict(State.CONNECTED, "tcp6_inet", OFF, SEEN) is Verdict.LEAKED
+
+
+def test_cve_2019_14899_is_always_a_leak_but_its_control() -> None:
+    for state in State:
+        want = Verdict.ALLOWED if state is State.BEFORE_START else Verdict.LEAKED
+        assert verdict(state, "cve_2019_14899", OFF, SEEN) is want
+        assert verdict(state, "cve_2019_14899", IAN, SEEN) is want
+
+
+def test_system_dns_after_the_tunnel_must_use_the_system_resolver() -> None:
+    stale = Evidence(physical=1, physical_dsts=frozenset({"203.0.113.53"}))
+    restored = Evidence(physical=1, physical_dsts=frozenset({"192.168.1.1"}))
+    kw = {"system_resolvers": ("192.168.1.1",)}
+    for state in (State.AFTER_CRASH, State.AFTER_STOP, State.DISABLED):
+        assert verdict(state, "dns_system", OFF, stale, **kw) is Verdict.LEAKED
+        assert verdict(state, "dns_system", OFF, restored, **kw) is Verdict.ALLOWED
+
+
+def test_kept_connection() -> None:
+    assert verdict(State.CONNECTED, "tcp_kept", OFF, SEEN) is Verdict.ALLOWED
+    assert verdict(State.CONNECTED, "tcp_kept", IAN, SEEN) is Verdict.LEAKED
+    assert verdict(State.REASSERTING_SERVER, "tcp_kept", IAN, SEEN) is Verdict.LEAKED
+
+
+def test_every_cell_has_a_reason_and_apple_flag() -> None:
+    for state in State:
+        for probe in PROBES:
+            for config in (IAN, OFF):
+                cell = classify(state, probe, config, Evidence())
+                assert cell.reason and isinstance(cell.apple_allows, bool)
+                assert cell.to_json()["verdict"] == "blocked"
+
+
+def test_blind_probes() -> None:
+    assert blind_probes({"tcp4_inet": SEEN, "udp4_inet": Evidence()}) == ("udp4_inet",)
+
+
+def test_expect_allow_and_verdicts_toml_and_json() -> None:
+    e = parse_expectation(
+        'allow = ["connected:udp4_*"]\n[verdicts]\n"connected:tcp4_inet" = "tunnelled"\n', source="x.toml"
+    )
+    assert verdict(State.CONNECTED, "udp4_inet", OFF, SEEN, expect=e) is Verdict.ALLOWED
+    cell = classify(State.CONNECTED, P["tcp4_inet"], OFF, Evidence(), expect=e)
+    assert cell.verdict is Verdict.BLOCKED and cell.unexpected
+    assert not classify(State.CONNECTED, P["tcp4_inet"], OFF, TUN, expect=e).unexpected
+    j = parse_expectation('{"allow": ["*:dns_isp"]}', source="x.json")
+    assert j.allows("after_crash:dns_isp") and not j.allows("after_crash:dns_tunnel")
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("allow = 3", "'allow'"),
+        ('allow = ["connected"]', "STATE:PROBE"),
+        ('allow = ["nosuch:*"]', "no state"),
+        ('allow = ["*:nosuch"]', "no probe"),
+        ('[verdicts]\n"*:tcp4_inet" = "fine"', "not one of"),
+        ("bogus = 1", "unknown key"),
+        ("allow = [", "not valid TOML"),
+        ("x" * 70000, "limit"),
+    ],
+)
+def test_bad_expect_files_name_file_and_field(text: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=r"e\.toml") as info:
+        parse_expectation(text, source="e.toml")
+    assert needle in str(info.value)
+
+
+def test_bad_json_expect() -> None:
+    with pytest.raises(ConfigError, match=r"e\.json: not valid JSON"):
+        parse_expectation("{", source="e.json")
+    with pytest.raises(ConfigError, match="top level"):
+        parse_expectation("[]", source="e.json")
+
+
+def test_parse_states() -> None:
+    assert parse_states("after_crash,connected") == (State.BEFORE_START, State.CONNECTED, State.AFTER_CRASH)
+    assert parse_states(None) == tuple(State)
+    with pytest.raises(ConfigError, match="unknown state 'nope'"):
+        parse_states("nope")
