@@ -233,15 +233,12 @@ _R_CVE = "CVE-2019-14899: the Mac must not answer packets to the tunnel address 
 _R_CVE_CONTROL = "positive control: the tunnel address on an unprotected Mac draws replies out of en0"
 
 
-def apple_allows(
-    state: State, probe: Probe, config: LeakConfig, *, system_resolvers: Iterable[str] = ()
-) -> tuple[bool, str]:
+def apple_allows(state: State, probe: Probe, config: LeakConfig) -> tuple[bool, str]:
     """Whether Apple's semantics let ``probe``'s packets leave a physical link in the clear in ``state``.
 
     Returns ``(allows, reason)``; the reason cites the Apple behaviour (apple-reference.md §3-4). For
     ``system_dns`` in a state after the tunnel, the answer is per destination: see `classify`.
     """
-    del system_resolvers  # the per-destination DNS rule is applied in classify
     ian = config.include_all_networks
     if probe.kind == "cve":
         return (True, _R_CVE_CONTROL) if state is State.BEFORE_START else (False, _R_CVE)

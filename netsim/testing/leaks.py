@@ -201,6 +201,8 @@ class LeakReport:
         pcap_dir: where the captures are.
         errors: ``state`` -> what went wrong driving it (its cells are still judged).
         seconds: wall time of the run.
+        markers: ``"state:probe"`` -> the marker its packets carry (search a capture for it, e.g. reliability
+            row S7: no tunnelled marker in the clear on ``isp-wan``).
     """
 
     cells: list[Cell]
@@ -211,6 +213,7 @@ class LeakReport:
     pcap_dir: Path | None = None
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    markers: dict[str, str] = field(default_factory=dict)
 
     @property
     def leaked(self) -> list[Cell]:
@@ -557,6 +560,7 @@ def _judge(
         leaked_pcaps=pcaps,
         pcap_dir=pcap_dir,
         errors=dict(run.errors),
+        markers={f"{st.value}:{sp.name}": sp.marker for st, specs in run.specs.items() for sp in specs},
     )
 
 
