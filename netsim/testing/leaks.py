@@ -296,6 +296,7 @@ class _Run:
     errors: dict[str, str] = field(default_factory=dict)
     en0_mac: str = ""
     tunnel_pcaps: list[Path] = field(default_factory=list)
+    windows: dict[State, tuple[float, float]] = field(default_factory=dict)  # wall clock, as pcaps stamp frames
 
 
 async def _probe(run: _Run, state: State) -> None:
@@ -303,6 +304,7 @@ async def _probe(run: _Run, state: State) -> None:
     specs = probe_specs(run.token, state, run.targets)
     run.specs[state] = specs
     kept = next(s for s in specs if s.kind == "kept")
+    started = time.time()
     run.marker_file.write_text(kept.marker)
     replies: dict[str, str] = {}
     lab = run.lab
@@ -329,6 +331,7 @@ async def _probe(run: _Run, state: State) -> None:
         nursery.start_soon(cve, next(s for s in specs if s.kind == "cve"))
         await trio.sleep(0.3)  # the kept connection sends the new marker meanwhile
     await trio.sleep(0.2)
+    run.windows[state] = (started, time.time())
     run.replies[state] = replies
     log.info("leak check: %s probed: %s", state.value, replies)
 
@@ -534,6 +537,11 @@ def _judge(
     for state in states:
         for probe, spec in zip(PROBES, run.specs.get(state, ()), strict=False):
             hits: dict[str, list[Frame]] = {n: list(match_frames(spec, fr)) for n, (_, fr) in physical.items()}
+            if spec.kind == "kept" and state in run.windows:
+                # The kept connection's unacknowledged bytes are retransmitted later (e.g. once a kill switch is
+                # released), carrying this state's marker: only what was sent during the state counts for it.
+                t0, t1 = run.windows[state]
+                hits = {n: [f for f in v if t0 - 0.05 <= f.ts <= t1 + 0.05] for n, v in hits.items()}
             if spec.kind == "cve":
                 hits = {"mac-en0": hits.get("mac-en0", [])}  # only the Mac's own answers on en0 count
             n_phys = sum(len(v) for v in hits.values())
