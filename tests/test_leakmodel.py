@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from netsim.core.leakmodel import (
@@ -135,3 +137,46 @@ def test_parse_states() -> None:
     assert parse_states(None) == tuple(State)
     with pytest.raises(ConfigError, match="unknown state 'nope'"):
         parse_states("nope")
+
+
+# ------------------------------------------------------------------ capture matching (netsim.testing.leaks)
+def _frame(sport: int, dport: int, payload: bytes) -> bytes:
+    import struct
+
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, 0x18, 1000, 0, 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0, bytes([192, 168, 1, 10]), bytes([203, 0, 113, 10])
+    )
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + tcp
+
+
+def test_pcap_round_trip_and_matching(tmp_path: Path) -> None:
+    from netsim.testing.leakprobes import KEPT_PORT, probe_specs
+    from netsim.testing.leaks import Frame, match_frames, read_frames, write_frames
+
+    specs = {s.name: s for s in probe_specs("abc123", State.CONNECTED)}
+    tcp, kept = specs["tcp4_inet"], specs["tcp_kept"]
+    raws = [_frame(tcp.sport, 80, b""), _frame(tcp.sport + 1, 80, b""), _frame(KEPT_PORT, 80, kept.marker.encode())]
+    frames = [Frame(i, 1.5 + i, r, 1) for i, r in enumerate(raws)]
+    path = write_frames(tmp_path / "x.pcap", 1, frames)
+    linktype, back = read_frames(path)
+    assert linktype == 1 and [f.raw for f in back] == raws
+    assert back[0].src == "192.168.1.10" and back[0].dst == "203.0.113.10" and back[0].sport == tcp.sport
+    assert [f.index for f in match_frames(tcp, back)] == [0]
+    assert [f.index for f in match_frames(kept, back)] == [2]
+    # a truncated last record (a capture still being written) is ignored, garbage is refused
+    path.write_bytes(path.read_bytes()[:-5])
+    assert len(read_frames(path)[1]) == 2
+    path.write_bytes(b"not a pcap at all, not at all")
+    with pytest.raises(ConfigError, match="not a pcap"):
+        read_frames(path)
+
+
+def test_markers_and_ports_are_unique_per_state_and_probe() -> None:
+    from netsim.testing.leakprobes import probe_specs
+
+    specs = [s for state in State for s in probe_specs("abc123", state)]
+    assert len({s.marker for s in specs}) == len(specs)
+    ports = [s.sport for s in specs if s.kind != "kept"]
+    assert len(set(ports)) == len(ports)
+    assert all(s.marker.isascii() and s.marker.isalnum() and len(s.marker) < 64 for s in specs)  # a DNS label

@@ -513,6 +513,16 @@ async def _run_states(run: _Run, states: tuple[State, ...], tunnel_kwargs: Mappi
         _rename_tunnel_pcaps(run, "tunnel2")
 
 
+def _window(run: _Run, state: State, spec: ProbeSpec) -> Any:
+    """Which frames count for ``spec`` in ``state``: all, but for the kept connection only those sent during the
+    state (its unacknowledged bytes, this state's marker included, are retransmitted later, e.g. once a kill
+    switch is released or by the next tunnel)."""
+    if spec.kind != "kept" or state not in run.windows:
+        return lambda f: True
+    t0, t1 = run.windows[state]
+    return lambda f: t0 - 0.05 <= f.ts <= t1 + 0.05
+
+
 def _judge(
     run: _Run,
     states: tuple[State, ...],
@@ -537,15 +547,12 @@ def _judge(
     for state in states:
         for probe, spec in zip(PROBES, run.specs.get(state, ()), strict=False):
             hits: dict[str, list[Frame]] = {n: list(match_frames(spec, fr)) for n, (_, fr) in physical.items()}
-            if spec.kind == "kept" and state in run.windows:
-                # The kept connection's unacknowledged bytes are retransmitted later (e.g. once a kill switch is
-                # released), carrying this state's marker: only what was sent during the state counts for it.
-                t0, t1 = run.windows[state]
-                hits = {n: [f for f in v if t0 - 0.05 <= f.ts <= t1 + 0.05] for n, v in hits.items()}
             if spec.kind == "cve":
                 hits = {"mac-en0": hits.get("mac-en0", [])}  # only the Mac's own answers on en0 count
             n_phys = sum(len(v) for v in hits.values())
-            n_tun = sum(1 for _ in match_frames(spec, tunnel_frames))
+            in_window = _window(run, state, spec)
+            hits = {n: [f for f in v if in_window(f)] for n, v in hits.items()}
+            n_tun = sum(1 for f in match_frames(spec, tunnel_frames) if in_window(f))
             ev = Evidence(
                 physical=n_phys,
                 tunnel=n_tun,
