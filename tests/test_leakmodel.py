@@ -180,3 +180,29 @@ def test_markers_and_ports_are_unique_per_state_and_probe() -> None:
     ports = [s.sport for s in specs if s.kind != "kept"]
     assert len(set(ports)) == len(ports)
     assert all(s.marker.isascii() and s.marker.isalnum() and len(s.marker) < 64 for s in specs)  # a DNS label
+
+
+def test_judge_counts_the_kept_connection_only_inside_its_state_window(tmp_path: Path) -> None:
+    """Regression: a retransmission of the kept connection's bytes after its state (same marker) was counted as
+    physical evidence but cut out of the cell's pcap, and judging crashed (StopIteration)."""
+    from types import SimpleNamespace
+
+    from netsim.lab.addressing import ADDR
+    from netsim.testing.leakprobes import KEPT_PORT, Targets, probe_specs
+    from netsim.testing.leaks import Frame, _judge, _Run, write_frames
+
+    run = _Run(SimpleNamespace(addr=ADDR), "abc123", Targets(), tmp_path / "m")
+    for state in (State.BEFORE_START, State.CONNECTED):
+        run.specs[state] = probe_specs("abc123", state)
+    run.windows[State.CONNECTED] = (100.0, 101.0)
+    kept = next(s for s in run.specs[State.CONNECTED] if s.kind == "kept")
+    late = Frame(0, 200.0, _frame(KEPT_PORT, 80, kept.marker.encode()), 1)  # retransmitted 99 s later
+    write_frames(tmp_path / "mac-en0.pcap", 1, [late])
+    config = LeakConfig(include_all_networks=True)
+    report = _judge(run, (State.BEFORE_START, State.CONNECTED), config, None, tmp_path)
+    assert report.cell(State.CONNECTED, "tcp_kept").verdict is Verdict.BLOCKED
+    write_frames(tmp_path / "mac-en0.pcap", 1, [Frame(0, 100.5, late.raw, 1)])  # sent during the state: a leak
+    report = _judge(run, (State.BEFORE_START, State.CONNECTED), config, None, tmp_path)
+    assert report.cell(State.CONNECTED, "tcp_kept").verdict is Verdict.LEAKED
+    assert report.leaked_pcaps["connected:tcp_kept"].exists()
+    assert report.exit_status == 1 and "tcp_kept" in report.blind  # before_start saw nothing here: blind

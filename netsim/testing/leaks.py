@@ -549,9 +549,9 @@ def _judge(
             hits: dict[str, list[Frame]] = {n: list(match_frames(spec, fr)) for n, (_, fr) in physical.items()}
             if spec.kind == "cve":
                 hits = {"mac-en0": hits.get("mac-en0", [])}  # only the Mac's own answers on en0 count
-            n_phys = sum(len(v) for v in hits.values())
             in_window = _window(run, state, spec)
             hits = {n: [f for f in v if in_window(f)] for n, v in hits.items()}
+            n_phys = sum(len(v) for v in hits.values())
             n_tun = sum(1 for f in match_frames(spec, tunnel_frames) if in_window(f))
             ev = Evidence(
                 physical=n_phys,
