@@ -201,6 +201,7 @@ class LeakReport:
         pcap_dir: where the captures are.
         errors: ``state`` -> what went wrong driving it (its cells are still judged).
         seconds: wall time of the run.
+        windows: ``state`` -> ``(start, end)`` of its probes, wall clock (as the pcaps stamp frames).
         markers: ``"state:probe"`` -> the marker its packets carry (search a capture for it, e.g. reliability
             row S7: no tunnelled marker in the clear on ``isp-wan``).
     """
@@ -214,6 +215,7 @@ class LeakReport:
     errors: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     markers: dict[str, str] = field(default_factory=dict)
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def leaked(self) -> list[Cell]:
@@ -279,6 +281,7 @@ class LeakReport:
             "leaked_pcaps": {k: str(v) for k, v in self.leaked_pcaps.items()},
             "pcap_dir": str(self.pcap_dir) if self.pcap_dir else None,
             "errors": self.errors,
+            "windows": {k: [round(a, 6), round(b, 6)] for k, (a, b) in self.windows.items()},
             "exit_status": self.exit_status,
             "seconds": round(self.seconds, 2),
         }
@@ -520,7 +523,7 @@ def _window(run: _Run, state: State, spec: ProbeSpec) -> Any:
     if spec.kind != "kept" or state not in run.windows:
         return lambda f: True
     t0, t1 = run.windows[state]
-    return lambda f: t0 - 0.05 <= f.ts <= t1 + 0.05
+    return lambda f: t0 <= f.ts <= t1  # t1 is taken after the captures caught up, before the next state
 
 
 def _judge(
@@ -576,6 +579,7 @@ def _judge(
         pcap_dir=pcap_dir,
         errors=dict(run.errors),
         markers={f"{st.value}:{sp.name}": sp.marker for st, specs in run.specs.items() for sp in specs},
+        windows={st.value: w for st, w in run.windows.items()},
     )
 
 
