@@ -49,6 +49,16 @@ def test_connected_tunnel_routes_and_lan() -> None:
     assert verdict(State.AFTER_CRASH, "dns_isp", local, SEEN) is Verdict.ALLOWED
 
 
+def test_enforce_routes_claims_the_lan_unless_local_networks_are_excluded() -> None:
+    enforce = LeakConfig(enforce_routes=True)
+    assert verdict(State.CONNECTED, "tcp4_lan", enforce, SEEN) is Verdict.LEAKED
+    assert verdict(State.CONNECTED, "dns_isp", enforce, SEEN) is Verdict.LEAKED
+    both = LeakConfig(enforce_routes=True, exclude_local_networks=True)
+    assert verdict(State.CONNECTED, "tcp4_lan", both, SEEN) is Verdict.ALLOWED
+    # excludeLocalNetworks alone changes nothing (it needs includeAllNetworks or enforceRoutes, R43)
+    assert verdict(State.CONNECTED, "tcp4_lan", LeakConfig(exclude_local_networks=True), SEEN) is Verdict.ALLOWED
+
+
 def test_ipv6_with_a_v4_only_tunnel() -> None:
     v4only = LeakConfig(tunnel_ipv6=False)
     assert verdict(State.CONNECTED, "tcp6_inet", v4only, SEEN) is Verdict.ALLOWED

@@ -215,11 +215,15 @@ _R_IAN_DOWN = (
     "includeAllNetworks drops all traffic while the tunnel is down (connecting, reasserting, failed) until the "
     "user disconnects (NEVPNProtocol.includeAllNetworks, R11/R49)"
 )
-_R_IAN_LOCAL = "excludeLocalNetworks with includeAllNetworks: LAN hosts stay reachable directly (R43)"
+_R_IAN_LOCAL = "excludeLocalNetworks with includeAllNetworks or enforceRoutes: LAN hosts stay reachable directly (R43)"
 _R_IAN_UP = "includeAllNetworks: all traffic goes through the tunnel; nothing leaves en0 in the clear (R11)"
 _R_V6_IAN = "an IPv4-only tunnel with includeAllNetworks: IPv6 has no route in the tunnel and is dropped (R11)"
 _R_V6_DIRECT = "an IPv4-only tunnel without includeAllNetworks: no IPv6 route via utun, IPv6 goes direct (R8)"
 _R_LOCAL = "without includeAllNetworks the system's routes to locally connected networks win (R49, F7)"
+_R_ENFORCE = (
+    "enforceRoutes: the tunnel's routes take precedence over locally-defined routes, so the LAN goes through the "
+    "utun unless excludeLocalNetworks (R47, R43)"
+)
 _R_ROUTED = "the tunnel's included routes cover it: it must go through the utun (R7, R36)"
 _R_DOWN = "without includeAllNetworks all traffic goes direct while the tunnel is down (R11: only IAN blocks)"
 _R_KEPT = "without includeAllNetworks an existing connection keeps the interface it was scoped to (R49 rule 4)"
@@ -263,7 +267,9 @@ def apple_allows(state: State, probe: Probe, config: LeakConfig) -> tuple[bool, 
             return False, _R_V6_IAN
         return False, _R_IAN_UP
     if probe.local:
-        return True, _R_LOCAL
+        if config.enforce_routes and not config.exclude_local_networks:
+            return False, _R_ENFORCE
+        return (True, _R_IAN_LOCAL if config.enforce_routes else _R_LOCAL)
     if probe.kind == "kept":
         return True, _R_KEPT
     if probe.family == 6 and not config.tunnel_ipv6:

@@ -61,14 +61,7 @@ class Targets:
             return ""
         if probe.kind == "cve":
             return self.tunnel_address_v4
-        key = {
-            "inet": "inet",
-            "lan": "lan",
-            "tunnel_dns": "tunnel_dns",
-            "isp_dns": "isp_dns",
-            "public_dns": "public_dns",
-        }
-        return str(getattr(self, f"{key[probe.target]}_v{probe.family}"))
+        return str(getattr(self, f"{probe.target}_v{probe.family}"))  # e.g. inet_v6, tunnel_dns_v4
 
 
 @dataclass(frozen=True)

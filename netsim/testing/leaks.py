@@ -21,9 +21,10 @@ import secrets
 import shutil
 import signal
 import struct
+import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from ipaddress import ip_address
@@ -46,9 +47,10 @@ from netsim.core.leakmodel import (
     classify,
 )
 from netsim.errors import ConfigError, LabError
+from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.leakprobes import CVE_SCRIPT, KEPT_PORT, KEPT_SCRIPT, ProbeSpec, Targets, probe_argv, probe_specs
 
-__all__ = ["LeakReport", "check_leaks", "check_leaks_sync", "match_frames", "read_frames"]
+__all__ = ["Frame", "LeakReport", "check_leaks", "check_leaks_sync", "match_frames", "read_frames", "write_frames"]
 
 log = logging.getLogger("netsim.testing.leaks")
 PHYSICAL = ("mac-en0", "isp-wan")
@@ -321,7 +323,8 @@ async def _probe(run: _Run, state: State) -> None:
 
     async def cve(spec: ProbeSpec) -> None:
         argv = [
-            "python3", "-I", "-c", CVE_SCRIPT, "eth0", run.en0_mac, str(lab.addr.lan_eth0_v4), spec.dst, str(spec.sport)
+            sys.executable, "-I", "-c", CVE_SCRIPT,
+            "eth0", run.en0_mac, str(lab.addr.lan_eth0_v4), spec.dst, str(spec.sport),
         ]  # fmt: skip
         r = await lab.run("lan", argv, check=False, timeout=10)
         replies[spec.name] = "sent" if r.returncode == 0 else "error: " + r.stderr.decode(errors="replace")[-300:]
@@ -339,7 +342,7 @@ async def _probe(run: _Run, state: State) -> None:
     log.info("leak check: %s probed: %s", state.value, replies)
 
 
-async def _drive(run: _Run, state: State, body: Any) -> None:
+async def _drive(run: _Run, state: State, body: Callable[[], Awaitable[object]]) -> None:
     """Drive one state (``body`` puts the tunnel in it) and probe; an error is recorded, the probes still run."""
     try:
         with trio.fail_after(40):
@@ -382,25 +385,21 @@ async def _wait_utun(lab: Any, timeout: float = 5.0) -> None:
 
 
 async def _flap_en0(lab: Any) -> None:
-    """en0 down and up, then the routes the kernel dropped with it put back (as a DHCP client would)."""
+    """en0 down and up, then the routes the kernel dropped with it put back (as a DHCP client would): every
+    non-kernel route through en0, in every table (the tunnel's own table has its server route there)."""
     routes: list[list[str]] = []
     for fam in ("-4", "-6"):
-        r = await lab.run("mac", ["ip", fam, "-o", "route", "show", "dev", "en0"], check=False)
-        routes += [[fam, *line.split()] for line in r.stdout.decode().splitlines() if line.strip()]
+        r = await lab.run("mac", ["ip", fam, "-o", "route", "show", "table", "all", "dev", "en0"], check=False)
+        for line in r.stdout.decode().splitlines():
+            words = [w for w in line.split() if w != "linkdown"]
+            if words and words[0] not in ("local", "broadcast", "multicast", "anycast") and "kernel" not in words:
+                routes.append([fam, *words])
     await lab.run("mac", ["ip", "link", "set", "en0", "down"])
     await trio.sleep(0.3)
     await lab.run("mac", ["ip", "link", "set", "en0", "up"])
     await trio.sleep(0.2)
     for fam, *route in routes:
-        if route and route[0] not in ("fe80::/64",) and "proto" not in route[:1]:
-            clean = [w for w in route if w not in ("linkdown",)]
-            await lab.run(
-                "mac",
-                ["ip", fam, "route", "replace", *clean, "dev", "en0"]
-                if "dev" not in clean
-                else ["ip", fam, "route", "replace", *clean],
-                check=False,
-            )
+        await lab.run("mac", ["ip", fam, "route", "replace", *route, "dev", "en0"], check=False)
 
 
 def _rename_tunnel_pcaps(run: _Run, tag: str) -> None:
@@ -435,7 +434,6 @@ async def _run_states(run: _Run, states: tuple[State, ...], tunnel_kwargs: Mappi
             if connecting:
                 await _drive(run, State.CONNECTING, lambda: _wait_utun(lab))
                 await _unblock_server(lab)
-            connects = 0
 
             async def connected() -> None:
                 await t.session.wait_status(VPNStatus.CONNECTED)
@@ -456,7 +454,6 @@ async def _run_states(run: _Run, states: tuple[State, ...], tunnel_kwargs: Mappi
                 await _drive(run, State.REASSERTING_HELPER, helper_killed)
                 with suppress(Exception), trio.move_on_after(20):
                     await t.start_helper()
-                    connects += 1
                     await _wait_ping(lab, run.targets.inet_v4)
 
             async def server_gone() -> None:
@@ -585,7 +582,7 @@ def _judge(
 
 async def check_leaks(
     *,
-    provider: Any = None,
+    provider: type[PacketTunnelProvider] | str | None = None,
     provider_configuration: Mapping[str, Any] | None = None,
     policy: str | os.PathLike[str] | None = None,
     protocol: Mapping[str, Any] | None = None,
@@ -651,7 +648,7 @@ async def check_leaks(
             run.en0_mac = link[0]["address"]
             keeper = lab.spawn(
                 "mac",
-                ["python3", "-I", "-c", KEPT_SCRIPT, targets.inet_v4, "80", str(KEPT_PORT), str(run.marker_file)],
+                [sys.executable, "-I", "-c", KEPT_SCRIPT, targets.inet_v4, "80", str(KEPT_PORT), str(run.marker_file)],
                 name="leak-kept-tcp",
             )
             await keeper.wait_output("connected", timeout=10.0)

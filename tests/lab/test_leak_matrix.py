@@ -47,11 +47,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
     start = time.monotonic()
     out = base / "leaky.json"
-    r = CliRunner().invoke(
-        main,
-        ["check", "leaks", "--provider", LEAKY, "--states", "connected,after_crash", "--json", str(out)]
-        + ["--pcap-dir", str(base / "leaky")],  # noqa: RUF005 -- one command line, split for width
-    )
+    args = ["check", "leaks", "--provider", LEAKY, "--states", "connected,after_crash", "--json", str(out)]
+    r = CliRunner().invoke(main, [*args, "--pcap-dir", str(base / "leaky")])
     rec["leaky_cli"] = (r.exit_code, r.output, json.loads(out.read_text()) if out.exists() else None)
     rec["seconds"]["leaky_cli"] = round(time.monotonic() - start, 1)
     timed("ian", protocol=IAN)
