@@ -385,8 +385,8 @@ async def _wait_utun(lab: Any, timeout: float = 5.0) -> None:
 
 
 async def _flap_en0(lab: Any) -> None:
-    """en0 down and up, then the routes the kernel dropped with it put back (as a DHCP client would): every
-    non-kernel route through en0, in every table (the tunnel's own table has its server route there)."""
+    """en0 down and up, then what the kernel dropped with it put back (as DHCP and SLAAC would): its global IPv6
+    addresses and every non-kernel route through en0, in every table (the tunnel's table has its server route)."""
     routes: list[list[str]] = []
     for fam in ("-4", "-6"):
         r = await lab.run("mac", ["ip", fam, "-o", "route", "show", "table", "all", "dev", "en0"], check=False)
@@ -394,9 +394,14 @@ async def _flap_en0(lab: Any) -> None:
             words = [w for w in line.split() if w != "linkdown"]
             if words and words[0] not in ("local", "broadcast", "multicast", "anycast") and "kernel" not in words:
                 routes.append([fam, *words])
+    # Linux flushes en0's global IPv6 addresses on link down (IPv4 ones stay): put them back too.
+    r = await lab.run("mac", ["ip", "-6", "-o", "addr", "show", "dev", "en0", "scope", "global"], check=False)
+    v6_addrs = [line.split()[3] for line in r.stdout.decode().splitlines() if len(line.split()) > 3]
     await lab.run("mac", ["ip", "link", "set", "en0", "down"])
     await trio.sleep(0.3)
     await lab.run("mac", ["ip", "link", "set", "en0", "up"])
+    for addr in v6_addrs:
+        await lab.run("mac", ["ip", "-6", "addr", "replace", addr, "dev", "en0", "nodad"], check=False)
     await trio.sleep(0.2)
     for fam, *route in routes:
         await lab.run("mac", ["ip", fam, "route", "replace", *route, "dev", "en0"], check=False)

@@ -152,8 +152,9 @@ def test_without_include_all_networks_only_what_apple_allows(runs: dict[str, Any
         assert report.cell(State.CONNECTED, probe).verdict is Verdict.TUNNELLED, table
     lan = report.cell(State.CONNECTED, "tcp4_lan")
     assert lan.verdict is Verdict.ALLOWED and lan.apple_allows and "locally connected" in lan.reason
-    for state in (State.AFTER_STOP, State.DISABLED):
-        assert report.cell(state, "tcp4_inet").verdict is Verdict.ALLOWED
+    for state in (State.AFTER_STOP, State.DISABLED):  # the VPN off: direct, IPv6 too (after the en0 flap)
+        for probe in ("tcp4_inet", "tcp6_inet", "udp6_lan"):
+            assert report.cell(state, probe).verdict is Verdict.ALLOWED, table
     for cell in report.cells:
         if cell.verdict is Verdict.ALLOWED:
             assert cell.apple_allows, cell.key
