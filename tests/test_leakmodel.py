@@ -216,3 +216,8 @@ def test_judge_counts_the_kept_connection_only_inside_its_state_window(tmp_path:
     assert report.cell(State.CONNECTED, "tcp_kept").verdict is Verdict.LEAKED
     assert report.leaked_pcaps["connected:tcp_kept"].exists()
     assert report.exit_status == 1 and "tcp_kept" in report.blind  # before_start saw nothing here: blind
+    table = report.table()
+    assert "LEAK connected:tcp_kept: 1 packet(s) to 203.0.113.10" in table and "BLIND" in table
+    data = report.to_json()
+    assert data["leaked"] == ["connected:tcp_kept"] and data["exit_status"] == 1
+    assert data["windows"]["connected"] == [100.0, 101.0]
