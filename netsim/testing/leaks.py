@@ -203,6 +203,7 @@ class LeakReport:
         pcap_dir: where the captures are.
         errors: ``state`` -> what went wrong driving it (its cells are still judged).
         seconds: wall time of the run.
+        run_id: the lab's run id (its namespaces are ``netsim-<run_id>-*``; `netsim clean` after a kill).
         windows: ``state`` -> ``(start, end)`` of its probes, wall clock (as the pcaps stamp frames).
         markers: ``"state:probe"`` -> the marker its packets carry (search a capture for it, e.g. reliability
             row S7: no tunnelled marker in the clear on ``isp-wan``).
@@ -218,6 +219,7 @@ class LeakReport:
     seconds: float = 0.0
     markers: dict[str, str] = field(default_factory=dict)
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    run_id: str = ""
 
     @property
     def leaked(self) -> list[Cell]:
@@ -284,6 +286,7 @@ class LeakReport:
             "pcap_dir": str(self.pcap_dir) if self.pcap_dir else None,
             "errors": self.errors,
             "windows": {k: [round(a, 6), round(b, 6)] for k, (a, b) in self.windows.items()},
+            "run_id": self.run_id,
             "exit_status": self.exit_status,
             "seconds": round(self.seconds, 2),
         }
@@ -670,6 +673,7 @@ async def check_leaks(
             finally:
                 await keeper.stop(grace=1.0)
         report = _judge(run, chosen, config, expect, out)
+        report.run_id = lab.run_id
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.seconds = time.monotonic() - started

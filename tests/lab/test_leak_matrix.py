@@ -21,6 +21,7 @@ from click.testing import CliRunner
 from netsim.cli import main
 from netsim.core.leakmodel import State, Verdict, parse_states
 from netsim.runtime.controller import TunnelProviderSession
+from netsim.testing.fixtures import LeakCheck, root_snapshot
 from netsim.testing.leaks import LeakReport, check_leaks_sync, read_frames
 from netsim.testing.require import require_binary, require_root
 
@@ -39,6 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     require_binary("wireguard-go", "tcpdump", "nft", "setpriv")
     base = tmp_path_factory.mktemp("leaks")
     rec: dict[str, Any] = {"seconds": {}}
+    before, leftovers = root_snapshot(), LeakCheck()
 
     def timed(name: str, **kw: Any) -> None:
         start = time.monotonic()
@@ -56,6 +58,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     timed("ian_v4only", protocol=IAN, ipv6=False, states=parse_states("connecting,connected,after_crash"))
     timed("off_v4only", protocol={}, ipv6=False, states=parse_states("connected"))
     print("leak matrix timings (s):", rec["seconds"])
+    run_ids = [r.run_id for r in rec.values() if isinstance(r, LeakReport)]
+    if rec["leaky_cli"][2] is not None:
+        run_ids.append(rec["leaky_cli"][2]["run_id"])
+    rec["run_ids"] = run_ids
+    rec["leftovers"] = leftovers.problems(run_ids)
+    rec["root_changed"] = before.diff(root_snapshot())
     return rec
 
 
@@ -180,6 +188,12 @@ def test_probe_payloads_never_in_the_clear_on_the_wan(runs: dict[str, Any]) -> N
             assert report.markers[cell.key].encode() not in wan, f"{name}: {cell.key} in the clear on isp-wan"
         # positive control: the same search finds the payload where it is in the clear
         assert report.markers["connected:udp4_inet"].encode() in egress
+
+
+def test_nothing_left_behind_and_the_root_namespace_untouched(runs: dict[str, Any]) -> None:
+    assert len(runs["run_ids"]) == 5 and all(runs["run_ids"])
+    assert runs["leftovers"] == []
+    assert not runs["root_changed"], runs["root_changed"]
 
 
 def test_the_matrix_is_fast_enough(runs: dict[str, Any]) -> None:
