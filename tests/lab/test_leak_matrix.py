@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from netsim.cli import main
 from netsim.core.leakmodel import State, Verdict, parse_states
+from netsim.runtime import netconfig
 from netsim.runtime.controller import TunnelProviderSession
 from netsim.testing.fixtures import LeakCheck, root_snapshot
 from netsim.testing.leaks import LeakReport, check_leaks_sync, read_frames
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(300)]
 LEAKY = str(Path(__file__).resolve().parent.parent / "leaky_provider.py") + ":LeakyProvider"
 KILL_SWITCH = hasattr(TunnelProviderSession, "kill_switch_engaged")
 MAC_RESOLVER = importlib.util.find_spec("netsim.runtime.resolver") is not None  # the Mac's own resolver (r5-N)
+UTUN_GUARD = hasattr(netconfig, "UTUN_GUARD_TABLE")  # the configurator's CVE-2019-14899 guard (main 0e49e22)
 IAN = {"include_all_networks": True}
 DOWN = (State.CONNECTING, State.REASSERTING_HELPER, State.REASSERTING_SERVER, State.REASSERTING_LINK, State.AFTER_CRASH)
 
@@ -79,7 +81,7 @@ def _fixed_or_found(leaked: list[str], fixed: bool, what: str) -> None:
         assert leaked == [], f"{what}: leaked cells with the fix merged: {leaked}"
     else:
         assert leaked, f"{what}: the fix is not merged, yet the matrix saw no leak: is the check blind?"
-        pytest.xfail(f"{what} needs the kill switch (r5-K) / the Mac's resolver (r5-N); these cells leak: {leaked}")
+        pytest.xfail(f"{what} needs a fix not in this tree (kill switch, resolver, utun guard); leaked: {leaked}")
 
 
 @pytest.mark.reliability("K1", "K9")
@@ -136,7 +138,7 @@ def test_cve_2019_14899_no_answer_out_of_en0(runs: dict[str, Any]) -> None:
     report: LeakReport = runs["ian"]
     control = report.cell(State.BEFORE_START, "cve_2019_14899")
     assert control.evidence.physical > 0  # an unprotected tunnel address answers the forged SYN/ACK
-    _fixed_or_found(_leaked(report, probes=("cve_2019_14899",)), KILL_SWITCH, "CVE-2019-14899")
+    _fixed_or_found(_leaked(report, probes=("cve_2019_14899",)), KILL_SWITCH or UTUN_GUARD, "CVE-2019-14899")
 
 
 @pytest.mark.reliability("K4")
@@ -172,6 +174,8 @@ def test_without_include_all_networks_only_what_apple_allows(runs: dict[str, Any
     assert gaps == [], table
     if MAC_RESOLVER:  # the system resolver is restored at every state change: no stale DNS after the tunnel
         assert _leaked(report, probes=("dns_system",)) == [], table
+    if UTUN_GUARD:  # packets to the tunnel address are dropped on en0 whatever the flags
+        assert _leaked(report, probes=("cve_2019_14899",)) == [], table
     assert "T tunnelled" in table and "include_all_networks off" in table
 
 
