@@ -19,6 +19,7 @@ import click
 
 from netsim import __version__
 from netsim.benchcli import bench_command
+from netsim.checkcli import check_group
 from netsim.helpercli import helper as helper_command
 from netsim.lab.cli import clean_command, lab_group
 from netsim.runtime.logs import LOG_FORMATS, configure_logging, verbosity_level
@@ -169,6 +170,7 @@ main.add_command(clean_command)
 main.add_command(explain_command)
 main.add_command(helper_command)
 main.add_command(bench_command)
+main.add_command(check_group)
 _add_logging_options(main)
 
 

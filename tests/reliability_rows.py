@@ -441,8 +441,6 @@ UNCOVERED: dict[str, str] = {
     "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",
     "F16": "not yet: path change is issue #16",
     "F17": "not yet: sleep/wake is issue #16",
-    "K1": "partly: the connected state's en0 capture is tested (S7, K6 rows); the other states come with `netsim check leaks` (issue #15)",
-    "K4": "not yet: IPv6 with a v4-only tunnel comes with issue #15",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
 }

@@ -59,7 +59,15 @@ def test_core_sources_do_not_import_io_modules() -> None:
 
 # ---------------------------------------------------------------------------------------- the import graph
 PACKAGE = CORE.parent
-CLI_MODULES = {"netsim.cli", "netsim.benchcli", "netsim.helpercli", "netsim.demo", "netsim.lab.cli", "netsim.__main__"}
+CLI_MODULES = {
+    "netsim.cli",
+    "netsim.benchcli",
+    "netsim.checkcli",
+    "netsim.helpercli",
+    "netsim.demo",
+    "netsim.lab.cli",
+    "netsim.__main__",
+}
 # The package root is the public facade: its lazy exports (and their TYPE_CHECKING imports) name every layer.
 FACADE = "netsim"
 
