@@ -16,9 +16,10 @@ P+1        ``not fwmark M lookup T``                       included (dev utun) /
 
 With ``enforce_routes`` the two netsim rules swap, so tunnel routes beat the system table (R47); then the LAN, too,
 goes into the tunnel unless ``exclude_local_networks`` is set, which adds the physical interfaces' connected
-*private* prefixes (`LOCAL_NETWORK_RANGES`: RFC 1918, 169.254/16, ULA) to table T as on-link excluded routes
-(Apple: excludeLocalNetworks applies only with includeAllNetworks or enforceRoutes, R43). A public prefix the
-network puts on-link is not excluded: that is TunnelCrack's LocalNet attack (reliability row K5). Sockets marked
+*private* prefixes (`LOCAL_NETWORK_RANGES`: RFC 1918, 169.254/16, ULA; IPv6 link-local is on-link anyway) to
+table T as on-link excluded routes (Apple: excludeLocalNetworks applies only with includeAllNetworks or
+enforceRoutes, R43). A public prefix the network puts on-link is not excluded: that is TunnelCrack's LocalNet
+attack (reliability row K5). Sockets marked
 with ``bypass_fwmark`` (e.g. a helper's own UDP socket) skip the tunnel table, the Linux analogue of a provider's
 own traffic bypassing its tunnel (F1). Table T holds exactly one route per prefix: the exact-duplicate winner
 chosen by `DuplicatePolicy`. Excluded routes use the physical default route's gateway; with no gateway known they
@@ -87,6 +88,7 @@ from netsim.apple.errors import TunnelProviderError
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.dns import normalize_name
+from netsim.core.killswitch import PRIVATE_PREFIXES
 from netsim.core.resolver import TunnelDns
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError, LocalProtocolError
@@ -119,14 +121,9 @@ __all__ = [
 TUNNEL_TABLE = 0x6E73  # 28275 ("ns"); one table per namespace, so a fixed id is safe
 RULE_PRIORITY = 6100  # below the kernel's main (32766) and local (0) rules; P and P+1 are used
 BYPASS_FWMARK = 0x6E73
-#: Connected prefixes inside these count as the local network for ``exclude_local_networks`` (module docstring).
-LOCAL_NETWORK_RANGES: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
-    ipaddress.IPv4Network("10.0.0.0/8"),
-    ipaddress.IPv4Network("172.16.0.0/12"),
-    ipaddress.IPv4Network("192.168.0.0/16"),
-    ipaddress.IPv4Network("169.254.0.0/16"),
-    ipaddress.IPv6Network("fc00::/7"),
-)
+#: Connected prefixes inside these count as the local network for ``exclude_local_networks`` (module docstring);
+#: the kill switch exempts the same set (`netsim.core.killswitch.PRIVATE_PREFIXES`).
+LOCAL_NETWORK_RANGES = PRIVATE_PREFIXES
 UTUN_GUARD_TABLE = "netsim_utun_guard"  # inet; one per namespace, owned with the namespace's tunnel claim
 DEFAULT_PHYSICAL_MTU = 1500
 GLIBC_MAXNS = 3  # resolv.conf(5): at most three nameserver lines are used

@@ -604,9 +604,11 @@ async def check_leaks(
     Args:
         provider: a `PacketTunnelProvider` subclass or ``"module:Class"`` spec (default: netsim's own
             `HelperForwardingProvider`).
-        provider_configuration, policy, protocol: as `netsim.lab.tunnel.netsim_tunnel` takes them; ``protocol``
-            is NEVPNProtocol fields (``{"include_all_networks": True}``), which also select Apple's semantics
-            the verdicts are judged against.
+        provider_configuration: as `netsim.lab.tunnel.netsim_tunnel` takes it.
+        policy: as `netsim.lab.tunnel.netsim_tunnel` takes it.
+        protocol: NEVPNProtocol fields, as `netsim.lab.tunnel.netsim_tunnel` takes them
+            (``{"include_all_networks": True}``); they also select the Apple semantics the verdicts are judged
+            against.
         expect: what the user's configuration allows (`netsim.core.leakmodel.parse_expectation`).
         states: the states to visit (default all; ``before_start``, the positive control, always runs).
         pcap_dir: where the captures and the per-leaked-cell pcaps (``leaks/``) go (default: a new temp dir,

@@ -69,8 +69,8 @@ async def _probe(lab: Lab, phase: str, rec: dict[str, Any], *, tries: int = 1) -
     rec[f"{phase}_ping"] = r.returncode
     r = await lab.run("lan", [sys.executable, "-c", _SEND, str(a.www_v4), marker("fwd", phase), "1"], check=False)
     rec[f"{phase}_fwd"] = r.stdout.decode().strip()
-    for kind, host in (("lan", str(a.lan_eth0_v4)), ("onlink", PUBLIC_ONLINK_PEER)):
-        r = await lab.run("mac", [sys.executable, "-c", _SEND, host, marker(kind, phase), "1"], check=False)
+    for kind, dst in (("lan", str(a.lan_eth0_v4)), ("onlink", PUBLIC_ONLINK_PEER)):
+        r = await lab.run("mac", [sys.executable, "-c", _SEND, dst, marker(kind, phase), "1"], check=False)
         rec[f"{phase}_{kind}"] = r.stdout.decode().strip()
 
 

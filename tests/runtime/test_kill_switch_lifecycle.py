@@ -189,7 +189,7 @@ def test_set_enabled_false_stops_releases_and_refuses_starts_until_enabled() -> 
             await session.start_vpn_tunnel()
             await session.wait_status(S.CONNECTED)
             assert session.kill_switch_engaged
-            session._host.kill()  # type: ignore[union-attr]
+            session._host.kill()
             await session.wait_status(S.DISCONNECTED)
             await m.set_enabled(False)  # disabling after a crash also lifts the kept block
             assert not session.kill_switch_engaged
