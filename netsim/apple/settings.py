@@ -280,8 +280,11 @@ class DNSSettings:
     domains when the tunnel claims the default route. ``match_domains_no_search`` False (the default) appends the
     match domains to the search list.
 
-    Differences from Apple: on Linux, glibc's resolv.conf cannot send one domain to one server and the rest to
-    another; see docs/apple-mapping.md for what netsim writes. ``allow_failover`` (26.0) is recorded only.
+    Differences from Apple: in the lab the simulated Mac runs its own resolver (docs/dns.md), which implements
+    split DNS, scopes the tunnel's servers to the utun and drops a crashed tunnel's servers; the search list is
+    recorded but not applied. Outside the lab (a namespace without the resolver's state files) netsim writes
+    resolv.conf, and glibc cannot send one domain to one server and the rest to another (docs/apple-mapping.md).
+    ``allow_failover`` (26.0) is recorded only.
     """
 
     servers: list[str]
