@@ -247,14 +247,15 @@ class LeakReport:
         short = {Verdict.TUNNELLED: "T", Verdict.ALLOWED: "a", Verdict.BLOCKED: "-", Verdict.LEAKED: "LEAK"}
         heads = [s.value for s in self.states]
         width = max(len(p.name) for p in PROBES) + 1
-        lines = [" " * width + " ".join(f"{h[:12]:>12}" for h in heads)]
+        col = max([len(h) for h in heads] + [5])  # whole state names: three of them start "reasserting_"
+        lines = [" " * width + " ".join(f"{h:>{col}}" for h in heads)]
         by_key = {c.key: c for c in self.cells}
         for p in PROBES:
             row = []
             for s in self.states:
                 c = by_key.get(f"{s.value}:{p.name}")
                 text = "" if c is None else short[c.verdict] + ("!" if c.unexpected and c.expected else "")
-                row.append(f"{text:>12}")
+                row.append(f"{text:>{col}}")
             blind = "  BLIND" if p.name in self.blind else ""
             lines.append(f"{p.name:<{width}}" + " ".join(row) + blind)
         ian = "on" if self.config.include_all_networks else "off"
