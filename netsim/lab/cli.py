@@ -1,4 +1,4 @@
-"""``netsim lab up|status|exec|down`` and ``netsim clean``.
+"""``netsim lab up|status|exec|fault|down`` and ``netsim clean``.
 
 Register in netsim/cli.py with ``main.add_command(lab_group)`` and ``main.add_command(clean_command)``.
 
@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from click.shell_completion import CompletionItem
 from netsim.errors import NetsimError
 from netsim.lab.addressing import ADDR, ROLES
 from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
+from netsim.lab.faults import flap, lab_netns, link_down, link_plan, link_up, nat_flush
 from netsim.lab.netns import list_netns
 from netsim.lab.pcap import CaptureStats, capture_report_lines, read_capture_summary
 
@@ -531,3 +533,66 @@ async def demo_lab() -> None:
         body = (await lab.run("mac", ["curl", "-s", "http://www.lab.test/"])).stdout
         ok = hashlib.sha256(body).hexdigest() == HTTP_SHA256
         print(f"[mac] GET http://www.lab.test/ -> {len(body)} bytes, sha256 {'matches' if ok else 'MISMATCH'}")
+
+
+# -- faults (issue 16; docs/faults.md) ------------------------------------------------------------------------
+@lab_group.group("fault")
+def fault_group() -> None:
+    """Inject a fault into a running lab: links down/up/flapping, a blackholed host, NAT mappings forgotten.
+
+    Each acts on the lab's own namespaces only (`netsim.lab.faults`); `--run` picks the lab as for `exec`.
+    """
+
+
+def _fault_ns(run_id: str | None, role: str) -> str:
+    _need_root()
+    return lab_netns(_pick_run(run_id).run_id, role)
+
+
+_RUN_OPTION = click.option(
+    "--run", "run_id", help="which lab (default: the one you started)", shell_complete=complete_run_ids
+)
+
+
+@fault_group.command("link-down")
+@_RUN_OPTION
+@click.argument("role", type=click.Choice(ROLES))
+@click.argument("ifname")
+def fault_link_down(run_id: str | None, role: str, ifname: str) -> None:
+    """Take ROLE's IFNAME down, e.g. `netsim lab fault link-down mac en0`."""
+    link_down(_fault_ns(run_id, role), ifname)
+    click.echo(f"{role}:{ifname} down")
+
+
+@fault_group.command("link-up")
+@_RUN_OPTION
+@click.argument("role", type=click.Choice(ROLES))
+@click.argument("ifname")
+def fault_link_up(run_id: str | None, role: str, ifname: str) -> None:
+    """Bring ROLE's IFNAME up and give back the lab's addresses and default routes on it (DHCP's part)."""
+    link_up(_fault_ns(run_id, role), ifname, link_plan(role, ifname))
+    click.echo(f"{role}:{ifname} up")
+
+
+@fault_group.command("flap")
+@_RUN_OPTION
+@click.argument("role", type=click.Choice(ROLES))
+@click.argument("ifname")
+@click.option("--down-for", type=float, default=5.0, show_default=True, help="seconds down each time")
+@click.option("--times", type=int, default=1, show_default=True)
+@click.option("--up-for", type=float, default=5.0, show_default=True, help="seconds up between flaps")
+def fault_flap(run_id: str | None, role: str, ifname: str, *, down_for: float, times: int, up_for: float) -> None:
+    """Take ROLE's IFNAME down for --down-for seconds, --times times (bounded: 100 x 60 s)."""
+    ns = _fault_ns(run_id, role)
+    spans = trio.run(
+        partial(flap, ns, ifname, down_for=down_for, times=times, up_for=up_for, plan=link_plan(role, ifname))
+    )
+    click.echo(f"{role}:{ifname} flapped {len(spans)} time(s), {down_for:g} s down each")
+
+
+@fault_group.command("nat-flush")
+@_RUN_OPTION
+@click.argument("role", type=click.Choice(ROLES), default="isp")
+def fault_nat_flush(run_id: str | None, role: str) -> None:
+    """Make ROLE (default: the home router) forget its NAT mappings (conntrack -F)."""
+    click.echo(f"{role}: {nat_flush(_fault_ns(run_id, role))} conntrack entries flushed")

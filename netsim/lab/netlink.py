@@ -42,15 +42,16 @@ def _index(ipr: Any, netns: str, ifname: str) -> int:
     return int(found[0])
 
 
-def add_address(netns: str, address: str, ifname: str) -> None:
-    """``ip -n <netns> address add <address> dev <ifname>``: ``address`` is ``addr/prefixlen`` (a bare address is
-    a host address, /32 or /128). IPv6 addresses skip DAD (the lab's sysctls disable it too)."""
+def add_address(netns: str, address: str, ifname: str, *, replace: bool = False) -> None:
+    """``ip -n <netns> address add|replace <address> dev <ifname>``: ``address`` is ``addr/prefixlen`` (a bare
+    address is a host address, /32 or /128). IPv6 addresses skip DAD (the lab's sysctls disable it too)."""
     iface = ip_interface(address)
+    op = "replace" if replace else "add"
 
     def body() -> None:
-        with _netlink(netns, f"address add {address} dev {ifname}") as ipr:
+        with _netlink(netns, f"address {op} {address} dev {ifname}") as ipr:
             ipr.addr(
-                "add",
+                op,
                 index=_index(ipr, netns, ifname),
                 address=str(iface.ip),
                 prefixlen=iface.network.prefixlen,
@@ -90,12 +91,15 @@ def _route_args(ipr: Any, netns: str, dst: str, ifname: str | None, gateway: str
     return args
 
 
-def add_route(netns: str, dst: str, *, ifname: str | None = None, gateway: str | None = None) -> None:
-    """``ip -n <netns> route add <dst> [dev <ifname>] [via <gateway>]``."""
+def add_route(
+    netns: str, dst: str, *, ifname: str | None = None, gateway: str | None = None, replace: bool = False
+) -> None:
+    """``ip -n <netns> route add|replace <dst> [dev <ifname>] [via <gateway>]``."""
+    op = "replace" if replace else "add"
 
     def body() -> None:
-        with _netlink(netns, f"route add {dst}") as ipr:
-            ipr.route("add", **_route_args(ipr, netns, dst, ifname, gateway))
+        with _netlink(netns, f"route {op} {dst}") as ipr:
+            ipr.route(op, **_route_args(ipr, netns, dst, ifname, gateway))
 
     run_in_netns(netns, body)
 
