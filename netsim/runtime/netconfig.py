@@ -95,6 +95,7 @@ from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
 from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, TUNNEL_FILE, write_state_file
 from netsim.transports.base import PacketDevice
+from netsim.transports.rtevents import RouteEvents
 
 __all__ = [
     "BYPASS_FWMARK",
@@ -318,6 +319,20 @@ class NetworkConfigurator(Protocol):
         """
         ...
 
+    def path_events(self) -> RouteEvents | None:
+        """A source of link/address/route events for the path monitor (`netsim.runtime.pathmonitor`), or None
+        when this backend has no physical path to watch."""
+        ...
+
+    def physical_state(self) -> Any:
+        """A comparable snapshot of the physical path (the main table's default routes)."""
+        ...
+
+    def reapply(self) -> None:
+        """Apply the last settings again (after a path change: puts back what the kernel removed); no-op
+        without settings. Raises `TunnelProviderError` like `apply`."""
+        ...
+
     def set_exclude_local_networks(self, exclude_local_networks: bool) -> None:
         """Keep the connected private networks direct when routes are enforced (Apple:
         ``NEVPNProtocol.excludeLocalNetworks``, which applies only with ``enforceRoutes`` or
@@ -441,6 +456,16 @@ class MemoryNetworkConfigurator:
         self.exclude_local_networks = _enforce_routes_change(
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
+
+    def path_events(self) -> RouteEvents | None:
+        """None: the memory Mac's path does not change by itself."""
+        return None
+
+    def physical_state(self) -> Any:
+        return (self.physical_mtu, self.connected)
+
+    def reapply(self) -> None:
+        """Nothing to put back in memory."""
 
     @property
     def device(self) -> PacketDevice | None:
@@ -581,6 +606,7 @@ class KernelNetworkConfigurator:
         self.routing_method = RoutingMethod.DESTINATION_IP
         self._uids: tuple[int, ...] | None = None
         self._guard: str | None = None  # the utun guard script last installed (None: no table of ours)
+        self._settings: PacketTunnelNetworkSettings | None = None  # the last settings applied (for reapply)
 
     def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
         """See `NetworkConfigurator.set_routing_method`; takes effect at once when settings are applied.
@@ -613,6 +639,21 @@ class KernelNetworkConfigurator:
         self.exclude_local_networks = _enforce_routes_change(
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
+
+    def path_events(self) -> RouteEvents | None:
+        """Route events of this namespace, when this process runs in it (the provider host does)."""
+        return RouteEvents() if self.inside else None
+
+    def physical_state(self) -> Any:
+        """The main table's default routes: ``(gateways by IP version, interfaces by IP version)``."""
+        _, _, gateways, oifs = self._physical()
+        return tuple(sorted(gateways.items())), tuple(sorted(oifs.items()))
+
+    def reapply(self) -> None:
+        """Apply the last settings again: routes are replaced in place, and what the kernel dropped with a link
+        (the server exclusion, excluded routes, local networks) comes back (`netsim.runtime.pathmonitor`)."""
+        if self._settings is not None and self._applied is not None:
+            self.apply(self._settings)
 
     def _local_networks(self) -> dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int]:
         """``exclude_local_networks``'s prefixes (only with enforced routes), each with its link's index."""
@@ -823,6 +864,7 @@ class KernelNetworkConfigurator:
             enforce_routes=self.enforce_routes,
             local_networks=tuple(str(n) for n in local),
         )
+        self._settings = settings
 
     def _rule_specs(self) -> list[dict[str, Any]]:
         first, second = self.rule_priority, self.rule_priority + 1
@@ -994,6 +1036,7 @@ class KernelNetworkConfigurator:
         self._remove_guard()
         self._clear_dns()
         self._applied = None
+        self._settings = None
 
     def close(self) -> None:
         try:

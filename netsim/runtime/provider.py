@@ -34,6 +34,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import logging
 import math
 import socket
 import sys
@@ -50,6 +51,8 @@ from netsim.apple.settings import PacketTunnelNetworkSettings
 from netsim.errors import LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.flow import DEFAULT_BATCH_LIMIT, PacketTunnelFlow
 from netsim.runtime.netconfig import NetworkConfigurator
+from netsim.runtime.pathmonitor import watch_path
+from netsim.transports.rtevents import RouteEvents
 
 __all__ = [
     "DEFAULT_START_TIMEOUT",
@@ -63,6 +66,8 @@ __all__ = [
     "main",
     "memory_control_pair",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT = 60.0  # F10: nesessionmanager's start state timer
 DEFAULT_STOP_TIMEOUT = 20.0  # F10: then Stopping with a 20 s timeout
@@ -292,6 +297,7 @@ class ProviderHost:
         self.protocol_configuration = TunnelProviderProtocol()
         self.status = VPNStatus.DISCONNECTED
         self.reasserting = False
+        self.path_reapplied = 0  # settings re-applied after a physical path change (netsim.runtime.pathmonitor)
         self._settings_lock = trio.Lock()
         self._events_send, self._events_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stop_requested: tuple[ProviderStopReason, str | None] | None = None
@@ -437,10 +443,35 @@ class ProviderHost:
         self.start_timeout = float(message.get("start_timeout", self.start_timeout))
         self.stop_timeout = float(message.get("stop_timeout", self.stop_timeout))
 
+    async def _watch_path(self, events: RouteEvents) -> None:
+        try:
+            await watch_path(events, self.configurator.physical_state, self._path_changed)
+        finally:
+            events.close()
+
+    async def _path_changed(self, old: object, new: object) -> None:
+        """The physical path changed (`netsim.runtime.pathmonitor`): re-apply the tunnel's settings, so what the
+        kernel removed with a link (the server exclusion, excluded routes, local networks) comes back."""
+        async with self._settings_lock:
+            if self.status not in _ACTIVE or self._stop_requested is not None or self.configurator.applied is None:
+                return
+            try:
+                self.configurator.reapply()
+            except TunnelProviderError as exc:
+                log.warning("re-applying the settings after a path change failed: %s", exc)
+                return
+            self.path_reapplied += 1
+        applied = self.configurator.applied
+        self._emit({"ev": "settings", "applied": None if applied is None else _applied_to_json(applied)})
+
     async def _lifecycle(self) -> None:
         await self._start_event.wait()
         if self._stop_requested is not None and self.status is VPNStatus.DISCONNECTED:
             return
+        events = self.configurator.path_events()
+        if events is not None:
+            assert self._tasks is not None
+            self._tasks.start_soon(self._watch_path, events)
         self._set_status(VPNStatus.CONNECTING)
         failure: str | None = None
         timed_out = False
