@@ -47,6 +47,7 @@ from netsim.core.leakmodel import (
     classify,
 )
 from netsim.errors import ConfigError, LabError
+from netsim.lab import faults
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.leakprobes import CVE_SCRIPT, KEPT_PORT, KEPT_SCRIPT, ProbeSpec, Targets, probe_argv, probe_specs
 
@@ -389,26 +390,11 @@ async def _wait_utun(lab: Any, timeout: float = 5.0) -> None:
 
 
 async def _flap_en0(lab: Any) -> None:
-    """en0 down and up, then what the kernel dropped with it put back (as DHCP and SLAAC would): its global IPv6
-    addresses and every non-kernel route through en0, in every table (the tunnel's table has its server route)."""
-    routes: list[list[str]] = []
-    for fam in ("-4", "-6"):
-        r = await lab.run("mac", ["ip", fam, "-o", "route", "show", "table", "all", "dev", "en0"], check=False)
-        for line in r.stdout.decode().splitlines():
-            words = [w for w in line.split() if w != "linkdown"]
-            if words and words[0] not in ("local", "broadcast", "multicast", "anycast") and "kernel" not in words:
-                routes.append([fam, *words])
-    # Linux flushes en0's global IPv6 addresses on link down (IPv4 ones stay): put them back too.
-    r = await lab.run("mac", ["ip", "-6", "-o", "addr", "show", "dev", "en0", "scope", "global"], check=False)
-    v6_addrs = [line.split()[3] for line in r.stdout.decode().splitlines() if len(line.split()) > 3]
-    await lab.run("mac", ["ip", "link", "set", "en0", "down"])
-    await trio.sleep(0.3)
-    await lab.run("mac", ["ip", "link", "set", "en0", "up"])
-    for addr in v6_addrs:
-        await lab.run("mac", ["ip", "-6", "addr", "replace", addr, "dev", "en0", "nodad"], check=False)
-    await trio.sleep(0.2)
-    for fam, *route in routes:
-        await lab.run("mac", ["ip", fam, "route", "replace", *route, "dev", "en0"], check=False)
+    """en0 down and up. The network gives back what it provides (en0's addresses and default routes:
+    `netsim.lab.faults.link_up`'s plan, DHCP's and SLAAC's part); the tunnel's own routes through en0 are the
+    provider host's to re-apply (`netsim.runtime.pathmonitor`), so this state also checks that recovery."""
+    await faults.flap(lab.netns("mac"), "en0", down_for=0.3, plan=faults.link_plan("mac", "en0"))
+    await trio.sleep(0.2)  # the path monitor's settle time and its re-apply
 
 
 def _rename_tunnel_pcaps(run: _Run, tag: str) -> None:
