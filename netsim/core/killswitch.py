@@ -40,6 +40,7 @@ __all__ = [
     "PRIVATE_PREFIXES",
     "CounterValue",
     "KillSwitchConfig",
+    "is_physical_interface",
     "parse_counters",
     "render_killswitch",
     "render_release",
@@ -111,6 +112,16 @@ class KillSwitchConfig:
 
 def _is_private(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     return any(net.version == p.version and net.subnet_of(p) for p in PRIVATE_PREFIXES)  # type: ignore[arg-type]
+
+
+def is_physical_interface(ifname: str, *, tun_prefix: str = "utun", skip: Iterable[str] = ("lo",)) -> bool:
+    """Whether ``ifname`` is a physical interface whose connected prefixes can be "local networks".
+
+    Loopback and every tunnel interface (``tun_prefix*``) are not. Both readers of a namespace's addresses use it:
+    the kill switch (`netsim.runtime.killswitch.connected_prefixes`, from ``ip -j addr``) and the tunnel's routes
+    (`netsim.runtime.netconfig.KernelNetworkConfigurator`, from netlink), so the two sets cannot drift apart.
+    """
+    return ifname not in set(skip) and not ifname.startswith(tun_prefix)
 
 
 def split_local_prefixes(connected: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -29,6 +29,7 @@ import trio
 from netsim.errors import LabError
 from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, ROLES, Addressing
+from netsim.transports.netns import CommandResult, require_lab_netns, run_netns_command
 
 __all__ = ["Blackhole", "LinkPlan", "flap", "lab_netns", "link_down", "link_plan", "link_up", "nat_flush"]
 
@@ -67,8 +68,7 @@ def link_plan(role: str, ifname: str, addr: Addressing = ADDR) -> LinkPlan:
 
 
 def _lab_ns(netns: str) -> None:
-    if not netns.startswith("netsim-"):
-        raise LabError(f"refusing to change namespace {netns!r}: netsim only touches 'netsim-*' namespaces")
+    require_lab_netns(netns, "inject a fault")
 
 
 def _check_ifname(ifname: str) -> None:
@@ -136,12 +136,8 @@ class Blackhole:
         self.table = f"netsim_fault_{secrets.token_hex(3)}"
         self.installed = False
 
-    def _nft(self, script: str, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = ["ip", "netns", "exec", self.netns, "nft", *args]
-        done = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=10, check=False)
-        if done.returncode != 0:
-            raise LabError(f"nft in {self.netns} failed: {done.stderr.strip()[:300]}")
-        return done
+    def _nft(self, script: str, *args: str) -> CommandResult:
+        return run_netns_command(self.netns, ["nft", *args], stdin=script)
 
     def install(self) -> Blackhole:
         fam = "ip" if self.address.version == 4 else "ip6"

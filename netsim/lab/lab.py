@@ -52,6 +52,7 @@ from netsim.lab.pcap import (
 )
 from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
 from netsim.runtime.resolver import DNS_STATE_DIR, RESOLVER_LISTEN, SYSTEM_FILE, write_state_file
+from netsim.transports.netns import run_netns_command
 
 if TYPE_CHECKING:
     from netsim.transports.tun import TunDevice
@@ -813,14 +814,7 @@ class Lab:
 
     def nft(self, role: str, ruleset: str) -> None:
         """Load an nftables ruleset (``nft -f -`` syntax) in ``role``'s namespace."""
-
-        def load() -> subprocess.CompletedProcess[str]:
-            # fork() from this thread: the child inherits the thread's network namespace.
-            return subprocess.run(["nft", "-f", "-"], input=ruleset, capture_output=True, text=True, check=False)
-
-        result = run_in_netns(self.netns(role), load)
-        if result.returncode != 0:
-            raise LabError(f"{role}: nft rejected the ruleset: {result.stderr.strip()}")
+        run_netns_command(self.netns(role), ["nft", "-f", "-"], stdin=ruleset)
 
     # ------------------------------------------------------------------ capture
     def capture(

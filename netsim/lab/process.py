@@ -24,13 +24,9 @@ import trio
 
 from netsim.errors import LabError
 from netsim.runtime.spawn import Child, SpawnError, spawn
+from netsim.transports.netns import netns_exec_argv
 
 __all__ = ["LabProcess", "ProcessInfo", "netns_exec_argv", "process_start_time"]
-
-
-def netns_exec_argv(netns: str, argv: Sequence[str]) -> list[str]:
-    """The argv that runs ``argv`` inside ``netns`` (with its /etc/netns files bind-mounted)."""
-    return ["ip", "netns", "exec", netns, *argv]
 
 
 def process_start_time(pid: int) -> int | None:

@@ -45,7 +45,8 @@ from netsim.core.wireguard.config import (
 from netsim.core.wireguard.keys import PresharedKey, PrivateKey, PublicKey
 from netsim.errors import ConfigError, LabError, MissingDependency
 from netsim.lab import netlink
-from netsim.lab.process import LabProcess, netns_exec_argv
+from netsim.lab.process import LabProcess
+from netsim.transports.netns import run_netns_command_async
 
 if TYPE_CHECKING:
     from netsim.lab.lab import Lab
@@ -542,19 +543,5 @@ class WireGuardGo:
 
         Secrets travel on ``stdin`` (wg reads key files from /dev/stdin), never in argv.
         """
-        full = netns_exec_argv(self.netns, argv)
-        try:
-            with trio.fail_after(_COMMAND_TIMEOUT):
-                result = await trio.run_process(
-                    full,
-                    stdin=stdin.encode() if stdin is not None else b"",
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                )
-        except trio.TooSlowError:
-            raise LabError(f"`{' '.join(full)}` did not finish within {_COMMAND_TIMEOUT} s") from None
-        out, err = result.stdout.decode(errors="replace"), result.stderr.decode(errors="replace")
-        if check and result.returncode != 0:
-            raise LabError(f"`{' '.join(full)}` failed with status {result.returncode}: {err.strip()}")
-        return result.returncode, out, err
+        done = await run_netns_command_async(self.netns, argv, stdin=stdin, check=check, timeout=_COMMAND_TIMEOUT)
+        return done.returncode, done.stdout, done.stderr

@@ -41,6 +41,7 @@ from netsim.runtime.provider import (
     memory_control_pair,
 )
 from netsim.runtime.spawn import Child, SpawnError, spawn_async
+from netsim.transports.netns import require_lab_netns
 
 log = logging.getLogger("netsim.controller")
 
@@ -192,8 +193,7 @@ class SubprocessLauncher:
         batch_limit: int | None = None,
         kill_switch: KillSwitch | None = None,
     ) -> None:
-        if not netns.startswith("netsim-"):
-            raise LabError(f"refusing to run a provider in namespace {netns!r}: use a netsim-* lab namespace")
+        require_lab_netns(netns, "run a provider")
         self.netns = netns
         self.kill_switch: KillSwitch = kill_switch if kill_switch is not None else KernelKillSwitch(netns)
         self.python = python

@@ -15,18 +15,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import trio
-
 from netsim.core.killswitch import (
     KILLSWITCH_TABLE,
     CounterValue,
     KillSwitchConfig,
+    is_physical_interface,
     parse_counters,
     render_killswitch,
     render_release,
     split_local_prefixes,
 )
 from netsim.errors import LabError
+from netsim.transports.netns import require_lab_netns, run_netns_command_async
 
 __all__ = ["KernelKillSwitch", "KillSwitch", "KillSwitchEvent", "MemoryKillSwitch", "connected_prefixes"]
 
@@ -111,13 +111,12 @@ def connected_prefixes(
         links = json.loads(ip_addr_json)
     except (ValueError, UnicodeDecodeError):
         return []
-    skipped = set(skip)
     result: list[str] = []
     for link in links if isinstance(links, list) else []:
         if not isinstance(link, dict):
             continue
         name = link.get("ifname")
-        if not isinstance(name, str) or name in skipped or name.startswith(tun_prefix):
+        if not isinstance(name, str) or not is_physical_interface(name, tun_prefix=tun_prefix, skip=skip):
             continue
         for info in link.get("addr_info") or []:
             if not isinstance(info, dict):
@@ -157,8 +156,7 @@ class KernelKillSwitch:
         forward: bool = True,
         table: str = KILLSWITCH_TABLE,
     ) -> None:
-        if not netns.startswith("netsim-"):
-            raise LabError(f"refusing to engage a kill switch in namespace {netns!r}: use a netsim-* lab namespace")
+        require_lab_netns(netns, "engage a kill switch")
         self.netns = netns
         self.tun_prefix = tun_prefix
         self.bypass_fwmark = bypass_fwmark
@@ -175,15 +173,8 @@ class KernelKillSwitch:
         return self._engaged
 
     async def _run(self, argv: list[str], stdin: bytes | None = None) -> bytes:
-        full = ["ip", "netns", "exec", self.netns, *argv]
-        try:
-            with trio.fail_after(_NFT_TIMEOUT):
-                done = await trio.run_process(full, stdin=stdin, capture_stdout=True, capture_stderr=True, check=False)
-        except (OSError, trio.TooSlowError) as exc:
-            raise LabError(f"{' '.join(full)}: {exc}") from exc
-        if done.returncode != 0:
-            raise LabError(f"{' '.join(full)} failed ({done.returncode}): {done.stderr.decode(errors='replace')}")
-        return bytes(done.stdout)
+        done = await run_netns_command_async(self.netns, argv, stdin=stdin, timeout=_NFT_TIMEOUT)
+        return done.stdout.encode()
 
     async def engage(self, *, exclude_local_networks: bool = False) -> None:
         if self._engaged and self.config is not None and self.config.exclude_local_networks == exclude_local_networks:

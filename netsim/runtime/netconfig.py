@@ -77,7 +77,6 @@ import fcntl
 import ipaddress
 import os
 import socket
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,13 +87,14 @@ from netsim.apple.errors import TunnelProviderError
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.dns import normalize_name
-from netsim.core.killswitch import PRIVATE_PREFIXES
+from netsim.core.killswitch import PRIVATE_PREFIXES, is_physical_interface, split_local_prefixes
 from netsim.core.resolver import TunnelDns
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
 from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, TUNNEL_FILE, write_state_file
 from netsim.transports.base import PacketDevice
+from netsim.transports.netns import require_lab_netns, run_netns_command
 from netsim.transports.rtevents import RouteEvents
 
 __all__ = [
@@ -217,15 +217,9 @@ def local_network_exclusions(
     ``connected`` are the physical interfaces' addresses. IPv6 link-local is left out (the kernel scopes it to
     its link already), and so is any public prefix, however on-link (TunnelCrack LocalNet, row K5).
     """
-    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-    for iface in connected:
-        net = iface.network
-        if net.version == 6 and net.is_link_local:
-            continue
-        private = any(net.version == r.version and net.subnet_of(r) for r in LOCAL_NETWORK_RANGES)  # type: ignore[arg-type]
-        if private and net not in out:
-            out.append(net)
-    return tuple(out)
+    private, _ = split_local_prefixes(str(iface.network) for iface in connected)  # the kill switch's filter
+    nets = (ipaddress.ip_network(text) for text in private)
+    return tuple(net for net in nets if not (net.version == 6 and net.is_link_local))
 
 
 def utun_guard_ruleset(device: str, addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> str:
@@ -582,8 +576,7 @@ class KernelNetworkConfigurator:
         lock_dir: Path = TUNNEL_LOCK_DIR,
         dns_state_dir: Path | None = None,
     ) -> None:
-        if not netns.startswith("netsim-"):
-            raise LabError(f"refusing to configure namespace {netns!r}: netsim only touches 'netsim-*' namespaces")
+        require_lab_netns(netns, "configure a tunnel")
         self.netns = netns
         self.inside = inside
         self.table = table
@@ -665,7 +658,7 @@ class KernelNetworkConfigurator:
         found: dict[ipaddress.IPv4Network | ipaddress.IPv6Network, int] = {}
         for msg in ipr.get_addr():
             name = names.get(msg["index"], "")
-            if name in ("lo", own) or name.startswith("utun"):
+            if name == own or not is_physical_interface(name):
                 continue
             iface = ipaddress.ip_interface(f"{msg.get('address')}/{msg.get('prefixlen')}")
             for net in local_network_exclusions([iface]):
@@ -931,10 +924,9 @@ class KernelNetworkConfigurator:
 
     # -- CVE-2019-14899 guard --------------------------------------------------------------------------------
     def _nft(self, script: str) -> None:
-        argv = ["nft", "-f", "-"] if self.inside else ["ip", "netns", "exec", self.netns, "nft", "-f", "-"]
-        done = subprocess.run(argv, input=script.encode(), capture_output=True, timeout=10, check=False)
+        done = run_netns_command(None if self.inside else self.netns, ["nft", "-f", "-"], stdin=script, check=False)
         if done.returncode != 0:
-            raise _failed(f"nft refused the utun guard in {self.netns}: {done.stderr.decode(errors='replace')[:300]}")
+            raise _failed(f"nft refused the utun guard in {self.netns}: {done.stderr[:300]}")
 
     def _sync_guard(self, script: str) -> None:
         if script != self._guard:

@@ -17,8 +17,10 @@ import ctypes.util
 import os
 import re
 import socket
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,13 +28,29 @@ import trio
 
 from netsim.errors import LabError, PrivilegeError
 
-__all__ = ["NETNS_RUN_DIR", "check_netns_name", "run_in_netns", "run_in_netns_async", "socket_in_netns"]
+__all__ = [
+    "LAB_NETNS_PREFIX",
+    "NETNS_RUN_DIR",
+    "CommandResult",
+    "check_netns_name",
+    "netns_exec_argv",
+    "require_lab_netns",
+    "run_in_netns",
+    "run_in_netns_async",
+    "run_netns_command",
+    "run_netns_command_async",
+    "socket_in_netns",
+]
 
 T = TypeVar("T")
 
 NETNS_RUN_DIR = Path("/run/netns")
 _CLONE_NEWNET = 0x40000000  # <linux/sched.h>
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Every namespace netsim creates, and the only ones it changes, start with this.
+LAB_NETNS_PREFIX = "netsim-"
+#: Seconds a short command in a namespace (nft, ip, wg) may take before it counts as hung.
+COMMAND_TIMEOUT = 10.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
@@ -41,6 +59,91 @@ def check_netns_name(name: str) -> None:
     """Raise `LabError` unless ``name`` is a valid ``ip netns`` name."""
     if not _NAME_RE.match(name) or name in (".", ".."):
         raise LabError(f"invalid namespace name {name!r}: use letters, digits, '-', '_' or '.'")
+
+
+def require_lab_netns(name: str, doing: str) -> None:
+    """Raise `LabError` unless ``name`` is one of netsim's own namespaces (``netsim-*``).
+
+    ``doing`` completes "refusing to ... in namespace X" in the message. netsim never changes the root namespace or
+    one it did not create; every kernel-state owner (configurator, kill switch, launcher, faults) asks this first.
+    """
+    if not name.startswith(LAB_NETNS_PREFIX):
+        raise LabError(f"refusing to {doing} in namespace {name!r}: netsim only touches {LAB_NETNS_PREFIX}* namespaces")
+
+
+def netns_exec_argv(netns: str | None, argv: Sequence[str]) -> list[str]:
+    """The argv that runs ``argv`` inside ``netns`` (``ip netns exec``, which also bind-mounts its /etc/netns
+    files); ``argv`` itself when ``netns`` is None (the caller already runs in the namespace)."""
+    return list(argv) if netns is None else ["ip", "netns", "exec", netns, *argv]
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a short command in a namespace printed (`run_netns_command`)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _command_text(netns: str | None, argv: Sequence[str]) -> str:
+    where = "" if netns is None else f" in {netns}"
+    return f"`{' '.join(argv)}`{where}"
+
+
+def _checked(netns: str | None, argv: Sequence[str], rc: int, out: bytes, err: bytes, *, check: bool) -> CommandResult:
+    result = CommandResult(rc, out.decode(errors="replace"), err.decode(errors="replace"))
+    if check and rc != 0:
+        raise LabError(f"{_command_text(netns, argv)} failed with status {rc}: {result.stderr.strip()[:300]}")
+    return result
+
+
+def run_netns_command(
+    netns: str | None,
+    argv: Sequence[str],
+    *,
+    stdin: str | bytes | None = None,
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT,
+) -> CommandResult:
+    """Run a short command (``nft``, ``ip``, ``conntrack``) inside ``netns`` (None: here) and wait for it.
+
+    Scripts and secrets travel on ``stdin``, never in argv. Raises `LabError` when the command cannot start, runs
+    longer than ``timeout`` seconds, or (with ``check``) exits non-zero; the message names the command, the
+    namespace and the first 300 bytes of its stderr.
+    """
+    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    try:
+        done = subprocess.run(
+            netns_exec_argv(netns, argv), input=data, capture_output=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise LabError(f"{_command_text(netns, argv)} did not finish within {timeout} s") from None
+    except OSError as exc:
+        raise LabError(f"{_command_text(netns, argv)} could not run: {exc}") from exc
+    return _checked(netns, argv, done.returncode, done.stdout, done.stderr, check=check)
+
+
+async def run_netns_command_async(
+    netns: str | None,
+    argv: Sequence[str],
+    *,
+    stdin: str | bytes | None = None,
+    check: bool = True,
+    timeout: float = COMMAND_TIMEOUT,
+) -> CommandResult:
+    """`run_netns_command` for trio code: the event loop keeps running while the command does."""
+    data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(
+                netns_exec_argv(netns, argv), stdin=data, capture_stdout=True, capture_stderr=True, check=False
+            )
+    except trio.TooSlowError:
+        raise LabError(f"{_command_text(netns, argv)} did not finish within {timeout} s") from None
+    except OSError as exc:
+        raise LabError(f"{_command_text(netns, argv)} could not run: {exc}") from exc
+    return _checked(netns, argv, done.returncode, done.stdout, done.stderr, check=check)
 
 
 def _setns(path: Path) -> None:
