@@ -30,7 +30,7 @@ import secrets
 import struct
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from ipaddress import ip_address, ip_interface, ip_network
 from typing import TYPE_CHECKING, Any
@@ -87,6 +87,10 @@ class FakeNetwork:
         loss: probability that a datagram is dropped (counted in ``lost``; those carrying an inner packet also in
             ``lost_data``), from ``random.Random(seed)``.
         capacity: datagrams an endpoint's inbox holds; more are dropped (counted in ``overflow``).
+
+    Faults (the memory side of `netsim.lab.faults`): a host in ``blackholed`` neither sends nor receives (its
+    datagrams are counted in ``blackholed_drops``), which is how `MemoryTunnel.link_down` and
+    `MemoryTunnel.blackhole_server` cut a path; `MemoryTunnel.nat_rebind` moves an endpoint to a new address.
     """
 
     def __init__(self, *, loss: float = 0.0, seed: int = 0, capacity: int = 4096) -> None:
@@ -99,6 +103,8 @@ class FakeNetwork:
         self.lost_data = 0
         self.overflow = 0
         self.unreachable = 0
+        self.blackholed: set[str] = set()
+        self.blackholed_drops = 0
 
     def attach(self, addr: Address) -> MemoryDatagramTransport:
         """A transport bound to ``addr`` (replacing any earlier one: a restarted process rebinding)."""
@@ -106,7 +112,17 @@ class FakeNetwork:
         self.endpoints[addr] = transport
         return transport
 
+    def move(self, old: Address, new: Address) -> None:
+        """Give the endpoint at ``old`` the address ``new`` (a NAT that forgot its mapping and made a new one):
+        what it sends comes from ``new`` from now on, and what is sent to ``old`` is unreachable."""
+        transport = self.endpoints.pop(old)
+        transport.addr = new
+        self.endpoints[new] = transport
+
     def _deliver(self, src: Address, dst: Address, data: bytes) -> None:
+        if self.blackholed and (src[0] in self.blackholed or dst[0] in self.blackholed):
+            self.blackholed_drops += 1
+            return
         if self.loss and self.rng.random() < self.loss:
             self.lost += 1
             # WireGuard transport data carrying a packet (type 4, longer than a 32-byte keepalive): whitepaper §5.4.6
@@ -403,6 +419,46 @@ class MemoryTunnel:
     def restart_server(self) -> None:
         """Reboot the VPN server: every session is lost; the client must handshake again."""
         self.server.restart()
+
+    # -- faults (the memory side of netsim.lab.faults; docs/faults.md) ----------------------------------------
+    @property
+    def helper_address(self) -> Address:
+        """Where the helper's datagrams come from, as the server sees it (changes with `nat_rebind`)."""
+        transport = self.helper.transport
+        assert isinstance(transport, MemoryDatagramTransport)
+        return transport.addr
+
+    def link_down(self) -> None:
+        """The simulated Mac's uplink goes down (`netsim.lab.faults.link_down` of en0): no datagram leaves or
+        reaches the helper until `link_up`; each one is counted in ``network.blackholed_drops``."""
+        self.network.blackholed.add(self.helper_address[0])
+
+    def link_up(self) -> None:
+        """The uplink is back (`netsim.lab.faults.link_up`)."""
+        self.network.blackholed.discard(self.helper_address[0])
+
+    @contextmanager
+    def blackhole_server(self) -> Iterator[None]:
+        """The VPN server is unreachable while the block runs (process alive; `netsim.lab.faults.Blackhole`)."""
+        self.network.blackholed.add(SERVER_ADDR[0])
+        try:
+            yield
+        finally:
+            self.network.blackholed.discard(SERVER_ADDR[0])
+
+    def nat_rebind(self, new: Address | None = None) -> Address:
+        """The home router forgot its mapping (`netsim.lab.faults.nat_flush`): the helper's datagrams now come from
+        ``new`` (default: the next port). The server must follow the new endpoint on the next authenticated
+        datagram (WireGuard roaming, whitepaper §2.1); returns the new address."""
+        old = self.helper_address
+        target = new if new is not None else (old[0], old[1] + 1)
+        self.network.move(old, target)
+        return target
+
+    def server_endpoint(self) -> Address | None:
+        """The client endpoint the VPN server would reply to now (it follows roaming)."""
+        peers = self.server.device.peers
+        return None if not peers or peers[0].endpoint is None else tuple(peers[0].endpoint)
 
     async def wait_connected(self, *, after_connects: int = 0, timeout: float = 30.0) -> None:
         with trio.fail_after(timeout):
