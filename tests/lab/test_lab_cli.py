@@ -121,6 +121,7 @@ def _stop(proc: subprocess.Popen[str], run_id: str) -> None:
             stream.close()
 
 
+@pytest.mark.reliability("R4")
 def test_up_with_a_live_run_id_refuses_and_changes_nothing() -> None:
     """Issue 13: a second `lab up --run ID` said "already exists", then destroyed the running lab."""
     require_root()
@@ -141,6 +142,7 @@ def test_up_with_a_live_run_id_refuses_and_changes_nothing() -> None:
         _stop(proc, run_id)
 
 
+@pytest.mark.reliability("R4")
 def test_a_second_lab_with_the_same_id_leaves_the_first_alone() -> None:
     """The library half of the same defect: a failed claim must not tear down what it did not create."""
     require_root()
