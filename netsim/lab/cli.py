@@ -31,7 +31,18 @@ from click.shell_completion import CompletionItem
 from netsim.errors import NetsimError
 from netsim.lab.addressing import ADDR, ROLES
 from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
-from netsim.lab.faults import flap, lab_netns, link_down, link_plan, link_up, nat_flush
+from netsim.lab.faults import (
+    PROCESS_SIGNALS,
+    flap,
+    freeze,
+    lab_netns,
+    lab_process,
+    link_down,
+    link_plan,
+    link_up,
+    nat_flush,
+    signal_process,
+)
 from netsim.lab.netns import list_netns
 from netsim.lab.pcap import CaptureStats, capture_report_lines, read_capture_summary
 
@@ -538,7 +549,7 @@ async def demo_lab() -> None:
 # -- faults (issue 16; docs/faults.md) ------------------------------------------------------------------------
 @lab_group.group("fault")
 def fault_group() -> None:
-    """Inject a fault into a running lab: links down/up/flapping, a blackholed host, NAT mappings forgotten.
+    """Inject a fault into a running lab: links down/up/flapping, NAT mappings forgotten, processes frozen.
 
     Each acts on the lab's own namespaces only (`netsim.lab.faults`); `--run` picks the lab as for `exec`.
     """
@@ -596,3 +607,31 @@ def fault_flap(run_id: str | None, role: str, ifname: str, *, down_for: float, t
 def fault_nat_flush(run_id: str | None, role: str) -> None:
     """Make ROLE (default: the home router) forget its NAT mappings (conntrack -F)."""
     click.echo(f"{role}: {nat_flush(_fault_ns(run_id, role))} conntrack entries flushed")
+
+
+@fault_group.command("signal")
+@_RUN_OPTION
+@click.argument("name")
+@click.argument("sig", metavar="SIGNAL", type=click.Choice(sorted(PROCESS_SIGNALS), case_sensitive=False))
+def fault_signal(run_id: str | None, name: str, sig: str) -> None:
+    """Send SIGNAL (STOP, CONT, TERM or KILL) to the lab process NAME, e.g. `netsim lab fault signal helper STOP`.
+
+    NAME is as `netsim lab status` lists it (helper, wg-vpn, svc-inet ...); the pid is checked against the run
+    file's start time first, so a reused pid is never signalled.
+    """
+    _need_root()
+    info = lab_process(_pick_run(run_id), name)
+    signal_process(info, PROCESS_SIGNALS[sig.upper()])
+    click.echo(f"{name} (pid {info.pid}): SIG{sig.upper()} sent")
+
+
+@fault_group.command("freeze")
+@_RUN_OPTION
+@click.argument("name")
+@click.option("--for", "seconds", type=float, default=3.0, show_default=True, help="seconds frozen (at most 300)")
+def fault_freeze(run_id: str | None, name: str, seconds: float) -> None:
+    """Freeze the lab process NAME (SIGSTOP) for --for seconds, then continue it (SIGCONT), even on Ctrl-C."""
+    _need_root()
+    info = lab_process(_pick_run(run_id), name)
+    trio.run(freeze, info, seconds)
+    click.echo(f"{name} (pid {info.pid}) frozen for {seconds:g} s and continued")

@@ -14,14 +14,18 @@ Nothing touches the root namespace.
   own, with a counter), e.g. the VPN server made unreachable without restarting it.
 * `nat_flush`: the home router forgets its NAT mappings (``conntrack -F`` in ``isp``), as a router reboot or a
   mapping timeout does; the next packet of every flow gets a new mapping.
+* `lab_process`, `signal_process`, `freeze`: a process the lab started (the helper, wireguard-go, a service) is
+  stopped and continued, or killed, by the pid its run file records, after checking the pid still names that
+  process (its start time), so a reused pid is never signalled.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
-import subprocess
+import signal
 from dataclasses import dataclass
 
 import trio
@@ -29,9 +33,23 @@ import trio
 from netsim.errors import LabError
 from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, ROLES, Addressing
+from netsim.lab.cleanup import RunRecord
+from netsim.lab.process import ProcessInfo, process_start_time
 from netsim.transports.netns import CommandResult, require_lab_netns, run_netns_command
 
-__all__ = ["Blackhole", "LinkPlan", "flap", "lab_netns", "link_down", "link_plan", "link_up", "nat_flush"]
+__all__ = [
+    "Blackhole",
+    "LinkPlan",
+    "flap",
+    "freeze",
+    "lab_netns",
+    "lab_process",
+    "link_down",
+    "link_plan",
+    "link_up",
+    "nat_flush",
+    "signal_process",
+]
 
 _RUN_ID = re.compile(r"^[a-z0-9]{1,6}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -172,13 +190,63 @@ def nat_flush(netns: str) -> int:
     entries it held just before (``conntrack -C``; ``-F`` itself does not say)."""
     _lab_ns(netns)
 
-    def conntrack(*args: str) -> str:
-        argv = ["ip", "netns", "exec", netns, "conntrack", *args]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-        if done.returncode != 0:
-            raise LabError(f"conntrack {' '.join(args)} in {netns} failed: {done.stderr.strip()[:300]}")
-        return done.stdout
-
-    held = conntrack("-C").strip()
-    conntrack("-F")
+    held = run_netns_command(netns, ["conntrack", "-C"]).stdout.strip()
+    run_netns_command(netns, ["conntrack", "-F"])
     return int(held) if held.isdigit() else 0
+
+
+# ---- processes ----
+#: Signals `signal_process` sends (by name on the CLI): freeze, continue, stop gracefully, crash.
+PROCESS_SIGNALS: dict[str, signal.Signals] = {
+    "STOP": signal.SIGSTOP,
+    "CONT": signal.SIGCONT,
+    "TERM": signal.SIGTERM,
+    "KILL": signal.SIGKILL,
+}
+_MAX_FREEZE = 300.0
+
+
+def lab_process(run: RunRecord, name: str) -> ProcessInfo:
+    """The process called ``name`` (``helper``, ``wg-vpn``, ``svc-inet`` ...) in lab ``run``'s run file.
+
+    Raises:
+        LabError: no such process (the message lists the names there are).
+    """
+    for info in run.processes:
+        if info.name == name:
+            return info
+    names = ", ".join(sorted(p.name for p in run.processes)) or "none"
+    raise LabError(f"lab {run.run_id} has no process {name!r} (it has: {names})")
+
+
+def signal_process(info: ProcessInfo, sig: int) -> None:
+    """Send ``sig`` to the lab process ``info`` by pidfd, once its start time shows the pid is still that process.
+
+    Raises:
+        LabError: the process is gone (or its pid now names another process).
+    """
+    try:
+        fd = os.pidfd_open(info.pid)
+    except ProcessLookupError:
+        raise LabError(f"process {info.name} (pid {info.pid}) is gone") from None
+    try:
+        # checked after the pidfd is open: from here on the pid cannot be reused under us
+        if info.start_time is None or process_start_time(info.pid) != info.start_time:
+            raise LabError(f"pid {info.pid} no longer names the lab's process {info.name}; not signalling it")
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        raise LabError(f"process {info.name} (pid {info.pid}) is gone") from None
+    finally:
+        os.close(fd)
+
+
+async def freeze(info: ProcessInfo, seconds: float) -> None:
+    """SIGSTOP the lab process ``info`` for ``seconds`` (at most 300), then SIGCONT it, even if cancelled: a
+    stalled helper or server, as a debugger or an overloaded Mac would leave it."""
+    if not 0 < seconds <= _MAX_FREEZE:
+        raise LabError(f"freeze for {seconds} s: choose 0 < seconds <= {_MAX_FREEZE:g}")
+    signal_process(info, signal.SIGSTOP)
+    try:
+        await trio.sleep(seconds)
+    finally:
+        signal_process(info, signal.SIGCONT)  # synchronous: runs even when the sleep was cancelled

@@ -8,7 +8,10 @@ the network come back, as DHCP and router advertisements do on a real one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +19,10 @@ import trio
 from click.testing import CliRunner
 
 from netsim.cli import main
+from netsim.errors import LabError
 from netsim.lab import faults
 from netsim.lab.addressing import ADDR
+from netsim.lab.cleanup import RunRecord
 from netsim.lab.lab import Lab
 from netsim.testing.fixtures import run_lab_scenario
 
@@ -36,7 +41,7 @@ async def _reach(lab: Lab) -> tuple[bool, bool]:
 
 def _cli(*args: str) -> tuple[int, str]:
     r = CliRunner().invoke(main, ["lab", "fault", *args])
-    return r.exit_code, r.output
+    return r.exit_code, r.output + ("" if r.exception is None else str(r.exception))
 
 
 async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
@@ -76,6 +81,48 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["cli_flap"] = await trio.to_thread.run_sync(lambda: _cli(*args))
     rec["cli_flap_reach"] = await _reach(lab)
     rec["cli_nat"] = await trio.to_thread.run_sync(_cli, "nat-flush", "--run", run)
+    await _processes(lab, rec)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def _echo(lab: Lab) -> bool:
+    """One UDP echo to www (served by the svc-inet process)."""
+    sock = trio.socket.from_stdlib_socket(lab.socket("mac"))
+    with sock:
+        await sock.sendto(b"netsim-freeze", (str(ADDR.www_v4), 7))
+        with trio.move_on_after(0.5):
+            return await sock.recv(100) == b"netsim-freeze"
+    return False
+
+
+async def _processes(lab: Lab, rec: dict[str, Any]) -> None:
+    run = RunRecord.load(RunRecord(lab.run_id, 0, None, 0.0, []).path)
+    info = faults.lab_process(run, "svc-inet")
+    rec["echo_before"] = await _echo(lab)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(faults.freeze, info, 1.5)
+        await trio.sleep(0.2)
+        rec["frozen_state"] = _state(info.pid)
+        rec["echo_frozen"] = await _echo(lab)
+    rec["thawed_state"] = _state(info.pid)
+    rec["echo_after"] = await _echo(lab)
+    rec["cli_stop"] = await trio.to_thread.run_sync(_cli, "signal", "--run", lab.run_id, "svc-inet", "stop")
+    rec["cli_stopped_state"] = _state(info.pid)
+    rec["cli_cont"] = await trio.to_thread.run_sync(_cli, "signal", "--run", lab.run_id, "svc-inet", "CONT")
+    rec["cli_cont_state"] = _state(info.pid)
+    rec["cli_freeze"] = await trio.to_thread.run_sync(_cli, "freeze", "--run", lab.run_id, "svc-inet", "--for", "0.3")
+    rec["cli_unknown"] = await trio.to_thread.run_sync(_cli, "signal", "--run", lab.run_id, "no-such", "KILL")
+    # a run file whose start time does not match (a reused pid) is refused before any signal
+    stale = dataclasses.replace(info, start_time=(info.start_time or 0) + 1)
+    try:
+        faults.signal_process(stale, signal.SIGSTOP)
+        rec["stale"] = "signalled"
+    except LabError as exc:
+        rec["stale"] = str(exc)
+    rec["stale_state"] = _state(info.pid)
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +184,17 @@ def test_faults_refuse_what_is_not_a_lab_namespace() -> None:
 
 def test_lab_left_nothing_behind(scenario: dict[str, Any]) -> None:
     assert scenario["leaks"] == [] and scenario["root_changed"] is None
+
+
+def test_a_frozen_process_serves_nothing_and_resumes_after(scenario: dict[str, Any]) -> None:
+    assert scenario["echo_before"] is True  # the positive control: the echo works when not frozen
+    assert scenario["frozen_state"] == "T" and scenario["echo_frozen"] is False
+    assert scenario["thawed_state"] in ("S", "R") and scenario["echo_after"] is True
+
+
+def test_the_cli_signals_lab_processes_by_name_and_checks_the_pid(scenario: dict[str, Any]) -> None:
+    assert scenario["cli_stop"][0] == 0 and scenario["cli_stopped_state"] == "T", scenario["cli_stop"]
+    assert scenario["cli_cont"][0] == 0 and scenario["cli_cont_state"] in ("S", "R"), scenario["cli_cont"]
+    assert scenario["cli_freeze"][0] == 0 and "frozen for 0.3 s" in scenario["cli_freeze"][1]
+    assert scenario["cli_unknown"][0] != 0 and "svc-inet" in scenario["cli_unknown"][1]  # lists the names
+    assert "no longer names" in scenario["stale"] and scenario["stale_state"] in ("S", "R")
