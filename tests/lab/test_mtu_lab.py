@@ -14,6 +14,9 @@ learns that it does not fit.
   is a tunnel MTU that fits the path (1400 - 80 = 1320): then full-size inner packets pass and a larger one
   gets the local "message too long" (the kernel's ICMP), never silence.
 
+Big MTU: a tunnel MTU of 34000 carries 34000-byte inner packets to the server's tunnel address and back; to the
+internet (1500 behind the server) the server's ICMP comes back through the tunnel.
+
 Positive controls: a host on the home LAN (no tunnel) sees "Frag needed" from the router without the black
 hole and nothing with it, and the hole's counters count what it ate.
 """
@@ -35,6 +38,7 @@ from netsim.lab.tunnel import TunnelPlan, netsim_tunnel
 from netsim.testing.fixtures import run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
+BIG_MTU = 34000
 PATH_MTU = 1400  # a tunnel inside a tunnel; 1400 - 80 = 1320 still carries IPv6 (>= 1280)
 
 
@@ -123,6 +127,14 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["cli_hole"] = await trio.to_thread.run_sync(_cli, "pmtu-blackhole", "--run", run)
     rec["cli_hole_tables"] = (await lab.run("isp", ["nft", "list", "tables"])).stdout.decode()
     rec["cli_unhole"] = await trio.to_thread.run_sync(_cli, "pmtu-blackhole", "--run", run, "--remove")
+    # big MTU (the row's ~34 KB): inner packets of 34000 bytes to the server's own tunnel address and back; to
+    # the internet (a 1500 link behind the server) the server answers with ICMP through the tunnel
+    big = TunnelPlan(mtu=BIG_MTU)
+    async with netsim_tunnel(lab, plan=big):
+        rec["big_v4"] = await _ping(lab, big.server_v4, _full(BIG_MTU, False))
+        rec["big_v6"] = await _ping(lab, big.server_v6, _full(BIG_MTU, True))
+        rec["big_www_v4"] = await _ping(lab, lab.addr.www_v4, _full(BIG_MTU, False), count=1)
+        rec["big_www_v6"] = await _ping(lab, lab.addr.www_v6, _full(BIG_MTU, True), count=1)
     rec["tables_after"] = [(await lab.run(r, ["nft", "list", "tables"])).stdout.decode() for r in ("isp", "inet")]
 
 
@@ -182,6 +194,17 @@ def test_the_cli_sets_the_mtu_and_installs_and_removes_the_black_hole(scenario: 
     assert scenario["mtus_after_cli"] == [1500, 1500]
     assert scenario["cli_hole"][0] == 0 and f"netsim_pmtu_{scenario['run_id']}" in scenario["cli_hole_tables"]
     assert scenario["cli_unhole"][0] == 0 and "removed" in scenario["cli_unhole"][1], scenario["cli_unhole"]
+
+
+@pytest.mark.reliability("LD4")
+def test_a_34_kb_tunnel_mtu_carries_34_kb_packets_and_larger_hops_answer_with_icmp(scenario: dict[str, Any]) -> None:
+    for key in ("big_v4", "big_v6"):
+        assert scenario[key][0] == 3, (key, scenario[key][1])
+    # the server forwards to a 1500-byte link: its ICMP comes back through the tunnel, from its tunnel address
+    replies, out = scenario["big_www_v4"]
+    assert replies == 0 and "From 10.66.0.1" in out and "Frag needed" in out and "mtu = 1500" in out, out
+    replies, out = scenario["big_www_v6"]
+    assert replies == 0 and "From fd00:66::1" in out and "Packet too big" in out and "mtu=1500" in out, out
 
 
 def test_lab_left_nothing_behind(scenario: dict[str, Any]) -> None:
