@@ -430,7 +430,6 @@ ROWS: dict[str, Row] = {
 #: listed here has gained a test (so this stays true).
 UNCOVERED: dict[str, str] = {
     "LD1": "a 30 s steady load is a benchmark case (`netsim bench`, e2e group), not a CI test; short v4/v6 probes are in tests/lab/test_e2e_tunnel.py",
-    "LD4": "not yet: max-MTU and PMTU cases come with the MTU faults of issue #16",
     "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
     "F12": "not yet: tunnel flapping under traffic is issue #16",

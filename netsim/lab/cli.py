@@ -635,3 +635,37 @@ def fault_freeze(run_id: str | None, name: str, seconds: float) -> None:
     info = lab_process(_pick_run(run_id), name)
     trio.run(freeze, info, seconds)
     click.echo(f"{name} (pid {info.pid}) frozen for {seconds:g} s and continued")
+
+
+# -- mtu faults (issue 16; docs/faults.md, "MTU and PMTU black hole") --------------------------------------------
+@fault_group.command("mtu")
+@_RUN_OPTION
+@click.option("--role", type=click.Choice(ROLES), default="isp", show_default=True)
+@click.option("--ifname", default="wan", show_default=True)
+@click.option("--mtu", type=int, required=True, help="1280-65535 (1500 is the lab's own)")
+def fault_mtu(run_id: str | None, role: str, ifname: str, mtu: int) -> None:
+    """Set the MTU of ROLE's IFNAME and its veth peer, e.g. `--role isp --ifname wan --mtu 1400`."""
+    from netsim.lab.faults import set_mtu
+
+    _fault_ns(run_id, role)
+    ends = set_mtu(_pick_run(run_id).run_id, role, ifname, mtu)
+    click.echo(f"mtu {mtu} on {', '.join(f'{r}:{i}' for r, i in ends)}")
+
+
+@fault_group.command("pmtu-blackhole")
+@_RUN_OPTION
+@click.option("--role", type=click.Choice(ROLES), default="isp", show_default=True)
+@click.option("--remove", is_flag=True, help="remove the black hole this command installed")
+def fault_pmtu_blackhole(run_id: str | None, role: str, remove: bool) -> None:
+    """Drop ICMP frag-needed / ICMPv6 packet-too-big on ROLE (a counted nft table named after the run)."""
+    from netsim.lab.faults import PmtuBlackhole
+
+    _fault_ns(run_id, role)
+    hole = PmtuBlackhole(_pick_run(run_id).run_id, role)
+    if remove:
+        v4, v6 = hole.adopt().dropped_by_type()
+        hole.remove()
+        click.echo(f"{role}: PMTU black hole removed ({v4} frag-needed, {v6} packet-too-big dropped)")
+    else:
+        hole.install()
+        click.echo(f"{role}: PMTU black hole installed (table inet {hole.table}); --remove takes it away")

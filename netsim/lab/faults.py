@@ -250,3 +250,77 @@ async def freeze(info: ProcessInfo, seconds: float) -> None:
         await trio.sleep(seconds)
     finally:
         signal_process(info, signal.SIGCONT)  # synchronous: runs even when the sleep was cancelled
+
+
+# ---- mtu ----
+__all__ += ["VETH_PEERS", "PmtuBlackhole", "set_mtu"]
+
+#: The other end of each lab veth, ``(role, ifname) -> (role, ifname)`` (as `netsim.lab.lab.Lab` wires them): a
+#: link's MTU is set on both ends, since a veth also drops what arrives larger than its own MTU.
+VETH_PEERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("mac", "en0"): ("isp", "mac"),
+    ("lan", "eth0"): ("isp", "lan"),
+    ("isp", "wan"): ("inet", "isp"),
+    ("vpn", "wan"): ("inet", "vpn"),
+}
+VETH_PEERS.update({peer: end for end, peer in list(VETH_PEERS.items())})
+
+
+def set_mtu(run_id: str, role: str, ifname: str, mtu: int) -> list[tuple[str, str]]:
+    """A smaller (or larger) path MTU on a lab link: ``mtu`` on ``role``'s ``ifname`` and on its veth peer.
+
+    The router in front of the small link then answers a larger packet with DF set with ICMP fragmentation
+    needed (RFC 1191) or ICMPv6 packet too big (RFC 8201), and fragments one without DF (IPv4 only; RFC 8200
+    §5: IPv6 routers never fragment). Returns the ``(role, ifname)`` ends changed; 1500 puts the lab's back.
+    """
+    if not 1280 <= mtu <= 65535:
+        raise LabError("set_mtu: 1280-65535 (1280 is IPv6's minimum link MTU, RFC 8200 §5)")
+    _check_ifname(ifname)
+    ends = [(role, ifname)] + ([VETH_PEERS[(role, ifname)]] if (role, ifname) in VETH_PEERS else [])
+    for end_role, end_ifname in ends:
+        netlink.set_link(lab_netns(run_id, end_role), end_ifname, mtu=mtu)
+    return ends
+
+
+class PmtuBlackhole(Blackhole):
+    """A PMTU black hole on a router: ICMP fragmentation-needed and ICMPv6 packet-too-big dropped, counted.
+
+    The router still drops the packet that does not fit (DF set, or any IPv6 packet): only the message that
+    would tell the sender is lost, as a filtering firewall does (RFC 2923 §2.1). One ``inet`` table named after
+    the run (``netsim_pmtu_<run>``) hooks output (the router's own ICMP) and forward (ICMP from further on);
+    `remove` deletes only it; `adopt` takes over one a ``netsim lab fault pmtu-blackhole`` left in place.
+    `dropped` counts both kinds, `dropped_by_type` each.
+    """
+
+    def __init__(self, run_id: str, role: str = "isp") -> None:
+        super().__init__(lab_netns(run_id, role), "::")  # no address: the match is on ICMP types
+        self.table = f"netsim_pmtu_{run_id}"
+
+    def install(self) -> PmtuBlackhole:
+        match = (
+            "icmp type destination-unreachable icmp code frag-needed counter drop\n"
+            "    icmpv6 type packet-too-big counter drop"
+        )
+        chains = "".join(
+            f"  chain {hook} {{\n    type filter hook {hook} priority -10; policy accept;\n    {match}\n  }}\n"
+            for hook in ("output", "forward")
+        )
+        self._nft(f"table inet {self.table} {{\n{chains}}}\n", "-f", "-")
+        self.installed = True
+        return self
+
+    def adopt(self) -> PmtuBlackhole:
+        """Take over the run's table installed by another process (raises `LabError` if there is none)."""
+        self._nft("", "list", "table", "inet", self.table)
+        self.installed = True
+        return self
+
+    def dropped_by_type(self) -> tuple[int, int]:
+        """(ICMP frag-needed, ICMPv6 packet-too-big) messages dropped so far."""
+        text = self._nft("", "list", "table", "inet", self.table).stdout
+        v4 = sum(int(n) for n in re.findall(r"frag-needed counter packets (\d+)", text))
+        v6 = sum(int(n) for n in re.findall(r"packet-too-big counter packets (\d+)", text))
+        return v4, v6
+
+    def __enter__(self) -> PmtuBlackhole:
+        return self.install()

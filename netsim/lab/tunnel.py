@@ -94,6 +94,9 @@ class TunnelPlan:
     #: False: an IPv4-only tunnel (no v6 address, no v6 allowed IPs, v4 DNS only), as a provider whose
     #: settings have no ``ipv6_settings`` (reliability row K4: what happens to the Mac's IPv6 traffic then)
     ipv6: bool = True
+    #: True: the helper reaches the server over IPv6 (``[2001:db8:2::2]:port``, outer packets 80 bytes over the
+    #: inner ones instead of 60), e.g. for what a smaller path MTU does to an IPv6 path (docs/faults.md)
+    outer_v6: bool = False
 
     def tunnel_allowed_ips(self) -> tuple[str, ...]:
         """``allowed_ips`` without the IPv6 prefixes when ``ipv6`` is False."""
@@ -461,7 +464,7 @@ def client_config(lab: Lab, plan: TunnelPlan, client_key: PrivateKey, server_key
     )
     peer = PeerConfig(
         public_key=server_key.public_key(),
-        endpoint=Endpoint(str(lab.addr.vpn_wan_v4), plan.port),
+        endpoint=Endpoint(str(lab.addr.vpn_wan_v6 if plan.outer_v6 else lab.addr.vpn_wan_v4), plan.port),
         allowed_ips=tuple(ip_network(n) for n in plan.tunnel_allowed_ips()),
         persistent_keepalive=plan.keepalive,
     )

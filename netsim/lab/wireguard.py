@@ -446,6 +446,19 @@ class WireGuardGo:
         await self._kill()
         await self.start()
 
+    async def restart_with(self, *, private_key: PrivateKey | None = None, listen_port: int | None = None) -> None:
+        """Restart as a reconfigured server: a new static key and/or UDP port, the same addresses and peers, no
+        session state. A client still configured with the old key or port can no longer handshake until it is
+        given the new ones (docs/faults.md, "Server faults")."""
+        if listen_port is not None and not 0 <= listen_port <= 65535:
+            raise LabError(f"listen_port must be 0-65535, got {listen_port}")
+        await self._kill()
+        if private_key is not None:
+            self.private_key = private_key
+        if listen_port is not None:
+            self.listen_port = listen_port
+        await self.start()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self

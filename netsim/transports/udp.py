@@ -22,6 +22,9 @@ __all__ = ["UdpTransport"]
 _TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
 # sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
 _NO_ROUTE_SEND = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
+# ip(7): IP_MTU_DISCOVER and its IP_PMTUDISC_DONT value (Python's socket module has the first only on some builds)
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
 
 
 class UdpTransport:
@@ -44,11 +47,18 @@ class UdpTransport:
         fwmark: int | None = None,
         port: int = 0,
         rcvbuf: int = 4 << 20,
+        fragment_outer: bool = True,
     ) -> UdpTransport:
         """A UDP socket bound to ``interface`` (SO_BINDTODEVICE) and marked ``fwmark`` (SO_MARK), on ``port``.
 
         Binding to the device keeps the helper's datagrams off every route but the physical one (socket(7)); the
         mark makes the tunnel's policy-routing rule skip them. Both need CAP_NET_RAW / CAP_NET_ADMIN.
+
+        ``fragment_outer`` (IPv4 only): send with DF clear (``IP_PMTUDISC_DONT``, ip(7)), so a router in front
+        of a smaller link fragments a full-size WireGuard datagram instead of dropping it, and an ICMP black hole
+        on the path cannot eat it silently; kernel WireGuard clears DF the same way. Linux's default
+        (``IP_PMTUDISC_WANT``) sets DF and relies on ICMP fragmentation-needed reaching this socket. IPv6 has no
+        router fragmentation (RFC 8200 §5): there the tunnel MTU must fit the path (docs/faults.md).
 
         Raises:
             ConfigError: the interface does not exist or the options need privileges we lack.
@@ -59,6 +69,8 @@ class UdpTransport:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             if fwmark:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            if fragment_outer and family == socket.AF_INET:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DONT)
             for opt in (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF):
                 try:
                     sock.setsockopt(socket.SOL_SOCKET, opt, rcvbuf)
