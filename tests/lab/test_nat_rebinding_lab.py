@@ -1,7 +1,8 @@
 """NAT rebinding and roaming (issue 16; row F11): the home router forgets its mappings or changes its public
 address, the WireGuard server follows the client's new endpoint and the client keeps working.
 
-One lab, one tunnel, under steady UDP probes through it (tests/steady_probes.py):
+One lab and one tunnel per NAT mode (cone: the lab's default; symmetric: a new outside port per mapping), under
+steady UDP probes through it (tests/steady_probes.py):
 
 1. ``conntrack -F`` in the home router (`netsim.lab.faults.nat_flush`): the next datagram gets a new mapping.
 2. The home router's public address changes (`netsim.lab.faults.change_public_address`: 198.51.100.2 ->
@@ -87,16 +88,18 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
             rec["idle_flushed"] = await trio.to_thread.run_sync(faults.nat_flush, isp)
             argv = ["ping", "-n", "-q", "-c", "1", "-w", str(10 * KEEPALIVE), t.plan.client_v4]
             rec["server_ping_after_idle_flush"] = (await lab.run("vpn", argv, check=False, timeout=60)).returncode
+            rec["endpoint_after_idle_flush"] = await _endpoint(t)
             rec["wan_addresses"] = (await lab.run("isp", ["ip", "-br", "addr", "show", "dev", "wan"])).stdout.decode()
         except BaseException:
             rec["logs"] = t.logs()
             raise
 
 
-@pytest.fixture(scope="module")
-def scenario() -> dict[str, Any]:
-    rec = run_lab_scenario(_scenario, "wireguard-go", "wg", "nft", "conntrack", "ping")
+@pytest.fixture(scope="module", params=["cone", "symmetric"])
+def scenario(request: pytest.FixtureRequest) -> dict[str, Any]:
+    rec = run_lab_scenario(_scenario, "wireguard-go", "wg", "nft", "conntrack", "ping", nat=request.param)
     assert "error" not in rec, rec["error"]
+    rec["nat"] = request.param
     return rec
 
 
@@ -104,12 +107,23 @@ def _host(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[0].strip("[]")
 
 
+def _port(endpoint: str) -> str:
+    return endpoint.rsplit(":", 1)[1]
+
+
 @pytest.mark.reliability("F11")
 def test_traffic_survives_a_conntrack_flush(scenario: dict[str, Any]) -> None:
+    """Cone NAT maps the tunnel's socket to the same outside port again; symmetric NAT (``masquerade random``)
+    to a new one, so there the server must follow a port change."""
     assert scenario["steady"] is not None
     assert scenario["flushed"] >= 1  # the tunnel's mapping at least
     assert scenario["flush_recovered"] is not None
-    assert _host(scenario["endpoint_after_flush"]) == str(ADDR.isp_wan_v4)  # same public address
+    before, after = scenario["endpoint_start"], scenario["endpoint_after_flush"]
+    assert _host(after) == _host(before) == str(ADDR.isp_wan_v4)  # same public address
+    if scenario["nat"] == "cone":
+        assert _port(after) == _port(before)
+    else:
+        assert _port(after) != _port(before)  # the server followed the new mapping's port
 
 
 @pytest.mark.reliability("F11")
@@ -130,6 +144,8 @@ def test_keepalives_alone_move_the_idle_endpoint_and_keep_the_mapping(scenario: 
     assert scenario["server_ping"] == 0  # the server reaches the idle client
     assert scenario["idle_flushed"] >= 1  # the tunnel's mapping was forgotten while idle...
     assert scenario["server_ping_after_idle_flush"] == 0  # ...and the next keepalive made a new one
+    if scenario["nat"] == "symmetric":  # a new outside port, learnt by the server from a keepalive alone
+        assert _port(scenario["endpoint_after_idle_flush"]) != _port(scenario["endpoint_idle_after"])
     assert "198.51.100.2/24" in scenario["wan_addresses"] and "198.51.100.3" not in scenario["wan_addresses"]
 
 
