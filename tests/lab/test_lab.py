@@ -280,6 +280,36 @@ def test_second_uplink_path_changes_and_public_address_from_the_cli(tmp_path: Pa
     assert srcs == {str(ADDR.isp2_wan_v4)}  # NAT44 on isp2, the private 192.168.2.10 never on its WAN
 
 
+def test_lab_up_second_uplink_from_the_command_line() -> None:
+    """`netsim lab up --detach --second-uplink` (separate processes, as a user runs it): six namespaces, isp2
+    reachable with `lab exec`, a path change from another process, `lab down` removes everything."""
+    _gate()
+
+    def netsim(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "netsim", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    up = netsim("lab", "up", "--detach", "--no-services", "--second-uplink")
+    assert up.returncode == 0, up.stderr
+    run_id = up.stdout.strip()
+    try:
+        (run,) = json.loads(netsim("lab", "status", "--json", "--run", run_id).stdout)["runs"]
+        names = {ns["name"] for ns in run["namespaces"] if ns["present"]}
+        assert names == {f"netsim-{run_id}-{r}" for r in ("mac", "isp", "vpn", "inet", "lan", "isp2")}
+        ping = ("ping", "-c1", "-W2", str(ADDR.inet_isp2_v4))
+        assert netsim("lab", "exec", "--run", run_id, "isp2", "--", *ping).returncode == 0
+        moved = netsim("lab", "fault", "path", "--run", run_id, "--to", "en1")
+        assert moved.returncode == 0 and "to en1" in moved.stdout, moved.stderr
+        route = netsim("lab", "exec", "--run", run_id, "mac", "--", "ip", "route", "show", "default").stdout
+        assert f"via {ADDR.isp2_lan_v4} dev en1" in route
+        assert netsim("lab", "down", "--run", run_id).returncode == 0
+        assert not list_netns(f"netsim-{run_id}-")
+    finally:
+        if (RUN_DIR / f"{run_id}.json").exists():
+            netsim("lab", "down", "--run", run_id)
+            clean(run_id, force=True)
+
+
 def test_a_lab_without_the_second_uplink_has_no_isp2() -> None:
     lab = Lab()
     assert "isp2" not in lab.roles and lab.addr.table(second_uplink=False) == lab.addr.table()[:9]
