@@ -434,7 +434,7 @@ UNCOVERED: dict[str, str] = {
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
     "F12": "not yet: tunnel flapping under traffic is issue #16",
     "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",
-    "F16": "not yet: path change is issue #16",
+    "F16": "partly: tests/lab/test_uplink_lab.py moves the default routes en0 -> en1 -> en0 under traffic (recovery back on en0, the server route re-applied, no cleartext on either uplink); the tunnel on en1 needs the helper to re-bind (strict xfails there), and the provider's defaultPath is not asserted yet",
     "F17": "not yet: sleep/wake is issue #16",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
 }

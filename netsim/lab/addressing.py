@@ -10,6 +10,17 @@ Segments (each a veth pair, or a bridge for the LAN)::
     ISP WAN   isp:wan-inet:isp 198.51.100.0/24 2001:db8:51::/64    inet .1/::1, isp .2/::2
     VPN WAN   vpn:wan-inet:vpn 192.0.2.0/24    2001:db8:2::/64     inet .1/::1, vpn .2/::2
     internet hosts on inet lo 203.0.113.0/24   2001:db8:113::/64   www .10/::10, dns .53/::53
+
+The optional second uplink (``Lab(second_uplink=True)``: Ethernet or a phone hotspot next to the Wi-Fi) is a second
+home network behind a second ISP router ``isp2``, with its own WAN link; its public side is in RFC 2544's
+benchmarking range 198.18.0.0/15 (never routed on the internet) and 2001:db8::/32::
+
+    second LAN mac:en1 <-> isp2:mac 192.168.2.0/24 fd00:6e73:2::/64   router .1/::1, mac .10/::10
+    ISP2 WAN  isp2:wan-inet:isp2  198.18.0.0/24    2001:db8:18::/64    inet .1/::1, isp2 .2/::2
+
+A public address change of a home router (`netsim.lab.faults.change_public_address`) moves its WAN address to
+the next one in the same prefix (``.3`` / ``::3``: ``isp_wan_alt_*``, ``isp2_wan_alt_*``), as a new DHCP lease
+from the ISP would.
 """
 
 from __future__ import annotations
@@ -18,9 +29,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import ClassVar
 
-__all__ = ["ADDR", "LAB_DOMAIN", "ROLES", "Addressing", "HostName"]
+__all__ = ["ADDR", "ALL_ROLES", "LAB_DOMAIN", "ROLES", "SECOND_UPLINK_ROLES", "Addressing", "HostName"]
 
 ROLES: tuple[str, ...] = ("mac", "isp", "vpn", "inet", "lan")
+#: roles only a lab with ``second_uplink=True`` has: the second ISP router
+SECOND_UPLINK_ROLES: tuple[str, ...] = ("isp2",)
+ALL_ROLES: tuple[str, ...] = ROLES + SECOND_UPLINK_ROLES
 LAB_DOMAIN = "lab.test"
 
 
@@ -66,6 +80,25 @@ class Addressing:
     www_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:113::10")
     dns_v4: ClassVar[IPv4Address] = IPv4Address("203.0.113.53")
     dns_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:113::53")
+    # the home router's next public address (a public address change: a new lease on the same ISP link)
+    isp_wan_alt_v4: ClassVar[IPv4Address] = IPv4Address("198.51.100.3")
+    isp_wan_alt_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:51::3")
+    # second uplink (Lab(second_uplink=True)): mac "en1" <-> isp2 "mac", a second home network and ISP
+    lan2_net_v4: ClassVar[IPv4Network] = IPv4Network("192.168.2.0/24")
+    lan2_net_v6: ClassVar[IPv6Network] = IPv6Network("fd00:6e73:2::/64")
+    isp2_lan_v4: ClassVar[IPv4Address] = IPv4Address("192.168.2.1")
+    isp2_lan_v6: ClassVar[IPv6Address] = IPv6Address("fd00:6e73:2::1")
+    mac_en1_v4: ClassVar[IPv4Address] = IPv4Address("192.168.2.10")
+    mac_en1_v6: ClassVar[IPv6Address] = IPv6Address("fd00:6e73:2::10")
+    # second ISP's access link: isp2 "wan" <-> inet "isp2" (RFC 2544 benchmarking range, 2001:db8::/32)
+    isp2_wan_net_v4: ClassVar[IPv4Network] = IPv4Network("198.18.0.0/24")
+    isp2_wan_net_v6: ClassVar[IPv6Network] = IPv6Network("2001:db8:18::/64")
+    inet_isp2_v4: ClassVar[IPv4Address] = IPv4Address("198.18.0.1")
+    inet_isp2_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:18::1")
+    isp2_wan_v4: ClassVar[IPv4Address] = IPv4Address("198.18.0.2")
+    isp2_wan_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:18::2")
+    isp2_wan_alt_v4: ClassVar[IPv4Address] = IPv4Address("198.18.0.3")
+    isp2_wan_alt_v6: ClassVar[IPv6Address] = IPv6Address("2001:db8:18::3")
 
     def names(self) -> tuple[HostName, ...]:
         """The ``lab.test`` zone served by the lab's DNS servers."""
@@ -77,6 +110,7 @@ class Addressing:
             HostName(f"dns.{d}", self.dns_v4, self.dns_v6),
             HostName(f"vpn.{d}", self.vpn_wan_v4, self.vpn_wan_v6),
             HostName(f"isp.{d}", self.isp_wan_v4, self.isp_wan_v6),
+            HostName(f"isp2.{d}", self.isp2_wan_v4, self.isp2_wan_v6),
             HostName(f"router.{d}", self.isp_lan_v4, self.isp_lan_v6),
             HostName(f"mac.{d}", self.mac_en0_v4, self.mac_en0_v6),
             HostName(f"printer.{d}", self.lan_eth0_v4, self.lan_eth0_v6),
@@ -91,14 +125,15 @@ class Addressing:
                 return host
         return None
 
-    def table(self) -> list[tuple[str, str, str, str]]:
-        """Rows ``(role, ifname, ipv4/prefix, ipv6/prefix)`` for docs and ``netsim lab status``."""
+    def table(self, *, second_uplink: bool = True) -> list[tuple[str, str, str, str]]:
+        """Rows ``(role, ifname, ipv4/prefix, ipv6/prefix)`` for docs and ``netsim lab status``; the second
+        uplink's rows (mac en1, isp2, inet isp2) come last, left out with ``second_uplink=False``."""
 
         def cidr(addr: IPv4Address | IPv6Address, net: IPv4Network | IPv6Network) -> str:
             return f"{addr}/{net.prefixlen}"
 
         a = self
-        return [
+        rows = [
             ("mac", "en0", cidr(a.mac_en0_v4, a.lan_net_v4), cidr(a.mac_en0_v6, a.lan_net_v6)),
             ("lan", "eth0", cidr(a.lan_eth0_v4, a.lan_net_v4), cidr(a.lan_eth0_v6, a.lan_net_v6)),
             ("isp", "br-lan", cidr(a.isp_lan_v4, a.lan_net_v4), cidr(a.isp_lan_v6, a.lan_net_v6)),
@@ -109,17 +144,27 @@ class Addressing:
             ("inet", "lo (www)", f"{a.www_v4}/32", f"{a.www_v6}/128"),
             ("inet", "lo (dns)", f"{a.dns_v4}/32", f"{a.dns_v6}/128"),
         ]
+        if second_uplink:
+            rows += [
+                ("mac", "en1", cidr(a.mac_en1_v4, a.lan2_net_v4), cidr(a.mac_en1_v6, a.lan2_net_v6)),
+                ("isp2", "mac", cidr(a.isp2_lan_v4, a.lan2_net_v4), cidr(a.isp2_lan_v6, a.lan2_net_v6)),
+                ("isp2", "wan", cidr(a.isp2_wan_v4, a.isp2_wan_net_v4), cidr(a.isp2_wan_v6, a.isp2_wan_net_v6)),
+                ("inet", "isp2", cidr(a.inet_isp2_v4, a.isp2_wan_net_v4), cidr(a.inet_isp2_v6, a.isp2_wan_net_v6)),
+            ]
+        return rows
 
 
 ADDR = Addressing()
 
 
 def is_lab_public(addr: str) -> bool:
-    """True if ``addr`` is in one of the lab's public (documentation) prefixes."""
+    """True if ``addr`` is in one of the lab's public (documentation and benchmarking) prefixes."""
     ip = ip_address(addr)
     nets = (
         ADDR.isp_wan_net_v4,
         ADDR.isp_wan_net_v6,
+        ADDR.isp2_wan_net_v4,
+        ADDR.isp2_wan_net_v6,
         ADDR.vpn_wan_net_v4,
         ADDR.vpn_wan_net_v6,
         ADDR.inet_hosts_net_v4,

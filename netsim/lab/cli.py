@@ -29,10 +29,12 @@ import trio
 from click.shell_completion import CompletionItem
 
 from netsim.errors import NetsimError
-from netsim.lab.addressing import ADDR, ROLES
+from netsim.lab.addressing import ADDR, ALL_ROLES
 from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
 from netsim.lab.faults import (
     PROCESS_SIGNALS,
+    UPLINKS,
+    change_public_address,
     flap,
     freeze,
     lab_netns,
@@ -40,8 +42,11 @@ from netsim.lab.faults import (
     link_down,
     link_plan,
     link_up,
+    move_default,
     nat_flush,
     signal_process,
+    uplink_down,
+    uplink_up,
 )
 from netsim.lab.netns import list_netns
 from netsim.lab.pcap import CaptureStats, capture_report_lines, read_capture_summary
@@ -159,6 +164,7 @@ def _run_lab(
     nat: str,
     services: bool,
     tunnel: bool,
+    second_uplink: bool = False,
     progress: _Progress,
     on_up: Callable[[Any, Any], None],
     detached: bool,
@@ -167,7 +173,15 @@ def _run_lab(
     from netsim.lab.lab import Lab
 
     try:  # bad options (capture buffer, run id) are refused before anything starts
-        lab = Lab(run_id, pcap_dir, services=services, nat=nat, cli=True, progress=progress)  # type: ignore[arg-type]
+        lab = Lab(
+            run_id,
+            pcap_dir,
+            services=services,
+            nat=nat,  # type: ignore[arg-type]
+            cli=True,
+            progress=progress,
+            second_uplink=second_uplink,
+        )
     except NetsimError as exc:
         click.echo(f"Error: {exc}", err=True)
         return 1
@@ -236,11 +250,23 @@ async def _watch_tunnel_steps(lab: Any, progress: _Progress, scope: trio.CancelS
 @click.option("--no-services", is_flag=True, help="skip HTTP/DNS/echo/iperf3 servers")
 @click.option("--tunnel", is_flag=True, help="also bring up the tunnel (wireguard-go, helper, provider) in mac")
 @click.option(
+    "--second-uplink", is_flag=True, help="also give mac an en1 behind a second ISP router (isp2), for path changes"
+)
+@click.option(
     "--detach",
     is_flag=True,
     help="return once the lab is up, print only its run id; a background owner keeps it until `netsim lab down`",
 )
-def up(*, pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool, tunnel: bool, detach: bool) -> None:
+def up(
+    *,
+    pcap_dir: str | None,
+    run_id: str | None,
+    nat: str,
+    no_services: bool,
+    tunnel: bool,
+    second_uplink: bool,
+    detach: bool,
+) -> None:
     """Bring the lab up and keep it up until Ctrl-C, SIGTERM, SIGHUP or `netsim lab down`.
 
     Every one of those tears the lab down in order (tunnel, processes, namespaces, run file, key material),
@@ -263,13 +289,14 @@ def up(*, pcap_dir: str | None, run_id: str | None, nat: str, no_services: bool,
         "nat": nat,
         "services": not no_services,
         "tunnel": tunnel,
+        "second_uplink": second_uplink,
     }
     if detach:
         sys.exit(_detach(options))
 
     def on_up(lab: Any, t: Any) -> None:
         took = time.monotonic() - progress.t0
-        click.echo(f"lab {lab.run_id} up in {took:.2f} s: namespaces {lab.prefix}{{{','.join(ROLES)}}}")
+        click.echo(f"lab {lab.run_id} up in {took:.2f} s: namespaces {lab.prefix}{{{','.join(lab.roles)}}}")
         if t is not None:
             click.echo(f"  tunnel CONNECTED; client config {t.config_path}")
         click.echo("  try: netsim lab exec mac -- curl -s http://www.lab.test/whoami")
@@ -440,7 +467,9 @@ def status(run_id: str | None, as_json: bool) -> None:
                 p["name"], p["role"], str(p["pid"]), "yes" if p["running"] else "no", " ".join(p["argv"])[:60]
             )
         console.print(procs)
-    addrs = Table("role", "interface", "IPv4", "IPv6", title="addressing (same for every run)")
+    addrs = Table(
+        "role", "interface", "IPv4", "IPv6", title="addressing (same for every run; mac en1 and isp2: --second-uplink)"
+    )
     for row in ADDR.table():
         addrs.add_row(*row)
     console.print(addrs)
@@ -484,7 +513,7 @@ def _resolve_command(prog: str) -> tuple[str | None, int, str]:
 
 @lab_group.command("exec", context_settings={"ignore_unknown_options": True})
 @click.option("--run", "run_id", help="which lab (default: the one you started)", shell_complete=complete_run_ids)
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice(ALL_ROLES))
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def exec_(ctx: click.Context, run_id: str | None, role: str, command: tuple[str, ...]) -> None:
@@ -529,7 +558,7 @@ async def demo_lab() -> None:
     from netsim.lab.services import HTTP_SHA256
 
     async with Lab() as lab:
-        print(f"lab {lab.run_id} up: {', '.join(lab.netns(r) for r in ROLES)}")
+        print(f"lab {lab.run_id} up: {', '.join(lab.netns(r) for r in lab.roles)}")
         steps = [
             ("mac", ["ping", "-c1", "-W2", "printer.lab.test"], "LAN host, no router hop"),
             ("mac", ["ping", "-6", "-c1", "-W2", "www.lab.test"], "internet over IPv6 (NAT66)"),
@@ -567,7 +596,7 @@ _RUN_OPTION = click.option(
 
 @fault_group.command("link-down")
 @_RUN_OPTION
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice(ALL_ROLES))
 @click.argument("ifname")
 def fault_link_down(run_id: str | None, role: str, ifname: str) -> None:
     """Take ROLE's IFNAME down, e.g. `netsim lab fault link-down mac en0`."""
@@ -577,7 +606,7 @@ def fault_link_down(run_id: str | None, role: str, ifname: str) -> None:
 
 @fault_group.command("link-up")
 @_RUN_OPTION
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice(ALL_ROLES))
 @click.argument("ifname")
 def fault_link_up(run_id: str | None, role: str, ifname: str) -> None:
     """Bring ROLE's IFNAME up and give back the lab's addresses and default routes on it (DHCP's part)."""
@@ -587,7 +616,7 @@ def fault_link_up(run_id: str | None, role: str, ifname: str) -> None:
 
 @fault_group.command("flap")
 @_RUN_OPTION
-@click.argument("role", type=click.Choice(ROLES))
+@click.argument("role", type=click.Choice(ALL_ROLES))
 @click.argument("ifname")
 @click.option("--down-for", type=float, default=5.0, show_default=True, help="seconds down each time")
 @click.option("--times", type=int, default=1, show_default=True)
@@ -603,7 +632,7 @@ def fault_flap(run_id: str | None, role: str, ifname: str, *, down_for: float, t
 
 @fault_group.command("nat-flush")
 @_RUN_OPTION
-@click.argument("role", type=click.Choice(ROLES), default="isp")
+@click.argument("role", type=click.Choice(ALL_ROLES), default="isp")
 def fault_nat_flush(run_id: str | None, role: str) -> None:
     """Make ROLE (default: the home router) forget its NAT mappings (conntrack -F)."""
     click.echo(f"{role}: {nat_flush(_fault_ns(run_id, role))} conntrack entries flushed")
@@ -640,7 +669,7 @@ def fault_freeze(run_id: str | None, name: str, seconds: float) -> None:
 # -- mtu faults (issue 16; docs/faults.md, "MTU and PMTU black hole") --------------------------------------------
 @fault_group.command("mtu")
 @_RUN_OPTION
-@click.option("--role", type=click.Choice(ROLES), default="isp", show_default=True)
+@click.option("--role", type=click.Choice(ALL_ROLES), default="isp", show_default=True)
 @click.option("--ifname", default="wan", show_default=True)
 @click.option("--mtu", type=int, required=True, help="1280-65535 (1500 is the lab's own)")
 def fault_mtu(run_id: str | None, role: str, ifname: str, mtu: int) -> None:
@@ -654,7 +683,7 @@ def fault_mtu(run_id: str | None, role: str, ifname: str, mtu: int) -> None:
 
 @fault_group.command("pmtu-blackhole")
 @_RUN_OPTION
-@click.option("--role", type=click.Choice(ROLES), default="isp", show_default=True)
+@click.option("--role", type=click.Choice(ALL_ROLES), default="isp", show_default=True)
 @click.option("--remove", is_flag=True, help="remove the black hole this command installed")
 def fault_pmtu_blackhole(run_id: str | None, role: str, remove: bool) -> None:
     """Drop ICMP frag-needed / ICMPv6 packet-too-big on ROLE (a counted nft table named after the run)."""
@@ -669,3 +698,43 @@ def fault_pmtu_blackhole(run_id: str | None, role: str, remove: bool) -> None:
     else:
         hole.install()
         click.echo(f"{role}: PMTU black hole installed (table inet {hole.table}); --remove takes it away")
+
+
+# ---- path change ----
+@fault_group.command("path")
+@_RUN_OPTION
+@click.option("--to", "to", type=click.Choice(UPLINKS), required=True, help="the uplink that becomes the primary")
+def fault_path(run_id: str | None, to: str) -> None:
+    """Move the Mac's default routes (IPv4 and IPv6) to uplink --to, e.g. `netsim lab fault path --to en1`
+    (a lab from `netsim lab up --second-uplink`); the Mac's system DNS follows the primary's router."""
+    before = move_default(_fault_ns(run_id, "mac"), to)
+    click.echo(f"mac: default routes moved from {before or 'none'} to {to}")
+
+
+@fault_group.command("uplink-down")
+@_RUN_OPTION
+@click.argument("ifname", type=click.Choice(UPLINKS))
+def fault_uplink_down(run_id: str | None, ifname: str) -> None:
+    """Take the Mac's uplink IFNAME away; the default routes move to the other uplink if it was the primary."""
+    primary = uplink_down(_fault_ns(run_id, "mac"), ifname)
+    click.echo(f"mac:{ifname} down; primary uplink {primary or 'none (offline)'}")
+
+
+@fault_group.command("uplink-up")
+@_RUN_OPTION
+@click.argument("ifname", type=click.Choice(UPLINKS))
+@click.option("--primary", is_flag=True, help="make it the primary uplink again (first in the service order)")
+def fault_uplink_up(run_id: str | None, ifname: str, primary: bool) -> None:
+    """Bring the Mac's uplink IFNAME back with its addresses (and the default routes with --primary)."""
+    now = uplink_up(_fault_ns(run_id, "mac"), ifname, primary=primary)
+    click.echo(f"mac:{ifname} up; primary uplink {now or 'none (offline)'}")
+
+
+@fault_group.command("public-address")
+@_RUN_OPTION
+@click.argument("role", type=click.Choice(["isp", "isp2"]), default="isp")
+@click.option("--to", "to", multiple=True, help="new WAN address addr/prefix (once per family); default: the next one")
+def fault_public_address(run_id: str | None, role: str, to: tuple[str, ...]) -> None:
+    """Change ROLE's (default: the home router's) public WAN address; NAT follows, conntrack is flushed."""
+    change = change_public_address(_fault_ns(run_id, role), to or None)
+    click.echo(f"{role}: public address {', '.join(change.old)} -> {', '.join(change.new)} ({change.flushed} flushed)")

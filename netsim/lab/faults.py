@@ -17,6 +17,10 @@ Nothing touches the root namespace.
 * `lab_process`, `signal_process`, `freeze`: a process the lab started (the helper, wireguard-go, a service) is
   stopped and continued, or killed, by the pid its run file records, after checking the pid still names that
   process (its start time), so a reused pid is never signalled.
+* Path change (a lab with ``second_uplink=True``): `move_default` moves the Mac's main-table default routes
+  between en0 and en1, `uplink_down` / `uplink_up` take one uplink away and bring it back.
+* `change_public_address`: the home router's public (WAN) address changes, the masquerade follows and its
+  conntrack table is flushed: every flow reaches the internet from the new address.
 """
 
 from __future__ import annotations
@@ -30,16 +34,21 @@ from dataclasses import dataclass
 
 import trio
 
+from netsim.core.resolver import SystemDns
 from netsim.errors import LabError
 from netsim.lab import netlink
-from netsim.lab.addressing import ADDR, ROLES, Addressing
+from netsim.lab.addressing import ADDR, ALL_ROLES, LAB_DOMAIN, Addressing
 from netsim.lab.cleanup import RunRecord
 from netsim.lab.process import ProcessInfo, process_start_time
+from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, write_state_file
 from netsim.transports.netns import CommandResult, require_lab_netns, run_netns_command
 
 __all__ = [
+    "UPLINKS",
+    "AddressChange",
     "Blackhole",
     "LinkPlan",
+    "change_public_address",
     "flap",
     "freeze",
     "lab_netns",
@@ -47,8 +56,13 @@ __all__ = [
     "link_down",
     "link_plan",
     "link_up",
+    "move_default",
     "nat_flush",
+    "primary_uplink",
     "signal_process",
+    "uplink_down",
+    "uplink_gateways",
+    "uplink_up",
 ]
 
 _RUN_ID = re.compile(r"^[a-z0-9]{1,6}$")
@@ -57,8 +71,8 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 def lab_netns(run_id: str, role: str) -> str:
     """The namespace of ``role`` in lab ``run_id`` (``netsim-<run>-<role>``), checked."""
-    if not _RUN_ID.match(run_id) or role not in ROLES:
-        raise LabError(f"no lab namespace for run {run_id!r} role {role!r} (roles: {', '.join(ROLES)})")
+    if not _RUN_ID.match(run_id) or role not in ALL_ROLES:
+        raise LabError(f"no lab namespace for run {run_id!r} role {role!r} (roles: {', '.join(ALL_ROLES)})")
     return f"netsim-{run_id}-{role}"
 
 
@@ -79,6 +93,7 @@ def link_plan(role: str, ifname: str, addr: Addressing = ADDR) -> LinkPlan:
         ("mac", "en0"): (addr.isp_lan_v4, addr.isp_lan_v6),
         ("lan", "eth0"): (addr.isp_lan_v4, addr.isp_lan_v6),
         ("isp", "wan"): (addr.inet_isp_v4, addr.inet_isp_v6),
+        ("isp2", "wan"): (addr.inet_isp2_v4, addr.inet_isp2_v6),
         ("vpn", "wan"): (addr.inet_vpn_v4, addr.inet_vpn_v6),
     }.get((role, ifname))
     routes = () if gateways is None else (("0.0.0.0/0", str(gateways[0])), ("::/0", str(gateways[1])))
@@ -262,6 +277,8 @@ VETH_PEERS: dict[tuple[str, str], tuple[str, str]] = {
     ("lan", "eth0"): ("isp", "lan"),
     ("isp", "wan"): ("inet", "isp"),
     ("vpn", "wan"): ("inet", "vpn"),
+    ("mac", "en1"): ("isp2", "mac"),  # a lab with second_uplink=True
+    ("isp2", "wan"): ("inet", "isp2"),
 }
 VETH_PEERS.update({peer: end for end, peer in list(VETH_PEERS.items())})
 
@@ -324,3 +341,147 @@ class PmtuBlackhole(Blackhole):
 
     def __enter__(self) -> PmtuBlackhole:
         return self.install()
+
+
+# ---- path change ----
+# A Mac with Wi-Fi (en0) and Ethernet or a hotspot (en1) has one primary interface, the one with the default
+# route (configd's IPMonitor, ip_plugin.c: "decides which interface will be made the primary interface, that is,
+# the one with the default route assigned"), picked by service order; the others keep only interface-scoped
+# routes. Linux has no scoped routes, so the lab's second uplink carries no default route until it becomes the
+# primary: a path change moves the main table's default routes, both families at once.
+
+#: the Mac's uplinks, in service order (en0 first: Wi-Fi in the lab's story, en1 the second uplink)
+UPLINKS = ("en0", "en1")
+
+
+def uplink_gateways(ifname: str, addr: Addressing = ADDR) -> tuple[str, str]:
+    """The (IPv4, IPv6) gateways of the Mac's uplink ``ifname``: its home router's LAN addresses."""
+    gateways = {"en0": (addr.isp_lan_v4, addr.isp_lan_v6), "en1": (addr.isp2_lan_v4, addr.isp2_lan_v6)}.get(ifname)
+    if gateways is None:
+        raise LabError(f"{ifname!r} is not an uplink of the Mac (uplinks: {', '.join(UPLINKS)})")
+    return str(gateways[0]), str(gateways[1])
+
+
+def primary_uplink(netns: str) -> str | None:
+    """The interface of the main table's first default route (IPv4 before IPv6): the primary path, None when
+    there is no default route (the Mac is offline)."""
+    _lab_ns(netns)
+    return next((dev for _, _, dev in netlink.default_routes(netns) if dev is not None), None)
+
+
+def move_default(netns: str, to: str, addr: Addressing = ADDR) -> str | None:
+    """Make uplink ``to`` the primary path: the main table's IPv4 and IPv6 default routes go through its home
+    router, each replaced in place (never an instant without one), as macOS moves the default route when the
+    primary interface changes. Addresses are left alone, so the other uplink stays up and on-link. Returns the
+    primary uplink before."""
+    _lab_ns(netns)
+    _check_ifname(to)
+    gateways = uplink_gateways(to, addr)
+    before = primary_uplink(netns)
+    for dst, gateway in zip(("0.0.0.0/0", "::/0"), gateways, strict=True):
+        netlink.add_route(netns, dst, ifname=to, gateway=gateway, replace=True)
+    _follow_primary_dns(netns, gateways)
+    return before
+
+
+def _follow_primary_dns(netns: str, servers: tuple[str, str]) -> None:
+    """The Mac's system resolvers become the new primary's router (each home router serves DNS), as macOS takes
+    the primary service's DNS. Only where the lab runs the Mac's resolver daemon (it re-reads the file)."""
+    system = DNS_STATE_DIR / netns / SYSTEM_FILE
+    if system.exists():
+        write_state_file(system, SystemDns(servers, (LAB_DOMAIN,)).to_json())
+
+
+def uplink_down(netns: str, ifname: str, addr: Addressing = ADDR) -> str | None:
+    """Take the Mac's uplink ``ifname`` away (link down: Linux drops its routes and global IPv6 addresses). If it
+    was the primary, the default routes move to the next uplink that is up, as macOS promotes the next service.
+    Returns the primary uplink afterwards (None: no uplink left)."""
+    _lab_ns(netns)
+    uplink_gateways(ifname, addr)  # an uplink, or LabError
+    was_primary = primary_uplink(netns) in (ifname, None)
+    link_down(netns, ifname)
+    if was_primary:
+        present = netlink.link_names(netns)
+        for other in (u for u in UPLINKS if u != ifname and u in present):
+            try:
+                move_default(netns, other, addr)
+                break
+            except LabError:  # that link is down too (the kernel refuses a route through it)
+                continue
+    return primary_uplink(netns)
+
+
+def uplink_up(netns: str, ifname: str, *, primary: bool = False, addr: Addressing = ADDR) -> str | None:
+    """Bring the Mac's uplink ``ifname`` back with its addresses (DHCP's part, `link_plan`); the default routes
+    move to it when ``primary`` (it is first in the service order again) or when the Mac had none. Returns the
+    primary uplink afterwards."""
+    _lab_ns(netns)
+    uplink_gateways(ifname, addr)
+    link_up(netns, ifname, LinkPlan(link_plan("mac", ifname, addr).addresses, ()))
+    if primary or primary_uplink(netns) is None:
+        move_default(netns, ifname, addr)
+    return primary_uplink(netns)
+
+
+# ---- public address change ----
+@dataclass(frozen=True)
+class AddressChange:
+    """What `change_public_address` did: the WAN addresses before and after (``addr/prefix``), and how many
+    conntrack entries it flushed."""
+
+    old: tuple[str, ...]
+    new: tuple[str, ...]
+    flushed: int
+
+
+def _public_plans(role: str, addr: Addressing) -> tuple[tuple[str, str], tuple[str, str]]:
+    """A home router's plan WAN addresses (IPv4, IPv6) and the next ones, as ``addr/prefix``."""
+    a = addr
+    plans = {
+        "isp": (a.isp_wan_net_v4, a.isp_wan_net_v6, (a.isp_wan_v4, a.isp_wan_v6), (a.isp_wan_alt_v4, a.isp_wan_alt_v6)),
+        "isp2": (
+            *(a.isp2_wan_net_v4, a.isp2_wan_net_v6),
+            *((a.isp2_wan_v4, a.isp2_wan_v6), (a.isp2_wan_alt_v4, a.isp2_wan_alt_v6)),
+        ),
+    }
+    if role not in plans:
+        raise LabError(f"{role!r} is not a home router (isp, isp2): pass the new addresses")
+    net4, net6, first, second = plans[role]
+
+    def pair(ips: tuple[object, object]) -> tuple[str, str]:
+        return f"{ips[0]}/{net4.prefixlen}", f"{ips[1]}/{net6.prefixlen}"
+
+    return pair(first), pair(second)
+
+
+def change_public_address(
+    netns: str, to: tuple[str, ...] | None = None, *, ifname: str = "wan", addr: Addressing = ADDR
+) -> AddressChange:
+    """The home router's public address changes, as with a new lease from its ISP: ``ifname``'s global
+    addresses become ``to`` (``addr/prefix``, one per family), the default routes through it are put back, and
+    its conntrack table is flushed (`nat_flush`). The masquerade needs nothing: nftables' ``masquerade`` takes
+    the out-interface's address for every new mapping, so each flow's next packet leaves from the new address.
+
+    Without ``to``, a lab router (``netsim-<run>-isp`` or ``-isp2``) switches between its plan's address and the
+    next one (``.3`` / ``::3``, `netsim.lab.addressing.Addressing.isp_wan_alt_v4`), so calling it twice goes back.
+    """
+    _lab_ns(netns)
+    _check_ifname(ifname)
+    if to is None:
+        first, second = _public_plans(netns.rsplit("-", 1)[-1], addr)  # before anything is read or changed
+        old = tuple(netlink.addresses(netns, ifname))
+        to = second if first[0] in old else first
+    else:
+        old = tuple(netlink.addresses(netns, ifname))
+    new = tuple(str(ipaddress.ip_interface(a)) for a in to)
+    routes = [r for r in netlink.default_routes(netns) if r[2] == ifname]
+    # Old first: a second address in the same IPv4 prefix would only be secondary (masquerade takes the
+    # primary), and deleting the primary deletes its secondaries unless promote_secondaries is set.
+    for address in old:
+        if address not in new:
+            netlink.del_address(netns, address, ifname)
+    for address in new:
+        netlink.add_address(netns, address, ifname, replace=True)
+    for dst, gateway, dev in routes:  # Linux dropped the IPv4 one with the prefix's last address
+        netlink.add_route(netns, dst, ifname=dev, gateway=gateway, replace=True)
+    return AddressChange(old, new, nat_flush(netns))

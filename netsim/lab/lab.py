@@ -5,6 +5,7 @@ Topology (see docs/lab.md for the diagram and the addressing table in `netsim.la
     mac:en0 ──┐                                                   inet (core router + hosts on lo)
               ├─ isp:br-lan  [isp: NAT44+NAT66 masquerade] isp:wan ── inet:isp
     lan:eth0 ─┘                                            vpn:wan ── inet:vpn
+    mac:en1 ── isp2:mac  [isp2: NAT44+NAT66]            isp2:wan ── inet:isp2   (only with second_uplink=True)
 
 The ISP and the VPN server each hang off the internet router on their own point-to-point link, as real access
 links do, so a capture on ``isp/wan`` shows exactly what leaves the home and ``vpn/wan`` what reaches the server.
@@ -39,7 +40,7 @@ import trio
 from netsim.core.resolver import SystemDns
 from netsim.errors import LabError, MissingDependency, PrivilegeError
 from netsim.lab import netlink
-from netsim.lab.addressing import ADDR, LAB_DOMAIN, ROLES, Addressing
+from netsim.lab.addressing import ADDR, ALL_ROLES, LAB_DOMAIN, ROLES, SECOND_UPLINK_ROLES, Addressing
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
 from netsim.lab.pcap import (
@@ -74,7 +75,7 @@ _BASE_SYSCTLS = {
     "net.ipv6.conf.default.router_solicitations": "0",  # nobody sends RAs; keep captures free of RS noise
 }
 _ROUTER_SYSCTLS = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
-_ROUTERS = ("isp", "inet", "vpn")
+_ROUTERS = ("isp", "isp2", "inet", "vpn")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # tear down as on Ctrl-C (see Lab._install_stop_signals)
 
 
@@ -108,6 +109,10 @@ class Lab:
         capture_buffer_kib: kernel buffer of every capture this lab starts (``tcpdump -B``, KiB), unless
             `capture` is given another.
         capture_snaplen: bytes kept per packet by every capture this lab starts (``tcpdump -s``).
+        second_uplink: also give ``mac`` an ``en1`` on a second home network behind a second ISP router
+            (role ``isp2``, NAT44+NAT66 like ``isp``, its own WAN link to ``inet``), standing in for Ethernet or
+            a phone hotspot. ``en1`` is addressed but carries no default route: en0 stays the primary path
+            until a path change (`netsim.lab.faults.move_default`). Off by default (one namespace less).
 
     Attributes:
         addr: the addressing plan (`netsim.lab.addressing.Addressing`), e.g. ``lab.addr.mac_en0_v4``.
@@ -129,6 +134,7 @@ class Lab:
         progress: Callable[[str], None] | None = None,
         capture_buffer_kib: int = DEFAULT_BUFFER_KIB,
         capture_snaplen: int = DEFAULT_SNAPLEN,
+        second_uplink: bool = False,
     ) -> None:
         if run_id is not None and not (run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6):
             raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
@@ -139,6 +145,7 @@ class Lab:
         self.pcap_dir = Path(pcap_dir) if pcap_dir is not None else None
         self.services = services
         self.nat: NatMode = nat
+        self.second_uplink = second_uplink
         self.cli = cli
         self._progress = progress
         self.addr: Addressing = ADDR
@@ -165,10 +172,16 @@ class Lab:
         """``netsim-<run>-``: every namespace of this lab starts with it."""
         return f"netsim-{self.run_id}-"
 
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """This lab's roles: ``mac isp vpn inet lan``, and ``isp2`` with ``second_uplink``."""
+        return ALL_ROLES if self.second_uplink else ROLES
+
     def netns(self, role: str) -> str:
-        """Namespace name of ``role`` (one of ``mac isp vpn inet lan``)."""
-        if role not in ROLES:
-            raise LabError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
+        """Namespace name of ``role`` (one of `roles`)."""
+        if role not in self.roles:
+            hint = " (isp2 needs Lab(second_uplink=True))" if role in SECOND_UPLINK_ROLES else ""
+            raise LabError(f"unknown role {role!r}; roles are {', '.join(self.roles)}{hint}")
         return f"{self.prefix}{role}"
 
     @property
@@ -318,7 +331,7 @@ class Lab:
             self._up = True
             try:
                 self._claim_run_id()
-                log.info("lab %s: bringing up namespaces %s{%s}", self.run_id, self.prefix, ",".join(ROLES))
+                log.info("lab %s: bringing up namespaces %s{%s}", self.run_id, self.prefix, ",".join(self.roles))
                 self._build()
             except BaseException:
                 self._stop_locked()
@@ -355,7 +368,7 @@ class Lab:
             break
         else:
             raise LabError("could not find a free run id; run `netsim clean`")
-        if any(netns_exists(self.netns(r)) for r in ROLES):
+        if any(netns_exists(self.netns(r)) for r in self.roles):
             path.unlink()
             raise LabError(f"namespaces {self.prefix}* already exist; run `netsim clean --orphans`")
         self._record = RunRecord(
@@ -363,7 +376,7 @@ class Lab:
             owner_pid=os.getpid(),
             owner_start=process_start_time(os.getpid()),
             created=time.time(),
-            namespaces=[self.netns(r) for r in ROLES],
+            namespaces=[self.netns(r) for r in self.roles],
             pcap_dir=str(self.pcap_dir.resolve()) if self.pcap_dir else None,
             cli=self.cli,
             owner_uid=invoking_uid(),
@@ -382,11 +395,11 @@ class Lab:
             self._progress(what)
 
     def _build(self) -> None:
-        self._step(f"namespaces {self.prefix}{{{','.join(ROLES)}}}, links, addresses, routes, NAT")
-        for role in ROLES:
+        self._step(f"namespaces {self.prefix}{{{','.join(self.roles)}}}, links, addresses, routes, NAT")
+        for role in self.roles:
             create_netns(self.netns(role))
         log.debug("lab %s: namespaces created", self.run_id)
-        for role in ROLES:
+        for role in self.roles:
             set_sysctl(self.netns(role), {**_BASE_SYSCTLS, **(_ROUTER_SYSCTLS if role in _ROUTERS else {})})
         ns = self.netns
         # veth pairs: (namespace, name) <-> (peer namespace, peer name)
@@ -394,6 +407,9 @@ class Lab:
         self._veth("lan", "eth0", "isp", "lan")
         self._veth("isp", "wan", "inet", "isp")
         self._veth("vpn", "wan", "inet", "vpn")
+        if self.second_uplink:
+            self._veth("mac", "en1", "isp2", "mac")
+            self._veth("isp2", "wan", "inet", "isp2")
         a = self.addr
         self._configure(
             "isp",
@@ -421,13 +437,17 @@ class Lab:
             addrs=[("wan", str(a.vpn_wan_v4), 24), ("wan", str(a.vpn_wan_v6), 64)],
             routes=[("0.0.0.0/0", str(a.inet_vpn_v4)), ("::/0", str(a.inet_vpn_v6))],
         )
+        inet_links: list[tuple[str, object, object]] = [
+            ("isp", a.inet_isp_v4, a.inet_isp_v6),
+            ("vpn", a.inet_vpn_v4, a.inet_vpn_v6),
+        ]
+        if self.second_uplink:
+            self._build_second_uplink()
+            inet_links.append(("isp2", a.inet_isp2_v4, a.inet_isp2_v6))
         self._configure(
             "inet",
             addrs=[
-                ("isp", str(a.inet_isp_v4), 24),
-                ("isp", str(a.inet_isp_v6), 64),
-                ("vpn", str(a.inet_vpn_v4), 24),
-                ("vpn", str(a.inet_vpn_v6), 64),
+                *((link, str(address), plen) for link, v4, v6 in inet_links for address, plen in ((v4, 24), (v6, 64))),
                 ("lo", str(a.www_v4), 32),
                 ("lo", str(a.www_v6), 128),
                 ("lo", str(a.dns_v4), 32),
@@ -435,21 +455,24 @@ class Lab:
             ],
             routes=[],
         )
-        self._prefer_source("inet", [("isp", a.inet_isp_v4, a.inet_isp_v6), ("vpn", a.inet_vpn_v4, a.inet_vpn_v6)])
+        self._prefer_source("inet", inet_links)
         self.nft("isp", _nat_ruleset(self.nat))
         # Every namespace gets the lab's resolver, not only the clients: the servers' own lookups (the HTTP
         # servers' PTR queries for a client address) must stay in the lab rather than go to the host's resolver.
-        for role in ROLES:
+        for role in self.roles:
             etc = ETC_NETNS / ns(role)
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "resolv.conf").write_text(self.resolv_conf(role))
-        for role in ROLES:
+        for role in self.roles:
             self._wait_links_up(role)
         log.debug("lab %s: links, addresses, routes and NAT configured; links up", self.run_id)
         if self.pcap_dir is not None:
             self._step(f"captures into {self.pcap_dir}")
             self.pcap_dir.mkdir(parents=True, exist_ok=True)
-            for role, ifname in (("mac", "en0"), ("isp", "wan"), ("vpn", "wan")):
+            links = [("mac", "en0"), ("isp", "wan"), ("vpn", "wan")]
+            if self.second_uplink:
+                links += [("mac", "en1"), ("isp2", "wan")]
+            for role, ifname in links:
                 self.capture(role, ifname, wait=False)
             for cap in self.captures.values():
                 cap.wait_ready_sync()
@@ -458,6 +481,23 @@ class Lab:
             self._step("services: HTTP, DNS, UDP echo, iperf3")
             self._start_services()
             log.debug("lab %s: services listening (HTTP, DNS, UDP echo, iperf3)", self.run_id)
+
+    def _build_second_uplink(self) -> None:
+        """``mac:en1`` on the second home network, and ``isp2``: its router (NAT44+NAT66, as ``isp``) with its
+        own WAN link to ``inet``. en1 gets its addresses but no default route (en0 is the primary path)."""
+        a = self.addr
+        self._configure(
+            "isp2",
+            addrs=[
+                ("mac", str(a.isp2_lan_v4), 24),
+                ("mac", str(a.isp2_lan_v6), 64),
+                ("wan", str(a.isp2_wan_v4), 24),
+                ("wan", str(a.isp2_wan_v6), 64),
+            ],
+            routes=[("0.0.0.0/0", str(a.inet_isp2_v4)), ("::/0", str(a.inet_isp2_v6))],
+        )
+        self._configure("mac", addrs=[("en1", str(a.mac_en1_v4), 24), ("en1", str(a.mac_en1_v6), 64)], routes=[])
+        self.nft("isp2", _nat_ruleset(self.nat))
 
     def _veth(self, role: str, ifname: str, peer_role: str, peer_ifname: str) -> None:
         peer_ns = self.netns(peer_role)
@@ -573,6 +613,9 @@ class Lab:
                 *("--dns", ep(a.dns_v4, 53), "--dns", ep(a.dns_v6, 53)),
             ],
             "isp": ["--dns", ep(a.isp_lan_v4, 53), "--dns", ep(a.isp_lan_v6, 53)],
+            **(
+                {"isp2": ["--dns", ep(a.isp2_lan_v4, 53), "--dns", ep(a.isp2_lan_v6, 53)]} if self.second_uplink else {}
+            ),
             "lan": [
                 *("--http", ep(a.lan_eth0_v4, 80), "--http", ep(a.lan_eth0_v6, 80)),
                 *("--echo", ep(a.lan_eth0_v4, 7), "--echo", ep(a.lan_eth0_v6, 7)),
@@ -640,7 +683,7 @@ class Lab:
             # `lab up --run ID` of a live lab removed that lab's namespaces and run file)
             infos = [p.info() for p in self.processes]
             try:
-                remove_run(self.run_id, [self.netns(r) for r in ROLES], infos)
+                remove_run(self.run_id, [self.netns(r) for r in self.roles], infos)
             except Exception as exc:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
@@ -881,8 +924,8 @@ class Lab:
         """A snapshot for ``netsim lab status`` and debugging."""
         return {
             "run_id": self.run_id,
-            "namespaces": [self.netns(r) for r in ROLES],
-            "addresses": self.addr.table(),
+            "namespaces": [self.netns(r) for r in self.roles],
+            "addresses": self.addr.table(second_uplink=self.second_uplink),
             "processes": [(p.name, p.role, p.pid, p.returncode) for p in self.processes],
             "captures": {n: str(c.path) for n, c in self.captures.items()},
         }

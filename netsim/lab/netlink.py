@@ -9,6 +9,7 @@ The blocking functions here are called from threads (``trio.to_thread``) by asyn
 from __future__ import annotations
 
 import errno
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from ipaddress import ip_interface, ip_network
@@ -17,7 +18,16 @@ from typing import Any
 from netsim.errors import LabError
 from netsim.lab.netns import run_in_netns
 
-__all__ = ["add_address", "add_route", "del_route", "link_names", "set_link"]
+__all__ = [
+    "add_address",
+    "add_route",
+    "addresses",
+    "default_routes",
+    "del_address",
+    "del_route",
+    "link_names",
+    "set_link",
+]
 
 _IFA_F_NODAD = 0x02  # <linux/if_addr.h>: no duplicate address detection, the address is usable at once
 
@@ -135,5 +145,47 @@ def link_names(netns: str, kind: str | None = None) -> list[str]:
                 if kind is None or link_kind == kind:
                     names.append(str(link.get_attr("IFLA_IFNAME")))
         return names
+
+    return run_in_netns(netns, body)
+
+
+# ---- path change and public address change (issue 16) ----
+def del_address(netns: str, address: str, ifname: str) -> None:
+    """``ip -n <netns> address del <address> dev <ifname>`` (``addr/prefixlen``)."""
+    iface = ip_interface(address)
+
+    def body() -> None:
+        with _netlink(netns, f"address del {address} dev {ifname}") as ipr:
+            index = _index(ipr, netns, ifname)
+            ipr.addr("del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
+
+    run_in_netns(netns, body)
+
+
+def addresses(netns: str, ifname: str) -> list[str]:
+    """``ifname``'s global addresses (``addr/prefixlen``, IPv4 first, in the kernel's order: primary first)."""
+
+    def body() -> list[str]:
+        with _netlink(netns, f"address show dev {ifname}") as ipr:
+            msgs = ipr.get_addr(index=_index(ipr, netns, ifname))
+            found = [(m["family"], f"{m.get_attr('IFA_ADDRESS')}/{m['prefixlen']}") for m in msgs if m["scope"] == 0]
+        return [text for _, text in sorted(found, key=lambda f: f[0])]
+
+    return run_in_netns(netns, body)
+
+
+def default_routes(netns: str) -> list[tuple[str, str | None, str | None]]:
+    """The main table's default routes as ``(destination, gateway, interface)``, IPv4 first, lowest metric first."""
+
+    def body() -> list[tuple[str, str | None, str | None]]:
+        out: list[tuple[str, str | None, str | None]] = []
+        with _netlink(netns, "route show default") as ipr:
+            names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+            for family, dst in ((socket.AF_INET, "0.0.0.0/0"), (socket.AF_INET6, "::/0")):
+                for route in ipr.get_routes(family=family, table=254):
+                    if route["dst_len"] == 0 and route["type"] == 1:  # RTN_UNICAST in the main table
+                        oif = route.get_attr("RTA_OIF")
+                        out.append((dst, route.get_attr("RTA_GATEWAY"), names.get(oif)))
+        return out
 
     return run_in_netns(netns, body)

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Interface, IPv6Interface, ip_interface, ip_network
+from ipaddress import IPv4Interface, IPv6Interface, ip_address, ip_interface, ip_network
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
@@ -543,6 +543,25 @@ class WireGuardGo:
         raise LabError(
             f"{self.ifname}: no handshake with {public_key} within {timeout} s; last status {status}\n{self.logs()}"
         )
+
+    async def wait_endpoint(self, public_key: PublicKey, host: str, *, timeout: float = 10.0) -> WgPeerStatus:
+        """Poll `show` until wireguard-go's endpoint for ``public_key`` is on ``host`` (an IP literal): the server
+        followed a roaming client (WireGuard: the endpoint is the source of the last authenticated packet).
+
+        Raises:
+            LabError: not within ``timeout`` seconds (the message carries the last status).
+        """
+        status: WgPeerStatus | None = None
+        want = ip_address(host)
+        delay = 0.01
+        with trio.move_on_after(timeout):
+            while True:
+                status = (await self.show()).peer(public_key)
+                if status.endpoint is not None and status.endpoint.address == want:
+                    return status
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        raise LabError(f"{self.ifname}: endpoint of {public_key} not on {host} within {timeout} s; last {status}")
 
     async def showconf(self) -> TunnelConfig:
         """``wg showconf <if>`` parsed back: what wireguard-go actually holds (an oracle for our renderer)."""

@@ -224,6 +224,99 @@ def test_cone_vs_symmetric_nat(tmp_path: Path) -> None:
             assert len(ports) == 2  # a new mapping per destination
 
 
+# ---------------------------------------------------------------- the second uplink (issue 16)
+def _whoami(lab: Lab, fam: str) -> str:
+    return sh(lab, "mac", "curl", fam, "-sS", "-m", "5", "http://www.lab.test/whoami").stdout.decode().strip()
+
+
+def _fault_cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from netsim.cli import main
+
+    r = CliRunner().invoke(main, ["lab", "fault", *args])
+    return r.exit_code, r.output
+
+
+def test_second_uplink_path_changes_and_public_address_from_the_cli(tmp_path: Path) -> None:
+    """`Lab(second_uplink=True)`: mac's en1 behind isp2 (its own NAT and WAN link); `netsim lab fault path`,
+    `uplink-down`, `uplink-up` and `public-address` change where the Mac's traffic leaves, as the internet sees it
+    (www's /whoami) and on the wire (isp2's WAN capture)."""
+    _gate()
+    from netsim.lab import faults, netlink
+
+    with Lab(pcap_dir=tmp_path, services=True, second_uplink=True) as the_lab:
+        run = the_lab.run_id
+        assert the_lab.roles[-1] == "isp2" and list_netns(f"netsim-{run}-isp2")
+        for role, ifname in (("mac", "en1"), ("isp2", "mac"), ("isp2", "wan"), ("inet", "isp2")):
+            plan = faults.link_plan(role, ifname)
+            assert plan.addresses and set(plan.addresses) <= set(netlink.addresses(the_lab.netns(role), ifname))
+        assert netlink.default_routes(the_lab.netns("isp2")) == [
+            (dst, gw, "wan") for dst, gw in faults.link_plan("isp2", "wan").routes
+        ]
+        # en0 is the primary path; en1 only reaches its own network (the control for the move below)
+        assert (_whoami(the_lab, "-4"), _whoami(the_lab, "-6")) == ("inet 198.51.100.2", "inet 2001:db8:51::2")
+        assert sh(the_lab, "mac", "ping", "-c1", "-W2", str(ADDR.isp2_lan_v4)).returncode == 0
+        code, out = _fault_cli("path", "--run", run, "--to", "en1")
+        assert code == 0 and "from en0 to en1" in out, out
+        assert (_whoami(the_lab, "-4"), _whoami(the_lab, "-6")) == ("inet 198.18.0.2", "inet 2001:db8:18::2")
+        assert _fault_cli("path", "--run", run, "--to", "en0")[0] == 0
+        assert _whoami(the_lab, "-4") == "inet 198.51.100.2"
+        code, out = _fault_cli("uplink-down", "--run", run, "en0")
+        assert code == 0 and "primary uplink en1" in out, out
+        assert _whoami(the_lab, "-4") == "inet 198.18.0.2"  # names resolve: the DNS follows the primary
+        code, out = _fault_cli("uplink-up", "--run", run, "en0", "--primary")
+        assert code == 0 and "primary uplink en0" in out, out
+        assert (_whoami(the_lab, "-4"), _whoami(the_lab, "-6")) == ("inet 198.51.100.2", "inet 2001:db8:51::2")
+        code, out = _fault_cli("public-address", "--run", run)
+        assert code == 0 and "198.51.100.2/24, 2001:db8:51::2/64 -> 198.51.100.3/24" in out, out
+        assert (_whoami(the_lab, "-4"), _whoami(the_lab, "-6")) == ("inet 198.51.100.3", "inet 2001:db8:51::3")
+        assert _fault_cli("public-address", "--run", run)[0] == 0  # and back
+        assert _whoami(the_lab, "-4") == "inet 198.51.100.2"
+        status = the_lab.status()
+        assert f"netsim-{run}-isp2" in status["namespaces"] and ("mac", "en1") in [r[:2] for r in status["addresses"]]
+    wan2 = read_pcap(tmp_path / "isp2-wan.pcap")
+    srcs = {p[IP].src for p in wan2 if IP in p and TCP in p and p[IP].dst == str(ADDR.www_v4)}
+    assert srcs == {str(ADDR.isp2_wan_v4)}  # NAT44 on isp2, the private 192.168.2.10 never on its WAN
+
+
+def test_lab_up_second_uplink_from_the_command_line() -> None:
+    """`netsim lab up --detach --second-uplink` (separate processes, as a user runs it): six namespaces, isp2
+    reachable with `lab exec`, a path change from another process, `lab down` removes everything."""
+    _gate()
+
+    def netsim(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "netsim", *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    up = netsim("lab", "up", "--detach", "--no-services", "--second-uplink")
+    assert up.returncode == 0, up.stderr
+    run_id = up.stdout.strip()
+    try:
+        (run,) = json.loads(netsim("lab", "status", "--json", "--run", run_id).stdout)["runs"]
+        names = {ns["name"] for ns in run["namespaces"] if ns["present"]}
+        assert names == {f"netsim-{run_id}-{r}" for r in ("mac", "isp", "vpn", "inet", "lan", "isp2")}
+        ping = ("ping", "-c1", "-W2", str(ADDR.inet_isp2_v4))
+        assert netsim("lab", "exec", "--run", run_id, "isp2", "--", *ping).returncode == 0
+        moved = netsim("lab", "fault", "path", "--run", run_id, "--to", "en1")
+        assert moved.returncode == 0 and "to en1" in moved.stdout, moved.stderr
+        route = netsim("lab", "exec", "--run", run_id, "mac", "--", "ip", "route", "show", "default").stdout
+        assert f"via {ADDR.isp2_lan_v4} dev en1" in route
+        assert netsim("lab", "down", "--run", run_id).returncode == 0
+        assert not list_netns(f"netsim-{run_id}-")
+    finally:
+        if (RUN_DIR / f"{run_id}.json").exists():
+            netsim("lab", "down", "--run", run_id)
+            clean(run_id, force=True)
+
+
+def test_a_lab_without_the_second_uplink_has_no_isp2() -> None:
+    lab = Lab()
+    assert "isp2" not in lab.roles and lab.addr.table(second_uplink=False) == lab.addr.table()[:9]
+    with pytest.raises(LabError, match="second_uplink=True"):
+        lab.netns("isp2")
+
+
 # ---------------------------------------------------------------- processes and in-namespace code
 def netns_inode() -> str:
     return str(os.stat("/proc/self/ns/net").st_ino)
@@ -289,15 +382,16 @@ def test_twenty_up_down_cycles_leave_nothing(tmp_path: Path) -> None:
 _OWNER = """
 import sys, time
 from netsim.lab import Lab
-with Lab(services=True) as lab:
+with Lab(services=True, second_uplink=sys.argv[1] == "1") as lab:
     lab.open_tun("mac")
     print(lab.run_id, flush=True)
     time.sleep(120)
 """
 
 
-def _start_owner() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", _OWNER], stdout=subprocess.PIPE, text=True)
+def _start_owner(second_uplink: bool = False) -> tuple[subprocess.Popen[str], str]:
+    argv = [sys.executable, "-c", _OWNER, "1" if second_uplink else "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     run_id = proc.stdout.readline().strip()
     proc.stdout.close()
@@ -335,6 +429,26 @@ def test_sigkilled_owner_is_cleaned_and_new_lab_comes_up() -> None:
         clean(run_id, force=True)
     with Lab(services=False) as again:
         sh(again, "mac", "ping", "-c1", "-W2", str(ADDR.www_v4))
+
+
+def test_sigkilled_owner_of_a_second_uplink_lab_leaves_nothing_after_clean() -> None:
+    """The run file lists isp2's namespace too, and `netsim clean` removes all six."""
+    _gate()
+    proc, run_id = _start_owner(second_uplink=True)
+    try:
+        proc.kill()
+        proc.wait()
+        assert len(list_netns(f"netsim-{run_id}-")) == 6
+        record = json.loads((RUN_DIR / f"{run_id}.json").read_text())
+        assert f"netsim-{run_id}-isp2" in record["namespaces"]
+        report = clean(run_id)
+        assert f"netns netsim-{run_id}-isp2" in report.removed
+        assert not list_netns(f"netsim-{run_id}-") and not Path(f"/etc/netns/netsim-{run_id}-isp2").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        clean(run_id, force=True)
 
 
 def test_sigterm_tears_down() -> None:
