@@ -51,7 +51,7 @@ from netsim.lab.pcap import (
     check_capture_options,
     write_capture_summary,
 )
-from netsim.lab.process import LabProcess, listening, netns_exec_argv, process_start_time
+from netsim.lab.process import LabProcess, ProcessInfo, listening, netns_exec_argv, process_start_time
 from netsim.runtime.resolver import DNS_STATE_DIR, RESOLVER_LISTEN, SYSTEM_FILE, write_state_file
 from netsim.transports.netns import run_netns_command
 
@@ -165,6 +165,7 @@ class Lab:
         self._body_scope: trio.CancelScope | None = None
         self._tearing_down = False
         self._counter = 0
+        self._adopted: dict[str, ProcessInfo] = {}  # started by others, recorded here (`adopt`)
 
     # ------------------------------------------------------------------ names
     @property
@@ -387,8 +388,24 @@ class Lab:
     def _save_record(self) -> None:
         with self._lock:
             if self._record is not None:
-                self._record.processes = [p.info() for p in self.processes]
+                self._record.processes = [p.info() for p in self.processes] + list(self._adopted.values())
                 self._record.save()
+
+    def adopt(self, name: str, role: str, pid: int) -> ProcessInfo:
+        """Record in the run file a process running in ``role``'s namespace that someone else started (the
+        provider host a `TunnelProviderManager` launched), under ``name`` (replacing an earlier one of that name).
+
+        Its starter still stops it; the record lets another process find it (``netsim lab fault signal provider
+        KILL``: a crashed extension) and lets ``netsim clean`` stop it if this lab's owner died. The pid's start
+        time is recorded, so a reused pid is never signalled.
+        """
+        self._require_up()
+        self.netns(role)  # a known role
+        info = ProcessInfo(name, role, pid, process_start_time(pid), ())
+        with self._lock:
+            self._adopted[name] = info
+        self._save_record()
+        return info
 
     def _step(self, what: str) -> None:
         if self._progress is not None:
@@ -681,12 +698,13 @@ class Lab:
                 errors.append(f"process {proc.name}: {exc}")
         if self.run_id and self._record is not None:  # only a run this lab claimed (issue 13: a refused
             # `lab up --run ID` of a live lab removed that lab's namespaces and run file)
-            infos = [p.info() for p in self.processes]
+            infos = [p.info() for p in self.processes] + list(self._adopted.values())  # leftovers only
             try:
                 remove_run(self.run_id, [self.netns(r) for r in self.roles], infos)
             except Exception as exc:
                 errors.append(f"remove: {exc}")
         self.processes.clear()
+        self._adopted.clear()
         self.captures.clear()
         self._record = None
         self._up = False

@@ -665,6 +665,9 @@ async def _netsim_tunnel(
         async with manager.open_session() as session, _stopping_captures(lab, utun_captures):
             log.debug("lab %s: starting provider %s", lab.run_id, inputs.spec)
             await session.start_vpn_tunnel()
+            if launcher.processes and launcher.processes[-1].returncode is None:
+                # the run file lists the extension too: `netsim lab fault signal provider KILL` crashes it
+                lab.adopt("provider", "mac", launcher.processes[-1].pid)
             if wait_connected:
                 with trio.move_on_after(start_timeout + 5):
                     await session.wait_status(VPNStatus.CONNECTED, VPNStatus.DISCONNECTED)

@@ -16,15 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from click.testing import CliRunner
 
 from netsim.apple import VPNStatus
+from netsim.cli import main
 from netsim.lab.lab import Lab
 from netsim.lab.tunnel import netsim_tunnel
 from netsim.runtime.netconfig import TUNNEL_TABLE
@@ -89,10 +90,14 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     async with netsim_tunnel(lab) as t:
         try:
             rec["crash_before"] = await _tunnel_state(lab)
-            t.signal_provider(signal.SIGKILL)
+            # crashed from another process, as a user would: the run file lists the provider host
+            argv = ["lab", "fault", "signal", "--run", lab.run_id, "provider", "KILL"]
+            cli = await trio.to_thread.run_sync(lambda: CliRunner().invoke(main, argv))
+            rec["crash_cli"] = (cli.exit_code, cli.output)
             with trio.move_on_after(20):
                 await t.session.wait_status(VPNStatus.DISCONNECTED)
             rec["crash_status"] = t.session.status.name
+            rec["crash_pid_after"] = t.provider_pid
             rec["crash_reason"] = t.session.stop_reason.name if t.session.stop_reason else None
             helper: dict[str, Any] = {}
             with trio.move_on_after(10):
@@ -159,6 +164,13 @@ def test_a_killed_provider_is_seen_by_the_helper(scenario: dict[str, Any]) -> No
     assert scenario["crash_status"] == "DISCONNECTED" and scenario["crash_reason"] == "PROVIDER_FAILED", scenario
     assert scenario["crash_helper"]["connected"] is False and scenario["crash_helper"]["sessions"] >= 1, scenario
     assert scenario["crash_after"]["utuns"] == [], scenario["crash_after"]
+
+
+def test_the_cli_crashes_the_provider_by_its_recorded_pid(scenario: dict[str, Any]) -> None:
+    code, output = scenario["crash_cli"]
+    assert code == 0 and "SIGKILL sent" in output, output
+    assert scenario["crash_pid_after"] is None  # the provider host is gone
+    assert scenario["crash_status"] == "DISCONNECTED" and scenario["crash_reason"] == "PROVIDER_FAILED"
 
 
 @pytest.mark.xfail(
