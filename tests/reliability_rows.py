@@ -435,7 +435,6 @@ UNCOVERED: dict[str, str] = {
     "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
     "F6": "not yet: blackholed server comes with the faults of issue #16",
     "F8": "partly: tests/lab/test_path_recovery_lab.py proves the tunnel's routes come back after an en0 flap; the reconnect after a 5 s outage and bypass flows during it are issue #16",
-    "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
     "F11": "not yet: NAT rebinding and roaming are issue #16",
     "F12": "not yet: tunnel flapping under traffic is issue #16",
     "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",

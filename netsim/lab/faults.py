@@ -186,3 +186,11 @@ def nat_flush(netns: str) -> int:
     held = conntrack("-C").strip()
     conntrack("-F")
     return int(held) if held.isdigit() else 0
+
+
+# ---- impairment ----
+# Impaired links (loss, delay, jitter, reorder, duplication, rate) per direction: netsim.lab.impair, re-exported
+# here with the other faults (docs/impairment.md).
+from netsim.lab.impair import Impairer, ImpairerStatistics, impair  # noqa: E402
+
+__all__ += ["Impairer", "ImpairerStatistics", "impair"]
