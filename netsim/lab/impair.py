@@ -206,6 +206,7 @@ class Impairer:
         self._proc: subprocess.Popen[str] | None = None
         self._dir: Path | None = None
         self._final: ImpairerStatistics | None = None
+        self._stderr = ""  # the process's stderr, once stopped
 
     @property
     def stats_path(self) -> Path:
@@ -242,8 +243,7 @@ class Impairer:
             info = {}
         if not isinstance(info, dict) or info.get("ready") is not True:
             self.stop()
-            err = self._proc.stderr.read()[-800:] if self._proc.stderr else ""
-            raise LabError(f"the impairer in {self.netns} did not start: {line.strip()[:200]} {err.strip()}")
+            raise LabError(f"the impairer in {self.netns} did not start: {line.strip()[:200]} {self._stderr}")
         queue = info.get("queue")
         self.queue_num = queue if isinstance(queue, int) else None
         return self
@@ -266,14 +266,12 @@ class Impairer:
         if proc is not None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate(timeout=timeout)
+            self._stderr = (err or "").strip()[-800:]
         final = self.statistics() if self._dir is not None else ImpairerStatistics()
         for tool in _chain_present(self.netns, self.chain):  # it died without cleaning up
             _restore(

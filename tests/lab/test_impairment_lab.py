@@ -6,7 +6,8 @@ only that flow queued (``protocol``/``port``). The flow's conntrack entry exists
 (a warm-up datagram), so copies join an established flow.
 
 * **Loss and duplication**: the missing datagrams are exactly the ones the seeded model, replayed offline, drops,
-  and the doubled ones exactly those it copies: injected loss == observed loss, packet by packet (IPv4 and IPv6).
+  and the doubled ones exactly those it copies: injected loss == observed loss, packet by packet (IPv4 and IPv6
+  on egress; IPv4 on ingress, the internet host sending to the Mac's NAT mapping).
 * **Delay and reorder**: nothing lost; the packets that skip the delay overtake held ones (the receiver sees
   reordering; the count of delayed packets is the seed's). One-way delays are recorded, not asserted.
 * **Rate**: a burst is paced, nothing lost (throughput recorded).
@@ -32,6 +33,7 @@ from click.testing import CliRunner
 
 from netsim.cli import main
 from netsim.core.impairment import Action, Impairment
+from netsim.errors import LabError
 from netsim.lab.addressing import ADDR
 from netsim.lab.faults import Impairer, impair
 from netsim.lab.lab import Lab
@@ -148,6 +150,22 @@ async def _phase(lab: Lab, spec: Impairment, family: int, port: int, n: int, **s
     }
 
 
+async def _ingress_phase(lab: Lab, port: int, n: int) -> dict[str, Any]:
+    """The other way: the internet host sends to the Mac's NAT mapping; impaired as it enters isp on wan (the copies
+    are sent before the de-NAT, and conntrack de-NATs them as the flow's own)."""
+    mac, inet, _ = await trio.to_thread.run_sync(_flow, lab, socket.AF_INET, port)
+    try:
+        mac.send(b"where")
+        _, mapping = inet.recvfrom(64)  # the Mac's address and port as the internet sees them (NAT)
+        inet.connect(mapping)
+        with impair(lab, "wan", "ingress", LOSS, protocol="udp", port=port) as imp:
+            got = await trio.to_thread.run_sync(lambda: _send_and_receive(inet, mac, n))
+        return {"got": got, "stats": imp.statistics(), "mapping": mapping}
+    finally:
+        mac.close()
+        inet.close()
+
+
 async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["bare"] = await _bare(lab, PORT + 9, 200)
     rec["baseline"] = await _phase(lab, Impairment(), socket.AF_INET, PORT, 200, gap=0.001)
@@ -155,6 +173,7 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["loss_v6"] = await _phase(lab, LOSS, socket.AF_INET6, PORT + 2, 400)
     rec["reorder"] = await _phase(lab, REORDER, socket.AF_INET, PORT + 3, 200, gap=0.001)
     rec["rate"] = await _phase(lab, RATE, socket.AF_INET, PORT + 4, 300, size=1000)
+    rec["ingress"] = await _ingress_phase(lab, PORT + 6, 400)
     # TCP: the download's data enters isp on wan (ingress)
     with impair(lab, "wan", "ingress", TCP_LOSS, protocol="tcp", port=80) as imp:
         bodies = []
@@ -225,7 +244,7 @@ def _delays_ms(phase: dict[str, Any]) -> list[float]:
 
 
 @pytest.mark.reliability("F10")
-@pytest.mark.parametrize("phase", ["loss_v4", "loss_v6"])
+@pytest.mark.parametrize("phase", ["loss_v4", "loss_v6", "ingress"])
 def test_injected_loss_and_copies_are_exactly_the_observed(scenario: dict[str, Any], phase: str) -> None:
     rec = scenario[phase]
     seqs = _seqs(rec)
@@ -296,3 +315,16 @@ def test_rules_are_removed_after_every_impairer(scenario: dict[str, Any]) -> Non
 
 def test_lab_left_nothing_behind(scenario: dict[str, Any]) -> None:
     assert scenario["leaks"] == [] and scenario["root_changed"] is None
+
+
+def test_an_impairer_that_cannot_start_says_why_and_leaves_nothing() -> None:
+    imp = Impairer("netsim-zz0-isp", "wan", "egress", Impairment())  # no such namespace
+    with pytest.raises(LabError, match="did not start"):
+        imp.start()
+    assert imp.pid is not None and not os.path.exists(f"/proc/{imp.pid}")
+    with pytest.raises(LabError, match=r"refusing|not a lab"):
+        Impairer("root", "wan", "egress", Impairment())
+    with pytest.raises(LabError, match="direction"):
+        Impairer("netsim-zz0-isp", "wan", "sideways", Impairment())  # type: ignore[arg-type]
+    with pytest.raises(LabError, match="port"):
+        Impairer("netsim-zz0-isp", "wan", "egress", Impairment(), port=80)
