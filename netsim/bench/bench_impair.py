@@ -38,9 +38,9 @@ while time.monotonic() < end:
     for _ in range(64):
         try:
             s.send(payload)
-        except OSError:
+            n += 1
+        except OSError:  # ENOBUFS: not sent, not counted
             pass
-        n += 1
 print(n)
 """
 _RECEIVER = """

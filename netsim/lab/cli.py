@@ -632,11 +632,16 @@ def fault_impair(
             seed=opts["seed"],
         )
     except NetsimError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        raise click.UsageError(str(exc)) from exc
+    if duration is not None and not 0 < duration <= 3600:
+        raise click.BadParameter("between 0 and 3600 seconds", param_hint="--duration")
     limit = duration if duration is not None else 3600.0
     ns = _fault_ns(run_id, role)
-    imp = Impairer(ns, ifname, direction, spec, protocol=opts["protocol"], port=opts["port"], max_duration=limit)  # type: ignore[arg-type]
-    imp.start()
+    try:
+        imp = Impairer(ns, ifname, direction, spec, protocol=opts["protocol"], port=opts["port"], max_duration=limit)  # type: ignore[arg-type]
+        imp.start()
+    except NetsimError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{role}:{ifname} {direction} impaired ({spec.describe()}); pid {imp.pid}, chain {imp.chain}", err=True)
     try:
         deadline = time.monotonic() + limit

@@ -328,3 +328,15 @@ def test_an_impairer_that_cannot_start_says_why_and_leaves_nothing() -> None:
         Impairer("netsim-zz0-isp", "wan", "sideways", Impairment())  # type: ignore[arg-type]
     with pytest.raises(LabError, match="port"):
         Impairer("netsim-zz0-isp", "wan", "egress", Impairment(), port=80)
+
+
+def test_the_cli_refuses_bad_values_before_touching_a_lab() -> None:
+    cases = (
+        (["--loss", "2"], "probability"),
+        (["--duration", "5000"], "--duration"),
+        (["--reorder", "0.5"], "needs a delay"),
+        (["--rate", "fast"], "not a rate"),
+    )
+    for args, why in cases:
+        r = CliRunner().invoke(main, ["lab", "fault", "impair", *args])
+        assert r.exit_code == 2 and why in r.output, (args, r.output)
