@@ -440,8 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--protocol", choices=_PROTOCOLS)
     parser.add_argument("--port", type=int)
     args = parser.parse_args(argv)
-    if not re.fullmatch(r"netsim-[a-z0-9]{1,6}-[0-9a-f]{6}", args.chain) or not 0 < args.max_duration <= _MAX_DURATION:
-        parser.error("bad --chain or --max-duration")
+    # everything that reaches the iptables-restore script is checked here too (the rules are written from it)
+    if not re.fullmatch(r"netsim-[a-z0-9]{1,6}-[0-9a-f]{6}", args.chain):
+        parser.error("bad --chain")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", args.ifname) or not 0 <= args.mark < 1 << 32:
+        parser.error("bad --ifname or --mark")
+    if not 0 < args.max_duration <= _MAX_DURATION or (args.port is not None and not 1 <= args.port <= 65535):
+        parser.error("bad --max-duration or --port")
     return _serve(args)
 
 

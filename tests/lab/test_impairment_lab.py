@@ -340,3 +340,18 @@ def test_the_cli_refuses_bad_values_before_touching_a_lab() -> None:
     for args, why in cases:
         r = CliRunner().invoke(main, ["lab", "fault", "impair", *args])
         assert r.exit_code == 2 and why in r.output, (args, r.output)
+
+
+def test_the_impairer_process_checks_its_arguments() -> None:
+    from netsim.lab.impair import main as impairer_main
+
+    good = ["--spec", "{}", "--ifname", "wan", "--direction", "egress", "--mark", "1", "--stats", "/dev/null"]
+    for bad in (
+        ["--chain", "netsim-ab-123456\n-A x"],
+        ["--chain", "netsim-ab-123456", "--ifname", "wan\n-F"],
+        ["--chain", "netsim-ab-123456", "--port", "0"],
+        ["--chain", "netsim-ab-123456", "--max-duration", "99999"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            impairer_main([*good, *bad])
+        assert exit_.value.code == 2

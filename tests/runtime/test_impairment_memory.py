@@ -87,3 +87,25 @@ def test_a_memory_tunnel_works_through_an_impaired_uplink() -> None:
             assert sent - len(replies) == t.network.lost_data > 0
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_receiver_parked_before_a_delayed_datagram_is_sent_gets_it() -> None:
+    async def main() -> None:
+        net = FakeNetwork(impairment=Impairment(delay=0.5))
+        a, b = net.attach(A), net.attach(B)
+        got: list[int] = []
+
+        async def receiver() -> None:
+            await b.wait_readable()  # parks with nothing in flight: no wakeup armed yet
+            while not (batch := _receive_all(b)):
+                await b.wait_readable()
+            got.extend(batch)
+
+        with trio.fail_after(5):  # virtual seconds: a receiver never woken fails here instead of hanging
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receiver)
+                await trio.sleep(0.1)
+                a.send((7).to_bytes(4, "big"), B)
+        assert got == [7]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
