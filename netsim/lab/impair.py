@@ -39,9 +39,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
-from netsim.core.impairment import Action, Impairment, ImpairmentStatistics
+from netsim.core.impairment import Action, Impairment, ImpairmentStatistics, Release
 from netsim.errors import LabError
 
 __all__ = ["Direction", "Impairer", "ImpairerStatistics", "impair", "impairment_rules"]
@@ -322,7 +322,15 @@ def impair(
 # ----------------------------------------------------------------------------------- the impairer process
 def _serve(args: argparse.Namespace) -> int:
     """The impairer process's body (inside the namespace)."""
-    from netsim.transports.nfqueue import NF_ACCEPT, NF_DROP, NfQueue, QueueStatistics, RawInjector, queue_statistics
+    from netsim.transports.nfqueue import (
+        NF_ACCEPT,
+        NF_DROP,
+        NfQueue,
+        QueuedPacket,
+        QueueStatistics,
+        RawInjector,
+        queue_statistics,
+    )
 
     spec = Impairment.from_dict(json.loads(args.spec))
     model = spec.model()
@@ -376,7 +384,12 @@ def _serve(args: argparse.Namespace) -> int:
             json.dump(doc, f)
         os.replace(tmp, args.stats)
 
-    def carry_out(releases: list[Any]) -> None:
+    def take_in(batch: list[QueuedPacket], now: float) -> None:
+        for packet in batch:
+            if model.packet_in(packet.packet_id, len(packet.payload), now):
+                payloads[packet.packet_id] = packet.payload  # until its copy is sent
+
+    def carry_out(releases: list[Release]) -> None:
         for r in releases:
             if r.action == Action.COPY:
                 queue.flush()  # the original first
@@ -410,17 +423,24 @@ def _serve(args: argparse.Namespace) -> int:
                 with contextlib.suppress(BlockingIOError):
                     os.read(wake_r, 64)
             now = time.monotonic()
-            for packet in queue.receive_batch():
-                if model.packet_in(packet.packet_id, len(packet.payload), now):
-                    payloads[packet.packet_id] = packet.payload  # until its copy is sent
+            take_in(queue.receive_batch(), now)
             carry_out(model.release_due(now))
             if now >= next_stats:
                 write_stats(True)
                 next_stats = now + _STATS_EVERY
+        # Stopping: the rules go first, so nothing more is queued; then what the kernel still holds for us is read
+        # and everything is let go (the kernel would drop what is queued when the queue is unbound).
+        while installed:
+            _restore(installed.pop(), remove)
+        for _ in range(64):
+            batch = queue.receive_batch()
+            if not batch:
+                break
+            take_in(batch, time.monotonic())
         carry_out(model.flush(time.monotonic()))
     finally:
-        for tool in installed:
-            _restore(tool, remove)
+        while installed:
+            _restore(installed.pop(), remove)
         kernel = queue_statistics(queue.queue_num)  # gone once the queue is unbound
         queue.close()
         injector.close()

@@ -203,12 +203,12 @@ class NfQueue:
     maxlen: int = 4096
     fail_open: bool = False
     rcvbuf: int = 8 << 20
-    bad: dict[str, int] = field(default_factory=dict)
-    errors: int = 0  # NLMSG_ERROR answers to verdicts (a verdict for an id the kernel no longer holds)
-    overruns: int = 0  # ENOBUFS on receive: the kernel could not deliver some packets
-    _sock: socket.socket | None = field(default=None, repr=False)
-    _out: list[bytes] = field(default_factory=list, repr=False)
-    _buf: bytearray = field(default_factory=lambda: bytearray(_RECV_SIZE), repr=False)
+    bad: dict[str, int] = field(default_factory=dict, init=False)
+    errors: int = field(default=0, init=False)  # NLMSG_ERROR answers to verdicts (an id the kernel no longer holds)
+    overruns: int = field(default=0, init=False)  # ENOBUFS on receive: the kernel could not deliver some packets
+    _sock: socket.socket | None = field(default=None, init=False, repr=False)
+    _out: list[bytes] = field(default_factory=list, init=False, repr=False)
+    _buf: bytearray = field(default_factory=lambda: bytearray(_RECV_SIZE), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.queue_num <= 0xFFFF or not 1 <= self.maxlen <= 1 << 20:

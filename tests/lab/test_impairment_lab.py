@@ -166,6 +166,23 @@ async def _ingress_phase(lab: Lab, port: int, n: int) -> dict[str, Any]:
         inet.close()
 
 
+async def _stopped_phase(lab: Lab, port: int, n: int) -> dict[str, Any]:
+    """Stopped while it holds everything (a 5 s delay): what it held is let go, not dropped."""
+    tx, rx, _ = await trio.to_thread.run_sync(_flow, lab, socket.AF_INET, port)
+    try:
+        with impair(lab, "wan", "egress", Impairment(delay=5.0), protocol="udp", port=port) as imp:
+            for seq in range(n):
+                tx.send(seq.to_bytes(4, "big"))
+            with trio.fail_after(30):
+                while imp.statistics().model.held < n:
+                    await trio.sleep(0.05)
+        got = await trio.to_thread.run_sync(lambda: _send_and_receive(tx, rx, 0))
+        return {"got": got, "stats": imp.statistics()}
+    finally:
+        tx.close()
+        rx.close()
+
+
 async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["bare"] = await _bare(lab, PORT + 9, 200)
     rec["baseline"] = await _phase(lab, Impairment(), socket.AF_INET, PORT, 200, gap=0.001)
@@ -174,6 +191,7 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["reorder"] = await _phase(lab, REORDER, socket.AF_INET, PORT + 3, 200, gap=0.001)
     rec["rate"] = await _phase(lab, RATE, socket.AF_INET, PORT + 4, 300, size=1000)
     rec["ingress"] = await _ingress_phase(lab, PORT + 6, 400)
+    rec["stopped"] = await _stopped_phase(lab, PORT + 7, 50)
     # TCP: the download's data enters isp on wan (ingress)
     with impair(lab, "wan", "ingress", TCP_LOSS, protocol="tcp", port=80) as imp:
         bodies = []
@@ -263,6 +281,12 @@ def test_no_impairment_passes_everything_in_order(scenario: dict[str, Any]) -> N
     rec = scenario["baseline"]
     assert _seqs(rec) == list(range(200))
     assert rec["stats"].model.passed == 200 and rec["stats"].model.delayed == 0
+
+
+def test_stopping_lets_go_of_what_it_held(scenario: dict[str, Any]) -> None:
+    rec = scenario["stopped"]
+    assert sorted(_seqs(rec)) == list(range(50))
+    assert rec["stats"].model.passed == 50 and rec["stats"].model.held == 0
 
 
 @pytest.mark.reliability("F10")
