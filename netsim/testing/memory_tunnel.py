@@ -225,7 +225,7 @@ class MemoryDatagramTransport:
         if self.inbox:
             await trio.lowlevel.checkpoint()
             return
-        due = self.network._impairment_timer()
+        due = self.network._impairment_timer() if self.network._in_flight else None  # nothing held: no timer
         if due is None:
             await self.lot.park()
             return
