@@ -738,3 +738,63 @@ def fault_public_address(run_id: str | None, role: str, to: tuple[str, ...]) -> 
     """Change ROLE's (default: the home router's) public WAN address; NAT follows, conntrack is flushed."""
     change = change_public_address(_fault_ns(run_id, role), to or None)
     click.echo(f"{role}: public address {', '.join(change.old)} -> {', '.join(change.new)} ({change.flushed} flushed)")
+
+
+@fault_group.command("impair")
+@_RUN_OPTION
+@click.option("--role", type=click.Choice(ALL_ROLES), default="isp", show_default=True)
+@click.option("--ifname", default="wan", show_default=True)
+@click.option("--direction", type=click.Choice(["egress", "ingress"]), default="egress", show_default=True)
+@click.option("--loss", default="0", help="probability a packet is dropped: 0.1 or 10%")
+@click.option("--delay", default="0", help="added delay: 50ms, 1.5s")
+@click.option("--jitter", default="0", help="uniform +- jitter on the delay: 5ms")
+@click.option("--reorder", default="0", help="probability a packet skips the delay (needs --delay)")
+@click.option("--duplicate", default="0", help="probability a packet is sent twice")
+@click.option("--rate", default="0", help="rate limit: 10mbit, 512kbit (0: none)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--protocol", type=click.Choice(["udp", "tcp"]), help="impair only this protocol")
+@click.option("--port", type=int, help="...and only this source or destination port")
+@click.option("--duration", type=float, help="seconds, then stop (default: until Ctrl-C; at most 3600)")
+def fault_impair(
+    run_id: str | None, role: str, ifname: str, direction: str, duration: float | None, **opts: Any
+) -> None:
+    """Impair one direction of ROLE's IFNAME (loss, delay, jitter, reorder, duplication, rate), seeded, until
+    Ctrl-C or --duration; prints the counters at the end (docs/impairment.md)."""
+    from netsim.core.impairment import Impairment, parse_duration, parse_probability, parse_rate
+    from netsim.lab.impair import Impairer
+
+    try:
+        spec = Impairment(
+            loss=parse_probability(opts["loss"]),
+            delay=parse_duration(opts["delay"]),
+            jitter=parse_duration(opts["jitter"]),
+            reorder=parse_probability(opts["reorder"]),
+            duplicate=parse_probability(opts["duplicate"]),
+            rate=parse_rate(opts["rate"]),
+            seed=opts["seed"],
+        )
+    except NetsimError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if duration is not None and not 0 < duration <= 3600:
+        raise click.BadParameter("between 0 and 3600 seconds", param_hint="--duration")
+    limit = duration if duration is not None else 3600.0
+    ns = _fault_ns(run_id, role)
+    try:
+        imp = Impairer(ns, ifname, direction, spec, protocol=opts["protocol"], port=opts["port"], max_duration=limit)  # type: ignore[arg-type]
+        imp.start()
+    except NetsimError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{role}:{ifname} {direction} impaired ({spec.describe()}); pid {imp.pid}, chain {imp.chain}", err=True)
+    try:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline and imp.statistics().running:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stats = imp.stop()
+    m = stats.model
+    click.echo(
+        f"{role}:{ifname} {direction}: seen {m.seen} passed {m.passed} dropped {m.dropped} overflow {m.overflow} "
+        f"duplicated {m.duplicated} delayed {m.delayed} reordered {m.reordered} kernel_dropped {stats.kernel_dropped}"
+    )

@@ -485,3 +485,11 @@ def change_public_address(
     for dst, gateway, dev in routes:  # Linux dropped the IPv4 one with the prefix's last address
         netlink.add_route(netns, dst, ifname=dev, gateway=gateway, replace=True)
     return AddressChange(old, new, nat_flush(netns))
+
+
+# ---- impairment ----
+# Impaired links (loss, delay, jitter, reorder, duplication, rate) per direction: netsim.lab.impair, re-exported
+# here with the other faults (docs/impairment.md).
+from netsim.lab.impair import Impairer, ImpairerStatistics, impair  # noqa: E402
+
+__all__ += ["Impairer", "ImpairerStatistics", "impair"]

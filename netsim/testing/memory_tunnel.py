@@ -41,6 +41,7 @@ from netsim.apple.enums import VPNStatus
 from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.core import ipc
 from netsim.core.checksum import fill_checksums
+from netsim.core.impairment import Action, Impairment, ImpairmentModel, ImpairmentStatistics
 from netsim.core.ledger import Ledger
 from netsim.core.packet import PacketView
 from netsim.core.policy import PolicyEngine
@@ -87,13 +88,24 @@ class FakeNetwork:
         loss: probability that a datagram is dropped (counted in ``lost``; those carrying an inner packet also in
             ``lost_data``), from ``random.Random(seed)``.
         capacity: datagrams an endpoint's inbox holds; more are dropped (counted in ``overflow``).
+        impairment: a `netsim.core.impairment.Impairment` run on every datagram (the same model as the lab's
+            impairer, on trio's clock: virtual time under ``MockClock``), or a mapping from a destination address
+            to the impairment of datagrams sent to it (one direction each). Its drops count in ``lost`` too;
+            `impairment_statistics` gives each model's counters.
 
     Faults (the memory side of `netsim.lab.faults`): a host in ``blackholed`` neither sends nor receives (its
     datagrams are counted in ``blackholed_drops``), which is how `MemoryTunnel.link_down` and
     `MemoryTunnel.blackhole_server` cut a path; `MemoryTunnel.nat_rebind` moves an endpoint to a new address.
     """
 
-    def __init__(self, *, loss: float = 0.0, seed: int = 0, capacity: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        loss: float = 0.0,
+        seed: int = 0,
+        capacity: int = 4096,
+        impairment: Impairment | Mapping[Address, Impairment] | None = None,
+    ) -> None:
         self.loss = loss
         self.rng = random.Random(seed)
         self.capacity = capacity
@@ -105,6 +117,14 @@ class FakeNetwork:
         self.unreachable = 0
         self.blackholed: set[str] = set()
         self.blackholed_drops = 0
+        # ---- impairment (docs/impairment.md): one model per impaired direction, datagrams held by handle
+        self._impair_all = impairment.model() if isinstance(impairment, Impairment) else None
+        self._impair_to = (
+            {tuple(k): v.model() for k, v in (impairment or {}).items()} if isinstance(impairment, Mapping) else {}
+        )
+        self._in_flight: dict[int, tuple[Address, Address, bytes]] = {}
+        self._copies: set[int] = set()  # in flight with a copy still to come
+        self._handles = 0
 
     def attach(self, addr: Address) -> MemoryDatagramTransport:
         """A transport bound to ``addr`` (replacing any earlier one: a restarted process rebinding)."""
@@ -119,15 +139,59 @@ class FakeNetwork:
         transport.addr = new
         self.endpoints[new] = transport
 
+    def impairment_statistics(self, dst: Address | None = None) -> ImpairmentStatistics:
+        """The counters of the impairment on every datagram (``dst`` None) or on those sent to ``dst``."""
+        model = self._impair_all if dst is None else self._impair_to.get(tuple(dst))
+        if model is None:
+            raise LabError(f"no impairment on {'this network' if dst is None else dst}")
+        return model.statistics()
+
+    def _impairment_timer(self) -> float | None:
+        timers = [t for m in self._models() if (t := m.next_timer()) is not None]
+        return min(timers) if timers else None
+
+    def _models(self) -> list[ImpairmentModel]:
+        return [self._impair_all] if self._impair_all is not None else list(self._impair_to.values())
+
+    def _pump(self) -> None:
+        """Carry out what the impairment models release by now."""
+        now = trio.current_time()
+        for model in self._models():
+            for release in model.release_due(now):
+                if release.action == Action.DROP:
+                    self._lose(self._in_flight.pop(release.handle)[2])
+                    continue
+                src, dst, data = self._in_flight[release.handle]
+                if release.action == Action.COPY or release.handle not in self._copies:
+                    del self._in_flight[release.handle]
+                    self._copies.discard(release.handle)
+                self._arrive(src, dst, data)
+
     def _deliver(self, src: Address, dst: Address, data: bytes) -> None:
         if self.blackholed and (src[0] in self.blackholed or dst[0] in self.blackholed):
             self.blackholed_drops += 1
             return
         if self.loss and self.rng.random() < self.loss:
-            self.lost += 1
-            # WireGuard transport data carrying a packet (type 4, longer than a 32-byte keepalive): whitepaper §5.4.6
-            self.lost_data += len(data) > 32 and data[:4] == b"\x04\x00\x00\x00"
+            self._lose(data)
             return
+        model = self._impair_all or self._impair_to.get(dst)
+        if model is not None:
+            self._handles += 1
+            self._in_flight[self._handles] = (src, dst, data)
+            if model.packet_in(self._handles, len(data), trio.current_time()):
+                self._copies.add(self._handles)
+            self._pump()
+            if (target := self.endpoints.get(dst)) is not None:
+                target.lot.unpark_all()  # a parked receiver re-arms its wakeup for the held datagram
+            return
+        self._arrive(src, dst, data)
+
+    def _lose(self, data: bytes) -> None:
+        self.lost += 1
+        # WireGuard transport data carrying a packet (type 4, longer than a 32-byte keepalive): whitepaper §5.4.6
+        self.lost_data += len(data) > 32 and data[:4] == b"\x04\x00\x00\x00"
+
+    def _arrive(self, src: Address, dst: Address, data: bytes) -> None:
         target = self.endpoints.get(dst)
         if target is None or target.closed:
             self.unreachable += 1  # a closed port: the datagram vanishes (no ICMP in this model)
@@ -152,6 +216,8 @@ class MemoryDatagramTransport:
         self.recv_errors = 0
 
     def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Address | None]) -> int:
+        if self.network._in_flight:
+            self.network._pump()
         n = 0
         inbox = self.inbox
         while inbox and n < len(bufs):
@@ -170,10 +236,18 @@ class MemoryDatagramTransport:
         return None
 
     async def wait_readable(self) -> None:
-        if not self.inbox:
-            await self.lot.park()
-        else:
+        if self.network._in_flight:
+            self.network._pump()
+        if self.inbox:
             await trio.lowlevel.checkpoint()
+            return
+        due = self.network._impairment_timer() if self.network._in_flight else None  # nothing held: no timer
+        if due is None:
+            await self.lot.park()
+            return
+        with trio.move_on_at(due):  # an impaired datagram is due: wake to release it (to whichever endpoint)
+            await self.lot.park()
+        self.network._pump()
 
     def close(self) -> None:
         self.closed = True
@@ -528,6 +602,7 @@ async def memory_tunnel(
     nat_bypass: NatBypassFactory | None = None,
     protocol: Mapping[str, Any] | None = None,
     wait_connected: bool = True,
+    impairment: Impairment | Mapping[Address, Impairment] | None = None,
 ) -> AsyncIterator[MemoryTunnel]:
     """Bring up the in-memory tunnel and yield it once the session is CONNECTED.
 
@@ -545,6 +620,8 @@ async def memory_tunnel(
             `netsim.runtime.bypass.NatBypass` over a `netsim.testing.memory_bypass.MemoryBypassTransport`.
         protocol: NEVPNProtocol fields, as for `netsim.lab.tunnel.netsim_tunnel`.
         wait_connected: as for `netsim.lab.tunnel.netsim_tunnel`: False yields once ``start_vpn_tunnel`` returned.
+        impairment: impaired links on the fake network (`FakeNetwork`'s ``impairment``; docs/impairment.md), e.g.
+            ``{SERVER_ADDR: Impairment(loss=0.1)}`` for the uplink only.
     """
     inputs = resolve_inputs(provider, provider_configuration, policy)
     protocol_fields = resolve_protocol_fields(protocol)
@@ -553,7 +630,7 @@ async def memory_tunnel(
     server_key = PrivateKey.generate(rng.randbytes)
     client_key = PrivateKey.generate(rng.randbytes)
     client_v4, client_v6 = "10.66.0.2", "fd00:66::2"
-    network = FakeNetwork(loss=loss, seed=seed)
+    network = FakeNetwork(loss=loss, seed=seed, impairment=impairment)
     config = TunnelConfig(
         InterfaceConfig(
             private_key=client_key,
