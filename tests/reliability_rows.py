@@ -440,7 +440,6 @@ UNCOVERED: dict[str, str] = {
     "F12": "not yet: tunnel flapping under traffic is issue #16",
     "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",
     "F16": "not yet: path change is issue #16",
-    "F17": "not yet: sleep/wake is issue #16",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
 }
