@@ -437,7 +437,6 @@ UNCOVERED: dict[str, str] = {
     "F8": "partly: tests/lab/test_path_recovery_lab.py proves the tunnel's routes come back after an en0 flap; the reconnect after a 5 s outage and bypass flows during it are issue #16",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
     "F11": "not yet: NAT rebinding and roaming are issue #16",
-    "F14": "not yet: netsim persists no state across runs besides the lab run file; corrupted run files are issue #16",
     "F16": "not yet: path change is issue #16",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
     "R4": "not yet: duplicate run ids are a defect of issue #13",
