@@ -142,6 +142,10 @@ async def run_helper(
             **channel_options,
         )
 
+    if clock_file is not None:
+        # A helper started after a sleep (a restart) keeps the Mac's slept time, applied after the Helper took its
+        # wall offset and before its first handshake: its TAI64N timestamps stay later than those the server saw.
+        clock.set_slept(read_slept_untrusted(Path(clock_file)) or 0.0)
     # the channel's ipc_out stage joins the helper's ledger; observers' frames stay out of it
     server = ipc_server(socket_path, 1, ledger=helper.ledger)
     helper.server = server
@@ -153,11 +157,6 @@ async def run_helper(
             if observers is not None:
                 await nursery.start(observers.serve, helper.serve_observer)
             if clock_file is not None:
-                # a helper started after a sleep (a restart) keeps the Mac's slept time: its TAI64N timestamps
-                # must stay later than the ones the server saw from the helper before it
-                slept = read_slept_untrusted(Path(clock_file))
-                if slept and clock.set_slept(slept):
-                    helper.clock_jumped(slept)
                 await nursery.start(watch_slept_file, Path(clock_file), clock, helper.clock_jumped)
             log.info(
                 "helper ready",

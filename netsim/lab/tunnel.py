@@ -462,6 +462,7 @@ class LabTunnel:
         SIGSTOPped (by pidfd). `wake` continues them and jumps the helper's WireGuard clock ``clock_jump`` seconds
         forward, as a Mac's key ages move on across sleep (past 180 s the session must handshake again). With
         ``seconds`` (at most `MAX_LAB_SLEEP`) this waits that long and wakes; without, the Mac sleeps until `wake`.
+        While asleep the provider is frozen: app messages to it (``provider_stats``) wait until `wake`.
 
         Raises:
             LabError: already asleep, or ``seconds`` / ``clock_jump`` out of range.

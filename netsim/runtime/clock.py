@@ -119,7 +119,8 @@ async def watch_slept_file(
         async for _ in signals:
             total = read_slept_untrusted(path)
             if total is None:
-                log.warning("ignoring the clock file %s: missing, or not a number of seconds", path)
+                if await trio.Path(path).exists():  # missing: no sleep yet (a SIGCONT from elsewhere)
+                    log.warning("ignoring the clock file %s: not a number of seconds", path)
                 continue
             delta = clock.set_slept(total)
             if delta:

@@ -285,7 +285,8 @@ class TunnelProviderSession:
     request is sent; use `wait_status` for either to finish (with ``include_all_networks`` it returns once the
     tunnel is down and the kill switch released). ``stop_reason`` and ``last_disconnect_error``
     together stand in for ``fetchLastDisconnectError``. ``send_provider_message`` returns the reply instead of
-    calling a response handler.
+    calling a response handler. `simulate_sleep` / `simulate_wake` are netsim's: they play the system's side of a
+    sleep (Apple has no API for an app to cause one); docs/faults.md, Sleep and wake.
 
     Kill switch (``protocol_configuration.include_all_networks``, docs/kill-switch.md): the session, playing
     the system, engages the launcher's ``kill_switch`` before it launches the host and keeps it through

@@ -3,9 +3,10 @@
 `LabTunnel.sleep` runs the session's sleep (the provider's ``sleep``, or with ``disconnect_on_sleep`` a stop with
 reason SLEEP), then SIGSTOPs the helper and the provider host; `LabTunnel.wake` writes the jump to the helper's
 clock file, SIGCONTs both and runs ``wake()``. A jump past REJECT_AFTER_TIME (180 s) leaves the helper's keys
-unusable: the tunnel recovers with a new handshake and no user code. A counter in the ISP router counts any probe
-datagram that leaves the Mac in the clear; it must stay 0 while the Mac sleeps, and the positive control (the same
-probe with no tunnel at all) shows that it counts.
+unusable: the tunnel recovers with a new handshake and no user code, and a helper restarted afterwards keeps the
+slept time (its handshake timestamps must stay later than those the server saw). A counter in the ISP router
+counts any probe datagram that leaves the Mac in the clear; it must stay 0 while the Mac sleeps, and the positive
+control (the same probe with no tunnel at all) shows that it counts.
 """
 
 from __future__ import annotations
@@ -85,6 +86,12 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
         rec["calls"] = json.loads(await t.send_provider_message(b"calls") or b"[]")
         rec["status"] = t.session.status
         rec["helper_log_jump"] = "clock jump" in t.helper.stderr()
+        # a helper restarted after the sleep starts from the clock file: its handshake timestamps stay later than
+        # the ones wireguard-go saw (else it would refuse them as replays until real time caught up, 200 s)
+        connects = (await t.provider_stats())["connects"]
+        await t.restart_helper()
+        await t.wait_connected(after_connects=connects)
+        rec["recovered_after_restart"] = await _recovered_within(lab, 20.0)
     # disconnect_on_sleep with the kill switch: the system stops the tunnel (SLEEP) and nothing leaves in the clear
     protocol = {"disconnect_on_sleep": True, "include_all_networks": True}
     async with netsim_tunnel(lab, provider=SPEC, protocol=protocol) as t:
@@ -121,6 +128,7 @@ def test_a_clock_jump_past_180_s_forces_a_new_handshake_and_the_tunnel_recovers(
     assert scenario["helper_log_jump"]
     assert scenario["recovered"]
     assert scenario["new_handshakes"] >= 1
+    assert scenario["recovered_after_restart"]
 
 
 @pytest.mark.reliability("F17")
