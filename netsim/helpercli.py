@@ -78,6 +78,7 @@ async def run_helper(
     ping_interval: float | None = ipc.DEFAULT_PING_INTERVAL,
     ping_timeout: float = ipc.DEFAULT_PING_TIMEOUT,
     stats_socket: str | None = None,
+    clock_file: str | None = None,
 ) -> None:
     """Run a helper until SIGTERM/SIGINT (or cancellation).
 
@@ -89,6 +90,8 @@ async def run_helper(
     slot. ``ping_interval``/``ping_timeout``: the helper PINGs the provider and drops a session that does not
     answer in time (None: no liveness checking). ``stats_socket``: a second socket, admitted like the provider's
     (SO_PEERCRED, token), whose clients may only ask for statistics (`Helper.serve_observer`; docs/ipc.md).
+    ``clock_file``: the simulated Mac's sleep (`netsim.runtime.clock`): on SIGCONT the helper re-reads the total
+    seconds slept from it and its WireGuard clock jumps forward by what is new (docs/faults.md, Sleep and wake).
     """
     from netsim.runtime.channel import UnixIpcServer
 
@@ -100,6 +103,9 @@ async def run_helper(
         from netsim.runtime.bypass import NatBypassHost
 
         nat_host = NatBypassHost.open(interface, fwmark=fwmark, max_packet=config.interface.mtu or 1420)
+    from netsim.runtime.clock import SleepClock, read_slept_untrusted, watch_slept_file
+
+    clock = SleepClock()
     try:
         helper = Helper(
             config,
@@ -108,6 +114,7 @@ async def run_helper(
             batch=batch,
             policy=engine,
             nat_bypass=nat_host.make_bypass if nat_host is not None else None,  # the helper runs its loop
+            clock=clock,
         )
     except BaseException:
         if nat_host is not None:
@@ -135,6 +142,10 @@ async def run_helper(
             **channel_options,
         )
 
+    if clock_file is not None:
+        # A helper started after a sleep (a restart) keeps the Mac's slept time, applied after the Helper took its
+        # wall offset and before its first handshake: its TAI64N timestamps stay later than those the server saw.
+        clock.set_slept(read_slept_untrusted(Path(clock_file)) or 0.0)
     # the channel's ipc_out stage joins the helper's ledger; observers' frames stay out of it
     server = ipc_server(socket_path, 1, ledger=helper.ledger)
     helper.server = server
@@ -145,6 +156,8 @@ async def run_helper(
             await nursery.start(server.serve, helper.serve_session)
             if observers is not None:
                 await nursery.start(observers.serve, helper.serve_observer)
+            if clock_file is not None:
+                await nursery.start(watch_slept_file, Path(clock_file), clock, helper.clock_jumped)
             log.info(
                 "helper ready",
                 extra={
@@ -223,6 +236,11 @@ async def run_helper(
     default=None,
     help="Also serve read-only statistics on this socket (same uid/token checks; docs/ipc.md, Observers).",
 )
+@click.option(
+    "--clock-file",
+    default=None,
+    help="Simulated sleep: on SIGCONT, jump the WireGuard clock to the total seconds slept this file holds.",
+)
 @click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -241,6 +259,7 @@ def helper(
     ping_interval: float,
     ping_timeout: float,
     stats_socket: str | None,
+    clock_file: str | None,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
     configure_json_logging(getattr(logging, log_level.upper()))
@@ -273,6 +292,7 @@ def helper(
                 ping_interval=ping_interval or None,
                 ping_timeout=ping_timeout,
                 stats_socket=stats_socket,
+                clock_file=clock_file,
             )
         )
     except NetsimError as exc:

@@ -23,7 +23,7 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,14 @@ __all__ = [
     "CleanReport",
     "RunRecord",
     "clean",
+    "corrupt_runs",
     "find_runs",
     "helper_dir",
     "invoking_uid",
     "owner_alive",
     "remove_run",
     "tunnel_dir_prefix",
+    "valid_run_id",
 ]
 
 RUN_DIR = Path("/run/netsim")
@@ -112,9 +114,108 @@ class RunRecord:
 
     @classmethod
     def load(cls, path: Path) -> RunRecord:
-        data: dict[str, Any] = json.loads(path.read_text())
-        procs = [ProcessInfo(**{**p, "argv": tuple(p["argv"])}) for p in data.pop("processes", [])]
-        return cls(**data, processes=procs)
+        """Read a run file; any content that is not exactly what `save` writes is a `ValueError`.
+
+        The file is untrusted (docs/reliability.md F14): bounded (`MAX_RUN_FILE`), every field type-checked, and
+        its ``run_id`` must be a run id and the file's own name, so a garbled file can never send `clean` after
+        another run's objects.
+        """
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_RUN_FILE + 1)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc}") from None
+        if len(raw) > MAX_RUN_FILE:
+            raise ValueError(f"{path}: more than {MAX_RUN_FILE} bytes")
+        try:
+            data = json.loads(raw)  # ValueError (UnicodeDecodeError included) for garbage
+        except RecursionError:  # "[[[[..." nested past the parser's depth
+            raise ValueError(f"{path}: nested too deep") from None
+        return cls(**_record_fields_untrusted(data, path.stem))
+
+
+#: A run file is a few hundred bytes per process; anything past this is not one of ours.
+MAX_RUN_FILE = 1 << 20
+
+
+def valid_run_id(run_id: object) -> bool:
+    """The shape of a lab's run id (`netsim.lab.lab.Lab`): 1-6 lower-case ASCII letters and digits."""
+    return isinstance(run_id, str) and run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6
+
+
+def _typed(value: object, kinds: tuple[type, ...], what: str) -> Any:
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        raise ValueError(f"run file field {what}: {type(value).__name__} is not {'/'.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def _record_fields_untrusted(data: object, stem: str) -> dict[str, Any]:
+    """The `RunRecord` keyword arguments in ``data`` (a run file's JSON), checked; `ValueError` otherwise."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a run file holds a JSON object, not {type(data).__name__}")  # noqa: TRY004 (bad content)
+    unknown = set(data) - {f.name for f in fields(RunRecord)}
+    if unknown:
+        raise ValueError(f"run file fields {sorted(unknown)} are unknown")
+    none = type(None)
+    run_id = data.get("run_id")
+    if not valid_run_id(run_id) or run_id != stem:
+        raise ValueError(f"run file {stem}.json names run {run_id!r}")
+    processes = []
+    for p in _typed(data.get("processes", []), (list,), "processes"):
+        p = _typed(p, (dict,), "processes[]")
+        if set(p) != {f.name for f in fields(ProcessInfo)}:
+            raise ValueError(f"run file process entry has fields {sorted(p)}")
+        argv = tuple(_typed(a, (str,), "argv[]") for a in _typed(p["argv"], (list,), "argv"))
+        processes.append(
+            ProcessInfo(
+                name=_typed(p["name"], (str,), "name"),
+                role=_typed(p["role"], (str,), "role"),
+                pid=_positive(p["pid"], "pid"),
+                start_time=_typed(p["start_time"], (int, none), "start_time"),
+                argv=argv,
+            )
+        )
+    return {
+        "run_id": run_id,
+        "owner_pid": _positive(data.get("owner_pid"), "owner_pid"),
+        "owner_start": _typed(data.get("owner_start"), (int, none), "owner_start"),
+        "created": float(_typed(data.get("created"), (int, float), "created")),
+        "namespaces": [_typed(n, (str,), "namespaces[]") for n in _typed(data.get("namespaces"), (list,), "netns")],
+        "processes": processes,
+        "pcap_dir": _typed(data.get("pcap_dir"), (str, none), "pcap_dir"),
+        "cli": _typed(data.get("cli", False), (bool,), "cli"),
+        "owner_uid": _typed(data.get("owner_uid"), (int, none), "owner_uid"),
+    }
+
+
+def _positive(value: object, what: str) -> int:
+    number = _typed(value, (int,), what)
+    if not 0 < number < 1 << 31:
+        raise ValueError(f"run file field {what}: {number} is not a pid")
+    return int(number)
+
+
+def corrupt_runs() -> list[str]:
+    """Run ids whose run file exists but cannot be read as one (`RunRecord.load`): garbage, truncated or hostile
+    content. Such a run is neither live nor dead to `clean`: its owner cannot be checked."""
+    return _scan_runs()[1]
+
+
+def _scan_runs() -> tuple[list[RunRecord], list[str]]:
+    """The run files that load, and the run ids (file names of a run id's shape) of those that do not."""
+    runs: list[RunRecord] = []
+    corrupt: list[str] = []
+    try:
+        paths = sorted(RUN_DIR.glob("*.json"))
+    except OSError:
+        return runs, corrupt
+    for path in paths:
+        try:
+            runs.append(RunRecord.load(path))
+        except (ValueError, TypeError):
+            if valid_run_id(path.stem):
+                corrupt.append(path.stem)
+    return runs, corrupt
 
 
 def invoking_uid() -> int:
@@ -134,18 +235,9 @@ def owner_alive(record: RunRecord) -> bool:
 
 
 def find_runs() -> list[RunRecord]:
-    """Every readable run file (unreadable ones are skipped: they may be mid-write by another lab)."""
-    runs = []
-    try:
-        paths = sorted(RUN_DIR.glob("*.json"))
-    except OSError:
-        return []
-    for path in paths:
-        try:
-            runs.append(RunRecord.load(path))
-        except (OSError, ValueError, TypeError, KeyError):
-            continue
-    return runs
+    """Every readable run file (`save` renames whole files into place, so an unreadable one is corrupt: skipped
+    here, listed by `corrupt_runs`)."""
+    return _scan_runs()[0]
 
 
 def _kill(pid: int, start_time: int | None) -> bool:
@@ -216,17 +308,29 @@ class CleanReport:
     removed: list[str] = field(default_factory=list)
     active: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    #: runs whose run file is corrupt (`corrupt_runs`), left alone: their owner may be alive (``force`` removes them)
+    corrupt: list[str] = field(default_factory=list)
 
 
 def clean(run_id: str | None = None, *, force: bool = False, orphans: bool = False) -> CleanReport:
     """Remove stale labs: runs whose owner pid is gone (or ``run_id`` with ``force=True`` even if alive).
 
     Namespaces named ``netsim-*`` without any run file are only reported, unless ``orphans=True``, because another
-    tool may own them.
+    tool may own them. A run whose run file is corrupt is reported in ``corrupt`` and left alone (its owner cannot
+    be checked: fail closed); ``force=True`` removes its ``netsim-<run>-*`` objects by name, trusting nothing the
+    file says.
     """
     report = CleanReport()
-    runs = find_runs()
-    known = {r.run_id for r in runs}
+    runs, corrupt = _scan_runs()
+    # A corrupt run file still claims its run id: its dirs and namespaces are never stale dirs or orphans.
+    known = {r.run_id for r in runs} | set(corrupt)
+    for bad in corrupt:
+        if run_id is not None and bad != run_id:
+            continue
+        if force:  # by name only: what the file says (pids, namespaces) is not trusted
+            report.removed += remove_run(bad, [], [])
+        else:
+            report.corrupt.append(bad)
     for run in runs:
         if run_id is not None and run.run_id != run_id:
             continue

@@ -546,7 +546,9 @@ def clean_command(run_id: str | None, force: bool, orphans: bool) -> None:
         click.echo(f"kept running lab {run} (owner alive; `netsim lab down` or --force)")
     if report.orphans:
         click.echo(f"left {len(report.orphans)} namespaces without a run file: {report.orphans} (use --orphans)")
-    if not (report.removed or report.active or report.orphans):
+    for run in report.corrupt:
+        click.echo(f"kept run {run}: its run file is corrupt, its owner cannot be checked (--run {run} --force)")
+    if not (report.removed or report.active or report.orphans or report.corrupt):
         click.echo("nothing to clean")
 
 

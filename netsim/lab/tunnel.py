@@ -52,6 +52,7 @@ from netsim.lab.cleanup import RUN_DIR, helper_dir, tunnel_dir_prefix
 from netsim.lab.pcap import CaptureStats
 from netsim.lab.wireguard import WireGuardGo
 from netsim.runtime.channel import connect_ipc_unix
+from netsim.runtime.clock import MAX_JUMP, write_slept
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
 from netsim.runtime.forwarding import HelperForwardingProvider
 from netsim.runtime.netconfig import tunnel_owner
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from netsim.lab.process import LabProcess
 
 __all__ = [
+    "MAX_LAB_SLEEP",
     "STANDARD_PROBES",
     "LabTunnel",
     "ProbeResult",
@@ -75,6 +77,8 @@ __all__ = [
 ]
 
 _HELPER_READY = r"^READY "
+#: The longest `LabTunnel.sleep` (real seconds frozen); a longer sleep is a clock jump.
+MAX_LAB_SLEEP = 30.0
 log = logging.getLogger("netsim.lab.tunnel")
 
 
@@ -258,6 +262,13 @@ class LabTunnel:
     provider_spec: type[PacketTunnelProvider] | str = HelperForwardingProvider
     launcher: SubprocessLauncher | None = None
     manager: TunnelProviderManager | None = None
+    #: the helper's ``--clock-file`` (`netsim.runtime.clock`): the total seconds the simulated Mac slept
+    clock_file: Path | None = None
+    #: total clock jump applied by `wake` so far
+    slept: float = 0.0
+    #: True between `sleep` and `wake`: the tunnel's processes are frozen
+    frozen: bool = False
+    _pending_jump: float = 0.0
 
     @property
     def provider_pid(self) -> int | None:
@@ -437,6 +448,57 @@ class LabTunnel:
         """Helper stderr (JSON lines) and wireguard-go output, for failure messages."""
         parts = [f"--- helper pid {p.pid} ---\n{p.stderr()[-4000:]}" for p in self.helpers]
         return "\n".join([*parts, self.server.logs()])
+
+    # ---- sleep/wake (docs/faults.md, "Sleep and wake") ----
+    def _tunnel_processes(self) -> list[Any]:
+        """The running helper and provider host: the simulated Mac's tunnel processes."""
+        procs: list[Any] = [self.helper] if self.helper.returncode is None else []
+        if self.launcher is not None and self.launcher.processes and self.launcher.processes[-1].returncode is None:
+            procs.append(self.launcher.processes[-1])
+        return procs
+
+    async def sleep(self, seconds: float | None = None, *, clock_jump: float = 0.0) -> None:
+        """Put the simulated Mac to sleep: Apple's sleep callbacks, then freeze its tunnel processes.
+
+        The session's `TunnelProviderSession.simulate_sleep` runs first (the provider's ``sleep``, or with
+        ``disconnect_on_sleep`` the tunnel stops with reason SLEEP), then the helper and the provider host are
+        SIGSTOPped (by pidfd). `wake` continues them and jumps the helper's WireGuard clock ``clock_jump`` seconds
+        forward, as a Mac's key ages move on across sleep (past 180 s the session must handshake again). With
+        ``seconds`` (at most `MAX_LAB_SLEEP`) this waits that long and wakes; without, the Mac sleeps until `wake`.
+        While asleep the provider is frozen: app messages to it (``provider_stats``) wait until `wake`.
+
+        Raises:
+            LabError: already asleep, or ``seconds`` / ``clock_jump`` out of range.
+        """
+        if self.frozen:
+            raise LabError("the simulated Mac is already asleep; wake() it first")
+        if seconds is not None and not 0 <= seconds <= MAX_LAB_SLEEP:
+            raise LabError(f"a lab sleep lasts 0-{MAX_LAB_SLEEP:g} s (use clock_jump for longer), got {seconds}")
+        if clock_jump and (self.clock_file is None or not 0 < clock_jump <= MAX_JUMP):
+            raise LabError(f"clock_jump must be in (0, {MAX_JUMP:g}] s and needs a helper started with a clock file")
+        await self.session.simulate_sleep()
+        for proc in self._tunnel_processes():
+            proc.send_signal(signal.SIGSTOP)
+        self.frozen = True
+        self._pending_jump = clock_jump
+        if seconds is not None:
+            await trio.sleep(seconds)
+            await self.wake()
+
+    async def wake(self) -> None:
+        """Wake the simulated Mac: jump the helper's clock (the ``clock_jump`` given to `sleep`), SIGCONT the
+        helper, then the provider host, then the provider's ``wake()`` (a tunnel that sleep stopped stays
+        DISCONNECTED, as on a Mac without on-demand rules). A no-op when not asleep."""
+        if not self.frozen:
+            return
+        if self._pending_jump and self.clock_file is not None:
+            self.slept += self._pending_jump
+            write_slept(self.clock_file, self.slept)  # read by the helper on the SIGCONT below
+        self._pending_jump = 0.0
+        for proc in self._tunnel_processes():
+            proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+        await self.session.simulate_wake()
 
 
 def _json_object(reply: bytes | None) -> dict[str, Any]:
@@ -630,6 +692,7 @@ async def _netsim_tunnel(
             "--config", str(config_path), "--socket", str(socket_path),
             "--allowed-uid", str(os.geteuid()), "--interface", "en0",
             "--token-file", str(token_path), "--stats-socket", str(stats_socket),
+            "--clock-file", str(conf_dir / "clock"),
         ]  # fmt: skip
         if group_access:
             argv.append("--group-access")
@@ -701,9 +764,15 @@ async def _netsim_tunnel(
                 provider_spec=inputs.spec,
                 launcher=launcher,
                 manager=manager,
+                clock_file=conf_dir / "clock",
             )
             log.info("lab %s: tunnel CONNECTED (provider %s)", lab.run_id, inputs.spec)
-            yield tunnel
+            try:
+                yield tunnel
+            finally:
+                if tunnel.frozen:  # left asleep: thaw, so the processes can stop in an orderly way
+                    for proc in tunnel._tunnel_processes():
+                        proc.send_signal(signal.SIGCONT)
     finally:
         log.info("lab %s: stopping the tunnel (helper, wireguard-go)", lab.run_id)
         with trio.CancelScope(shield=True):

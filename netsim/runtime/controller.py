@@ -285,7 +285,8 @@ class TunnelProviderSession:
     request is sent; use `wait_status` for either to finish (with ``include_all_networks`` it returns once the
     tunnel is down and the kill switch released). ``stop_reason`` and ``last_disconnect_error``
     together stand in for ``fetchLastDisconnectError``. ``send_provider_message`` returns the reply instead of
-    calling a response handler.
+    calling a response handler. `simulate_sleep` / `simulate_wake` are netsim's: they play the system's side of a
+    sleep (Apple has no API for an app to cause one); docs/faults.md, Sleep and wake.
 
     Kill switch (``protocol_configuration.include_all_networks``, docs/kill-switch.md): the session, playing
     the system, engages the launcher's ``kill_switch`` before it launches the host and keeps it through
@@ -303,6 +304,8 @@ class TunnelProviderSession:
     last_disconnect_error: str | None = None
     #: what the provider's last ``set_tunnel_network_settings`` applied (JSON form), None when cleared
     applied_settings: dict[str, Any] | None = None
+    #: True between `simulate_sleep` and `simulate_wake`
+    asleep: bool = False
 
     def __init__(self, manager: TunnelProviderManager, nursery: trio.Nursery) -> None:
         self.manager = manager
@@ -311,6 +314,7 @@ class TunnelProviderSession:
         self.stop_reason: ProviderStopReason | None = None
         self.last_disconnect_error: str | None = None
         self.applied_settings: dict[str, Any] | None = None
+        self.asleep = False
         self.history: list[StatusChange] = []
         self._subscribers: list[trio.MemorySendChannel[StatusChange]] = []
         self._changed = trio.Event()
@@ -509,8 +513,16 @@ class TunnelProviderSession:
         return None if encoded is None else base64.b64decode(encoded)
 
     async def simulate_sleep(self) -> None:
-        """Put the simulated Mac to sleep: the provider's ``sleep`` runs (or, with ``disconnect_on_sleep``, the
-        tunnel stops with reason SLEEP); returns when the host acknowledged."""
+        """Put the simulated Mac to sleep (Apple: the system calls ``sleep(completionHandler:)`` first).
+
+        Without ``disconnect_on_sleep`` the provider's ``sleep`` runs; this returns once it completed (or after
+        the manager's ``stop_timeout``: the system does not wait for ever before it sleeps). With
+        ``disconnect_on_sleep`` the system stops the tunnel instead (reason SLEEP, ``sleep`` is not called) and
+        this returns once it is DISCONNECTED; it is not started again on wake (Apple DTS, forums thread 95988:
+        "the tunnel won't automatically start again on wake", unless an on-demand rule, which netsim does not
+        model, triggers it). `asleep` is True until `simulate_wake`.
+        """
+        self.asleep = True
         tunnel = self._tunnel
         if tunnel is None:
             return
@@ -519,10 +531,16 @@ class TunnelProviderSession:
             await tunnel.host.channel.send({"op": "sleep"})
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return  # the host is going away; the reader reports it
-        await slept.wait()
+        with trio.move_on_after(self.manager.stop_timeout):
+            await slept.wait()
+        if self.manager.protocol_configuration.disconnect_on_sleep:
+            with trio.move_on_after(self.manager.stop_timeout + 5.0):
+                await tunnel.wait_status(VPNStatus.DISCONNECTED)
 
     async def simulate_wake(self) -> None:
-        """Wake the simulated Mac: the provider's ``wake()`` runs."""
+        """Wake the simulated Mac: the running provider's ``wake()`` runs (a tunnel that sleep stopped stays
+        stopped)."""
+        self.asleep = False
         tunnel = self._tunnel
         if tunnel is not None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -12,7 +12,9 @@ The helper (`netsim.runtime.helper.Helper`), `netsim.runtime.wgsocket.WireGuardS
 capture loop (`netsim.runtime.bypass.NatBypass`, whose core sends nothing through it: ``datagrams_to_send`` is
 empty and the third list carries offload flags) and the in-memory VPN server (`netsim.testing.memory_tunnel`)
 run on it; the clock is ``trio.current_time`` in the runtime and
-whatever the test injects (trio's ``MockClock`` under ``autojump``).
+whatever the test injects (trio's ``MockClock`` under ``autojump``), or a `netsim.runtime.clock.SleepClock`, which
+runs ahead of trio's after a simulated sleep: the core's timers are on that clock, so the loop converts them back to
+trio deadlines (`SleepClock.to_trio`) before it waits, and `rearm` after a jump makes the due ones fire at once.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol, cast
 
 import trio
+
+from netsim.runtime.clock import SleepClock
 
 __all__ = ["DEFAULT_MAX_DATAGRAM", "DatagramCore", "DatagramDriver", "DatagramSource", "DatagramTransport"]
 
@@ -117,6 +121,7 @@ class DatagramDriver:
         self.transport = transport
         self.batch = batch
         self.clock = clock
+        self._sleep_clock = clock if isinstance(clock, SleepClock) else None
         self._send = send if send is not None else cast("DatagramTransport", transport).send
         self._after = after
         self._slab = bytearray(batch * max_datagram)
@@ -138,9 +143,17 @@ class DatagramDriver:
     def rearm(self) -> None:
         """Move the pending wakeup earlier if the core's timer moved earlier (a call from outside the loop)."""
         scope = self._scope
-        timer = self.core.get_timer()
-        if scope is not None and timer is not None and timer < scope.deadline:
+        timer = self._deadline()
+        if scope is not None and timer < scope.deadline:
             scope.deadline = timer
+
+    def _deadline(self) -> float:
+        """The core's next timer as a trio deadline (inf: none)."""
+        timer = self.core.get_timer()
+        if timer is None:
+            return math.inf
+        sleep_clock = self._sleep_clock
+        return timer if sleep_clock is None else sleep_clock.to_trio(timer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The loop; run it in a nursery and cancel it to stop."""
@@ -149,8 +162,7 @@ class DatagramDriver:
         after = self._after
         task_status.started()
         while True:
-            deadline = self.core.get_timer()
-            with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
+            with trio.CancelScope(deadline=self._deadline()) as scope:
                 self._scope = scope
                 await transport.wait_readable()
             self._scope = None

@@ -447,6 +447,28 @@ class Helper:
         if self._held:
             await self._push_settings()
 
+    def jump_clock(self, seconds: float) -> None:
+        """The simulated Mac slept: move the helper's clock (a `netsim.runtime.clock.SleepClock`) ``seconds``
+        forward, so the session's keys age as a Mac's do across sleep, and wake the network loop so the timers the
+        jump made due fire now. The device's wall time (TAI64N timestamps) moves with it, as a Mac's wall clock
+        does across sleep: the next initiation's timestamp is later than any the server saw.
+
+        Raises:
+            LocalProtocolError: the helper's clock is not a SleepClock.
+        """
+        from netsim.runtime.clock import SleepClock
+
+        clock = self.clock
+        if not isinstance(clock, SleepClock):
+            raise LocalProtocolError("jump_clock needs a helper built with clock=SleepClock()")
+        clock.jump(seconds)
+        self.clock_jumped(seconds)
+
+    def clock_jumped(self, seconds: float) -> None:
+        """The helper's clock has just jumped ``seconds`` forward (`jump_clock`, or the lab helper's clock file):
+        re-arm the network loop on the jumped clock."""
+        self._driver.rearm()
+
     @property
     def wakeups(self) -> int:
         """Network-loop wakeups so far."""

@@ -380,9 +380,9 @@ def tunnel_owner(netns: str, *, lock_dir: Path = TUNNEL_LOCK_DIR) -> int | None:
     """
     try:
         text = (lock_dir / f"{netns}.lock").read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not UTF-8, a garbled claim file (row F14)
         return None
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit() and len(text) <= 10):  # "²" is a digit to isdigit, not to int
         return None
     pid = int(text)
     return pid if Path(f"/proc/{pid}").exists() else None

@@ -15,7 +15,9 @@ that (resolv.conf has no per-domain servers), so in the lab the ``mac`` namespac
   can only leave through the tunnel. Before each such query the daemon checks the tunnel is alive: the utun
   exists and the provider named by ``owner_pid`` runs. A crashed provider leaves its ``tunnel.json`` behind; the
   daemon then treats the tunnel as gone (the system resolver again, as macOS restores it), except that names
-  under a dead split tunnel's match domains get SERVFAIL instead of going to the ISP in the clear.
+  under a dead split tunnel's match domains get SERVFAIL instead of going to the ISP in the clear. A
+  ``tunnel.json`` that exists but does not parse (garbage, truncated, hostile) fails closed: every query gets
+  SERVFAIL (``servfail_tunnel_state_corrupt``) until the file is rewritten or removed (row F14).
 * other queries go to the system resolvers the normal way (whatever the routing table says).
 * the daemon forwards the client's query bytes with a fresh random id (RFC 5452) on a new connected UDP socket
   per attempt and returns the first reply whose id and question match, with the client's id restored. TCP
@@ -112,11 +114,20 @@ def write_state_file(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: stats.json is a few KiB of counters; a bigger file is not the daemon's (row F14)
+_MAX_STATS_BYTES = 1 << 20
+
+
 def read_stats(state_dir: Path) -> dict[str, Any]:
-    """The counters a running daemon last wrote to ``state_dir/stats.json`` (``{}`` if none yet)."""
+    """The counters a running daemon last wrote to ``state_dir/stats.json`` (``{}`` if none yet, or if the file is
+    not what the daemon writes: over 1 MiB, not JSON, nested past the parser's depth, not an object)."""
     try:
-        data = json.loads((state_dir / STATS_FILE).read_text())
-    except (OSError, ValueError):
+        with open(state_dir / STATS_FILE, "rb") as f:
+            raw = f.read(_MAX_STATS_BYTES + 1)
+        if len(raw) > _MAX_STATS_BYTES:
+            return {}
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -183,6 +194,8 @@ class MacResolver:
         self.stats: Counter[str] = Counter()
         self.upstreams: Counter[str] = Counter()  # queries sent per upstream server address
         self._stamps: dict[str, tuple[int, int, int] | None] = {SYSTEM_FILE: None, TUNNEL_FILE: None}
+        #: tunnel.json exists but cannot be read as one: every query gets SERVFAIL until it is fixed or removed
+        self.tunnel_state_corrupt = False
         self._inflight = 0
         self._tcp_clients = 0
         self._written: tuple[dict[str, int], dict[str, int]] | None = None
@@ -202,20 +215,26 @@ class MacResolver:
             changed = True
             self.stats["state_reloads"] += 1
             parsed: SystemDns | TunnelDns | None = None
+            bad = False
             try:
                 data = _read_bounded(path)
                 if data is not None:
                     parsed = SystemDns.from_json(data) if name == SYSTEM_FILE else TunnelDns.from_json(data)
             except ResolverStateError as exc:
+                bad = True
                 self.stats[f"state_{name.split('.')[0]}_{exc.reason}"] += 1
                 log.warning("resolver: ignoring %s: %s", path, exc)
             except OSError as exc:
+                bad = True
                 self.stats["state_read_error"] += 1
                 log.warning("resolver: cannot read %s: %s", path, exc)
             if name == SYSTEM_FILE:
-                system = parsed if isinstance(parsed, SystemDns) else None
+                system = parsed if isinstance(parsed, SystemDns) else None  # none: SERVFAIL (no resolver)
             else:
                 tunnel = parsed if isinstance(parsed, TunnelDns) else None
+                # A tunnel's DNS settings we cannot read are still a tunnel's: fail closed (row F14). Falling back
+                # to the system resolver would send the tunnel's names to the ISP in the clear.
+                self.tunnel_state_corrupt = bad
         if changed:
             self.state = ResolverState(system, tunnel)
             log.info("resolver: state system=%s tunnel=%s", system, tunnel)
@@ -259,6 +278,9 @@ class MacResolver:
         # Re-check the state files on every query (two stat calls): a query sent right after the configurator
         # wrote or removed tunnel.json already follows it, as Apple's settings are in force once applied.
         self.reload()
+        if self.tunnel_state_corrupt:
+            self.stats["servfail_tunnel_state_corrupt"] += 1
+            return self._servfail(query)
         tunnel = self.state.tunnel
         alive = tunnel is None or self.tunnel_alive(tunnel)
         if tunnel is not None and not alive:

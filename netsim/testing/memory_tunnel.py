@@ -52,6 +52,7 @@ from netsim.core.wireguard.peer import Endpoint as Address
 from netsim.core.wireguard.timers import Timers
 from netsim.errors import BadPacket, LabError
 from netsim.runtime.channel import IpcChannel, open_ipc_channel
+from netsim.runtime.clock import SleepClock
 from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, TunnelProviderSession, memory_launcher
 from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
@@ -391,6 +392,9 @@ class MemoryTunnel:
     namespace: MemoryNamespace = field(default_factory=MemoryNamespace)
     policy: PolicyEngine | None = None
     nat_bypass: NatBypassFactory | None = None
+    #: True between `sleep` and `wake`
+    asleep: bool = False
+    _pending_jump: float = 0.0
 
     @property
     def tun(self) -> MemoryTun:
@@ -474,14 +478,19 @@ class MemoryTunnel:
         self.helper.close()
 
     async def start_helper(self) -> None:
-        """Start a fresh helper (new WireGuard session) and make it reachable again."""
+        """Start a fresh helper (new WireGuard session) and make it reachable again (its clock keeps the time
+        the simulated Mac slept, `sleep`)."""
+        slept = self.helper.clock.offset if isinstance(self.helper.clock, SleepClock) else 0.0
         self.helper = Helper(
             self.config,
             self.network.attach(HELPER_ADDR),
             timers=self.timers,
             policy=self.policy,
             nat_bypass=self.nat_bypass,
+            clock=SleepClock(),
         )
+        if slept:
+            self.helper.jump_clock(slept)
         self._helper_scope = await self._nursery.start(_run_helper, self.helper)
         register_memory_helper(self.name, _connector(self))
         self.helpers_started += 1
@@ -533,6 +542,31 @@ class MemoryTunnel:
         """The client endpoint the VPN server would reply to now (it follows roaming)."""
         peers = self.server.device.peers
         return None if not peers or peers[0].endpoint is None else tuple(peers[0].endpoint)
+
+    # ---- sleep/wake (docs/faults.md, "Sleep and wake") ----
+    async def sleep(self, seconds: float | None = None, *, clock_jump: float = 0.0) -> None:
+        """Put the simulated Mac to sleep, as `netsim.lab.tunnel.LabTunnel.sleep` does, but nothing is frozen
+        (the tasks are the test's own): the session's ``simulate_sleep`` runs, and `wake` jumps the helper's
+        clock ``clock_jump`` seconds forward (`Helper.jump_clock`). With ``seconds`` it waits (virtual time
+        under ``MockClock``) and wakes."""
+        if self.asleep:
+            raise LabError("the simulated Mac is already asleep; wake() it first")
+        await self.session.simulate_sleep()
+        self.asleep = True
+        self._pending_jump = clock_jump
+        if seconds is not None:
+            await trio.sleep(seconds)
+            await self.wake()
+
+    async def wake(self) -> None:
+        """Wake the simulated Mac: the helper's clock jumps, then the provider's ``wake()`` runs; no-op if awake."""
+        if not self.asleep:
+            return
+        if self._pending_jump:
+            self.helper.jump_clock(self._pending_jump)
+        self._pending_jump = 0.0
+        self.asleep = False
+        await self.session.simulate_wake()
 
     async def wait_connected(self, *, after_connects: int = 0, timeout: float = 30.0) -> None:
         with trio.fail_after(timeout):
@@ -664,7 +698,9 @@ async def memory_tunnel(
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
-        helper = Helper(config, network.attach(HELPER_ADDR), timers=timers, policy=engine, nat_bypass=nat_bypass)
+        helper = Helper(
+            config, network.attach(HELPER_ADDR), timers=timers, policy=engine, nat_bypass=nat_bypass, clock=SleepClock()
+        )
         scope = await nursery.start(_run_helper, helper)
         try:
             async with manager.open_session() as session:

@@ -204,8 +204,8 @@ def test_state_changes_are_picked_up(tmp_path: Path) -> None:
         (tmp_path / TUNNEL_FILE).unlink()
         assert _answer(await _ask_udp(addr, _query("c.lab.test"))) == SYSTEM_ANSWER
         (tmp_path / TUNNEL_FILE).write_text('{"version": 1, "kind": "tunnel", "servers": "junk"')
-        assert _answer(await _ask_udp(addr, _query("d.lab.test"))) == SYSTEM_ANSWER
-        assert tun.asked == ["b.lab.test"]
+        assert _answer(await _ask_udp(addr, _query("d.lab.test"))) == "SERVFAIL"  # fails closed (row F14)
+        assert tun.asked == ["b.lab.test"] and system.asked == ["a.lab.test", "c.lab.test"]
         await trio.sleep(0.2)  # stats.json follows within the poll interval
 
     r = _run(tmp_path, body, limits=ResolverLimits(upstream_timeout=0.5, poll_interval=0.15))
