@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import trio
 
 from netsim.apple.enums import ProviderStopReason, VPNStatus
+from netsim.apple.errors import TunnelProviderError
 from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.core.killswitch import CounterValue
 from netsim.errors import LabError, LocalProtocolError, RemoteProtocolError
 from netsim.runtime.killswitch import KernelKillSwitch, KillSwitch, MemoryKillSwitch
-from netsim.runtime.netconfig import MemoryNetworkConfigurator, NetworkConfigurator
+from netsim.runtime.netconfig import KernelNetworkConfigurator, MemoryNetworkConfigurator, NetworkConfigurator
 from netsim.runtime.provider import (
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -161,15 +162,22 @@ def memory_launcher(device_factory: Callable[[str, int], Any], **kwargs: Any) ->
 
 # ------------------------------------------------------------------------------------------------ subprocess
 class _ProcessHost:
-    def __init__(self, channel: ControlChannel, process: Child) -> None:
+    def __init__(self, channel: ControlChannel, process: Child, netns: str) -> None:
         self.channel = channel
         self.process = process
+        self.netns = netns
 
     async def wait(self) -> int | None:
         return await self.process.wait()
 
     def kill(self) -> None:
         self.process.kill()  # by the pidfd of the process we started, never by name
+
+    async def reclaim(self) -> None:
+        """After the host died without reporting its stop: remove the kernel state it left (row F3)."""
+        configurator = KernelNetworkConfigurator(self.netns)
+        if await trio.to_thread.run_sync(configurator.reclaim_abandoned):
+            log.info("removed the tunnel state the dead provider host left in %s", self.netns)
 
 
 class SubprocessLauncher:
@@ -227,7 +235,7 @@ class SubprocessLauncher:
                 log.close()
         self.processes.append(process)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
-        return _ProcessHost(JsonLinesChannel(stream), process)
+        return _ProcessHost(JsonLinesChannel(stream), process, self.netns)
 
 
 # ------------------------------------------------------------------------------------------------ session
@@ -594,6 +602,13 @@ class TunnelProviderSession:
             tunnel.gone.set()
             self._live.discard(tunnel)
         if tunnel.status is not VPNStatus.DISCONNECTED:
+            reclaim = getattr(host, "reclaim", None)  # a crashed extension's routes go with it (row F3)
+            if reclaim is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await reclaim()
+                    except (LabError, OSError, TunnelProviderError) as exc:
+                        log.warning("could not remove the state the dead provider host left: %s", exc)
             detail = error or "the provider host exited"
             if code is not None:
                 detail += f" (exit code {code})"

@@ -72,6 +72,7 @@ a tunnel.json left by a crashed provider is ignored by the daemon (its pid is de
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -1002,17 +1003,7 @@ class KernelNetworkConfigurator:
             return
         ipr = self._iproute()
         self._delete_rules()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in ipr.get_routes(family=family, table=self.table):
-                dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
-                ipr.route(
-                    "del",
-                    dst=f"{dst}/{msg.get('dst_len')}",
-                    table=self.table,
-                    family=family,
-                    type=msg.get("type"),
-                    scope=msg.get("scope"),
-                )
+        self._flush_table()
         if self._device is not None:
             links = ipr.link_lookup(ifname=self._device.name)
             if links:
@@ -1029,6 +1020,49 @@ class KernelNetworkConfigurator:
         self._clear_dns()
         self._applied = None
         self._settings = None
+
+    def _flush_table(self) -> None:
+        ipr = self._iproute()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in ipr.get_routes(family=family, table=self.table):
+                dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                ipr.route(
+                    "del",
+                    dst=f"{dst}/{msg.get('dst_len')}",
+                    table=self.table,
+                    family=family,
+                    type=msg.get("type"),
+                    scope=msg.get("scope"),
+                )
+
+    def reclaim_abandoned(self) -> bool:
+        """Remove the tunnel state a dead owner left in this namespace, as macOS tears down a crashed
+        extension's utun and routes (issue 16, row F3); returns False, touching nothing, when a live owner holds
+        the namespace's claim (module docstring, Ownership).
+
+        A SIGKILLed provider host cannot clear its state: its utun goes with its fd, but its policy rules, the
+        rest of its table (the server exclusion via en0), its utun guard and its ``tunnel.json`` stay until the
+        next tunnel replaces them. The system side (`netsim.runtime.controller`) calls this after it reaped a
+        host that went away without reporting its stop. The kill switch is not touched: it is the session's,
+        and it fails closed (docs/kill-switch.md).
+        """
+        try:
+            self._claim()
+        except TunnelProviderError:
+            return False
+        try:
+            for family, rule in self._our_rules():
+                self._delete_rule(family, rule)
+            self._flush_table()
+            self._nft(utun_guard_ruleset("utun", []))
+            with contextlib.suppress(FileNotFoundError):
+                (self.dns_state_dir / TUNNEL_FILE).unlink()
+        finally:
+            if self._ipr is not None:
+                self._ipr.close()
+                self._ipr = None
+            self._release()
+        return True
 
     def close(self) -> None:
         try:

@@ -8,7 +8,9 @@ No busy loop: the provider host's CPU time (``/proc/<pid>/stat`` utime + stime) 
 deletion, against a deliberate busy loop measured the same way in the same namespace (the positive control).
 
 Row F3's remaining checks ride along (tests/lab/test_kill_switch_lab.py covers the fail-closed block): the
-provider host SIGKILLed, the helper sees the EOF; the routes it leaves behind are a known defect (xfail).
+provider host SIGKILLed (through `netsim lab fault signal provider KILL`), the helper sees the EOF, and the
+system removes the rules and routes the dead host left (before the fix they stayed: the server exclusion via en0
+and both policy rules).
 """
 
 from __future__ import annotations
@@ -173,11 +175,7 @@ def test_the_cli_crashes_the_provider_by_its_recorded_pid(scenario: dict[str, An
     assert scenario["crash_status"] == "DISCONNECTED" and scenario["crash_reason"] == "PROVIDER_FAILED"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (docs/faults.md): a SIGKILLed provider host leaves its policy rules and the server "
-    "exclusion in the tunnel table; the next owner replaces them, nobody removes them (netconfig/controller)",
-)
+@pytest.mark.reliability("F3")
 def test_a_killed_provider_leaves_no_routes(scenario: dict[str, Any]) -> None:
     assert scenario["crash_before"]["routes"] and scenario["crash_before"]["rules_to_table"]  # the control
     after = scenario["crash_after"]
