@@ -432,7 +432,7 @@ UNCOVERED: dict[str, str] = {
     "LD1": "a 30 s steady load is a benchmark case (`netsim bench`, e2e group), not a CI test; short v4/v6 probes are in tests/lab/test_e2e_tunnel.py",
     "LD2": "not yet: concurrent-flow fairness is planned with the performance work (issue #17)",
     "LD4": "not yet: max-MTU and PMTU cases come with the MTU faults of issue #16",
-    "LD5": "a soak of minutes belongs in the bench, planned with issue #16; not in CI",
+    "LD5": "a soak of minutes belongs in the bench, not in CI: `netsim bench --faults --only faults/soak` (netsim/bench/bench_faults.py; RSS/fds/threads of provider and helper at start and end, docs/faults.md)",
     "F6": "not yet: blackholed server comes with the faults of issue #16",
     "F8": "partly: tests/lab/test_path_recovery_lab.py proves the tunnel's routes come back after an en0 flap; the reconnect after a 5 s outage and bypass flows during it are issue #16",
     "F10": "not yet: impairment (loss, delay, reorder) is issue #16",
