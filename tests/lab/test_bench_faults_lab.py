@@ -5,19 +5,27 @@ child process, which brings up a lab and the built-in tunnel, measures the scena
 reads. Checked: the record's shape and that its numbers agree with each other (answered + lost == sent, the
 outage's ends and its length, the named drops and their total, the leak verdict and its evidence) -- never how
 fast anything was. The positive controls: the flap must cost probes (the measurement sees a fault) and the en0
-capture must hold the tunnel's WireGuard frames (the leak check looked at real traffic).
+capture must hold the tunnel's WireGuard frames (the leak check looked at real traffic). And a scenario of the
+test's own (one `FaultScenario`, as a new fault is added) whose "fault" sends datagrams to www with the helper's
+bypass mark, so they leave en0 outside the tunnel: the measurement must call them a leak.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from netsim.bench import runner
+from netsim.bench import bench_faults, runner
+from netsim.lab.lab import Lab
+from netsim.lab.tunnel import LabTunnel, netsim_tunnel
+from netsim.runtime.netconfig import BYPASS_FWMARK
+from netsim.testing.fixtures import run_lab_scenario
 from netsim.testing.require import require_binary, require_root
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
@@ -86,3 +94,27 @@ def test_the_tables_render_and_the_lab_is_gone(report: dict[str, Any]) -> None:
     run_id = report["results"][0]["run_id"]
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert run_id and f"netsim-{run_id}-" not in names
+
+
+async def _leak_on_purpose(lab: Lab, tunnel: LabTunnel) -> None:
+    sock = lab.socket("mac", socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, BYPASS_FWMARK)  # skips the tunnel table: out of en0
+        for _ in range(3):
+            sock.sendto(b"netsim-leak-control", (str(lab.addr.www_v4), 7))
+
+
+async def _control(lab: Lab, rec: dict[str, Any]) -> None:
+    scenario = bench_faults.FaultScenario("leak-control", _leak_on_purpose, 0.0, "3 datagrams past the tunnel")
+    async with netsim_tunnel(lab) as tunnel:
+        with tempfile.TemporaryDirectory() as tmp:
+            rec["record"] = await bench_faults.measure_scenario(lab, tunnel, scenario, Path(tmp), quick=True)
+
+
+def test_a_datagram_that_leaves_en0_outside_the_tunnel_is_called_a_leak() -> None:
+    rec = run_lab_scenario(_control, "wireguard-go", "nft", "tcpdump")
+    assert "error" not in rec, rec["error"]
+    leak = rec["record"]["leak"]
+    assert leak["leaked_frames"] >= 3 and any("203.0.113.10" in line for line in leak["leaked"]), leak
+    assert leak["wireguard_frames"] > 0 and rec["record"]["goals"]["no_leak"] is False
+    assert rec["leaks"] == [] and rec["root_changed"] is None
