@@ -51,6 +51,12 @@ def _import_runner() -> ModuleType:
     "{policy}); runs e2e/user-helper/* beside netsim's helper",
 )
 @click.option("--conformance", is_flag=True, help="check the --helper with netsim.testing.conformance first")
+@click.option(
+    "--faults",
+    is_flag=True,
+    help="run the faults group instead: recovery, loss, leaks and a download per fault scenario, and the LD5 "
+    "soak, in the lab (root; docs/faults.md, 'Recovery measured')",
+)
 @click.option("--seed", type=int, default=1, show_default=True, help="corpus seed")
 def bench_command(
     *,
@@ -64,25 +70,31 @@ def bench_command(
     policy_path: str | None,
     helper_cmd: str | None,
     conformance: bool,
+    faults: bool,
     seed: int,
 ) -> None:
     """Measure per-packet cost: micro steps, the provider<->helper loop, and end to end in the lab.
 
     End-to-end cases need root (they bring up a lab); without it they are reported as skipped, with the reason.
     With --provider your provider runs beside the built-in one (loop/provider:<Class>/..., e2e/provider:<Class>/...)
-    and the report gives the ratios; see docs/benchmarks.md.
+    and the report gives the ratios; see docs/benchmarks.md. With --faults the faults group runs instead (fault
+    scenarios under steady traffic and the LD5 soak; docs/faults.md).
     """
     runner = _import_runner()
     from netsim.errors import ConfigError
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: a --provider module in the current directory
+    if faults and (providers or policy_path or helper_cmd or conformance):
+        raise click.UsageError(
+            "--faults measures the built-in tunnel; --provider, --policy, --helper and --conformance do not apply"
+        )
     try:
         inputs = runner.check_inputs(providers, policy_path, helper_cmd, conformance)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     if list_cases:
-        for name in runner.case_names(quick, seed, inputs):
+        for name in runner.case_names(quick, seed, inputs, faults=faults):
             click.echo(name)
         return
     try:
@@ -95,6 +107,7 @@ def bench_command(
             seed=seed,
             log=lambda line: click.echo(line, err=True),
             inputs=inputs,
+            faults=faults,
         )
     except runner.NoCaseSelected as exc:
         raise click.UsageError(str(exc)) from None

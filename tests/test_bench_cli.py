@@ -380,3 +380,117 @@ def test_the_tunnel_paths_destinations_stay_in_the_tunnel_under_the_example_poli
         for proto, port in (("udp", ECHO_PORT), ("tcp", 5201)):
             verdict = engine.explain(FlowFields.parse(dst, proto, port), now=0.0).verdict
             assert verdict.action.name == "TUNNEL", (dst, proto, str(verdict))
+
+
+# ---------------------------------------------------------------------------------------------- --faults
+def test_list_faults_prints_the_faults_groups_cases() -> None:
+    from netsim.bench import bench_faults
+
+    result = _invoke("--list", "--faults", "--quick")
+    assert result.exit_code == 0, result.output
+    names = result.output.splitlines()
+    assert names == [f"faults/{s.name}" for s in bench_faults.SCENARIOS] + ["faults/soak"]
+    assert {"faults/en0-flap-1s", "faults/helper-sigstop-3s", "faults/wireguard-go-restart"} <= set(names)
+    assert not any(n.startswith("faults/") for n in _invoke("--list", "--quick").output.splitlines())
+    bad = _invoke("--faults", "--only", "e2e/*")
+    assert bad.exit_code == 2 and "  faults/nat-flush\n" in bad.output
+
+
+def test_faults_refuses_the_options_it_does_not_use() -> None:
+    result = _invoke("--faults", "--provider", SPEC)
+    assert result.exit_code == 2
+    assert "--faults measures the built-in tunnel" in result.output
+
+
+def test_recovery_is_the_longest_reply_gap_around_the_fault() -> None:
+    from netsim.bench.bench_faults import recovery
+
+    steady = [i * 0.05 for i in range(40)]  # replies every 50 ms, 0 .. 1.95 s
+    # the link is down from 1.0 to 2.0; replies stop at 1.0 and come back at 2.3
+    replies = [t for t in steady if t <= 1.0] + [2.3 + i * 0.05 for i in range(10)]
+    r = recovery(replies, 1.0, 2.0)
+    assert r["recovered"] and r["outage"]
+    assert r["last_reply_before_s"] == pytest.approx(0.0)
+    assert r["first_reply_after_s"] == pytest.approx(1.3)
+    assert r["recovery_s"] == pytest.approx(1.3) and r["after_fault_end_s"] == pytest.approx(0.3)
+    # an instant fault whose outage comes after it (a server restart): the gap after the fault counts
+    later = [t for t in steady if t <= 1.21] + [5.0, 5.05]
+    r = recovery(later, 1.0, 1.01)
+    assert r["recovery_s"] == pytest.approx(3.8) and r["after_fault_end_s"] == pytest.approx(3.99)
+    # the control: no outage at all
+    r = recovery(steady, 1.0, 1.01)
+    assert r["recovered"] and not r["outage"] and r["after_fault_end_s"] == 0.0
+    # nothing after the fault: not recovered
+    r = recovery([t for t in steady if t <= 1.0], 1.0, 2.0)
+    assert not r["recovered"] and r["recovery_s"] is None
+
+
+def _side(drops: dict[str, dict[str, int]], queued: int = 0) -> dict[str, Any]:
+    stages = {}
+    for stage, dropped in drops.items():
+        n = sum(dropped.values())
+        stages[stage] = {"name": stage, "read": n + 5, "forwarded": 5 - queued, "queued": queued, "dropped": dropped}
+    return {"ledger": {"name": "side", "stages": stages}}
+
+
+def test_ledger_account_names_the_drops_and_says_what_is_unaccounted() -> None:
+    from netsim.bench.bench_faults import ledger_account
+
+    before = {"provider": _side({"tun_read": {}}), "helper": _side({"udp_out": {}, "wg_decrypt": {"keepalive": 1}})}
+    after = {
+        "provider": _side({"tun_read": {}}),
+        "helper": _side({"udp_out": {"udp_no_route": 7}, "wg_decrypt": {"keepalive": 9, "control": 2}}),
+    }
+    acc = ledger_account(7, before, after)
+    assert acc["named_drops"] == {"helper/udp_out/udp_no_route": 7}  # keepalives and control are not loss
+    assert acc["accounted"] and acc["unaccounted"] == 0 and acc["imbalances"] == []
+    acc = ledger_account(10, before, after)
+    assert not acc["accounted"] and acc["unaccounted"] == 3
+    assert ledger_account(0, before, {"provider": {}, "helper": after["helper"]})["missing"] == ["provider"]
+
+
+def test_leak_account_flags_inner_destinations_on_en0_and_counts_wireguard() -> None:
+    from netsim.bench.bench_faults import leak_account
+    from netsim.testing.leaks import Frame
+
+    wg = Frame(0, 0.0, b"", 1, proto=17, src="192.168.1.100", dst="192.0.2.2", sport=40000, dport=51820)
+    wg_back = Frame(1, 0.0, b"", 1, proto=17, src="192.0.2.2", dst="192.168.1.100", sport=51820, dport=40000)
+    leak = Frame(2, 0.0, b"", 1, proto=17, src="192.168.1.100", dst="203.0.113.10", sport=5, dport=7)
+    spoof = Frame(3, 0.0, b"", 1, proto=1, src="10.66.0.2", dst="198.51.100.9")
+    args = {"inner": ["203.0.113.10"], "tunnel_sources": ["10.66.0.2"], "server": "192.0.2.2", "port": 51820}
+    clean = leak_account([wg, wg_back], **args)  # type: ignore[arg-type]
+    assert clean["leaked_frames"] == 0 and clean["wireguard_frames"] == 2
+    dirty = leak_account([wg, leak, spoof], **args)  # type: ignore[arg-type]
+    assert dirty["leaked_frames"] == 2 and dirty["wireguard_frames"] == 1
+    assert "203.0.113.10" in dirty["leaked"][0]
+
+
+def test_the_faults_tables_render_in_text_and_markdown() -> None:
+    rec = {
+        "name": "faults/x",
+        "group": "faults",
+        "scenario": "x",
+        "probes": {"sent": 10, "answered": 8, "lost": 2},
+        "ledger": {"accounted": False, "unaccounted": 2, "imbalances": []},
+        "recovery": {"recovered": True, "recovery_s": 1.25, "after_fault_end_s": 0.25},
+        "leak": {"leaked_frames": 0, "wireguard_frames": 40, "capture_complete": True},
+        "download": {"sha256_ok": True, "across_fault": True},
+    }
+    doc = {
+        "machine": {
+            "timestamp": "t",
+            "cpu_model": "c",
+            "cpu_count": 2,
+            "kernel": "k",
+            "python": "3",
+            "load_average": [0.0],
+        },
+        "quick": True,
+        "wall_seconds": 1.0,
+        "results": [rec],
+        "skipped": [],
+        "ratios": {},
+    }
+    text = runner.render_text(doc)
+    assert "faults (recovery under steady traffic)" in text and "unaccounted 2" in text and "1.25" in text
+    assert "| x | 1.25 | 0.25 | 10/8/2 | unaccounted 2 | 0 (40 wg) | ok |" in runner.render_markdown(doc)

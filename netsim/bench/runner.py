@@ -1,7 +1,7 @@
 """The orchestrator behind ``netsim bench``: micro, loop and end-to-end cases, ratios, JSON, plot, tables.
 
     netsim bench [--quick] [--json FILE] [--plot FILE] [--only PATTERN] [--markdown FILE] [--list]
-                 [--provider module:Class]... [--policy FILE]
+                 [--provider module:Class]... [--policy FILE] [--faults]
     python -m netsim.bench.runner ...            (the same, without the netsim CLI)
 
 Every micro and loop case runs in a fresh interpreter (`netsim.bench._common.run_isolated`); the end-to-end cases
@@ -20,6 +20,10 @@ runs.
 The JSON holds ``machine`` (Python, kernel, CPU, cores, load), ``results`` (one record per case, see
 `netsim.bench._common.Result` and `netsim.bench.bench_e2e`), ``skipped``, and ``ratios`` measured in the same run
 against the issue's targets (`TARGETS`).
+
+``--faults`` runs the faults group instead (`netsim.bench.bench_faults`: recovery, loss and its ledger account,
+en0 leaks and a download's sha256 per fault scenario, and the LD5 soak), in one child process with one lab and
+one tunnel; ``--only`` picks among its cases, and its records are ``results`` with ``group`` ``"faults"``.
 """
 
 from __future__ import annotations
@@ -158,10 +162,17 @@ def _plans(quick: bool, seed: int, inputs: BenchInputs) -> list[tuple[str, str, 
     ]
 
 
-def case_names(quick: bool = False, seed: int = 1, inputs: BenchInputs | None = None) -> list[str]:
-    """Every case name ``netsim bench`` would run with these options, in run order (``--list``)."""
+def case_names(
+    quick: bool = False, seed: int = 1, inputs: BenchInputs | None = None, *, faults: bool = False
+) -> list[str]:
+    """Every case name ``netsim bench`` would run with these options, in run order (``--list``); with
+    ``faults``, the faults group's (``--faults``)."""
     from netsim.bench import bench_e2e
 
+    if faults:
+        from netsim.bench import bench_faults
+
+        return bench_faults.case_names(quick)
     inputs = inputs or BenchInputs()
     names = [case for _, _, plan in _plans(quick, seed, inputs) for case, _, _ in plan]
     return names + bench_e2e.case_names(quick, _e2e_extra_paths(inputs))
@@ -271,6 +282,23 @@ def _run_e2e(quick: bool, only: str | None, log: Callable[[str], None], inputs: 
         return dict(json.loads(out_path.read_text()))
 
 
+def _run_faults(quick: bool, only: str | None, log: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="netsim-bench-") as tmp:
+        out_path = Path(tmp) / "faults.json"
+        argv = [sys.executable, "-m", "netsim.bench.bench_faults", "--json", str(out_path)]
+        argv += ["--quick"] * quick + (["--only", only] if only else [])
+        proc = subprocess.run(
+            argv, cwd=ROOT, env=child_env(), capture_output=True, text=True, check=False, timeout=3600
+        )
+        for line in proc.stdout.splitlines():
+            if line.startswith("  ") or line.startswith("lab "):
+                log(line)
+        if proc.returncode != 0 or not out_path.exists():
+            tail = (proc.stderr or proc.stdout)[-3000:]
+            return {"results": [], "skipped": [{"name": "faults/*", "reason": f"bench_faults failed: {tail}"}]}
+        return dict(json.loads(out_path.read_text()))
+
+
 class NoCaseSelected(ValueError):
     """``--only`` matched no case; ``names`` are the cases there are."""
 
@@ -290,25 +318,32 @@ def run_bench(
     seed: int = 1,
     log: Callable[[str], None] = print,
     inputs: BenchInputs | None = None,
+    faults: bool = False,
 ) -> dict[str, Any]:
     """Run the selected cases and return the report document (also written as JSON/PNG/Markdown if asked).
 
-    ``inputs`` (from `check_inputs`): the user's providers and policy. A pattern ``only`` that matches no case
-    is a `NoCaseSelected` error that lists the case names.
+    ``inputs`` (from `check_inputs`): the user's providers and policy. ``faults``: run the faults group instead
+    (`netsim.bench.bench_faults`). A pattern ``only`` that matches no case is a `NoCaseSelected` error that
+    lists the case names.
     """
     from netsim.bench import bench_e2e, bench_micro
 
     inputs = inputs or BenchInputs()
     t0 = time.monotonic()
     selected = selector(only)
-    names = case_names(quick, seed, inputs)
+    names = case_names(quick, seed, inputs, faults=faults)
     if not any(selected(n) for n in names):
         raise NoCaseSelected(only, names)
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     conformance: list[dict[str, Any]] = []
     root = os.geteuid() == 0
-    for module, group, plan in _plans(quick, seed, inputs):
+    if faults:
+        log("faults (lab) ...")
+        done = _run_faults(quick, only, log)
+        results += done["results"]
+        skipped += done["skipped"]
+    for module, group, plan in [] if faults else _plans(quick, seed, inputs):
         for case, fn, kw in plan:
             if not selected(case):
                 continue
@@ -320,7 +355,7 @@ def run_bench(
                 results.append(_isolated(module, case, group, fn, kw))
             except RuntimeError as exc:
                 skipped.append({"name": case, "reason": f"failed: {str(exc)[-1500:]}"})
-    if any(selected(n) for n in bench_e2e.case_names(quick, _e2e_extra_paths(inputs))):
+    if not faults and any(selected(n) for n in bench_e2e.case_names(quick, _e2e_extra_paths(inputs))):
         log("e2e (lab) ...")
         e2e = _run_e2e(quick, only, log, inputs)
         results += e2e["results"]
@@ -335,6 +370,7 @@ def run_bench(
         "policy": inputs.policy,
         "helper": inputs.helper,
         "conformance": conformance,
+        "faults": faults,
         "wall_seconds": round(time.monotonic() - t0, 1),
         "results": results,
         "skipped": skipped,
@@ -416,6 +452,12 @@ _HEADS = (
 _TITLES = ("micro", "loop (provider <-> helper round trip, in process)", "end to end, UDP", "end to end, TCP (iperf3)")
 
 
+def _fault_tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    from netsim.bench.bench_faults import table_rows
+
+    return table_rows(doc["results"])
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     """The report as Markdown tables (what docs/benchmarks.md quotes)."""
     m = doc["machine"]
@@ -425,7 +467,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{'quick' if doc['quick'] else 'full'} run, {doc['wall_seconds']} s, git {str(m.get('git_commit'))[:10]}.",
         "",
     ]
-    for title, head, rows in zip(_TITLES, _HEADS, _rows(doc), strict=True):
+    for title, head, rows in [*zip(_TITLES, _HEADS, _rows(doc), strict=True), *_fault_tables(doc)]:
         if not rows:
             continue
         lines += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -449,7 +491,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
 def render_text(doc: dict[str, Any]) -> str:
     """The report as plain aligned tables for the terminal."""
     out: list[str] = []
-    for title, head, rows in zip(_TITLES, _HEADS, _rows(doc), strict=True):
+    tables = [*zip(_TITLES, _HEADS, _rows(doc), strict=True), *_fault_tables(doc)]
+    for title, head, rows in tables:
         if not rows:
             continue
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -480,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE")
     parser.add_argument("--only", metavar="PATTERN")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--faults", action="store_true", help="the faults group (recovery measured) instead")
     parser.add_argument("--from-json", metavar="FILE", help="re-render an earlier run instead of measuring")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -500,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
                 plot_path=args.plot,
                 markdown_path=args.markdown,
                 seed=args.seed,
+                faults=args.faults,
             )
         except NoCaseSelected as exc:
             parser.error(str(exc))  # exit 2, as `netsim bench` (which also has --list, --provider, --policy)
