@@ -85,6 +85,7 @@ from typing import Any, Protocol
 
 from netsim.apple.enums import RoutingMethod, TunnelProviderErrorCode
 from netsim.apple.errors import TunnelProviderError
+from netsim.apple.path import NWInterfaceType, NWPath, NWPathStatus
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.dns import normalize_name
@@ -93,6 +94,7 @@ from netsim.core.resolver import TunnelDns
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
+from netsim.runtime.pathmonitor import EventSource
 from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, TUNNEL_FILE, write_state_file
 from netsim.transports.base import PacketDevice
 from netsim.transports.rtevents import RouteEvents
@@ -132,6 +134,8 @@ TUNNEL_LOCK_DIR = Path("/run/netsim/tunnels")  # <ns>.lock: who owns a namespace
 _MAIN = 254
 _FIB_RULE_INVERT = 0x2  # <linux/fib_rules.h>
 _RTN_UNICAST = 1
+_ARPHRD_ETHER = 1  # <linux/if_arp.h>: the link types default_path maps to NWInterfaceType
+_ARPHRD_LOOPBACK = 772
 _RTN_THROW = 9
 _RTPROT_STATIC = 4
 _RT_SCOPE_LINK = 253
@@ -319,13 +323,18 @@ class NetworkConfigurator(Protocol):
         """
         ...
 
-    def path_events(self) -> RouteEvents | None:
+    def path_events(self) -> EventSource | None:
         """A source of link/address/route events for the path monitor (`netsim.runtime.pathmonitor`), or None
         when this backend has no physical path to watch."""
         ...
 
     def physical_state(self) -> Any:
         """A comparable snapshot of the physical path (the main table's default routes)."""
+        ...
+
+    def default_path(self) -> NWPath:
+        """The provider's `NWPath` now (Apple: ``NEProvider.defaultPath``): SATISFIED through the interface of
+        the main table's default route, UNSATISFIED without one."""
         ...
 
     def reapply(self) -> None:
@@ -439,6 +448,8 @@ class MemoryNetworkConfigurator:
         self.routing_method = RoutingMethod.DESTINATION_IP
         self._uids: tuple[int, ...] | None = None
         self.history: list[AppliedSettings | None] = []
+        self._path = NWPath(NWPathStatus.SATISFIED, interface_type=NWInterfaceType.WIFI, interface_name="en0")
+        self._path_signals: list[_PathSignal] = []
 
     def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
         self._uids = _app_uids(routing_method, app_rules)
@@ -457,12 +468,44 @@ class MemoryNetworkConfigurator:
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
 
-    def path_events(self) -> RouteEvents | None:
-        """None: the memory Mac's path does not change by itself."""
-        return None
+    def path_events(self) -> EventSource | None:
+        """An event source that wakes the path monitor when `set_path` changes the simulated path; the caller
+        closes it (as it closes `RouteEvents`)."""
+        signal = _PathSignal()
+        self._path_signals.append(signal)
+        return signal
 
     def physical_state(self) -> Any:
-        return (self.physical_mtu, self.connected)
+        return (self.physical_mtu, self.connected, self._path)
+
+    def default_path(self) -> NWPath:
+        """The simulated path (`set_path`); by default SATISFIED on a Wi-Fi ``en0``."""
+        return self._path
+
+    def set_path(
+        self,
+        status: NWPathStatus = NWPathStatus.SATISFIED,
+        *,
+        interface_name: str | None = "en0",
+        interface_type: NWInterfaceType | None = NWInterfaceType.WIFI,
+        is_expensive: bool = False,
+        is_constrained: bool = False,
+    ) -> NWPath:
+        """Simulate a path change: the provider host's path monitor sees it, updates ``default_path`` and calls
+        ``default_path_did_change`` (and re-applies the settings, as after a real change). An UNSATISFIED or
+        INVALID path has no interface. Returns the new path."""
+        status = NWPathStatus(status)
+        if status in (NWPathStatus.UNSATISFIED, NWPathStatus.INVALID):
+            interface_name = interface_type = None
+        self._path = NWPath(
+            status,
+            is_expensive=is_expensive,
+            is_constrained=is_constrained,
+            interface_type=None if interface_type is None else NWInterfaceType(interface_type),
+            interface_name=interface_name,
+        )
+        self._path_signals = [s for s in self._path_signals if s.notify()]
+        return self._path
 
     def reapply(self) -> None:
         """Nothing to put back in memory."""
@@ -515,11 +558,48 @@ class MemoryNetworkConfigurator:
 
     def close(self) -> None:
         self._applied = None
+        self._path_signals = []  # the path monitor that waits on each closes it (never closed under a waiter)
         if self.namespace is not None and self.namespace.owner is self:
             self.namespace.owner = None
         if self._device is not None:
             self._device.close()
             self._device = None
+
+
+class _PathSignal:
+    """The memory backend's `EventSource`: a datagram socketpair whose one end `notify` writes (a path change)
+    and whose other end the path monitor waits on, as it waits on netlink route events."""
+
+    def __init__(self) -> None:
+        self._writer, self._reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> int:
+        n = 0
+        while True:
+            try:
+                self._reader.recv(16)
+            except (BlockingIOError, OSError):
+                return n
+            n += 1
+
+    def notify(self) -> bool:
+        """Wake the monitor; False once closed (the caller forgets this signal)."""
+        try:
+            self._writer.send(b"p")
+        except BlockingIOError:
+            return True  # already pending: the monitor looks again anyway
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
 
 
 def open_iproute(netns: str | None = None) -> Any:
@@ -640,9 +720,30 @@ class KernelNetworkConfigurator:
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
 
-    def path_events(self) -> RouteEvents | None:
+    def path_events(self) -> EventSource | None:
         """Route events of this namespace, when this process runs in it (the provider host does)."""
         return RouteEvents() if self.inside else None
+
+    def default_path(self) -> NWPath:
+        """SATISFIED through the interface of the main table's default route (IPv4's first, else IPv6's), or
+        UNSATISFIED without one (`netsim.apple.path.NWInterfaceType` says how the type is chosen)."""
+        ipr = self._iproute()
+        _, _, _, oifs = self._physical()
+        index = oifs.get(4) or oifs.get(6)
+        if index is None:
+            return NWPath(NWPathStatus.UNSATISFIED)
+        links = ipr.get_links(index)
+        if not links:
+            return NWPath(NWPathStatus.UNSATISFIED)
+        name = links[0].get("ifname")
+        kind = links[0].get("ifi_type")
+        if name == "lo" or kind == _ARPHRD_LOOPBACK:
+            itype = NWInterfaceType.LOOPBACK
+        elif kind == _ARPHRD_ETHER:
+            itype = NWInterfaceType.WIRED_ETHERNET
+        else:
+            itype = NWInterfaceType.OTHER
+        return NWPath(NWPathStatus.SATISFIED, interface_type=itype, interface_name=name)
 
     def physical_state(self) -> Any:
         """The main table's default routes: ``(gateways by IP version, interfaces by IP version)``."""
