@@ -23,7 +23,11 @@ attack (reliability row K5). Sockets marked
 with ``bypass_fwmark`` (e.g. a helper's own UDP socket) skip the tunnel table, the Linux analogue of a provider's
 own traffic bypassing its tunnel (F1). Table T holds exactly one route per prefix: the exact-duplicate winner
 chosen by `DuplicatePolicy`. Excluded routes use the physical default route's gateway; with no gateway known they
-become ``throw`` routes, which hand the lookup back to the main table (the same physical path). Re-applying
+become ``throw`` routes, which hand the lookup back to the main table (the same physical path). Behind every
+excluded route through a link sits a ``throw`` route at `BACKSTOP_METRIC`: when the link goes down the kernel
+deletes the first but not the second, so until the path monitor re-applies the settings the destination fails in
+the main table instead of falling to the tunnel's default route (row F8: bypass flows fail, not reroute into the
+tunnel). Re-applying
 settings replaces routes in place and only then deletes stale ones, so traffic never falls out of the tunnel
 during an update; ``None`` removes addresses, routes, rules and DNS but keeps the utun, as Apple keeps the
 interface while the provider runs.
@@ -100,6 +104,7 @@ from netsim.transports.base import PacketDevice
 from netsim.transports.rtevents import RouteEvents
 
 __all__ = [
+    "BACKSTOP_METRIC",
     "BYPASS_FWMARK",
     "DEFAULT_PHYSICAL_MTU",
     "LOCAL_NETWORK_RANGES",
@@ -138,6 +143,9 @@ _ARPHRD_ETHER = 1  # <linux/if_arp.h>: the link types default_path maps to NWInt
 _ARPHRD_LOOPBACK = 772
 _RTN_THROW = 9
 _RTPROT_STATIC = 4
+BACKSTOP_METRIC = 0x7FFFFFFF
+"""Metric of the ``throw`` route behind every excluded route through a link (module docstring, row F8): above
+anything the kernel or netsim installs otherwise (IPv6's default metric is 1024)."""
 _RT_SCOPE_LINK = 253
 
 
@@ -913,7 +921,7 @@ class KernelNetworkConfigurator:
         )
         routes = model.tunnel_routes()
         self._sync_rules()
-        desired: set[tuple[int, str]] = set()
+        desired: set[tuple[int, str, bool]] = set()  # (version, destination, is the throw backstop)
         for route in routes:
             net = route.network
             family = socket.AF_INET if net.version == 4 else socket.AF_INET6
@@ -927,12 +935,22 @@ class KernelNetworkConfigurator:
             else:
                 spec["type"] = "throw"
             ipr.route("replace", **spec)
-            desired.add((net.version, str(net)))
+            desired.add((net.version, str(net), False))
+            if route.kind is not RouteKind.INCLUDED and "oif" in spec:
+                # F8: the kernel deletes a route through a link that goes down, and until the path monitor has
+                # re-applied the settings the destination would fall to the tunnel's default route. A throw
+                # route at the highest metric stays behind it: the lookup goes back to the main table, which
+                # without a default route fails (or, if the default moved, takes the new physical path).
+                backstop = {"dst": str(net), "table": self.table, "family": family, "proto": _RTPROT_STATIC}
+                ipr.route("replace", **backstop, type="throw", priority=BACKSTOP_METRIC)
+                desired.add((net.version, str(net), True))
         for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if version == 4 else "::")
-                stale = (version, f"{dst}/{msg.get('dst_len')}")
+                is_backstop = msg.get("priority") == BACKSTOP_METRIC
+                stale = (version, f"{dst}/{msg.get('dst_len')}", is_backstop)
                 if stale not in desired:
+                    extra = {"priority": BACKSTOP_METRIC} if is_backstop else {}
                     ipr.route(
                         "del",
                         dst=stale[1],
@@ -940,6 +958,7 @@ class KernelNetworkConfigurator:
                         family=family,
                         type=msg.get("type"),
                         scope=msg.get("scope"),  # an on-link local-network route is scope link
+                        **extra,
                     )
 
         resolver = None
@@ -1114,6 +1133,7 @@ class KernelNetworkConfigurator:
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                backstop = {"priority": BACKSTOP_METRIC} if msg.get("priority") == BACKSTOP_METRIC else {}
                 ipr.route(
                     "del",
                     dst=f"{dst}/{msg.get('dst_len')}",
@@ -1121,6 +1141,7 @@ class KernelNetworkConfigurator:
                     family=family,
                     type=msg.get("type"),
                     scope=msg.get("scope"),
+                    **backstop,
                 )
         if self._device is not None:
             links = ipr.link_lookup(ifname=self._device.name)

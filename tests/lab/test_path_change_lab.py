@@ -15,6 +15,7 @@ not asserted (speed is the bench's).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -38,6 +39,17 @@ action = "bypass"
 dst = ["{BYPASS}/32"]
 """
 OUTAGE = 5.0
+# UDP to the bypassed address every 2 ms for 1.5 s (bounded: 750 datagrams), send errors ignored (en0 goes)
+_SENDER = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(750):
+    try:
+        s.sendto(b"x" * 32, ("{BYPASS}", 9999))
+    except OSError:
+        pass
+    time.sleep(0.002)
+"""
 PHASES = {"forced": "1", "control": "0"}
 
 
@@ -50,7 +62,13 @@ async def _outage(lab: Lab, t: LabTunnel) -> dict[str, Any]:
     out: dict[str, Any] = {"before": (await _ping(lab, lab.addr.www_v4), await _ping(lab, BYPASS))}
     out["helper_before"] = await t.helper_stats()
     mac = lab.netns("mac")
-    await trio.to_thread.run_sync(faults.link_down, mac, "en0")
+    async with trio.open_nursery() as nursery:
+        # a steady bypass flow across the moment the link goes: every datagram sent while the kernel has dropped
+        # the excluded route and before the settings are re-applied would fall to the tunnel's default route
+        nursery.start_soon(lambda: lab.run("mac", [sys.executable, "-c", _SENDER], check=False))
+        await trio.sleep(0.3)
+        await trio.to_thread.run_sync(faults.link_down, mac, "en0")
+    out["sender_done"] = True
     start = trio.current_time()
     probes = tunnel_ok = bypass_ok = 0
     statuses = set()
