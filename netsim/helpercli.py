@@ -79,6 +79,8 @@ async def run_helper(
     ping_timeout: float = ipc.DEFAULT_PING_TIMEOUT,
     stats_socket: str | None = None,
     clock_file: str | None = None,
+    watch_path: bool = True,
+    path_handshake: bool = True,
 ) -> None:
     """Run a helper until SIGTERM/SIGINT (or cancellation).
 
@@ -92,6 +94,10 @@ async def run_helper(
     (SO_PEERCRED, token), whose clients may only ask for statistics (`Helper.serve_observer`; docs/ipc.md).
     ``clock_file``: the simulated Mac's sleep (`netsim.runtime.clock`): on SIGCONT the helper re-reads the total
     seconds slept from it and its WireGuard clock jumps forward by what is new (docs/faults.md, Sleep and wake).
+
+    ``watch_path`` (with an ``interface``): follow this namespace's default route (`Helper.watch_path`): re-bind
+    the UDP socket to the interface it moves to and, with ``path_handshake``, force a handshake when the path is
+    back (docs/faults.md, "What the provider sees").
     """
     from netsim.runtime.channel import UnixIpcServer
 
@@ -120,6 +126,8 @@ async def run_helper(
         if nat_host is not None:
             nat_host.close()
         raise
+    helper.interface = interface
+    helper.path_handshake = path_handshake
     if token is None:
         log.warning("no IPC token: any process of an allowed uid may become the provider", extra={"event": "no_token"})
 
@@ -158,6 +166,11 @@ async def run_helper(
                 await nursery.start(observers.serve, helper.serve_observer)
             if clock_file is not None:
                 await nursery.start(watch_slept_file, Path(clock_file), clock, helper.clock_jumped)
+            if watch_path and interface:
+                from netsim.runtime.pathmonitor import default_route_interface
+                from netsim.transports.rtevents import RouteEvents
+
+                nursery.start_soon(helper.watch_path, RouteEvents(), lambda: default_route_interface(family))
             log.info(
                 "helper ready",
                 extra={
@@ -241,6 +254,19 @@ async def run_helper(
     default=None,
     help="Simulated sleep: on SIGCONT, jump the WireGuard clock to the total seconds slept this file holds.",
 )
+@click.option(
+    "--watch-path/--no-watch-path",
+    default=True,
+    show_default=True,
+    help="Follow the default route: re-bind the UDP socket to its interface when it moves.",
+)
+@click.option(
+    "--path-handshake/--no-path-handshake",
+    default=True,
+    show_default=True,
+    envvar="NETSIM_HELPER_PATH_HANDSHAKE",
+    help="Force a WireGuard handshake when the path comes back or moves (off: wait for WireGuard's timers).",
+)
 @click.option("--group-access", is_flag=True, help="Socket directory 0750 instead of 0700 (group may connect).")
 @click.option("--batch", default=DEFAULT_BATCH, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
@@ -260,6 +286,8 @@ def helper(
     ping_timeout: float,
     stats_socket: str | None,
     clock_file: str | None,
+    watch_path: bool,
+    path_handshake: bool,
 ) -> None:
     """Run the helper: accept the provider over IPC and carry its packets through WireGuard."""
     configure_json_logging(getattr(logging, log_level.upper()))
@@ -293,6 +321,8 @@ def helper(
                 ping_timeout=ping_timeout,
                 stats_socket=stats_socket,
                 clock_file=clock_file,
+                watch_path=watch_path,
+                path_handshake=path_handshake,
             )
         )
     except NetsimError as exc:

@@ -29,6 +29,11 @@ If the helper dies, the connection breaks: the provider sets ``reasserting`` (Ap
 R24), reconnects with exponential backoff and, when the helper answers again, clears ``reasserting`` and resumes.
 The settings are re-applied only when the helper announces different ones.
 
+Path changes (`default_path_did_change`, issue 16). While ``default_path`` is not satisfied (en0 down) the
+provider is ``reasserting``; when the path is back it stays so until the helper reports its path ``ready`` (it
+re-bound its socket and its forced handshake completed; `netsim.runtime.helper.Helper.path_changed`), polled
+over IPC statistics. The recovery needs no user code, as WireGuardKit's path monitor.
+
 Ledger (``Ledger("provider")``): ``tun_read`` (packets read -> handed to IPC, dropped ``helper_down``, and
 ``malformed`` for what the flow discards before the provider sees it),
 ``ipc_out`` (the channel's queue: written, ``ipc_queue_full``, ``ipc_closed``), ``ipc_in`` (packets received ->
@@ -51,6 +56,7 @@ from typing import Any
 import trio
 
 from netsim.apple.enums import ProviderStopReason
+from netsim.apple.path import NWPath
 from netsim.apple.settings import PacketTunnelNetworkSettings
 from netsim.core import ipc
 from netsim.core.ledger import Ledger, LedgerSnapshot
@@ -110,9 +116,12 @@ class ForwardingStatistics:
     settings_applied: int
     read_batches: int
     write_batches: int
+    path_history: tuple[dict[str, Any], ...] = ()
+    """The last `default_path` values seen (`NWPath.to_json`), oldest first (bounded)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "path_history": list(self.path_history),
             "ledger": self.ledger.to_json(),
             "connects": self.connects,
             "disconnects": self.disconnects,
@@ -159,6 +168,9 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._session_ok = False
         self._stopping = False
         self._written_seen = 0  # flow.packets_written as of our last write
+        self._path_down = False  # default_path is not satisfied: reasserting until the helper is ready again
+        self._path_generation = 0
+        self.path_history: list[dict[str, Any]] = []
 
     # -- hooks (override) ----------------------------------------------------------------------------------
     def on_outbound_batch(self, packets: Sequence[bytes], families: Sequence[int]) -> None:
@@ -181,6 +193,42 @@ class HelperForwardingProvider(PacketTunnelProvider):
         settings; the result goes to ``set_tunnel_network_settings``.
         """
         return settings
+
+    def default_path_did_change(self, path: NWPath) -> None:
+        """Reassert while the path is down; once it is back, wait (in a task) for the helper to report its path
+        ready (re-bound, handshake completed), then clear ``reasserting``. Subclasses overriding this call
+        ``super().default_path_did_change(path)`` to keep that."""
+        self.path_history = [*self.path_history[-(_PATH_HISTORY - 1) :], path.to_json()]
+        self._path_generation += 1
+        if not path.is_satisfied:
+            self._path_down = True
+            self.reasserting = True
+            return
+        self._path_down = False
+        self.reasserting = True
+        self.start_soon(self._await_path_ready, self._path_generation, path.interface_name)
+
+    async def _await_path_ready(self, generation: int, interface: str | None) -> None:
+        """Poll the helper's ``path`` until it is ready on ``interface`` (or a newer path change took over), then
+        clear ``reasserting``; a helper without the ``path`` object is taken as ready once connected."""
+        conf = self._conf()
+        give_up = trio.current_time() + float(conf.get("reconnect_for", 300.0))
+        delay = 0.02
+        while generation == self._path_generation and trio.current_time() < give_up:
+            client = self._client
+            if client is not None and client.is_connected:
+                try:
+                    stats = await client.helper_statistics(2.0)
+                except TunnelDown:
+                    stats = None
+                if generation != self._path_generation:
+                    return
+                path = stats.get("path", {"ready": True}) if stats is not None else {}
+                if path.get("ready") and path.get("interface") in (None, interface):
+                    self.reasserting = False
+                    return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.2)
 
     # -- configuration -------------------------------------------------------------------------------------
     def _conf(self) -> dict[str, Any]:
@@ -288,7 +336,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._session_ok = True
         self._channel = ch
         self._client = client
-        if self.reasserting:
+        if self.reasserting and not self._path_down:
             self.reasserting = False
         self._ready.set()
         log.info("connected to the helper (connection %d)", self.connects)
@@ -367,6 +415,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
             settings_applied=self.settings_applied,
             read_batches=self.read_batches,
             write_batches=self.write_batches,
+            path_history=tuple(self.path_history),
         )
 
     async def helper_statistics(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -393,6 +442,9 @@ class HelperForwardingProvider(PacketTunnelProvider):
         if data == b"helper-stats":
             return json.dumps(await self.helper_statistics()).encode()
         return None
+
+
+_PATH_HISTORY = 16
 
 
 def _why(last: BaseException | None) -> str:

@@ -46,6 +46,14 @@ named drops -- the device classifies each received datagram once (`classify_data
 for it, so no input can drive a counter negative. A packet lost without a counter shows up as an unattributed
 difference in `netsim.core.ledger.Ledger.check`. docs/helper.md says exactly what each stage means.
 
+Path changes (issue 16; WireGuardKit's path monitor). The helper is the process with the socket, so it watches
+the path itself (`watch_path`, on its namespace's netlink route events, `netsim.runtime.pathmonitor`): when the
+main table's default route moves to another interface it re-binds the socket there (``SO_BINDTODEVICE``, same
+port); when there is none (link down) it stays put; as soon as a default route is back it forces a handshake
+with every peer instead of waiting for the 5 s / 15 s timers (`path_changed`). Counted in the statistics'
+``path`` object; ``path.ready`` is False from a path loss until that handshake completed, which the provider
+reads to leave ``reasserting``.
+
 Logs are JSON lines on stderr (`JsonLogFormatter`), one object per event, so tests and tools parse them.
 """
 
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from ipaddress import ip_address
@@ -80,6 +89,8 @@ from netsim.errors import BadPacket, ConfigError, LocalProtocolError, RemoteProt
 from netsim.runtime.channel import IpcChannel, UnixIpcServer
 from netsim.runtime.driver import DatagramDriver, DatagramTransport
 from netsim.runtime.logs import JsonLogFormatter, configure_json_logging
+from netsim.runtime.pathmonitor import EventSource
+from netsim.runtime.pathmonitor import watch_path as _watch_path
 from netsim.runtime.push import learn_dns_answers, push_settings
 from netsim.runtime.settings_payload import SETTINGS_VERSION, tunnel_settings_payload
 from netsim.runtime.statistics import HelperStatistics
@@ -235,6 +246,16 @@ class Helper:
         self.dns_guard = self._make_dns_guard()  # answers are learned only for queries it saw (_learn_dns)
         self._channel: IpcChannel | None = None
         self._connected = trio.Event()
+        # path changes (`path_changed`): the interface the socket is bound to, and what happened since start
+        self.interface: str | None = None
+        self.path_handshake = True  # force a handshake when the path comes back (False: the control of a test)
+        self.path_satisfied = True
+        self.path_changes = 0
+        self.path_rebinds = 0
+        self.path_rebind_errors = 0
+        self.path_handshakes = 0  # initiations sent because the path changed (not by the device's timers)
+        self.path_recoveries = 0  # handshakes completed after a path change
+        self._path_awaiting = False  # a forced handshake has not completed yet
         self.nat_bypass = self._make_nat_bypass(nat_bypass) if nat_bypass is not None else None
 
     def _make_nat_bypass(self, factory: NatBypassFactory) -> NatBypass:
@@ -338,8 +359,95 @@ class Helper:
         )
 
     def stats_json(self) -> dict[str, Any]:
-        """`statistics` as the JSON object a STATS_RESPONSE carries."""
-        return self.statistics().to_json()
+        """`statistics` as the JSON object a STATS_RESPONSE carries, with the ``path`` object (`path_changed`)."""
+        out = self.statistics().to_json()
+        out["path"] = self.path_json()
+        return out
+
+    def path_json(self) -> dict[str, Any]:
+        """The path-change counters: ``ready`` is True when the path is satisfied and no forced handshake is
+        outstanding (the provider leaves ``reasserting`` on it); ``handshakes_by_reason`` splits the device's
+        initiations into ``path_change`` (forced here) and ``timers_or_data`` (the device's own)."""
+        forced = self.path_handshakes
+        by_reason = {"path_change": forced, "timers_or_data": self.device.handshakes_initiated - forced}
+        return {
+            "interface": self.interface,
+            "satisfied": self.path_satisfied,
+            "ready": self.path_satisfied and not self._path_awaiting,
+            "changes": self.path_changes,
+            "rebinds": self.path_rebinds,
+            "rebind_errors": self.path_rebind_errors,
+            "handshakes_by_reason": by_reason,
+            "recoveries": self.path_recoveries,
+            "path_handshake": self.path_handshake,
+        }
+
+    # -- path changes ---------------------------------------------------------------------------------------
+    async def watch_path(
+        self, events: EventSource, interface_of: Callable[[], str | None], *, settle: float = 0.05
+    ) -> None:
+        """Follow the physical path until cancelled: ``interface_of()`` (e.g.
+        `netsim.runtime.pathmonitor.default_route_interface`) is looked at after each burst of ``events``, and
+        `path_changed` is called when it differs. Closes ``events``."""
+
+        async def changed(old: object, new: object) -> None:
+            self.path_changed(new if isinstance(new, str) else None)
+
+        try:
+            await _watch_path(events, interface_of, changed, settle=settle)
+        finally:
+            events.close()
+
+    def path_changed(self, interface: str | None) -> None:
+        """The default route now uses ``interface`` (None: there is none; the path is unsatisfied).
+
+        Unsatisfied: the socket stays bound where it is (nothing else could carry it) and ``path.ready`` turns
+        False. Satisfied again, or on another interface: re-bind the socket there if it moved, then force a
+        handshake with every peer (WireGuard's rate limit of one initiation per REKEY_TIMEOUT is lifted for this
+        one: the path is new) and flush it at once, instead of waiting for the device's 5 s / 15 s timers.
+        """
+        self.path_changes += 1
+        if interface is None:
+            self.path_satisfied = False
+            self._path_awaiting = True
+            log.info("path unsatisfied", extra={"event": "path", "satisfied": False, "interface": self.interface})
+            return
+        came_back = not self.path_satisfied
+        self.path_satisfied = True
+        moved = interface != self.interface
+        if moved:
+            rebind = getattr(self.transport, "bind_to_device", None)
+            if rebind is None:  # a transport with no device (the fake network): nothing to re-bind
+                self.interface = interface
+            else:
+                try:
+                    rebind(interface)
+                except ConfigError as exc:
+                    self.path_rebind_errors += 1
+                    log.warning("re-bind failed", extra={"event": "path_rebind_error", "error": str(exc)})
+                else:
+                    self.path_rebinds += 1
+                    self.interface = interface
+        log.info(
+            "path satisfied",
+            extra={"event": "path", "satisfied": True, "interface": interface, "moved": moved, "back": came_back},
+        )
+        if not (moved or came_back):
+            return
+        if not self.path_handshake:
+            self._path_awaiting = False
+            return
+        now = self.clock()
+        dev = self.device
+        before = dev.handshakes_initiated
+        for peer in dev.peers:
+            if peer.endpoint is not None:
+                peer.last_sent_initiation = -math.inf  # a new path: not a retry the rate limit guards against
+                dev.initiate(peer, now)
+        sent = dev.handshakes_initiated - before
+        self.path_handshakes += sent
+        self._path_awaiting = sent > 0
+        self._flush(now)
 
     @property
     def connected(self) -> bool:
@@ -358,6 +466,9 @@ class Helper:
             peer = key.hex()[:16] if isinstance(key, bytes) else str(key)
             if isinstance(ev, HandshakeCompleted):
                 log.info("handshake completed", extra={"event": "handshake", "peer": peer, "initiator": ev.initiator})
+                if self._path_awaiting:
+                    self._path_awaiting = False
+                    self.path_recoveries += 1
             elif isinstance(ev, HandshakeTimeout):
                 log.warning("handshake timed out", extra={"event": "handshake_timeout", "peer": peer})
             else:

@@ -23,7 +23,11 @@ attack (reliability row K5). Sockets marked
 with ``bypass_fwmark`` (e.g. a helper's own UDP socket) skip the tunnel table, the Linux analogue of a provider's
 own traffic bypassing its tunnel (F1). Table T holds exactly one route per prefix: the exact-duplicate winner
 chosen by `DuplicatePolicy`. Excluded routes use the physical default route's gateway; with no gateway known they
-become ``throw`` routes, which hand the lookup back to the main table (the same physical path). Re-applying
+become ``throw`` routes, which hand the lookup back to the main table (the same physical path). Behind every
+excluded route through a link sits a ``throw`` route at `BACKSTOP_METRIC`: when the link goes down the kernel
+deletes the first but not the second, so until the path monitor re-applies the settings the destination fails in
+the main table instead of falling to the tunnel's default route (row F8: bypass flows fail, not reroute into the
+tunnel). Re-applying
 settings replaces routes in place and only then deletes stale ones, so traffic never falls out of the tunnel
 during an update; ``None`` removes addresses, routes, rules and DNS but keeps the utun, as Apple keeps the
 interface while the provider runs.
@@ -85,6 +89,7 @@ from typing import Any, Protocol
 
 from netsim.apple.enums import RoutingMethod, TunnelProviderErrorCode
 from netsim.apple.errors import TunnelProviderError
+from netsim.apple.path import NWInterfaceType, NWPath, NWPathStatus
 from netsim.apple.protocol import AppRule
 from netsim.apple.settings import DNSSettings, PacketTunnelNetworkSettings
 from netsim.core.dns import normalize_name
@@ -93,12 +98,14 @@ from netsim.core.resolver import TunnelDns
 from netsim.core.routes import DuplicatePolicy, Route, RouteKind, RouteTable
 from netsim.errors import LabError, LocalProtocolError
 from netsim.runtime.appid import app_rules_by_uid
+from netsim.runtime.pathmonitor import EventSource
 from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, TUNNEL_FILE, write_state_file
 from netsim.transports.base import PacketDevice
 from netsim.transports.netns import require_lab_netns, run_netns_command
 from netsim.transports.rtevents import RouteEvents
 
 __all__ = [
+    "BACKSTOP_METRIC",
     "BYPASS_FWMARK",
     "DEFAULT_PHYSICAL_MTU",
     "LOCAL_NETWORK_RANGES",
@@ -133,8 +140,13 @@ TUNNEL_LOCK_DIR = Path("/run/netsim/tunnels")  # <ns>.lock: who owns a namespace
 _MAIN = 254
 _FIB_RULE_INVERT = 0x2  # <linux/fib_rules.h>
 _RTN_UNICAST = 1
+_ARPHRD_ETHER = 1  # <linux/if_arp.h>: the link types default_path maps to NWInterfaceType
+_ARPHRD_LOOPBACK = 772
 _RTN_THROW = 9
 _RTPROT_STATIC = 4
+BACKSTOP_METRIC = 0x7FFFFFFF
+"""Metric of the ``throw`` route behind every excluded route through a link (module docstring, row F8): above
+anything the kernel or netsim installs otherwise (IPv6's default metric is 1024)."""
 _RT_SCOPE_LINK = 253
 
 
@@ -314,13 +326,18 @@ class NetworkConfigurator(Protocol):
         """
         ...
 
-    def path_events(self) -> RouteEvents | None:
+    def path_events(self) -> EventSource | None:
         """A source of link/address/route events for the path monitor (`netsim.runtime.pathmonitor`), or None
         when this backend has no physical path to watch."""
         ...
 
     def physical_state(self) -> Any:
         """A comparable snapshot of the physical path (the main table's default routes)."""
+        ...
+
+    def default_path(self) -> NWPath:
+        """The provider's `NWPath` now (Apple: ``NEProvider.defaultPath``): SATISFIED through the interface of
+        the main table's default route, UNSATISFIED without one."""
         ...
 
     def reapply(self) -> None:
@@ -434,6 +451,8 @@ class MemoryNetworkConfigurator:
         self.routing_method = RoutingMethod.DESTINATION_IP
         self._uids: tuple[int, ...] | None = None
         self.history: list[AppliedSettings | None] = []
+        self._path = NWPath(NWPathStatus.SATISFIED, interface_type=NWInterfaceType.WIFI, interface_name="en0")
+        self._path_signals: list[_PathSignal] = []
 
     def set_routing_method(self, routing_method: RoutingMethod, app_rules: Sequence[AppRule] | None = None) -> None:
         self._uids = _app_uids(routing_method, app_rules)
@@ -452,12 +471,44 @@ class MemoryNetworkConfigurator:
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
 
-    def path_events(self) -> RouteEvents | None:
-        """None: the memory Mac's path does not change by itself."""
-        return None
+    def path_events(self) -> EventSource | None:
+        """An event source that wakes the path monitor when `set_path` changes the simulated path; the caller
+        closes it (as it closes `RouteEvents`)."""
+        signal = _PathSignal()
+        self._path_signals.append(signal)
+        return signal
 
     def physical_state(self) -> Any:
-        return (self.physical_mtu, self.connected)
+        return (self.physical_mtu, self.connected, self._path)
+
+    def default_path(self) -> NWPath:
+        """The simulated path (`set_path`); by default SATISFIED on a Wi-Fi ``en0``."""
+        return self._path
+
+    def set_path(
+        self,
+        status: NWPathStatus = NWPathStatus.SATISFIED,
+        *,
+        interface_name: str | None = "en0",
+        interface_type: NWInterfaceType | None = NWInterfaceType.WIFI,
+        is_expensive: bool = False,
+        is_constrained: bool = False,
+    ) -> NWPath:
+        """Simulate a path change: the provider host's path monitor sees it, updates ``default_path`` and calls
+        ``default_path_did_change`` (and re-applies the settings, as after a real change). An UNSATISFIED or
+        INVALID path has no interface. Returns the new path."""
+        status = NWPathStatus(status)
+        if status in (NWPathStatus.UNSATISFIED, NWPathStatus.INVALID):
+            interface_name = interface_type = None
+        self._path = NWPath(
+            status,
+            is_expensive=is_expensive,
+            is_constrained=is_constrained,
+            interface_type=None if interface_type is None else NWInterfaceType(interface_type),
+            interface_name=interface_name,
+        )
+        self._path_signals = [s for s in self._path_signals if s.notify()]
+        return self._path
 
     def reapply(self) -> None:
         """Nothing to put back in memory."""
@@ -510,11 +561,48 @@ class MemoryNetworkConfigurator:
 
     def close(self) -> None:
         self._applied = None
+        self._path_signals = []  # the path monitor that waits on each closes it (never closed under a waiter)
         if self.namespace is not None and self.namespace.owner is self:
             self.namespace.owner = None
         if self._device is not None:
             self._device.close()
             self._device = None
+
+
+class _PathSignal:
+    """The memory backend's `EventSource`: a datagram socketpair whose one end `notify` writes (a path change)
+    and whose other end the path monitor waits on, as it waits on netlink route events."""
+
+    def __init__(self) -> None:
+        self._writer, self._reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def drain(self) -> int:
+        n = 0
+        while True:
+            try:
+                self._reader.recv(16)
+            except (BlockingIOError, OSError):
+                return n
+            n += 1
+
+    def notify(self) -> bool:
+        """Wake the monitor; False once closed (the caller forgets this signal)."""
+        try:
+            self._writer.send(b"p")
+        except BlockingIOError:
+            return True  # already pending: the monitor looks again anyway
+        except OSError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
 
 
 def open_iproute(netns: str | None = None) -> Any:
@@ -634,9 +722,30 @@ class KernelNetworkConfigurator:
             self.exclude_local_networks, exclude_local_networks, self._applied, "exclude_local_networks"
         )
 
-    def path_events(self) -> RouteEvents | None:
+    def path_events(self) -> EventSource | None:
         """Route events of this namespace, when this process runs in it (the provider host does)."""
         return RouteEvents() if self.inside else None
+
+    def default_path(self) -> NWPath:
+        """SATISFIED through the interface of the main table's default route (IPv4's first, else IPv6's), or
+        UNSATISFIED without one (`netsim.apple.path.NWInterfaceType` says how the type is chosen)."""
+        ipr = self._iproute()
+        _, _, _, oifs = self._physical()
+        index = oifs.get(4) or oifs.get(6)
+        if index is None:
+            return NWPath(NWPathStatus.UNSATISFIED)
+        links = ipr.get_links(index)
+        if not links:
+            return NWPath(NWPathStatus.UNSATISFIED)
+        name = links[0].get("ifname")
+        kind = links[0].get("ifi_type")
+        if name == "lo" or kind == _ARPHRD_LOOPBACK:
+            itype = NWInterfaceType.LOOPBACK
+        elif kind == _ARPHRD_ETHER:
+            itype = NWInterfaceType.WIRED_ETHERNET
+        else:
+            itype = NWInterfaceType.OTHER
+        return NWPath(NWPathStatus.SATISFIED, interface_type=itype, interface_name=name)
 
     def physical_state(self) -> Any:
         """The main table's default routes: ``(gateways by IP version, interfaces by IP version)``."""
@@ -806,7 +915,7 @@ class KernelNetworkConfigurator:
         )
         routes = model.tunnel_routes()
         self._sync_rules()
-        desired: set[tuple[int, str]] = set()
+        desired: set[tuple[int, str, bool]] = set()  # (version, destination, is the throw backstop)
         for route in routes:
             net = route.network
             family = socket.AF_INET if net.version == 4 else socket.AF_INET6
@@ -820,12 +929,22 @@ class KernelNetworkConfigurator:
             else:
                 spec["type"] = "throw"
             ipr.route("replace", **spec)
-            desired.add((net.version, str(net)))
+            desired.add((net.version, str(net), False))
+            if route.kind is not RouteKind.INCLUDED and "oif" in spec:
+                # F8: the kernel deletes a route through a link that goes down, and until the path monitor has
+                # re-applied the settings the destination would fall to the tunnel's default route. A throw
+                # route at the highest metric stays behind it: the lookup goes back to the main table, which
+                # without a default route fails (or, if the default moved, takes the new physical path).
+                backstop = {"dst": str(net), "table": self.table, "family": family, "proto": _RTPROT_STATIC}
+                ipr.route("replace", **backstop, type="throw", priority=BACKSTOP_METRIC)
+                desired.add((net.version, str(net), True))
         for version, family in ((4, socket.AF_INET), (6, socket.AF_INET6)):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if version == 4 else "::")
-                stale = (version, f"{dst}/{msg.get('dst_len')}")
+                is_backstop = msg.get("priority") == BACKSTOP_METRIC
+                stale = (version, f"{dst}/{msg.get('dst_len')}", is_backstop)
                 if stale not in desired:
+                    extra = {"priority": BACKSTOP_METRIC} if is_backstop else {}
                     ipr.route(
                         "del",
                         dst=stale[1],
@@ -833,6 +952,7 @@ class KernelNetworkConfigurator:
                         family=family,
                         type=msg.get("type"),
                         scope=msg.get("scope"),  # an on-link local-network route is scope link
+                        **extra,
                     )
 
         resolver = None
@@ -1026,6 +1146,7 @@ class KernelNetworkConfigurator:
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in ipr.get_routes(family=family, table=self.table):
                 dst = msg.get("dst") or ("0.0.0.0" if family == socket.AF_INET else "::")
+                backstop = {"priority": BACKSTOP_METRIC} if msg.get("priority") == BACKSTOP_METRIC else {}
                 ipr.route(
                     "del",
                     dst=f"{dst}/{msg.get('dst_len')}",
@@ -1033,6 +1154,7 @@ class KernelNetworkConfigurator:
                     family=family,
                     type=msg.get("type"),
                     scope=msg.get("scope"),
+                    **backstop,
                 )
 
     def reclaim_abandoned(self) -> bool:

@@ -46,13 +46,13 @@ import trio
 
 from netsim.apple.enums import ProviderStopReason, TunnelProviderErrorCode, VPNStatus
 from netsim.apple.errors import TunnelProviderError
+from netsim.apple.path import NWPath
 from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.apple.settings import PacketTunnelNetworkSettings
 from netsim.errors import LocalProtocolError, RemoteProtocolError, TunnelDown
 from netsim.runtime.flow import DEFAULT_BATCH_LIMIT, PacketTunnelFlow
 from netsim.runtime.netconfig import NetworkConfigurator
-from netsim.runtime.pathmonitor import watch_path
-from netsim.transports.rtevents import RouteEvents
+from netsim.runtime.pathmonitor import EventSource, watch_path
 
 __all__ = [
     "DEFAULT_START_TIMEOUT",
@@ -172,9 +172,10 @@ def memory_control_pair() -> tuple[ControlChannel, ControlChannel]:
 class PacketTunnelProvider:
     """Mirrors NEPacketTunnelProvider: subclass it and override the hooks (Apple: NEPacketTunnelProvider.h).
 
-    Hooks: `start_tunnel`, `stop_tunnel`, `handle_app_message`, `sleep`, `wake`. Methods for the subclass:
-    `set_tunnel_network_settings`, `cancel_tunnel_with_error`, `reasserting`, `packet_flow`,
-    `protocol_configuration`. The subclass is constructed with no arguments by the host, in its own process.
+    Hooks: `start_tunnel`, `stop_tunnel`, `handle_app_message`, `sleep`, `wake`, `default_path_did_change`.
+    Methods for the subclass: `set_tunnel_network_settings`, `cancel_tunnel_with_error`, `reasserting`,
+    `packet_flow`, `protocol_configuration`, `default_path`. The subclass is constructed with no arguments by
+    the host, in its own process.
 
     Differences from Apple:
         * Completion handlers become coroutines: ``start_tunnel`` returning means ``completionHandler(nil)``,
@@ -182,9 +183,12 @@ class PacketTunnelProvider:
           ``handle_app_message`` (its return value is the reply; Apple's "nil completion" case is a caller that
           ignores the reply).
         * ``set_tunnel_network_settings`` raises `TunnelProviderError` instead of passing it to a completion.
-        * No ``defaultPath``, ``virtualInterface``, ``createTCPConnectionThroughTunnel``/``createUDPSession``:
-          use ordinary sockets (they bypass the tunnel only if marked with the bypass fwmark or sent to an
-          excluded destination; see docs/apple-mapping.md).
+        * ``defaultPath`` is `default_path` (an `netsim.apple.path.NWPath`, with the interface type and name
+          added); Apple's providers observe it with KVO, netsim calls the `default_path_did_change` hook
+          instead (after the host re-applied the tunnel's settings for the new path).
+        * No ``virtualInterface``, ``createTCPConnectionThroughTunnel``/``createUDPSession``: use ordinary
+          sockets (they bypass the tunnel only if marked with the bypass fwmark or sent to an excluded
+          destination; see docs/apple-mapping.md).
     """
 
     def __init__(self) -> None:
@@ -211,6 +215,14 @@ class PacketTunnelProvider:
     def wake(self) -> None:
         """The system woke up (Apple: ``wake()``)."""
 
+    def default_path_did_change(self, path: NWPath) -> None:
+        """``default_path`` changed to ``path`` (netsim's stand-in for KVO on ``NEProvider.defaultPath``).
+
+        Called in the host's event loop whenever the path differs from the last one: the link went down
+        (UNSATISFIED), came back, or the default route moved to another interface. Return quickly; start
+        longer work with `start_soon`. An exception here fails the tunnel like a crashed extension.
+        """
+
     # -- methods (do not override) --------------------------------------------------------------------------
     def _bound(self) -> ProviderHost:
         if self._host is None:
@@ -229,6 +241,11 @@ class PacketTunnelProvider:
     def protocol_configuration(self) -> TunnelProviderProtocol:
         """The configuration the app saved (Apple: ``protocolConfiguration``)."""
         return self._bound().protocol_configuration
+
+    @property
+    def default_path(self) -> NWPath | None:
+        """The current default network path (Apple: ``defaultPath``); None before the tunnel starts."""
+        return self._bound().default_path
 
     @property
     def reasserting(self) -> bool:
@@ -298,6 +315,7 @@ class ProviderHost:
         self.status = VPNStatus.DISCONNECTED
         self.reasserting = False
         self.path_reapplied = 0  # settings re-applied after a physical path change (netsim.runtime.pathmonitor)
+        self.default_path: NWPath | None = None  # Apple: NEProvider.defaultPath
         self._settings_lock = trio.Lock()
         self._events_send, self._events_receive = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stop_requested: tuple[ProviderStopReason, str | None] | None = None
@@ -443,7 +461,7 @@ class ProviderHost:
         self.start_timeout = float(message.get("start_timeout", self.start_timeout))
         self.stop_timeout = float(message.get("stop_timeout", self.stop_timeout))
 
-    async def _watch_path(self, events: RouteEvents) -> None:
+    async def _watch_path(self, events: EventSource) -> None:
         try:
             await watch_path(events, self.configurator.physical_state, self._path_changed)
         finally:
@@ -451,7 +469,30 @@ class ProviderHost:
 
     async def _path_changed(self, old: object, new: object) -> None:
         """The physical path changed (`netsim.runtime.pathmonitor`): re-apply the tunnel's settings, so what the
-        kernel removed with a link (the server exclusion, excluded routes, local networks) comes back."""
+        kernel removed with a link (the server exclusion, excluded routes, local networks) comes back; then
+        update ``default_path`` and tell the provider (`PacketTunnelProvider.default_path_did_change`)."""
+        await self._reapply_for_path()
+        path = self._read_default_path()
+        if path is None or path == self.default_path:
+            return
+        self.default_path = path
+        log.info("default path: %s", path, extra={"event": "default_path", "path": path.to_json()})
+        if self.status not in _ACTIVE or self._stop_requested is not None:
+            return
+        try:
+            self.provider.default_path_did_change(path)
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            self.cancel_with_error(exc)
+
+    def _read_default_path(self) -> NWPath | None:
+        try:
+            return self.configurator.default_path()
+        except Exception as exc:  # a netlink error: keep the last path rather than invent one
+            log.warning("reading the default path failed: %s", exc)
+            return None
+
+    async def _reapply_for_path(self) -> None:
         async with self._settings_lock:
             if self.status not in _ACTIVE or self._stop_requested is not None or self.configurator.applied is None:
                 return
@@ -468,6 +509,7 @@ class ProviderHost:
         await self._start_event.wait()
         if self._stop_requested is not None and self.status is VPNStatus.DISCONNECTED:
             return
+        self.default_path = self._read_default_path()
         events = self.configurator.path_events()
         if events is not None:
             assert self._tasks is not None

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from netsim.apple.enums import VPNStatus
+from netsim.apple.path import NWPath, NWPathStatus
 from netsim.apple.protocol import TunnelProviderProtocol
 from netsim.core import ipc
 from netsim.core.checksum import fill_checksums
@@ -57,7 +58,7 @@ from netsim.runtime.controller import InProcessLauncher, TunnelProviderManager, 
 from netsim.runtime.driver import DatagramDriver
 from netsim.runtime.forwarding import HelperForwardingProvider, register_memory_helper, unregister_memory_helper
 from netsim.runtime.helper import Helper
-from netsim.runtime.netconfig import MemoryNamespace
+from netsim.runtime.netconfig import MemoryNamespace, MemoryNetworkConfigurator
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.runtime.tunnelspec import resolve_inputs, resolve_protocol_fields
 
@@ -416,6 +417,18 @@ class MemoryTunnel:
     def provider_instance(self) -> PacketTunnelProvider:
         """The running provider instance, whatever its class."""
         return self.launcher.hosts[-1].provider
+
+    def set_path(self, status: NWPathStatus = NWPathStatus.SATISFIED, **path: Any) -> NWPath:
+        """Simulate a path change on the memory Mac (keywords as `MemoryNetworkConfigurator.set_path`): the
+        provider's ``default_path`` changes (its ``default_path_did_change`` runs) and the helper sees the same
+        change (`Helper.path_changed`: it forces a handshake when the path is back), as both do on a real path
+        change. Returns the new path."""
+        configurator = self.launcher.hosts[-1].configurator
+        if not isinstance(configurator, MemoryNetworkConfigurator):
+            raise LabError(f"the provider's configurator is a {type(configurator).__name__}, not the memory one")
+        new = configurator.set_path(status, **path)
+        self.helper.path_changed(new.interface_name if new.is_satisfied else None)
+        return new
 
     async def send_provider_message(self, data: bytes) -> bytes | None:
         """Send an app message to the provider (``sendProviderMessage``); its ``handle_app_message`` answer."""

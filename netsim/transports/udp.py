@@ -86,6 +86,18 @@ class UdpTransport:
             ) from None
         return cls(sock)
 
+    def bind_to_device(self, interface: str) -> None:
+        """Re-bind the open socket to ``interface`` (SO_BINDTODEVICE again: the port and mark stay), after the
+        default route moved to another interface (socket(7): a bound device may be changed; needs CAP_NET_RAW).
+
+        Raises:
+            ConfigError: the interface does not exist or we lack the privilege (the old binding stays).
+        """
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        except OSError as exc:
+            raise ConfigError(f"cannot re-bind the helper's UDP socket to interface {interface!r}: {exc}") from None
+
     @property
     def local_port(self) -> int:
         return int(self.sock.getsockname()[1])

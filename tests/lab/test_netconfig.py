@@ -31,7 +31,14 @@ from netsim.apple import (
 )
 from netsim.core.routes import RouteTable
 from netsim.runtime.controller import SubprocessLauncher, TunnelProviderManager, TunnelProviderSession
-from netsim.runtime.netconfig import RULE_PRIORITY, TUNNEL_LOCK_DIR, TUNNEL_TABLE, open_iproute, tunnel_route_table
+from netsim.runtime.netconfig import (
+    BACKSTOP_METRIC,
+    RULE_PRIORITY,
+    TUNNEL_LOCK_DIR,
+    TUNNEL_TABLE,
+    open_iproute,
+    tunnel_route_table,
+)
 from netsim.runtime.provider import PacketTunnelProvider
 from netsim.testing.require import require_binary, require_root, require_tun
 
@@ -149,11 +156,22 @@ class Kernel:
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=TUNNEL_TABLE):
                 dst = f"{msg.get('dst') or ('0.0.0.0' if family == socket.AF_INET else '::')}/{msg.get('dst_len')}"
+                if msg.get("priority") == BACKSTOP_METRIC:
+                    continue  # the throw behind an excluded route (`backstops`)
                 if msg.get("type") == 9:
                     out.add((dst, "throw", None))
                 else:
                     out.add((dst, self.name(msg.get("oif")), msg.get("gateway")))
         return out
+
+    def backstops(self) -> set[str]:
+        """Destinations of the throw routes netsim keeps behind excluded routes through a link (row F8)."""
+        return {
+            f"{msg.get('dst')}/{msg.get('dst_len')}"
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for msg in self.ipr.get_routes(family=family, table=TUNNEL_TABLE)
+            if msg.get("priority") == BACKSTOP_METRIC and msg.get("type") == 9
+        }
 
     def rules(self) -> set[tuple[int, int, int, int | None, int | None]]:
         """(family, priority, table, suppress_prefixlen, fwmark) of netsim's rules."""
@@ -251,6 +269,7 @@ def test_settings_are_applied_exactly(lab: Any, kernel: Kernel) -> None:
             ("::/0", utun, None),
             ("2001:db8:113::/64", "en0", LAN_GW6),
         }
+        assert kernel.backstops() == {"198.51.100.0/24", f"{SERVER4}/32", "2001:db8:113::/64"}
         assert kernel.rules() == {(fam, RULE_PRIORITY, 254, 0, None) for fam in (socket.AF_INET, socket.AF_INET6)} | {
             (fam, RULE_PRIORITY + 1, TUNNEL_TABLE, None, 0x6E73) for fam in (socket.AF_INET, socket.AF_INET6)
         }
@@ -282,7 +301,7 @@ def test_settings_are_applied_exactly(lab: Any, kernel: Kernel) -> None:
         assert resolv.read_text() == original
 
     run_with_tunnel(lab, body)
-    assert kernel.table() == set() and kernel.rules() == set()  # stopping removed everything
+    assert kernel.table() == set() == kernel.backstops() and kernel.rules() == set()  # stopping removed everything
     assert not any(link.get("ifname", "").startswith("utun") for link in kernel.ipr.get_links())
 
 
