@@ -431,6 +431,5 @@ ROWS: dict[str, Row] = {
 UNCOVERED: dict[str, str] = {
     "LD1": "a 30 s steady load is a benchmark case (`netsim bench`, e2e group), not a CI test; short v4/v6 probes are in tests/lab/test_e2e_tunnel.py",
     "LD5": "a soak of minutes belongs in the bench, not in CI: `netsim bench --faults --only faults/soak` (netsim/bench/bench_faults.py; RSS/fds/threads of provider and helper at start and end, docs/faults.md)",
-    "F16": "partly: tests/lab/test_uplink_lab.py moves the default routes en0 -> en1 -> en0 under traffic (recovery back on en0, the server route re-applied, no cleartext on either uplink); the tunnel on en1 needs the helper to re-bind (strict xfails there), and the provider's defaultPath is not asserted yet",
     "S3": "netsim offers no abstract-namespace socket: the helper binds a filesystem socket in a 0700 directory (row S2) and checks SO_PEERCRED (row S1)",
 }

@@ -10,9 +10,10 @@ uplink's public address), and at the end reads captures of en0 and en1: no inner
 probe payload in the clear on either. The positive control for the leak check is one cleartext datagram sent out
 of en1 on purpose (`send_control`): the same check must find it, and only it.
 
-The helper binds its WireGuard socket to en0 (``SO_BINDTODEVICE``): with that, nothing can leave through en1, so
-the two cases that need the tunnel on en1 are strict xfails until the helper re-binds to the new primary
-interface (the r6-path work). Back on en0 the tunnel recovers today.
+The helper binds its WireGuard socket to the primary interface (``SO_BINDTODEVICE``) and re-binds it when the
+default route moves (`netsim.runtime.helper.Helper.watch_path`); before that, nothing could leave through en1 and
+the tunnel never recovered on it. The provider sees every move as a new ``default_path`` (its statistics keep the
+history), as a provider on a Mac observes ``NEProvider.defaultPath``.
 """
 
 from __future__ import annotations
@@ -36,9 +37,6 @@ from netsim.testing.fixtures import run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 RECOVERY_BOUND = 6.0  # seconds a phase may take to recover before it counts as not recovered (not a goal)
-NEEDS_REBIND = pytest.mark.xfail(
-    strict=True, reason="needs r6-path re-bind: the helper's WireGuard socket stays bound to en0 (SO_BINDTODEVICE)"
-)
 
 
 async def _endpoint_host(t: LabTunnel, want: str, *, wait: bool = True) -> str:
@@ -96,6 +94,7 @@ async def _scenario(pcap_dir: Path, lab: Lab, rec: dict[str, Any]) -> None:
                 await _phase(lab, t, probes, rec, "en0_away", partial(faults.uplink_down, mac, "en0"))
                 await _phase(lab, t, probes, rec, "en0_back", partial(faults.uplink_up, mac, "en0", primary=True))
                 nursery.cancel_scope.cancel()
+            rec["path_history"] = (await t.provider_stats()).get("path_history", [])
         except BaseException:
             rec["logs"] = t.logs()
             raise
@@ -123,12 +122,19 @@ def test_the_faults_move_the_default_routes_of_both_families(scenario: dict[str,
     assert scenario["en0_back_primary"] == "en0" and scenario["en0_back_defaults"] == en0
 
 
-@NEEDS_REBIND
+@pytest.mark.reliability("F16")
 @pytest.mark.parametrize("phase", ["to_en1", "en0_away"])
 def test_the_tunnel_recovers_on_en1_and_the_server_follows(scenario: dict[str, Any], phase: str) -> None:
     assert scenario["plaintext"]["en1"]["to_server"], "no WireGuard datagram ever left through en1"
     assert scenario[f"{phase}_recovered"] is not None
     assert scenario[f"{phase}_endpoint"] == str(ADDR.isp2_wan_v4)  # roamed to the second ISP's address
+
+
+@pytest.mark.reliability("F16")
+def test_the_provider_sees_each_move_as_a_new_default_path(scenario: dict[str, Any]) -> None:
+    names = [p["interface_name"] for p in scenario["path_history"] if p["status"] == 1]  # NWPathStatus.satisfied
+    deduped = [n for i, n in enumerate(names) if i == 0 or names[i - 1] != n]
+    assert deduped[-4:] == ["en1", "en0", "en1", "en0"], scenario["path_history"]  # changes only
 
 
 def test_the_server_exclusion_follows_the_primary_uplink(scenario: dict[str, Any]) -> None:
