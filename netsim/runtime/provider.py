@@ -451,7 +451,11 @@ class ProviderHost:
         elif op == "sleep":
             self._nursery.start_soon(self._sleep)
         elif op == "wake":
-            self.provider.wake()
+            try:
+                self.provider.wake()
+            except Exception as exc:  # as an extension that throws in wake(): it crashed (start_soon's rule)
+                traceback.print_exc(file=sys.stderr)
+                self.cancel_with_error(exc)
         else:
             raise RemoteProtocolError("unknown_op", f"unknown control op {op!r}")
 

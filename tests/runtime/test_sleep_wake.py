@@ -207,3 +207,27 @@ def test_a_garbled_clock_file_jumps_nothing(tmp_path: Path, content: bytes) -> N
     write_slept(path, 200.5)  # the positive control: what the lab writes is read back
     assert read_slept_untrusted(path) == 200.5
     assert read_slept_untrusted(tmp_path / "missing") is None
+
+
+class _WakeRaises(HelperForwardingProvider):
+    def wake(self) -> None:
+        raise RuntimeError("wake went wrong")
+
+
+@pytest.mark.reliability("F17")
+def test_a_wake_that_raises_fails_the_tunnel_like_a_crashed_extension_and_the_app_lives_on() -> None:
+    """Regression: ``wake()`` ran unguarded in the host's dispatcher, so a RuntimeError in it tore down the app's
+    session nursery (an ExceptionGroup out of the session) and a ValueError stopped the tunnel as a control-channel
+    error. Now it is the extension crashing: PROVIDER_FAILED with the provider's own error."""
+
+    async def main() -> tuple[VPNStatus, ProviderStopReason | None, str | None]:
+        async with memory_tunnel(provider=_WakeRaises) as t:
+            await t.sleep()
+            await t.wake()
+            with trio.fail_after(30):
+                await t.session.wait_status(VPNStatus.DISCONNECTED)
+            return t.session.status, t.session.stop_reason, t.session.last_disconnect_error
+
+    status, reason, error = mock_run(main)
+    assert status is VPNStatus.DISCONNECTED and reason is ProviderStopReason.PROVIDER_FAILED
+    assert error is not None and "wake went wrong" in error
