@@ -447,6 +447,9 @@ def test_ledger_account_names_the_drops_and_says_what_is_unaccounted() -> None:
     acc = ledger_account(10, before, after)
     assert not acc["accounted"] and acc["unaccounted"] == 3
     assert ledger_account(0, before, {"provider": {}, "helper": after["helper"]})["missing"] == ["provider"]
+    # a loss on the network is accounted by the fault that counted it (a blackhole's counter), not by a ledger
+    acc = ledger_account(10, before, after, {"blackhole": 3, "impairer": 0})
+    assert acc["named_drops"] == {"fault/blackhole": 3, "helper/udp_out/udp_no_route": 7} and acc["accounted"]
 
 
 def test_leak_account_flags_inner_destinations_on_en0_and_counts_wireguard() -> None:

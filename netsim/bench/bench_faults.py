@@ -88,7 +88,7 @@ GOAL_RECOVERY_S = 1.0  # the issue's goal: first reply within 1 s of the fault's
 
 
 # ---------------------------------------------------------------------------------------------- scenarios
-FaultFn = Callable[["Lab", "LabTunnel"], Awaitable[None]]
+FaultFn = Callable[["Lab", "LabTunnel"], Awaitable["Mapping[str, int] | None"]]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ async def _nat_flush(lab: Lab, tunnel: LabTunnel) -> None:
     await trio.to_thread.run_sync(faults.nat_flush, lab.netns("isp"))
 
 
-async def _server_blackhole(lab: Lab, tunnel: LabTunnel) -> None:
+async def _server_blackhole(lab: Lab, tunnel: LabTunnel) -> Mapping[str, int]:
     from netsim.lab import faults
 
     # in inet, the internet between the home router and the server: the server is alive but unreachable
@@ -125,9 +125,11 @@ async def _server_blackhole(lab: Lab, tunnel: LabTunnel) -> None:
     await trio.to_thread.run_sync(hole.install)
     try:
         await trio.sleep(3.0)
+        dropped = await trio.to_thread.run_sync(hole.dropped)
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(hole.remove)
+    return {"blackhole": dropped}  # the packets the network lost are the fault's count, not a ledger's
 
 
 async def _helper_sigstop(lab: Lab, tunnel: LabTunnel) -> None:
@@ -142,6 +144,51 @@ async def _server_restart(lab: Lab, tunnel: LabTunnel) -> None:
     await tunnel.restart_server()
 
 
+async def _path_change(lab: Lab, tunnel: LabTunnel) -> None:
+    from netsim.lab import faults
+
+    mac = lab.netns("mac")
+    await trio.to_thread.run_sync(faults.move_default, mac, "en1")  # Wi-Fi -> Ethernet (the second uplink)
+    try:
+        await trio.sleep(3.0)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(faults.move_default, mac, "en0")
+
+
+async def _public_address(lab: Lab, tunnel: LabTunnel) -> None:
+    from netsim.lab import faults
+
+    isp = lab.netns("isp")
+    await trio.to_thread.run_sync(faults.change_public_address, isp)  # .2 -> .3, conntrack flushed
+    try:
+        await trio.sleep(3.0)
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(faults.change_public_address, isp)  # and back
+
+
+async def _isp_loss(lab: Lab, tunnel: LabTunnel) -> Mapping[str, int]:
+    from netsim.core.impairment import Impairment
+    from netsim.lab import faults
+
+    spec = Impairment(loss=0.2, seed=16)
+    return {"impairer": await trio.to_thread.run_sync(_impair_for, faults, lab, spec, 3.0)}
+
+
+def _impair_for(faults: Any, lab: Lab, spec: Any, seconds: float) -> int:
+    """Impair the ISP's uplink (egress: what the home sends) for ``seconds``; the datagrams it dropped."""
+    import time
+
+    with faults.impair(lab, "wan", "egress", spec, role="isp", max_duration=seconds + 30) as impairer:
+        time.sleep(seconds)
+    return int(impairer.statistics().model.dropped)
+
+
+async def _sleep_wake(lab: Lab, tunnel: LabTunnel) -> None:
+    await tunnel.sleep(3.0, clock_jump=200.0)  # past REJECT_AFTER_TIME: the session must handshake again
+
+
 #: The scenarios, in run order. One entry per fault (see the module docstring).
 SCENARIOS: tuple[FaultScenario, ...] = (
     FaultScenario("en0-flap-1s", _en0_flap(1.0), 1.0, "mac/en0 down 1 s, then up with the network's plan"),
@@ -150,6 +197,10 @@ SCENARIOS: tuple[FaultScenario, ...] = (
     FaultScenario("server-blackhole-3s", _server_blackhole, 3.0, "the server unreachable in inet for 3 s"),
     FaultScenario("helper-sigstop-3s", _helper_sigstop, 3.0, "the helper SIGSTOPped for 3 s, then SIGCONT"),
     FaultScenario("wireguard-go-restart", _server_restart, 0.0, "wireguard-go restarted (no session state)"),
+    FaultScenario("path-en1-3s", _path_change, 3.0, "the default route moves to en1 for 3 s, then back to en0"),
+    FaultScenario("public-address-3s", _public_address, 3.0, "the home router's public address changes, 3 s, back"),
+    FaultScenario("isp-loss-20pct-3s", _isp_loss, 3.0, "20 % loss (seeded) on the ISP's uplink for 3 s"),
+    FaultScenario("sleep-3s-jump-200s", _sleep_wake, 3.0, "the Mac sleeps 3 s; its clock jumps 200 s"),
 )
 
 
@@ -228,11 +279,18 @@ def _queued(stats: Mapping[str, Any]) -> int:
 
 
 def ledger_account(
-    lost: int, before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]
+    lost: int,
+    before: Mapping[str, Mapping[str, Any]],
+    after: Mapping[str, Mapping[str, Any]],
+    fault_drops: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The drops both ledgers name between ``before`` and ``after`` (``{"provider": stats, "helper": stats}``)
     against ``lost`` probes: ``named_drops`` by ``side/stage/reason``, their total, ``unaccounted`` (lost probes
-    beyond it), ``imbalances`` (`netsim.core.ledger.LedgerSnapshot.check` of each side's ``after``)."""
+    beyond it), ``imbalances`` (`netsim.core.ledger.LedgerSnapshot.check` of each side's ``after``).
+
+    ``fault_drops``: what the fault itself counted dropping on the network (a blackhole's nft counter, an
+    impairer's drop verdicts), named ``fault/<name>``: a loss outside netsim's processes is on no ledger, but
+    it is accounted when the fault that caused it counted it."""
     from netsim.core.ledger import LedgerSnapshot
     from netsim.errors import BadPacket
 
@@ -251,6 +309,9 @@ def ledger_account(
             imbalances += [f"{side}: {i}" for i in LedgerSnapshot.from_json_untrusted(after[side]["ledger"]).check()]
         except BadPacket as exc:
             imbalances.append(f"{side}: unreadable ledger ({exc})")
+    for key, n in (fault_drops or {}).items():
+        if n > 0:
+            named[f"fault/{key}"] = int(n)
     total = sum(named.values())
     return {
         "named_drops": dict(sorted(named.items())),
@@ -474,7 +535,7 @@ async def measure_scenario(
             nursery.start_soon(fetch)
             await trio.sleep(lead)
             fault_start = trio.current_time()
-            await scenario.fault(lab, tunnel)
+            fault_drops = await scenario.fault(lab, tunnel)
             fault_end = trio.current_time()
             with trio.move_on_after(recover_for):
                 await stream.wait_replies(fault_end)
@@ -493,7 +554,7 @@ async def measure_scenario(
     rec["probes"] = {"interval_s": interval, **counts}
     rec["fault"] = {"start": fault_start, "end": fault_end, "seconds": fault_end - fault_start}
     rec["recovery"] = recovery(window.replies.values(), fault_start, fault_end, interval)
-    rec["ledger"] = ledger_account(counts["lost"], before, after)
+    rec["ledger"] = ledger_account(counts["lost"], before, after, fault_drops)
     frames: list[Frame] = read_frames(pcap)[1] if pcap.exists() else []
     a = lab.addr
     rec["leak"] = leak_account(
@@ -705,7 +766,7 @@ async def _run(quick: bool, only: str | None, soak_seconds: float | None) -> dic
         return out
     workdir = Path(tempfile.mkdtemp(prefix="netsim-bench-faults-"))
     try:
-        async with Lab() as lab:
+        async with Lab(second_uplink=True) as lab:  # en1 for the path change
             out["run_id"] = lab.run_id
             print(f"lab {lab.run_id} up", flush=True)
             async with netsim_tunnel(lab) as tunnel:

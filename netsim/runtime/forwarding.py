@@ -141,7 +141,8 @@ class HelperForwardingProvider(PacketTunnelProvider):
     (default 1.0), ``ping_interval`` / ``ping_timeout`` (liveness, defaults 5 and 10; ``ping_interval = 0``
     turns it off): a helper that does not answer a PING within the deadline is treated as dead and the
     provider reasserts), plus ``reconnect_for`` (seconds of reasserting before the tunnel gives up and stops
-    with an error, default 300).
+    with an error, default 300) and ``server_check_interval`` (seconds between asking the helper whether the
+    server still answers, default 1, 0 off: while it does not, the provider reasserts; row F6).
 
     Hooks for subclasses (docs/helper.md, "Hooks"): `on_outbound_batch` and `on_inbound_batch` see every batch
     (called only when overridden), `merge_settings` adjusts the helper's settings before they are applied, and
@@ -169,6 +170,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._stopping = False
         self._written_seen = 0  # flow.packets_written as of our last write
         self._path_down = False  # default_path is not satisfied: reasserting until the helper is ready again
+        self._server_down = False  # the helper's tunnel stopped hearing the server: reasserting until it does
         self._path_generation = 0
         self.path_history: list[dict[str, Any]] = []
 
@@ -230,6 +232,36 @@ class HelperForwardingProvider(PacketTunnelProvider):
             await trio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
+    async def _watch_server(self) -> None:
+        """Reassert while the server does not answer (row F6), as the helper's ``tunnel`` statistics say: data
+        went out for WireGuard's ``no_reply_time`` (15 s) with nothing back, e.g. the server blackholed. Cleared
+        when it answers again (the helper's new handshake completed). ``server_check_interval`` (seconds,
+        default 1; 0 turns it off) is how often the helper is asked."""
+        interval = float(self._conf().get("server_check_interval", 1.0))
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            client = self._client
+            if client is None or not client.is_connected or self._path_down:
+                continue
+            try:
+                stats = await client.helper_statistics(2.0)
+            except TunnelDown:
+                continue
+            tunnel = stats.get("tunnel")
+            if not isinstance(tunnel, dict) or not isinstance(tunnel.get("responding"), bool):
+                continue  # a helper without the object (another implementation): nothing to go by
+            if not tunnel["responding"] and not self._server_down:
+                self._server_down = True
+                self.reasserting = True
+                log.info("the server stopped answering (%.1f s): reasserting", tunnel.get("unanswered_for", 0.0))
+            elif tunnel["responding"] and self._server_down:
+                self._server_down = False
+                if not self._path_down:
+                    self.reasserting = False
+                log.info("the server answers again")
+
     # -- configuration -------------------------------------------------------------------------------------
     def _conf(self) -> dict[str, Any]:
         conf = dict(self.protocol_configuration.provider_configuration or {})
@@ -253,6 +285,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         timeout = float(conf.get("connect_timeout", 10.0))
         self.start_soon(self._outbound)
         self.start_soon(self._maintain)
+        self.start_soon(self._watch_server)
         with trio.move_on_after(timeout):
             await self._ready.wait()
         if not self._ready.is_set():
@@ -336,7 +369,7 @@ class HelperForwardingProvider(PacketTunnelProvider):
         self._session_ok = True
         self._channel = ch
         self._client = client
-        if self.reasserting and not self._path_down:
+        if self.reasserting and not (self._path_down or self._server_down):
             self.reasserting = False
         self._ready.set()
         log.info("connected to the helper (connection %d)", self.connects)

@@ -362,7 +362,22 @@ class Helper:
         """`statistics` as the JSON object a STATS_RESPONSE carries, with the ``path`` object (`path_changed`)."""
         out = self.statistics().to_json()
         out["path"] = self.path_json()
+        out["tunnel"] = self.tunnel_json()
         return out
+
+    def tunnel_json(self) -> dict[str, Any]:
+        """Whether the server answers: ``unanswered_for`` (seconds data went out with nothing authenticated back,
+        the longest over the peers) and ``responding`` (false from WireGuard's ``no_reply_time``, 15 s, on: the
+        session is taken for dead and re-handshaken; `netsim.runtime.forwarding.HelperForwardingProvider`
+        reasserts while it is false; row F6)."""
+        now = self.clock()
+        device = self.device
+        unanswered = max((device.unanswered_for(peer, now) for peer in device.peers), default=0.0)
+        return {
+            "unanswered_for": round(unanswered, 3),
+            "no_reply_time": device.no_reply_time,
+            "responding": unanswered < device.no_reply_time,
+        }
 
     def path_json(self) -> dict[str, Any]:
         """The path-change counters: ``ready`` is True when the path is satisfied and no forced handshake is

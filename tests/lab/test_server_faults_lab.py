@@ -12,8 +12,8 @@ carrying a marker to the internet host's echo port:
   restarted; the provider reconnects by itself;
 * control: the tunnel stopped, the same datagram *is* seen in the clear on both captures (the capture can fail).
 
-Not modelled yet (docs/faults.md): the provider does not learn that the server stopped answering; the session
-stays CONNECTED (Apple's providers go reasserting on their own timers).
+The built-in provider reasserts once WireGuard takes the session for dead (data unanswered for 15 s: the helper's
+``tunnel.responding``), and is CONNECTED again when a handshake completes after the hole is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import trio
 
+from netsim.apple.enums import VPNStatus
 from netsim.core.wireguard.config import render_wg_quick
 from netsim.core.wireguard.keys import PrivateKey
 from netsim.lab import faults
@@ -75,7 +76,15 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
                 rec["blackholed_dropped"] = hole.dropped()
                 rec["blackholed_status"] = t.session.status.name
                 rec["blackholed_provider_alive"] = t.provider_pid is not None
+                # steady traffic into the hole until WireGuard takes the session for dead (15 s): reasserting
+                with trio.move_on_after(30):
+                    while t.session.status is not VPNStatus.REASSERTING:
+                        await _echo(lab, "blackholed", 1)
+                rec["blackholed_later_status"] = t.session.status.name
             rec["recovered"] = await _until_echo(lab, "recovered", rounds=10)
+            with trio.move_on_after(10):
+                await t.session.wait_status(VPNStatus.CONNECTED)
+            rec["recovered_status"] = t.session.status.name
             new_key = PrivateKey.generate()
             await t.server.restart_with(private_key=new_key, listen_port=NEW_PORT)
             rec["server_port"] = (await t.server.show()).listen_port
@@ -115,9 +124,10 @@ def test_a_blackholed_server_blocks_without_leaking_and_the_tunnel_recovers(scen
     assert scenario["before"] == "echo"
     assert scenario["blackholed"] == "timeout" and scenario["blackholed_dropped"] >= 1
     assert scenario["blackholed_provider_alive"] and scenario["blackholed_status"] == "CONNECTED"
+    assert scenario["blackholed_later_status"] == "REASSERTING"  # the server stopped answering: re-establishing
     for cap in ("seen_mac-en0", "seen_isp-wan"):
         assert scenario[cap]["blackholed"] == 0, (cap, scenario[cap])
-    assert scenario["recovered"] == "echo"
+    assert scenario["recovered"] == "echo" and scenario["recovered_status"] == "CONNECTED"
 
 
 def test_a_server_with_a_new_key_and_port_fails_closed_until_reconfigured(scenario: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from netsim.apple.enums import VPNStatus
 from netsim.core.ledger import LedgerSnapshot
 from netsim.testing.memory_tunnel import HELPER_ADDR, MemoryTunnel, icmp_echo, memory_tunnel
 
@@ -101,5 +102,43 @@ def test_after_a_rebinding_the_old_mapping_is_dead() -> None:
             before = t.network.unreachable
             assert t.server.transport.send(b"\x04" + bytes(40), HELPER_ADDR) is None
             assert t.network.unreachable == before + 1
+
+    run_memory(main)
+
+
+@pytest.mark.reliability("F6")
+def test_the_provider_reasserts_while_the_server_does_not_answer_and_clears_it_after() -> None:
+    """Row F6: the blackholed server makes the built-in provider reassert once WireGuard takes the session for
+    dead (data unanswered for 15 s); it is CONNECTED again once a handshake completes after the hole is gone."""
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            assert len(await t.exchange([icmp_echo(t.client_v4, WWW4, 1)])) == 1
+            seen = []
+            with t.blackhole_server():
+                for i in range(25):  # steady traffic, one probe a second, all unanswered
+                    await t.exchange([icmp_echo(t.client_v4, WWW4, 10 + i)], timeout=1.0)
+                    seen.append(t.session.status)
+            assert seen[:10] == [VPNStatus.CONNECTED] * 10  # before WireGuard's 15 s no-reply time: connected
+            assert seen[-1] is VPNStatus.REASSERTING, seen
+            await first_answer(t, 100)
+            with trio.fail_after(10):
+                await t.session.wait_status(VPNStatus.CONNECTED)
+            h = await t.helper_stats()
+            assert h["tunnel"]["responding"] is True and h["tunnel"]["unanswered_for"] == 0
+
+    run_memory(main)
+
+
+def test_an_idle_tunnel_is_never_taken_for_an_unanswering_server() -> None:
+    """Control: without traffic nothing is unanswered, so minutes of silence do not reassert."""
+
+    async def main() -> None:
+        async with memory_tunnel() as t:
+            assert len(await t.exchange([icmp_echo(t.client_v4, WWW4, 1)])) == 1
+            with t.blackhole_server():
+                await trio.sleep(60)
+                assert t.session.status is VPNStatus.CONNECTED
+                assert (await t.helper_stats())["tunnel"]["responding"] is True
 
     run_memory(main)

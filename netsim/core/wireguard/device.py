@@ -405,6 +405,20 @@ class WireGuardDevice:
             rx_control_consumed=self.rx_control_consumed,
         )
 
+    def unanswered_for(self, peer: Peer, now: float) -> float:
+        """Seconds data has gone to ``peer`` with no authenticated message back (0 when nothing is unanswered).
+
+        From KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (`no_reply_time`, 15 s) on, WireGuard takes the session for dead
+        and handshakes again (§6.2); an idle tunnel is never unanswered.
+        """
+        since = peer.unanswered_since
+        return 0.0 if since is None else max(0.0, now - since)
+
+    @property
+    def no_reply_time(self) -> float:
+        """KEEPALIVE_TIMEOUT + REKEY_TIMEOUT: how long data may go unanswered before the session counts as dead."""
+        return self._no_reply_time
+
     def session_live(self, peer: Peer, now: float) -> bool:
         """True when data for ``peer`` would go out on a handshake-confirmed session the peer still answers.
 
