@@ -683,6 +683,27 @@ def fault_mtu(run_id: str | None, role: str, ifname: str, mtu: int) -> None:
     click.echo(f"mtu {mtu} on {', '.join(f'{r}:{i}' for r, i in ends)}")
 
 
+@fault_group.command("blackhole")
+@_RUN_OPTION
+@click.argument("address")
+@click.option("--role", type=click.Choice(ALL_ROLES), default="inet", show_default=True, help="where to drop")
+@click.option("--for", "seconds", type=click.FloatRange(0.1, 600), default=5.0, show_default=True)
+def fault_blackhole(run_id: str | None, address: str, role: str, seconds: float) -> None:
+    """Drop every packet to or from ADDRESS in ROLE for --for seconds, counted, then restore, e.g.
+    `netsim lab fault blackhole 192.0.2.2 --for 10` (the VPN server unreachable, its process alive)."""
+    import time
+
+    from netsim.lab.faults import Blackhole
+
+    hole = Blackhole(_fault_ns(run_id, role), address)
+    with hole:
+        try:
+            time.sleep(seconds)
+        finally:
+            dropped = hole.dropped()
+    click.echo(f"{role}: {address} blackholed for {seconds:g} s, {dropped} packets dropped")
+
+
 @fault_group.command("pmtu-blackhole")
 @_RUN_OPTION
 @click.option("--role", type=click.Choice(ALL_ROLES), default="isp", show_default=True)

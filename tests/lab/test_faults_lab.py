@@ -81,6 +81,18 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     rec["cli_flap"] = await trio.to_thread.run_sync(lambda: _cli(*args))
     rec["cli_flap_reach"] = await _reach(lab)
     rec["cli_nat"] = await trio.to_thread.run_sync(_cli, "nat-flush", "--run", run)
+    hole: list[tuple[int, str]] = []
+
+    async def blackhole_cli() -> None:
+        args = ("blackhole", "--run", run, str(ADDR.www_v4), "--for", "1.5")
+        hole.append(await trio.to_thread.run_sync(lambda: _cli(*args)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blackhole_cli)
+        await trio.sleep(0.4)
+        rec["cli_blackholed_reach"] = await _reach(lab)
+    rec["cli_blackhole"] = hole[0]
+    rec["cli_after_blackhole_reach"] = await _reach(lab)
     await _processes(lab, rec)
 
 
@@ -190,6 +202,14 @@ def test_a_frozen_process_serves_nothing_and_resumes_after(scenario: dict[str, A
     assert scenario["echo_before"] is True  # the positive control: the echo works when not frozen
     assert scenario["frozen_state"] == "T" and scenario["echo_frozen"] is False
     assert scenario["thawed_state"] in ("S", "R") and scenario["echo_after"] is True
+
+
+def test_the_cli_blackholes_a_host_for_a_while_and_restores_it(scenario: dict[str, Any]) -> None:
+    code, output = scenario["cli_blackhole"]
+    assert code == 0 and "blackholed for 1.5 s" in output, output
+    assert int(output.rsplit(", ", 1)[1].split()[0]) >= 1  # it counted what it dropped
+    assert scenario["cli_blackholed_reach"] == (False, True)  # www v4 unreachable, v6 untouched
+    assert scenario["cli_after_blackhole_reach"] == (True, True)
 
 
 def test_the_cli_signals_lab_processes_by_name_and_checks_the_pid(scenario: dict[str, Any]) -> None:
