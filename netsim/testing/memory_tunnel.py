@@ -526,12 +526,15 @@ class MemoryTunnel:
 
     def link_down(self) -> None:
         """The simulated Mac's uplink goes down (`netsim.lab.faults.link_down` of en0): no datagram leaves or
-        reaches the helper until `link_up`; each one is counted in ``network.blackholed_drops``."""
+        reaches the helper until `link_up` (each one is counted in ``network.blackholed_drops``), and the path is
+        UNSATISFIED for the provider and the helper (`set_path`), as a real link going down makes it."""
         self.network.blackholed.add(self.helper_address[0])
+        self.set_path(NWPathStatus.UNSATISFIED)
 
     def link_up(self) -> None:
-        """The uplink is back (`netsim.lab.faults.link_up`)."""
+        """The uplink is back (`netsim.lab.faults.link_up`): datagrams flow and the path is SATISFIED on en0."""
         self.network.blackholed.discard(self.helper_address[0])
+        self.set_path(NWPathStatus.SATISFIED)
 
     @contextmanager
     def blackhole_server(self) -> Iterator[None]:

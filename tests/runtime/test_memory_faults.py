@@ -45,9 +45,13 @@ def test_uplink_down_loses_every_probe_and_the_tunnel_carries_traffic_again_afte
             lost = [await t.exchange([icmp_echo(t.client_v4, WWW4, 100 + i)], timeout=1.0) for i in range(5)]
             assert lost == [[]] * 5
             assert t.network.blackholed_drops >= 5
+            assert not t.provider.default_path.is_satisfied and t.session.status is VPNStatus.REASSERTING
             t.link_up()
             sent, _ = await first_answer(t, 200)
             assert sent >= 1
+            with trio.fail_after(10):
+                await t.session.wait_status(VPNStatus.CONNECTED)  # the helper re-handshook: path ready again
+            assert (await t.helper_stats())["path"]["handshakes_by_reason"]["path_change"] >= 1
             balanced(await t.helper_stats())
             balanced(await t.provider_stats())
 
