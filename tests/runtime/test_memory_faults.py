@@ -45,7 +45,8 @@ def test_uplink_down_loses_every_probe_and_the_tunnel_carries_traffic_again_afte
             lost = [await t.exchange([icmp_echo(t.client_v4, WWW4, 100 + i)], timeout=1.0) for i in range(5)]
             assert lost == [[]] * 5
             assert t.network.blackholed_drops >= 5
-            assert not t.provider.default_path.is_satisfied and t.session.status is VPNStatus.REASSERTING
+            path = t.provider.default_path
+            assert path is not None and not path.is_satisfied and t.session.status is VPNStatus.REASSERTING
             t.link_up()
             sent, _ = await first_answer(t, 200)
             assert sent >= 1
