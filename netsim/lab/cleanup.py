@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -71,7 +72,7 @@ def _dir_run_ids() -> set[str]:
     names += [p.name.split("-")[1] for p in RUN_DIR.glob("tunnel-*-*")]
     names += [p.name.split("-")[1] for p in Path(tempfile.gettempdir()).glob(f"{NS_PREFIX}*-tunnel-*")]
     names += [p.name.split("-")[1] for p in DNS_STATE_DIR.glob(f"{NS_PREFIX}*-*")]
-    return {n for n in names if n.isascii() and n.isalnum() and n.islower() and len(n) <= 6}
+    return {n for n in names if valid_run_id(n)}
 
 
 def _run_dirs(run_id: str) -> list[Path]:
@@ -138,9 +139,16 @@ class RunRecord:
 MAX_RUN_FILE = 1 << 20
 
 
+_RUN_ID = re.compile(r"[a-z0-9]{1,6}")
+
+
 def valid_run_id(run_id: object) -> bool:
-    """The shape of a lab's run id (`netsim.lab.lab.Lab`): 1-6 lower-case ASCII letters and digits."""
-    return isinstance(run_id, str) and run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6
+    """The shape of a lab's run id (`netsim.lab.lab.Lab`): 1-6 lower-case ASCII letters and digits.
+
+    Digits alone are a run id too: a random id is 4 hex digits, all decimal one time in seven ("8666").
+    ``str.islower`` is False for those (no cased character), which made such a lab's run file "corrupt" and the
+    lab invisible to ``netsim lab fault/exec/down --run`` and to `netsim clean`'s directory sweep."""
+    return isinstance(run_id, str) and _RUN_ID.fullmatch(run_id) is not None
 
 
 def _typed(value: object, kinds: tuple[type, ...], what: str) -> Any:

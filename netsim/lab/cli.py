@@ -30,7 +30,7 @@ from click.shell_completion import CompletionItem
 
 from netsim.errors import NetsimError
 from netsim.lab.addressing import ADDR, ALL_ROLES
-from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive
+from netsim.lab.cleanup import RUN_DIR, RunRecord, clean, find_runs, invoking_uid, owner_alive, valid_run_id
 from netsim.lab.faults import (
     PROCESS_SIGNALS,
     UPLINKS,
@@ -89,10 +89,6 @@ def _describe(runs: list[RunRecord]) -> str:
         how = "`netsim lab up`" if r.cli else "a program"
         parts.append(f"{r.run_id} (uid {r.owner_uid if r.owner_uid is not None else '?'}, {how})")
     return ", ".join(parts)
-
-
-def _valid_run_id(run_id: str) -> bool:
-    return run_id.isascii() and run_id.isalnum() and run_id.islower() and 1 <= len(run_id) <= 6
 
 
 def _pick_run(run_id: str | None) -> RunRecord:
@@ -275,7 +271,7 @@ def up(
     stdout (``RUN=$(netsim lab up --detach)``); progress goes to stderr in both modes.
     """
     _need_root()
-    if run_id is not None and not _valid_run_id(run_id):
+    if run_id is not None and not valid_run_id(run_id):
         raise click.BadParameter(f"{run_id!r} must be 1-6 lowercase letters/digits", param_hint="--run")
     live = [r for r in _live_runs() if r.run_id == run_id]
     if live:  # refuse before anything is touched (issue 13: the lab was destroyed)

@@ -38,7 +38,7 @@ from netsim.core.resolver import SystemDns
 from netsim.errors import LabError
 from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, ALL_ROLES, LAB_DOMAIN, Addressing
-from netsim.lab.cleanup import RunRecord
+from netsim.lab.cleanup import RunRecord, valid_run_id
 from netsim.lab.process import ProcessInfo, process_start_time
 from netsim.runtime.resolver import DNS_STATE_DIR, SYSTEM_FILE, write_state_file
 from netsim.transports.netns import CommandResult, require_lab_netns, run_netns_command
@@ -65,13 +65,12 @@ __all__ = [
     "uplink_up",
 ]
 
-_RUN_ID = re.compile(r"^[a-z0-9]{1,6}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
 def lab_netns(run_id: str, role: str) -> str:
     """The namespace of ``role`` in lab ``run_id`` (``netsim-<run>-<role>``), checked."""
-    if not _RUN_ID.match(run_id) or role not in ALL_ROLES:
+    if not valid_run_id(run_id) or role not in ALL_ROLES:
         raise LabError(f"no lab namespace for run {run_id!r} role {role!r} (roles: {', '.join(ALL_ROLES)})")
     return f"netsim-{run_id}-{role}"
 

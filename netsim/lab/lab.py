@@ -41,7 +41,7 @@ from netsim.core.resolver import SystemDns
 from netsim.errors import LabError, MissingDependency, PrivilegeError
 from netsim.lab import netlink
 from netsim.lab.addressing import ADDR, ALL_ROLES, LAB_DOMAIN, ROLES, SECOND_UPLINK_ROLES, Addressing
-from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run
+from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run, valid_run_id
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
 from netsim.lab.pcap import (
     DEFAULT_BUFFER_KIB,
@@ -136,7 +136,7 @@ class Lab:
         capture_snaplen: int = DEFAULT_SNAPLEN,
         second_uplink: bool = False,
     ) -> None:
-        if run_id is not None and not (run_id.isascii() and run_id.isalnum() and run_id.islower() and len(run_id) <= 6):
+        if run_id is not None and not valid_run_id(run_id):
             raise LabError(f"run_id {run_id!r} must be 1-6 lowercase letters/digits (it goes into interface names)")
         if nat not in ("cone", "symmetric"):
             raise LabError(f"nat={nat!r}: choose 'cone' or 'symmetric'")

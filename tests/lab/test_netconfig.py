@@ -436,10 +436,21 @@ def test_second_tunnel_in_the_namespace_is_refused_and_leaves_the_first_alone(la
     assert kernel.table() == set() and kernel.rules() == set()
 
 
+class _NoReclaimLauncher(SubprocessLauncher):
+    async def launch(self, nursery: Any, provider: Any) -> Any:
+        host = await super().launch(nursery, provider)
+        host.reclaim = None  # type: ignore[attr-defined]  # the system side cannot sweep after this host
+        return host
+
+
 def test_a_killed_owners_claim_does_not_block_the_next_tunnel(lab: Any, kernel: Kernel) -> None:
-    """The ownership claim is an flock: it dies with a SIGKILLed provider, whose rules the next owner replaces."""
+    """The ownership claim is an flock: it dies with a SIGKILLed provider, whose rules the next owner replaces.
+
+    The system side normally reclaims a dead host's state (row F3, tests/lab/test_utun_removed_lab.py); here it
+    cannot (as if it had died too: the host's ``reclaim`` is taken away), so what the dead owner left stays until
+    the next tunnel, which must not be blocked by it."""
     spec = {"v4": {"addresses": ["10.8.0.2"], "masks": ["255.255.255.255"], "included": [["0.0.0.0", "0.0.0.0"]]}}
-    launcher = SubprocessLauncher(lab.netns("mac"))
+    launcher = _NoReclaimLauncher(lab.netns("mac"))
     manager = TunnelProviderManager(
         f"{__file__}:SettingsProvider", launcher, TunnelProviderProtocol(server_address=SERVER4)
     )

@@ -29,6 +29,7 @@ from netsim.core.wireguard.config import parse_config_bytes
 from netsim.errors import ConfigError
 from netsim.lab import cleanup
 from netsim.lab.cleanup import RunRecord, clean, corrupt_runs, find_runs, helper_dir
+from netsim.lab.lab import Lab
 from netsim.lab.process import ProcessInfo, process_start_time
 from netsim.runtime.netconfig import tunnel_owner
 from netsim.runtime.resolver import (
@@ -186,6 +187,20 @@ def test_forced_clean_of_a_corrupt_run_removes_its_own_prefix_only(run_dir: Path
     assert not (run_dir / f"{rid}.json").exists() and not helper_dir(rid).exists()
     assert helper_dir(other).exists()  # named in the file, and never touched
     assert f"dir {helper_dir(rid)}" in report.removed
+
+
+@pytest.mark.parametrize("rid", ["8666", "0", "123456", "a1b2"])
+def test_a_run_id_of_digits_is_a_run_id(run_dir: Path, rid: str) -> None:
+    """Regression (found by CI): a random run id is 4 hex digits, all decimal one time in seven. ``"8666".islower()``
+    is False, so such a lab's run file read as corrupt: ``netsim lab fault --run 8666`` said "no running lab" and
+    the F3 lab test crashed nothing."""
+    RunRecord(rid, os.getpid(), process_start_time(os.getpid()), time.time(), [f"netsim-{rid}-mac"]).save()
+    assert [r.run_id for r in find_runs()] == [rid] and corrupt_runs() == []
+    helper_dir(rid).mkdir()
+    assert cleanup._dir_run_ids() == {rid}
+    Lab(run_id=rid)  # accepted as a run id (only checked; nothing is brought up)
+    for bad in ("", "ABC", "a-b", "1234567", "é"):
+        assert not cleanup.valid_run_id(bad)
 
 
 @pytest.mark.reliability("F14")
