@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
 # Compiled tools go to a per-user cache, never into the package (site-packages may be read-only).
 BUILD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "netsim" / "bench-build"
-PATHS = ("direct", "wireguard-go", "netsim", "naive", "c-floor", "netsim-loop")
+PATHS = ("direct", "wireguard-go", "netsim", "netsim-nogso", "naive", "c-floor", "netsim-loop")
 LOOP_PATHS = ("naive", "c-floor", "netsim-loop")
 SIZES = (64, 512, 1400)
 WINDOW = 64
@@ -143,7 +143,15 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 #: Per path: the inet address its traffic goes to (each path has its own, so all can be up at once), or for the
 #: loop paths the TUN name and its /24.
-DESTINATIONS = {"direct": "203.0.113.10", "wireguard-go": "203.0.113.11", "netsim": "203.0.113.12"}
+DESTINATIONS = {
+    "direct": "203.0.113.10",
+    "wireguard-go": "203.0.113.11",
+    "netsim": "203.0.113.12",
+    "netsim-nogso": "203.0.113.13",
+}
+#: The lever paths: netsim's tunnel with one optimisation turned off in its helper, measured in the same run as
+#: ``netsim`` so the ratio shows what the lever buys (issue 17). Path -> (slot, the helper's environment).
+LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {"netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"})}
 LOOP_TUNS = {"c-floor": ("utun7", "10.77.0"), "netsim-loop": ("utun8", "10.78.0"), "naive": ("utun9", "10.79.0")}
 
 
@@ -410,6 +418,13 @@ class E2E:
             return self.path_wireguard_go()
         if path == "netsim":
             return _netsim_path(self, DESTINATIONS["netsim"], "netsim")
+        if path in LEVER_PATHS:
+            from netsim.bench import bench_netsim
+
+            slot, env = LEVER_PATHS[path]
+            return bench_netsim.netsim_path(
+                self, DESTINATIONS[path], name=path, policy=self.policy, slot=slot, helper_env=env
+            )
         if path in self.providers:
             return _netsim_path(self, tunnel_destination(path, self.exclusive), path, self.providers[path])
         if path == "user-helper":
@@ -430,11 +445,12 @@ class E2E:
     async def run_all(self, paths: list[str], selected: Callable[[str], bool]) -> None:
         """Bring the selected paths up, measure them interleaved, tear them down.
 
-        The ``provider:`` paths each get a phase of their own afterwards: the ``mac`` namespace holds one tunnel
-        (a second provider is refused), so they cannot be up beside ``netsim``.
+        The ``provider:`` paths and the lever paths (`LEVER_PATHS`) each get a phase of their own afterwards: the
+        ``mac`` namespace holds one tunnel (a second provider is refused), so they cannot be up beside ``netsim``.
         """
-        shared = [p for p in paths if p not in self.exclusive]
-        for phase in (shared, *([p] for p in paths if p in self.exclusive)):
+        alone = [*self.exclusive, *LEVER_PATHS]  # one tunnel per namespace: each in a phase of its own
+        shared = [p for p in paths if p not in alone]
+        for phase in (shared, *([p] for p in paths if p in alone)):
             await self._run_phase(phase, selected)
 
     async def _run_phase(self, paths: list[str], selected: Callable[[str], bool]) -> None:
@@ -477,7 +493,7 @@ class E2E:
                 import scapy  # noqa: F401
             except ImportError as exc:
                 return f"needs python-pytun and scapy ({exc})"
-        if path == "netsim" or path in self.exclusive:
+        if path == "netsim" or path in LEVER_PATHS or path in self.exclusive:
             return _netsim_unavailable()
         return None
 

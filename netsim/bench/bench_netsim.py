@@ -145,6 +145,7 @@ async def netsim_path(
     helper_cmd: str | None = None,
     conformance: bool = False,
     slot: int = 0,
+    helper_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Any]:
     """Bring path 3 up in ``run.lab`` and yield a `netsim.bench.bench_e2e.PathSetup`; tear it down after.
 
@@ -155,6 +156,7 @@ async def netsim_path(
     instead of netsim's, with a per-tunnel token; with ``conformance`` the checks of
     `netsim.testing.conformance` run against it before the provider connects (``run.conformance``). ``slot``
     gives the path its own tunnel net, server port, interface and NAT table (paths of one run never share them).
+    ``helper_env``: extra environment for netsim's helper (a lever turned off, e.g. ``NETSIM_UDP_GSO=0``).
     """
     from netsim.apple import TunnelProviderProtocol
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
@@ -190,7 +192,10 @@ async def netsim_path(
         if helper_cmd is None:
             argv = [sys.executable, "-m", "netsim.bench.bench_netsim", "helper", str(cfg_path), sock]
             helper = lab.spawn(
-                "mac", argv + [policy] * bool(policy), name=f"bench-{safe}-helper", env={"PYTHONPATH": str(ROOT)}
+                "mac",
+                argv + [policy] * bool(policy),
+                name=f"bench-{safe}-helper",
+                env={"PYTHONPATH": str(ROOT), **(helper_env or {})},
             )
         else:
             from netsim.bench._common import child_env

@@ -71,6 +71,7 @@ _CPU_RATIOS = (
     ("c-floor CPU / netsim-loop CPU", "c-floor", ("provider", "helper"), "netsim-loop", ("provider", "helper")),
     ("naive CPU / netsim-loop CPU", "naive", ("provider", "helper"), "netsim-loop", ("provider", "helper")),
     ("wireguard-go client CPU / netsim CPU", "wireguard-go", ("wg-client",), "netsim", ("provider", "helper")),
+    ("netsim-nogso helper CPU / netsim helper CPU", "netsim-nogso", ("helper",), "netsim", ("helper",)),
 )
 
 
@@ -219,7 +220,11 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         add(f"netsim-loop / c-floor ({unit})", f"e2e/netsim-loop/udp{size}", f"e2e/c-floor/udp{size}")
         add(f"netsim-loop / naive ({unit})", f"e2e/netsim-loop/udp{size}", f"e2e/naive/udp{size}")
         add(f"wireguard-go / direct ({unit})", f"e2e/wireguard-go/udp{size}", f"e2e/direct/udp{size}")
+        add(
+            f"netsim / netsim-nogso, the UDP GSO lever ({unit})", f"e2e/netsim/udp{size}", f"e2e/netsim-nogso/udp{size}"
+        )
     add("netsim / wireguard-go (tcp Gbit/s)", "e2e/netsim/tcp", "e2e/wireguard-go/tcp")
+    add("netsim / netsim-nogso, the UDP GSO lever (tcp Gbit/s)", "e2e/netsim/tcp", "e2e/netsim-nogso/tcp")
     for name in sorted(e2e):  # the user's provider against the built-in one, same run (docs/benchmarks.md)
         path, _, kind = name[len("e2e/") :].rpartition("/")
         unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"

@@ -94,7 +94,7 @@ from netsim.runtime.pathmonitor import watch_path as _watch_path
 from netsim.runtime.push import learn_dns_answers, push_settings
 from netsim.runtime.settings_payload import SETTINGS_VERSION, tunnel_settings_payload
 from netsim.runtime.statistics import HelperStatistics
-from netsim.transports.udp import UdpTransport
+from netsim.transports.udp import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, UdpTransport
 
 if TYPE_CHECKING:
     from netsim.core.nat import NatTable
@@ -805,22 +805,40 @@ class Helper:
         bufs, sizes, addrs = self._tx_views, self._tx_sizes, self._tx_addrs
         step = self.batch
         send = self.transport.send
+        # UDP GSO (`UdpTransport.send_segments`): a run of equal-sized datagrams to one endpoint (the last may
+        # be shorter) leaves in one sendmsg, split by the kernel; without it, one sendto per datagram.
+        send_segments = getattr(self.transport, "send_segments", None)
         udp = self._udp_out
         for start in range(0, len(packets), step):
             chunk = packets[start : start + step]
-            self._wg_out.count_read(len(chunk))
+            m = len(chunk)
+            self._wg_out.count_read(m)
             dev.encapsulate(chunk, now, bufs, sizes, addrs)
             attempted = sent = 0
-            for i in range(len(chunk)):
+            i = 0
+            while i < m:
                 size = sizes[i]
                 addr = addrs[i]
-                if size and addr is not None:
-                    attempted += 1
+                if not size or addr is None:
+                    i += 1
+                    continue
+                j = i + 1
+                if send_segments is not None:
+                    limit = min(m, i + min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size))
+                    while j < limit and sizes[j] == size and addrs[j] == addr:
+                        j += 1
+                    if j < limit and 0 < sizes[j] < size and addrs[j] == addr:
+                        j += 1  # a shorter last segment ends the run (udp(7))
+                if j - i == 1 or send_segments is None:
                     reason = send(bufs[i][:size], addr)
-                    if reason is None:
-                        sent += 1
-                    else:
-                        udp.count_dropped(reason)
+                else:
+                    reason = send_segments([bufs[k][: sizes[k]] for k in range(i, j)], addr)
+                attempted += j - i
+                if reason is None:
+                    sent += j - i
+                else:
+                    udp.count_dropped(reason, j - i)
+                i = j
             udp.count_read(attempted)  # counted per batch: no per-packet method calls on the hot path
             udp.count_forwarded(sent)
             if attempted:

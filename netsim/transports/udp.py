@@ -8,7 +8,9 @@ drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTran
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import struct
 from collections.abc import Sequence
 
 import trio
@@ -21,10 +23,20 @@ __all__ = ["UdpTransport"]
 
 _TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
 # sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
+_NO_GSO = frozenset((errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EIO))
 _NO_ROUTE_SEND = frozenset((errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN))
 # ip(7): IP_MTU_DISCOVER and its IP_PMTUDISC_DONT value (Python's socket module has the first only on some builds)
 _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
+# udp(7): UDP_SEGMENT (generic segmentation offload on send, Linux 4.18), at level SOL_UDP
+_SOL_UDP = 17
+_UDP_SEGMENT = 103
+_GSO_SIZE = struct.Struct("=H")
+#: Segments one UDP_SEGMENT send may carry (the kernel's UDP_MAX_SEGMENTS) and the payload bytes it may hold.
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+#: Set to 0 to turn UDP GSO off for every `UdpTransport` (the bench's control; docs/benchmarks.md).
+GSO_ENV = "NETSIM_UDP_GSO"
 
 
 class UdpTransport:
@@ -33,10 +45,15 @@ class UdpTransport:
     Use `UdpTransport.open` to get one bound to the physical interface.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, gso: bool | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.recv_errors = 0
+        #: Whether `send_segments` may use UDP_SEGMENT (off: it sends one datagram per syscall). Turned off for
+        #: good when the kernel refuses it (EINVAL/EOPNOTSUPP/ENOPROTOOPT: no GSO on this socket or kernel).
+        self.gso = os.environ.get(GSO_ENV, "1") != "0" if gso is None else gso
+        self.gso_sends = 0  # sendmsg calls that carried more than one datagram
+        self.gso_datagrams = 0  # datagrams they carried
 
     @classmethod
     def open(
@@ -121,6 +138,30 @@ class UdpTransport:
             addrs[n] = addr[:2]
             n += 1
         return n
+
+    def send_segments(self, segments: Sequence[ipc.Buffer], addr: Endpoint) -> str | None:
+        """Send ``segments`` to ``addr``: with `gso`, as one ``sendmsg`` the kernel splits into one datagram per
+        segment (UDP_SEGMENT, udp(7)); every segment but the last must have the first's size, at most
+        `GSO_MAX_SEGMENTS` of them, at most `GSO_MAX_BYTES` in all (the caller groups them so). The scatter list
+        goes to the kernel as it is: nothing is copied. All of them are sent, or none (the reason, as `send`).
+        Without GSO each segment is sent on its own and the first failure's reason is returned."""
+        if len(segments) == 1 or not self.gso:
+            reason = None
+            for data in segments:
+                reason = self.send(data, addr) or reason
+            return reason
+        try:
+            self.sock.sendmsg(segments, [(_SOL_UDP, _UDP_SEGMENT, _GSO_SIZE.pack(len(segments[0])))], 0, addr)
+        except BlockingIOError:
+            return "udp_eagain"
+        except OSError as exc:
+            if exc.errno in _NO_GSO:
+                self.gso = False  # this kernel or socket cannot: one datagram per send from now on
+                return self.send_segments(segments, addr)
+            return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
+        self.gso_sends += 1
+        self.gso_datagrams += len(segments)
+        return None
 
     def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
         try:

@@ -395,6 +395,9 @@ class _NoRouteSocket:
     def sendto(self, data: Any, addr: Any) -> int:
         raise OSError(self.err, "no route")
 
+    def sendmsg(self, buffers: Any, ancdata: Any, flags: int, addr: Any) -> int:  # a GSO send: the same error
+        raise OSError(self.err, "no route")
+
     def close(self) -> None:
         pass
 
@@ -452,3 +455,43 @@ def test_with_two_peers_each_datagram_is_booked_to_its_own_peer() -> None:
     snap = t.helper.statistics().ledger["wg_encrypt"]
     assert (snap.forwarded, snap.queued, snap.dropped) == (2, 1, ())
     assert t.helper.statistics().ledger.check() == []
+
+
+# ---------------------------------------------------------------------------------------------- UDP GSO grouping
+class _GsoRecorder:
+    """Wraps the fake network's transport with a `send_segments` (as `UdpTransport` has), recording each run."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.runs: list[list[int]] = []
+
+    def send(self, data: Any, addr: Any) -> str | None:
+        self.runs.append([len(data)])
+        return self.inner.send(data, addr)  # type: ignore[no-any-return]
+
+    def send_segments(self, segments: Any, addr: Any) -> str | None:
+        self.runs.append([len(s) for s in segments])
+        for s in segments:
+            self.inner.send(s, addr)
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_the_helper_sends_runs_of_equal_sizes_as_one_gso_send_and_every_datagram_arrives() -> None:
+    t = SyncTunnel()
+    recorder = _GsoRecorder(t.helper.transport)
+    t.helper.transport = recorder  # type: ignore[assignment]
+    sizes = [64] * 10 + [32] + [64] * 5 + [200, 200, 16]  # three runs: 10+1 shorter, 5, 2+1 shorter
+    t.outbound([icmp_echo(CLIENT_V4, WWW4, i, b"p" * n) for i, n in enumerate(sizes)])
+    runs = recorder.runs
+    assert len(runs) == 3, runs
+    for run in runs:
+        assert all(n == run[0] for n in run[:-1]) and run[-1] <= run[0], run  # what the kernel can cut right
+    assert sum(len(r) for r in runs) == len(sizes)
+    received = t.sent_to_server()
+    assert len(received) == len(sizes)
+    for data in received:  # every datagram decrypts to one of the echoes, whole
+        t.server.receive_datagram_untrusted(data, HELPER_ADDR, t.now)
+    assert t.helper.statistics().ledger["udp_out"].forwarded >= len(sizes)
