@@ -482,7 +482,7 @@ class _GsoRecorder:
 def test_the_helper_sends_runs_of_equal_sizes_as_one_gso_send_and_every_datagram_arrives() -> None:
     t = SyncTunnel()
     recorder = _GsoRecorder(t.helper.transport)
-    t.helper.transport = recorder  # type: ignore[assignment]
+    t.helper.transport = recorder
     sizes = [64] * 10 + [32] + [64] * 5 + [200, 200, 16]  # three runs: 10+1 shorter, 5, 2+1 shorter
     t.outbound([icmp_echo(CLIENT_V4, WWW4, i, b"p" * n) for i, n in enumerate(sizes)])
     runs = recorder.runs
