@@ -643,8 +643,8 @@ def fault_nat_flush(run_id: str | None, role: str) -> None:
 def fault_signal(run_id: str | None, name: str, sig: str) -> None:
     """Send SIGNAL (STOP, CONT, TERM or KILL) to the lab process NAME, e.g. `netsim lab fault signal helper STOP`.
 
-    NAME is as `netsim lab status` lists it (helper, wg-vpn, svc-inet ...); the pid is checked against the run
-    file's start time first, so a reused pid is never signalled.
+    NAME is as `netsim lab status` lists it (helper, provider, wireguard-go-<ifname>-<n>, svc-inet ...); the pid
+    is checked against the run file's start time first, so a reused pid is never signalled.
     """
     _need_root()
     info = lab_process(_pick_run(run_id), name)

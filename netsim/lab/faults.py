@@ -221,7 +221,8 @@ _MAX_FREEZE = 300.0
 
 
 def lab_process(run: RunRecord, name: str) -> ProcessInfo:
-    """The process called ``name`` (``helper``, ``wg-vpn``, ``svc-inet`` ...) in lab ``run``'s run file.
+    """The process called ``name`` in lab ``run``'s run file: ``helper``, ``provider``,
+    ``wireguard-go-<ifname>-<n>``, ``svc-inet`` ... (as ``netsim lab status`` lists them).
 
     Raises:
         LabError: no such process (the message lists the names there are).
