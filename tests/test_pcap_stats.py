@@ -27,6 +27,10 @@ from netsim.lab.pcap import (
 )
 
 CLEAN = (
+    "tcpdump: listening on en0, link-type EN10MB (Ethernet), snapshot length 65535 bytes\n"
+    "10 packets captured\n10 packets received by filter\n0 packets dropped by kernel\n"
+)
+LOOPBACK = (  # on lo the kernel shows each packet twice and libpcap discards the outgoing copy
     "tcpdump: listening on lo, link-type EN10MB (Ethernet), snapshot length 65535 bytes\n"
     "10 packets captured\n20 packets received by filter\n0 packets dropped by kernel\n"
 )
@@ -41,7 +45,7 @@ IFDROP = (
 
 
 def test_clean_stop() -> None:
-    assert parse_tcpdump_stats(CLEAN) == TcpdumpStats(captured=10, received=20, dropped_kernel=0)
+    assert parse_tcpdump_stats(CLEAN) == TcpdumpStats(captured=10, received=10, dropped_kernel=0)
 
 
 def test_kernel_drops() -> None:
@@ -78,7 +82,7 @@ def test_last_summary_wins_and_noise_is_ignored() -> None:
 
 def test_only_the_tail_is_read() -> None:
     assert parse_tcpdump_stats(CLEAN + "x" * 100_000) is None  # the summary is always last
-    assert parse_tcpdump_stats("x" * 1_000_000 + CLEAN) == TcpdumpStats(10, 20, 0)
+    assert parse_tcpdump_stats("x" * 1_000_000 + CLEAN) == TcpdumpStats(10, 10, 0)
 
 
 def _stats(name: str, text: str, rc: int | None = 0) -> CaptureStats:
@@ -86,7 +90,11 @@ def _stats(name: str, text: str, rc: int | None = 0) -> CaptureStats:
 
 
 def test_status_marks_partial_and_unknown() -> None:
-    ok, partial, unknown = _stats("a", CLEAN), _stats("b", DROPPED), _stats("c", "", rc=-9)
+    ok, partial, unknown = (
+        _stats("a", CLEAN),
+        _stats("b", DROPPED),
+        _stats("c", "", rc=-9),
+    )
     assert ok.complete and ok.status == "complete" and ok.dropped == 0
     assert not partial.complete and partial.status == "PARTIAL: 12824 dropped" and partial.dropped == 12824
     assert not unknown.complete and unknown.dropped is None and unknown.status.startswith("UNKNOWN")
@@ -95,6 +103,27 @@ def test_status_marks_partial_and_unknown() -> None:
     assert lines[0] == "  a: /tmp/a.pcap (10 packets, complete)"
     assert lines[1] == "  !! b: /tmp/b.pcap (3792 packets, PARTIAL: 12824 dropped)"
     assert lines[2].startswith("  !! c: /tmp/c.pcap (? packets, UNKNOWN")
+
+
+# A real stop of tcpdump 4.99 (SIGSTOP behind a 32 MiB ring, 800 datagrams, SIGCONT, SIGTERM at once): 512
+# packets still sat in the ring and never reached the file; "received" counts them, and the drops.
+UNREAD = "1 packet captured\n810 packets received by filter\n298 packets dropped by kernel\n"
+
+
+def test_packets_left_in_the_ring_at_stop_are_missing_from_the_file() -> None:
+    """Regression: a capture that lost packets at stop, with no kernel drop, read as complete."""
+    stats = parse_tcpdump_stats(UNREAD)
+    assert stats is not None and stats.unread == 511 and stats.dropped == 298
+    capture = _stats("u", UNREAD)
+    assert not capture.complete and capture.dropped == 809
+    assert capture.status == "PARTIAL: 809 dropped (511 unread at stop)"
+    only_unread = _stats("v", "5 packets captured\n9 packets received by filter\n0 packets dropped by kernel\n")
+    assert not only_unread.complete and only_unread.status == "PARTIAL: 4 dropped (4 unread at stop)"
+    assert _stats("d", DROPPED).stats.unread == 0  # type: ignore[union-attr]  # 3792 + 12824 == 16616
+    # On lo libpcap drops the outgoing copy of each packet itself: "received" is twice "captured" there.
+    lo = CaptureStats("lo", Path("/tmp/lo.pcap"), parse_tcpdump_stats(LOOPBACK), 0, 1024, 2048, loopback=True)
+    assert lo.complete and lo.dropped == 0
+    assert CaptureStats.from_json(lo.to_json()) == lo
 
 
 def test_summary_round_trip(tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from netsim.lab.addressing import ADDR, ALL_ROLES, LAB_DOMAIN, ROLES, SECOND_UPL
 from netsim.lab.cleanup import ETC_NETNS, RUN_DIR, RunRecord, invoking_uid, remove_run, valid_run_id
 from netsim.lab.netns import create_netns, netns_exists, run_in_netns, run_in_netns_async, set_sysctl
 from netsim.lab.pcap import (
+    CAPTURE_NICE,
     DEFAULT_BUFFER_KIB,
     DEFAULT_SNAPLEN,
     Capture,
@@ -907,6 +908,10 @@ class Lab:
         snaplen = self.capture_snaplen if snaplen is None else snaplen
         argv = Capture.argv(ifname, path, buffer_kib=buffer_kib, snaplen=snaplen)
         proc = self.spawn(role, argv, name=f"tcpdump-{label}")
+        try:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, CAPTURE_NICE)
+        except OSError as exc:  # not root, or it already exited: the capture runs, at the default priority
+            log.debug("capture %s: cannot raise tcpdump's priority: %s", label, exc)
         cap = Capture(label, role, ifname, path, proc, buffer_kib=buffer_kib, snaplen=snaplen)
         self.captures[label] = cap
         if wait:
