@@ -124,8 +124,9 @@ class CaptureStats:
         returncode: tcpdump's exit status (negative: killed by that signal).
         buffer_kib: the kernel buffer it ran with (``-B``).
         snaplen: the snap length it ran with (``-s``).
-        loopback: captured on ``lo``, where libpcap discards the outgoing copy of every packet in user space
-            (the kernel shows each twice): "received" counts both, so `TcpdumpStats.unread` says nothing there.
+        loopback: captured on ``lo`` or ``any`` (which includes ``lo``), where libpcap discards the outgoing copy of
+            every loopback packet in user space (the kernel shows each twice): "received" counts both, so
+            `TcpdumpStats.unread` says nothing there.
     """
 
     name: str
@@ -294,7 +295,7 @@ class Capture:
                 rc,
                 self.buffer_kib,
                 self.snaplen,
-                loopback=self.ifname == "lo",
+                loopback=self.ifname in ("lo", "any"),
             )
         return self.stats
 
