@@ -164,7 +164,7 @@ class _Terminal(io.StringIO):
 
 def test_progress_on_a_terminal_redraws_one_status_line_with_count_case_elapsed_and_eta() -> None:
     clock, term = _Clock(), _Terminal()
-    progress = runner.Progress(["micro/a", "micro/b", "e2e/x/udp64", "e2e/x/tcp"], term, clock=clock)
+    progress = runner.Progress(["micro/a", "micro/b", "e2e/x/udp64", "e2e/x/tcp"], term, clock=clock, tick=None)
     assert progress.tty and progress.eta() is None
     progress.start("micro/a")
     assert term.getvalue().endswith("\r\x1b[K[0/4] 0:00 elapsed, ETA ?  micro/a")
@@ -182,6 +182,28 @@ def test_progress_on_a_terminal_redraws_one_status_line_with_count_case_elapsed_
         progress.done(name)
     progress.close()
     assert term.getvalue().endswith("[4/4] 0:10 elapsed, ETA 0:00  micro/b\n")
+    progress.log("after the end")
+    assert term.getvalue().endswith("micro/b\nafter the end\n")  # no status line once closed
+
+
+def test_progress_on_a_terminal_redraws_while_a_long_case_runs() -> None:
+    """The ticker: the elapsed time moves with no event (no timing asserted: it waits for the redraw)."""
+    import threading
+
+    drawn = threading.Event()
+
+    class Watched(_Terminal):
+        def write(self, text: str) -> int:
+            if "0:05 elapsed" in text:
+                drawn.set()
+            return super().write(text)
+
+    clock = _Clock()
+    progress = runner.Progress(["e2e/x/udp64"], Watched(), clock=clock, tick=0.01)
+    progress.start("e2e/x/udp64")
+    clock.now += 5
+    assert drawn.wait(60)
+    progress.close()
 
 
 def test_progress_off_a_terminal_prints_plain_lines_and_no_control_characters() -> None:

@@ -516,7 +516,8 @@ class Progress:
     On a terminal it is one status line redrawn in place (``\\r``), with the run's log lines printed above it
     (`log`); elsewhere (a pipe, a CI log) nothing but the log lines, each prefixed with ``[done/total]``. The ETA
     weighs cases by their group (an end-to-end case takes several times a micro case; `WEIGHTS`), scaled by
-    the time the cases done so far took.
+    the time the cases done so far took. On a terminal a daemon thread redraws the line every ``tick`` seconds
+    (None: only on events), so the elapsed time moves during a case that takes minutes.
     """
 
     #: Relative duration of a case, by the first part of its name.
@@ -529,7 +530,10 @@ class Progress:
         *,
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tick: float | None = 1.0,
     ) -> None:
+        import threading
+
         self.names = list(names)
         self.stream: TextIO = stream if stream is not None else sys.stderr
         self.tty = bool(self.stream.isatty()) if tty is None else tty
@@ -538,6 +542,16 @@ class Progress:
         self.finished: set[str] = set()
         self.current = ""
         self._drawn = False
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        if self.tty and tick:
+            threading.Thread(target=self._ticker, args=(tick,), name="bench-progress", daemon=True).start()
+
+    def _ticker(self, tick: float) -> None:
+        while not self._closed.wait(tick):
+            with self._lock:
+                if self._drawn:
+                    self._draw()
 
     def _weight(self, name: str) -> float:
         return self.WEIGHTS.get(name.split("/", 1)[0], 1.0)
@@ -563,39 +577,45 @@ class Progress:
         ).rstrip()
 
     def _draw(self) -> None:
-        if self.tty:
-            self.stream.write("\r\x1b[K" + self.status())
-            self.stream.flush()
-            self._drawn = True
+        if self.tty and not self._closed.is_set():
+            with self._lock:
+                self.stream.write("\r\x1b[K" + self.status())
+                self.stream.flush()
+                self._drawn = True
 
     def start(self, name: str) -> None:
         """``name`` (a case, or a description of an interleaved group) is running now."""
-        self.current = name
-        if not self.tty:
-            self.stream.write(f"[{len(self.finished)}/{self.total}] {name} ...\n")
-            self.stream.flush()
-        self._draw()
+        with self._lock:
+            self.current = name
+            if not self.tty:
+                self.stream.write(f"[{len(self.finished)}/{self.total}] {name} ...\n")
+                self.stream.flush()
+            self._draw()
 
     def done(self, name: str) -> None:
         """Case ``name`` is done (measured, skipped or failed); a name twice counts once."""
-        if name in self.names:
-            self.finished.add(name)
-        self._draw()
+        with self._lock:
+            if name in self.names:
+                self.finished.add(name)
+            self._draw()
 
     def log(self, line: str) -> None:
         """Print a line of the run's log above the status line."""
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-        self.stream.write(line + "\n")
-        self.stream.flush()
-        self._draw()
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[K")
+            self.stream.write(line + "\n")
+            self.stream.flush()
+            self._draw()
 
     def close(self) -> None:
-        """Leave the terminal on a fresh line with the final count."""
-        if self._drawn:
-            self.stream.write("\r\x1b[K" + self.status() + "\n")
-            self.stream.flush()
-            self._drawn = False
+        """Stop redrawing; leave the terminal on a fresh line with the final count."""
+        with self._lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[K" + self.status() + "\n")
+                self.stream.flush()
+                self._drawn = False
+            self._closed.set()
 
 
 def _clock(seconds: float) -> str:
