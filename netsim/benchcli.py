@@ -76,6 +76,12 @@ def _import_runner() -> ModuleType:
     help="measure nothing: report (and with --write-docs publish) an earlier run's JSON",
 )
 @click.option(
+    "--compare",
+    "compare_path",
+    type=click.Path(exists=True, dir_okay=False),
+    help="also print a before/after Markdown table (targets and ratios) against an earlier run's JSON",
+)
+@click.option(
     "--profile",
     "profile_paths",
     metavar="PATHS",
@@ -105,6 +111,7 @@ def bench_command(
     from_json: str | None,
     progress: bool | None,
     profile_paths: str | None,
+    compare_path: str | None,
     seed: int,
 ) -> None:
     """Measure per-packet cost: micro steps, the provider<->helper loop, and end to end in the lab.
@@ -172,6 +179,8 @@ def bench_command(
         click.echo(runner.render_text(doc))
         if json_path:
             click.echo(f"wrote {json_path}")
+        if compare_path:
+            click.echo("\n" + runner.render_comparison(runner.load_report(compare_path), doc))
     if plot_path:
         click.echo(f"wrote {plot_path}", err=json_path == "-")
     if not doc["results"]:

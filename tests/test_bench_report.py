@@ -279,3 +279,16 @@ def test_bench_json_to_stdout_is_pure_json_and_stderr_off_a_terminal_has_no_stat
     forced = CliRunner().invoke(bench_command, ["--quick", "--only", "micro/uds/64", "--progress"])
     assert forced.exit_code == 0, forced.stderr
     assert "\r\x1b[K[1/1]" in forced.stderr and "ETA" in forced.stderr
+
+
+def test_the_before_after_table_puts_each_target_of_two_runs_side_by_side() -> None:
+    before = _doc([_udp("netsim", 64, 10000, 10e-6, 20e-6), _udp("wireguard-go", 64, 20000, 0.0, 0.0)])
+    after = _doc([_udp("netsim", 64, 30000, 5e-6, 8e-6), _udp("wireguard-go", 64, 20000, 0.0, 0.0)])
+    after["results"].append(_udp("naive-careful", 64, 1000, 1e-6, 1e-6))
+    table = runner.render_comparison(before, after)
+    row = "| netsim end to end / wireguard-go, UDP 64 B pkt/s | >= 1x | 0.50x | 1.50x | 3.00 | met, 50 % to spare |"
+    assert row in table
+    helper = "| helper CPU per packet end to end, UDP 64 B | <= 10 µs | 20.00 µs | 8.00 µs | 0.40 | met, 20 % to spare"
+    assert helper in table
+    assert "| netsim end to end, TCP | >= 1 Gbit/s | - | - | - | not measured |" in table
+    assert "| netsim / wireguard-go (udp64 pkt/s) | 0.500 | 1.500 |" in table

@@ -58,6 +58,7 @@ __all__ = [
     "lever_paths",
     "load_report",
     "publish_docs",
+    "render_comparison",
     "render_docs",
     "render_markdown",
     "render_text",
@@ -989,6 +990,52 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_target_value(t: dict[str, Any]) -> str:
+    if t["value"] is None:
+        return "-"
+    return f"{t['value']:.2f}{'x' if t['unit'] == 'x' else ' ' + t['unit']}"
+
+
+def render_comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """A before/after Markdown table of two reports (``--compare``): each target's value and verdict in both,
+    then every ratio either has. Both reports' ratios are recomputed with today's definitions."""
+    runs = []
+    for doc in (before, after):
+        doc = {**doc, "ratios": compute_ratios(doc["results"])}
+        m = doc["machine"]
+        label = f"{m['timestamp'][:16]} git {str(m.get('git_commit'))[:8]} ({'quick' if doc['quick'] else 'full'})"
+        runs.append((label, doc, {t["name"]: t for t in evaluate_targets(doc)}))
+    (b_label, b_doc, b_targets), (a_label, a_doc, a_targets) = runs
+    lines = [f"**before: {b_label}; after: {a_label}**", ""]
+    lines += _md_table(
+        ["target (issue 17)", "bound", "before", "after", "after / before", "verdict after"],
+        [
+            [
+                name,
+                f"{t['op']} {t['bound']:g}{'x' if t['unit'] == 'x' else ' ' + t['unit']}",
+                _fmt_target_value(b_targets[name]),
+                _fmt_target_value(t),
+                f"{t['value'] / b_targets[name]['value']:.2f}"
+                if t["value"] is not None and b_targets[name]["value"]
+                else "-",
+                "not measured" if t["met"] is None else ("met" if t["met"] else "**missed**") + f", {_margin_text(t)}",
+            ]
+            for name, t in a_targets.items()
+        ],
+    )
+    labels = list(b_doc["ratios"]) + [k for k in a_doc["ratios"] if k not in b_doc["ratios"]]
+    rows = [
+        [
+            label,
+            f"{b_doc['ratios'][label]['value']:.3f}" if label in b_doc["ratios"] else "-",
+            f"{a_doc['ratios'][label]['value']:.3f}" if label in a_doc["ratios"] else "-",
+        ]
+        for label in labels
+    ]
+    lines += ["", *_md_table(["ratio (same run, medians)", "before", "after"], rows), ""]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------- the docs page
 #: ``<!-- bench:KEY -->...<!-- /bench -->`` in docs/benchmarks.md: `render_docs` replaces what is between.
 _MARKER = re.compile(r"<!-- bench:(?P<key>.+?) -->(?P<body>.*?)<!-- /bench -->", re.DOTALL)
@@ -1119,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--faults", action="store_true", help="the faults group (recovery measured) instead")
     parser.add_argument("--from-json", metavar="FILE", help="re-render an earlier run instead of measuring")
+    parser.add_argument("--compare", metavar="FILE", help="print a before/after table against an earlier run's JSON")
     parser.add_argument("--profile", metavar="PATHS", help="profile these e2e paths afterwards (comma separated)")
     parser.add_argument(
         "--write-docs", action="store_true", help="re-render docs/benchmarks.md (and its plot) from this report"
@@ -1154,6 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(render_text(doc))
+        if args.compare:
+            print("\n" + render_comparison(load_report(args.compare), doc))
     return 0
 
 
