@@ -125,3 +125,10 @@ def test_profiles_need_root_and_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
     assert profiles == []
     assert {s["name"] for s in skipped} == {"profile/netsim/py-spy", "profile/netsim/strace"}
     assert all(s["reason"] == "needs root (a lab)" for s in skipped)
+
+
+def test_no_line_of_prose_starts_with_an_inline_marker() -> None:
+    """Markdown takes a line that starts with an HTML comment for an HTML block and breaks the paragraph there."""
+    prose = re.sub(r"^```.*?^```", "", PAGE.read_text(), flags=re.DOTALL | re.MULTILINE)
+    starts = [ln for ln in prose.splitlines() if ln.startswith("<!-- bench:") and "bench:section:" not in ln]
+    assert starts == []
