@@ -7,6 +7,7 @@ No root, no measuring. After a new run: ``netsim bench --from-json docs/benchmar
 from __future__ import annotations
 
 import copy
+import io
 import json
 import re
 from pathlib import Path
@@ -125,6 +126,17 @@ def test_profiles_need_root_and_say_so(monkeypatch: pytest.MonkeyPatch) -> None:
     assert profiles == []
     assert {s["name"] for s in skipped} == {"profile/netsim/py-spy", "profile/netsim/strace"}
     assert all(s["reason"] == "needs root (a lab)" for s in skipped)
+    shown: list[runner.Progress] = []
+
+    def make(names: list[str]) -> runner.Progress:
+        shown.append(runner.Progress(names, io.StringIO()))
+        return shown[-1]
+
+    doc = runner.run_bench(quick=True, only="micro/uds/64", log=lambda line: None, progress=make, profile=("netsim",))
+    assert shown[0].names == ["micro/uds/64", "profile/netsim/py-spy", "profile/netsim/strace"]
+    assert shown[0].finished == set(shown[0].names)  # the profiles count in the progress display
+    assert [s["name"] for s in doc["skipped"]] == ["profile/netsim/py-spy", "profile/netsim/strace"]
+    assert doc["profiles"] == [] and [r["case"] for r in doc["results"]] == ["micro/uds/64"]
 
 
 def test_no_line_of_prose_starts_with_an_inline_marker() -> None:

@@ -473,8 +473,11 @@ def _run_faults(quick: bool, only: str | None, log: Callable[[str], None]) -> di
 _INSTALL = {"py-spy": "pip install py-spy", "strace": "apt-get install strace"}
 
 
+PROFILE_TOOLS = ("py-spy", "strace")
+
+
 def run_profiles(
-    paths: list[str], quick: bool = False, log: Callable[[str], None] = print
+    paths: list[str], quick: bool = False, log: Callable[[str], None] = print, progress: Progress | None = None
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """``--profile``: each path profiled under load with py-spy and with strace (`netsim.bench.profile_e2e`),
     each in a lab of its own; (profiles, skipped). Needs root; py-spy and strace where installed."""
@@ -483,32 +486,45 @@ def run_profiles(
     profiles: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    tools = {"py-spy": Path(pyspy).exists(), "strace": shutil.which("strace") is not None}
+    tools = dict(zip(PROFILE_TOOLS, (Path(pyspy).exists(), shutil.which("strace") is not None), strict=True))
     for path in paths:
         for tool, present in tools.items():
             name = f"profile/{path}/{tool}"
-            if os.geteuid() != 0:
-                skipped.append({"name": name, "reason": "needs root (a lab)"})
-                continue
-            if not present:
-                skipped.append(
-                    {
-                        "name": name,
-                        "reason": f"needs {tool} ({_INSTALL[tool]})",
-                    }
-                )
-                continue
-            log(f"{name} ...")
-            with tempfile.TemporaryDirectory(prefix="netsim-bench-") as tmp:
-                out = Path(tmp) / "profile.json"
-                argv = [sys.executable, "-m", "netsim.bench.profile_e2e", "--path", path, "--json", str(out)]
-                argv += ["--out", tmp, "--seconds", "3" if quick else "8"] + ["--strace"] * (tool == "strace")
-                status, stderr = _stream_child(argv, lambda line: None, timeout=600)
-                if status != 0 or not out.exists():
-                    skipped.append({"name": name, "reason": f"failed: {stderr[-1500:]}"})
-                    continue
-                profiles.append(json.loads(out.read_text()))
+            if progress is not None:
+                progress.start(name)
+            _profile_one(path, tool, present, quick, log, profiles, skipped)
+            if progress is not None:
+                progress.done(name)
     return profiles, skipped
+
+
+def _profile_one(
+    path: str,
+    tool: str,
+    present: bool,
+    quick: bool,
+    log: Callable[[str], None],
+    profiles: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+) -> None:
+    """One profile of ``path`` with ``tool`` into ``profiles``, or the reason it could not run into ``skipped``."""
+    name = f"profile/{path}/{tool}"
+    if os.geteuid() != 0:
+        skipped.append({"name": name, "reason": "needs root (a lab)"})
+        return
+    if not present:
+        skipped.append({"name": name, "reason": f"needs {tool} ({_INSTALL[tool]})"})
+        return
+    log(f"{name} ...")
+    with tempfile.TemporaryDirectory(prefix="netsim-bench-") as tmp:
+        out = Path(tmp) / "profile.json"
+        argv = [sys.executable, "-m", "netsim.bench.profile_e2e", "--path", path, "--json", str(out)]
+        argv += ["--out", tmp, "--seconds", "3" if quick else "8"] + ["--strace"] * (tool == "strace")
+        status, stderr = _stream_child(argv, lambda line: None, timeout=600)
+        if status != 0 or not out.exists():
+            skipped.append({"name": name, "reason": f"failed: {stderr[-1500:]}"})
+            return
+        profiles.append(json.loads(out.read_text()))
 
 
 class Progress:
@@ -522,7 +538,7 @@ class Progress:
     """
 
     #: Relative duration of a case, by the first part of its name.
-    WEIGHTS: ClassVar[dict[str, float]] = {"micro": 1.0, "loop": 2.0, "e2e": 6.0, "faults": 10.0}
+    WEIGHTS: ClassVar[dict[str, float]] = {"micro": 1.0, "loop": 2.0, "e2e": 6.0, "faults": 10.0, "profile": 6.0}
 
     def __init__(
         self,
@@ -667,19 +683,20 @@ def run_bench(
     skipped: list[dict[str, str]] = []
     conformance: list[dict[str, Any]] = []
     root = os.geteuid() == 0
-    shown = progress([n for n in names if selected(n)]) if progress is not None else None
+    profiled = [f"profile/{p}/{tool}" for p in profile for tool in PROFILE_TOOLS]
+    shown = progress([n for n in names if selected(n)] + profiled) if progress is not None else None
     if shown is not None:
         log = shown.log
     try:
         doc = _run_selected(
             quick, only, seed, inputs, faults, selected, root, log, shown, results, skipped, conformance
         )
+        if profile:
+            doc["profiles"], skipped_profiles = run_profiles(list(profile), quick, log, shown)
+            doc["skipped"] += skipped_profiles
     finally:
         if shown is not None:
             shown.close()
-    if profile:
-        doc["profiles"], skipped_profiles = run_profiles(list(profile), quick, log)
-        doc["skipped"] += skipped_profiles
     doc["wall_seconds"] = round(time.monotonic() - t0, 1)
     for target in (json_path, plot_path, markdown_path):
         if target and str(target) != "-":
