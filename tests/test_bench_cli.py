@@ -368,13 +368,13 @@ def test_the_documented_provider_example_runs_from_its_directory(tmp_path: Path)
 def test_the_tunnel_paths_destinations_stay_in_the_tunnel_under_the_example_policy() -> None:
     """A provider path once went to 203.0.113.20, which examples/policy.toml bypasses: with that --policy its
     traffic skipped WireGuard (wireguard-go CPU 0) and it looked 1.7x faster than the built-in provider."""
-    from netsim.bench.bench_e2e import ECHO_PORT, tunnel_destination
+    from netsim.bench.bench_e2e import ECHO_PORT, LEVER_PATHS, tunnel_destination
     from netsim.core.policy import FlowFields, PolicyEngine
     from netsim.runtime.policy_file import load_policy_file
 
     engine = PolicyEngine(load_policy_file(Path(__file__).parents[1] / "examples" / "policy.toml"))
     exclusive = ["provider:A", "provider:B", "user-helper"]
-    dsts = [tunnel_destination(p, exclusive) for p in ["netsim", *exclusive]]
+    dsts = [tunnel_destination(p, exclusive) for p in ["netsim", *LEVER_PATHS, *exclusive]]
     assert len(set(dsts)) == len(dsts)
     for dst in dsts:
         for proto, port in (("udp", ECHO_PORT), ("tcp", 5201)):

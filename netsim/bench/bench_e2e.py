@@ -19,10 +19,13 @@ once (each with its own destination), and they are measured interleaved after a 
   (`netsim.bench.bench_netsim.helper_argv` fills in ``{socket}``, ``{config}``, ``{token_file}``, ``{policy}``),
   the built-in provider connecting to it with the token; also a phase of its own. ``--conformance`` runs
   `netsim.testing.conformance` against it first.
-* ``naive``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN and Unix socket,
-  the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop`, ``netsim/bench/c/floor.c`` and
-  netsim's loop (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no
-  TCP peer) and never leave ``mac``: they isolate the per-packet cost of the loop design.
+* the lever paths (`LEVER_PATHS`, e.g. ``netsim-nogso``): path 3 with one optimisation turned off in its helper
+  and provider by an environment variable, each in a phase of its own; the runner reports every lever on/off.
+* ``naive``, ``naive-careful``, ``c-floor``, ``netsim-loop``: the provider <-> helper loop alone over a real TUN
+  and Unix socket, the helper reflecting each packet back (no crypto): `netsim.bench.naive_loop` (scapy, and the
+  careful user's plain per-packet loop), ``netsim/bench/c/floor.c`` and netsim's loop
+  (`netsim.bench.bench_loop.provider_main` / `helper_main`). They carry UDP only (a reflector is no TCP peer)
+  and never leave ``mac``: they isolate the per-packet cost of the loop design.
 
 UDP load is ``udpload blast`` (C, ``netsim/bench/c/udpload.c``): a closed loop with ``WINDOW`` datagrams in flight,
 to the path's own ``udpload echo`` in inet (or to the reflector). Sizes are IP packet sizes (UDP payload =
@@ -53,14 +56,24 @@ from typing import Any
 
 import trio
 
-__all__ = ["PATHS", "SIZES", "build_tools", "case_names", "run_e2e", "tunnel_destination"]
+__all__ = [
+    "LEVER_PATHS",
+    "PATHS",
+    "SIZES",
+    "base_paths",
+    "build_tools",
+    "case_names",
+    "lever_destination",
+    "progress_line",
+    "run_e2e",
+    "tunnel_destination",
+]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the directory netsim is imported from (a checkout, or site-packages)
 # Compiled tools go to a per-user cache, never into the package (site-packages may be read-only).
 BUILD = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "netsim" / "bench-build"
-PATHS = ("direct", "wireguard-go", "netsim", "netsim-nogso", "naive", "c-floor", "netsim-loop")
-LOOP_PATHS = ("naive", "c-floor", "netsim-loop")
+LOOP_PATHS = ("naive", "naive-careful", "c-floor", "netsim-loop")
 SIZES = (64, 512, 1400)
 WINDOW = 64
 MAX_PACKETS = 5_000_000
@@ -74,6 +87,8 @@ def tunnel_destination(path: str, exclusive: list[str]) -> str:
     lab's direct scenario host), so a ``--policy`` does not silently take a path's traffic off its tunnel."""
     if path in DESTINATIONS:
         return DESTINATIONS[path]
+    if path in LEVER_PATHS:
+        return lever_destination(path)
     return f"203.0.113.{50 + exclusive.index(path)}"
 
 
@@ -81,7 +96,7 @@ def case_names(quick: bool = False, extra_paths: list[str] | tuple[str, ...] = (
     """Every end-to-end case name (``extra_paths``: the ``provider:<Class>`` paths of ``--provider``)."""
     sizes = (64,) if quick else SIZES
     out: list[str] = []
-    for path in (*PATHS, *extra_paths):
+    for path in (*base_paths(), *extra_paths):
         out += [f"e2e/{path}/udp{s}" for s in sizes]
         if path not in LOOP_PATHS:
             out.append(f"e2e/{path}/tcp")
@@ -149,10 +164,35 @@ DESTINATIONS = {
     "netsim": "203.0.113.12",
     "netsim-nogso": "203.0.113.13",
 }
+#: Lever paths without an entry in `DESTINATIONS` send to ``203.0.113.<LEVER_DST_BASE + slot>`` (kept below .20).
+LEVER_DST_BASE = 4
 #: The lever paths: netsim's tunnel with one optimisation turned off in its helper, measured in the same run as
 #: ``netsim`` so the ratio shows what the lever buys (issue 17). Path -> (slot, the helper's environment).
+#: A new lever is one line here (a free slot, 9-15); `PATHS`, the case names, its destination and the runner's
+#: on/off ratios and report rows follow from it.
 LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {"netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"})}
-LOOP_TUNS = {"c-floor": ("utun7", "10.77.0"), "netsim-loop": ("utun8", "10.78.0"), "naive": ("utun9", "10.79.0")}
+PATHS = ("direct", "wireguard-go", "netsim", *LEVER_PATHS, *LOOP_PATHS)
+LOOP_TUNS = {
+    "c-floor": ("utun7", "10.77.0"),
+    "netsim-loop": ("utun8", "10.78.0"),
+    "naive": ("utun9", "10.79.0"),
+    "naive-careful": ("utun6", "10.76.0"),
+}
+
+
+def base_paths() -> tuple[str, ...]:
+    """The built-in paths in run order, with today's `LEVER_PATHS` (`PATHS` as of import)."""
+    return ("direct", "wireguard-go", "netsim", *LEVER_PATHS, *LOOP_PATHS)
+
+
+def lever_destination(path: str) -> str:
+    """The inet address lever path ``path`` sends to (its `DESTINATIONS` entry, else one from its slot)."""
+    return DESTINATIONS.get(path) or f"203.0.113.{LEVER_DST_BASE + LEVER_PATHS[path][0]}"
+
+
+def progress_line(kind: str, name: str) -> str:
+    """A line the runner reads from this module's stdout for its progress display (not shown as is)."""
+    return f"PROGRESS {kind} {name}"
 
 
 class E2E:
@@ -332,6 +372,8 @@ class E2E:
         detail = f"{type(exc).__name__}: {exc}"[:2000]
         self.skipped.extend({"name": n, "reason": f"failed: {detail}"} for n in names)
         print(f"  {path:<13} FAILED: {detail}", flush=True)
+        for n in names:
+            print(progress_line("done", n), flush=True)
 
     # ------------------------------------------------------------------ paths
     async def start_echo(self, address: str) -> int:
@@ -391,6 +433,9 @@ class E2E:
         elif kind == "naive":
             helper_argv = [*py, "netsim.bench.naive_loop", "helper", sock]
             provider_argv = [*py, "netsim.bench.naive_loop", "provider", tun, sock]
+        elif kind == "naive-careful":
+            helper_argv = [*py, "netsim.bench.naive_loop", "careful-helper", sock]
+            provider_argv = [*py, "netsim.bench.naive_loop", "careful-provider", tun, sock]
         else:
             helper_argv = [*py, "netsim.bench.bench_loop", "helper", sock]
             provider_argv = [*py, "netsim.bench.bench_loop", "provider", tun, sock, "64"]
@@ -423,7 +468,7 @@ class E2E:
 
             slot, env = LEVER_PATHS[path]
             return bench_netsim.netsim_path(
-                self, DESTINATIONS[path], name=path, policy=self.policy, slot=slot, helper_env=env
+                self, lever_destination(path), name=path, policy=self.policy, slot=slot, helper_env=env
             )
         if path in self.providers:
             return _netsim_path(self, tunnel_destination(path, self.exclusive), path, self.providers[path])
@@ -467,20 +512,30 @@ class E2E:
                 if reason is not None:
                     self.skipped.extend({"name": n, "reason": reason} for n in names)
                     print(f"  {path:<13} skipped: {reason}", flush=True)
+                    for n in names:
+                        print(progress_line("done", n), flush=True)
                     continue
                 try:
                     setups[path] = await stack.enter_async_context(self.path_context(path))
                 except Exception as exc:  # a path that cannot come up is reported; the others still run
                     self._fail(path, names, exc)
                     continue
+                if path in LEVER_PATHS:  # what was turned off, in every record of the path
+                    setups[path].info.setdefault("lever_env", dict(LEVER_PATHS[path][1]))
                 print(f"  {path:<13} up", flush=True)
             for size in sizes:
                 chosen = {p: st for p, st in setups.items() if selected(f"e2e/{p}/udp{size}")}
                 if chosen:
+                    print(progress_line("start", f"e2e/{','.join(chosen)}/udp{size}"), flush=True)
                     await self.measure_udp(chosen, size)
+                    for p in chosen:
+                        print(progress_line("done", f"e2e/{p}/udp{size}"), flush=True)
             chosen = {p: st for p, st in setups.items() if p not in LOOP_PATHS and selected(f"e2e/{p}/tcp")}
             if chosen:
+                print(progress_line("start", f"e2e/{','.join(chosen)}/tcp"), flush=True)
                 await self.measure_tcp(chosen)
+                for p in chosen:
+                    print(progress_line("done", f"e2e/{p}/tcp"), flush=True)
 
     def unavailable(self, path: str) -> str | None:
         if path == "wireguard-go":
@@ -546,7 +601,7 @@ async def _run(
     user = ["user-helper"] if helper_cmd else []
     wanted = [
         p
-        for p in (*PATHS, *extra, *user)
+        for p in (*base_paths(), *extra, *user)
         if any(selected(f"e2e/{p}/{k}") for k in ("udp64", "udp512", "udp1400", "tcp"))
     ]
     out: dict[str, Any] = {"results": [], "skipped": []}

@@ -9,6 +9,7 @@ The tunnel routes only the path's own destination address (a /32 in inet), so ev
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -156,7 +157,8 @@ async def netsim_path(
     instead of netsim's, with a per-tunnel token; with ``conformance`` the checks of
     `netsim.testing.conformance` run against it before the provider connects (``run.conformance``). ``slot``
     gives the path its own tunnel net, server port, interface and NAT table (paths of one run never share them).
-    ``helper_env``: extra environment for netsim's helper (a lever turned off, e.g. ``NETSIM_UDP_GSO=0``).
+    ``helper_env``: extra environment for netsim's helper and the provider host (a lever turned off, e.g.
+    ``NETSIM_UDP_GSO=0``).
     """
     from netsim.apple import TunnelProviderProtocol
     from netsim.bench.bench_e2e import ECHO_PORT, ROOT, PathSetup, _vpn_nat
@@ -227,19 +229,39 @@ async def netsim_path(
                 launcher,
                 TunnelProviderProtocol(server_address=str(a.vpn_wan_v4), provider_configuration=conf),
             )
-            async with connected_session(manager, f"{name} tunnel"):
-                await lab.run("mac", ["ping", "-c", "1", "-W", "3", dst], timeout=15)
-                assert server.pid is not None
-                procs = {
-                    "provider": launcher.processes[-1].pid,
-                    "helper": helper.pid,
-                    "wg-server": server.pid,
-                    "echo": echo,
-                }
-                yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
+            saved = _push_environ(helper_env or {})  # the provider host inherits it (a lever turned off)
+            try:
+                async with connected_session(manager, f"{name} tunnel"):
+                    _pop_environ(saved)
+                    saved = {}
+                    await lab.run("mac", ["ping", "-c", "1", "-W", "3", dst], timeout=15)
+                    assert server.pid is not None
+                    procs = {
+                        "provider": launcher.processes[-1].pid,
+                        "helper": helper.pid,
+                        "wg-server": server.pid,
+                        "echo": echo,
+                    }
+                    yield PathSetup((dst, ECHO_PORT), procs, tcp_dst=dst)
+            finally:
+                _pop_environ(saved)
         finally:
             await helper.stop(grace=2.0)
     lab.nft("vpn", f"delete table ip {table}\n")
+
+
+def _push_environ(extra: dict[str, str]) -> dict[str, str | None]:
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    return saved
+
+
+def _pop_environ(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 if __name__ == "__main__":

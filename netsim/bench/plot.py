@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["plot"]
 
-_PATH_ORDER = ("direct", "wireguard-go", "netsim", "netsim-loop", "c-floor", "naive")
+_PATH_ORDER = ("direct", "wireguard-go", "netsim", "netsim-loop", "c-floor", "naive-careful", "naive")
 
 
 def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -40,7 +40,7 @@ def plot(doc: dict[str, Any], path: str | os.PathLike[str]) -> None:
     if udp:
         sizes = sorted({r["size"] for r in udp})
         paths = [p for p in _PATH_ORDER if any(r["path"] == p for r in udp)]
-        paths += sorted({r["path"] for r in udp} - set(paths))  # the user's --provider/--helper paths
+        paths += sorted({r["path"] for r in udp} - set(paths))  # lever paths, the user's --provider/--helper paths
         width = 0.8 / max(len(paths), 1)
         for i, p in enumerate(paths):
             xs, ys, lo, hi = [], [], [], []
