@@ -278,6 +278,25 @@ def test_seal_and_open_batch_refuse_bad_arguments() -> None:
         native.open_batch([12345], {7: aead})
 
 
+@needs_native
+@settings(max_examples=150, deadline=None)
+@given(
+    datagrams=st.lists(
+        st.one_of(
+            st.binary(max_size=120),
+            st.binary(min_size=28, max_size=120).map(lambda b: struct.pack("<II", 4, 7) + b),  # index 7, bad tag
+        ),
+        max_size=20,
+    )
+)
+def test_open_batch_on_garbage_never_crashes_and_authenticates_nothing(datagrams: list[bytes]) -> None:
+    res = native.open_batch(datagrams, {7: native.Aead(bytes(range(32)))})
+    assert len(res) == len(datagrams)
+    for d, r in zip(datagrams, res, strict=True):
+        tried = len(d) >= 32 and d[:8] == struct.pack("<II", 4, 7)
+        assert r is (False if tried else None)
+
+
 # ---------------------------------------------------------------------------------------------- checksums
 @needs_native
 @settings(max_examples=200, deadline=None)

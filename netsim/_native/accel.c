@@ -7,6 +7,10 @@
  *   fold16(data, skip)              the one's complement sum of RFC 1071, folded to 16 bits.
  *   tun_read / tun_write            a batch of read(2) / write(2) calls on a non-blocking fd, errno returned.
  *
+ * A Python buffer export (__buffer__) may run code that changes the caller's list: the batch functions copy their
+ * sequences into tuples, and seal_batch (once per run, where a copy would cost per packet) holds each item while it
+ * takes its buffer and checks the lengths on every step.
+ *
  * No cryptography is written here: the AEAD is OpenSSL's (libcrypto from the distribution). Every length is
  * checked before it is used; bad arguments raise ValueError/TypeError, never touch memory out of bounds. The
  * pure-Python reference of each function is in netsim/accel.py and tests/test_native.py compares the two.
@@ -195,6 +199,7 @@ static PyObject *seal_batch(PyObject *mod, PyObject *args) {
         return NULL;
     }
     EVP_CIPHER_CTX *c = ((AeadObject *)aead)->enc;
+    /* not copied (this runs once per run of a batch): every item is held while used, the lengths checked each time */
     PyObject *pk = PySequence_Fast(packets, "seal_batch: packets must be a sequence");
     if (pk == NULL) return NULL;
     PyObject *ob = PySequence_Fast(outs, "seal_batch: out_bufs must be a sequence");
@@ -207,7 +212,7 @@ static PyObject *seal_batch(PyObject *mod, PyObject *args) {
     if (indices == Py_None) {
         count = PySequence_Fast_GET_SIZE(pk);
     } else {
-        ix = PySequence_Fast(indices, "seal_batch: indices must be a sequence of ints or None");
+        ix = PySequence_Tuple(indices);
         if (ix == NULL) goto fail;
         count = PySequence_Fast_GET_SIZE(ix);
     }
@@ -223,11 +228,17 @@ static PyObject *seal_batch(PyObject *mod, PyObject *args) {
             goto fail;
         }
         Py_buffer in, out;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(pk, i), &in, PyBUF_SIMPLE) < 0) goto fail;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(ob, i), &out, PyBUF_WRITABLE) < 0) {
+        PyObject *pkt_obj = PySequence_Fast_GET_ITEM(pk, i), *out_obj = PySequence_Fast_GET_ITEM(ob, i);
+        Py_INCREF(pkt_obj);
+        Py_INCREF(out_obj);
+        int got = PyObject_GetBuffer(pkt_obj, &in, PyBUF_SIMPLE);
+        if (got == 0 && PyObject_GetBuffer(out_obj, &out, PyBUF_WRITABLE) < 0) {
             PyBuffer_Release(&in);
-            goto fail;
+            got = -1;
         }
+        Py_DECREF(pkt_obj); /* the buffers hold their exporters from here on */
+        Py_DECREF(out_obj);
+        if (got < 0) goto fail;
         Py_ssize_t n = in.len;
         Py_ssize_t padded = (n + 15) & ~(Py_ssize_t)15;
         if (padded > mtu) padded = n > mtu ? n : mtu;
@@ -269,7 +280,7 @@ fail:
 static PyObject *open_batch(PyObject *mod, PyObject *args) {
     PyObject *datagrams, *keys;
     if (!PyArg_ParseTuple(args, "OO!:open_batch", &datagrams, &PyDict_Type, &keys)) return NULL;
-    PyObject *dg = PySequence_Fast(datagrams, "open_batch: datagrams must be a sequence");
+    PyObject *dg = PySequence_Tuple(datagrams);
     if (dg == NULL) return NULL;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(dg);
     PyObject *res = PyList_New(count);
@@ -466,7 +477,7 @@ static PyObject *tun_write(PyObject *mod, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "tun_write: offset >= 0, headers of one length <= 8");
         goto done;
     }
-    seq = PySequence_Fast(packets, "tun_write: packets must be a sequence");
+    seq = PySequence_Tuple(packets);
     if (seq == NULL) goto done;
     Py_ssize_t hl = h4.len, accepted = 0, nbytes = 0;
     Py_ssize_t bad_family = 0, empty = 0, too_big = 0, queue_full = 0, rejected = 0;
