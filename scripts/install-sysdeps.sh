@@ -12,6 +12,12 @@ missing=()
 for bin in "${!pkg_for[@]}"; do
   command -v "$bin" >/dev/null 2>&1 || missing+=("${pkg_for[$bin]}")
 done
+# the native accelerator's build (hatch_build.py, docs/native.md): OpenSSL's headers, and Python's for a Debian python
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+py_include=$("${PYTHON:-python3}" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null || true)
+case "$py_include" in
+  /usr/include/*) [ -f "$py_include/Python.h" ] || missing+=(python3-dev) ;;
+esac
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "netsim: missing system packages (${missing[*]}); run as root to install them, lab tests will skip" >&2

@@ -107,6 +107,12 @@ def _rule_broken(importer: str, imported: str) -> str | None:
         return None
     if src == "errors":
         return "errors imports no other netsim module"
+    if src in ("accel", "_native"):
+        return None if dst in ("accel", "_native") else "accel imports only its extension and errors"
+    if dst == "_native":
+        return "only netsim.accel imports netsim._native"
+    if dst == "accel":  # the optional native accelerator is pure computation: any layer may use it
+        return None
     if src == "core":
         return "core/ imports no other layer"
     if src == "apple" and dst != "core":  # the Apple mirrors read the core's one home of family numbers

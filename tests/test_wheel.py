@@ -11,6 +11,7 @@ import email
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -55,6 +56,12 @@ def _check_wheel_files(wheel: Path) -> None:
         assert z.read(f"netsim/examples/{name}") == (ROOT / "examples" / name).read_bytes(), name
 
 
+def _can_build_native() -> bool:
+    return (
+        shutil.which(os.environ.get("CC", "cc").split()[0]) is not None and Path("/usr/include/openssl/evp.h").is_file()
+    )
+
+
 @dataclass(frozen=True)
 class Installed:
     wheel: Path
@@ -83,6 +90,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"netsim/py.typed", "netsim/bench/c/floor.c", "netsim/bench/c/udpload.c", "netsim/bench/runner.py"} <= names
     _check_wheel_files(wheel)
+    if _can_build_native():  # hatch_build.py compiles the accelerator into the wheel (docs/native.md)
+        assert any(n.startswith("netsim/_native/_accel") and n.endswith(".so") for n in names), sorted(names)
+        assert "netsim/_native/accel.c" in names and not wheel.name.endswith("-none-any.whl"), wheel.name
     venv = tmp_path / "venv"
     _run([str(UV), "venv", "-q", "-p", sys.executable, str(venv)], tmp_path, env)
     _run([str(UV), "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(wheel)], tmp_path, env)
@@ -99,6 +109,10 @@ def test_wheel_in_a_fresh_venv_runs_help_demo_and_bench(installed: Installed) ->
     python, netsim_cmd = str(venv / "bin" / "python"), str(venv / "bin" / "netsim")
     assert "Usage: netsim" in _run([netsim_cmd, "--help"], where, env).stdout
     assert _run([python, "-m", "netsim", "--help"], where, env).stdout.startswith("Usage: netsim ")
+    if _can_build_native():  # the wheel's accelerator imports and is chosen (NETSIM_NATIVE=1: required)
+        check = "import netsim.accel as a; print(a.ACTIVE, a.describe()['detail'])"
+        native = _run([python, "-c", check], where, {**env, "NETSIM_NATIVE": "1"})
+        assert native.stdout.startswith("native OpenSSL"), native.stdout
     demo = _run([netsim_cmd, "demo", "--memory"], where, env)
     assert "probes succeeded" in demo.stdout, demo.stdout
     bench = _run([netsim_cmd, "bench", "--quick", "--only", "micro/*"], where, env)

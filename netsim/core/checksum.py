@@ -24,12 +24,16 @@ The ``rewrite_*`` helpers change a packet in place through a loaded `PacketView`
 (``bytearray`` or a writable ``memoryview``) and update the view's cached fields to match. They also work
 on a quoted packet inside an ICMP error (`PacketView.quoted_packet_untrusted`); the caller then fixes the outer
 ICMP checksum with `update_checksum_field` over the quote's bytes before and after.
+
+With the native accelerator (`netsim.accel`, docs/native.md) the full sums are one C loop (``fold16``: the sum
+folded to 16 bits, 0 exactly for all-zero data, so every result here is the same as the pure-Python one).
 """
 
 from __future__ import annotations
 
 import struct
 
+from netsim import accel
 from netsim.core.packet import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Buffer, PacketView
 from netsim.errors import BadPacket, LocalProtocolError
 
@@ -55,6 +59,8 @@ _U16_unpack = _U16.unpack_from
 _U16_pack = _U16.pack_into
 _M = 0xFFFF
 _ADDRESS_OFFSET = {(True, True): 12, (True, False): 16, (False, True): 8, (False, False): 24}
+# the accelerator's folded sum (None: pure Python); tests set it to None to compare both paths in one process
+_fold16 = accel.native.fold16 if accel.native is not None else None
 
 
 def ones_complement_sum(data: Buffer) -> int:
@@ -62,6 +68,8 @@ def ones_complement_sum(data: Buffer) -> int:
 
     The result is a residue in ``0..0xFFFE``; add residues with ``+`` and reduce with ``% 0xFFFF``.
     """
+    if _fold16 is not None:
+        return int(_fold16(data)) % _M
     n = int.from_bytes(data, "big")
     if len(data) & 1:
         n <<= 8
@@ -74,6 +82,11 @@ def internet_checksum(data: Buffer, initial: int = 0) -> int:
     To get the value to store, the checksum field inside ``data`` must be zero. A buffer whose stored
     checksum is right gives 0 here (unless the data is all zero).
     """
+    if _fold16 is not None:
+        n: int = _fold16(data)  # congruent to the big-endian integer below, and 0 exactly when it is
+        if n == 0 and initial == 0:
+            return 0xFFFF
+        return (-(n + initial)) % _M
     n = int.from_bytes(data, "big")
     if len(data) & 1:
         n <<= 8
@@ -84,6 +97,11 @@ def internet_checksum(data: Buffer, initial: int = 0) -> int:
 
 def _checksum_without_field(region: Buffer, field: int, initial: int) -> int:
     """`internet_checksum` of ``region`` as if its 16-bit checksum at ``field`` were zero (no copy)."""
+    if _fold16 is not None and 0 <= field <= len(region) - 2:
+        s: int = _fold16(region, field)  # the two bytes at `field` read as zero; 0 when all the rest is zero
+        if s == 0 and initial == 0:
+            return 0xFFFF
+        return (-(s + initial)) % _M
     n = int.from_bytes(region, "big")
     size = len(region)
     if size & 1:

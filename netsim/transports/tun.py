@@ -36,9 +36,11 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
+from netsim import accel
 from netsim.core.family import UTUN_HEADER_SIZE, UTUN_HEADER_V4, UTUN_HEADER_V6
 from netsim.errors import LocalProtocolError, PrivilegeError, TunnelDown
 
@@ -51,6 +53,10 @@ _IFREQ_INT = struct.Struct("16si12x")  # struct ifreq with an int member (ifr_mt
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCGIFMTU, _SIOCSIFMTU = 0x8913, 0x8914, 0x8921, 0x8922
 _IFF_UP = 0x1
 _GONE_ERRNOS = frozenset({errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EBADF})
+# the native accelerator's batched read(2)/write(2) (`netsim.accel`, docs/native.md); None: pure Python
+_native: Any = accel.native
+_NATIVE_MAX_READ = 65536  # tun_read's largest read size (mtu + 1)
+_NATIVE_WRITE_DROPS = ("bad_family", "empty", "too_big", "queue_full", "rejected")  # tun_write's drop tuple order
 
 
 @dataclass(frozen=True)
@@ -190,8 +196,22 @@ class TunDevice:
     def read_packets(self, limit: int) -> list[bytes]:
         """Read up to ``limit`` ready packets as owned bytes (with the utun header in framing mode)."""
         fd = self._live_fd()
-        out: list[bytes] = []
         size = self._mtu + 1
+        if _native is not None and size <= _NATIVE_MAX_READ:  # the same packets, counters and errors, one C call
+            hdrs = (UTUN_HEADER_V4, UTUN_HEADER_V6) if self._hdr else (b"", b"")
+            packets, empty, truncated, nbytes, err = _native.tun_read(fd, limit, size, *hdrs)
+            for reason, count in (("empty", empty), ("truncated", truncated)):
+                if count:
+                    self._dropped[reason] = self._dropped.get(reason, 0) + count
+            self.packets_read += len(packets)
+            self.bytes_read += nbytes
+            if err:
+                exc = OSError(err, os.strerror(err))
+                if err in _GONE_ERRNOS:
+                    raise self._gone(exc) from exc
+                raise exc
+            return packets  # type: ignore[no-any-return]
+        out: list[bytes] = []
         while len(out) < limit:
             try:
                 data = os.read(fd, size)
@@ -225,6 +245,19 @@ class TunDevice:
                 without framing and offset; otherwise every packet is checked as usual.
         """
         fd = self._live_fd()
+        if _native is not None:  # the same writes, drops and errors as below, one C call
+            check = not validated or bool(self._hdr) or bool(offset)
+            hdrs = (UTUN_HEADER_V4, UTUN_HEADER_V6) if self._hdr else (b"", b"")
+            accepted, nbytes, drops, err = _native.tun_write(fd, packets, offset, *hdrs, self._mtu, check)
+            for reason, count in zip(_NATIVE_WRITE_DROPS, drops, strict=True):
+                if count:
+                    self._dropped[reason] = self._dropped.get(reason, 0) + count
+            self.packets_written += accepted
+            self.bytes_written += nbytes
+            if err:
+                exc = OSError(err, os.strerror(err))
+                raise self._gone(exc) from exc
+            return accepted  # type: ignore[no-any-return]
         if validated and not self._hdr and not offset:
             return self._write_validated(fd, packets)
         hdr = self._hdr

@@ -8,9 +8,11 @@ counter reaches REJECT_AFTER_MESSAGES and is discarded after REJECT_AFTER_TIME.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from netsim import accel
 from netsim.core.wireguard.replay import ReplayWindow
 
 __all__ = ["NONCE", "Keypair"]
@@ -29,12 +31,16 @@ class Keypair:
         remote_index: the index we put in messages to the peer.
         created: ``now`` at derivation (drives REKEY_AFTER_TIME / REJECT_AFTER_TIME).
         is_initiator: whether we initiated the handshake that made it (only the initiator rekeys on age).
+        native_send: the same send key in the native accelerator (`netsim.accel`), None on the pure-Python path.
+        native_recv: the same for the receive key.
     """
 
     __slots__ = (
         "created",
         "is_initiator",
         "local_index",
+        "native_recv",
+        "native_send",
         "recv",
         "remote_index",
         "replay",
@@ -56,6 +62,9 @@ class Keypair:
         """Wrap raw 32-byte keys in AEAD objects (built once, reused for every packet)."""
         self.send = ChaCha20Poly1305(send_key)
         self.recv = ChaCha20Poly1305(recv_key)
+        native = accel.native  # read per keypair, so a test can build devices on either path in one process
+        self.native_send: Any = None if native is None else native.Aead(send_key)
+        self.native_recv: Any = None if native is None else native.Aead(recv_key)
         self.send_counter = 0
         self.replay = ReplayWindow(reject_after_messages)
         self.local_index = local_index

@@ -1,0 +1,1 @@
+"""The C source of netsim's optional native accelerator; import it through `netsim.accel` (docs/native.md)."""
