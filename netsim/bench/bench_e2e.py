@@ -151,7 +151,10 @@ DESTINATIONS = {
 }
 #: The lever paths: netsim's tunnel with one optimisation turned off in its helper, measured in the same run as
 #: ``netsim`` so the ratio shows what the lever buys (issue 17). Path -> (slot, the helper's environment).
-LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {"netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"})}
+LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {
+    "netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"}),
+    "netsim-nogro": (10, {"NETSIM_UDP_GRO": "0"}),
+}
 LOOP_TUNS = {"c-floor": ("utun7", "10.77.0"), "netsim-loop": ("utun8", "10.78.0"), "naive": ("utun9", "10.79.0")}
 
 
