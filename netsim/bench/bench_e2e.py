@@ -170,7 +170,10 @@ LEVER_DST_BASE = 4
 #: ``netsim`` so the ratio shows what the lever buys (issue 17). Path -> (slot, the helper's environment).
 #: A new lever is one line here (a free slot, 9-15); `PATHS`, the case names, its destination and the runner's
 #: on/off ratios and report rows follow from it.
-LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {"netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"})}
+LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {
+    "netsim-nogso": (9, {"NETSIM_UDP_GSO": "0"}),
+    "netsim-nogro": (10, {"NETSIM_UDP_GRO": "0"}),
+}
 LEVER_PATHS["netsim-nonative"] = (12, {"NETSIM_NATIVE": "0"})  # the native accelerator off (docs/native.md)
 PATHS = ("direct", "wireguard-go", "netsim", *LEVER_PATHS, *LOOP_PATHS)
 LOOP_TUNS = {

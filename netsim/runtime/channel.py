@@ -88,6 +88,9 @@ class IpcChannelStatistics:
     """Borrowed batches (``send_packets_nowait(..., borrowed=True)``) copied because they had to be queued."""
     corked_frames: int = 0
     """PACKETS frames held by `IpcChannel.corked` and written together when the block ended."""
+    receive_calls: int = 0
+    """Stream receives (one ``recv_into`` and one trio scheduling point each): frames per receive =
+    ``frames_received / receive_calls``; the reader's wakeups on this hop (docs/helper.md, Hops)."""
 
 
 @dataclass(slots=True)
@@ -152,6 +155,7 @@ class IpcChannel:
         self._corked_frames = 0
         self._pending_error: RemoteProtocolError | None = None  # met by receive_event_nowait, raised by receive_event
         self._packets_received = 0
+        self._receive_calls = 0
         self._nursery: trio.Nursery | None = None  # set by open_ipc_channel: runs the liveness task
 
     @property
@@ -180,6 +184,7 @@ class IpcChannel:
             writer_wakeups=self._writer_wakeups,
             borrowed_copies=self._borrowed_copies,
             corked_frames=self._corked_frames,
+            receive_calls=self._receive_calls,
         )
 
     # --- sending ----------------------------------------------------------------------------------------------------
@@ -488,6 +493,7 @@ class IpcChannel:
                         self._packets_received += len(ev)
                     return ev
                 view = conn.receive_buffer(self._recv_size)
+                self._receive_calls += 1
                 try:
                     n = await self.stream.receive_into(view)
                 except _BROKEN as exc:

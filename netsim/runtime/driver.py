@@ -101,7 +101,8 @@ class DatagramDriver:
         max_datagram: size of each receive buffer (no truncation whatever the peer's MTU).
 
     Attributes:
-        wakeups: loop wakeups so far (datagrams per wakeup = datagrams received / wakeups).
+        wakeups: loop wakeups so far (a readable socket or a due timer); ``batches``: those that received at
+            least one datagram; ``datagrams``: datagrams received (datagrams per batch = datagrams / batches).
     """
 
     def __init__(
@@ -127,10 +128,16 @@ class DatagramDriver:
         self._slab = bytearray(batch * max_datagram)
         slab = memoryview(self._slab)
         self.views = [slab[i * max_datagram : (i + 1) * max_datagram] for i in range(batch)]
-        self.sizes = [0] * batch
-        self.addrs: list[Any] = [None] * batch
+        # A transport that reads several datagrams per call (UDP GRO: `UdpTransport.segments_per_read`) hands the
+        # extra ones as slices of the buffer it read into, in the slots after it: room for one more full read.
+        extra = max(int(getattr(transport, "segments_per_read", 1)) - 1, 0)
+        self.views += [slab[:0]] * extra
+        self.sizes = [0] * (batch + extra)
+        self.addrs: list[Any] = [None] * (batch + extra)
         self._scope: trio.CancelScope | None = None
         self.wakeups = 0
+        self.batches = 0
+        self.datagrams = 0
 
     def flush(self, now: float) -> None:
         """Send what the core has queued and move the pending wakeup earlier if its timer moved earlier."""
@@ -171,6 +178,8 @@ class DatagramDriver:
             now = self.clock()
             n = transport.recv_batch(views, sizes, addrs)
             if n:
+                self.batches += 1
+                self.datagrams += n
                 core.receive_batch(views, sizes, addrs, n, now)
             timer = core.get_timer()
             if timer is not None and timer <= now:

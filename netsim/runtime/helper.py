@@ -231,6 +231,7 @@ class Helper:
         # the tunnel's own addresses: the only inner sources a client may emit (`_classify`)
         self._inner_sources = frozenset(a.ip.packed for a in config.interface.addresses)
         self.verdicts = {"tunnel": 0, "bypass": 0, "drop": 0}
+        self.tx_batches = 0  # encapsulate calls of the outbound path (hops_json)
         self.sessions = 0
         self.observers = 0  # read-only observer connections served (serve_observer)
         self.observer_rejected = 0  # observers that sent something other than STATS_REQUEST/PING
@@ -363,7 +364,44 @@ class Helper:
         out = self.statistics().to_json()
         out["path"] = self.path_json()
         out["tunnel"] = self.tunnel_json()
+        out["hops"] = self.hops_json()
+        stats = getattr(self.transport, "statistics", None)
+        out["udp"] = stats() if stats is not None else None
         return out
+
+    def hops_json(self) -> dict[str, dict[str, int]]:
+        """Wakeups, batches and packets per hop, to check that a batch crosses each hop with one wakeup
+        (docs/helper.md, Hops): ``udp_in`` (network-loop wakeups, the ones that received, receive syscalls,
+        datagrams), ``udp_out`` (encrypted batches, send syscalls, datagrams), and the current provider
+        session's ``uds_in`` (stream receives, frames, packets) and ``uds_out`` (sendmsg calls, writer-task
+        wakeups, frames, packets). Plain counters; the UDS ones start at 0 with each session."""
+        driver, t = self._driver, self.transport
+        ch = self._channel
+        c = ch.statistics() if ch is not None else None
+        return {
+            "udp_in": {
+                "wakeups": driver.wakeups,
+                "batches": driver.batches,
+                "reads": getattr(t, "rx_reads", driver.datagrams),
+                "packets": driver.datagrams,
+            },
+            "udp_out": {
+                "batches": self.tx_batches,
+                "sends": getattr(t, "tx_sends", 0),
+                "packets": getattr(t, "tx_datagrams", 0),
+            },
+            "uds_in": {
+                "receives": c.receive_calls if c else 0,
+                "frames": c.frames_received if c else 0,
+                "packets": c.packets_received if c else 0,
+            },
+            "uds_out": {
+                "sends": c.sendmsg_calls if c else 0,
+                "writer_wakeups": c.writer_wakeups if c else 0,
+                "frames": c.frames_sent if c else 0,
+                "packets": c.ipc_out.read if c else 0,
+            },
+        }
 
     def tunnel_json(self) -> dict[str, Any]:
         """Whether the server answers: ``unanswered_for`` (seconds data went out with nothing authenticated back,
@@ -812,6 +850,7 @@ class Helper:
         for start in range(0, len(packets), step):
             chunk = packets[start : start + step]
             m = len(chunk)
+            self.tx_batches += 1
             self._wg_out.count_read(m)
             dev.encapsulate(chunk, now, bufs, sizes, addrs)
             attempted = sent = 0

@@ -1,8 +1,9 @@
 """`UdpTransport`: the helper's UDP socket on the physical interface, as a datagram transport.
 
 Thin I/O adapter (docs/design.md, Layers): open/bind with SO_BINDTODEVICE and SO_MARK, a batch receive into the
-caller's buffers (``recvfrom_into`` until EAGAIN: Python has no ``recvmmsg``), and sends that report a named
-drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
+caller's buffers (``recvfrom_into`` until EAGAIN: Python has no ``recvmmsg``; with UDP GRO, ``recvmsg_into``
+returns several datagrams per call, split by the segment size the kernel reports), UDP GSO on send, and sends
+that report a named drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -37,6 +39,23 @@ GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 #: Set to 0 to turn UDP GSO off for every `UdpTransport` (the bench's control; docs/benchmarks.md).
 GSO_ENV = "NETSIM_UDP_GSO"
+# udp(7): UDP_GRO (generic receive offload, Linux 5.0): the kernel may hand one recvmsg several datagrams of one
+# flow, back to back, with a SOL_UDP/UDP_GRO cmsg carrying the segment size (an int); every segment but the last
+# has that size. Only coalesced reads carry the cmsg.
+_UDP_GRO = 104
+_GRO_SIZE = struct.Struct("=i")
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(_GRO_SIZE.size)
+#: Datagrams one GRO read may carry (the kernel's UDP_GRO_CNT_MAX); a read claiming more is a counted drop.
+GRO_MAX_SEGMENTS = 64
+#: Set to 0 to turn UDP GRO off for every `UdpTransport` (the bench's control; docs/benchmarks.md).
+GRO_ENV = "NETSIM_UDP_GRO"
+#: The transport's named receive drops (`UdpTransport.rx_drops`): a GRO read longer than the caller's buffer
+#: (``gro_truncated``: the kernel cut it, its datagrams are lost) and a segment size that cannot describe the
+#: read (``gro_bad_segment``: zero or negative, or more than `GRO_MAX_SEGMENTS` segments). Counted in datagrams
+#: where the length tells how many (truncated: the full length is known), else one per read.
+#: ``gro_no_room``: a GRO read with more datagrams than the caller's list had slots left (a list shorter than
+#: `GRO_MAX_SEGMENTS`; the driver's never is).
+RX_DROP_REASONS = ("gro_truncated", "gro_bad_segment", "gro_no_room")
 
 
 class UdpTransport:
@@ -45,7 +64,7 @@ class UdpTransport:
     Use `UdpTransport.open` to get one bound to the physical interface.
     """
 
-    def __init__(self, sock: socket.socket, *, gso: bool | None = None) -> None:
+    def __init__(self, sock: socket.socket, *, gso: bool | None = None, gro: bool | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.recv_errors = 0
@@ -54,6 +73,59 @@ class UdpTransport:
         self.gso = os.environ.get(GSO_ENV, "1") != "0" if gso is None else gso
         self.gso_sends = 0  # sendmsg calls that carried more than one datagram
         self.gso_datagrams = 0  # datagrams they carried
+        #: Whether the socket has UDP_GRO on (`recv_batch` then splits coalesced reads). Off when ``gro`` is
+        #: False, ``NETSIM_UDP_GRO=0``, or the kernel refuses the option (before Linux 5.0: ENOPROTOOPT).
+        self.gro = self._enable_gro(os.environ.get(GRO_ENV, "1") != "0" if gro is None else gro)
+        #: Receive syscalls that returned a datagram or a GRO read (datagrams per read = ``rx_datagrams`` /
+        #: ``rx_reads``), and reads that carried more than one datagram.
+        self.rx_reads = 0
+        self.rx_datagrams = 0
+        self.gro_reads = 0
+        self.rx_drops = dict.fromkeys(RX_DROP_REASONS, 0)
+        self.tx_sends = 0  # send syscalls that were accepted (datagrams sent = tx_datagrams)
+        self.tx_datagrams = 0
+        # GRO splitting rebinds entries of the caller's list; the originals, restored on the next call
+        self._base: list[memoryview] | None = None
+        self._base_of: Any = None
+        self._dirty = 0  # bufs[1:_dirty] may hold segment views; restored before the next read
+
+    def _enable_gro(self, wanted: bool) -> bool:
+        if not wanted:
+            return False
+        sock = self.sock
+        # a UDP socket only (a stand-in object without the option, as some tests pass, reads one at a time)
+        if getattr(sock, "type", None) != socket.SOCK_DGRAM or getattr(sock, "family", None) not in (
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
+            return False
+        try:
+            sock.setsockopt(_SOL_UDP, _UDP_GRO, 1)
+        except OSError:
+            return False  # ENOPROTOOPT (no UDP GRO in this kernel) and the like: one datagram per read
+        return True
+
+    @property
+    def segments_per_read(self) -> int:
+        """Most datagrams one read may put into the caller's list (`recv_batch`): `GRO_MAX_SEGMENTS` with GRO,
+        else 1. `netsim.runtime.driver.DatagramDriver` gives its list that many slots past the batch."""
+        return GRO_MAX_SEGMENTS if self.gro else 1
+
+    def statistics(self) -> dict[str, Any]:
+        """The socket's counters as JSON-ready data (the helper's ``udp`` statistics; docs/helper.md)."""
+        return {
+            "gso": self.gso,
+            "gro": self.gro,
+            "rx_reads": self.rx_reads,
+            "rx_datagrams": self.rx_datagrams,
+            "gro_reads": self.gro_reads,
+            "rx_drops": {k: v for k, v in self.rx_drops.items() if v},
+            "recv_errors": self.recv_errors,
+            "tx_sends": self.tx_sends,
+            "tx_datagrams": self.tx_datagrams,
+            "gso_sends": self.gso_sends,
+            "gso_datagrams": self.gso_datagrams,
+        }
 
     @classmethod
     def open(
@@ -120,6 +192,83 @@ class UdpTransport:
         return int(self.sock.getsockname()[1])
 
     def recv_batch(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
+        """Receive every ready datagram into the caller's buffers: datagram ``i`` is ``bufs[i][:sizes[i]]`` from
+        ``addrs[i]``; returns how many (0 when none is ready).
+
+        With `gro`, one ``recvmsg_into`` may bring up to `GRO_MAX_SEGMENTS` datagrams back to back in
+        ``bufs[n]``: they are handed on as memoryview slices of that one read (no copy), by rebinding
+        ``bufs[n + 1]``, ``bufs[n + 2]``, ... (so ``bufs`` must be a list; the originals are put back at the
+        start of the next call). A read happens only while `segments_per_read` slots are left, so a batch never
+        overflows the list: give it ``batch + segments_per_read - 1`` entries (the driver does) and at most
+        ``batch`` reads' worth of buffers are read into. A read the buffer could not hold (``MSG_TRUNC``) or
+        whose segment size cannot describe it is dropped and counted in `rx_drops`, never raised.
+        """
+        if not self.gro:
+            return self._recv_plain(bufs, sizes, addrs)
+        lst: list[memoryview] = bufs  # type: ignore[assignment]  # a list: GRO rebinds its entries
+        if self._base_of is not lst:
+            self._base, self._base_of, self._dirty = list(lst), lst, 0
+        elif self._dirty:
+            assert self._base is not None
+            lst[: self._dirty] = self._base[: self._dirty]
+            self._dirty = 0
+        recv = self.sock.recvmsg_into
+        drops = self.rx_drops
+        n = reads = gro_reads = 0
+        limit = len(lst)
+        last = max(limit - GRO_MAX_SEGMENTS, 0)  # read only while a full GRO read still fits the list
+        while n <= last and n < limit:
+            buf = lst[n]
+            try:
+                nbytes, ancdata, flags, addr = recv((buf,), _GRO_CMSG_SPACE, socket.MSG_TRUNC)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_RECV:  # an ICMP error for an earlier send, as in `_recv_plain`
+                    self.recv_errors += 1
+                    continue
+                raise
+            reads += 1
+            seg = nbytes
+            for level, kind, data in ancdata:
+                if level == _SOL_UDP and kind == _UDP_GRO and len(data) >= _GRO_SIZE.size:
+                    seg = _GRO_SIZE.unpack_from(data)[0]
+            if seg <= 0:
+                drops["gro_bad_segment"] += 1
+                continue
+            count = -(-nbytes // seg) if nbytes else 1  # ceil; an empty datagram is one datagram
+            if flags & socket.MSG_TRUNC or nbytes > len(buf):
+                drops["gro_truncated"] += count  # MSG_TRUNC: nbytes is the full length, not what was copied
+                continue
+            if count > GRO_MAX_SEGMENTS:
+                drops["gro_bad_segment"] += 1
+                continue
+            if count > limit - n:
+                drops["gro_no_room"] += count
+                continue
+            src = addr[:2]
+            if count == 1:
+                sizes[n] = nbytes
+                addrs[n] = src
+                n += 1
+                continue
+            gro_reads += 1
+            off = 0
+            for j in range(n, n + count):
+                end = off + seg if off + seg < nbytes else nbytes
+                if j != n:
+                    lst[j] = buf[off:end]
+                sizes[j] = end - off
+                addrs[j] = src
+                off = end
+            n += count
+            self._dirty = n
+        self.rx_reads += reads
+        self.rx_datagrams += n
+        self.gro_reads += gro_reads
+        return n
+
+    def _recv_plain(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
         recv = self.sock.recvfrom_into
         n = 0
         limit = len(bufs)
@@ -137,6 +286,8 @@ class UdpTransport:
             sizes[n] = size
             addrs[n] = addr[:2]
             n += 1
+        self.rx_reads += n
+        self.rx_datagrams += n
         return n
 
     def send_segments(self, segments: Sequence[ipc.Buffer], addr: Endpoint) -> str | None:
@@ -161,6 +312,8 @@ class UdpTransport:
             return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
         self.gso_sends += 1
         self.gso_datagrams += len(segments)
+        self.tx_sends += 1
+        self.tx_datagrams += len(segments)
         return None
 
     def send(self, data: ipc.Buffer, addr: Endpoint) -> str | None:
@@ -170,6 +323,8 @@ class UdpTransport:
             return "udp_eagain"
         except OSError as exc:
             return "udp_no_route" if exc.errno in _NO_ROUTE_SEND else "udp_error"
+        self.tx_sends += 1
+        self.tx_datagrams += 1
         return None
 
     def send_batch(self, datagrams: Sequence[tuple[ipc.Buffer, Endpoint]], reasons: list[str | None]) -> None:
