@@ -16,6 +16,7 @@ from netsim.core.packet import Buffer, PacketView
 from netsim.errors import BadPacket, ConfigError
 
 __all__ = [
+    "GRO_MIN",
     "MAX_GSO_SEGMENTS",
     "MIN_GSO_SIZE",
     "VNET_F_DATA_VALID",
@@ -273,7 +274,8 @@ def split_gso_untrusted(data: Buffer, hdr: VnetHeader, out: list[bytes]) -> int:
     return count
 
 
-_GRO_MIN = 256  # smaller packets are written as they are (an ACK is 52 bytes)
+GRO_MIN = 256  # smaller packets are written as they are (an ACK is 52 bytes)
+_GRO_MIN = GRO_MIN
 _V4_FLOW = struct.Struct("!BBHHHBBH8s")  # version/IHL, TOS, total, id, flags/frag, TTL, protocol, csum, addresses
 _TCP_FLOW = struct.Struct("!4sIIBBH")  # ports, seq, ack, data offset, flags, window
 

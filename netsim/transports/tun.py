@@ -45,6 +45,7 @@ import trio
 
 from netsim.core.family import UTUN_HEADER_SIZE, UTUN_HEADER_V4, UTUN_HEADER_V6
 from netsim.core.segment import (
+    GRO_MIN,
     VNET_F_NEEDS_CSUM,
     VNET_GSO_NONE,
     VNET_HDR_SIZE,
@@ -447,6 +448,8 @@ class TunDevice:
         each after a plain header. Returns the number of packets accepted; refusals are counted as in
         `write_packets` (a refused super-packet loses all its segments).
         """
+        if not packets or max(map(len, packets)) < GRO_MIN:
+            return self.write_offload_packets(packets)  # nothing to merge (a batch of ACKs): no grouping work
         fd = self._live_fd()
         writev = os.writev
         accepted = nbytes = 0
