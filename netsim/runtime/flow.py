@@ -30,6 +30,13 @@ so the provider cannot count it. `PacketTunnelFlow.count_reads_in` names a ledge
 provider's ``tun_read``) in which each such packet is counted as read and dropped ``malformed``, so the stage's
 ``read`` is every packet taken from the utun and the books balance across the flow (docs/reliability.md C1, L0).
 
+TUN offloads (netsim extension, docs/helper.md "TUN offloads"). On a device created with vnet headers
+(``TunDevice.create(offload=True)``, what ``NETSIM_TUN_OFFLOAD`` asks the provider process for) the flow reads with
+``read_offload_packets``, which cuts every TCP/UDP super-packet the kernel hands over into wire packets with full
+checksums, so ``read_packet_objects`` / ``read_packets`` still return one packet per object exactly as Apple's do;
+and it writes with ``write_coalesced``, which merges consecutive segments of a TCP flow into one super-packet
+write (GRO on writes). Nothing a provider sees changes, only what a packet costs.
+
 Per-app metadata. Apple fills ``NEPacket.metadata`` only in per-app VPN mode (``routingMethod ==
 sourceApplication``, R3). After `PacketTunnelFlow.set_routing_method` with ``SOURCE_APPLICATION``,
 ``read_packet_objects`` attributes each TCP/UDP packet to its app: the flow tuple (version, protocol, source
@@ -183,6 +190,7 @@ class PacketTunnelFlow:
             raise ValueError(f"batch_limit must be at least 1, got {batch_limit}")
         self.batch_limit = batch_limit
         self._device: PacketDevice | None = None
+        self._offload = False
         self._attached = trio.Event()
         self._reading = False
         self._read_batches = 0
@@ -227,11 +235,13 @@ class PacketTunnelFlow:
     def attach(self, device: PacketDevice) -> None:
         """Bind the flow to ``device`` and wake readers waiting for it."""
         self._device = device
+        self._offload = bool(getattr(device, "offload", False))  # a vnet TUN (module docstring, TUN offloads)
         self._attached.set()
 
     def detach(self) -> None:
         """Forget the device (it was closed); later writes count as ``write_dropped_no_device``."""
         self._device = None
+        self._offload = False
         self._attached = trio.Event()
 
     def set_routing_method(
@@ -345,7 +355,16 @@ class PacketTunnelFlow:
                     await self._attached.wait()
                     waited = True
                     continue
-                datas = device.read_packets(self.batch_limit)
+                if self._offload:  # a vnet TUN: super-packets are cut to wire packets
+                    datas: list[bytes] = []
+                    if not device.read_offload_packets(self.batch_limit, datas):  # type: ignore[attr-defined]
+                        await device.wait_readable()
+                        waited = True
+                        continue
+                    if not datas:
+                        continue  # every read was a counted drop (the device's vnet_* reasons)
+                else:
+                    datas = device.read_packets(self.batch_limit)
                 if datas:
                     datas = self._keep_ip(datas)
                     if datas:
@@ -444,7 +463,12 @@ class PacketTunnelFlow:
             self._write_no_device += len(batch)
             return False
         try:
-            accepted = device.write_packets(batch, validated=True)  # checked above: the device need not re-check
+            # checked above: the device need not re-check; a vnet TUN writes runs of one TCP flow at once (GRO)
+            accepted = (
+                device.write_coalesced(batch)  # type: ignore[attr-defined]
+                if self._offload
+                else device.write_packets(batch, validated=True)
+            )
         except TunnelDown:
             self._write_no_device += len(batch)
             return False

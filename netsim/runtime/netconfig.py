@@ -879,14 +879,21 @@ class KernelNetworkConfigurator:
         return self.device
 
     def _apply(self, settings: PacketTunnelNetworkSettings) -> None:
-        from netsim.transports.tun import TunDevice
+        from netsim.transports.tun import TunDevice, tun_offload_from_env
 
         self._claim()  # before anything changes: a second tunnel in this namespace stops here
         ipr = self._iproute()
         phys_name, phys_mtu, gateways, oifs = self._physical()
         mtu = settings.effective_mtu(phys_mtu)
         if self._device is None:
-            self._device = TunDevice.create(None if self.inside else self.netns, self.device_name, mtu=mtu)
+            offload = tun_offload_from_env()  # NETSIM_TUN_OFFLOAD (docs/helper.md, TUN offloads); default off
+            self._device = TunDevice.create(
+                None if self.inside else self.netns,
+                self.device_name,
+                mtu=mtu,
+                offload=offload is not None,
+                offload_flags=offload or 0,
+            )
         elif self._device.mtu != mtu:
             self._device.set_mtu(mtu)
         index = ipr.link_lookup(ifname=self._device.name)[0]

@@ -24,6 +24,10 @@ hot path; `statistics` then reports the ``kernel_tx_dropped`` it read, as of tha
 
 Errors: when the interface is deleted under an open fd (``ip link del utun0``) Linux answers reads and writes
 with ``EBADFD``; that, like using a closed device, surfaces as `netsim.errors.TunnelDown`.
+
+TUN offloads (opt-in, ``create(offload=True)``; docs/helper.md, "TUN offloads"): the fd carries a virtio_net_hdr,
+the kernel may hand a read a TSO/USO super-packet and take a coalesced write; `TunDevice.read_offload_packets` and
+`TunDevice.write_coalesced` speak it (their own block below), and every packet they return is still a wire packet.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import fcntl
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +46,25 @@ import trio
 
 from netsim import accel
 from netsim.core.family import UTUN_HEADER_SIZE, UTUN_HEADER_V4, UTUN_HEADER_V6
-from netsim.errors import LocalProtocolError, PrivilegeError, TunnelDown
+from netsim.core.segment import (
+    GRO_MIN,
+    VNET_F_NEEDS_CSUM,
+    VNET_GSO_NONE,
+    VNET_HDR_SIZE,
+    VNET_PLAIN,
+    coalesce_tcp,
+    parse_vnet_header_untrusted,
+    split_gso_untrusted,
+)
+from netsim.errors import BadPacket, ConfigError, LocalProtocolError, PrivilegeError, TunnelDown
 
-__all__ = ["TunDevice", "TunStatistics"]
+__all__ = [
+    "TUN_F_ALL",
+    "TUN_OFFLOAD_ENV",
+    "TunDevice",
+    "TunStatistics",
+    "tun_offload_from_env",
+]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -58,6 +78,30 @@ _native: Any = accel.native
 _NATIVE_MAX_READ = 65536  # tun_read's largest read size (mtu + 1)
 _NATIVE_WRITE_DROPS = ("bad_family", "empty", "too_big", "queue_full", "rejected")  # tun_write's drop tuple order
 
+# ---- TUN offloads (linux/if_tun.h): the vnet header and TUNSETOFFLOAD; methods in their block of TunDevice ----
+IFF_VNET_HDR = 0x4000
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6 = 0x01, 0x02, 0x04, 0x20, 0x40
+TUN_F_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+TUN_F_ALL = TUN_F_OFFLOADS | TUN_F_USO4 | TUN_F_USO6  # USO: Linux 6.2+ (older kernels: TUN_F_OFFLOADS)
+#: ``NETSIM_TUN_OFFLOAD``: the utun a provider process creates (`tun_offload_from_env`; docs/helper.md).
+TUN_OFFLOAD_ENV = "NETSIM_TUN_OFFLOAD"
+_OFFLOAD_MODES = {"": None, "0": None, "off": None, "gro": 0, "1": TUN_F_ALL, "tso": TUN_F_ALL}
+
+
+def tun_offload_from_env(environ: Mapping[str, str] = os.environ) -> int | None:
+    """The TUN offloads ``NETSIM_TUN_OFFLOAD`` asks for: None (unset, ``0``, ``off``: no vnet header, the
+    default), ``0`` (``gro``: vnet header, coalesced writes, whole packets on reads) or `TUN_F_ALL` (``tso`` or
+    ``1``: also TSO/USO super-packets on reads, cut in Python).
+
+    Raises:
+        ConfigError: any other value (says which are allowed).
+    """
+    value = environ.get(TUN_OFFLOAD_ENV, "").strip().lower()
+    if value not in _OFFLOAD_MODES:
+        raise ConfigError(f"{TUN_OFFLOAD_ENV}={value!r}: use 0/off, gro, or tso/1", source=TUN_OFFLOAD_ENV)
+    return _OFFLOAD_MODES[value]
+
 
 @dataclass(frozen=True)
 class TunStatistics:
@@ -67,6 +111,11 @@ class TunStatistics:
     ``empty``) to a count. ``kernel_tx_dropped`` is the interface's tx_dropped counter from /proc/net/dev (packets
     the kernel could not queue to the reader) as of the last `TunDevice.kernel_statistics` call; None if it was
     never read (`MemoryTun` always reports its own queue drops here).
+
+    With TUN offloads (``TunDevice.create(offload=True)``): ``super_packets_read`` reads that carried a GSO
+    super-packet, ``segments_read`` the packets they were cut into; ``super_packets_written`` coalesced writes,
+    ``segments_written`` the packets merged into them; ``dropped`` also holds the vnet header's reasons
+    (``vnet_*``, `netsim.core.segment.VNET_REASONS`).
     """
 
     packets_read: int = 0
@@ -75,6 +124,10 @@ class TunStatistics:
     bytes_written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     kernel_tx_dropped: int | None = None
+    super_packets_read: int = 0
+    segments_read: int = 0
+    super_packets_written: int = 0
+    segments_written: int = 0
 
 
 class TunDevice:
@@ -97,6 +150,12 @@ class TunDevice:
         self.bytes_written = 0
         self._dropped: dict[str, int] = {}
         self._kernel_tx_dropped: int | None = None  # as of the last kernel_statistics()
+        self._vnet = False  # IFF_VNET_HDR: every read and write starts with a virtio_net_hdr ("TUN offloads")
+        self.offload_flags = 0  # TUN_F_* in effect
+        self.super_packets_read = 0
+        self.segments_read = 0
+        self.super_packets_written = 0
+        self.segments_written = 0
 
     @classmethod
     def create(
@@ -107,17 +166,25 @@ class TunDevice:
         mtu: int | None = None,
         up: bool = True,
         utun_framing: bool = False,
+        offload: bool = False,
+        offload_flags: int = TUN_F_ALL,
     ) -> TunDevice:
         """Create the device in ``netns`` (None: the caller's namespace). ``%d`` in ``name`` picks the lowest free
-        number, like utun. ``up`` brings the link up (it then has carrier, since this fd is attached)."""
+        number, like utun. ``up`` brings the link up (it then has carrier, since this fd is attached).
+        ``offload``: open it with ``IFF_VNET_HDR``, reads getting ``offload_flags`` (`set_offload`; see "TUN
+        offloads" below; not with framing)."""
         import pytun
 
         if len(name.replace("%d", "0")) > 15:
             raise LocalProtocolError(f"interface name {name!r} is longer than 15 characters")
 
+        if offload and utun_framing:
+            raise LocalProtocolError("offload needs bare packets: utun_framing=True cannot carry a vnet header")
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+
         def open_dev() -> tuple[object, socket.socket]:
             try:
-                dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+                dev = pytun.TunTapDevice(name=name, flags=flags)
             except pytun.Error as exc:
                 raise PrivilegeError(f"cannot create TUN {name!r}: {exc}; needs root and /dev/net/tun") from exc
             return dev, socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -132,6 +199,13 @@ class TunDevice:
         os.set_blocking(fd, False)
         os.set_inheritable(fd, False)  # a child holding the fd would keep the interface alive after we close it
         dev = cls(owner, fd, owner.name, netns, ctl, utun_framing=utun_framing)  # type: ignore[attr-defined]
+        if offload:
+            dev._vnet = True
+            try:
+                dev.set_offload(offload_flags)
+            except BaseException:
+                dev.close()
+                raise
         if mtu is not None:
             dev.set_mtu(mtu)
         if up:
@@ -312,6 +386,144 @@ class TunDevice:
         else:
             self._drop("rejected")  # EINVAL etc.: the kernel refused this packet
 
+    # ------------------------------------------------------------------ TUN offloads (vnet header, TSO/USO, GRO)
+    # A device created with ``offload=True`` has IFF_VNET_HDR: every read and write starts with a 10-byte
+    # ``struct virtio_net_hdr`` (`netsim.core.segment.VnetHeader`), and TUNSETOFFLOAD lets the kernel hand a read
+    # a whole TCP (TSO) or UDP (USO) super-packet of up to 64 KiB with a partial checksum, and take such a
+    # super-packet in one write (GRO on writes). `read_packets` / `write_packets` do not know the header: use
+    # `read_offload_packets` / `write_coalesced` on such a device (`netsim.runtime.flow.PacketTunnelFlow` does).
+    # docs/helper.md, "TUN offloads", says what this buys and what it costs.
+    @property
+    def offload(self) -> bool:
+        """True when the device carries a vnet header (created with ``offload=True``)."""
+        return self._vnet
+
+    def set_offload(self, flags: int = TUN_F_ALL) -> None:
+        """TUNSETOFFLOAD: what the kernel may hand a read (``TUN_F_*``; writes may carry GSO whatever is set).
+
+        `TUN_F_ALL`: checksum + TSO4/6, and USO4/6 where the kernel has them (Linux 6.2+; on EINVAL it retries
+        without USO). ``0``: whole packets with full checksums on reads (the kernel segments in C), while writes
+        can still be coalesced.
+
+        Raises:
+            LocalProtocolError: the device has no vnet header (created without ``offload=True``).
+        """
+        if not self._vnet:
+            raise LocalProtocolError(f"{self._name} has no vnet header: create it with offload=True")
+        fd = self._live_fd()
+        choices = (flags, flags & ~(TUN_F_USO4 | TUN_F_USO6)) if flags & (TUN_F_USO4 | TUN_F_USO6) else (flags,)
+        for choice in choices:
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, choice)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or choice == choices[-1]:
+                    raise
+                continue
+            self.offload_flags = choice
+            return
+
+    def read_offload_packets(self, limit: int, out: list[bytes]) -> int:
+        """Read up to ``limit`` TUN reads of a vnet device and append the wire packets to ``out``.
+
+        Super-packets are cut into MTU-sized packets with full checksums (`split_gso_untrusted`), and partial
+        checksums of single packets are completed, so ``out`` holds exactly what `read_packets` would have
+        returned without offloads. A read whose header or packet does not parse is dropped under its
+        ``BadPacket`` reason (`netsim.core.segment.VNET_REASONS`). Returns the number of reads taken.
+        """
+        fd = self._live_fd()
+        size = VNET_HDR_SIZE + 0x10000
+        mtu = self._mtu
+        reads = 0
+        while reads < limit:
+            try:
+                data = os.read(fd, size)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _GONE_ERRNOS:
+                    raise self._gone(exc) from exc
+                raise
+            reads += 1
+            if data.startswith(VNET_PLAIN) and VNET_HDR_SIZE < len(data) <= mtu + VNET_HDR_SIZE:
+                out.append(data[VNET_HDR_SIZE:])  # a whole packet with its checksums: the common case
+                self.packets_read += 1
+                self.bytes_read += len(data) - VNET_HDR_SIZE
+                continue
+            try:
+                hdr = parse_vnet_header_untrusted(data, mtu)
+                view = memoryview(data)[VNET_HDR_SIZE:]
+                if not view:
+                    self._drop("empty")
+                    continue
+                if hdr.gso_type == VNET_GSO_NONE and not hdr.flags & VNET_F_NEEDS_CSUM:
+                    if len(view) > mtu:
+                        self._drop("truncated")
+                        continue
+                    out.append(data[VNET_HDR_SIZE:])
+                    n = 1
+                else:
+                    n = split_gso_untrusted(view, hdr, out)
+            except BadPacket as exc:
+                self._drop(exc.reason)
+                continue
+            if n > 1 or hdr.gso_type != VNET_GSO_NONE:
+                self.super_packets_read += 1
+                self.segments_read += n
+            self.packets_read += n
+            self.bytes_read += len(data) - VNET_HDR_SIZE
+        return reads
+
+    def write_coalesced(self, packets: Sequence[Buffer]) -> int:
+        """Write validated packets to a vnet device, consecutive TCP segments of a flow merged (GRO on writes).
+
+        The packets must be what `write_packets` accepts with ``validated=True`` (bare, non-empty, at most `mtu`).
+        Runs of mergeable segments (`netsim.core.segment.coalesce_tcp`) go in one write each; the rest one write
+        each after a plain header. Returns the number of packets accepted; refusals are counted as in
+        `write_packets` (a refused super-packet loses all its segments).
+        """
+        if not packets or max(map(len, packets)) < GRO_MIN:
+            return self.write_offload_packets(packets)  # nothing to merge (a batch of ACKs): no grouping work
+        fd = self._live_fd()
+        writev = os.writev
+        accepted = nbytes = 0
+        try:
+            for parts in coalesce_tcp(packets):
+                segs = len(parts) - 2 if len(parts) > 2 else 1
+                try:
+                    nbytes += writev(fd, parts) - VNET_HDR_SIZE + (segs - 1) * len(parts[1])
+                except OSError as exc:
+                    for _ in range(segs):
+                        self._refused(exc)
+                    continue
+                accepted += segs
+                if segs > 1:
+                    self.super_packets_written += 1
+                    self.segments_written += segs
+        finally:
+            self.packets_written += accepted
+            self.bytes_written += nbytes
+        return accepted
+
+    def write_offload_packets(self, packets: Sequence[Buffer]) -> int:
+        """Write validated packets to a vnet device one by one, each after a plain header (no coalescing)."""
+        fd = self._live_fd()
+        writev = os.writev
+        hdr: list[Buffer] = [VNET_PLAIN, b""]
+        accepted = nbytes = 0
+        try:
+            for pkt in packets:
+                hdr[1] = pkt
+                try:
+                    nbytes += writev(fd, hdr) - VNET_HDR_SIZE
+                except OSError as exc:
+                    self._refused(exc)
+                    continue
+                accepted += 1
+        finally:
+            self.packets_written += accepted
+            self.bytes_written += nbytes
+        return accepted
+
     async def wait_readable(self) -> None:
         """Wait until a packet is ready or the device is gone/closed (then `TunnelDown` on the next call)."""
         fd = self._live_fd()
@@ -347,6 +559,10 @@ class TunDevice:
             self.bytes_written,
             dict(self._dropped),
             self._kernel_tx_dropped,
+            self.super_packets_read,
+            self.segments_read,
+            self.super_packets_written,
+            self.segments_written,
         )
 
     def kernel_statistics(self) -> TunStatistics:
