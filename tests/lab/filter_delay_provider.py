@@ -30,5 +30,25 @@ class HoldUntilTrigger(FilterPacketProvider):
             if self._view.dport == 9:
                 held, self._held = self._held, []
                 for packet in held:
-                    self.allow(packet)  # sent after this packet's own verdict? no: before, in the same batch
+                    self.allow(packet)  # buffered before this packet's own verdict, sent in the same flush
+        return FilterPacketProviderVerdict.ALLOW
+
+
+class HoldEchoForever(FilterPacketProvider):
+    """Holds every outbound UDP packet to port 7 until the filter stops (to fill the kernel's bounded queue)."""
+
+    async def start_filter(self) -> None:
+        self._view = PacketView()
+        self.packet_handler = self.handle
+
+    def handle(
+        self, context: FilterPacketContext, interface: str, direction: TrafficDirection, data: bytes, length: int
+    ) -> FilterPacketProviderVerdict:
+        try:
+            self._view.load_untrusted(data)
+        except BadPacket:
+            return FilterPacketProviderVerdict.ALLOW
+        if direction == TrafficDirection.OUTBOUND and self._view.protocol == 17 and self._view.dport == 7:
+            self.delay_current_packet(context)
+            return FilterPacketProviderVerdict.DELAY
         return FilterPacketProviderVerdict.ALLOW

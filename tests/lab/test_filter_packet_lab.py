@@ -3,13 +3,15 @@ and UDP, and captures on mac-en0 / mac-en1 proving what was allowed, dropped and
 
 One lab for the module (with the second uplink, so en1 is filtered too). Phases:
 
-1. control: the same traffic with no filter: the LAN host, www and isp2's router answer, and the capture on en0
-   holds the echo requests to the LAN host; a held-then-marker UDP pair leaves in the order it was sent;
+1. control: the same traffic with no filter: the LAN host, www (v4 and v6) and isp2's router answer, and the
+   capture on en0 holds the LAN host's packets; a held-then-marker UDP pair leaves in the order it was sent;
 2. drop: `DropHostFilter` dropping the LAN host (en0) and isp2's router (en1): they do not answer and are absent
    from the captures, www answers and is present; the provider's log names each verdict;
 3. delay: a provider holding UDP to port 7 until a trigger to port 9: no echo reply until the trigger, and in the
    capture the held request leaves after a marker sent after it (the control shows the opposite order);
-4. the provider killed: fail closed, the Mac has no network until the rules are removed; fail open, it has.
+4. the provider killed: fail closed, the Mac has no network until the rules are removed; fail open, it has;
+5. a full queue (``maxlen`` 4, every echo request held): fail closed, the kernel drops the rest (counted) and
+   nothing answers; fail open, the kernel accepts the rest and they are answered.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from netsim.testing.fixtures import run_lab_scenario
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 DROP = "netsim.examples.packet_filter:DropHostFilter"
 HOLD = f"{Path(__file__).parent}/filter_delay_provider.py:HoldUntilTrigger"
+FULL = f"{Path(__file__).parent}/filter_delay_provider.py:HoldEchoForever"
+MAXLEN, SENT = 4, 10
 LAN, WWW, ISP2 = str(ADDR.lan_eth0_v4), str(ADDR.www_v4), str(ADDR.isp2_lan_v4)
+LAN6, WWW6 = str(ADDR.lan_eth0_v6), str(ADDR.www_v6)
 
 
 async def _ping(lab: Lab, dst: str, count: int = 2) -> bool:
@@ -42,7 +47,8 @@ async def _ping(lab: Lab, dst: str, count: int = 2) -> bool:
 
 
 async def _reach(lab: Lab) -> dict[str, bool]:
-    return {"lan": await _ping(lab, LAN), "www": await _ping(lab, WWW), "isp2": await _ping(lab, ISP2)}
+    hosts = {"lan": LAN, "lan6": LAN6, "www": WWW, "www6": WWW6, "isp2": ISP2}
+    return {name: await _ping(lab, dst) for name, dst in hosts.items()}
 
 
 def _ips(path: Path) -> set[str]:
@@ -77,6 +83,19 @@ async def _held_pair(lab: Lab, trigger: bool) -> dict[str, Any]:
     return got
 
 
+async def _echoes(lab: Lab, count: int) -> int:
+    """Send ``count`` UDP echo requests to www at once; how many distinct replies come back within 2 s."""
+    sock = trio.socket.from_stdlib_socket(lab.socket("mac"))
+    got: set[bytes] = set()
+    with sock:
+        for i in range(count):
+            await sock.sendto(b"echo-%d" % i, (WWW, 7))
+        with trio.move_on_after(2.0):
+            while len(got) < count:
+                got.add(await sock.recv(100))
+    return len(got)
+
+
 async def _capture(lab: Lab, rec: dict[str, Any], key: str, tmp: Path, run: Any) -> None:
     paths = {ifname: tmp / f"{key}-{ifname}.pcap" for ifname in ("en0", "en1")}
     for ifname, path in paths.items():
@@ -95,7 +114,7 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     await _capture(lab, rec, "control", tmp, lambda: _reach(lab))
     await _capture(lab, rec, "control_pair", tmp, lambda: _held_pair(lab, trigger=False))
 
-    config = {"drop_hosts": [LAN, str(ADDR.lan_eth0_v6), ISP2]}
+    config = {"drop_hosts": [LAN, LAN6, ISP2]}
     with packet_filter(lab, DROP, vendor_configuration=config) as pf:
         rec["interfaces"] = pf.interfaces
         await _capture(lab, rec, "drop", tmp, lambda: _reach(lab))
@@ -114,6 +133,11 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
             pf.kill()  # the provider dies; its rules stay
             rec[f"{key}_dead"] = await _ping(lab, WWW)
         rec[f"{key}_stopped"] = await _ping(lab, WWW)  # stop() removed the dead filter's rules
+    for fail_open in (False, True):  # a full queue: the held echo requests fill it, the rest meet the choice
+        key = "full_open" if fail_open else "full_closed"
+        with packet_filter(lab, FULL, fail_open=fail_open, maxlen=MAXLEN, max_delayed=64) as pf:
+            rec[key] = await _echoes(lab, SENT)
+        rec[f"{key}_stats"] = pf.statistics()
     saved = await lab.run("mac", ["iptables-save", "-t", "mangle"])
     saved6 = await lab.run("mac", ["ip6tables-save", "-t", "mangle"])
     rec["rules_after"] = saved.stdout.decode() + saved6.stdout.decode()
@@ -127,15 +151,15 @@ def scenario() -> dict[str, Any]:
 
 
 def test_control_without_a_filter_everything_answers_and_is_captured(scenario: dict[str, Any]) -> None:
-    assert scenario["control"] == {"lan": True, "www": True, "isp2": True}
-    assert {LAN, WWW} <= scenario["control_ips"]["en0"]
+    assert scenario["control"] == dict.fromkeys(("lan", "lan6", "www", "www6", "isp2"), True)
+    assert {LAN, LAN6, WWW, WWW6} <= scenario["control_ips"]["en0"]
     assert ISP2 in scenario["control_ips"]["en1"]
 
 
 def test_a_dropped_host_is_absent_from_the_capture_and_an_allowed_one_present(scenario: dict[str, Any]) -> None:
     assert scenario["interfaces"] == ("en0", "en1")  # a lab with a second uplink: both physical interfaces
-    assert scenario["drop"] == {"lan": False, "www": True, "isp2": False}
-    assert LAN not in scenario["drop_ips"]["en0"] and WWW in scenario["drop_ips"]["en0"]
+    assert scenario["drop"] == {"lan": False, "lan6": False, "www": True, "www6": True, "isp2": False}
+    assert {LAN, LAN6} & scenario["drop_ips"]["en0"] == set() and {WWW, WWW6} <= scenario["drop_ips"]["en0"]
     assert ISP2 not in scenario["drop_ips"]["en1"]
     stats = scenario["drop_stats"].filter
     assert stats.dropped >= 2 and stats.allowed >= 2 and stats.seen >= stats.dropped + stats.allowed
@@ -144,7 +168,7 @@ def test_a_dropped_host_is_absent_from_the_capture_and_an_allowed_one_present(sc
     assert f"drop outbound en0 icmp {ADDR.mac_en0_v4} -> {LAN}" in log
     assert f"drop outbound en1 icmp {ADDR.mac_en1_v4} -> {ISP2}" in log
     assert f"allow inbound en0 icmp {WWW} -> {ADDR.mac_en0_v4}" in log
-    assert scenario["after_drop"] == {"lan": True, "www": True, "isp2": True}  # the filter's rules are gone
+    assert scenario["after_drop"] == scenario["control"]  # the filter's rules are gone
 
 
 def test_a_delayed_packet_waits_for_allow(scenario: dict[str, Any]) -> None:
@@ -165,6 +189,17 @@ def test_a_dead_provider_fails_closed_or_open_as_configured(scenario: dict[str, 
     assert scenario["open_dead"] is True  # fail open (--queue-bypass): the kernel accepts
     assert scenario["closed_stopped"] and scenario["open_stopped"]
     assert "-pf" not in scenario["rules_after"] and "NFQUEUE" not in scenario["rules_after"]
+
+
+def test_a_full_queue_drops_fail_closed_and_accepts_fail_open(scenario: dict[str, Any]) -> None:
+    closed, opened = scenario["full_closed_stats"], scenario["full_open_stats"]
+    # fail closed: the queue holds at most MAXLEN (delayed by the provider), the kernel drops the rest; no reply
+    assert 1 <= closed.filter.delayed <= MAXLEN and closed.kernel_dropped >= SENT - closed.filter.delayed
+    assert scenario["full_closed"] == 0
+    assert closed.filter.finished == closed.filter.delayed  # dropped (fail closed) when the filter stopped
+    # fail open: what does not fit is accepted by the kernel (not counted as dropped) and answered
+    assert 1 <= opened.filter.delayed <= MAXLEN and opened.kernel_dropped == 0
+    assert scenario["full_open"] >= SENT - opened.filter.delayed >= 1
 
 
 def test_lab_left_nothing_behind(scenario: dict[str, Any]) -> None:
