@@ -37,6 +37,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -50,13 +51,21 @@ from netsim.lab.impair import _NETNS, _chain_present, _HasNetns, _restore
 from netsim.lab.process import LabProcess
 from netsim.runtime.filter import FilterStatistics
 
-__all__ = ["FilterProcessStatistics", "PacketFilter", "filter_rules", "load_filter_provider_class", "packet_filter"]
+__all__ = [
+    "FilterProcessStatistics",
+    "PacketFilter",
+    "filter_rules",
+    "load_filter_provider_class",
+    "packet_filter",
+    "running_filters",
+]
 
 _MAX_DURATION = 3600.0
 _STATS_EVERY = 0.2
 _READY_TIMEOUT = 30.0
 _SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|/[\w./-]+\.py):[A-Za-z_]\w*$")
 _CHAIN = re.compile(r"^netsim-[a-z0-9]{1,6}-pf[0-9a-f]{6}$")
+_SAVED_CHAIN = re.compile(r"^:(netsim-[a-z0-9]{1,6}-pf[0-9a-f]{6}) ", re.M)
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 
@@ -133,6 +142,18 @@ def load_filter_provider_class(spec: str) -> type[Any]:
     return obj
 
 
+def running_filters(netns: str) -> list[str]:
+    """The chains of the packet filters whose rules are in ``netns`` (running, or died without cleaning up)."""
+    found: set[str] = set()
+    for tool in ("iptables", "ip6tables"):
+        done = subprocess.run(
+            ["ip", "netns", "exec", netns, f"{tool}-save", "-t", "mangle"],
+            capture_output=True, text=True, timeout=15, check=False,
+        )  # fmt: skip
+        found.update(_SAVED_CHAIN.findall(done.stdout))
+    return sorted(found)
+
+
 class PacketFilter:
     """One packet filter on a lab namespace's physical interfaces, run by a process of its own.
 
@@ -196,6 +217,12 @@ class PacketFilter:
         """Start the process and wait until its rules are in (bounded); raises `LabError` if it fails."""
         if self._proc is not None:
             raise LabError("this filter has already been started")
+        others = running_filters(self.netns)
+        if others:  # Apple: enabling a content filter disables all the others (R85); netsim refuses instead
+            raise LabError(
+                f"a packet filter is already running in {self.netns} ({', '.join(others)}): one at a time, as on "
+                "macOS (an ACCEPT from one filter's queue would skip the other's rules); stop it first"
+            )
         self._dir = Path(tempfile.mkdtemp(prefix="netsim-filter-"))
         argv = [
             sys.executable, "-m", "netsim.lab.filter", "--provider", self.provider,

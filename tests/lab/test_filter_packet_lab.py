@@ -26,8 +26,9 @@ import trio
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
+from netsim.errors import LabError
 from netsim.lab.addressing import ADDR
-from netsim.lab.filter import packet_filter
+from netsim.lab.filter import packet_filter, running_filters
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.testing.fixtures import run_lab_scenario
@@ -126,6 +127,15 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
         await _capture(lab, rec, "hold", tmp, lambda: _held_pair(lab, trigger=True))
     rec["hold_stats"] = pf.statistics()
 
+    quiet = {"log": False}
+    with packet_filter(lab, DROP, vendor_configuration={**quiet, "drop_hosts": [LAN]}) as first:
+        try:
+            with packet_filter(lab, DROP, vendor_configuration=quiet):
+                rec["second"] = "started"
+        except LabError as exc:
+            rec["second"] = str(exc)
+        rec["first_still"] = (await _ping(lab, LAN), await _ping(lab, WWW), running_filters(lab.netns("mac")))
+    rec["first_chain"] = first.chain
     for fail_open in (False, True):
         key = "open" if fail_open else "closed"
         with packet_filter(lab, DROP, fail_open=fail_open, vendor_configuration={"log": False}) as pf:
@@ -189,6 +199,11 @@ def test_a_dead_provider_fails_closed_or_open_as_configured(scenario: dict[str, 
     assert scenario["open_dead"] is True  # fail open (--queue-bypass): the kernel accepts
     assert scenario["closed_stopped"] and scenario["open_stopped"]
     assert "-pf" not in scenario["rules_after"] and "NFQUEUE" not in scenario["rules_after"]
+
+
+def test_one_filter_at_a_time_and_a_refused_one_leaves_the_running_one_alone(scenario: dict[str, Any]) -> None:
+    assert "already running" in scenario["second"] and scenario["first_chain"] in scenario["second"]
+    assert scenario["first_still"] == (False, True, [scenario["first_chain"]])
 
 
 def test_a_full_queue_drops_fail_closed_and_accepts_fail_open(scenario: dict[str, Any]) -> None:
