@@ -107,6 +107,10 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.apple import DNSOverTLSSettings as DNSOverTLSSettings
     from netsim.apple import DNSProtocol as DNSProtocol
     from netsim.apple import DNSSettings as DNSSettings
+    from netsim.apple import FilterPacketContext as FilterPacketContext
+    from netsim.apple import FilterPacketProvider as FilterPacketProvider
+    from netsim.apple import FilterPacketProviderVerdict as FilterPacketProviderVerdict
+    from netsim.apple import FilterProviderConfiguration as FilterProviderConfiguration
     from netsim.apple import FlowMetaData as FlowMetaData
     from netsim.apple import IPv4Route as IPv4Route
     from netsim.apple import IPv4Settings as IPv4Settings

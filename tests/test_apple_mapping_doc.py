@@ -57,7 +57,7 @@ def test_enum_values_match_the_table() -> None:
         assert isinstance(member, enum.Enum), name
         assert member.value == int(raw), (apple, name)
         checked += 1
-    assert checked == 18 + 6 + 3 + 3 + 3 + 3 + 4 + 5  # ... + NWPathStatus + NWInterfaceType
+    assert checked == 18 + 6 + 3 + 3 + 3 + 3 + 4 + 5 + 3  # ... + NWPathStatus + NWInterfaceType + filter verdicts
 
 
 def test_every_enum_member_is_in_the_table() -> None:
@@ -68,3 +68,10 @@ def test_every_enum_member_is_in_the_table() -> None:
                 apple.RoutingMethod, apple.DNSProtocol):  # fmt: skip
         for member in cls:
             assert f"netsim.apple.{cls.__name__}.{member.name}" in listed
+
+
+def test_every_filter_packet_verdict_is_in_the_table() -> None:
+    from netsim.apple import FilterPacketProviderVerdict
+
+    listed = {NAME.findall(r[2])[0] for r in rows() if len(r) == 3 and r[1].isdigit()}
+    assert {f"netsim.apple.FilterPacketProviderVerdict.{m.name}" for m in FilterPacketProviderVerdict} <= listed

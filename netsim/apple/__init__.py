@@ -14,6 +14,12 @@ from netsim.apple.enums import (
     VPNStatus,
 )
 from netsim.apple.errors import TUNNEL_PROVIDER_ERROR_DOMAIN, TunnelProviderError
+from netsim.apple.filter import (
+    FilterPacketContext,
+    FilterPacketProvider,
+    FilterPacketProviderVerdict,
+    FilterProviderConfiguration,
+)
 from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet, family_for_version, version_for_family
 from netsim.apple.protocol import AppRule, TunnelProviderProtocol
 from netsim.apple.settings import (
@@ -39,6 +45,10 @@ __all__ = [
     "DNSOverTLSSettings",
     "DNSProtocol",
     "DNSSettings",
+    "FilterPacketContext",
+    "FilterPacketProvider",
+    "FilterPacketProviderVerdict",
+    "FilterProviderConfiguration",
     "FlowMetaData",
     "IPv4Route",
     "IPv4Settings",
