@@ -20,6 +20,7 @@ import trio
 from loopback_helpers import a_to_b_packets, batch_of, helper_pair, wait_live
 
 from netsim.runtime.driver import DatagramDriver
+from netsim.testing.require import require
 from netsim.transports.udp import GRO_MAX_SEGMENTS, UdpTransport
 
 
@@ -55,8 +56,7 @@ def _drain(rx: UdpTransport, lists: tuple[list[memoryview], list[int], list[Any]
 
 
 def _require_gro(rx: UdpTransport) -> None:
-    if not rx.gro:
-        pytest.skip("this kernel has no UDP_GRO (Linux >= 5.0)")
+    require(rx.gro, "this kernel has no UDP_GRO (Linux >= 5.0)")
 
 
 def test_equal_sized_datagrams_arrive_in_one_read_split_into_the_callers_list(
@@ -234,8 +234,7 @@ def test_a_helper_decrypts_the_same_batch_with_and_without_gro(gro: bool) -> Non
     async def main() -> None:
         a, b = helper_pair(gro=gro)
         bt: UdpTransport = b.transport  # type: ignore[assignment]
-        if gro and not bt.gro:
-            pytest.skip("this kernel has no UDP_GRO (Linux >= 5.0)")
+        require(bt.gro or not gro, "this kernel has no UDP_GRO (Linux >= 5.0)")
         async with trio.open_nursery() as nursery:
             await nursery.start(a.run)
             await nursery.start(b.run)
