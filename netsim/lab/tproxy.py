@@ -68,7 +68,8 @@ async def transparent_proxy(
     mark_own: bool = True,
     role: str = "mac",
 ) -> AsyncIterator[RunningProxy]:
-    """Host ``provider`` (``"pkg.mod:Class"`` or ``"file.py:Class"``) in ``role`` for the duration of the block."""
+    """Host ``provider`` (``"pkg.mod:Class"``, importable with this interpreter's ``sys.path``) in ``role`` for the
+    duration of the block."""
     argv = [sys.executable, "-m", "netsim.runtime.proxy_tproxy", "--provider", provider, "--print-stats"]
     if options is not None:
         argv += ["--options", json.dumps(options)]

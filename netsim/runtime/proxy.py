@@ -35,7 +35,7 @@ from netsim.apple.proxy import (
     TransparentProxyNetworkSettings,
 )
 
-__all__ = ["ProxyHost", "ProxyHostStatistics", "metadata_for_uid", "relay_tcp", "relay_udp"]
+__all__ = ["DatagramQueue", "ProxyHost", "ProxyHostStatistics", "metadata_for_uid", "relay_tcp", "relay_udp"]
 
 log = logging.getLogger(__name__)
 _EMPTY_META = FlowMetaData()
@@ -57,6 +57,46 @@ class ProxyHostStatistics:
     flow_errors: int
     udp_queue_full: int
     direct_bytes: int
+
+
+class DatagramQueue:
+    """A bounded queue of ``(payload, remote endpoint)`` datagrams: the inbound side of a UDP flow's backend.
+
+    `put` never blocks: a full queue drops the datagram and counts ``udp_queue_full`` on ``host`` (UDP may lose
+    datagrams; memory may not grow). `receive_datagrams` waits for one and returns everything queued (a batch),
+    ``[]`` once `close` was called.
+    """
+
+    def __init__(self, host: ProxyHost, size: int = 64) -> None:
+        self.host, self.size = host, size
+        self._send, self._recv = trio.open_memory_channel[tuple[bytes, HostEndpoint]](size)
+        self.closed = False
+
+    def put(self, data: bytes, remote: HostEndpoint) -> None:
+        try:
+            self._send.send_nowait((data, remote))
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.host.count("udp_queue_full")
+
+    async def receive_datagrams(self) -> list[tuple[bytes, HostEndpoint]]:
+        try:
+            batch = [await self._recv.receive()]
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return []
+        while len(batch) < self.size:
+            try:
+                batch.append(self._recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        return batch
+
+    async def receive_one(self) -> tuple[bytes, HostEndpoint]:
+        """The next datagram (for an app socket's ``recvfrom``)."""
+        return await self._recv.receive()
+
+    def close(self) -> None:
+        self.closed = True
+        self._send.close()
 
 
 def metadata_for_uid(uid: int | None, apps: dict[int, AppRule]) -> FlowMetaData:

@@ -27,7 +27,7 @@ from netsim.apple.proxy import (
     StreamIO,
 )
 from netsim.core.netrules import FlowKey
-from netsim.runtime.proxy import ProxyHost, metadata_for_uid
+from netsim.runtime.proxy import DatagramQueue, ProxyHost, metadata_for_uid
 
 __all__ = ["MemoryProxyHost", "MemoryUDPSocket", "ServerContact", "echo_tcp_server"]
 
@@ -53,39 +53,19 @@ class ServerContact:
     sender: str
 
 
-class _Datagrams:
-    """A bounded datagram queue with an `netsim.apple.proxy.DatagramIO` face."""
+class _Datagrams(DatagramQueue):
+    """A `DatagramQueue` whose sends go to ``deliver``: one side of a memory UDP flow or session."""
 
     def __init__(self, deliver: Callable[[bytes, HostEndpoint], Awaitable[None]], host: MemoryProxyHost) -> None:
-        self.send, self.recv = trio.open_memory_channel[tuple[bytes, HostEndpoint]](UDP_QUEUE)
+        super().__init__(host, UDP_QUEUE)
         self._deliver = deliver
-        self._host = host
-        self.closed = False
-
-    def put(self, data: bytes, remote: HostEndpoint) -> None:
-        try:
-            self.send.send_nowait((data, remote))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self._host.count("udp_queue_full")
-
-    async def receive_datagrams(self) -> list[tuple[bytes, HostEndpoint]]:
-        try:
-            batch = [await self.recv.receive()]
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return []
-        while True:
-            try:
-                batch.append(self.recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                return batch
 
     async def send_datagrams(self, datagrams: Sequence[tuple[bytes, HostEndpoint]]) -> None:
         for data, remote in datagrams:
             await self._deliver(data, remote)
 
     async def aclose(self) -> None:
-        self.closed = True
-        self.send.close()
+        self.close()
 
 
 class MemoryUDPSocket:
@@ -124,7 +104,7 @@ class MemoryUDPSocket:
 
     async def recvfrom(self) -> tuple[bytes, HostEndpoint]:
         """The next datagram for this socket and who sent it."""
-        return await self.inbox.recv.receive()
+        return await self.inbox.receive_one()
 
 
 class _Session:

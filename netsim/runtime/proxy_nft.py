@@ -129,7 +129,11 @@ class ProxyKernelState:
 
     Args:
         port: the transparent listeners' port.
-        table / intercept_mark / own_mark / route_table / priority: the owned names (defaults: module constants).
+        table: the nftables table name (default `TPROXY_TABLE`).
+        intercept_mark: the mark that sends a packet to the proxy (default `INTERCEPT_MARK`).
+        own_mark: the mark of the proxy's own sockets, never captured (default `OWN_MARK`).
+        route_table: the policy route table holding ``local default dev lo`` (default `ROUTE_TABLE`).
+        priority: the ``ip rule`` priority (default `RULE_PRIORITY`).
     """
 
     def __init__(

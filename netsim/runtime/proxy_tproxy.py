@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import logging
 import signal
@@ -49,7 +48,7 @@ from netsim.apple.proxy import (
 )
 from netsim.core.netrules import FlowKey
 from netsim.runtime.appid import ProcNetOwnerLookup
-from netsim.runtime.proxy import ProxyHost, metadata_for_uid
+from netsim.runtime.proxy import DatagramQueue, ProxyHost, metadata_for_uid
 from netsim.runtime.proxy_nft import OWN_MARK, ProxyKernelState
 
 __all__ = ["TproxyHost", "load_proxy_provider", "main"]
@@ -134,31 +133,13 @@ class _Session:
         self._sock.close()
 
 
-class _CapturedUdp:
+class _CapturedUdp(DatagramQueue):
     """The backend of one captured UDP flow (a `DatagramIO`): a bounded inbound queue, transparent replies."""
 
     def __init__(self, host: TproxyHost, client: tuple[str, int]) -> None:
-        self.host, self.client = host, client
-        self.send, self.recv = trio.open_memory_channel[tuple[bytes, HostEndpoint]](UDP_QUEUE)
+        super().__init__(host, UDP_QUEUE)
+        self.tproxy, self.client = host, client
         self.replies: dict[HostEndpoint, trio.socket.SocketType] = {}
-
-    def put(self, data: bytes, remote: HostEndpoint) -> None:
-        try:
-            self.send.send_nowait((data, remote))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            self.host.count("udp_queue_full")
-
-    async def receive_datagrams(self) -> list[tuple[bytes, HostEndpoint]]:
-        try:
-            batch = [await self.recv.receive()]
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return []
-        while len(batch) < UDP_QUEUE:
-            try:
-                batch.append(self.recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        return batch
 
     async def send_datagrams(self, datagrams: Sequence[tuple[bytes, HostEndpoint]]) -> None:
         for data, remote in datagrams:
@@ -167,20 +148,20 @@ class _CapturedUdp:
                 if len(self.replies) >= MAX_REPLY_SOCKETS:
                     self.host.count("udp_queue_full")
                     continue
-                sock = self.replies[remote] = self.host.transparent_udp((remote.hostname, remote.port))
-                self.host.start(self.host.udp_reader, sock)
+                sock = self.replies[remote] = self.tproxy.transparent_udp((remote.hostname, remote.port))
+                self.tproxy.start(self.tproxy.udp_reader, sock)
             try:
                 await sock.sendto(data, self.client)
             except OSError as exc:
                 log.debug("udp reply to %s: %s", self.client, exc)
 
     async def aclose(self) -> None:
-        self.send.close()
+        self.close()
         for sock in self.replies.values():
             sock.close()
         self.replies.clear()
-        if self.host.udp_flows.get(self.client) is self:
-            del self.host.udp_flows[self.client]
+        if self.tproxy.udp_flows.get(self.client) is self:
+            del self.tproxy.udp_flows[self.client]
 
 
 class TproxyHost(ProxyHost):
@@ -397,20 +378,11 @@ class TproxyHost(ProxyHost):
 
 
 def load_proxy_provider(spec: str) -> type[AppProxyProvider]:
-    """Load ``"package.module:Class"`` or ``"/path/file.py:Class"`` naming an `AppProxyProvider` subclass."""
+    """Load ``"package.module:Class"`` naming an `AppProxyProvider` subclass (the module must be importable)."""
     module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name:
-        raise SystemExit(f"provider spec {spec!r} must look like 'package.module:Class' or 'file.py:Class'")
-    if module_name.endswith(".py"):
-        file_spec = importlib.util.spec_from_file_location(f"netsim_proxy_{abs(hash(module_name))}", module_name)
-        if file_spec is None or file_spec.loader is None:
-            raise SystemExit(f"cannot load provider file {module_name!r}")
-        module = importlib.util.module_from_spec(file_spec)
-        sys.modules[file_spec.name] = module
-        file_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    cls = getattr(module, class_name, None)
+        raise SystemExit(f"provider spec {spec!r} must look like 'package.module:Class'")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, AppProxyProvider)):
         raise SystemExit(f"{spec!r} is not an AppProxyProvider subclass")
     return cls
@@ -440,7 +412,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m netsim.runtime.proxy_tproxy``: host a proxy provider in this namespace until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m netsim.runtime.proxy_tproxy", description=main.__doc__)
-    parser.add_argument("--provider", required=True, help="package.module:Class or file.py:Class")
+    parser.add_argument("--provider", required=True, help="package.module:Class (importable)")
     parser.add_argument("--options", help="JSON object passed to start_proxy")
     parser.add_argument("--app", action="append", default=[], metavar="UID=LABEL", help="an app by uid (repeat)")
     parser.add_argument("--port", type=int, default=0)
