@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from netsim.apple.enums import TrafficDirection
 from netsim.apple.packet import FlowMetaData
+from netsim.apple.settings import DNSSettings
 from netsim.core import netrules, proxyflow
 from netsim.errors import ConfigError, NetsimError
 
@@ -31,6 +32,7 @@ __all__ = [
     "AppProxyProvider",
     "AppProxyTCPFlow",
     "AppProxyUDPFlow",
+    "DNSProxyProvider",
     "DatagramIO",
     "HostEndpoint",
     "NetworkRule",
@@ -491,3 +493,22 @@ class TransparentProxyProvider(AppProxyProvider):
     """
 
     declines_go_direct = True
+
+
+class DNSProxyProvider(AppProxyProvider):
+    """Mirrors NEDNSProxyProvider: every DNS flow (an app socket to UDP or TCP port 53) comes to the provider
+    (Apple: NEDNSProxyProvider, macOS 10.15+).
+
+    The system chooses the flows, not the provider: there are no claim rules, and returning False from
+    `handle_new_flow` **terminates** the flow (Apple DTS: "NEDNSProxyProvider and NEAppProxyProvider do not allow
+    for selectively handling flows"). ``system_dns_settings`` are the resolvers the system would have used
+    (Apple: ``systemDNSSettings``), so the provider can forward there.
+
+    Differences from Apple: in the lab the host intercepts the flows to the Mac's own resolver (``127.0.0.53``
+    and ``::1`` port 53, where every app's resolution goes), not an app's socket to a server it names itself;
+    ``set_tunnel_network_settings`` is not used.
+    """
+
+    declines_go_direct = False
+    #: Apple: ``systemDNSSettings``; set by the host before ``start_proxy``
+    system_dns_settings: list[DNSSettings] | None = None

@@ -43,8 +43,9 @@ class RunningProxy:
         return out
 
     async def ruleset(self) -> str:
-        """The live nftables table of the proxy (``nft list table inet netsim_tproxy``)."""
-        r = await self.lab.run("mac", ["nft", "list", "table", "inet", "netsim_tproxy"], check=False)
+        """The live nftables table of the proxy (``nft list table inet netsim_tproxy``, or the DNS proxy's)."""
+        table = "netsim_dnsproxy" if "--dns" in self.process.argv else "netsim_tproxy"
+        r = await self.lab.run(self.process.role, ["nft", "list", "table", "inet", table], check=False)
         return r.stdout.decode()
 
     async def stop(self) -> dict[str, Any]:
@@ -67,9 +68,16 @@ async def transparent_proxy(
     app_rules: list[AppRule] | None = None,
     mark_own: bool = True,
     role: str = "mac",
+    dns: bool = False,
+    system_dns: list[str] | None = None,
 ) -> AsyncIterator[RunningProxy]:
     """Host ``provider`` (``"pkg.mod:Class"``, importable with this interpreter's ``sys.path``) in ``role`` for the
-    duration of the block."""
+    duration of the block.
+
+    ``dns=True`` hosts a `netsim.apple.proxy.DNSProxyProvider`: the host intercepts the flows to the Mac's resolver
+    with its own kernel names (`netsim.runtime.proxy_tproxy.DNS_PROXY_NAMES`) and gives the provider
+    ``system_dns`` (default: the home router's resolvers, the Mac's system DNS) as ``system_dns_settings``.
+    """
     argv = [sys.executable, "-m", "netsim.runtime.proxy_tproxy", "--provider", provider, "--print-stats"]
     if options is not None:
         argv += ["--options", json.dumps(options)]
@@ -77,8 +85,11 @@ async def transparent_proxy(
         argv += ["--app", f"{rule.uid}={rule.signing_identifier}"]
     if not mark_own:
         argv.append("--no-mark-own")
+    if dns:
+        servers = system_dns if system_dns is not None else [str(lab.addr.isp_lan_v4), str(lab.addr.isp_lan_v6)]
+        argv += ["--dns", *(a for server in servers for a in ("--system-dns", server))]
     path = ":".join(p for p in sys.path if p)
-    proc = lab.spawn(role, argv, name="tproxy-" + role, env={"PYTHONPATH": path})
+    proc = lab.spawn(role, argv, name=("dnsproxy-" if dns else "tproxy-") + role, env={"PYTHONPATH": path})
     try:
         match = await trio.to_thread.run_sync(lambda: proc.wait_output_sync(r"^READY (\d+)$", timeout=30.0))
     except LabError:

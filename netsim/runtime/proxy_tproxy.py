@@ -42,16 +42,20 @@ from netsim.apple.proxy import (
     AppProxyTCPFlow,
     AppProxyUDPFlow,
     DatagramIO,
+    DNSProxyProvider,
     HostEndpoint,
+    NetworkRule,
     StreamIO,
     TransparentProxyNetworkSettings,
 )
+from netsim.apple.settings import DNSSettings
 from netsim.core.netrules import FlowKey
 from netsim.runtime.appid import ProcNetOwnerLookup
 from netsim.runtime.proxy import DatagramQueue, ProxyHost, metadata_for_uid
 from netsim.runtime.proxy_nft import OWN_MARK, ProxyKernelState
+from netsim.runtime.resolver import RESOLVER_LISTEN
 
-__all__ = ["TproxyHost", "load_proxy_provider", "main"]
+__all__ = ["DNS_PROXY_NAMES", "TproxyHost", "load_proxy_provider", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,15 @@ IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = 74  # linux/in6.h; cmsg IPV6_ORIGDSTADDR
 UDP_QUEUE = 64  # datagrams waiting per UDP flow; more are dropped and counted (udp_queue_full)
 MAX_REPLY_SOCKETS = 16  # per UDP flow
-_SOCKADDR_IN = struct.Struct("!HH4s")  # sin_family is host order, but only port and address are read
 _MAX_DATAGRAM = 65535
+#: a DNS proxy's owned kernel names, distinct from a transparent proxy's (both may run in one namespace)
+DNS_PROXY_NAMES: dict[str, Any] = {
+    "table": "netsim_dnsproxy",
+    "intercept_mark": 0x7472,
+    "own_mark": 0x7473,
+    "route_table": 0x7472,
+    "priority": 5990,
+}
 
 
 def _origdst(ancdata: list[tuple[int, int, bytes]]) -> tuple[str, int] | None:
@@ -139,26 +150,35 @@ class _CapturedUdp(DatagramQueue):
     def __init__(self, host: TproxyHost, client: tuple[str, int]) -> None:
         super().__init__(host, UDP_QUEUE)
         self.tproxy, self.client = host, client
-        self.replies: dict[HostEndpoint, trio.socket.SocketType] = {}
+        self.replies: dict[HostEndpoint, trio.socket.SocketType | None] = {}  # None: the address is in use
 
     async def send_datagrams(self, datagrams: Sequence[tuple[bytes, HostEndpoint]]) -> None:
         for data, remote in datagrams:
-            sock = self.replies.get(remote)
-            if sock is None:
+            if remote not in self.replies:
                 if len(self.replies) >= MAX_REPLY_SOCKETS:
                     self.host.count("udp_queue_full")
                     continue
-                sock = self.replies[remote] = self.tproxy.transparent_udp((remote.hostname, remote.port))
-                self.tproxy.start(self.tproxy.udp_reader, sock)
+                try:
+                    fresh = self.tproxy.transparent_udp((remote.hostname, remote.port))
+                except OSError:  # a local server owns remote (e.g. the Mac's resolver): reply with a raw datagram
+                    self.replies[remote] = None
+                else:
+                    self.replies[remote] = fresh
+                    self.tproxy.start(self.tproxy.udp_reader, fresh)
+            sock = self.replies[remote]
             try:
-                await sock.sendto(data, self.client)
+                if sock is None:
+                    await self.tproxy.raw_reply(data, (remote.hostname, remote.port), self.client)
+                else:
+                    await sock.sendto(data, self.client)
             except OSError as exc:
                 log.debug("udp reply to %s: %s", self.client, exc)
 
     async def aclose(self) -> None:
         self.close()
         for sock in self.replies.values():
-            sock.close()
+            if sock is not None:
+                sock.close()
         self.replies.clear()
         if self.tproxy.udp_flows.get(self.client) is self:
             del self.tproxy.udp_flows[self.client]
@@ -174,6 +194,10 @@ class TproxyHost(ProxyHost):
         port: the listeners' port (0: any free one).
         mark_own: mark the host's own sockets (`OWN_MARK`) so the rules skip them. False is a fault switch for
             tests: the provider's outbound connections are then captured, and the loop guard must refuse them.
+        kernel_names: overrides of `ProxyKernelState`'s owned names (table, marks, route table, priority), so
+            two hosts (a transparent proxy and a DNS proxy) can run in one namespace.
+        dns_intercept: for a `DNSProxyProvider`: the resolver endpoints whose flows the host intercepts.
+        system_dns: for a `DNSProxyProvider`: the servers put in its ``system_dns_settings``.
     """
 
     def __init__(
@@ -185,8 +209,16 @@ class TproxyHost(ProxyHost):
         port: int = 0,
         mark_own: bool = True,
         max_flows: int = 256,
+        kernel_names: dict[str, Any] | None = None,
+        dns_intercept: Sequence[tuple[str, int]] = RESOLVER_LISTEN,
+        system_dns: Sequence[str] = (),
     ) -> None:
         super().__init__(provider, app_rules=app_rules, max_flows=max_flows)
+        self.kernel_names = dict(kernel_names or {})
+        self.own_mark: int = self.kernel_names.get("own_mark", OWN_MARK)
+        self.dns_intercept = tuple(dns_intercept)
+        if isinstance(provider, DNSProxyProvider):
+            provider.system_dns_settings = [DNSSettings(servers=list(system_dns))] if system_dns else []
         self.options = options
         self.port = port
         self.mark_own = mark_own
@@ -196,11 +228,12 @@ class TproxyHost(ProxyHost):
         self.udp_flows: dict[tuple[str, int], _CapturedUdp] = {}
         self.owner = ProcNetOwnerLookup()
         self.ruleset = ""
+        self._raw: trio.socket.SocketType | None = None
 
     # ---------------------------------------------------------------- sockets
     def _mark(self, sock: trio.socket.SocketType) -> None:
         if self.mark_own:
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, OWN_MARK)
+            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.own_mark)
 
     def transparent_udp(self, bind: tuple[str, int]) -> trio.socket.SocketType:
         """A marked transparent UDP socket bound to ``bind`` (any address, local or not)."""
@@ -208,7 +241,7 @@ class TproxyHost(ProxyHost):
         raw = socket.socket(family, socket.SOCK_DGRAM)
         try:
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            raw.setsockopt(socket.SOL_SOCKET, SO_MARK, OWN_MARK)  # replies and listeners: always marked
+            raw.setsockopt(socket.SOL_SOCKET, SO_MARK, self.own_mark)  # replies and listeners: always marked
             _transparent(raw, family)
             if family == socket.AF_INET6:
                 raw.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -217,6 +250,22 @@ class TproxyHost(ProxyHost):
             raw.close()
             raise
         return trio.socket.from_stdlib_socket(raw)
+
+    async def raw_reply(self, data: bytes, source: tuple[str, int], client: tuple[str, int]) -> None:
+        """Send one UDP datagram from ``source`` (an address:port a local socket owns) to ``client``, as a raw
+        IPv4 packet (``IPPROTO_RAW``: the kernel fills the IP checksum and length; UDP checksum 0 is "none" in IPv4,
+        RFC 768). IPv6 would need the UDP checksum and ``IPV6_HDRINCL``; it is not done (counted, dropped)."""
+        if ":" in source[0] or ":" in client[0] or len(data) > _MAX_DATAGRAM - 28:
+            self.count("udp_queue_full")
+            return
+        if self._raw is None:
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            raw.setsockopt(socket.SOL_SOCKET, SO_MARK, self.own_mark)
+            self._raw = trio.socket.from_stdlib_socket(raw)
+        src, dst = socket.inet_aton(source[0]), socket.inet_aton(client[0])
+        udp = struct.pack("!HHHH", source[1], client[1], 8 + len(data), 0)
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(data), 0, 0, 64, socket.IPPROTO_UDP, 0, src, dst)
+        await self._raw.sendto(ip + udp + data, (client[0], 0))
 
     def start(self, fn: Any, *args: Any) -> None:
         """Start a task in the host's nursery."""
@@ -261,6 +310,14 @@ class TproxyHost(ProxyHost):
         exc = [r.fields for r in (settings.excluded_network_rules or [])] if settings else []
         self.ruleset = await trio.to_thread.run_sync(kernel.apply, inc, exc)
         await super().apply_settings(settings)
+
+    def _dns_settings(self) -> TransparentProxyNetworkSettings:
+        """Claim rules for a DNS proxy: every flow to the intercepted resolver endpoints (UDP and TCP)."""
+        rules = [
+            NetworkRule.destination_network(HostEndpoint(addr, port), 128 if ":" in addr else 32)
+            for addr, port in self.dns_intercept
+        ]
+        return TransparentProxyNetworkSettings(included_network_rules=rules)  # not validated: port 53 is the point
 
     # ---------------------------------------------------------------- flows
     def _loop(self, client: tuple[str, int], dst: tuple[str, int]) -> bool:
@@ -338,7 +395,7 @@ class TproxyHost(ProxyHost):
         for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
             tcp = trio.socket.socket(family, socket.SOCK_STREAM)
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, OWN_MARK)  # SYN-ACKs and accepted sockets inherit it
+            tcp.setsockopt(socket.SOL_SOCKET, SO_MARK, self.own_mark)  # SYN-ACKs and accepted sockets inherit it
             _transparent(tcp, family)
             if family == socket.AF_INET6:
                 tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -353,13 +410,15 @@ class TproxyHost(ProxyHost):
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, start the provider, report the port to ``task_status``; serve until cancelled, then clean up."""
         listeners = await self._listeners()
-        self.kernel = ProxyKernelState(self.port)
+        self.kernel = ProxyKernelState(self.port, **self.kernel_names)
         try:
             await trio.to_thread.run_sync(self.kernel.install_routes)
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 for sock, is_tcp in listeners:
                     nursery.start_soon(self._accept if is_tcp else self.udp_reader, sock)
+                if isinstance(self.provider, DNSProxyProvider):
+                    await self.apply_settings(self._dns_settings())  # the system's choice, not the provider's
                 await self.provider.start_proxy(self.options)
                 if self.settings is None:
                     await self.apply_settings(None)
@@ -373,6 +432,8 @@ class TproxyHost(ProxyHost):
                     problems = await trio.to_thread.run_sync(self.kernel.remove)
                     for sock, _ in listeners:
                         sock.close()
+                    if self._raw is not None:
+                        self._raw.close()
                     if problems:
                         log.error("proxy cleanup incomplete: %s", "; ".join(problems))
 
@@ -390,12 +451,15 @@ def load_proxy_provider(spec: str) -> type[AppProxyProvider]:
 
 async def _serve(args: argparse.Namespace) -> None:
     apps = [AppRule(label, uid=int(uid)) for uid, _, label in (a.partition("=") for a in args.app)]
+    names = DNS_PROXY_NAMES if args.dns else {}
     host = TproxyHost(
         load_proxy_provider(args.provider)(),
         options=json.loads(args.options) if args.options else None,
         app_rules=apps,
         port=args.port,
         mark_own=not args.no_mark_own,
+        kernel_names=names,
+        system_dns=args.system_dns,
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -418,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--print-stats", action="store_true", help="print 'STATS {json}' (counters, ruleset) at exit")
     parser.add_argument("--no-mark-own", action="store_true", help="fault switch: leave the host's sockets unmarked")
+    parser.add_argument("--dns", action="store_true", help="use the DNS proxy's own kernel names (DNS_PROXY_NAMES)")
+    parser.add_argument("--system-dns", action="append", default=[], metavar="ADDR", help="a system DNS server")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     trio.run(_serve, args)
