@@ -91,10 +91,18 @@ def main() -> None:
 
 
 @main.command("demo")
+@click.argument("what", required=False, type=click.Choice(["proxy", "dns"]))
 @click.option("--pcap", "pcap_dir", type=click.Path(file_okay=False), help="write one pcap per link here")
 @click.option("--memory", is_flag=True, help="run the in-memory backend even when root")
-def demo_command(pcap_dir: str | None, memory: bool) -> None:
-    """Bring up the lab and the tunnel, run probes, print each probe's path, latency and result."""
+def demo_command(what: str | None, pcap_dir: str | None, memory: bool) -> None:
+    """Bring up the lab and the tunnel, run probes, print each probe's path, latency and result.
+
+    ``netsim demo proxy`` runs the transparent proxy demo instead, ``netsim demo dns`` the DNS proxy's (docs/proxy.md).
+    """
+    if what is not None:  # ---- proxy providers ----
+        from netsim.demo import run_proxy_demo
+
+        raise SystemExit(run_proxy_demo(what, pcap_dir=pcap_dir, force_memory=memory))
     from netsim.demo import run_demo
 
     raise SystemExit(run_demo(pcap_dir=pcap_dir, force_memory=memory))

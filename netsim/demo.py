@@ -223,3 +223,110 @@ async def _memory_demo(console: Console) -> int:
     console.print(_ledger_table("Provider ledger", provider.get("ledger", {})))
     console.print(_ledger_table("Helper ledger", helper.get("ledger", {})))
     return _verdict(console, rows, "in memory (run as root for the real lab)")
+
+
+# ---- proxy providers (`netsim demo proxy`, `netsim demo dns`; docs/proxy.md) ----
+_PROXY_OPTIONS = {
+    "include": ["0.0.0.0/0:80/tcp", "0.0.0.0/0:7/udp"],
+    "exclude": ["192.168.1.20/32:80/tcp"],
+    "decline": ["203.0.113.20/32"],
+}
+
+
+def run_proxy_demo(what: str, *, pcap_dir: str | None = None, force_memory: bool = False) -> int:
+    """``netsim demo proxy`` (the transparent proxy) or ``netsim demo dns`` (the DNS proxy); exit code."""
+    console = make_console()
+    why = "--memory was given" if force_memory else real_backend_missing()
+    if why is None:
+        return trio.run(_proxy_lab_demo, console, what, pcap_dir)
+    console.print(f"[yellow]Using the in-memory backend:[/] {why}.")
+    return trio.run(_proxy_memory_demo, console)
+
+
+def _flow_rows(entries: list[dict[str, Any]]) -> Table:
+    table = Table(title="What the provider logged (one line per flow, query or answer)", title_justify="left")
+    table.add_column("event")
+    table.add_column("what")
+    for e in entries:
+        what = e.get("text") or " ".join(f"{k}={v}" for k, v in sorted(e.items()) if k != "event")
+        table.add_row(str(e.get("event")), str(what))
+    return table
+
+
+async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> int:
+    from netsim.apple import AppRule
+    from netsim.lab import Lab
+    from netsim.lab.scenarios import add_bypass_hosts
+    from netsim.lab.tproxy import transparent_proxy
+    from netsim.lab.tunnel import udp_echo_argv
+
+    curl = ("curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}")
+    dig = ("dig", "+short", "+tries=1", "+time=3", "@127.0.0.53")
+    if what == "dns":
+        spec, options = "netsim.examples.dns_proxy:LoggingDNSProxy", {"block": ["isp.lab.test"]}
+        probes = [
+            ("dig www.lab.test A (udp)", (*dig, "www.lab.test", "A")),
+            ("dig +tcp www.lab.test AAAA", (*dig, "+tcp", "www.lab.test", "AAAA")),
+            ("dig isp.lab.test (blocked: NXDOMAIN, no answer)", (*dig, "isp.lab.test", "A")),
+        ]
+    else:
+        spec, options = "netsim.examples.transparent_proxy:LoggingTransparentProxy", _PROXY_OPTIONS
+        probes = [
+            ("proxied: curl www.lab.test", (*curl, "http://203.0.113.10/")),
+            ("proxied: udp echo www.lab.test", udp_echo_argv("203.0.113.10")),
+            ("declined by the provider (direct): curl 203.0.113.20", (*curl, "http://203.0.113.20/")),
+            ("excluded by a rule (never intercepted): curl LAN printer", (*curl, "http://192.168.1.20/")),
+        ]
+    rows: list[DemoRow] = []
+    async with AsyncExitStack() as stack:
+        with console.status("bringing up the lab"):
+            lab = await stack.enter_async_context(Lab(pcap_dir=pcap_dir))
+            await trio.to_thread.run_sync(add_bypass_hosts, lab)
+        with console.status(f"starting {spec} in mac (nftables TPROXY)"):
+            proxy = await stack.enter_async_context(
+                transparent_proxy(lab, spec, options=options, dns=what == "dns", app_rules=[AppRule("root", uid=0)])
+            )
+        console.print(f"lab [bold]{lab.run_id}[/] up; {spec} running in mac\n")
+        for label, argv in probes:
+            start = trio.current_time()
+            r = await lab.run("mac", list(argv), check=False, timeout=30)
+            out = r.stdout.decode(errors="replace").strip()
+            ok = r.returncode == 0 and (out == "" if "blocked" in label else bool(out))
+            path = label.split(":")[0] if ":" in label and what != "dns" else "dns proxy"
+            rows.append(DemoRow(label, path, trio.current_time() - start, ok, _detail(out)))
+        await trio.sleep(2.5)  # idle UDP flows close after 2 s and are logged
+        stats = (await proxy.stop())["statistics"]
+        entries = proxy.flow_log()
+    console.print(_flow_rows(entries))
+    console.print(_rows_table("Probes from the simulated Mac", rows))
+    console.print("host counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
+    print_captures(console, lab.capture_history)
+    return _verdict(console, rows, "the proxy's nftables table and routes are gone with the lab")
+
+
+async def _proxy_memory_demo(console: Console) -> int:
+    from netsim.apple.proxy import HostEndpoint
+    from netsim.examples.transparent_proxy import LoggingTransparentProxy
+    from netsim.runtime.proxy_memory import MemoryProxyHost, echo_tcp_server
+
+    class Demo(LoggingTransparentProxy):
+        async def start_proxy(self, options: dict[str, Any] | None) -> None:
+            await super().start_proxy(_PROXY_OPTIONS)
+
+    www, direct, lan = (HostEndpoint(h, 80) for h in ("203.0.113.10", "203.0.113.20", "192.168.1.20"))
+    rows: list[DemoRow] = []
+    async with MemoryProxyHost(Demo(), tcp_servers=dict.fromkeys((www, direct, lan), echo_tcp_server)) as host:
+        for label, endpoint in (("proxied", www), ("declined (direct)", direct), ("excluded by a rule", lan)):
+            stream = await host.connect_tcp(endpoint)
+            await stream.send_all(b"netsim")
+            await stream.send_eof()
+            got = b""
+            while chunk := await stream.receive_some(100):
+                got += chunk
+            sender = host.contacts[-1].sender
+            rows.append(DemoRow(f"{label}: tcp {endpoint}", f"server saw the {sender}", 0.0, got == b"netsim", ""))
+        rows_t = _rows_table("Flows in memory", rows)
+        entries = list(host.provider.log)  # type: ignore[attr-defined]
+    console.print(_flow_rows(entries))
+    console.print(rows_t)
+    return _verdict(console, rows, "in memory (run as root for the lab)")

@@ -57,7 +57,7 @@ def test_enum_values_match_the_table() -> None:
         assert isinstance(member, enum.Enum), name
         assert member.value == int(raw), (apple, name)
         checked += 1
-    assert checked == 18 + 6 + 3 + 3 + 3 + 3 + 4 + 5 + 3  # ... + NWPathStatus + NWInterfaceType + filter verdicts
+    assert checked == 18 + 6 + 3 + 3 + 3 + 3 + 4 + 5 + 3 + 3 + 10  # ... + filter verdicts + rule protocol + flow errors
 
 
 def test_every_enum_member_is_in_the_table() -> None:
@@ -68,6 +68,11 @@ def test_every_enum_member_is_in_the_table() -> None:
                 apple.RoutingMethod, apple.DNSProtocol):  # fmt: skip
         for member in cls:
             assert f"netsim.apple.{cls.__name__}.{member.name}" in listed
+    from netsim.apple import proxy
+
+    for pcls in (proxy.NetworkRuleProtocol, proxy.AppProxyFlowError):
+        for pmember in pcls:
+            assert f"netsim.apple.proxy.{pcls.__name__}.{pmember.name}" in listed
 
 
 def test_every_filter_packet_verdict_is_in_the_table() -> None:
