@@ -82,7 +82,8 @@ def test_netsim_native_1_without_the_extension_is_an_error() -> None:
 
 def test_ci_runs_with_the_accelerator_required() -> None:
     """Under CI the main test run sets NETSIM_NATIVE=1 (Makefile), so a broken build cannot pass as pure Python."""
-    if os.environ.get("CI") == "true" and os.environ.get(netsim.accel.ENV) != "0":
+    main_ci_run = os.environ.get("CI") == "true" and os.environ.get("NETSIM_REQUIRE_PRIVILEGED") == "1"
+    if main_ci_run and os.environ.get(netsim.accel.ENV) != "0":  # not the lowest/pythons tiers, not nonative
         assert netsim.accel.ACTIVE == "native" and netsim.accel.MODE == "1"
     else:  # outside the CI main run: the mode is what the environment asked for
         assert netsim.accel.MODE == (os.environ.get(netsim.accel.ENV) or "auto")
