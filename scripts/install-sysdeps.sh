@@ -6,7 +6,7 @@ set -euo pipefail
 declare -A pkg_for=(
   [wireguard-go]=wireguard-go [wg]=wireguard-tools [nft]=nftables [iperf3]=iperf3 [tcpdump]=tcpdump
   [conntrack]=conntrack [ip]=iproute2 [ping]=iputils-ping [curl]=curl [dig]=dnsutils [pgrep]=procps
-  [cc]=gcc [make]=make [iptables]=iptables [ip6tables]=iptables
+  [cc]=gcc [make]=make [iptables]=iptables [ip6tables]=iptables [strace]=strace [openssl]=openssl
 )
 missing=()
 for bin in "${!pkg_for[@]}"; do

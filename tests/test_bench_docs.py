@@ -87,6 +87,16 @@ def test_a_figure_the_run_did_not_measure_says_so_and_an_unknown_key_is_an_error
             runner.render_docs(f"<!-- bench:{bad} --><!-- /bench -->", doc)
 
 
+def test_the_cpu_of_a_tcp_case_is_seconds_per_gbit() -> None:
+    doc = _data()
+    tcp = next(r for r in doc["results"] if r["name"] == "e2e/netsim/tcp")
+    page = "<!-- bench:case:e2e/netsim/tcp:cpu.helper --><!-- /bench -->"
+    expected = f"{tcp['cpu_s_per_gbit']['helper']:.2f}"
+    assert runner.render_docs(page, doc) == f"<!-- bench:case:e2e/netsim/tcp:cpu.helper -->{expected}<!-- /bench -->"
+    missing = page.replace("cpu.helper", "cpu.nosuch")
+    assert runner.NOT_MEASURED in runner.render_docs(missing, doc)
+
+
 def test_write_docs_from_json_publishes_json_page_and_keeps_the_prose(tmp_path: Path) -> None:
     (tmp_path / "benchmarks.md").write_text(
         "Intro.\n\n<!-- bench:section:run --><!-- /bench -->\n\n"

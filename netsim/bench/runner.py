@@ -1101,7 +1101,10 @@ def _figure(doc: dict[str, Any], key: str) -> str:
             return f"{rec['gbps']['median']:.3f}" if isinstance(rec["gbps"], dict) else f"{rec['gbps']:.3f}"
         if field == "ns":
             return f"{rec['ns_median']:,.0f}"
-        if field.startswith("cpu."):
+        if field.startswith("cpu."):  # UDP: µs per packet; TCP: CPU seconds per Gbit
+            if "cpu_s_per_gbit" in rec:
+                v = rec["cpu_s_per_gbit"].get(field[4:])
+                return NOT_MEASURED if v is None or v != v else f"{v:.2f}"
             v = rec.get("cpu_s_per_packet", {}).get(field[4:])
             return NOT_MEASURED if v is None or v != v else f"{v * 1e6:.1f}"
         raise KeyError(f"unknown field {field!r} in {key!r}")
@@ -1121,7 +1124,8 @@ def render_docs(page: str, doc: dict[str, Any]) -> str:
     that docs/benchmarks.md is what this gives from docs/benchmarks.json). Ratios are recomputed with today's
     definitions (`compute_ratios`), as ``--from-json`` does. Keys: ``section:<run|results|levers|targets|ratios|
     profiles|skipped>``, ``ratio:<label>`` (``0.76x``), ``target:<name>``,
-    ``case:<case name>:<pps|gbps|ns|cpu.<process>>``, ``machine:<field>``, ``run:<kind|wall_seconds>``.
+    ``case:<case name>:<pps|gbps|ns|cpu.<process>>`` (``cpu``: µs per packet, TCP: CPU s per Gbit),
+    ``machine:<field>``, ``run:<kind|wall_seconds>``.
 
     Raises:
         KeyError: a marker names something the renderer does not know (a typo in the page).
