@@ -110,6 +110,32 @@ def test_a_lever_record_is_recognised_by_its_lever_env_after_the_entry_is_gone()
     assert runner.lever_paths([_udp("netsim-other", 64, 1, 1e-6, 1e-6)]) == []  # not a lever: no env, no entry
 
 
+def test_an_opt_in_lever_path_is_the_on_side_of_its_ratios_and_rows() -> None:
+    """`OPT_IN_LEVERS` (TUN offloads, off by default) turn a lever on: the lever path is "on", netsim "off"."""
+    assert "netsim-tungro" in bench_e2e.OPT_IN_LEVERS
+    assert bench_e2e.LEVER_PATHS["netsim-tungro"][1] == {"NETSIM_TUN_OFFLOAD": "gro"}
+    results = [
+        _udp("netsim", 64, 20000, 10e-6, 20e-6),
+        _udp("netsim-tungro", 64, 25000, 8e-6, 16e-6),  # lever on: faster, cheaper
+        _tcp("netsim", 0.5, 1.0, 2.0),
+        _tcp("netsim-tungro", 0.4, 1.5, 3.0),  # on, in TCP: slower, dearer
+    ]
+    ratios = runner.compute_ratios(results)
+    assert ratios["lever netsim-tungro: netsim-tungro / netsim (udp64 pkt/s)"]["value"] == pytest.approx(1.25)
+    assert ratios["lever netsim-tungro: netsim CPU / netsim-tungro CPU per packet (udp64)"]["value"] == (
+        pytest.approx(1.25)
+    )
+    assert ratios["lever netsim-tungro: netsim-tungro / netsim (tcp Gbit/s)"]["value"] == pytest.approx(0.8)
+    assert "lever netsim-tungro: netsim / netsim-tungro (udp64 pkt/s)" not in ratios
+    md = runner.render_markdown(_doc(results))
+    assert "| netsim-tungro | `NETSIM_TUN_OFFLOAD=gro` | udp64 | 25,000 | 20,000 | 1.25 | 24.0 | 30.0 | 1.25 |" in md
+    assert "| netsim-tungro | `NETSIM_TUN_OFFLOAD=gro` | tcp | 0.400 | 0.500 | 0.80 | 4.50 | 3.00 | 0.67 |" in md
+    # an earlier run's record keeps its direction after the entry is gone
+    old = [_udp("netsim", 64, 20000, 10e-6, 20e-6), _udp("netsim-withx", 64, 40000, 5e-6, 10e-6)]
+    old[1].update(lever_env={"NETSIM_X": "1"}, lever_on=True)
+    assert runner.compute_ratios(old)["lever netsim-withx: netsim-withx / netsim (udp64 pkt/s)"]["value"] == 2.0
+
+
 def _loop_pair(size: int, netsim_pps: float, floor_pps: float, netsim_cpu: float, floor_cpu: float) -> list[Any]:
     return [
         _udp("netsim-loop", size, netsim_pps, netsim_cpu / 2, netsim_cpu / 2),

@@ -58,6 +58,7 @@ import trio
 
 __all__ = [
     "LEVER_PATHS",
+    "OPT_IN_LEVERS",
     "PATHS",
     "SIZES",
     "base_paths",
@@ -175,6 +176,11 @@ LEVER_PATHS: dict[str, tuple[int, dict[str, str]]] = {
     "netsim-nogro": (10, {"NETSIM_UDP_GRO": "0"}),
 }
 LEVER_PATHS["netsim-nonative"] = (12, {"NETSIM_NATIVE": "0"})  # the native accelerator off (docs/native.md)
+# TUN offloads are off by default (docs/helper.md, "TUN offloads"): this lever path turns GRO on writes *on*
+LEVER_PATHS["netsim-tungro"] = (13, {"NETSIM_TUN_OFFLOAD": "gro"})
+#: Lever paths that turn an opt-in optimisation on (every other lever path turns a default one off): for these
+#: the lever path is the "on" side of the on/off ratios and ``netsim`` the "off" side.
+OPT_IN_LEVERS = frozenset({"netsim-tungro"})
 PATHS = ("direct", "wireguard-go", "netsim", *LEVER_PATHS, *LOOP_PATHS)
 LOOP_TUNS = {
     "c-floor": ("utun7", "10.77.0"),
@@ -524,8 +530,10 @@ class E2E:
                 except Exception as exc:  # a path that cannot come up is reported; the others still run
                     self._fail(path, names, exc)
                     continue
-                if path in LEVER_PATHS:  # what was turned off, in every record of the path
+                if path in LEVER_PATHS:  # what was turned off (or, opt-in, on), in every record of the path
                     setups[path].info.setdefault("lever_env", dict(LEVER_PATHS[path][1]))
+                    if path in OPT_IN_LEVERS:
+                        setups[path].info.setdefault("lever_on", True)
                 print(f"  {path:<13} up", flush=True)
             for size in sizes:
                 chosen = {p: st for p, st in setups.items() if selected(f"e2e/{p}/udp{size}")}

@@ -56,6 +56,7 @@ __all__ = [
     "compute_ratios",
     "evaluate_targets",
     "lever_paths",
+    "lever_sides",
     "load_report",
     "publish_docs",
     "render_comparison",
@@ -282,6 +283,20 @@ def lever_paths(results: list[dict[str, Any]]) -> list[str]:
     return [p for p in LEVER_PATHS if p in seen] + sorted(seen - set(LEVER_PATHS))
 
 
+def lever_sides(
+    lever: str, e2e: dict[str, dict[str, Any]], kind: str
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(on, off) records of lever path ``lever`` for case ``kind``: ``netsim`` is the "on" side, the lever path
+    the "off" side, except for an opt-in lever (`bench_e2e.OPT_IN_LEVERS`, or a record marked ``lever_on``),
+    whose path turns the optimisation on."""
+    from netsim.bench.bench_e2e import OPT_IN_LEVERS
+
+    lever_rec, base = e2e.get(f"e2e/{lever}/{kind}"), e2e.get(f"e2e/netsim/{kind}")
+    if lever in OPT_IN_LEVERS or bool(lever_rec and lever_rec.get("lever_on")):
+        return lever_rec, base
+    return base, lever_rec
+
+
 def _cpu_sum(rec: dict[str, Any], procs: tuple[str, ...]) -> float:
     per = rec["cpu_s_per_packet"] if rec["proto"] == "udp" else rec["cpu_s_per_gbit"]
     return float(sum(v for k, v in per.items() if k in procs and v == v))  # v == v drops NaN
@@ -319,15 +334,16 @@ def compute_ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     add("netsim / wireguard-go (tcp Gbit/s)", "e2e/netsim/tcp", "e2e/wireguard-go/tcp")
     for lever in lever_paths(results):
         for kind in ("udp64", "udp512", "udp1400", "tcp"):
-            on, off = e2e.get(f"e2e/netsim/{kind}"), e2e.get(f"e2e/{lever}/{kind}")
+            on, off = lever_sides(lever, e2e, kind)
             if on is None or off is None:
                 continue
             unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"
-            add(f"lever {lever}: netsim / {lever} ({unit})", on["name"], off["name"])
+            add(f"lever {lever}: {on['path']} / {off['path']} ({unit})", on["name"], off["name"])
             cpu_on, cpu_off = _cpu_sum(on, _LEVER_PROCS), _cpu_sum(off, _LEVER_PROCS)
             per = "per Gbit (tcp)" if kind == "tcp" else f"per packet ({kind})"
             if cpu_on:
-                put(f"lever {lever}: {lever} CPU / netsim CPU {per}", cpu_off / cpu_on, off["name"], on["name"])
+                label = f"lever {lever}: {off['path']} CPU / {on['path']} CPU {per}"
+                put(label, cpu_off / cpu_on, off["name"], on["name"])
     for name in sorted(e2e):  # the user's provider against the built-in one, same run (docs/benchmarks.md)
         path, _, kind = name[len("e2e/") :].rpartition("/")
         unit = "tcp Gbit/s" if kind == "tcp" else f"{kind} pkt/s"
@@ -859,38 +875,40 @@ def _fault_tables(doc: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
 
 
 def _lever_rows(doc: dict[str, Any]) -> list[list[str]]:
-    """One row per lever and case: netsim (on) against the lever path (off), throughput and CPU."""
+    """One row per lever and case: the lever on against off (`lever_sides`), throughput and CPU."""
     from netsim.bench.bench_e2e import LEVER_PATHS
 
     e2e = {r["name"]: r for r in doc["results"] if r.get("group") == "e2e"}
     rows = []
     for lever in lever_paths(doc["results"]):
         for kind in ("udp64", "udp512", "udp1400", "tcp"):
-            on, off = e2e.get(f"e2e/netsim/{kind}"), e2e.get(f"e2e/{lever}/{kind}")
-            if off is None:
+            rec = e2e.get(f"e2e/{lever}/{kind}")
+            if rec is None:
                 continue
-            env_vars = off.get("lever_env") or LEVER_PATHS.get(lever, (0, {}))[1]
+            on, off = lever_sides(lever, e2e, kind)
+            env_vars = rec.get("lever_env") or LEVER_PATHS.get(lever, (0, {}))[1]
             env = " ".join(f"`{k}={v}`" for k, v in env_vars.items()) or "-"
             tcp = kind == "tcp"
             fmt = (lambda v: f"{v:.3f}") if tcp else _fmt_pps
             cpu_scale, cpu_fmt = (1.0, "{:.2f}") if tcp else (1e6, "{:.1f}")
-            row = [lever, env, kind, fmt(_e2e_record_value(on)) if on else "-", fmt(_e2e_record_value(off))]
+            row = [lever, env, kind, *(fmt(_e2e_record_value(r)) if r else "-" for r in (on, off))]
             row.append(
-                f"{_e2e_record_value(on) / _e2e_record_value(off):.2f}" if on and _e2e_record_value(off) else "-"
+                f"{_e2e_record_value(on) / _e2e_record_value(off):.2f}"
+                if on and off and _e2e_record_value(off)
+                else "-"
             )
-            cpu_off = _cpu_sum(off, _LEVER_PROCS)
-            cpu_on = _cpu_sum(on, _LEVER_PROCS) if on else 0.0
-            row += [cpu_fmt.format(cpu_on * cpu_scale) if on else "-", cpu_fmt.format(cpu_off * cpu_scale)]
-            row.append(f"{cpu_off / cpu_on:.2f}" if cpu_on else "-")
+            cpu_on, cpu_off = (_cpu_sum(r, _LEVER_PROCS) if r else 0.0 for r in (on, off))
+            row += [cpu_fmt.format(c * cpu_scale) if r else "-" for c, r in ((cpu_on, on), (cpu_off, off))]
+            row.append(f"{cpu_off / cpu_on:.2f}" if cpu_on and off else "-")
             rows.append(row)
     return rows
 
 
 _LEVER_HEAD = [
     "lever path",
-    "turned off by",
+    "its environment",
     "case",
-    "on: netsim (pkt/s or Gbit/s)",
+    "on (pkt/s or Gbit/s)",
     "off",
     "on / off",
     "CPU on (provider + helper; µs/pkt, TCP s/Gbit)",
@@ -951,7 +969,8 @@ def _md_levers(doc: dict[str, Any]) -> list[str]:
     rows = _lever_rows(doc)
     if not rows:
         return ["No lever path ran in this run.", ""]
-    return ["**levers (each turned off in one path, same run)**", "", *_md_table(_LEVER_HEAD, rows), ""]
+    title = "**levers (each turned off, or an opt-in one on, in one path; same run)**"
+    return [title, "", *_md_table(_LEVER_HEAD, rows), ""]
 
 
 def _md_targets(doc: dict[str, Any]) -> list[str]:
@@ -1147,7 +1166,7 @@ def render_text(doc: dict[str, Any]) -> str:
     tables = [*zip(_TITLES, _HEADS, _rows(doc), strict=True), *_fault_tables(doc)]
     levers = _lever_rows(doc)
     if levers:
-        tables.append(("levers (each turned off in one path, same run)", _LEVER_HEAD, levers))
+        tables.append(("levers (each turned off, or an opt-in one on, in one path; same run)", _LEVER_HEAD, levers))
     for title, head, rows in tables:
         if not rows:
             continue
