@@ -10,14 +10,17 @@ traffic), and how a TCP flow is decided **at its SYN**, before anything answers 
    A TCP connection already decided keeps its decision, read from its conntrack mark: declined (``ct mark D``)
    returns untouched, claimed (``ct mark I``) gets the intercept mark ``I``. Then a packet matching an
    **excluded** rule returns; one matching an **included** rule is marked: a TCP SYN (``syn`` without ``ack``)
-   with the query mark ``Q``, a UDP datagram with ``I`` (UDP is not queued: see docs/proxy.md).
+   gets the *conntrack* mark ``Q`` (its packet mark, the app's ``SO_MARK``, is left alone), a UDP datagram the
+   packet mark ``I`` (UDP is not queued: see docs/proxy.md).
 2. iptables-nft (this kernel has the xtables ``NFQUEUE`` target, not nft's ``queue``): the chain
-   ``<table>_syn`` in the ``mangle`` table of both families, jumped to from ``OUTPUT -m mark --mark Q``, queues
-   the SYN to queue ``N`` (``--queue-bypass``: no reader accepts). The host reads it, asks the provider, and
-   gives the verdict accept with mark ``D`` (declined: the SYN leaves en0 as the app sent it) or ``I``
-   (claimed or refused: the kernel re-routes the re-marked packet, ``nf_reroute``, to step 3).
-3. ``postrouting``: a TCP packet leaving with ``I`` stores ``ct mark I``; with ``D`` or ``Q`` (a SYN that
-   bypassed the queue: fail open) ``ct mark D``. The rest of the connection follows step 1's first rules.
+   ``<table>_syn`` in the ``mangle`` table of both families, jumped to from ``OUTPUT -m connmark --mark Q``,
+   queues the SYN to queue ``N`` (``--queue-bypass``: no reader accepts). The host reads it, asks the provider,
+   and gives the verdict accept: unchanged (declined: the SYN leaves en0 as the app sent it, routed as the rest
+   of its connection will be) or with the packet mark ``I`` (claimed or refused: the kernel re-routes the
+   re-marked packet, ``nf_reroute``, to step 4).
+3. ``postrouting``: a TCP packet whose conntrack mark is ``Q`` stores ``ct mark I`` if it leaves with ``I``,
+   else ``ct mark D`` (declined, or a SYN that bypassed the queue: fail open). The rest of the connection follows
+   step 1's first rules.
 4. The mark ``I`` changes the route: ``ip rule fwmark I lookup T`` (priority `RULE_PRIORITY`) with ``local
    default dev lo`` in table ``T`` turns the packet back into the host, through ``lo``.
 5. ``prerouting`` (priority mangle): a packet with mark ``I`` arriving on ``lo`` is assigned by ``tproxy`` to the
@@ -62,8 +65,8 @@ INTERCEPT_MARK = 0x7470  # "tp"
 OWN_MARK = 0x7471
 ROUTE_TABLE = 0x7470
 RULE_PRIORITY = 6000  # before the packet tunnel's rules (netsim.runtime.netconfig.RULE_PRIORITY, 6100)
-QUERY_MARK = INTERCEPT_MARK | 0x10000  # a TCP SYN the provider must decide (queued)
-DECLINE_MARK = INTERCEPT_MARK | 0x20000  # a declined TCP connection (also its conntrack mark)
+QUERY_MARK = INTERCEPT_MARK | 0x10000  # conntrack mark: a TCP connection whose SYN the provider must decide
+DECLINE_MARK = INTERCEPT_MARK | 0x20000  # conntrack mark: a declined TCP connection
 QUEUE_NUM = INTERCEPT_MARK  # the NFQUEUE queue the SYNs go to
 _SYN = "tcp flags & (syn | ack) == syn"
 
@@ -137,14 +140,14 @@ def tproxy_ruleset(
         tcp, udp = rule_matches_nft(rule, PROTOCOL_TCP), rule_matches_nft(rule, PROTOCOL_UDP)
         if not tcp and not udp:
             out.append(f"    # included_network_rules[{i}]: a hostname rule; the kernel sees only addresses")
-        out += [f"    {e} {_SYN} meta mark set {query:#x}" for e in tcp]
+        out += [f"    {e} {_SYN} ct mark set {query:#x}" for e in tcp]
         out += [f"    {e} meta mark set {intercept_mark:#x}" for e in udp]
     out += [
         "  }",
         "  chain postrouting {",
         "    type filter hook postrouting priority mangle; policy accept;",
-        f"    meta l4proto tcp meta mark {intercept_mark:#x} ct mark set {intercept_mark:#x}",
-        f"    meta l4proto tcp meta mark {{ {query:#x}, {decline:#x} }} ct mark set {decline:#x}",
+        f"    meta l4proto tcp ct mark {query:#x} meta mark {intercept_mark:#x} ct mark set {intercept_mark:#x}",
+        f"    meta l4proto tcp ct mark {query:#x} ct mark set {decline:#x}",
         "  }",
         "  chain prerouting {",
         "    type filter hook prerouting priority mangle; policy accept;",
@@ -161,8 +164,9 @@ def tproxy_ruleset(
 def queue_rules(chain: str, query_mark: int, queue_num: int) -> tuple[str, str]:
     """The ``iptables-restore --noflush`` scripts (the same for ``iptables`` and ``ip6tables``) that install and
     remove the SYN queue: ``chain`` in ``mangle`` queueing to ``queue_num`` (``--queue-bypass``: with no reader
-    bound, the kernel accepts: fail open), jumped to from ``OUTPUT`` for packets with ``query_mark``."""
-    jump = f"OUTPUT -m mark --mark {query_mark:#x} -j {chain}"
+    bound, the kernel accepts: fail open), jumped to from ``OUTPUT`` for packets whose conntrack mark is
+    ``query_mark``."""
+    jump = f"OUTPUT -m connmark --mark {query_mark:#x} -j {chain}"
     install = (
         f"*mangle\n:{chain} - [0:0]\n-A {chain} -j NFQUEUE --queue-num {queue_num} --queue-bypass\n-I {jump}\nCOMMIT\n"
     )
@@ -187,9 +191,10 @@ class ProxyKernelState:
         own_mark: the mark of the proxy's own sockets, never captured (default `OWN_MARK`).
         route_table: the policy route table holding ``local default dev lo`` (default `ROUTE_TABLE`).
         priority: the ``ip rule`` priority (default `RULE_PRIORITY`).
-        query_mark: the mark of a TCP SYN to queue (default ``intercept_mark | 0x10000``, `QUERY_MARK`).
-        decline_mark: the mark, and conntrack mark, of a declined TCP connection (default ``intercept_mark |
-            0x20000``, `DECLINE_MARK`).
+        query_mark: the conntrack mark of a TCP connection whose SYN is queued (default ``intercept_mark |
+            0x10000``, `QUERY_MARK`).
+        decline_mark: the conntrack mark of a declined TCP connection (default ``intercept_mark | 0x20000``,
+            `DECLINE_MARK`).
         queue_num: the NFQUEUE queue of the SYNs (default ``intercept_mark``, `QUEUE_NUM`).
     """
 

@@ -10,8 +10,8 @@ connection or UDP conversation into an `AppProxyTCPFlow` / `AppProxyUDPFlow` for
 - **UDP**: datagrams arrive with their original destination (``IP_RECVORIGDSTADDR``); one flow per app socket
   (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it.
 - **TCP is decided at the SYN**: the rules queue each new connection's SYN (NFQUEUE, `netsim.runtime.proxy_nft`)
-  before anything answers it; the host builds the flow from the SYN (destination, and the uid of the
-  ``SYN_SENT`` socket on that port), asks ``handle_new_flow`` once, and gives the verdict: **declined** → the
+  before anything answers it; the host builds the flow from the SYN (destination, and the socket owner's uid the
+  kernel sends with it, ``NFQA_UID``; else the ``SYN_SENT`` socket's in ``/proc/net``), asks ``handle_new_flow`` once, and gives the verdict: **declined** → the
   SYN and the rest of the connection leave as the app's own (conntrack-marked, never intercepted: Apple hands the
   app's socket back); **claimed** → the kernel sends it to TPROXY, and the accepted socket is matched to the flow
   the provider already holds (`netsim.core.flowdecision.DecisionTable`, keyed by 5-tuple, bounded, expiring).
@@ -150,7 +150,7 @@ class _PendingStream:
 
     def attach(self, stream: trio.SocketStream) -> None:
         if self._closed or self._stream is not None:
-            trio.lowlevel.spawn_system_task(stream.aclose)
+            stream.socket.close()  # the flow is gone: the app's connection ends
             return
         self._stream = stream
         self._ready.set()
@@ -436,9 +436,9 @@ class TproxyHost(ProxyHost):
                 continue
             self.start(self.dispatch, flow, self._claimed(key))
 
-    def syn_verdict(self, payload: bytes, uid: int | None = None) -> int:
-        """Decide one queued TCP SYN (see the module docstring); returns the mark to accept it with: the
-        decline mark (it goes out as the app's) or the intercept mark (to TPROXY). Never raises.
+    def syn_verdict(self, payload: bytes, uid: int | None = None) -> int | None:
+        """Decide one queued TCP SYN (see the module docstring); returns the mark to accept it with: None (the
+        packet unchanged: it goes out as the app's) or the intercept mark (to TPROXY). Never raises.
 
         ``uid``: the socket owner the kernel sent with the packet (``NFQA_UID``); None looks the ``SYN_SENT``
         socket up in ``/proc/net`` (`ProcNetOwnerLookup`), which costs the handshake a walk of the TCP tables
@@ -449,14 +449,14 @@ class TproxyHost(ProxyHost):
             view = PacketView.parse_untrusted(payload)
         except BadPacket:
             self.count("flow_errors")
-            return kernel.decline_mark  # not a packet we can decide: fail open, as a full queue does
+            return None  # not a packet we can decide: fail open, as a full queue does
         if view.protocol != 6:
-            return kernel.decline_mark
+            return None
         now = trio.current_time()
         key = view.five_tuple()
         known = self.decisions.get(key, now)
         if known is not None:  # a retransmitted SYN: never ask twice
-            return kernel.decline_mark if known.verdict == DIRECT else kernel.intercept_mark
+            return None if known.verdict == DIRECT else kernel.intercept_mark
         family = socket.AF_INET if view.version == 4 else socket.AF_INET6
         client = (socket.inet_ntop(family, view.src), view.sport)
         dst = (socket.inet_ntop(family, view.dst), view.dport)
@@ -477,7 +477,7 @@ class TproxyHost(ProxyHost):
             return kernel.intercept_mark
         self.active -= 1
         if verdict == DIRECT:
-            return kernel.decline_mark  # Apple: the app's own connection goes on, untouched
+            return None  # Apple: the app's own connection goes on, untouched
         code = AppProxyFlowError.INTERNAL if verdict == FAILED else AppProxyFlowError.REFUSED
         self.start(_abort, flow, code)
         return kernel.intercept_mark  # refused: accepted by the listener, then closed

@@ -227,12 +227,12 @@ def test_ruleset_compiles_apples_precedence(rec: dict[str, Any]) -> None:
     rules = rec["ruleset"]
     exclude = rules.index(f"ip daddr {LAN} tcp dport 80 return")
     # a TCP SYN (syn without ack) is marked for the queue, to be decided by the provider before it is answered
-    include = rules.index("ip daddr != 127.0.0.0/8 tcp dport 80 tcp flags syn / syn,ack meta mark set 0x00017470")
+    include = rules.index("ip daddr != 127.0.0.0/8 tcp dport 80 tcp flags syn / syn,ack ct mark set 0x00017470")
     assert rules.index("ct mark 0x00027470 return") < exclude  # a declined connection stays declined
     assert exclude < include  # exclusions are evaluated first (Apple: exclusion rules take priority)
     assert "tproxy ip to 127.0.0.1:" in rules
     assert "-j NFQUEUE --queue-num 29808 --queue-bypass" in rec["iptables_during"]
-    assert "-A OUTPUT -m mark --mark 0x17470 -j netsim_tproxy_syn" in rec["iptables_during"]
+    assert "-A OUTPUT -m connmark --mark 0x17470 -j netsim_tproxy_syn" in rec["iptables_during"]
 
 
 def test_loopback_needs_a_rule_naming_it(rec: dict[str, Any]) -> None:

@@ -48,13 +48,15 @@ def test_order_own_marks_replies_decided_exclusions_then_inclusions() -> None:
     excl = lines.index("ip daddr 192.168.1.20/32 meta l4proto tcp th dport 80 return")
     syn = lines.index(
         f"ip daddr != 127.0.0.0/8 meta l4proto tcp th dport 80 tcp flags & (syn | ack) == syn "
-        f"meta mark set {QUERY_MARK:#x}"
-    )  # an ANY rule: its TCP SYNs are queued...
+        f"ct mark set {QUERY_MARK:#x}"
+    )  # an ANY rule: its TCP SYNs are queued (a conntrack mark: the app's packet mark is kept)...
     udp = lines.index(f"ip daddr != 127.0.0.0/8 meta l4proto udp th dport 80 meta mark set {INTERCEPT_MARK:#x}")
     assert own < reply < declined < claimed < excl < syn < udp  # ...its UDP goes to TPROXY as before
-    assert f"meta l4proto tcp meta mark {INTERCEPT_MARK:#x} ct mark set {INTERCEPT_MARK:#x}" in lines
-    # a SYN that bypassed the queue (fail open) is remembered as declined: the connection goes direct
-    assert f"meta l4proto tcp meta mark {{ {QUERY_MARK:#x}, {DECLINE_MARK:#x} }} ct mark set {DECLINE_MARK:#x}" in lines
+    claim = lines.index(
+        f"meta l4proto tcp ct mark {QUERY_MARK:#x} meta mark {INTERCEPT_MARK:#x} ct mark set {INTERCEPT_MARK:#x}"
+    )
+    # declined, or a SYN that bypassed the queue (fail open): remembered as declined, the connection goes direct
+    assert claim < lines.index(f"meta l4proto tcp ct mark {QUERY_MARK:#x} ct mark set {DECLINE_MARK:#x}")
     assert "type route hook output priority mangle - 10; policy accept;" in lines  # before iptables' mangle
     assert "tproxy ip to 127.0.0.1:3129 accept" in text and "tproxy ip6 to [::1]:3129 accept" in text
 
@@ -74,12 +76,12 @@ def test_queue_rules_install_and_remove_only_their_chain() -> None:
         "*mangle",
         ":netsim_tproxy_syn - [0:0]",
         "-A netsim_tproxy_syn -j NFQUEUE --queue-num 29808 --queue-bypass",
-        "-I OUTPUT -m mark --mark 0x17470 -j netsim_tproxy_syn",
+        "-I OUTPUT -m connmark --mark 0x17470 -j netsim_tproxy_syn",
         "COMMIT",
     ]
     assert remove.splitlines() == [
         "*mangle",
-        "-D OUTPUT -m mark --mark 0x17470 -j netsim_tproxy_syn",
+        "-D OUTPUT -m connmark --mark 0x17470 -j netsim_tproxy_syn",
         "-F netsim_tproxy_syn",
         "-X netsim_tproxy_syn",
         "COMMIT",

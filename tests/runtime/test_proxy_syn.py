@@ -60,8 +60,8 @@ def test_claimed_declined_failed_and_asked_once() -> None:
             host.nursery = nursery
             assert host.syn_verdict(_syn(40001, 80)) == kernel.intercept_mark  # claimed: to TPROXY
             assert host.syn_verdict(_syn(40001, 80)) == kernel.intercept_mark  # retransmit: same answer...
-            assert host.syn_verdict(_syn(40002, 81)) == kernel.decline_mark  # declined: leaves as the app's
-            assert host.syn_verdict(_syn(40002, 81)) == kernel.decline_mark
+            assert host.syn_verdict(_syn(40002, 81)) is None  # declined: leaves as the app's
+            assert host.syn_verdict(_syn(40002, 81)) is None
             assert host.syn_verdict(_syn(40003, 82)) == kernel.intercept_mark  # raised: refused via the listener
             assert len(provider.asked) == 3  # ...and the provider was asked once per connection
             five = (4, 6, socket.inet_aton(APP), socket.inet_aton(WWW), 40001, 80)
@@ -83,8 +83,8 @@ def test_claimed_declined_failed_and_asked_once() -> None:
 
 def test_unclaimed_by_rules_goes_direct_without_asking() -> None:
     async def main() -> None:
-        host, provider, kernel = await _host()
-        assert host.syn_verdict(_syn(40004, 443)) == kernel.decline_mark
+        host, provider, _kernel = await _host()
+        assert host.syn_verdict(_syn(40004, 443)) is None
         assert provider.asked == [] and host.statistics().not_claimed_by_rules == 1
 
     trio.run(main)
@@ -93,7 +93,7 @@ def test_unclaimed_by_rules_goes_direct_without_asking() -> None:
 def test_garbage_and_own_ports_are_not_decided() -> None:
     async def main() -> None:
         host, provider, kernel = await _host()
-        assert host.syn_verdict(b"\x45\x00") == kernel.decline_mark  # malformed: fail open, counted
+        assert host.syn_verdict(b"\x45\x00") is None  # malformed: fail open, counted
         assert host.statistics().flow_errors == 1
         host.own_ports.add(40005)
         assert host.syn_verdict(_syn(40005, 80)) == kernel.intercept_mark  # a capture loop: the accept path refuses it
