@@ -11,11 +11,12 @@ connection or UDP conversation into an `AppProxyTCPFlow` / `AppProxyUDPFlow` for
   (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it.
 - **TCP is decided at the SYN**: the rules queue each new connection's SYN (NFQUEUE, `netsim.runtime.proxy_nft`)
   before anything answers it; the host builds the flow from the SYN (destination, and the socket owner's uid the
-  kernel sends with it, ``NFQA_UID``; else the ``SYN_SENT`` socket's in ``/proc/net``), asks ``handle_new_flow`` once, and gives the verdict: **declined** → the
-  SYN and the rest of the connection leave as the app's own (conntrack-marked, never intercepted: Apple hands the
-  app's socket back); **claimed** → the kernel sends it to TPROXY, and the accepted socket is matched to the flow
-  the provider already holds (`netsim.core.flowdecision.DecisionTable`, keyed by 5-tuple, bounded, expiring).
-  A SYN that bypassed the queue (full, or the host not reading) goes direct: fail open.
+  kernel sends with it, ``NFQA_UID``; else the ``SYN_SENT`` socket's in ``/proc/net``), asks ``handle_new_flow``
+  once, and gives the verdict: **declined** → the SYN and the rest of the connection leave as the app's own
+  (conntrack-marked, never intercepted: Apple hands the app's socket back); **claimed** → the kernel sends it to
+  TPROXY, and the accepted socket is matched to the flow the provider already holds
+  (`netsim.core.flowdecision.DecisionTable`, keyed by 5-tuple, bounded, expiring). A SYN that bypassed the queue
+  (full, or the host not reading) goes direct: fail open.
 - **UDP** is decided at the first datagram as before: TPROXY has already taken it, so a declined UDP flow is
   relayed by the host on the app's behalf (`netsim.runtime.proxy.ProxyHost`); docs/proxy.md says what it costs.
 - **Own sockets are never re-captured**: every socket the host opens carries ``SO_MARK`` `OWN_MARK`, which the
