@@ -487,9 +487,12 @@ class TransparentProxyProvider(AppProxyProvider):
     """Mirrors NETransparentProxyProvider (macOS 11+, Apple: R52): returning False from `handle_new_flow` lets
     the flow proceed directly to its destination, Apple's supported per-flow bypass (TN3120).
 
-    Differences from Apple: in the lab, a declined TCP flow has already been accepted by the kernel's TPROXY
-    socket, so the host relays it directly on the app's behalf (its bytes leave from a provider socket, not the
-    app's; see docs/proxy.md); on Apple the system hands the app's own socket back.
+    Differences from Apple: in the lab, a TCP flow is decided at its SYN (queued before TPROXY answers it), so a
+    declined TCP flow continues as the app's own connection, as on Apple, at the cost of one round trip through
+    the host per handshake; when the host's queue is full or it is not reading, new connections go direct
+    without the provider (fail open). A declined UDP flow has already been taken by TPROXY, so the host relays it
+    on the app's behalf (from a provider socket, not the app's); on Apple the system hands the app's socket back.
+    See docs/proxy.md.
     """
 
     declines_go_direct = True

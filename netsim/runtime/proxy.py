@@ -35,17 +35,34 @@ from netsim.apple.proxy import (
     TransparentProxyNetworkSettings,
 )
 
-__all__ = ["DatagramQueue", "ProxyHost", "ProxyHostStatistics", "metadata_for_uid", "relay_tcp", "relay_udp"]
+__all__ = [
+    "CLAIMED",
+    "DIRECT",
+    "FAILED",
+    "REFUSED",
+    "DatagramQueue",
+    "ProxyHost",
+    "ProxyHostStatistics",
+    "metadata_for_uid",
+    "relay_tcp",
+    "relay_udp",
+]
 
 log = logging.getLogger(__name__)
 _EMPTY_META = FlowMetaData()
 UDP_IDLE_SECONDS = 30.0
 MAX_UDP_SESSIONS = 16  # per flow: distinct remote endpoints one app socket may talk to through a relay
+#: `ProxyHost.decide`'s answers
+CLAIMED, DIRECT, REFUSED, FAILED = "claimed", "direct", "refused", "failed"
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyHostStatistics:
-    """Counters of a `ProxyHost` (plain ints; ``flows = claimed + declined + refused + dropped``)."""
+    """Counters of a `ProxyHost` (plain ints; ``flows = claimed + declined + refused + dropped``).
+
+    ``decided_at_syn``: flows the provider was asked about when the app's SYN was queued (the TPROXY backend);
+    ``undecided_accepts``: captured connections accepted with no SYN-time decision (decided then, the old way).
+    """
 
     flows: int
     claimed: int
@@ -57,6 +74,8 @@ class ProxyHostStatistics:
     flow_errors: int
     udp_queue_full: int
     direct_bytes: int
+    decided_at_syn: int = 0
+    undecided_accepts: int = 0
 
 
 class DatagramQueue:
@@ -281,11 +300,14 @@ class ProxyHost:
         self.active += 1
         return True
 
-    async def dispatch(self, flow: AppProxyFlow, claimed_by_rules: bool = True) -> None:
-        """Decide ``flow``: the provider's ``handle_new_flow``, then serve, relay directly or refuse.
+    def decide(self, flow: AppProxyFlow, claimed_by_rules: bool = True) -> str:
+        """Ask the provider about ``flow`` (``handle_new_flow``) and count the answer; no I/O.
 
-        Call after `admit` returned True. ``claimed_by_rules`` False (the kernel captured a flow the settings do
-        not claim) relays it directly without asking the provider.
+        Returns `CLAIMED` (the provider serves it), `DIRECT` (declined by a transparent proxy, or not claimed by
+        the rules: the flow goes to its destination without the provider), `REFUSED` (declined by an app proxy)
+        or `FAILED` (``handle_new_flow`` raised: the flow is refused with ``INTERNAL``, counted in
+        ``flow_errors``). A backend that decides before the connection exists (SYN time) calls this directly;
+        `dispatch` calls it and then acts.
         """
         self.count("flows")
         try:
@@ -293,21 +315,32 @@ class ProxyHost:
         except Exception as exc:
             self.count("flow_errors")
             log.warning("handle_new_flow(%r) raised %r; the flow is refused", flow, exc)
-            self.active -= 1
-            await _abort(flow, AppProxyFlowError.INTERNAL)
-            return
+            return FAILED
         if not claimed_by_rules:
             self.count("not_claimed_by_rules")
         if claimed:
             self.count("claimed")
-            return
+            return CLAIMED
         if self.provider.declines_go_direct or not claimed_by_rules:
             self.count("declined")
+            return DIRECT
+        self.count("refused")
+        return REFUSED
+
+    async def dispatch(self, flow: AppProxyFlow, claimed_by_rules: bool = True) -> None:
+        """Decide ``flow``: the provider's ``handle_new_flow``, then serve, relay directly or refuse.
+
+        Call after `admit` returned True. ``claimed_by_rules`` False (the kernel captured a flow the settings do
+        not claim) relays it directly without asking the provider.
+        """
+        verdict = self.decide(flow, claimed_by_rules)
+        if verdict == CLAIMED:
+            return
+        if verdict == DIRECT:
             self.run_flow(flow, self._direct)
-        else:
-            self.count("refused")
-            self.active -= 1
-            await _abort(flow, AppProxyFlowError.REFUSED)
+            return
+        self.active -= 1
+        await _abort(flow, AppProxyFlowError.INTERNAL if verdict == FAILED else AppProxyFlowError.REFUSED)
 
     async def _direct(self, flow: AppProxyFlow) -> None:
         def add(n: int) -> None:

@@ -61,6 +61,8 @@ _NFQA_MARK = 3
 _NFQA_IFINDEX_INDEV = 5
 _NFQA_IFINDEX_OUTDEV = 6
 _NFQA_PAYLOAD = 10
+_NFQA_UID = 16
+_NFQA_GID = 17
 _NFQA_CFG_CMD = 1
 _NFQA_CFG_PARAMS = 2
 _NFQA_CFG_QUEUE_MAXLEN = 3
@@ -70,6 +72,7 @@ _NFQNL_CFG_CMD_BIND = 1
 _NFQNL_CFG_CMD_UNBIND = 2
 _NFQNL_COPY_PACKET = 2
 _NFQA_CFG_F_FAIL_OPEN = 1
+_NFQA_CFG_F_UID_GID = 1 << 3
 _PACKET_HDR = struct.Struct("!IHB")  # nfqnl_msg_packet_hdr: packet_id, hw_protocol, hook
 _VERDICT_HDR = struct.Struct("!II")  # nfqnl_msg_verdict_hdr: verdict, id
 _CFG_CMD = struct.Struct("!BxH")  # nfqnl_msg_config_cmd: command, pad, pf
@@ -95,6 +98,8 @@ class QueuedPacket:
         payload: the packet from its IP header on (copy-packet mode).
         mark: its ``skb->mark`` (0 when the kernel sent none).
         indev, outdev: interface indexes (0 when none).
+        uid, gid: the owner of the packet's socket (``NFQA_UID`` / ``NFQA_GID``), sent by the kernel only to a
+            queue configured with ``uid_gid`` and only for a packet of a local socket; else None.
     """
 
     packet_id: int
@@ -104,6 +109,8 @@ class QueuedPacket:
     mark: int = 0
     indev: int = 0
     outdev: int = 0
+    uid: int | None = None
+    gid: int | None = None
 
 
 def _attributes_untrusted(data: memoryview) -> Iterator[tuple[int, memoryview]]:
@@ -127,6 +134,8 @@ def _packet_untrusted(body: memoryview) -> QueuedPacket:
     header: tuple[int, int, int] | None = None
     payload = b""
     mark = indev = outdev = 0
+    uid: int | None = None
+    gid: int | None = None
     for kind, value in _attributes_untrusted(body[_NFGEN.size :]):
         if kind == _NFQA_PACKET_HDR:
             if len(value) < _PACKET_HDR.size:
@@ -134,19 +143,23 @@ def _packet_untrusted(body: memoryview) -> QueuedPacket:
             header = _PACKET_HDR.unpack_from(value)
         elif kind == _NFQA_PAYLOAD:
             payload = bytes(value)
-        elif kind in (_NFQA_MARK, _NFQA_IFINDEX_INDEV, _NFQA_IFINDEX_OUTDEV):
+        elif kind in (_NFQA_MARK, _NFQA_IFINDEX_INDEV, _NFQA_IFINDEX_OUTDEV, _NFQA_UID, _NFQA_GID):
             if len(value) < _U32.size:
                 raise BadPacket("truncated_u32_attribute", str(kind))
             (number,) = _U32.unpack_from(value)
             if kind == _NFQA_MARK:
                 mark = number
+            elif kind == _NFQA_UID:
+                uid = number
+            elif kind == _NFQA_GID:
+                gid = number
             elif kind == _NFQA_IFINDEX_INDEV:
                 indev = number
             else:
                 outdev = number
     if header is None:
         raise BadPacket("no_packet_hdr")
-    return QueuedPacket(header[0], header[1], header[2], payload, mark, indev, outdev)
+    return QueuedPacket(header[0], header[1], header[2], payload, mark, indev, outdev, uid, gid)
 
 
 def parse_messages_untrusted(data: bytes | bytearray | memoryview) -> Iterator[QueuedPacket | int]:
@@ -193,6 +206,8 @@ class NfQueue:
         maxlen: packets the kernel holds for this queue (``NFQA_CFG_QUEUE_MAXLEN``); more are dropped by the
             kernel (`QueueStatistics.queue_dropped`), or accepted with ``fail_open``.
         fail_open: accept, rather than drop, what does not fit (``NFQA_CFG_F_FAIL_OPEN``).
+        uid_gid: ask the kernel for the owner of each packet's socket (``NFQA_CFG_F_UID_GID``:
+            `QueuedPacket.uid` / ``gid``), which saves a caller the ``/proc/net`` walk that would find it.
         rcvbuf: the socket's receive buffer (``SO_RCVBUFFORCE``, root): a packet the kernel cannot deliver is
             dropped (`QueueStatistics.user_dropped`).
 
@@ -203,6 +218,7 @@ class NfQueue:
     maxlen: int = 4096
     fail_open: bool = False
     rcvbuf: int = 8 << 20
+    uid_gid: bool = False
     bad: dict[str, int] = field(default_factory=dict, init=False)
     errors: int = field(default=0, init=False)  # NLMSG_ERROR answers to verdicts (an id the kernel no longer holds)
     overruns: int = field(default=0, init=False)  # ENOBUFS on receive: the kernel could not deliver some packets
@@ -225,8 +241,9 @@ class NfQueue:
                 _attr(_NFQA_CFG_PARAMS, _CFG_PARAMS.pack(_MAX_PAYLOAD, _NFQNL_COPY_PACKET))
                 + _attr(_NFQA_CFG_QUEUE_MAXLEN, _U32.pack(self.maxlen))
             )
-            if self.fail_open:
-                flag = _U32.pack(_NFQA_CFG_F_FAIL_OPEN)
+            flags = (_NFQA_CFG_F_FAIL_OPEN if self.fail_open else 0) | (_NFQA_CFG_F_UID_GID if self.uid_gid else 0)
+            if flags:
+                flag = _U32.pack(flags)
                 self._config(_attr(_NFQA_CFG_FLAGS, flag) + _attr(_NFQA_CFG_MASK, flag))
             sock.setblocking(False)
         except BaseException:

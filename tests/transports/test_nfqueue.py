@@ -53,6 +53,22 @@ def test_a_packet_message_parses() -> None:
     assert items == [QueuedPacket(42, 0x0800, 3, IP_PACKET, mark=9, indev=0, outdev=1)]
 
 
+def test_the_socket_owner_parses_when_sent() -> None:
+    """NFQA_UID / NFQA_GID (16, 17): sent for a queue configured with ``uid_gid``; absent, they stay None."""
+    message = bytearray(_packet_message(5, IP_PACKET))
+    extra = _attr(16, struct.pack("!I", 65534)) + _attr(17, struct.pack("!I", 100))
+    message += extra
+    struct.pack_into("=I", message, 0, len(message))
+    (item,) = parse_messages_untrusted(bytes(message))
+    assert isinstance(item, QueuedPacket) and (item.uid, item.gid) == (65534, 100)
+    (plain,) = parse_messages_untrusted(_packet_message(5, IP_PACKET))
+    assert isinstance(plain, QueuedPacket) and (plain.uid, plain.gid) == (None, None)
+    short = bytearray(_packet_message(5, IP_PACKET)) + _attr(16, b"\x00\x01")  # a truncated u32: refused
+    struct.pack_into("=I", short, 0, len(short))
+    with pytest.raises(BadPacket):
+        list(parse_messages_untrusted(bytes(short)))
+
+
 def test_several_messages_and_an_error_in_one_datagram() -> None:
     err = struct.pack("=IHHII", 36, 2, 0, 1, 0) + struct.pack("=i", -errno.EBUSY) + bytes(16)
     data = _packet_message(1, b"a") + err + _packet_message(2, b"bc")
@@ -165,3 +181,36 @@ def test_queue_verdicts_out_of_order_drop_and_a_marked_copy(netns: str) -> None:
     assert out["received"] == [b"p2", b"p0", b"p0"]  # out of order, p1 dropped, p0's copy not queued again
     assert out["requeued"] == [] and out["held_after"] == 0 and out["bad"] == ({}, 0)
     assert out["unbound"] is None
+
+
+@pytest.mark.lab
+def test_uid_gid_names_the_sending_socket_owner(netns: str) -> None:
+    """``uid_gid=True``: the kernel adds the owner of the packet's socket (here root's); without it: None."""
+    require_root()
+    require_binary("iptables")
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    rule = "-o lo -p udp --dport 9998 -j NFQUEUE --queue-num 8".split()
+    subprocess.run(["ip", "netns", "exec", netns, "iptables", "-t", "mangle", "-A", "OUTPUT", *rule], check=True)
+
+    def body() -> list[tuple[int | None, int | None]]:
+        owners = []
+        for uid_gid in (True, False):
+            queue = NfQueue(8, uid_gid=uid_gid)
+            tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                tx.sendto(b"who", ("127.0.0.1", 9998))
+                got: list[QueuedPacket] = []
+                deadline = time.monotonic() + 10
+                while not got and time.monotonic() < deadline:
+                    select.select([queue], [], [], 0.5)
+                    got += queue.receive_batch()
+                owners += [(p.uid, p.gid) for p in got]
+                for p in got:
+                    queue.verdict(p.packet_id, NF_DROP)
+                queue.flush()
+            finally:
+                tx.close()
+                queue.close()
+        return owners
+
+    assert run_in_netns(netns, body) == [(0, 0), (None, None)]
