@@ -15,10 +15,20 @@ from netsim.apple.enums import (
 )
 from netsim.apple.errors import TUNNEL_PROVIDER_ERROR_DOMAIN, TunnelProviderError
 from netsim.apple.filter import (
+    FilterAction,
+    FilterDataProvider,
+    FilterDataVerdict,
+    FilterFlow,
+    FilterNewFlowVerdict,
     FilterPacketContext,
     FilterPacketProvider,
     FilterPacketProviderVerdict,
     FilterProviderConfiguration,
+    FilterReport,
+    FilterReportEvent,
+    FilterRule,
+    FilterSettings,
+    FilterSocketFlow,
 )
 from netsim.apple.packet import AF_INET, AF_INET6, FlowMetaData, Packet, family_for_version, version_for_family
 from netsim.apple.protocol import AppRule, TunnelProviderProtocol
@@ -45,10 +55,20 @@ __all__ = [
     "DNSOverTLSSettings",
     "DNSProtocol",
     "DNSSettings",
+    "FilterAction",
+    "FilterDataProvider",
+    "FilterDataVerdict",
+    "FilterFlow",
+    "FilterNewFlowVerdict",
     "FilterPacketContext",
     "FilterPacketProvider",
     "FilterPacketProviderVerdict",
     "FilterProviderConfiguration",
+    "FilterReport",
+    "FilterReportEvent",
+    "FilterRule",
+    "FilterSettings",
+    "FilterSocketFlow",
     "FlowMetaData",
     "IPv4Route",
     "IPv4Settings",
