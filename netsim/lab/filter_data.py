@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -20,11 +21,53 @@ import trio
 from netsim.apple.protocol import AppRule
 from netsim.errors import LabError
 from netsim.lab.lab import Lab
+from netsim.lab.process import LabProcess
 from netsim.lab.tproxy import RunningProxy
 
-__all__ = ["RunningDataFilter", "data_filter"]
+__all__ = ["HTTPS_BODY", "RunningDataFilter", "data_filter", "https_server"]
 
 TABLE = "netsim_filterdata"
+#: what `https_server` answers to every GET (then a newline)
+HTTPS_BODY = "netsim-https-ok"
+_HTTPS_SERVER = """
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = sys.argv[4].encode() + b"\\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        print("REQ", self.headers.get("Host"), flush=True)
+srv = http.server.ThreadingHTTPServer((sys.argv[1], 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("READY", flush=True)
+srv.serve_forever()
+"""
+
+
+@asynccontextmanager
+async def https_server(
+    lab: Lab, directory: Path, *, role: str = "inet", address: str = "203.0.113.10"
+) -> AsyncIterator[LabProcess]:
+    """An HTTPS server on ``address``:443 in ``role`` for the block (the lab has none): a self-signed P-256
+    certificate made with ``openssl`` in ``directory``; it answers `HTTPS_BODY` and prints ``REQ <Host>`` on
+    stdout per request (clients use ``curl -k``)."""
+    key, cert = directory / "https-key.pem", directory / "https-cert.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    argv += ["-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=www.lab.test"]
+    await trio.run_process(argv, capture_stdout=True, capture_stderr=True)
+    proc = lab.spawn(
+        role, [sys.executable, "-c", _HTTPS_SERVER, address, str(cert), str(key), HTTPS_BODY], name="https"
+    )
+    try:
+        await trio.to_thread.run_sync(lambda: proc.wait_output_sync("READY", timeout=20, stream="stdout"))
+        yield proc
+    finally:
+        await proc.stop()
 
 
 class RunningDataFilter(RunningProxy):

@@ -16,7 +16,6 @@ name is blocked and another allowed on the same server. Phases:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,7 @@ import pytest
 import trio
 
 from netsim.lab.addressing import ADDR
-from netsim.lab.filter_data import data_filter
+from netsim.lab.filter_data import HTTPS_BODY, data_filter, https_server
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
 from netsim.testing.fixtures import run_lab_scenario
@@ -36,25 +35,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
 DEMO = "netsim.examples.content_filter:ContentFilter"
 WWW = str(ADDR.www_v4)
 BLOCKED = "blocked.lab.test"
-HTTPS_BODY = "netsim-https-ok"
-HTTPS_SERVER = """
-import http.server, ssl, sys
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"BODY\\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        print("REQ", self.headers.get("Host"), flush=True)
-srv = http.server.ThreadingHTTPServer((sys.argv[1], 443), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(sys.argv[2], sys.argv[3])
-srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-print("READY", flush=True)
-srv.serve_forever()
-""".replace("BODY", HTTPS_BODY)
 
 
 async def _curl(lab: Lab, url: str) -> str:
@@ -88,14 +68,6 @@ async def _captured(lab: Lab, rec: dict[str, Any], phase: str, body: Any) -> Non
 
 async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
     d = Path(rec["dir"])
-    key, cert = d / "key.pem", d / "cert.pem"
-    await trio.run_process(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=www.lab.test"],
-        capture_stdout=True, capture_stderr=True,
-    )  # fmt: skip
-    server = lab.spawn("inet", [sys.executable, "-c", HTTPS_SERVER, WWW, str(cert), str(key)], name="https-www")
-    await trio.to_thread.run_sync(lambda: server.wait_output_sync("READY", timeout=20, stream="stdout"))
 
     async def control() -> None:
         rec["control"] = await _requests(lab)
@@ -108,10 +80,10 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
             rec["stats"], rec["proxy_stats"] = result["statistics"], result["proxy"]
             rec["log"] = f.flow_log()
 
-    await _captured(lab, rec, "control", control)
-    await _captured(lab, rec, "filter", filtered)
-    rec["server_log"] = server.stdout()
-    await server.stop()
+    async with https_server(lab, d) as server:
+        await _captured(lab, rec, "control", control)
+        await _captured(lab, rec, "filter", filtered)
+        rec["server_log"] = server.stdout()
     rec["tables_after"] = (await lab.run("mac", ["nft", "list", "tables"])).stdout.decode()
     rec["rules_after"] = (await lab.run("mac", ["ip", "rule"])).stdout.decode()
     rec["routes_after"] = (await lab.run("mac", ["ip", "route", "show", "table", str(0x7474)], check=False)).stdout
