@@ -1,8 +1,8 @@
 """Example content filter (a `FilterDataProvider`): blocks hosts by name and logs every HTTP/HTTPS flow.
 
-Written only against the public API. ``handle_new_flow`` asks to peek at the first outbound bytes of every flow to
-port 80 or 443 (other flows are allowed unseen); ``handle_outbound_data`` reads the host name from the HTTP
-``Host`` header (port 80) or the TLS ClientHello's SNI (port 443) with netsim's bounded parsers
+Written only against the public API. ``handle_new_flow`` asks to peek at the first outbound bytes (up to 16 KiB)
+of every flow to port 80 or 443 (other flows are allowed unseen); ``handle_outbound_data`` reads the host name from
+the HTTP ``Host`` header (port 80) or the TLS ClientHello's SNI (port 443) with netsim's bounded parsers
 (`netsim.core.hostsniff`: a malformed request never raises), drops the flow when the name is blocked (or a
 subdomain of a blocked name) and allows the rest of it otherwise. Each decision is one JSON line on stderr:
 ``{"event": "flow", "app": ..., "remote": ..., "hostname": ..., "verdict": "allow" | "drop"}``.
@@ -37,8 +37,8 @@ from netsim.core.hostsniff import sniff_http_host, sniff_tls_sni
 
 __all__ = ["PEEK", "ContentFilter"]
 
-#: bytes peeked at the start of a flow: a request line and headers, or a ClientHello, fit
-PEEK = 4096
+#: bytes peeked at the start of a flow: a request line and headers, or a ClientHello (even with large key shares), fit
+PEEK = 16384
 
 
 class ContentFilter(FilterDataProvider):

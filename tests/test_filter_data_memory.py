@@ -248,20 +248,19 @@ def test_pause_and_resume_flow() -> None:
     assert (fhost.statistics().paused, fhost.statistics().stale_resumes) == (1, 1)
 
 
-def test_filter_settings_rules_decide_first() -> None:
-    class Applies(Scripted):
-        async def start_filter(self) -> None:
-            await self.apply(
-                FilterSettings(
-                    [
-                        FilterRule(
-                            NetworkRule.destination_network(HostEndpoint("203.0.113.10", 22), 32), FilterAction.DROP
-                        )
-                    ],
-                    FilterAction.ALLOW,
-                )
-            )
+class Applies(Scripted):
+    """Applies a DROP rule for :22 and an ALLOW default in start_filter."""
 
+    async def start_filter(self) -> None:
+        await self.apply(
+            FilterSettings(
+                [FilterRule(NetworkRule.destination_network(HostEndpoint("203.0.113.10", 22), 32), FilterAction.DROP)],
+                FilterAction.ALLOW,
+            )
+        )
+
+
+def test_filter_settings_rules_decide_first() -> None:
     p = Applies(FilterNewFlowVerdict.drop(), [])
 
     async def body(host: MemoryProxyHost) -> list[bytes | None]:
@@ -279,3 +278,20 @@ def test_filter_settings_validation() -> None:
     with pytest.raises(ConfigError):
         FilterSettings([], FilterAction.REMEDIATE).validate()
     FilterSettings([rule] * MAX_FILTER_RULES).validate()
+
+
+def test_socket_flow_fields_and_mapping_rows() -> None:
+    """Apple's Darwin family numbers; every FilterAction and FilterReportEvent member has its raw-value row."""
+    import re
+    from pathlib import Path
+
+    from netsim.apple.filter import FilterReportEvent, FilterSocketFlow
+
+    v6 = FilterSocketFlow(HostEndpoint("2001:db8::1", 443))
+    v4 = FilterSocketFlow(HostEndpoint("203.0.113.10", 80))
+    assert (v6.socket_family, v4.socket_family, v4.socket_type, v4.socket_protocol) == (30, 2, 1, 6)
+    assert v4.identifier != v6.identifier and v4.url is None and int(v4.direction) == 2
+    page = (Path(__file__).parents[1] / "docs" / "apple-mapping.md").read_text()
+    for cls in (FilterAction, FilterReportEvent):
+        for member in cls:
+            assert re.search(rf"\| {member.value} \| `netsim\.apple\.{cls.__name__}\.{member.name}` \|", page), member

@@ -117,9 +117,11 @@ class _Dropped(Exception):
         self.reason = reason
 
 
-def _reset(flow: AppProxyTCPFlow) -> None:
-    """Make the app's socket close with a TCP RST (SO_LINGER 0) when the backend is a real socket."""
-    sock = getattr(getattr(flow, "_io", None), "socket", None)
+def _reset(stream: object) -> None:
+    """Make a real socket behind ``stream`` (an app's flow, or the host's own connection) close with a TCP RST
+    (SO_LINGER 0); a memory stream has none, and is left alone."""
+    inner = getattr(stream, "_io", None) or getattr(stream, "_stream", None)
+    sock = getattr(inner, "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -406,7 +408,7 @@ class FilterDataHost(TransparentProxyProvider):
             with trio.CancelScope(shield=True):
                 for up in upstream:
                     if failed:
-                        _reset_stream(up)
+                        _reset(up)
                     await up.aclose()
         self.count("bytes_outbound", io[0])
         self.count("bytes_inbound", io[1])
@@ -415,15 +417,6 @@ class FilterDataHost(TransparentProxyProvider):
                 raise exc
         if failed:
             raise AppProxyError(AppProxyFlowError.PEER_RESET, repr(failed[0]))
-
-
-def _reset_stream(stream: StreamIO) -> None:
-    inner = getattr(getattr(stream, "_stream", None), "socket", None)
-    if inner is not None:
-        try:
-            inner.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
 
 
 def _action(kind: fd.VerdictKind) -> FilterAction:
