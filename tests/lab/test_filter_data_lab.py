@@ -11,11 +11,14 @@ name is blocked and another allowed on the same server. Phases:
 2. filter: the allowed flows complete with the right bytes; the blocked ones fail, and neither capture holds the
    blocked name (the filter decided on the peeked bytes, before any of them left the Mac); the provider's log
    names every flow;
-3. after: the filter's nftables table, policy rule and route table are gone; nothing changed in the root namespace.
+3. beside a transparent proxy (its own table, marks and rule priority): both run at once, the filter still blocks,
+   the proxy still proxies its UDP echo;
+4. after: the filter's nftables table, policy rule and route table are gone; nothing changed in the root namespace.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -28,6 +31,7 @@ from netsim.lab.addressing import ADDR
 from netsim.lab.filter_data import HTTPS_BODY, data_filter, https_server
 from netsim.lab.lab import Lab
 from netsim.lab.pcap import read_pcap
+from netsim.lab.tproxy import transparent_proxy
 from netsim.testing.fixtures import run_lab_scenario
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
@@ -84,9 +88,32 @@ async def _scenario(lab: Lab, rec: dict[str, Any]) -> None:
         await _captured(lab, rec, "control", control)
         await _captured(lab, rec, "filter", filtered)
         rec["server_log"] = server.stdout()
+        await _beside_a_proxy(lab, rec)
     rec["tables_after"] = (await lab.run("mac", ["nft", "list", "tables"])).stdout.decode()
     rec["rules_after"] = (await lab.run("mac", ["ip", "rule"])).stdout.decode()
     rec["routes_after"] = (await lab.run("mac", ["ip", "route", "show", "table", str(0x7474)], check=False)).stdout
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.sendto(b"netsim-both", (sys.argv[1], 7))
+print(s.recvfrom(100)[0].decode())
+"""
+
+
+async def _beside_a_proxy(lab: Lab, rec: dict[str, Any]) -> None:
+    proxy_spec = "netsim.examples.transparent_proxy:LoggingTransparentProxy"
+    async with (
+        transparent_proxy(lab, proxy_spec, options={"include": ["0.0.0.0/0:7/udp"]}) as proxy,
+        data_filter(lab, DEMO, configuration={"block": [BLOCKED]}, ports=(80, 443)) as f,
+    ):
+        rec["both_http_www"] = await _curl(lab, "http://www.lab.test/")
+        rec["both_http_blocked"] = await _curl(lab, f"http://{BLOCKED}/")
+        echo = await lab.run("mac", [sys.executable, "-c", UDP_ECHO, WWW], check=False)
+        rec["both_udp"] = echo.stdout.decode().strip()
+        rec["both_filter"] = (await f.stop())["statistics"]
+        rec["both_proxy"] = (await proxy.stop())["statistics"]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +198,14 @@ def test_log_names_every_flow(rec: dict[str, Any]) -> None:
     s = rec["stats"]
     assert (s["flows"], s["filtered"], s["dropped"], s["handler_errors"], s["stalled"]) == (4, 4, 2, 0, 0)
     assert rec["proxy_stats"]["capture_loops"] == 0
+
+
+def test_runs_beside_a_transparent_proxy(rec: dict[str, Any]) -> None:
+    _ok(rec)
+    assert rec["both_http_www"] == "0 200 65536" and not rec["both_http_blocked"].startswith("0 ")
+    assert rec["both_udp"] == "netsim-both"
+    assert (rec["both_filter"]["flows"], rec["both_filter"]["dropped"]) == (2, 1)
+    assert (rec["both_proxy"]["flows"], rec["both_proxy"]["claimed"]) == (1, 1)  # the proxy saw only its UDP flow
 
 
 def test_ruleset_and_cleanup(rec: dict[str, Any]) -> None:
