@@ -110,6 +110,8 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.apple import DNSProtocol as DNSProtocol
     from netsim.apple import DNSSettings as DNSSettings
     from netsim.apple import FilterAction as FilterAction
+    from netsim.apple import FilterControlProvider as FilterControlProvider
+    from netsim.apple import FilterControlVerdict as FilterControlVerdict
     from netsim.apple import FilterDataProvider as FilterDataProvider
     from netsim.apple import FilterDataVerdict as FilterDataVerdict
     from netsim.apple import FilterFlow as FilterFlow

@@ -11,6 +11,8 @@ import trio
 from netsim.apple.filter import (
     MAX_FILTER_RULES,
     FilterAction,
+    FilterControlProvider,
+    FilterControlVerdict,
     FilterDataProvider,
     FilterDataVerdict,
     FilterFlow,
@@ -295,3 +297,83 @@ def test_socket_flow_fields_and_mapping_rows() -> None:
     for cls in (FilterAction, FilterReportEvent):
         for member in cls:
             assert re.search(rf"\| {member.value} \| `netsim\.apple\.{cls.__name__}\.{member.name}` \|", page), member
+
+
+class RulesFromControl(FilterDataProvider):
+    """NEED_RULES until the control provider updated the rules; then allows (new flow) or passes (data)."""
+
+    def __init__(self, at_data: bool = False) -> None:
+        super().__init__()
+        self.at_data, self.rules, self.asked = at_data, False, 0
+        self.data_calls: list[tuple[int, bytes]] = []
+
+    def handle_new_flow(self, flow: FilterFlow) -> FilterNewFlowVerdict:
+        self.asked += 1
+        if self.at_data:
+            return both(100, 100)
+        return FilterNewFlowVerdict.allow() if self.rules else FilterNewFlowVerdict.need_rules()
+
+    def handle_outbound_data(
+        self, flow: FilterFlow, read_bytes_start_offset: int, read_bytes: bytes
+    ) -> FilterDataVerdict:
+        self.data_calls.append((read_bytes_start_offset, read_bytes))
+        return FilterDataVerdict.allow() if self.rules else FilterDataVerdict.need_rules()
+
+    def handle_rules_changed(self) -> None:
+        self.rules = True
+
+
+class Control(FilterControlProvider):
+    def __init__(self, verdict: FilterControlVerdict) -> None:
+        super().__init__()
+        self.verdict, self.flows = verdict, 0
+
+    def handle_new_flow(self, flow: FilterFlow) -> FilterControlVerdict:
+        self.flows += 1
+        return self.verdict
+
+
+def run_with_control(data: RulesFromControl, control: Control | None) -> tuple[bytes | None, Server, FilterDataHost]:
+    server = Server()
+    fhost = FilterDataHost(data, control=control)
+
+    async def main() -> bytes | None:
+        async with MemoryProxyHost(fhost, tcp_servers={HTTP: server}) as host:
+            with trio.fail_after(20):
+                return await exchange(host, HTTP, [b"hello"])
+
+    return trio.run(main), server, fhost
+
+
+@pytest.mark.parametrize("at_data", [False, True])
+def test_need_rules_asks_the_control_provider(at_data: bool) -> None:
+    """allow/drop decide the flow; updateRules runs handle_rules_changed and asks the data provider again."""
+    out, server, fhost = run_with_control(RulesFromControl(at_data), Control(FilterControlVerdict.allow()))
+    assert out == RESPONSE and server.received == [b"hello"]
+    out, server, fhost = run_with_control(RulesFromControl(at_data), Control(FilterControlVerdict.drop()))
+    assert out is None and server.received == []
+    data = RulesFromControl(at_data)
+    out, server, fhost = run_with_control(data, Control(FilterControlVerdict.update_rules()))
+    assert out == RESPONSE and data.rules and fhost.statistics().rules_changed == 1
+    if at_data:
+        assert data.data_calls == [(0, b"hello"), (0, b"hello")]  # the same bytes presented again
+    else:
+        assert data.asked == 2  # handle_new_flow asked again after the rules changed
+    out, server, fhost = run_with_control(RulesFromControl(at_data), None)
+    assert out is None and fhost.statistics().need_rules == 1  # no control provider: dropped
+
+
+def test_update_rules_that_still_need_rules_drop_and_notify() -> None:
+    class Stubborn(RulesFromControl):
+        def handle_rules_changed(self) -> None:
+            self.changed = True  # but still needs rules
+
+    data = Stubborn()
+    out, _, fhost = run_with_control(data, Control(FilterControlVerdict.update_rules()))
+    assert out is None and fhost.statistics().dropped == 1
+    control = Control(FilterControlVerdict.allow(with_update_rules=True))
+    data2 = RulesFromControl()
+    run_with_control(data2, control)
+    assert data2.rules  # allow(withUpdateRules: true) also runs handle_rules_changed
+    control.notify_rules_changed()
+    assert control._host.statistics().rules_changed == 2

@@ -16,6 +16,8 @@ from netsim.apple.enums import (
 from netsim.apple.errors import TUNNEL_PROVIDER_ERROR_DOMAIN, TunnelProviderError
 from netsim.apple.filter import (
     FilterAction,
+    FilterControlProvider,
+    FilterControlVerdict,
     FilterDataProvider,
     FilterDataVerdict,
     FilterFlow,
@@ -56,6 +58,8 @@ __all__ = [
     "DNSProtocol",
     "DNSSettings",
     "FilterAction",
+    "FilterControlProvider",
+    "FilterControlVerdict",
     "FilterDataProvider",
     "FilterDataVerdict",
     "FilterFlow",

@@ -28,6 +28,8 @@ from netsim.errors import ConfigError, LocalProtocolError
 __all__ = [
     "MAX_FILTER_RULES",
     "FilterAction",
+    "FilterControlProvider",
+    "FilterControlVerdict",
     "FilterDataProvider",
     "FilterDataVerdict",
     "FilterFlow",
@@ -190,8 +192,8 @@ class FilterAction(enum.IntEnum):
 
 
 class FilterReportEvent(enum.IntEnum):
-    """Mirrors NEFilterReportEvent (Apple: NEFilterReport.h). The host records one `FilterReport` per event; there
-    is no control provider's ``handleReport`` here (docs/filters.md)."""
+    """Mirrors NEFilterReportEvent (Apple: NEFilterReport.h). The host records one `FilterReport` per event; the
+    control provider's ``handleReport`` is not called (docs/filters.md)."""
 
     NEW_FLOW = 1
     DATA_DECISION = 2
@@ -319,7 +321,7 @@ class FilterNewFlowVerdict:
     `need_rules`, `pause` or `filter_data_verdict`.
 
     Differences from Apple: ``remediate``/``URLAppendStringVerdict`` are not mirrored (no browser flows);
-    NEED_RULES drops the flow (there is no control provider, docs/filters.md).
+    NEED_RULES asks the host's `FilterControlProvider` (none: the flow is dropped, docs/filters.md).
     """
 
     kind: VerdictKind
@@ -412,8 +414,8 @@ class FilterDataProvider:
 
     Differences from Apple:
         * Handlers run on one trio task per flow direction, not on Apple's serial queue; they must not block.
-        * NEED_RULES drops the flow: there is no NEFilterControlProvider (docs/filters.md); `handle_rules_changed`
-          is never called.
+        * NEED_RULES asks the host's `FilterControlProvider`, which runs in the same process (Apple: a separate
+          one); without one the flow is dropped.
         * In the lab only outbound TCP flows of the ``mac`` namespace are filtered (the TPROXY interception,
           docs/filters.md); the kernel has accepted the connection before `handle_new_flow` runs, so a dropped
           flow is closed (the app sees a reset or an end of stream) rather than never connected.
@@ -456,7 +458,8 @@ class FilterDataProvider:
         return FilterDataVerdict.allow()
 
     def handle_rules_changed(self) -> None:
-        """Apple: ``handleRulesChanged()``; never called here (no control provider)."""
+        """Apple: ``handleRulesChanged()``: the control provider updated the rules (`FilterControlVerdict`,
+        `FilterControlProvider.notify_rules_changed`)."""
 
     async def apply(self, settings: FilterSettings | None) -> None:
         """Apple: ``apply(_:completionHandler:)``: rules the system applies before asking `handle_new_flow`
@@ -480,3 +483,63 @@ class FilterDataProvider:
         self._host = host
         if configuration is not None:
             self.filter_configuration = FilterProviderConfiguration(False, dict(configuration), filter_sockets=True)
+
+
+@dataclass(frozen=True, slots=True)
+class FilterControlVerdict:
+    """Mirrors NEFilterControlVerdict (Apple: NEFilterControlVerdict): `allow` / `drop` (each optionally
+    ``with_update_rules``) or `update_rules`.
+
+    Differences from Apple: none in meaning. ``update_rules`` (or ``with_update_rules=True``) calls the data
+    provider's ``handle_rules_changed``; ``update_rules`` then asks the data provider again (once: a second
+    NEED_RULES drops the flow).
+    """
+
+    kind: VerdictKind
+    update_rules_first: bool = False
+
+    @classmethod
+    def allow(cls, *, with_update_rules: bool = False) -> FilterControlVerdict:
+        """Apple: ``allow(withUpdateRules:)``."""
+        return cls(VerdictKind.ALLOW, with_update_rules)
+
+    @classmethod
+    def drop(cls, *, with_update_rules: bool = False) -> FilterControlVerdict:
+        """Apple: ``drop(withUpdateRules:)``."""
+        return cls(VerdictKind.DROP, with_update_rules)
+
+    @classmethod
+    def update_rules(cls) -> FilterControlVerdict:
+        """Apple: ``updateRules()``: the data provider's rules changed; it is asked again."""
+        return cls(VerdictKind.NEED_RULES, True)
+
+
+class FilterControlProvider:
+    """Mirrors NEFilterControlProvider: asked about a flow when the data provider returns NEED_RULES
+    (Apple: NEFilterControlProvider, handleNewFlow(_:completionHandler:)).
+
+    Differences from Apple: it runs in the data provider's process (Apple: a separate, unsandboxed process that
+    may reach the network to fetch rules, which the data provider cannot); share rules with plain attributes or
+    files. ``handle_new_flow`` answers at once (Apple: a completion handler); raising drops the flow. There is no
+    ``remediationMap`` / ``URLAppendStringMap`` (no browser flows), and ``handleReport`` is not called (the data
+    filter host keeps the reports, docs/filters.md).
+    """
+
+    def __init__(self) -> None:
+        self.filter_configuration = FilterProviderConfiguration(filter_packets=False, filter_sockets=True)
+        self._host: Any = None
+
+    async def start_filter(self) -> None:
+        """Apple: ``startFilter(completionHandler:)``."""
+
+    async def stop_filter(self, reason: ProviderStopReason) -> None:
+        """Apple: ``stopFilter(with:completionHandler:)``."""
+
+    def handle_new_flow(self, flow: FilterFlow) -> FilterControlVerdict:
+        """Apple: ``handleNewFlow(_:completionHandler:)``. Default: drop."""
+        return FilterControlVerdict.drop()
+
+    def notify_rules_changed(self) -> None:
+        """Apple: ``notifyRulesChanged()``: the data provider's ``handle_rules_changed`` runs."""
+        if self._host is not None:
+            self._host.rules_changed()

@@ -58,7 +58,7 @@ class VerdictKind(enum.Enum):
 
     ALLOW = "allow"  # the rest of the direction passes unseen
     DROP = "drop"  # drop the whole flow
-    NEED_RULES = "need_rules"  # the host decides (docs/filters.md: dropped, no control provider)
+    NEED_RULES = "need_rules"  # the host asks its control provider (none: dropped)
     PAUSE = "pause"  # hold until `DirectionFilter.resume`
     FILTER = "filter"  # pass ``pass_bytes``, then peek ``peek_bytes``
 

@@ -88,9 +88,11 @@ async def data_filter(
     app_rules: list[AppRule] | None = None,
     ports: Sequence[int] = (),
     role: str = "mac",
+    control: str | None = None,
 ) -> AsyncIterator[RunningDataFilter]:
     """Host ``provider`` (``"pkg.mod:Class"``, a `FilterDataProvider`) in ``role`` for the block; ``ports``
-    limits the intercepted TCP ports (default: every TCP flow but loopback)."""
+    limits the intercepted TCP ports (default: every TCP flow but loopback); ``control`` names a
+    `FilterControlProvider` run in the same process."""
     argv = [sys.executable, "-m", "netsim.runtime.filter_data", "--provider", provider]
     if configuration is not None:
         argv += ["--configuration", json.dumps(configuration)]
@@ -98,6 +100,8 @@ async def data_filter(
         argv += ["--app", f"{rule.uid}={rule.signing_identifier}"]
     for port in ports:
         argv += ["--port", str(port)]
+    if control is not None:
+        argv += ["--control", control]
     path = ":".join(p for p in sys.path if p)
     proc = lab.spawn(role, argv, name="filterdata-" + role, env={"PYTHONPATH": path})
     try:

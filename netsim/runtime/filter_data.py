@@ -8,10 +8,12 @@ and rule priority; ``python -m netsim.runtime.filter_data``) or the in-memory on
 (`netsim.runtime.proxy_memory.MemoryProxyHost`). Per flow:
 
 1. `FilterSettings` (Apple: ``apply(_:)``) first: an ALLOW or DROP rule decides without the provider.
-2. ``handle_new_flow``: ALLOW relays the flow unseen; DROP (and NEED_RULES: no control provider) closes it with
-   a reset; PAUSE waits for ``resume_flow``; FILTER runs one `netsim.core.filterdata.DirectionFilter` per
-   direction, calling ``handle_outbound_data`` / ``handle_inbound_data`` (and ``*_complete``) with Apple's
-   pass/peek accounting. A drop in either direction resets both sides.
+2. ``handle_new_flow``: ALLOW relays the flow unseen; DROP closes it with a reset; NEED_RULES asks the
+   `FilterControlProvider` if there is one (its allow / drop decides; updateRules runs ``handle_rules_changed``
+   and asks the data provider again, once), else drops; PAUSE waits for ``resume_flow``; FILTER runs one
+   `netsim.core.filterdata.DirectionFilter` per direction, calling ``handle_outbound_data`` /
+   ``handle_inbound_data`` (and ``*_complete``) with Apple's pass/peek accounting. A drop in either direction
+   resets both sides.
 3. The upstream connection (the provider host's own socket, never captured again) is opened only when the first
    outbound byte has passed (or the app ended its stream), so a flow dropped on its first peek never reaches the
    server at all; a protocol where the server speaks first needs ``filter_outbound=False`` (documented).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
 import json
 import logging
@@ -40,6 +43,8 @@ import trio
 from netsim.apple.enums import ProviderStopReason
 from netsim.apple.filter import (
     FilterAction,
+    FilterControlProvider,
+    FilterControlVerdict,
     FilterDataProvider,
     FilterDataVerdict,
     FilterFlow,
@@ -100,6 +105,7 @@ class FilterDataStatistics:
     rule_allowed: int
     rule_dropped: int
     need_rules: int
+    rules_changed: int
     paused: int
     stale_resumes: int
     handler_errors: int
@@ -145,6 +151,8 @@ class FilterDataHost(TransparentProxyProvider):
         provider: the data filter provider.
         configuration: its ``filter_configuration.vendor_configuration``.
         ports: the TCP ports intercepted (empty: every TCP port).
+        control: a `FilterControlProvider` asked when the data provider returns NEED_RULES (None: such flows are
+            dropped).
     """
 
     def __init__(
@@ -153,9 +161,11 @@ class FilterDataHost(TransparentProxyProvider):
         *,
         configuration: dict[str, Any] | None = None,
         ports: tuple[int, ...] = (),
+        control: FilterControlProvider | None = None,
     ) -> None:
         super().__init__()
         self.filter = provider
+        self.control = control
         self.configuration = configuration or {}
         self.ports = ports
         self.filter_settings: FilterSettings | None = None
@@ -179,6 +189,31 @@ class FilterDataHost(TransparentProxyProvider):
         """Apple: ``NEFilterDataProvider.apply``: the rules used before ``handle_new_flow``."""
         self.filter_settings = settings
 
+    def rules_changed(self) -> None:
+        """The control provider changed the rules: the data provider's ``handle_rules_changed`` runs."""
+        self.count("rules_changed")
+        try:
+            self.filter.handle_rules_changed()
+        except Exception as exc:  # provider code
+            self.count("handler_errors")
+            log.warning("handle_rules_changed raised %r", exc)
+
+    def _ask_control(self, flow: FilterSocketFlow, again: Callable[[], Any]) -> Any:
+        """NEED_RULES: the control provider's verdict as the data provider's kind (``again`` re-asks the data
+        provider after updateRules, once). No control provider: the need-rules verdict stands (a drop)."""
+        self.count("need_rules")
+        if self.control is None:
+            return None
+        verdict = self._call(self.control.handle_new_flow, FilterControlVerdict, flow)
+        if verdict.update_rules_first:
+            self.rules_changed()
+        if verdict.kind is not fd.VerdictKind.NEED_RULES:
+            return verdict.kind
+        answer = again()
+        if answer.kind is fd.VerdictKind.NEED_RULES:
+            raise _Dropped("need_rules")
+        return answer
+
     def resume_flow(self, flow: FilterFlow, verdict: FilterNewFlowVerdict | FilterDataVerdict) -> None:
         waits = self._paused.get(id(flow), [])
         for wait in waits:
@@ -200,11 +235,17 @@ class FilterDataHost(TransparentProxyProvider):
         self.network_settings = TransparentProxyNetworkSettings(included_network_rules=rules)
         await self._require_host().apply_settings(self.network_settings)
         self.filter._attach(self, self.configuration)
+        if self.control is not None:
+            self.control._host = self
+            self.control.filter_configuration = self.filter.filter_configuration
+            await self.control.start_filter()
         await self.filter.start_filter()
 
     async def stop_proxy(self, reason: int) -> None:
         with trio.move_on_after(5.0):
             await self.filter.stop_filter(ProviderStopReason.USER_INITIATED)
+            if self.control is not None:
+                await self.control.stop_filter(ProviderStopReason.USER_INITIATED)
 
     def handle_new_flow(self, flow: AppProxyFlow) -> bool:
         if not isinstance(flow, AppProxyTCPFlow):
@@ -254,6 +295,14 @@ class FilterDataHost(TransparentProxyProvider):
                 verdict = self._call(self.filter.handle_new_flow, FilterNewFlowVerdict, flow)
                 while verdict.kind is fd.VerdictKind.PAUSE:
                     verdict = await self._wait_paused(flow, None)
+                if verdict.kind is fd.VerdictKind.NEED_RULES:
+                    answer = self._ask_control(
+                        flow, lambda: self._call(self.filter.handle_new_flow, FilterNewFlowVerdict, flow)
+                    )
+                    if isinstance(answer, fd.VerdictKind):
+                        verdict = FilterNewFlowVerdict(answer)
+                    elif answer is not None:
+                        verdict = answer
             self._report(flow, _action(verdict.kind), FilterReportEvent.NEW_FLOW, io)
             if verdict.kind is fd.VerdictKind.ALLOW:
                 self.count("allowed")
@@ -280,9 +329,18 @@ class FilterDataHost(TransparentProxyProvider):
 
     def _refuse_unless_filter(self, kind: fd.VerdictKind) -> None:
         if kind is not fd.VerdictKind.FILTER:
-            if kind is fd.VerdictKind.NEED_RULES:
-                self.count("need_rules")
             raise _Dropped(kind.value)
+
+    def _control_data(
+        self, flow: FilterSocketFlow, verdict: FilterDataVerdict, again: Callable[[], Any]
+    ) -> FilterDataVerdict:
+        answer = self._ask_control(flow, again)
+        if answer is None:
+            return verdict  # no control provider: the core drops it
+        if isinstance(answer, fd.VerdictKind):
+            return FilterDataVerdict(kind=answer)
+        assert isinstance(answer, FilterDataVerdict)
+        return answer
 
     async def _filter(
         self, app: AppProxyTCPFlow, flow: FilterSocketFlow, verdict: FilterNewFlowVerdict, io: list[int]
@@ -335,11 +393,17 @@ class FilterDataHost(TransparentProxyProvider):
                     await write(ev.data)
                 elif isinstance(ev, fd.Peek):
                     self.count("peeks")
-                    v = self._call(data_handler, FilterDataVerdict, flow, ev.offset, ev.data)
+                    offset, data = ev.offset, ev.data
+                    v = self._call(data_handler, FilterDataVerdict, flow, offset, data)
+                    if v.kind is fd.VerdictKind.NEED_RULES:
+                        again = functools.partial(self._call, data_handler, FilterDataVerdict, flow, offset, data)
+                        v = self._control_data(flow, v, again)
                     df.verdict(v.kind, v.pass_bytes, v.peek_bytes)
                 elif isinstance(ev, fd.Complete):
                     self.count("peeks")
                     v = self._call(complete, FilterDataVerdict, flow)
+                    if v.kind is fd.VerdictKind.NEED_RULES:
+                        v = self._control_data(flow, v, lambda: self._call(complete, FilterDataVerdict, flow))
                     df.verdict(v.kind, v.pass_bytes, v.peek_bytes)
                 elif isinstance(ev, fd.End):
                     await write_eof()
@@ -347,8 +411,6 @@ class FilterDataHost(TransparentProxyProvider):
                 elif isinstance(ev, fd.Drop):
                     if ev.reason == "stalled":
                         self.count("stalled")
-                    elif ev.reason == "need_rules":
-                        self.count("need_rules")
                     self.count("data_dropped")
                     raise _Dropped(ev.reason)
                 elif ev is fd.PAUSED:
@@ -426,14 +488,14 @@ def _action(kind: fd.VerdictKind) -> FilterAction:
     }.get(kind, FilterAction.DROP)
 
 
-def load_filter_data_provider(spec: str) -> type[FilterDataProvider]:
-    """Load ``"package.module:Class"`` naming a `FilterDataProvider` subclass."""
+def load_filter_data_provider(spec: str, base: type = FilterDataProvider) -> type[Any]:
+    """Load ``"package.module:Class"`` naming a `FilterDataProvider` (or ``base``) subclass."""
     module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name:
         raise SystemExit(f"provider spec {spec!r} must look like 'package.module:Class'")
     cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, FilterDataProvider)):
-        raise SystemExit(f"{spec!r} is not a FilterDataProvider subclass")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise SystemExit(f"{spec!r} is not a {base.__name__} subclass")
     return cls
 
 
@@ -445,6 +507,7 @@ async def _serve(args: argparse.Namespace) -> None:
         load_filter_data_provider(args.provider)(),
         configuration=json.loads(args.configuration) if args.configuration else None,
         ports=tuple(args.port),
+        control=load_filter_data_provider(args.control, FilterControlProvider)() if args.control else None,
     )
     host = TproxyHost(filter_host, app_rules=apps, kernel_names=FILTER_DATA_NAMES)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -468,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m netsim.runtime.filter_data``: host a data filter provider in this namespace until SIGTERM."""
     parser = argparse.ArgumentParser(prog="python -m netsim.runtime.filter_data", description=main.__doc__)
     parser.add_argument("--provider", required=True, help="package.module:Class (a FilterDataProvider)")
+    parser.add_argument("--control", help="package.module:Class (a FilterControlProvider), asked on NEED_RULES")
     parser.add_argument("--configuration", help="JSON object: the provider's vendor_configuration")
     parser.add_argument("--app", action="append", default=[], metavar="UID=LABEL", help="an app by uid (repeat)")
     parser.add_argument("--port", action="append", type=int, default=[], help="filter only this TCP port (repeat)")
