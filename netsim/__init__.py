@@ -44,6 +44,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "memory_launcher": ("netsim.runtime.controller", "memory_launcher"),
     "ProviderMessageError": ("netsim.runtime.controller", "ProviderMessageError"),
     "WireGuardSocket": ("netsim.runtime.wgsocket", "WireGuardSocket"),
+    # content filters (docs/filters.md)
+    "FilterDataHost": ("netsim.runtime.filter_data", "FilterDataHost"),
     # the includeAllNetworks kill switch (docs/kill-switch.md)
     "KernelKillSwitch": ("netsim.runtime.killswitch", "KernelKillSwitch"),
     "MemoryKillSwitch": ("netsim.runtime.killswitch", "MemoryKillSwitch"),
@@ -107,10 +109,22 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.apple import DNSOverTLSSettings as DNSOverTLSSettings
     from netsim.apple import DNSProtocol as DNSProtocol
     from netsim.apple import DNSSettings as DNSSettings
+    from netsim.apple import FilterAction as FilterAction
+    from netsim.apple import FilterControlProvider as FilterControlProvider
+    from netsim.apple import FilterControlVerdict as FilterControlVerdict
+    from netsim.apple import FilterDataProvider as FilterDataProvider
+    from netsim.apple import FilterDataVerdict as FilterDataVerdict
+    from netsim.apple import FilterFlow as FilterFlow
+    from netsim.apple import FilterNewFlowVerdict as FilterNewFlowVerdict
     from netsim.apple import FilterPacketContext as FilterPacketContext
     from netsim.apple import FilterPacketProvider as FilterPacketProvider
     from netsim.apple import FilterPacketProviderVerdict as FilterPacketProviderVerdict
     from netsim.apple import FilterProviderConfiguration as FilterProviderConfiguration
+    from netsim.apple import FilterReport as FilterReport
+    from netsim.apple import FilterReportEvent as FilterReportEvent
+    from netsim.apple import FilterRule as FilterRule
+    from netsim.apple import FilterSettings as FilterSettings
+    from netsim.apple import FilterSocketFlow as FilterSocketFlow
     from netsim.apple import FlowMetaData as FlowMetaData
     from netsim.apple import IPv4Route as IPv4Route
     from netsim.apple import IPv4Settings as IPv4Settings
@@ -164,6 +178,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names' real types, for type che
     from netsim.runtime.controller import TunnelProviderManager as TunnelProviderManager
     from netsim.runtime.controller import TunnelProviderSession as TunnelProviderSession
     from netsim.runtime.controller import memory_launcher as memory_launcher
+    from netsim.runtime.filter_data import FilterDataHost as FilterDataHost
     from netsim.runtime.flow import FlowStatistics as FlowStatistics
     from netsim.runtime.flow import PacketTunnelFlow as PacketTunnelFlow
     from netsim.runtime.helper_client import HelperBusy as HelperBusy

@@ -25,7 +25,7 @@ from netsim.console import make_console
 if TYPE_CHECKING:
     from netsim.lab.pcap import CaptureStats
 
-__all__ = ["DemoRow", "real_backend_missing", "run_demo"]
+__all__ = ["DemoRow", "real_backend_missing", "run_demo", "run_filter_demo"]
 
 log = logging.getLogger("netsim.demo")
 
@@ -329,4 +329,122 @@ async def _proxy_memory_demo(console: Console) -> int:
         entries = list(host.provider.log)  # type: ignore[attr-defined]
     console.print(_flow_rows(entries))
     console.print(rows_t)
+    return _verdict(console, rows, "in memory (run as root for the lab)")
+
+
+_FILTER_BLOCK = "blocked.lab.test"
+
+
+def run_filter_demo(*, pcap_dir: str | None = None, force_memory: bool = False) -> int:
+    """``netsim demo filter``: the content filter example (a `FilterDataProvider`) blocks a host by name and
+    logs every HTTP/HTTPS flow; exit code 0 when every probe did what it should."""
+    console = make_console()
+    why = "--memory was given" if force_memory else real_backend_missing()
+    if why is None and shutil.which("openssl") is None:
+        why = "openssl is missing (it makes the HTTPS server's certificate)"
+    if why is None:
+        return trio.run(_filter_lab_demo, console, pcap_dir)
+    console.print(f"[yellow]Using the in-memory backend:[/] {why}.")
+    return trio.run(_filter_memory_demo, console)
+
+
+async def _filter_lab_demo(console: Console, pcap_dir: str | None) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from netsim.lab import Lab
+    from netsim.lab.filter_data import data_filter, https_server
+
+    spec = "netsim.examples.content_filter:ContentFilter"
+    resolve = [a for port in (80, 443) for a in ("--resolve", f"{_FILTER_BLOCK}:{port}:203.0.113.10")]
+    curl = ("curl", "-sSk", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", *resolve)
+    probes = [
+        ("allowed: curl http://www.lab.test/", (*curl, "http://www.lab.test/")),
+        ("allowed: curl https://www.lab.test/", (*curl, "https://www.lab.test/")),
+        (f"blocked: curl http://{_FILTER_BLOCK}/", (*curl, f"http://{_FILTER_BLOCK}/")),
+        (f"blocked: curl https://{_FILTER_BLOCK}/", (*curl, f"https://{_FILTER_BLOCK}/")),
+    ]
+    rows: list[DemoRow] = []
+    with tempfile.TemporaryDirectory(prefix="netsim-filter-demo-") as tmp:
+        async with AsyncExitStack() as stack:
+            with console.status("bringing up the lab"):
+                lab = await stack.enter_async_context(Lab(pcap_dir=pcap_dir))
+                await stack.enter_async_context(https_server(lab, Path(tmp)))
+            with console.status(f"starting {spec} in mac (TPROXY, table netsim_filterdata)"):
+                running = await stack.enter_async_context(
+                    data_filter(lab, spec, configuration={"block": [_FILTER_BLOCK]}, ports=(80, 443))
+                )
+            console.print(f"lab [bold]{lab.run_id}[/] up; {spec} filtering mac's TCP ports 80 and 443\n")
+            for label, argv in probes:
+                start = trio.current_time()
+                r = await lab.run("mac", list(argv), check=False, timeout=30)
+                out = r.stdout.decode(errors="replace").strip()
+                blocked = label.startswith("blocked")
+                ok = (r.returncode != 0 and out in ("", "000")) if blocked else (r.returncode == 0 and out == "200")
+                path = "dropped" if blocked else "direct"
+                detail = f"curl exit {r.returncode}, HTTP {out or '-'}"
+                rows.append(DemoRow(label, path, trio.current_time() - start, ok, detail))
+            stats = (await running.stop())["statistics"]
+            entries = running.flow_log()
+    console.print(_flow_rows(entries))
+    console.print(_rows_table("Probes from the simulated Mac", rows))
+    console.print("filter counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
+    print_captures(console, lab.capture_history)
+    return _verdict(console, rows, "the filter's nftables table and routes are gone with the lab")
+
+
+async def _filter_memory_demo(console: Console) -> int:
+    import ssl
+
+    from netsim.apple.proxy import HostEndpoint
+    from netsim.examples.content_filter import ContentFilter
+    from netsim.runtime.filter_data import FilterDataHost
+    from netsim.runtime.proxy_memory import MemoryProxyHost
+
+    def hello(name: str) -> bytes:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname=name)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return outgoing.read()
+
+    received: list[bytes] = []
+
+    async def server(stream: trio.abc.HalfCloseableStream) -> None:
+        got = b""
+        while chunk := await stream.receive_some(65536):
+            got += chunk
+        received.append(got)
+        await stream.send_all(b"ok")
+        await stream.send_eof()
+
+    http, https = HostEndpoint("203.0.113.10", 80), HostEndpoint("203.0.113.10", 443)
+    cases = [
+        ("allowed: http www.lab.test", http, b"GET / HTTP/1.1\r\nHost: www.lab.test\r\n\r\n", True),
+        ("allowed: https www.lab.test (SNI)", https, hello("www.lab.test"), True),
+        (f"blocked: http {_FILTER_BLOCK}", http, f"GET / HTTP/1.1\r\nHost: {_FILTER_BLOCK}\r\n\r\n".encode(), False),
+        (f"blocked: https {_FILTER_BLOCK} (SNI)", https, hello(_FILTER_BLOCK), False),
+    ]
+    cf = ContentFilter()
+    fhost = FilterDataHost(cf, configuration={"block": [_FILTER_BLOCK]})
+    rows: list[DemoRow] = []
+    async with MemoryProxyHost(fhost, tcp_servers={http: server, https: server}) as host:
+        for label, endpoint, data, allowed in cases:
+            stream = await host.connect_tcp(endpoint)
+            await stream.send_all(data)
+            await stream.send_eof()
+            got = b""
+            try:
+                while chunk := await stream.receive_some(100):
+                    got += chunk
+            except trio.BrokenResourceError:
+                got = b""
+            reached = any(r == data for r in received)
+            ok = (got == b"ok" and reached) if allowed else (got == b"" and not reached)
+            detail = "the server got the bytes" if reached else "the server never saw the bytes"
+            rows.append(DemoRow(label, "direct" if allowed else "dropped", 0.0, ok, detail))
+    console.print(_flow_rows(list(cf.log)))
+    console.print(_rows_table("Flows in memory", rows))
     return _verdict(console, rows, "in memory (run as root for the lab)")
