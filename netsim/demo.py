@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -253,6 +254,31 @@ def _flow_rows(entries: list[dict[str, Any]]) -> Table:
     return table
 
 
+async def _run_probes(
+    lab: Any, probes: Sequence[tuple[str, Sequence[str]]], judge: Callable[[str, int, str], tuple[str, bool, str]]
+) -> list[DemoRow]:
+    """Run each probe command in ``mac``, timed; ``judge(label, returncode, stdout)`` gives (path, ok, detail)."""
+    rows: list[DemoRow] = []
+    for label, argv in probes:
+        start = trio.current_time()
+        r = await lab.run("mac", list(argv), check=False, timeout=30)
+        path, ok, detail = judge(label, r.returncode, r.stdout.decode(errors="replace").strip())
+        rows.append(DemoRow(label, path, trio.current_time() - start, ok, detail))
+    return rows
+
+
+def _flow_demo_report(
+    console: Console, lab: Any, entries: Any, rows: list[DemoRow], *, counters: tuple[str, dict[str, Any]], owner: str
+) -> int:
+    """The flow-level demos' report: the flow log, the probes, the host's counters, the captures, the verdict."""
+    console.print(_flow_rows(entries))
+    console.print(_rows_table("Probes from the simulated Mac", rows))
+    name, stats = counters
+    console.print(f"{name} counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
+    print_captures(console, lab.capture_history)
+    return _verdict(console, rows, f"{owner} nftables table and routes are gone with the lab")
+
+
 async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> int:
     from netsim.apple import AppRule
     from netsim.lab import Lab
@@ -277,7 +303,6 @@ async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> 
             ("declined by the provider (direct): curl 203.0.113.20", (*curl, "http://203.0.113.20/")),
             ("excluded by a rule (never intercepted): curl LAN printer", (*curl, "http://192.168.1.20/")),
         ]
-    rows: list[DemoRow] = []
     async with AsyncExitStack() as stack:
         with console.status("bringing up the lab"):
             lab = await stack.enter_async_context(Lab(pcap_dir=pcap_dir))
@@ -287,21 +312,16 @@ async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> 
                 transparent_proxy(lab, spec, options=options, dns=what == "dns", app_rules=[AppRule("root", uid=0)])
             )
         console.print(f"lab [bold]{lab.run_id}[/] up; {spec} running in mac\n")
-        for label, argv in probes:
-            start = trio.current_time()
-            r = await lab.run("mac", list(argv), check=False, timeout=30)
-            out = r.stdout.decode(errors="replace").strip()
-            ok = r.returncode == 0 and (out == "" if "blocked" in label else bool(out))
-            path = label.split(":")[0] if ":" in label and what != "dns" else "dns proxy"
-            rows.append(DemoRow(label, path, trio.current_time() - start, ok, _detail(out)))
+
+        def judge(label: str, returncode: int, out: str) -> tuple[str, bool, str]:
+            ok = returncode == 0 and (out == "" if "blocked" in label else bool(out))
+            return (label.partition(":")[0] if ":" in label and what != "dns" else "dns proxy"), ok, _detail(out)
+
+        rows = await _run_probes(lab, probes, judge)
         await trio.sleep(2.5)  # idle UDP flows close after 2 s and are logged
         stats = (await proxy.stop())["statistics"]
         entries = proxy.flow_log()
-    console.print(_flow_rows(entries))
-    console.print(_rows_table("Probes from the simulated Mac", rows))
-    console.print("host counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
-    print_captures(console, lab.capture_history)
-    return _verdict(console, rows, "the proxy's nftables table and routes are gone with the lab")
+    return _flow_demo_report(console, lab, entries, rows, counters=("host", stats), owner="the proxy's")
 
 
 async def _proxy_memory_demo(console: Console) -> int:
@@ -364,7 +384,6 @@ async def _filter_lab_demo(console: Console, pcap_dir: str | None) -> int:
         (f"blocked: curl http://{_FILTER_BLOCK}/", (*curl, f"http://{_FILTER_BLOCK}/")),
         (f"blocked: curl https://{_FILTER_BLOCK}/", (*curl, f"https://{_FILTER_BLOCK}/")),
     ]
-    rows: list[DemoRow] = []
     with tempfile.TemporaryDirectory(prefix="netsim-filter-demo-") as tmp:
         async with AsyncExitStack() as stack:
             with console.status("bringing up the lab"):
@@ -375,22 +394,16 @@ async def _filter_lab_demo(console: Console, pcap_dir: str | None) -> int:
                     data_filter(lab, spec, configuration={"block": [_FILTER_BLOCK]}, ports=(80, 443))
                 )
             console.print(f"lab [bold]{lab.run_id}[/] up; {spec} filtering mac's TCP ports 80 and 443\n")
-            for label, argv in probes:
-                start = trio.current_time()
-                r = await lab.run("mac", list(argv), check=False, timeout=30)
-                out = r.stdout.decode(errors="replace").strip()
+
+            def judge(label: str, returncode: int, out: str) -> tuple[str, bool, str]:
                 blocked = label.startswith("blocked")
-                ok = (r.returncode != 0 and out in ("", "000")) if blocked else (r.returncode == 0 and out == "200")
-                path = "dropped" if blocked else "direct"
-                detail = f"curl exit {r.returncode}, HTTP {out or '-'}"
-                rows.append(DemoRow(label, path, trio.current_time() - start, ok, detail))
+                ok = (returncode != 0 and out in ("", "000")) if blocked else (returncode == 0 and out == "200")
+                return ("dropped" if blocked else "direct"), ok, f"curl exit {returncode}, HTTP {out or '-'}"
+
+            rows = await _run_probes(lab, probes, judge)
             stats = (await running.stop())["statistics"]
             entries = running.flow_log()
-    console.print(_flow_rows(entries))
-    console.print(_rows_table("Probes from the simulated Mac", rows))
-    console.print("filter counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
-    print_captures(console, lab.capture_history)
-    return _verdict(console, rows, "the filter's nftables table and routes are gone with the lab")
+    return _flow_demo_report(console, lab, entries, rows, counters=("filter", stats), owner="the filter's")
 
 
 async def _filter_memory_demo(console: Console) -> int:

@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import importlib
 import json
 import logging
-import signal
 import socket
 import struct
 import sys
@@ -490,17 +488,13 @@ def _action(kind: fd.VerdictKind) -> FilterAction:
 
 def load_filter_data_provider(spec: str, base: type = FilterDataProvider) -> type[Any]:
     """Load ``"package.module:Class"`` naming a `FilterDataProvider` (or ``base``) subclass."""
-    module_name, sep, class_name = spec.rpartition(":")
-    if not sep or not module_name or not class_name:
-        raise SystemExit(f"provider spec {spec!r} must look like 'package.module:Class'")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise SystemExit(f"{spec!r} is not a {base.__name__} subclass")
-    return cls
+    from netsim.runtime.proxy_tproxy import load_proxy_provider
+
+    return load_proxy_provider(spec, base)
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from netsim.runtime.proxy_tproxy import TproxyHost
+    from netsim.runtime.proxy_tproxy import TproxyHost, serve_until_signalled
 
     apps = [AppRule(label, uid=int(uid)) for uid, _, label in (a.partition("=") for a in args.app)]
     filter_host = FilterDataHost(
@@ -510,13 +504,7 @@ async def _serve(args: argparse.Namespace) -> None:
         control=load_filter_data_provider(args.control, FilterControlProvider)() if args.control else None,
     )
     host = TproxyHost(filter_host, app_rules=apps, kernel_names=FILTER_DATA_NAMES)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(host.run)
-            print(f"READY {port}", flush=True)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    await serve_until_signalled(host)
     stats = filter_host.statistics()
     proxy = host.statistics()
     out = {

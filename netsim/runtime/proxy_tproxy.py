@@ -66,7 +66,7 @@ from netsim.runtime.proxy_nft import OWN_MARK, ProxyKernelState
 from netsim.runtime.resolver import RESOLVER_LISTEN
 from netsim.transports.nfqueue import NF_ACCEPT, NfQueue
 
-__all__ = ["DNS_PROXY_NAMES", "TproxyHost", "load_proxy_provider", "main"]
+__all__ = ["DNS_PROXY_NAMES", "TproxyHost", "load_proxy_provider", "main", "serve_until_signalled"]
 
 log = logging.getLogger(__name__)
 
@@ -582,15 +582,29 @@ class TproxyHost(ProxyHost):
                         log.error("proxy cleanup incomplete: %s", "; ".join(problems))
 
 
-def load_proxy_provider(spec: str) -> type[AppProxyProvider]:
-    """Load ``"package.module:Class"`` naming an `AppProxyProvider` subclass (the module must be importable)."""
+def load_proxy_provider(spec: str, base: type = AppProxyProvider) -> type[Any]:
+    """Load ``"package.module:Class"`` naming a ``base`` subclass (default `AppProxyProvider`; the module must be
+    importable). A bad spec or class exits with a message (these are the hosts' command lines)."""
     module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name:
         raise SystemExit(f"provider spec {spec!r} must look like 'package.module:Class'")
     cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, AppProxyProvider)):
-        raise SystemExit(f"{spec!r} is not an AppProxyProvider subclass")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        article = "an" if base.__name__[:1] in "AEIOU" else "a"
+        raise SystemExit(f"{spec!r} is not {article} {base.__name__} subclass")
     return cls
+
+
+async def serve_until_signalled(host: TproxyHost) -> None:
+    """Run ``host`` in this namespace, print ``READY <port>`` once it listens, and return on SIGTERM or SIGINT
+    (the host's kernel state is removed on the way out)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(host.run)
+            print(f"READY {port}", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -605,13 +619,7 @@ async def _serve(args: argparse.Namespace) -> None:
         kernel_names=names,
         system_dns=args.system_dns,
     )
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            port = await nursery.start(host.run)
-            print(f"READY {port}", flush=True)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+    await serve_until_signalled(host)
     if args.print_stats:
         stats = {k: getattr(host.statistics(), k) for k in host.statistics().__slots__}
         print("STATS " + json.dumps({"statistics": stats, "ruleset": host.ruleset}), flush=True)
