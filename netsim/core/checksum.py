@@ -190,14 +190,21 @@ def compute_l4_checksum(view: PacketView) -> int:
 
 
 def verify_l4_checksum(view: PacketView) -> bool:
-    """True when the stored transport checksum is right (IPv4 UDP checksum 0, "none", counts as right)."""
+    """True when the stored transport checksum is right (IPv4 UDP checksum 0, "none", counts as right).
+
+    A receiver's check (RFC 1071 §2, RFC 1624 §3): both one's-complement zeros are right, so a computed 0x0000
+    stored as 0xFFFF verifies (the kernel's ``skb_checksum_help`` stores TCP's zero that way, its software TSO
+    stores 0x0000). Over all-zero data (an ICMPv4 echo with id, sequence and data 0) only 0xFFFF is right. A UDP
+    checksum of 0 over IPv6 is wrong (RFC 8200 §8.1).
+    """
     off = checksum_offset(view)
     if off is None or view.is_fragment:
         raise LocalProtocolError(f"no transport checksum to verify for protocol {view.protocol}")
     (stored,) = _U16_unpack(view.buffer, off)
-    if stored == 0 and view.protocol == PROTO_UDP and view.version == 4:
-        return True
-    return bool(stored == compute_l4_checksum(view))
+    if stored == 0 and view.protocol == PROTO_UDP:
+        return view.version == 4
+    computed = compute_l4_checksum(view)
+    return stored == computed or (computed == 0 and stored == _M)
 
 
 def fill_checksums(buf: bytearray | memoryview) -> PacketView:

@@ -166,12 +166,17 @@ def parse_vnet_header_untrusted(data: Buffer, max_gso_size: int = 0xFFFF) -> Vne
     return hdr
 
 
-def _fill(buf: bytearray, start: int, offset: int, initial: int) -> None:
-    """Store the checksum over ``buf[start:]`` (field at ``start + offset`` zero) plus ``initial``; 0 -> 0xFFFF."""
+def _fill(buf: bytearray, start: int, offset: int, initial: int, udp: bool) -> None:
+    """Store the checksum over ``buf[start:]`` (field at ``start + offset`` zero) plus ``initial``.
+
+    A computed 0 stays 0x0000 for TCP, as `segment_tcp` and the kernel's own software TSO (``gso_make_checksum``)
+    store it, and is sent as 0xFFFF for UDP, whose 0 means "no checksum" (RFC 768).
+    """
     n = int.from_bytes(memoryview(buf)[start:], "big")
     if (len(buf) - start) & 1:
         n <<= 8
-    _U16.pack_into(buf, start + offset, ((-(n + initial)) % _M) or _M)
+    cs = (-(n + initial)) % _M
+    _U16.pack_into(buf, start + offset, cs or (_M if udp else 0))
 
 
 def complete_checksum(pkt: bytearray, csum_start: int, csum_offset: int) -> None:
@@ -267,7 +272,7 @@ def split_gso_untrusted(data: Buffer, hdr: VnetHeader, out: list[bytes]) -> int:
             _U16.pack_into(seg, 10, (-int.from_bytes(memoryview(seg)[:l4], "big")) % _M)
         else:
             _U16.pack_into(seg, 4, n - 40)
-        _fill(seg, l4, hdr.csum_offset, (addrs + proto + n - l4) % _M)
+        _fill(seg, l4, hdr.csum_offset, (addrs + proto + n - l4) % _M, not tcp)
         out.append(bytes(seg))
         count += 1
         start = end

@@ -177,6 +177,39 @@ def test_udp_computed_zero_is_sent_as_ffff() -> None:
     assert bytes(buf) == scapy_with_checksums(bytes(buf))  # scapy also sends 0xFFFF
 
 
+def _with_zero_checksum(pkt: bytes, csum_at: int, word_at: int) -> bytearray:
+    """``pkt`` with the payload word at ``word_at`` set so that its transport checksum computes to 0x0000."""
+    buf = bytearray(pkt)
+    buf[word_at : word_at + 2] = b"\0\0"
+    buf[csum_at : csum_at + 2] = b"\0\0"
+    want = compute_l4_checksum(PacketView.parse_untrusted(buf))
+    buf[word_at : word_at + 2] = struct.pack("!H", want)
+    return buf
+
+
+def test_both_ones_complement_zeros_verify() -> None:
+    """Regression: a TCP checksum that computes to 0 may be stored as 0x0000 or 0xFFFF (RFC 1624 §3); the
+    kernel's skb_checksum_help stores 0xFFFF, and verify_l4_checksum used to reject it."""
+    tcp = bytes(IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=1, dport=2, flags="A") / Raw(b"\0\0ab"))
+    buf = _with_zero_checksum(tcp, 36, 40)
+    view = PacketView.parse_untrusted(buf)
+    assert compute_l4_checksum(view) == 0
+    for stored, ok in ((b"\0\0", True), (b"\xff\xff", True), (b"\0\1", False), (b"\xff\xfe", False)):
+        buf[36:38] = stored
+        assert verify_l4_checksum(view) is ok, stored
+    # UDP: 0 means "no checksum" over IPv4 and is wrong over IPv6 (RFC 8200 §8.1), whatever the data sums to
+    udp6 = bytearray(bytes(IPv6(src="fd00::1", dst="fd00::2") / UDP(sport=1, dport=2) / Raw(b"\0\0")))
+    udp6[46:48] = b"\0\0"
+    assert not verify_l4_checksum(PacketView.parse_untrusted(udp6))
+    # all-zero ICMPv4 data: only 0xFFFF is right
+    echo = bytearray(bytes(ICMP(type=0, code=0, id=0, seq=0)))
+    icmp = bytearray(bytes(IP(src="10.0.0.1", dst="10.0.0.2", proto=1) / Raw(bytes(echo))))
+    icmp[22:24] = b"\xff\xff"
+    assert verify_l4_checksum(PacketView.parse_untrusted(icmp))
+    icmp[22:24] = b"\0\0"
+    assert not verify_l4_checksum(PacketView.parse_untrusted(icmp))
+
+
 def test_pseudo_header_sum_matches_definition() -> None:
     src, dst = ipaddress.IPv6Address("2001:db8::1").packed, ipaddress.IPv6Address("fd00::2").packed
     manual = src + dst + struct.pack("!IxxxB", 20, 6)
