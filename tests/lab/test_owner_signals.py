@@ -41,7 +41,8 @@ _CLI = (
 
 # A library owner: `async with Lab()` + `netsim_tunnel`, no signal handling of its own (Lab's must do).
 _SCRIPT_OWNER = r"""
-import sys, trio
+import faulthandler, signal, sys, trio
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's stack dump when the owner hangs
 from netsim.lab.lab import Lab
 from netsim.lab.tunnel import netsim_tunnel
 
@@ -60,7 +61,8 @@ except KeyboardInterrupt:
 # A sync owner whose body runs trio (as a pytest test using a sync `lab` fixture does): SIGTERM lands while
 # trio, not Python code of ours, is running.
 _SYNC_OWNER = r"""
-import sys, trio
+import faulthandler, signal, sys, trio
+faulthandler.register(signal.SIGUSR1, all_threads=True)
 from netsim.lab.lab import Lab
 from netsim.lab.tunnel import netsim_tunnel
 
@@ -186,10 +188,12 @@ def _stop_and_check(proc: subprocess.Popen[str], run_id: str, key: str, sig: int
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)  # the scripts' faulthandler dumps every thread's stack to stderr
+        time.sleep(1)
         proc.kill()
         out, err = proc.communicate()
         _netsim("clean", "--run", run_id, "--force")
-        pytest.fail(f"the owner did not exit within 60 s of signal {sig}: {err[-2000:]}")
+        pytest.fail(f"the owner did not exit within 60 s of signal {sig}: {err[-6000:]}")
     left = _leftovers(run_id, key, since)
     alive = _children_gone(pids)
     if left or alive:
