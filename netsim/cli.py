@@ -91,15 +91,20 @@ def main() -> None:
 
 
 @main.command("demo")
-@click.argument("what", required=False, type=click.Choice(["proxy", "dns", "filter"]))
+@click.argument("what", required=False, type=click.Choice(["proxy", "dns", "filter", "packet-filter"]))
 @click.option("--pcap", "pcap_dir", type=click.Path(file_okay=False), help="write one pcap per link here")
 @click.option("--memory", is_flag=True, help="run the in-memory backend even when root")
 def demo_command(what: str | None, pcap_dir: str | None, memory: bool) -> None:
     """Bring up the lab and the tunnel, run probes, print each probe's path, latency and result.
 
     ``netsim demo proxy`` runs the transparent proxy demo instead, ``netsim demo dns`` the DNS proxy's (docs/proxy.md),
-    ``netsim demo filter`` the content filter's (a data filter blocking a host by name, docs/filters.md).
+    ``netsim demo filter`` the content filter's (a data filter blocking a host by name, docs/filters.md),
+    ``netsim demo packet-filter`` the packet filter's (dropping a host's packets on the Mac's en0, docs/filters.md).
     """
+    if what == "packet-filter":  # ---- the packet filter ----
+        from netsim.demo import run_packet_filter_demo
+
+        raise SystemExit(run_packet_filter_demo(pcap_dir=pcap_dir, force_memory=memory))
     if what == "filter":  # ---- the data filter ----
         from netsim.demo import run_filter_demo
 

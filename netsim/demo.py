@@ -14,7 +14,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -26,7 +26,7 @@ from netsim.console import make_console
 if TYPE_CHECKING:
     from netsim.lab.pcap import CaptureStats
 
-__all__ = ["DemoRow", "real_backend_missing", "run_demo", "run_filter_demo"]
+__all__ = ["DemoRow", "real_backend_missing", "run_demo", "run_filter_demo", "run_packet_filter_demo"]
 
 log = logging.getLogger("netsim.demo")
 
@@ -244,8 +244,11 @@ def run_proxy_demo(what: str, *, pcap_dir: str | None = None, force_memory: bool
     return trio.run(_proxy_memory_demo, console)
 
 
-def _flow_rows(entries: list[dict[str, Any]]) -> Table:
-    table = Table(title="What the provider logged (one line per flow, query or answer)", title_justify="left")
+_FLOW_TITLE = "What the provider logged (one line per flow, query or answer)"
+
+
+def _flow_rows(entries: list[dict[str, Any]], title: str = _FLOW_TITLE) -> Table:
+    table = Table(title=title, title_justify="left")
     table.add_column("event")
     table.add_column("what")
     for e in entries:
@@ -268,15 +271,22 @@ async def _run_probes(
 
 
 def _flow_demo_report(
-    console: Console, lab: Any, entries: Any, rows: list[DemoRow], *, counters: tuple[str, dict[str, Any]], owner: str
+    console: Console,
+    lab: Any,
+    entries: Any,
+    rows: list[DemoRow],
+    *,
+    counters: tuple[str, dict[str, Any]],
+    tail: str,
+    title: str = _FLOW_TITLE,
 ) -> int:
     """The flow-level demos' report: the flow log, the probes, the host's counters, the captures, the verdict."""
-    console.print(_flow_rows(entries))
+    console.print(_flow_rows(entries, title))
     console.print(_rows_table("Probes from the simulated Mac", rows))
     name, stats = counters
     console.print(f"{name} counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
     print_captures(console, lab.capture_history)
-    return _verdict(console, rows, f"{owner} nftables table and routes are gone with the lab")
+    return _verdict(console, rows, tail)
 
 
 async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> int:
@@ -321,7 +331,14 @@ async def _proxy_lab_demo(console: Console, what: str, pcap_dir: str | None) -> 
         await trio.sleep(2.5)  # idle UDP flows close after 2 s and are logged
         stats = (await proxy.stop())["statistics"]
         entries = proxy.flow_log()
-    return _flow_demo_report(console, lab, entries, rows, counters=("host", stats), owner="the proxy's")
+    return _flow_demo_report(
+        console,
+        lab,
+        entries,
+        rows,
+        counters=("host", stats),
+        tail="the proxy's nftables table and routes are gone with the lab",
+    )
 
 
 async def _proxy_memory_demo(console: Console) -> int:
@@ -403,7 +420,14 @@ async def _filter_lab_demo(console: Console, pcap_dir: str | None) -> int:
             rows = await _run_probes(lab, probes, judge)
             stats = (await running.stop())["statistics"]
             entries = running.flow_log()
-    return _flow_demo_report(console, lab, entries, rows, counters=("filter", stats), owner="the filter's")
+    return _flow_demo_report(
+        console,
+        lab,
+        entries,
+        rows,
+        counters=("filter", stats),
+        tail="the filter's nftables table and routes are gone with the lab",
+    )
 
 
 async def _filter_memory_demo(console: Console) -> int:
@@ -461,3 +485,133 @@ async def _filter_memory_demo(console: Console) -> int:
     console.print(_flow_rows(list(cf.log)))
     console.print(_rows_table("Flows in memory", rows))
     return _verdict(console, rows, "in memory (run as root for the lab)")
+
+
+_PF_TITLE = "What the filter logged (one line per distinct packet line, with its count)"
+_PF_LINE = re.compile(r"\b(allow|drop) (inbound|outbound|any) (\S+) (\S+) (\S+) -> (\S+)")
+
+
+def run_packet_filter_demo(*, pcap_dir: str | None = None, force_memory: bool = False) -> int:
+    """``netsim demo packet-filter``: the packet filter example (a `FilterPacketProvider`) drops every packet to
+    or from the LAN printer on the Mac's en0 and allows and logs the rest; exit code 0 when every probe did what
+    it should."""
+    console = make_console()
+    why = "--memory was given" if force_memory else real_backend_missing()
+    if why is None:
+        return trio.run(_packet_filter_lab_demo, console, pcap_dir)
+    console.print(f"[yellow]Using the in-memory backend:[/] {why}.")
+    return trio.run(_packet_filter_memory_demo, console)
+
+
+def _packet_log_rows(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The filter's per-packet log lines, one entry per distinct line with how many times it was logged."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        if match := _PF_LINE.search(line):
+            counts[match[0]] = counts.get(match[0], 0) + 1
+    return [{"event": text.split(" ", 1)[0], "text": f"{text.split(' ', 1)[1]}  (x{n})"} for text, n in counts.items()]
+
+
+async def _packet_filter_lab_demo(console: Console, pcap_dir: str | None) -> int:
+    from netsim.lab import Lab
+    from netsim.lab.filter import packet_filter
+
+    spec = "netsim.examples.packet_filter:DropHostFilter"
+    async with Lab(pcap_dir=pcap_dir) as lab:
+        printer, www = str(lab.addr.lan_eth0_v4), str(lab.addr.www_v4)
+        curl = ("curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}")
+        probes = [
+            ("allowed: ping www.lab.test", ("ping", "-c", "2", "-i", "0.2", "-W", "1", www)),
+            ("allowed: curl http://www.lab.test/", (*curl, f"http://{www}/")),
+            ("dropped: ping the LAN printer", ("ping", "-c", "2", "-i", "0.2", "-W", "1", printer)),
+            ("dropped: curl the LAN printer (http)", (*curl, f"http://{printer}/")),
+        ]
+        console.print(f"lab [bold]{lab.run_id}[/] up; starting {spec} on mac's en0 (NFQUEUE), dropping {printer}\n")
+
+        def judge(label: str, returncode: int, out: str) -> tuple[str, bool, str]:
+            dropped = label.startswith("dropped")
+            ok = returncode != 0 if dropped else returncode == 0 and (out == "200" if "curl" in label else True)
+            return (
+                ("dropped" if dropped else "allowed"),
+                ok,
+                f"exit {returncode}" + (f", {_detail(out)}" if out else ""),
+            )
+
+        with packet_filter(lab, spec, vendor_configuration={"drop_hosts": [printer]}) as pf:
+            rows = await _run_probes(lab, probes, judge)
+        # a ping's latency is its average RTT, as the table's caption says
+        rows = [replace(r, seconds=float(m[1]) / 1000) if (m := _RTT.search(r.detail)) else r for r in rows]
+        stats = pf.statistics().filter
+        entries = _packet_log_rows(pf.log_text().splitlines())
+    counters = {k: v for k, v in vars(stats).items() if v}
+    return _flow_demo_report(
+        console,
+        lab,
+        entries,
+        rows,
+        counters=("filter", counters),
+        tail="the filter's iptables chains and queue are gone with it",
+        title=_PF_TITLE,
+    )
+
+
+async def _packet_filter_memory_demo(console: Console) -> int:
+    from netsim.examples.packet_filter import DropHostFilter
+    from netsim.runtime.filter import PacketFilterEngine
+    from netsim.testing.memory_tunnel import icmp_echo, udp_packet
+    from netsim.transports.nfqueue import NF_ACCEPT, NF_DROP, QueuedPacket
+
+    mac, www, printer = "192.168.1.10", "203.0.113.10", "192.168.1.20"
+    post, pre = 4, 0  # the netfilter hooks: outbound after routing, inbound as it arrives
+    cases = [
+        ("allowed: ping www.lab.test", icmp_echo(mac, www, 1), post, NF_ACCEPT),
+        ("allowed: its reply", icmp_echo(www, mac, 1), pre, NF_ACCEPT),
+        ("allowed: udp to www.lab.test", udp_packet(mac, www, 40000, 7, b"hello"), post, NF_ACCEPT),
+        ("dropped: ping the LAN printer", icmp_echo(mac, printer, 2), post, NF_DROP),
+        ("dropped: udp from the LAN printer", udp_packet(printer, mac, 631, 40001, b"status"), pre, NF_DROP),
+    ]
+    sent: list[tuple[int, int]] = []
+    provider = DropHostFilter()
+    handler = logging.getLogger("netsim.examples.packet_filter")
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    collect = _Collect()
+    handler.addHandler(collect)
+    handler.setLevel(logging.INFO)
+    try:
+        engine = PacketFilterEngine(
+            provider,
+            lambda pid, verdict: sent.append((pid, verdict)),
+            lambda: None,
+            interfaces={2: "en0"},
+            configuration={"drop_hosts": [printer]},
+        )
+        await provider.start_filter()
+        batch = [
+            QueuedPacket(i, 0x0800, hook, pkt, **({"outdev": 2} if hook == post else {"indev": 2}))
+            for i, (_, pkt, hook, _) in enumerate(cases, 1)
+        ]
+        engine.handle_batch(batch)  # one batch, one wakeup: every verdict goes back at once
+    finally:
+        handler.removeHandler(collect)
+    verdicts = dict(sent)
+    names = {NF_ACCEPT: "NF_ACCEPT", NF_DROP: "NF_DROP"}
+    rows = [
+        DemoRow(
+            label,
+            "dropped" if want == NF_DROP else "allowed",
+            0.0,
+            verdicts.get(i) == want,
+            f"verdict {names.get(verdicts.get(i, -1), 'none')}",
+        )
+        for i, (label, _, _, want) in enumerate(cases, 1)
+    ]
+    console.print(_flow_rows(_packet_log_rows(lines), _PF_TITLE))
+    console.print(_rows_table("Packets in memory (PacketFilterEngine, no kernel)", rows))
+    counters = {k: v for k, v in vars(engine.statistics()).items() if v}
+    console.print("filter counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()), highlight=False)
+    return _verdict(console, rows, "in memory (run as root for the lab: NFQUEUE on the Mac's en0)")
