@@ -9,7 +9,7 @@ LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
 
-.PHONY: all setup sysdeps demo test lint typecheck docs pytest pytest-nonative pytest-lowest pytest-pythons bench bench-quick clean
+.PHONY: all setup sysdeps demo test lint typecheck docs pytest pytest-nonative pytest-lowest pytest-pythons compat bench bench-quick clean
 
 all: test
 
@@ -60,25 +60,32 @@ $(LOWEST_STAMP): pyproject.toml $(STAMP)
 	@VIRTUAL_ENV=$(LOWEST) $(BIN)/uv pip install -q --resolution lowest-direct -e '.[dev]'
 	@rm -f $(LOWEST)/.stamp-* && touch $@
 
-# The unprivileged tests against the lowest allowed direct dependencies (privileged gates skip here: the root
-# tier runs once, above, with the current versions).
+# The compatibility tiers: the unprivileged tests against the lowest allowed direct dependencies, and on every
+# other Python the package says it supports (privileged gates skip there: the root tier runs once, above, with the
+# current versions). They check that the suite runs, not search for new counterexamples, so property tests are
+# capped at COMPAT_EXAMPLES examples each (tests/conftest.py); `make compat` runs the tiers side by side (one
+# pytest per core; each tier's output is printed whole when it ends) so `.ci/run` stays inside its time budget.
+COMPAT_EXAMPLES ?= 10
+COMPAT_ENV := env -u NETSIM_REQUIRE_PRIVILEGED NETSIM_HYPOTHESIS_MAX_EXAMPLES=$(COMPAT_EXAMPLES)
 pytest-lowest: $(LOWEST_STAMP)
-	env -u NETSIM_REQUIRE_PRIVILEGED $(LOWEST)/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" $(PYTEST_ARGS)
+	$(COMPAT_ENV) $(LOWEST)/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" $(PYTEST_ARGS)
 
-# The unprivileged tests again on every other Python the package says it supports (classifiers in pyproject.toml),
-# each in its own venv (.venv-3.12, ...); scripts/find-python.sh finds the interpreter or has uv install one.
+# Each other Python in its own venv (.venv-3.12, ...); scripts/find-python.sh finds the interpreter or has uv
+# install one.
 PYTHONS ?= 3.12 3.13
-pytest-pythons: $(STAMP)
-	@for v in $(PYTHONS); do \
-	  py=$$(scripts/find-python.sh $$v $(BIN)/uv) || exit 1; \
-	  echo "== Python $$v ($$py)"; \
-	  $(BIN)/uv venv -q --allow-existing -p $$py .venv-$$v || exit 1; \
-	  VIRTUAL_ENV=.venv-$$v $(BIN)/uv pip install -q -e '.[dev]' || exit 1; \
-	  env -u NETSIM_REQUIRE_PRIVILEGED .venv-$$v/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" \
-	    --ignore=tests/test_wheel.py $(PYTEST_ARGS) || exit 1; \
-	done
+pytest-pythons: $(addprefix pytest-python-,$(PYTHONS))
 
-test: setup lint typecheck docs pytest pytest-nonative pytest-lowest pytest-pythons
+pytest-python-%: $(STAMP)
+	@py=$$(scripts/find-python.sh $* $(BIN)/uv) && echo "== Python $* ($$py)" && \
+	  $(BIN)/uv venv -q --allow-existing -p $$py .venv-$* && \
+	  VIRTUAL_ENV=.venv-$* $(BIN)/uv pip install -q -e '.[dev]'
+	$(COMPAT_ENV) .venv-$*/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" \
+	  --ignore=tests/test_wheel.py $(PYTEST_ARGS)
+
+compat: $(STAMP)
+	$(MAKE) --no-print-directory -j2 --output-sync=target pytest-lowest pytest-pythons
+
+test: setup lint typecheck docs pytest pytest-nonative compat
 
 bench-quick: setup
 	$(BIN)/netsim bench --quick

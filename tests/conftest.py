@@ -30,13 +30,28 @@ settings.register_profile("ci", parent=settings.get_profile("netsim"), derandomi
 settings.load_profile("ci" if os.environ.get("CI") else "netsim")
 
 
+# The compatibility tiers (`make pytest-lowest`, `make pytest-pythons`) check that the suite runs on other
+# dependency floors and Pythons, not to search for new counterexamples: they cap every property test's examples
+# (NETSIM_HYPOTHESIS_MAX_EXAMPLES) so `.ci/run` stays inside its time budget; the main run keeps the full counts.
+_MAX_EXAMPLES = int(os.environ.get("NETSIM_HYPOTHESIS_MAX_EXAMPLES", "0") or 0)
+
+
+def _cap_examples(item: object) -> None:
+    test = getattr(getattr(item, "obj", None), "__func__", getattr(item, "obj", None))  # a method's function
+    current = getattr(test, "_hypothesis_internal_use_settings", None)
+    if current is not None and current.max_examples > _MAX_EXAMPLES:
+        test._hypothesis_internal_use_settings = settings(current, max_examples=_MAX_EXAMPLES)  # type: ignore[union-attr]
+
+
 def pytest_collection_modifyitems(config: object, items: list[object]) -> None:
     """Reject a ``reliability`` marker that names no row of the matrix (a typo would hide a row's coverage), and a
-    test under tests/lab/ without the ``lab`` marker."""
+    test under tests/lab/ without the ``lab`` marker; cap property tests' examples in the compatibility tiers."""
     import pytest
     from reliability_rows import ROWS
 
     for item in items:
+        if _MAX_EXAMPLES > 0:
+            _cap_examples(item)
         path = str(getattr(item, "path", ""))
         if "/tests/lab/" in path and item.get_closest_marker("lab") is None:  # type: ignore[attr-defined]
             # the unprivileged tiers deselect by this marker: a lab test without it would run (and skip) there
