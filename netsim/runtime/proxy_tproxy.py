@@ -8,7 +8,9 @@ connection or UDP conversation into an `AppProxyTCPFlow` / `AppProxyUDPFlow` for
 - **TCP**: an accepted socket's local address is the app's original destination (``remote_endpoint``); its peer
   is the app's socket, whose owner uid (``/proc/net``, `netsim.runtime.appid`) gives `FlowMetaData`.
 - **UDP**: datagrams arrive with their original destination (``IP_RECVORIGDSTADDR``); one flow per app socket
-  (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it.
+  (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it, or, when a
+  local server owns that address (the Mac's resolver on ``127.0.0.53:53`` / ``[::1]:53``), as raw IPv4 / IPv6
+  datagrams (`udp_datagram`).
 - **TCP is decided at the SYN**: the rules queue each new connection's SYN (NFQUEUE, `netsim.runtime.proxy_nft`)
   before anything answers it; the host builds the flow from the SYN (destination, and the socket owner's uid the
   kernel sends with it, ``NFQA_UID``; else the ``SYN_SENT`` socket's in ``/proc/net``), asks ``handle_new_flow``
