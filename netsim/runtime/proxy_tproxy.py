@@ -260,6 +260,7 @@ class _CapturedUdp(DatagramQueue):
                 else:
                     await sock.sendto(data, self.client)
             except OSError as exc:
+                self.tproxy.count("udp_reply_errors")
                 log.debug("udp reply to %s: %s", self.client, exc)
 
     async def aclose(self) -> None:
@@ -345,10 +346,10 @@ class TproxyHost(ProxyHost):
     async def raw_reply(self, data: bytes, source: tuple[str, int], client: tuple[str, int]) -> None:
         """Send one UDP datagram from ``source`` (an address:port a local socket owns) to ``client``, as a raw
         packet built by `udp_datagram` (``IPPROTO_RAW`` implies ``IP_HDRINCL`` / ``IPV6_HDRINCL``, raw(7)), one
-        marked socket per family. A datagram too long for one packet is dropped and counted (``udp_queue_full``)."""
+        marked socket per family. A datagram too long for one packet is dropped and counted (``udp_reply_errors``)."""
         family = _family(source[0])
         if _family(client[0]) != family or len(data) > _MAX_DATAGRAM - (28 if family == socket.AF_INET else 8):
-            self.count("udp_queue_full")
+            self.count("udp_reply_errors")
             return
         sock = self._raw.get(family)
         if sock is None:

@@ -39,3 +39,19 @@ def test_udp_datagram_fields_and_checksums(source: tuple[str, int], client: tupl
         del fresh[IP].chksum
         assert int(parsed[IP].chksum) == int(IP(bytes(fresh))[IP].chksum)
     assert stored != 0 and stored == int(layer(bytes(fresh))[UDP].chksum)  # IPv6: mandatory (RFC 8200 §8.1)
+
+
+def test_a_reply_too_long_for_one_packet_is_a_counted_loss() -> None:
+    """`raw_reply` drops a datagram that cannot be one packet and counts it (``udp_reply_errors``), no socket."""
+    import trio
+
+    from netsim.apple.proxy import TransparentProxyProvider
+    from netsim.runtime.proxy_tproxy import TproxyHost
+
+    host = TproxyHost(TransparentProxyProvider())
+    for source, client, size in ((("127.0.0.53", 53), ("127.0.0.1", 1), 65508), (("::1", 53), ("::1", 1), 65528)):
+        trio.run(host.raw_reply, b"x" * size, source, client)
+    trio.run(host.raw_reply, b"x", ("::1", 53), ("127.0.0.1", 1))  # mixed families: never a packet
+    stats = host.statistics()
+    assert (stats.udp_reply_errors, stats.udp_queue_full) == (3, 0)
+    assert host._raw == {}  # nothing was opened for them
