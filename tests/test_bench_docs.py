@@ -97,6 +97,23 @@ def test_the_cpu_of_a_tcp_case_is_seconds_per_gbit() -> None:
     assert runner.NOT_MEASURED in runner.render_docs(missing, doc)
 
 
+def test_the_system_share_of_a_process_cpu_is_accumulated_and_rendered() -> None:
+    from netsim.bench.bench_e2e import _add_cpu, split_sys
+
+    cpu: dict[str, float] = {}
+    _add_cpu(cpu, "helper", (1.0, 0.5), (1.3, 1.2))  # (utime, stime) before and after: 0.3 user + 0.7 system
+    _add_cpu(cpu, "helper", (2.0, 2.0), (2.0, 2.0))  # an idle run adds nothing
+    totals, shares = split_sys(cpu)
+    assert totals == pytest.approx({"helper": 1.0}) and shares == pytest.approx({"helper": 0.7})
+    doc = copy.deepcopy(_data())
+    rec = next(r for r in doc["results"] if r["name"] == "e2e/netsim/udp64")
+    rec["cpu_sys_share"] = shares
+    page = "<!-- bench:case:e2e/netsim/udp64:sys.helper --><!-- /bench -->"
+    assert runner.render_docs(page, doc) == "<!-- bench:case:e2e/netsim/udp64:sys.helper -->70 %<!-- /bench -->"
+    del rec["cpu_sys_share"]  # a run from before the split says so
+    assert runner.NOT_MEASURED in runner.render_docs(page, doc)
+
+
 def test_write_docs_from_json_publishes_json_page_and_keeps_the_prose(tmp_path: Path) -> None:
     (tmp_path / "benchmarks.md").write_text(
         "Intro.\n\n<!-- bench:section:run --><!-- /bench -->\n\n"

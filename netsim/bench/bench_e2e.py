@@ -128,14 +128,37 @@ def build_tools() -> dict[str, Path]:
     return out
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads) from ``/proc/<pid>/stat`` (proc(5) fields 14 and 15)."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all its threads) in seconds, from ``/proc/<pid>/stat`` (proc(5) fields 14
+    and 15): the time in its own code, and the time the kernel spent on its behalf (its syscalls)."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return float("nan")
+        return float("nan"), float("nan")
     fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads) from ``/proc/<pid>/stat``."""
+    return sum(proc_cpu_split(pid))
+
+
+_SYS = "/sys"  # suffix of a process's kernel-time entry in a case's CPU accumulator
+
+
+def _add_cpu(cpu: dict[str, float], name: str, before: tuple[float, float], after: tuple[float, float]) -> None:
+    """Accumulate a process's CPU (user + system) under ``name`` and its system part under ``name + _SYS``."""
+    cpu[name] = cpu.get(name, 0.0) + sum(after) - sum(before)
+    cpu[name + _SYS] = cpu.get(name + _SYS, 0.0) + after[1] - before[1]
+
+
+def split_sys(cpu: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """A CPU accumulator's totals per process, and each process's system share of them (0..1; NaN if no CPU)."""
+    totals = {k: v for k, v in cpu.items() if not k.endswith(_SYS)}
+    shares = {k: (cpu[k + _SYS] / v if v > 0 else float("nan")) for k, v in totals.items() if k + _SYS in cpu}
+    return totals, shares
 
 
 def children_cpu_seconds() -> float:
@@ -252,12 +275,12 @@ class E2E:
         return dict(json.loads(line))
 
     async def _udp_once(self, setup: PathSetup, size: int, cpu: dict[str, float]) -> dict[str, Any]:
-        before = {name: proc_cpu_seconds(pid) for name, pid in setup.procs.items()}
+        before = {name: proc_cpu_split(pid) for name, pid in setup.procs.items()}
         child0 = children_cpu_seconds()
         run = await self.blast(setup.udp_dst, size, self.seconds)
         cpu["blaster"] = cpu.get("blaster", 0.0) + children_cpu_seconds() - child0
         for name, pid in setup.procs.items():
-            cpu[name] = cpu.get(name, 0.0) + proc_cpu_seconds(pid) - before[name]
+            _add_cpu(cpu, name, before[name], proc_cpu_split(pid))
         return run
 
     async def measure_udp(self, setups: dict[str, PathSetup], size: int) -> None:
@@ -288,6 +311,7 @@ class E2E:
         pps = [r["pps"] for r in runs]
         loss = [r["loss"] for r in runs]
         received = sum(r["received"] for r in runs)
+        cpu, sys_share = split_sys(cpu)
         med = statistics.median(pps)
         self.results.append(
             {
@@ -304,6 +328,7 @@ class E2E:
                 "gbps": med * size * 8 / 1e9,
                 "loss": _summary(loss),
                 "cpu_s_per_packet": {k: (v / received if received else float("nan")) for k, v in cpu.items()},
+                "cpu_sys_share": sys_share,
                 "runs": runs,
                 **setup.info,
             }
@@ -331,7 +356,7 @@ class E2E:
             for path in active[rep % len(active) :] + active[: rep % len(active)] if active else []:
                 if path not in gbps:
                     continue
-                before = {name: proc_cpu_seconds(pid) for name, pid in procs[path].items()}
+                before = {name: proc_cpu_split(pid) for name, pid in procs[path].items()}
                 child0 = children_cpu_seconds()
                 try:
                     end = await self._iperf(setups[path], self.tcp_seconds)
@@ -341,11 +366,12 @@ class E2E:
                     continue
                 cpu[path]["iperf3-client"] += children_cpu_seconds() - child0
                 for name, pid in procs[path].items():
-                    cpu[path][name] += proc_cpu_seconds(pid) - before[name]
+                    _add_cpu(cpu[path], name, before[name], proc_cpu_split(pid))
                 gbps[path].append(float(end["sum_received"]["bits_per_second"]) / 1e9)
                 bits[path] += float(end["sum_received"]["bytes"]) * 8
         for path, values in gbps.items():
             gbit = bits[path] / 1e9
+            totals, sys_share = split_sys(cpu[path])
             self.results.append(
                 {
                     "name": f"e2e/{path}/tcp",
@@ -355,7 +381,8 @@ class E2E:
                     "reps": len(values),
                     "seconds_per_run": self.tcp_seconds,
                     "gbps": _summary(values),
-                    "cpu_s_per_gbit": {k: v / gbit if gbit else float("nan") for k, v in cpu[path].items()},
+                    "cpu_s_per_gbit": {k: v / gbit if gbit else float("nan") for k, v in totals.items()},
+                    "cpu_sys_share": sys_share,
                     **setups[path].info,
                 }
             )

@@ -1109,7 +1109,7 @@ def _figure(doc: dict[str, Any], key: str) -> str:
         if t["met"] is None:
             return "not measured"
         return f"{'met' if t['met'] else 'missed'}, {_margin_text(t)}"
-    if kind == "case":  # case:<name>:<field>, field pps | gbps | loss | cpu.<process> | ns
+    if kind == "case":  # case:<name>:<field>, field pps | gbps | loss | cpu.<process> | sys.<process> | ns
         name, _, field = rest.rpartition(":")
         rec = _by_case(doc).get(name)
         if rec is None:
@@ -1126,6 +1126,9 @@ def _figure(doc: dict[str, Any], key: str) -> str:
                 return NOT_MEASURED if v is None or v != v else f"{v:.2f}"
             v = rec.get("cpu_s_per_packet", {}).get(field[4:])
             return NOT_MEASURED if v is None or v != v else f"{v * 1e6:.1f}"
+        if field.startswith("sys."):  # the share of a process's CPU that was system time (in the kernel)
+            v = rec.get("cpu_sys_share", {}).get(field[4:])
+            return NOT_MEASURED if v is None or v != v else f"{v * 100:.0f} %"
         raise KeyError(f"unknown field {field!r} in {key!r}")
     if kind == "machine":
         value = doc["machine"].get(rest)
@@ -1143,7 +1146,8 @@ def render_docs(page: str, doc: dict[str, Any]) -> str:
     that docs/benchmarks.md is what this gives from docs/benchmarks.json). Ratios are recomputed with today's
     definitions (`compute_ratios`), as ``--from-json`` does. Keys: ``section:<run|results|levers|targets|ratios|
     profiles|skipped>``, ``ratio:<label>`` (``0.76x``), ``target:<name>``,
-    ``case:<case name>:<pps|gbps|ns|cpu.<process>>`` (``cpu``: µs per packet, TCP: CPU s per Gbit),
+    ``case:<case name>:<pps|gbps|ns|cpu.<process>|sys.<process>>`` (``cpu``: µs per packet, TCP: CPU s per
+    Gbit; ``sys``: the system-time share of that CPU),
     ``machine:<field>``, ``run:<kind|wall_seconds>``.
 
     Raises:

@@ -61,7 +61,8 @@ class ProxyHostStatistics:
     """Counters of a `ProxyHost` (plain ints; ``flows = claimed + declined + refused + dropped``).
 
     ``decided_at_syn``: flows the provider was asked about when the app's SYN was queued (the TPROXY backend);
-    ``undecided_accepts``: captured connections accepted with no SYN-time decision (decided then, the old way).
+    ``undecided_accepts``: captured connections accepted with no SYN-time decision (decided then, the old way);
+    ``udp_reply_errors``: UDP replies to an app that were lost: too long for one packet, or refused by the kernel.
     """
 
     flows: int
@@ -76,6 +77,7 @@ class ProxyHostStatistics:
     direct_bytes: int
     decided_at_syn: int = 0
     undecided_accepts: int = 0
+    udp_reply_errors: int = 0
 
 
 class DatagramQueue:

@@ -8,7 +8,9 @@ connection or UDP conversation into an `AppProxyTCPFlow` / `AppProxyUDPFlow` for
 - **TCP**: an accepted socket's local address is the app's original destination (``remote_endpoint``); its peer
   is the app's socket, whose owner uid (``/proc/net``, `netsim.runtime.appid`) gives `FlowMetaData`.
 - **UDP**: datagrams arrive with their original destination (``IP_RECVORIGDSTADDR``); one flow per app socket
-  (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it.
+  (``local_endpoint``), replies sent from the remote's address by a transparent socket bound to it, or, when a
+  local server owns that address (the Mac's resolver on ``127.0.0.53:53`` / ``[::1]:53``), as raw IPv4 / IPv6
+  datagrams (`udp_datagram`).
 - **TCP is decided at the SYN**: the rules queue each new connection's SYN (NFQUEUE, `netsim.runtime.proxy_nft`)
   before anything answers it; the host builds the flow from the SYN (destination, and the socket owner's uid the
   kernel sends with it, ``NFQA_UID``; else the ``SYN_SENT`` socket's in ``/proc/net``), asks ``handle_new_flow``
@@ -56,6 +58,7 @@ from netsim.apple.proxy import (
     TransparentProxyNetworkSettings,
 )
 from netsim.apple.settings import DNSSettings
+from netsim.core.checksum import fill_checksums
 from netsim.core.flowdecision import DecisionTable
 from netsim.core.netrules import FlowKey
 from netsim.core.packet import PacketView
@@ -66,7 +69,7 @@ from netsim.runtime.proxy_nft import OWN_MARK, ProxyKernelState
 from netsim.runtime.resolver import RESOLVER_LISTEN
 from netsim.transports.nfqueue import NF_ACCEPT, NfQueue
 
-__all__ = ["DNS_PROXY_NAMES", "TproxyHost", "load_proxy_provider", "main", "serve_until_signalled"]
+__all__ = ["DNS_PROXY_NAMES", "TproxyHost", "load_proxy_provider", "main", "serve_until_signalled", "udp_datagram"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,23 @@ def _transparent(sock: socket.socket | trio.socket.SocketType, family: int) -> N
     else:
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
+
+
+def udp_datagram(data: bytes, source: tuple[str, int], client: tuple[str, int]) -> bytes:
+    """An IPv4 or IPv6 packet carrying one UDP datagram from ``source`` to ``client``, every checksum filled
+    (`fill_checksums`: the UDP checksum is mandatory over IPv6, RFC 8200 §8.1, and a computed 0 is sent as
+    0xFFFF, RFC 768). Pure: the caller checks that ``data`` fits (at most 65507 bytes over IPv4, 65527 over
+    IPv6) and that both addresses are of one family."""
+    family = _family(source[0])
+    src, dst = socket.inet_pton(family, source[0]), socket.inet_pton(family, client[0])
+    udp = struct.pack("!HHHH", source[1], client[1], 8 + len(data), 0) + data
+    if family == socket.AF_INET:  # RFC 791 §3.1: no options, DF clear, TTL 64
+        head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0, src, dst)
+    else:  # RFC 8200 §3: traffic class and flow label 0, hop limit 64
+        head = struct.pack("!IHBB16s16s", 6 << 28, len(udp), socket.IPPROTO_UDP, 64, src, dst)
+    packet = bytearray(head + udp)
+    fill_checksums(packet)
+    return bytes(packet)
 
 
 class _OwnStream:
@@ -240,6 +260,7 @@ class _CapturedUdp(DatagramQueue):
                 else:
                     await sock.sendto(data, self.client)
             except OSError as exc:
+                self.tproxy.count("udp_reply_errors")
                 log.debug("udp reply to %s: %s", self.client, exc)
 
     async def aclose(self) -> None:
@@ -297,7 +318,7 @@ class TproxyHost(ProxyHost):
         self.udp_flows: dict[tuple[str, int], _CapturedUdp] = {}
         self.owner = ProcNetOwnerLookup()
         self.ruleset = ""
-        self._raw: trio.socket.SocketType | None = None
+        self._raw: dict[int, trio.socket.SocketType] = {}  # address family -> raw socket (`raw_reply`)
         self.decisions: DecisionTable[_Decision] = DecisionTable(DECISIONS, DECISION_TTL)
         self.queue: NfQueue | None = None
 
@@ -324,19 +345,18 @@ class TproxyHost(ProxyHost):
 
     async def raw_reply(self, data: bytes, source: tuple[str, int], client: tuple[str, int]) -> None:
         """Send one UDP datagram from ``source`` (an address:port a local socket owns) to ``client``, as a raw
-        IPv4 packet (``IPPROTO_RAW``: the kernel fills the IP checksum and length; UDP checksum 0 is "none" in IPv4,
-        RFC 768). IPv6 would need the UDP checksum and ``IPV6_HDRINCL``; it is not done (counted, dropped)."""
-        if ":" in source[0] or ":" in client[0] or len(data) > _MAX_DATAGRAM - 28:
-            self.count("udp_queue_full")
+        packet built by `udp_datagram` (``IPPROTO_RAW`` implies ``IP_HDRINCL`` / ``IPV6_HDRINCL``, raw(7)), one
+        marked socket per family. A datagram too long for one packet is dropped and counted (``udp_reply_errors``)."""
+        family = _family(source[0])
+        if _family(client[0]) != family or len(data) > _MAX_DATAGRAM - (28 if family == socket.AF_INET else 8):
+            self.count("udp_reply_errors")
             return
-        if self._raw is None:
-            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        sock = self._raw.get(family)
+        if sock is None:
+            raw = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
             raw.setsockopt(socket.SOL_SOCKET, SO_MARK, self.own_mark)
-            self._raw = trio.socket.from_stdlib_socket(raw)
-        src, dst = socket.inet_aton(source[0]), socket.inet_aton(client[0])
-        udp = struct.pack("!HHHH", source[1], client[1], 8 + len(data), 0)
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(data), 0, 0, 64, socket.IPPROTO_UDP, 0, src, dst)
-        await self._raw.sendto(ip + udp + data, (client[0], 0))
+            sock = self._raw[family] = trio.socket.from_stdlib_socket(raw)
+        await sock.sendto(udp_datagram(data, source, client), (client[0], 0))
 
     def start(self, fn: Any, *args: Any) -> None:
         """Start a task in the host's nursery."""
@@ -576,8 +596,8 @@ class TproxyHost(ProxyHost):
                         self.queue.close()  # after the rules are gone: nothing is queued to it any more
                     for sock, _ in listeners:
                         sock.close()
-                    if self._raw is not None:
-                        self._raw.close()
+                    for raw in self._raw.values():
+                        raw.close()
                     if problems:
                         log.error("proxy cleanup incomplete: %s", "; ".join(problems))
 
