@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -81,20 +82,37 @@ except BaseException as exc:
 _KEY_RE = re.compile(r"^PrivateKey\s*=\s*(\S+)\s*$", re.MULTILINE)
 
 
+def _default_sighup() -> None:
+    # An owner started from a terminal or a service manager has SIGHUP at its default. The test's own ancestry
+    # may not (`nohup make test` ignores it, and an ignored disposition survives exec), and `Lab` rightly leaves
+    # an ignored SIGHUP alone: the sighup cases hung under a nohup'ed CI run for exactly that reason.
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _ignore_sigint() -> None:
     # What a non-interactive shell does for `cmd &`; setsid detaches from the terminal as a daemon would.
+    _default_sighup()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.setsid()
 
 
-def _start(argv: list[str], *, background: bool) -> tuple[subprocess.Popen[str], Path, float]:
+def _nohup() -> None:
+    # What `nohup cmd &` does: SIGHUP ignored, SIGINT ignored by the background shell.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setsid()
+
+
+def _start(
+    argv: list[str], *, background: bool, preexec: Callable[[], None] | None = None
+) -> tuple[subprocess.Popen[str], Path, float]:
     since = time.time() - 2  # file timestamps are coarser than time.time()
     proc = subprocess.Popen(
         argv,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_ignore_sigint if background else None,  # noqa: PLW1509 -- signal() and setsid() only
+        preexec_fn=preexec or (_ignore_sigint if background else _default_sighup),  # noqa: PLW1509 -- signal() and setsid() only
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + 90
@@ -216,6 +234,22 @@ def test_script_owner_torn_down_by_signal(sig: int, background: bool) -> None:
     key = _key_of(config)
     _, output = _stop_and_check(proc, run_id, key, sig, since)
     assert "INTERRUPTED" in output  # torn down, then interrupted like Ctrl-C
+
+
+@pytest.mark.reliability("R3")
+def test_a_nohup_owner_ignores_sighup_and_still_tears_down_on_sigterm() -> None:
+    """The control for the sighup cases: under ``nohup`` SIGHUP is ignored, and `Lab` leaves that alone (the user
+    asked for it), so the owner keeps running through a SIGHUP; SIGTERM still tears everything down."""
+    _need()
+    run_id = "n" + secrets.token_hex(2)
+    proc, config, since = _start([sys.executable, "-c", _SCRIPT_OWNER, run_id], background=True, preexec=_nohup)
+    key = _key_of(config)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    alive = proc.poll() is None
+    _, output = _stop_and_check(proc, run_id, key, signal.SIGTERM, since)
+    assert alive, f"a nohup'ed owner exited on SIGHUP: {output[-2000:]}"
+    assert "INTERRUPTED" in output
 
 
 @pytest.mark.reliability("R3")
