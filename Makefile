@@ -57,7 +57,8 @@ pytest-nonative: setup
 
 $(LOWEST_STAMP): pyproject.toml $(STAMP)
 	@$(BIN)/uv venv -q --allow-existing -p $(BIN)/python $(LOWEST)
-	@VIRTUAL_ENV=$(LOWEST) $(BIN)/uv pip install -q --resolution lowest-direct -e '.[dev]'
+	@VIRTUAL_ENV=$(LOWEST) $(BIN)/uv pip install -q --resolution lowest-direct --refresh-package netsim \
+	  --reinstall-package netsim -e '.[dev]'
 	@rm -f $(LOWEST)/.stamp-* && touch $@
 
 # The compatibility tiers: the unprivileged tests against the lowest allowed direct dependencies, and on every
@@ -78,7 +79,8 @@ pytest-pythons: $(addprefix pytest-python-,$(PYTHONS))
 pytest-python-%: $(STAMP)
 	@py=$$(scripts/find-python.sh $* $(BIN)/uv) && echo "== Python $* ($$py)" && \
 	  $(BIN)/uv venv -q --allow-existing -p $$py .venv-$* && \
-	  VIRTUAL_ENV=.venv-$* $(BIN)/uv pip install -q -e '.[dev]'
+	  VIRTUAL_ENV=.venv-$* $(BIN)/uv pip install -q --refresh-package netsim --reinstall-package netsim -e '.[dev]' && \
+	  .venv-$*/bin/python -c 'import netsim.accel as a; print("netsim: native accelerator:", a.ACTIVE)'
 	$(COMPAT_ENV) .venv-$*/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" \
 	  --ignore=tests/test_wheel.py $(PYTEST_ARGS)
 
