@@ -14,7 +14,7 @@ import re
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -31,6 +31,14 @@ __all__ = ["DemoRow", "real_backend_missing", "run_demo", "run_filter_demo", "ru
 log = logging.getLogger("netsim.demo")
 
 _RTT = re.compile(r"rtt min/avg/max/mdev = [\d.]+/([\d.]+)/")
+
+
+def _latency(output: str, elapsed: float) -> float:
+    """A probe's latency as the tables show it: a ping's own average RTT, else the whole command's time."""
+    rtt = _RTT.search(output)
+    return float(rtt.group(1)) / 1000 if rtt else elapsed
+
+
 _BINARIES = ("wireguard-go", "wg", "nft", "iperf3", "tcpdump", "curl", "dig", "ping")
 
 
@@ -121,8 +129,7 @@ async def _real_demo(console: Console, pcap_dir: str | None) -> int:
         for label, argv in demo_probes(str(lab.addr.lan_eth0_v4)):
             with console.status(f"probe: {label}"):
                 r = await t.run_probe(label, argv)
-            rtt = _RTT.search(r.output)
-            seconds = float(rtt.group(1)) / 1000 if rtt else r.seconds  # ping: its own average RTT
+            seconds = _latency(r.output, r.seconds)
             expect_fail = r.path == "dropped"
             ok = (not r.ok) if expect_fail else r.ok
             detail = f"dropped by policy ({r.policy_dropped} packets)" if expect_fail else _detail(r.output)
@@ -265,9 +272,14 @@ async def _run_probes(
     for label, argv in probes:
         start = trio.current_time()
         r = await lab.run("mac", list(argv), check=False, timeout=30)
-        path, ok, detail = judge(label, r.returncode, r.stdout.decode(errors="replace").strip())
-        rows.append(DemoRow(label, path, trio.current_time() - start, ok, detail))
+        out = r.stdout.decode(errors="replace").strip()
+        path, ok, detail = judge(label, r.returncode, out)
+        rows.append(DemoRow(label, path, _latency(out, trio.current_time() - start), ok, detail))
     return rows
+
+
+def _print_counters(console: Console, name: str, stats: dict[str, Any]) -> None:
+    console.print(f"{name} counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
 
 
 def _flow_demo_report(
@@ -283,8 +295,7 @@ def _flow_demo_report(
     """The flow-level demos' report: the flow log, the probes, the host's counters, the captures, the verdict."""
     console.print(_flow_rows(entries, title))
     console.print(_rows_table("Probes from the simulated Mac", rows))
-    name, stats = counters
-    console.print(f"{name} counters: " + ", ".join(f"{k}={v}" for k, v in stats.items()), highlight=False)
+    _print_counters(console, *counters)
     print_captures(console, lab.capture_history)
     return _verdict(console, rows, tail)
 
@@ -539,8 +550,6 @@ async def _packet_filter_lab_demo(console: Console, pcap_dir: str | None) -> int
 
         with packet_filter(lab, spec, vendor_configuration={"drop_hosts": [printer]}) as pf:
             rows = await _run_probes(lab, probes, judge)
-        # a ping's latency is its average RTT, as the table's caption says
-        rows = [replace(r, seconds=float(m[1]) / 1000) if (m := _RTT.search(r.detail)) else r for r in rows]
         stats = pf.statistics().filter
         entries = _packet_log_rows(pf.log_text().splitlines())
     counters = {k: v for k, v in vars(stats).items() if v}
@@ -612,6 +621,5 @@ async def _packet_filter_memory_demo(console: Console) -> int:
     ]
     console.print(_flow_rows(_packet_log_rows(lines), _PF_TITLE))
     console.print(_rows_table("Packets in memory (PacketFilterEngine, no kernel)", rows))
-    counters = {k: v for k, v in vars(engine.statistics()).items() if v}
-    console.print("filter counters: " + ", ".join(f"{k}={v}" for k, v in counters.items()), highlight=False)
+    _print_counters(console, "filter", {k: v for k, v in vars(engine.statistics()).items() if v})
     return _verdict(console, rows, "in memory (run as root for the lab: NFQUEUE on the Mac's en0)")
