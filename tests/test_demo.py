@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from demo_cli import run_demo
 
 from netsim.testing.require import require_binary, require_tun
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netsim.cli", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    return run_demo(*args, timeout=240)
 
 
 def test_memory_backend_demo_succeeds() -> None:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+from demo_cli import run_demo
 
 from netsim.testing.require import require_binary, require_root
 
 
 def _demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "netsim.cli", "demo", "filter", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    return run_demo("filter", *args)
 
 
 def test_memory_filter_demo() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 import trio
+from proxy_probes import AS_NOBODY, NOBODY, UDP_SENDER
 
 from netsim.apple import AppRule
 from netsim.lab.addressing import ADDR
@@ -38,8 +39,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
 TPROXY = "netsim.examples.transparent_proxy:LoggingTransparentProxy"
 DNS = "netsim.examples.dns_proxy:LoggingDNSProxy"
-NOBODY = 65534
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 WWW, LAN = str(ADDR.www_v6), str(ADDR.lan_eth0_v6)
 OPTIONS = {
     "include": ["::/0:80/tcp", "::/0:7/udp"],
@@ -47,16 +46,6 @@ OPTIONS = {
     "decline_apps": ["dev.netsim.nobody"],
 }
 PORTS = {"tcp_proxied": 40101, "tcp_declined": 40102, "tcp_excluded": 40103, "udp_proxied": 40104}
-UDP_SENDER = """
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); s.settimeout(3)
-s.bind(("::", int(sys.argv[3])))
-s.sendto(b"netsim-proxy-v6", (sys.argv[1], int(sys.argv[2])))
-try:
-    print("reply", s.recvfrom(2048)[0].decode())
-except OSError as exc:
-    print("noreply", exc)
-"""
 
 
 async def _curl(lab: Lab, host: str, port: int, user: list[str] | None = None) -> str:
@@ -98,7 +87,7 @@ async def _tproxy(lab: Lab, rec: dict[str, Any], d: Path) -> None:
             rec["tcp_proxied"] = await _curl(lab, WWW, PORTS["tcp_proxied"])
             rec["tcp_declined"] = await _curl(lab, WWW, PORTS["tcp_declined"], AS_NOBODY)
             rec["tcp_excluded"] = await _curl(lab, LAN, PORTS["tcp_excluded"])
-            udp = [sys.executable, "-c", UDP_SENDER, WWW, "7", str(PORTS["udp_proxied"])]
+            udp = [sys.executable, "-c", UDP_SENDER, WWW, "7", str(PORTS["udp_proxied"]), "netsim-proxy-v6"]
             rec["udp_proxied"] = (await lab.run("mac", udp, check=False)).stdout.decode().strip()
             rec["stats"] = (await p.stop())["statistics"]
             rec["log"] = p.flow_log()

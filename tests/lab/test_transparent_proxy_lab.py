@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import trio
+from proxy_probes import AS_NOBODY, NOBODY, UDP_SENDER
 
 from netsim.apple import AppRule
 from netsim.lab.addressing import ADDR
@@ -36,7 +37,6 @@ from netsim.testing.fixtures import run_lab_scenario
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
 DEMO = "netsim.examples.transparent_proxy:LoggingTransparentProxy"
-NOBODY = 65534
 WWW, LAN = str(ADDR.www_v4), str(ADDR.lan_eth0_v4)
 OPTIONS = {
     "include": ["0.0.0.0/0:80/tcp", "0.0.0.0/0:7/udp"],
@@ -50,17 +50,6 @@ PORTS = {
     "udp_proxied": 40004,
     "udp_declined": 40005,
 }
-UDP_SENDER = """
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
-s.bind(("0.0.0.0", int(sys.argv[3])))
-s.sendto(b"netsim-proxy", (sys.argv[1], int(sys.argv[2])))
-try:
-    print("reply", s.recvfrom(2048)[0].decode())
-except OSError as exc:
-    print("noreply", exc)
-"""
-AS_NOBODY = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
 
 
 async def _curl(lab: Lab, url: str, port: int, user: list[str] | None = None) -> str:
@@ -70,7 +59,8 @@ async def _curl(lab: Lab, url: str, port: int, user: list[str] | None = None) ->
 
 
 async def _udp(lab: Lab, host: str, port: int, user: list[str] | None = None) -> str:
-    r = await lab.run("mac", [*(user or []), sys.executable, "-c", UDP_SENDER, host, "7", str(port)], check=False)
+    argv = [*(user or []), sys.executable, "-c", UDP_SENDER, host, "7", str(port), "netsim-proxy"]
+    r = await lab.run("mac", argv, check=False)
     return r.stdout.decode().strip()
 
 
