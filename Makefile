@@ -5,6 +5,10 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # A second venv with the lowest versions pyproject.toml allows for every direct dependency, so a floor cannot lie.
+# netsim itself is rebuilt in each compat venv (the build hook compiles the native accelerator for that
+# interpreter), one install at a time: two concurrent uv builds of the same source share one editable wheel, and
+# the second interpreter then got no accelerator (the 3.12 tier skipped the native tests).
+COMPAT_INSTALL = flock $(VENV)/.compat-install.lock $(BIN)/uv pip install -q --refresh-package netsim --reinstall-package netsim
 LOWEST := .venv-lowest
 LOWEST_STAMP := $(LOWEST)/.stamp-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PYTEST_ARGS ?=
@@ -57,8 +61,7 @@ pytest-nonative: setup
 
 $(LOWEST_STAMP): pyproject.toml $(STAMP)
 	@$(BIN)/uv venv -q --allow-existing -p $(BIN)/python $(LOWEST)
-	@VIRTUAL_ENV=$(LOWEST) $(BIN)/uv pip install -q --resolution lowest-direct --refresh-package netsim \
-	  --reinstall-package netsim -e '.[dev]'
+	@VIRTUAL_ENV=$(LOWEST) $(COMPAT_INSTALL) --resolution lowest-direct -e '.[dev]'
 	@rm -f $(LOWEST)/.stamp-* && touch $@
 
 # The compatibility tiers: the unprivileged tests against the lowest allowed direct dependencies, and on every
@@ -79,7 +82,7 @@ pytest-pythons: $(addprefix pytest-python-,$(PYTHONS))
 pytest-python-%: $(STAMP)
 	@py=$$(scripts/find-python.sh $* $(BIN)/uv) && echo "== Python $* ($$py)" && \
 	  $(BIN)/uv venv -q --allow-existing -p $$py .venv-$* && \
-	  VIRTUAL_ENV=.venv-$* $(BIN)/uv pip install -q --refresh-package netsim --reinstall-package netsim -e '.[dev]' && \
+	  VIRTUAL_ENV=.venv-$* $(COMPAT_INSTALL) -e '.[dev]' && \
 	  .venv-$*/bin/python -c 'import netsim.accel as a; print("netsim: native accelerator:", a.ACTIVE)'
 	$(COMPAT_ENV) .venv-$*/bin/pytest -q -p no:cacheprovider -m "not lab and not tun" \
 	  --ignore=tests/test_wheel.py $(PYTEST_ARGS)
