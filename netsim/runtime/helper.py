@@ -176,6 +176,8 @@ class Helper:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         self.config = config
         self.transport = transport
+        #: While set, the transport's kernel filter drops handshake initiations until this time (`_filter_flood`).
+        self._filter_until: float | None = None
         self.policy = policy
         self.bypass = bypass
         self.batch = batch
@@ -601,6 +603,10 @@ class Helper:
             yield data, addr
 
     def _handle_timer(self, now: float) -> None:
+        until = self._filter_until
+        if until is not None and now >= until:  # the device reads initiations again: so must the socket
+            self._filter_until = None
+            self.transport.filter_initiations(False)  # type: ignore[attr-defined]
         self._settle(now)  # before the no-reply handshake replaces the session
         self.device.handle_timer(now)
         self._log_events()
@@ -664,8 +670,27 @@ class Helper:
         views, sizes = self._rx_views, self._rx_sizes
         datagrams = [views[i][: sizes[i]] for i in range(n)]
         self.device.receive_datagrams_untrusted(datagrams, self._rx_addrs[:n], now)  # type: ignore[arg-type]
+        if self._filter_until is None:
+            self._filter_flood(now)
         self._log_events()
         self._settle(now)
+
+    def _filter_flood(self, now: float) -> None:
+        """Under a handshake flood, move the shedding into the kernel (S10, docs/helper.md).
+
+        When the device, under load with this second's handshake budget spent, would drop every further
+        initiation unread (`WireGuardDevice.initiations_shed_until`), the transport's socket filter drops them
+        instead (`UdpTransport.filter_initiations`) until that moment, when `_handle_timer` removes it. Same
+        outcome for every initiation, but the flood no longer costs a read each or fills the receive buffer in
+        front of the session's transport data, whatever its rate. A transport without the filter: nothing
+        changes, the device sheds them.
+        """
+        until = self.device.initiations_shed_until(now)
+        if until is None:
+            return
+        filter_initiations = getattr(self.transport, "filter_initiations", None)
+        if filter_initiations is not None and filter_initiations(True):
+            self._filter_until = until
 
     def _deliver(self) -> None:
         """Hand the decrypted packets to the provider: one IPC frame per batch, dropped (counted) if none."""
@@ -1033,7 +1058,11 @@ class _HelperCore:
         return self._h._datagrams_to_send(now)
 
     def get_timer(self) -> float | None:
-        return self._h.device.get_timer()
+        timer = self._h.device.get_timer()
+        until = self._h._filter_until
+        if until is not None and (timer is None or until < timer):
+            return until
+        return timer
 
     def handle_timer(self, now: float) -> None:
         self._h._handle_timer(now)

@@ -8,6 +8,7 @@ that report a named drop reason instead of raising. It satisfies `netsim.runtime
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -56,6 +57,42 @@ GRO_ENV = "NETSIM_UDP_GRO"
 #: ``gro_no_room``: a GRO read with more datagrams than the caller's list had slots left (a list shorter than
 #: `GRO_MAX_SEGMENTS`; the driver's never is).
 RX_DROP_REASONS = ("gro_truncated", "gro_bad_segment", "gro_no_room")
+#: The receive buffer `UdpTransport.open` asks for: 7 MiB, wireguard-go's ``socketBufferSize``
+#: (conn/controlfns.go, set with SO_RCVBUFFORCE past ``net.core.rmem_max`` on Linux; the kernel doubles it for
+#: its bookkeeping, socket(7)). About 17k handshake-sized datagrams (832 bytes of truesize each): what lets the
+#: helper ride out a burst it reads more slowly than it arrives, such as a handshake flood from a sender that
+#: shares its CPU (S10, docs/helper.md).
+SOCKET_BUFFER = 7 << 20
+# socket(7) SO_MEMINFO: the socket's sk_meminfo (linux/sock_diag.h), nine u32; index 8 is sk_drops, the datagrams
+# the kernel dropped at this socket before anyone read them (receive buffer full, or a socket filter)
+_SO_MEMINFO = 55
+_MEMINFO = struct.Struct("=9I")
+_SK_MEMINFO_DROPS = 8
+
+
+class _SockFilter(ctypes.Structure):  # linux/filter.h struct sock_filter: one classic BPF instruction
+    _fields_ = (("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32))
+
+
+class _SockFprog(ctypes.Structure):  # linux/filter.h struct sock_fprog: the program SO_ATTACH_FILTER takes
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter)))
+
+
+_SO_ATTACH_FILTER = 26
+_SO_DETACH_FILTER = 27
+# A UDP socket's filter runs on the datagram from its UDP header on (udp_queue_rcv_one_skb: skb->data is the
+# header, skb->len is 8 + the payload), so the payload starts at offset 8. The program drops a datagram that is
+# exactly a handshake initiation -- 148 bytes whose first u32 is type 1 with zero reserved bytes, the test
+# `netsim.core.wireguard.device.classify_datagram` makes -- and keeps everything else whole (return 0 / ~0).
+_INITIATION_FILTER = (_SockFilter * 6)(
+    _SockFilter(0x80, 0, 0, 0),  # A = skb->len                     (BPF_LD | BPF_W | BPF_LEN)
+    _SockFilter(0x15, 0, 2, 8 + 148),  # A == UDP header + initiation? else keep   (BPF_JMP | BPF_JEQ | BPF_K)
+    _SockFilter(0x20, 0, 0, 8),  # A = the payload's first 4 bytes, big-endian  (BPF_LD | BPF_W | BPF_ABS)
+    _SockFilter(0x15, 1, 0, 0x01000000),  # bytes 01 00 00 00 (type 1, reserved 0)? drop, else keep
+    _SockFilter(0x06, 0, 0, 0xFFFFFFFF),  # keep the whole datagram   (BPF_RET | BPF_K)
+    _SockFilter(0x06, 0, 0, 0),  # drop it
+)
+_INITIATION_FPROG = bytes(_SockFprog(len(_INITIATION_FILTER), _INITIATION_FILTER))  # the kernel copies the program
 
 
 class UdpTransport:
@@ -83,6 +120,11 @@ class UdpTransport:
         self.gro_reads = 0
         self.rx_drops = dict.fromkeys(RX_DROP_REASONS, 0)
         self.tx_sends = 0  # send syscalls that were accepted (datagrams sent = tx_datagrams)
+        #: Initiations the kernel dropped while `filter_initiations` was on (``socket_drops`` over those spans),
+        #: and how many times it was turned on.
+        self.initiations_filtered = 0
+        self.filter_spans = 0
+        self._filter_drops_at: int | None = None  # `socket_drops` when the filter went on (None: it is off)
         self.tx_datagrams = 0
         # GRO splitting rebinds entries of the caller's list; the originals, restored on the next call
         self._base: list[memoryview] | None = None
@@ -121,11 +163,68 @@ class UdpTransport:
             "gro_reads": self.gro_reads,
             "rx_drops": {k: v for k, v in self.rx_drops.items() if v},
             "recv_errors": self.recv_errors,
+            "socket_drops": self.socket_drops(),
+            "initiations_filtered": self.initiations_filtered + self._filtering_now(),
+            "filter_spans": self.filter_spans,
             "tx_sends": self.tx_sends,
             "tx_datagrams": self.tx_datagrams,
             "gso_sends": self.gso_sends,
             "gso_datagrams": self.gso_datagrams,
         }
+
+    def socket_drops(self) -> int | None:
+        """Datagrams the kernel dropped at this socket before they were read (SO_MEMINFO ``sk_drops``: the
+        receive buffer was full, the usual cause under a flood); None where the socket cannot tell (not a
+        kernel socket, or a kernel without SO_MEMINFO). The helper never saw these, so they are outside its
+        ledger: this is the only place they are counted."""
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, _MEMINFO.size)
+        except (OSError, AttributeError, TypeError):
+            return None
+        if not isinstance(raw, bytes) or len(raw) < _MEMINFO.size:
+            return None
+        return int(_MEMINFO.unpack_from(raw)[_SK_MEMINFO_DROPS])
+
+    def filter_initiations(self, on: bool) -> bool:
+        """Have the kernel drop every handshake initiation that reaches this socket (on), or stop (off).
+
+        The helper turns it on for the rest of a second in which its device, under load, has spent its
+        handshake budget and would shed every further initiation unread
+        (`netsim.core.wireguard.device.WireGuardDevice.initiations_shed_until`): the flood then costs the helper
+        no read at all and cannot crowd transport data out of the receive buffer, whatever its rate. A classic
+        BPF socket filter (SO_ATTACH_FILTER, socket(7)) owned by the socket: it goes with the socket, no other
+        state of the machine changes. What it drops is counted by the kernel (SO_MEMINFO) and read into
+        `initiations_filtered` when the filter goes off (drops for a full buffer in that span, rare once the
+        flood is filtered, are counted with them). A GRO read coalescing several initiations is longer than one
+        and passes (the device sheds those as before; the lab's veths do no GRO). Returns whether the filter is
+        now as asked (False: this socket or kernel has no socket filters; the device still sheds them itself).
+        """
+        if on == (self._filter_drops_at is not None):
+            return True
+        # the drop count is read before the filter goes on and after it goes off, so a flood arriving meanwhile
+        # has none of its filtered datagrams left out (the filter is the only cause of drops in those gaps)
+        at = self.socket_drops() or 0
+        try:
+            if on:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _INITIATION_FPROG)
+            else:
+                self.sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except (OSError, AttributeError, TypeError):
+            return False
+        if on:
+            self._filter_drops_at = at
+            self.filter_spans += 1
+        else:
+            self.initiations_filtered += self._filtering_now()
+            self._filter_drops_at = None
+        return True
+
+    def _filtering_now(self) -> int:
+        """Drops counted since the filter went on (0 when it is off)."""
+        at = self._filter_drops_at
+        if at is None:
+            return 0
+        return max((self.socket_drops() or 0) - at, 0)
 
     @classmethod
     def open(
@@ -135,7 +234,7 @@ class UdpTransport:
         interface: str | None = "en0",
         fwmark: int | None = None,
         port: int = 0,
-        rcvbuf: int = 4 << 20,
+        rcvbuf: int = SOCKET_BUFFER,
         fragment_outer: bool = True,
     ) -> UdpTransport:
         """A UDP socket bound to ``interface`` (SO_BINDTODEVICE) and marked ``fwmark`` (SO_MARK), on ``port``.

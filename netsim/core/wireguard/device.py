@@ -194,6 +194,8 @@ UNDER_LOAD_AFTER_TIME = 1.0  # seconds the device stays under load after the tri
 # handshake queue holds QueueHandshakeSize = 1024 messages and drops when full, while transport data has queues of
 # its own. The number is that queue size, read as a per-second budget (a sans-IO device has no queue); a response
 # to a handshake we have in flight (its receiver index is ours, which an off-path sender cannot guess) is exempt.
+# While the budget is spent, `WireGuardDevice.initiations_shed_until` tells a driver it may shed initiations before
+# they are read (the helper's socket filter): the flood then costs no read either.
 HANDSHAKE_BUDGET = 1024
 _CONTROL_SIZES = {
     m.MSG_INITIATION: m.INITIATION_SIZE,
@@ -1151,6 +1153,23 @@ class WireGuardDevice:
             self._budget_count = 0
         self._budget_count += 1
         return self._budget_count > HANDSHAKE_BUDGET
+
+    def initiations_shed_until(self, now: float) -> float | None:
+        """Until when every handshake initiation handed to the device would be shed unread, or None.
+
+        Under load with this second's `HANDSHAKE_BUDGET` spent, an initiation is dropped on its type alone
+        (``handshake_overload``) until the budget's window ends, or the load lapses if that comes first. A driver
+        may drop those initiations before they reach the device, in the kernel (the helper's socket filter,
+        `netsim.transports.udp.UdpTransport.filter_initiations`), and so spend no read on them: the outcome is
+        the one the device would have given, only counted by the kernel. Responses and cookie replies are not
+        covered (a response to our own initiation is never shed). Call it after a batch.
+        """
+        if self._budget_count <= HANDSHAKE_BUDGET:
+            return None
+        end = self._budget_window_start + 1.0
+        if not self.under_load:
+            end = min(end, self._load_until)
+        return end if now < end else None
 
     def _is_under_load(self, now: float) -> bool:
         """Count a handshake message with a valid mac1; True while under load (forced, or the count passed

@@ -284,6 +284,37 @@ def test_budget_sheds_the_flood_but_not_a_response_to_our_handshake() -> None:
     assert p.a.statistics().cookie_replies_sent == HANDSHAKE_BUDGET + 2
 
 
+def test_initiations_shed_until_says_when_the_device_reads_initiations_again() -> None:
+    """What the helper's socket filter relies on: None until the budget is spent under load; then the end of the
+    budget's window, during which every initiation is shed unread; None again once the window is over."""
+    p = Pair()
+    dev = p.b
+    flood = forged_initiations(dev.public_key, DEFAULT_LOAD_THRESHOLD + HANDSHAKE_BUDGET + 2)
+    for d in flood[:-1]:  # the threshold's worth get their DH, the next trips the load (admitted before it is
+        # counted against the budget), then the budget fills
+        dev.receive_datagram_untrusted(d, EVIL, 0.2)
+    assert dev.statistics().drops["handshake_overload"] == 0
+    assert dev.initiations_shed_until(0.2) is None  # within the budget: initiations still get a cookie reply
+    dev.receive_datagram_untrusted(flood[-1], EVIL, 0.2)
+    assert dev.statistics().drops["handshake_overload"] == 1
+    until = dev.initiations_shed_until(0.2)
+    assert until == 1.2  # the budget's window began with the first message under load, at 0.2
+    shed = dev.statistics().drops["handshake_overload"]
+    [more] = forged_initiations(dev.public_key, 1, seed=9)
+    dev.receive_datagram_untrusted(more, EVIL, until - 0.01)  # what the filter would have dropped: shed anyway
+    assert dev.statistics().drops["handshake_overload"] == shed + 1
+    assert dev.initiations_shed_until(until) is None
+    assert dev.initiations_shed_until(until + 5) is None
+
+
+def test_no_shedding_window_without_load() -> None:
+    p = Pair(load_threshold=None)  # never under load: every initiation gets its DH, none is shed
+    for d in forged_initiations(p.b.public_key, DEFAULT_LOAD_THRESHOLD + HANDSHAKE_BUDGET + 10):
+        p.b.receive_datagram_untrusted(d, EVIL, 0.2)
+    assert p.b.statistics().drops["handshake_overload"] == 0
+    assert p.b.initiations_shed_until(0.2) is None
+
+
 def test_flood_with_valid_mac2_is_rate_limited_per_source() -> None:
     """An attacker that does answer cookies (it owns its address) gets PACKETS_PER_SECOND DHs, plus the burst;
     a second source has its own bucket; the legitimate peer can still handshake from its address."""
