@@ -2,9 +2,10 @@
 
 The accelerator is a small C extension (``netsim/_native/accel.c``, built by the package build where a compiler
 and OpenSSL's headers are present) for the per-packet work batching leaves: ChaCha20-Poly1305 over a batch of
-WireGuard transport messages (OpenSSL's EVP, the distribution's libcrypto), the RFC 1071 checksum, and batched TUN
-reads and writes. Every user of it keeps its pure-Python code and takes the native call only when `native` is set,
-so results are the same either way (tests/test_native.py compares the two on random packets).
+WireGuard transport messages (OpenSSL's EVP, the distribution's libcrypto), the RFC 1071 checksum, batched TUN
+reads and writes, and the helper's batched UDP receive (``recvmmsg``). Every user of it keeps its pure-Python
+code and takes the native call only when `native` is set, so results are the same either way
+(tests/test_native.py and tests/transports/test_udp_native_recv.py compare the two).
 
 ``NETSIM_NATIVE`` picks, read once when this module is first imported:
 

@@ -6,6 +6,7 @@
  *   open_batch(datagrams, keys)     decrypt every transport message of a batch whose receiver index is in `keys`.
  *   fold16(data, skip)              the one's complement sum of RFC 1071, folded to 16 bits.
  *   tun_read / tun_write            a batch of read(2) / write(2) calls on a non-blocking fd, errno returned.
+ *   udp_recv(...)                   one recvmmsg(2) into the caller's buffers: sizes, sources, UDP GRO sizes.
  *
  * A Python buffer export (__buffer__) may run code that changes the caller's list: the batch functions copy their
  * sequences into tuples, and seal_batch (once per run, where a copy would cost per packet) holds each item while it
@@ -18,10 +19,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <openssl/crypto.h>
@@ -536,6 +540,169 @@ done:
     return res;
 }
 
+/* ------------------------------------------------------------------ udp_recv */
+
+#define UDP_RECV_MAX 256 /* messages per call (the driver asks for its batch, 64 by default) */
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+static struct sockaddr_storage last_name; /* the GIL is held throughout: one cache of the last source's tuple */
+static socklen_t last_namelen;
+static PyObject *last_addr;
+
+static int is_transient_recv(int e) {
+    return e == ECONNREFUSED || e == EHOSTUNREACH || e == ENETUNREACH || e == EHOSTDOWN || e == ENETDOWN;
+}
+
+/* (host, port) as socket.recvfrom gives it (addr[:2] for IPv6), the same tuple object while the source repeats */
+static PyObject *source_tuple(const struct sockaddr_storage *name, socklen_t len) {
+    if (last_addr != NULL && len == last_namelen && memcmp(name, &last_name, (size_t)len) == 0) {
+        Py_INCREF(last_addr);
+        return last_addr;
+    }
+    char host[INET6_ADDRSTRLEN];
+    unsigned port;
+    if (name->ss_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)name;
+        if (inet_ntop(AF_INET, &a->sin_addr, host, sizeof host) == NULL) return PyErr_SetFromErrno(PyExc_OSError);
+        port = ntohs(a->sin_port);
+    } else if (name->ss_family == AF_INET6 && len >= (socklen_t)sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)name;
+        if (inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host) == NULL) return PyErr_SetFromErrno(PyExc_OSError);
+        port = ntohs(a->sin6_port);
+    } else {
+        Py_RETURN_NONE; /* not an IP source (cannot happen on a UDP socket): the device drops it as no endpoint */
+    }
+    PyObject *t = Py_BuildValue("(sI)", host, port);
+    if (t == NULL) return NULL;
+    Py_XDECREF(last_addr);
+    Py_INCREF(t);
+    last_addr = t;
+    memcpy(&last_name, name, (size_t)len);
+    last_namelen = len;
+    return t;
+}
+
+/* udp_recv(fd, bufs, sizes, addrs, limit, gro) -> (n, coalesced, truncated, transient, errno)
+ *
+ * One recvmmsg(2) (MSG_DONTWAIT) of up to `limit` datagrams into bufs[0..limit-1] (writable buffers). Datagram i
+ * of the result is bufs[i][:sizes[i]] from addrs[i] (sizes and addrs are lists of at least `limit` entries, set in
+ * place); n says how many. A datagram the kernel cut to its buffer (MSG_TRUNC) is not kept (`truncated` counts
+ * its datagrams: a cut GRO read, ceil(length / segment size); a kept one after it is moved down into the free
+ * buffer). With `gro`, a read the kernel coalesced (a UDP_GRO cmsg with
+ * a segment size below its length) is listed in `coalesced` as (i, segment size) for the caller to split; None
+ * when there is none. An ICMP error queued on the socket (server unreachable) fails a receive before any datagram:
+ * it is counted in `transient` and the receive retried (at most `limit` times); any other errno but EAGAIN stops
+ * and is returned. */
+static PyObject *udp_recv(PyObject *mod, PyObject *args) {
+    int fd, gro;
+    PyObject *bufs_in, *sizes, *addrs;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "iO!O!O!np:udp_recv", &fd, &PyList_Type, &bufs_in, &PyList_Type, &sizes,
+                          &PyList_Type, &addrs, &limit, &gro))
+        return NULL;
+    if (limit < 1 || limit > UDP_RECV_MAX || PyList_GET_SIZE(bufs_in) < limit || PyList_GET_SIZE(sizes) < limit ||
+        PyList_GET_SIZE(addrs) < limit) {
+        PyErr_SetString(PyExc_ValueError, "udp_recv: limit 1..256, and bufs, sizes and addrs of at least limit");
+        return NULL;
+    }
+    static struct mmsghdr msgs[UDP_RECV_MAX];
+    static struct iovec iov[UDP_RECV_MAX];
+    static struct sockaddr_storage names[UDP_RECV_MAX];
+    static union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } ctrl[UDP_RECV_MAX];
+    Py_buffer views[UDP_RECV_MAX];
+    PyObject *bufs = PyList_GetSlice(bufs_in, 0, limit); /* a buffer export cannot change what we hold */
+    if (bufs == NULL) return NULL;
+    Py_ssize_t got = 0, kept = 0, truncated = 0, transient = 0;
+    PyObject *res = NULL, *coalesced = NULL;
+    int err = 0;
+    for (; got < limit; got++) {
+        if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, got), &views[got], PyBUF_WRITABLE) < 0) goto done;
+        iov[got].iov_base = views[got].buf;
+        iov[got].iov_len = (size_t)views[got].len;
+        memset(&msgs[got], 0, sizeof msgs[got]);
+        msgs[got].msg_hdr.msg_name = &names[got];
+        msgs[got].msg_hdr.msg_namelen = sizeof names[got];
+        msgs[got].msg_hdr.msg_iov = &iov[got];
+        msgs[got].msg_hdr.msg_iovlen = 1;
+        if (gro) {
+            msgs[got].msg_hdr.msg_control = ctrl[got].buf;
+            msgs[got].msg_hdr.msg_controllen = sizeof ctrl[got].buf;
+        }
+    }
+    int r;
+    for (;;) {
+        r = recvmmsg(fd, msgs, (unsigned)limit, MSG_DONTWAIT | MSG_TRUNC, NULL);
+        if (r >= 0) break;
+        if (errno == EINTR) {
+            if (PyErr_CheckSignals() < 0) goto done;
+            continue;
+        }
+        if (is_transient_recv(errno) && transient < limit) {
+            transient++;
+            continue;
+        }
+        if (errno != EAGAIN && errno != EWOULDBLOCK) err = errno;
+        r = 0;
+        break;
+    }
+    for (int j = 0; j < r; j++) {
+        struct msghdr *h = &msgs[j].msg_hdr;
+        size_t len = msgs[j].msg_len;
+        int seg = 0;
+        if (gro) {
+            for (struct cmsghdr *c = CMSG_FIRSTHDR(h); c != NULL; c = CMSG_NXTHDR(h, c)) {
+                if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(int)))
+                    memcpy(&seg, CMSG_DATA(c), sizeof seg);
+            }
+        }
+        if (h->msg_flags & MSG_TRUNC) { /* MSG_TRUNC asked: len is the full length, so count its datagrams */
+            truncated += seg > 0 ? (Py_ssize_t)((len + (size_t)seg - 1) / (size_t)seg) : 1;
+            continue;
+        }
+        if (kept != j) { /* a truncated datagram before this one: its buffer is free, move this one down */
+            if ((size_t)views[kept].len < len) {
+                truncated++;
+                continue;
+            }
+            memmove(views[kept].buf, views[j].buf, len);
+        }
+        if (gro) {
+            if (seg != 0 && (seg < 0 || (size_t)seg < len)) { /* the caller checks the size and splits */
+                if (coalesced == NULL && (coalesced = PyList_New(0)) == NULL) goto done;
+                PyObject *item = Py_BuildValue("(ni)", kept, seg);
+                if (item == NULL || PyList_Append(coalesced, item) < 0) {
+                    Py_XDECREF(item);
+                    goto done;
+                }
+                Py_DECREF(item);
+            }
+        }
+        PyObject *size = PyLong_FromSize_t(len);
+        if (size == NULL) goto done;
+        PyObject *addr = source_tuple(&names[j], h->msg_namelen);
+        if (addr == NULL) {
+            Py_DECREF(size);
+            goto done;
+        }
+        if (PyList_SetItem(sizes, kept, size) < 0 || PyList_SetItem(addrs, kept, addr) < 0) goto done; /* steal */
+        kept++;
+    }
+    res = Py_BuildValue("(nOnni)", kept, coalesced != NULL ? coalesced : Py_None, truncated, transient, err);
+done:
+    for (Py_ssize_t i = 0; i < got; i++) PyBuffer_Release(&views[i]);
+    Py_XDECREF(coalesced);
+    Py_DECREF(bufs);
+    return res;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -546,6 +713,8 @@ static PyMethodDef methods[] = {
     {"tun_read", tun_read, METH_VARARGS, "tun_read(fd, limit, size, hdr4, hdr6) -> (packets, empty, truncated, nbytes, errno)."},
     {"tun_write", tun_write, METH_VARARGS,
      "tun_write(fd, packets, offset, hdr4, hdr6, mtu, check) -> (accepted, nbytes, drops, errno)."},
+    {"udp_recv", udp_recv, METH_VARARGS,
+     "udp_recv(fd, bufs, sizes, addrs, limit, gro) -> (n, coalesced, truncated, transient, errno)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -385,6 +385,7 @@ class Helper:
                 "wakeups": driver.wakeups,
                 "batches": driver.batches,
                 "reads": getattr(t, "rx_reads", driver.datagrams),
+                "syscalls": getattr(t, "rx_syscalls", driver.datagrams),
                 "packets": driver.datagrams,
             },
             "udp_out": {

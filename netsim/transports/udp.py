@@ -1,9 +1,10 @@
 """`UdpTransport`: the helper's UDP socket on the physical interface, as a datagram transport.
 
 Thin I/O adapter (docs/design.md, Layers): open/bind with SO_BINDTODEVICE and SO_MARK, a batch receive into the
-caller's buffers (``recvfrom_into`` until EAGAIN: Python has no ``recvmmsg``; with UDP GRO, ``recvmsg_into``
-returns several datagrams per call, split by the segment size the kernel reports), UDP GSO on send, and sends
-that report a named drop reason instead of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
+caller's buffers (one ``recvmmsg`` per batch with the native accelerator, `netsim.accel`; without it
+``recvfrom_into`` until EAGAIN, as Python has no ``recvmmsg``; with UDP GRO a read may hold several datagrams,
+split by the segment size the kernel reports), UDP GSO on send, and sends that report a named drop reason instead
+of raising. It satisfies `netsim.runtime.driver.DatagramTransport`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from netsim import accel
 from netsim.core import ipc
 from netsim.core.wireguard.peer import Endpoint
 from netsim.errors import ConfigError
 
 __all__ = ["UdpTransport"]
+
+_T = TypeVar("_T")
 
 _TRANSIENT_RECV = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN)
 # sendto errors that mean "the egress has no route" (en0 down or its route gone), counted as udp_no_route
@@ -56,7 +60,13 @@ GRO_ENV = "NETSIM_UDP_GRO"
 #: where the length tells how many (truncated: the full length is known), else one per read.
 #: ``gro_no_room``: a GRO read with more datagrams than the caller's list had slots left (a list shorter than
 #: `GRO_MAX_SEGMENTS`; the driver's never is).
-RX_DROP_REASONS = ("gro_truncated", "gro_bad_segment", "gro_no_room")
+#: ``truncated``: a datagram longer than the caller's buffer on the native receive without GRO (the driver's
+#: buffers hold 65535 bytes, so only a caller with smaller ones sees it; ``recvfrom_into`` hands such a datagram
+#: on cut, which the device then fails to decrypt).
+RX_DROP_REASONS = ("gro_truncated", "gro_bad_segment", "gro_no_room", "truncated")
+# the native accelerator's batched receive (one recvmmsg per call, docs/native.md); None: pure Python
+_native_udp_recv: Any = getattr(accel.native, "udp_recv", None)
+_NATIVE_RECV_MAX = 256  # udp_recv's most messages per call
 #: The receive buffer `UdpTransport.open` asks for: 7 MiB, wireguard-go's ``socketBufferSize``
 #: (conn/controlfns.go, set with SO_RCVBUFFORCE past ``net.core.rmem_max`` on Linux; the kernel doubles it for
 #: its bookkeeping, socket(7)). About 17k handshake-sized datagrams (832 bytes of truesize each): what lets the
@@ -68,6 +78,13 @@ SOCKET_BUFFER = 7 << 20
 _SO_MEMINFO = 55
 _MEMINFO = struct.Struct("=9I")
 _SK_MEMINFO_DROPS = 8
+
+
+def _replace_front(lst: list[_T], items: list[_T]) -> None:
+    """``lst[:len(items)] = items``, growing ``lst`` when it is shorter, never shrinking it."""
+    have = len(lst)
+    lst[: min(len(items), have)] = items[:have]
+    lst.extend(items[have:])
 
 
 class _SockFilter(ctypes.Structure):  # linux/filter.h struct sock_filter: one classic BPF instruction
@@ -118,6 +135,12 @@ class UdpTransport:
         self.rx_reads = 0
         self.rx_datagrams = 0
         self.gro_reads = 0
+        #: Receive syscalls that returned something (one ``recvmmsg`` brings a batch on the native path; without
+        #: it, one per read): reads per syscall is what the native receive saves.
+        self.rx_syscalls = 0
+        # the native receive needs a kernel UDP socket (a stand-in socket some tests pass is not one); its fd is
+        # asked for on every call (-1 once closed: EBADF, never a later socket that reused the number)
+        self._native_recv = isinstance(sock, socket.socket) and sock.type == socket.SOCK_DGRAM
         self.rx_drops = dict.fromkeys(RX_DROP_REASONS, 0)
         self.tx_sends = 0  # send syscalls that were accepted (datagrams sent = tx_datagrams)
         #: Initiations the kernel dropped while `filter_initiations` was on (``socket_drops`` over those spans),
@@ -161,6 +184,7 @@ class UdpTransport:
             "rx_reads": self.rx_reads,
             "rx_datagrams": self.rx_datagrams,
             "gro_reads": self.gro_reads,
+            "rx_syscalls": self.rx_syscalls,
             "rx_drops": {k: v for k, v in self.rx_drops.items() if v},
             "recv_errors": self.recv_errors,
             "socket_drops": self.socket_drops(),
@@ -301,7 +325,12 @@ class UdpTransport:
         overflows the list: give it ``batch + segments_per_read - 1`` entries (the driver does) and at most
         ``batch`` reads' worth of buffers are read into. A read the buffer could not hold (``MSG_TRUNC``) or
         whose segment size cannot describe it is dropped and counted in `rx_drops`, never raised.
+
+        With the native accelerator the reads of a call are one ``recvmmsg`` (`_recv_native`): the same
+        datagrams, lists and counters, one syscall.
         """
+        if _native_udp_recv is not None and self._native_recv and type(bufs) is list and type(sizes) is list:
+            return self._recv_native(bufs, sizes, addrs)
         if not self.gro:
             return self._recv_plain(bufs, sizes, addrs)
         lst: list[memoryview] = bufs  # type: ignore[assignment]  # a list: GRO rebinds its entries
@@ -363,9 +392,83 @@ class UdpTransport:
             n += count
             self._dirty = n
         self.rx_reads += reads
+        self.rx_syscalls += reads
         self.rx_datagrams += n
         self.gro_reads += gro_reads
         return n
+
+    def _recv_native(self, lst: list[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
+        """`recv_batch` in one ``recvmmsg`` (the accelerator's ``udp_recv``).
+
+        Without GRO it reads up to ``len(lst)`` datagrams. With GRO it reads as many reads as the batch has
+        buffers (the list's length less the `segments_per_read` - 1 spare slots) and splits a coalesced read
+        into memoryview slices, moving the later datagrams up; should the reads of one call hold more datagrams
+        than the list has slots, the lists grow (once: they keep that length), so nothing read is dropped.
+        """
+        drops = self.rx_drops
+        gro = self.gro
+        if gro:
+            if self._base_of is not lst:
+                self._base, self._base_of, self._dirty = list(lst), lst, 0
+            elif self._dirty:
+                assert self._base is not None
+                dirty = min(self._dirty, len(self._base))
+                lst[:dirty] = self._base[:dirty]
+                self._dirty = 0
+            assert self._base is not None
+            limit = max(len(self._base) - GRO_MAX_SEGMENTS + 1, 1)
+        else:
+            limit = len(lst)
+        limit = min(limit, _NATIVE_RECV_MAX, len(sizes), len(addrs))
+        if limit < 1:
+            return 0
+        n, coalesced, truncated, transient, err = _native_udp_recv(self.sock.fileno(), lst, sizes, addrs, limit, gro)
+        self.recv_errors += transient
+        if truncated:
+            drops["gro_truncated" if gro else "truncated"] += truncated
+        if err:
+            raise OSError(err, os.strerror(err))  # as recvfrom_into raises it; nothing was read in this call
+        if n:
+            self.rx_syscalls += 1
+        self.rx_reads += n
+        if coalesced is not None:
+            n = self._split_coalesced(lst, sizes, addrs, n, coalesced)
+        self.rx_datagrams += n
+        return int(n)
+
+    def _split_coalesced(
+        self, lst: list[memoryview], sizes: list[int], addrs: list[Endpoint | None], n: int, coalesced: list[Any]
+    ) -> int:
+        """The native GRO receive's rare path: reads ``coalesced`` ((index, segment size), ascending) of the
+        ``n`` in the lists each become their datagrams, as slices of their buffer, in order."""
+        drops = self.rx_drops
+        out_views: list[memoryview] = []
+        out_sizes: list[int] = []
+        out_addrs: list[Endpoint | None] = []
+        segs = dict(coalesced)
+        for j in range(n):
+            view, size, addr = lst[j], sizes[j], addrs[j]
+            seg = segs.get(j)
+            if seg is None:
+                out_views.append(view)
+                out_sizes.append(size)
+                out_addrs.append(addr)
+                continue
+            if seg <= 0 or -(-size // seg) > GRO_MAX_SEGMENTS:
+                drops["gro_bad_segment"] += 1
+                continue
+            self.gro_reads += 1
+            for off in range(0, size, seg):
+                end = min(off + seg, size)
+                out_views.append(view[off:end])
+                out_sizes.append(end - off)
+                out_addrs.append(addr)
+        count = len(out_views)
+        _replace_front(lst, out_views)
+        _replace_front(sizes, out_sizes)
+        _replace_front(addrs, out_addrs)
+        self._dirty = count
+        return count
 
     def _recv_plain(self, bufs: Sequence[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
         recv = self.sock.recvfrom_into
@@ -386,6 +489,7 @@ class UdpTransport:
             addrs[n] = addr[:2]
             n += 1
         self.rx_reads += n
+        self.rx_syscalls += n
         self.rx_datagrams += n
         return n
 

@@ -199,7 +199,7 @@ def test_a_segment_size_that_cannot_describe_the_read_is_a_counted_drop() -> Non
     views, sizes, addrs = _lists()
     n = rx.recv_batch(views, sizes, addrs)
     assert n == 3 and sizes[:3] == [100, 100, 100]
-    assert rx.rx_drops == {"gro_truncated": 0, "gro_bad_segment": 3, "gro_no_room": 0}
+    assert rx.rx_drops == {"gro_truncated": 0, "gro_bad_segment": 3, "gro_no_room": 0, "truncated": 0}
 
 
 def test_a_list_too_short_for_the_read_is_a_counted_drop_not_an_overflow() -> None:
