@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import netsim.accel
+from netsim.testing.require import require
 from netsim.transports import udp
 from netsim.transports.udp import GRO_MAX_SEGMENTS, UdpTransport
 
@@ -136,8 +137,7 @@ def test_more_coalesced_datagrams_than_slots_grow_the_lists_instead_of_being_los
     tx = UdpTransport(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), gso=True)
     tx.sock.bind(("127.0.0.1", 0))
     try:
-        if not (rx.gro and tx.gso):
-            pytest.skip("this kernel has no UDP GRO/GSO on loopback")  # the GRO tests require it where it exists
+        require(rx.gro and tx.gso, "this kernel has no UDP GRO/GSO on loopback (Linux >= 5.0)")
         dst = rx.sock.getsockname()
         for k in range(3):  # three GSO sends of 64 datagrams: three coalesced reads, 192 datagrams
             assert tx.send_segments([bytes([k]) * 500] * 64, dst) is None
