@@ -178,6 +178,7 @@ class UdpTransport:
 
     def statistics(self) -> dict[str, Any]:
         """The socket's counters as JSON-ready data (the helper's ``udp`` statistics; docs/helper.md)."""
+        drops = self.socket_drops()
         return {
             "gso": self.gso,
             "gro": self.gro,
@@ -187,8 +188,8 @@ class UdpTransport:
             "rx_syscalls": self.rx_syscalls,
             "rx_drops": {k: v for k, v in self.rx_drops.items() if v},
             "recv_errors": self.recv_errors,
-            "socket_drops": self.socket_drops(),
-            "initiations_filtered": self.initiations_filtered + self._filtering_now(),
+            "socket_drops": drops,
+            "initiations_filtered": self.initiations_filtered + self._filtering_now(drops),
             "filter_spans": self.filter_spans,
             "tx_sends": self.tx_sends,
             "tx_datagrams": self.tx_datagrams,
@@ -243,12 +244,12 @@ class UdpTransport:
             self._filter_drops_at = None
         return True
 
-    def _filtering_now(self) -> int:
-        """Drops counted since the filter went on (0 when it is off)."""
+    def _filtering_now(self, drops: int | None = None) -> int:
+        """Drops counted since the filter went on (0 when it is off); ``drops``: `socket_drops` if already read."""
         at = self._filter_drops_at
         if at is None:
             return 0
-        return max((self.socket_drops() or 0) - at, 0)
+        return max((drops if drops is not None else self.socket_drops() or 0) - at, 0)
 
     @classmethod
     def open(
@@ -334,12 +335,7 @@ class UdpTransport:
         if not self.gro:
             return self._recv_plain(bufs, sizes, addrs)
         lst: list[memoryview] = bufs  # type: ignore[assignment]  # a list: GRO rebinds its entries
-        if self._base_of is not lst:
-            self._base, self._base_of, self._dirty = list(lst), lst, 0
-        elif self._dirty:
-            assert self._base is not None
-            lst[: self._dirty] = self._base[: self._dirty]
-            self._dirty = 0
+        self._restore(lst)
         recv = self.sock.recvmsg_into
         drops = self.rx_drops
         n = reads = gro_reads = 0
@@ -397,6 +393,18 @@ class UdpTransport:
         self.gro_reads += gro_reads
         return n
 
+    def _restore(self, lst: list[memoryview]) -> list[memoryview]:
+        """Put the caller's own buffers back where the last GRO split rebound entries of ``lst`` (the first call
+        with a list records them); returns them. Entries a native split appended past them are left alone."""
+        if self._base_of is not lst:
+            self._base, self._base_of, self._dirty = list(lst), lst, 0
+        assert self._base is not None
+        if self._dirty:
+            dirty = min(self._dirty, len(self._base))
+            lst[:dirty] = self._base[:dirty]
+            self._dirty = 0
+        return self._base
+
     def _recv_native(self, lst: list[memoryview], sizes: list[int], addrs: list[Endpoint | None]) -> int:
         """`recv_batch` in one ``recvmmsg`` (the accelerator's ``udp_recv``).
 
@@ -407,18 +415,7 @@ class UdpTransport:
         """
         drops = self.rx_drops
         gro = self.gro
-        if gro:
-            if self._base_of is not lst:
-                self._base, self._base_of, self._dirty = list(lst), lst, 0
-            elif self._dirty:
-                assert self._base is not None
-                dirty = min(self._dirty, len(self._base))
-                lst[:dirty] = self._base[:dirty]
-                self._dirty = 0
-            assert self._base is not None
-            limit = max(len(self._base) - GRO_MAX_SEGMENTS + 1, 1)
-        else:
-            limit = len(lst)
+        limit = max(len(self._restore(lst)) - GRO_MAX_SEGMENTS + 1, 1) if gro else len(lst)
         limit = min(limit, _NATIVE_RECV_MAX, len(sizes), len(addrs))
         if limit < 1:
             return 0
